@@ -1,0 +1,25 @@
+"""layerswap-fast: streaming, low-memory layer swapping of safetensors LLM checkpoints.
+
+Layer swapping (Bandarkar et al., ICLR 2025, arXiv 2410.01335) keeps the middle transformer layers
+of a task expert, swaps in the bottom and top layers of a language expert, blends the transition
+zones between them and averages the non-layer parameters.
+
+    import layerswap_fast as ls
+    ls.merge(task_expert="math", language_expert="swh", out="merged",
+             config=ls.SwapConfig(bottom=4, top=1))
+"""
+
+__version__ = "0.1.0"
+
+from .api import MergeResult, merge, plan_from_checkpoints, plan_merge
+from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
+from .errors import (CheckpointError, ConfigError, LayerswapError, MismatchError, OutputError,
+                     UnsupportedDtypeError)
+from .plan import MergePlan, SwapConfig, TensorRecipe, Term, render_plan
+
+__all__ = [
+    "__version__", "merge", "plan_merge", "plan_from_checkpoints", "MergeResult", "SwapConfig",
+    "MergePlan", "TensorRecipe", "Term", "render_plan", "open_checkpoint", "Checkpoint",
+    "TensorSpec", "LayerswapError", "CheckpointError", "ConfigError", "MismatchError",
+    "OutputError", "UnsupportedDtypeError",
+]

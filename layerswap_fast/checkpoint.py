@@ -1,0 +1,309 @@
+"""Open safetensors checkpoints by their headers alone, validating them strictly.
+
+A checkpoint is a directory holding ``model.safetensors.index.json`` and its shards, a directory
+holding one ``*.safetensors`` file, or a single ``.safetensors`` file. Opening one reads only the
+headers; the result is a table of :class:`TensorSpec` (where every tensor's bytes live). Tensor
+data is read lazily, in chunks, through the C++ core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Any
+
+from . import _core
+from .dtypes import DTYPE_SIZES
+from .errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "consolidated.00.pth")
+_CONVERT_HINT = ("pickle checkpoints are never unpickled; convert it to safetensors first, "
+                 "e.g. load it once with transformers and call save_pretrained(safe_serialization=True)")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor's bytes live: ``nbytes`` bytes at absolute ``offset`` of ``file``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """One shard's parsed header: its tensors in data order and its ``__metadata__``."""
+
+    path: Path
+    size: int
+    header_sha256: str
+    metadata: dict[str, str]
+    tensors: tuple[TensorSpec, ...]
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise CheckpointError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _decode_json(raw: bytes, what: str) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{what}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{what}: header is not valid JSON ({e})") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(name: str, entry: Any, where: str) -> tuple[str, tuple[int, ...], int, int]:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{where}: tensor {name!r} must have exactly dtype, shape, data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    expected = prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{where}: tensor {name!r} spans {end - begin} bytes but shape {shape} of {dtype} "
+            f"needs {expected}")
+    return dtype, tuple(shape), begin, end
+
+
+def parse_header(raw: bytes, file_size: int, path: Path) -> tuple[dict[str, str], list[TensorSpec]]:
+    """Validate a safetensors header against its file and return (metadata, tensors by offset).
+
+    Rules: a JSON object; ``__metadata__`` (optional) maps strings to strings; every other key is
+    a tensor with a known dtype, a shape, and data offsets whose length is numel × dtype size;
+    offsets tile the data buffer from 0 without gaps or overlaps, and the buffer ends exactly at
+    the end of the file.
+    """
+    where = str(path)
+    header = _decode_json(raw, where)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{where}: __metadata__ must map strings to strings")
+    data_start = 8 + len(raw)
+    entries = []
+    for name, entry in header.items():
+        dtype, shape, begin, end = _parse_entry(name, entry, where)
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    position = 0
+    specs = []
+    for begin, end, name, dtype, shape in entries:
+        if begin != position:
+            kind = "overlaps the previous tensor" if begin < position else "leaves a gap before it"
+            raise CheckpointError(f"{where}: tensor {name!r} at offset {begin} {kind} (expected {position})")
+        position = end
+        specs.append(TensorSpec(name, dtype, shape, path, data_start + begin, end - begin))
+    if data_start + position != file_size:
+        raise CheckpointError(
+            f"{where}: file is {file_size} bytes but its header describes {data_start + position}"
+            f" ({'trailing bytes' if file_size > data_start + position else 'truncated data'})")
+    return metadata, specs
+
+
+def read_shard_header(path: Path) -> ShardHeader:
+    try:
+        with _core.InputFile(str(path)) as f:
+            raw = f.read_header()
+            size = f.size
+    except _core.CoreError as e:
+        raise CheckpointError(str(e)) from None
+    metadata, tensors = parse_header(raw, size, path)
+    return ShardHeader(path, size, hashlib.sha256(raw).hexdigest(), metadata, tuple(tensors))
+
+
+def _lexically_inside(directory: Path, relative: str) -> bool:
+    # Symbolic links are allowed (the Hugging Face cache links shards into snapshots), so this
+    # checks the path as written, not where it resolves to.
+    if not relative or os.path.isabs(relative) or "\\" in relative:
+        return False
+    return ".." not in Path(relative).parts
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        raw = index_path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {index_path}: {e.strerror}") from None
+    index = _decode_json(raw, str(index_path))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard files")
+    for name, shard in weight_map.items():
+        if not _lexically_inside(index_path.parent, shard):
+            raise CheckpointError(
+                f"{index_path}: shard path {shard!r} of tensor {name!r} is outside the checkpoint directory")
+    return weight_map
+
+
+def _find_weight_files(path: Path) -> tuple[Path, list[Path], dict[str, str] | None]:
+    """Return (directory, shard files in order, weight map or None) for a checkpoint path."""
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+                raise CheckpointError(f"{path}: {_CONVERT_HINT}")
+            raise CheckpointError(f"{path}: not a .safetensors file")
+        return path.parent, [path], None
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    index_path = path / INDEX_NAME
+    if index_path.exists():
+        weight_map = _read_index(index_path)
+        shards = list(dict.fromkeys(weight_map.values()))
+        return path, [path / s for s in shards], weight_map
+    singles = sorted(path.glob("*.safetensors"))
+    if len(singles) == 1:
+        return path, singles, None
+    if len(singles) > 1:
+        raise CheckpointError(f"{path}: several .safetensors files but no {INDEX_NAME}")
+    if any((path / n).exists() for n in _PICKLE_NAMES) or list(path.glob("*.bin")):
+        raise CheckpointError(f"{path}: {_CONVERT_HINT}")
+    raise CheckpointError(f"{path}: no safetensors weights found")
+
+
+class Checkpoint:
+    """A validated checkpoint: tensor specs in file order, its config, and lazy data access."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.directory, shard_paths, weight_map = _find_weight_files(self.path)
+        self.shards: tuple[ShardHeader, ...] = tuple(self._read_shards(shard_paths))
+        specs: dict[str, TensorSpec] = {}
+        for shard in self.shards:
+            for spec in shard.tensors:
+                if spec.name in specs:
+                    raise CheckpointError(
+                        f"{self.path}: tensor {spec.name!r} appears in both "
+                        f"{specs[spec.name].file.name} and {shard.path.name}")
+                specs[spec.name] = spec
+        if weight_map is not None:
+            _check_index_agrees(self.directory / INDEX_NAME, weight_map, specs)
+        self.specs = specs
+        self.config = _read_config(self.directory)
+        self._files: dict[Path, _core.InputFile] = {}
+
+    @staticmethod
+    def _read_shards(paths: list[Path]) -> Iterator[ShardHeader]:
+        for p in paths:
+            if not p.is_file():
+                raise CheckpointError(f"shard {p} named in the index does not exist")
+            yield read_shard_header(p)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.specs.values())
+
+    def fingerprint(self) -> str:
+        """sha256 over every shard's name, size and header: cheap, and changes with any re-save."""
+        h = hashlib.sha256()
+        for shard in self.shards:
+            h.update(f"{shard.path.name}\0{shard.size}\0{shard.header_sha256}\n".encode())
+        return h.hexdigest()
+
+    def input_file(self, path: Path) -> _core.InputFile:
+        """The open read handle of one shard (opened on first use, kept until :meth:`close`)."""
+        f = self._files.get(path)
+        if f is None:
+            try:
+                f = self._files[path] = _core.InputFile(str(path))
+            except _core.CoreError as e:
+                raise CheckpointError(str(e)) from None
+        return f
+
+    def read(self, name: str, start: int = 0, nbytes: int | None = None) -> bytes:
+        """Bytes [start, start + nbytes) of tensor ``name`` (to its end when nbytes is None)."""
+        spec = self.specs[name]
+        if nbytes is None:
+            nbytes = spec.nbytes - start
+        if start < 0 or nbytes < 0 or start + nbytes > spec.nbytes:
+            raise ValueError(f"range [{start}, {start + nbytes}) outside tensor {name!r} of {spec.nbytes} bytes")
+        return self.input_file(spec.file).read(spec.offset + start, nbytes)
+
+    def iter_chunks(self, name: str, chunk_bytes: int = 64 << 20) -> Iterator[bytes]:
+        """The tensor's bytes in pieces of at most ``chunk_bytes`` (memory stays O(chunk))."""
+        nbytes = self.specs[name].nbytes
+        for start in range(0, nbytes, chunk_bytes):
+            yield self.read(name, start, min(chunk_bytes, nbytes - start))
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.specs)} tensors, {len(self.shards)} shards)"
+
+
+def _check_index_agrees(index_path: Path, weight_map: dict[str, str], specs: dict[str, TensorSpec]) -> None:
+    for name, shard in weight_map.items():
+        spec = specs.get(name)
+        if spec is None or spec.file.name != Path(shard).name:
+            raise CheckpointError(f"{index_path}: tensor {name!r} is not in its shard {shard}")
+    for name, spec in specs.items():
+        if name not in weight_map:
+            raise CheckpointError(f"{index_path}: shard {spec.file.name} holds {name!r}, which the index does not list")
+
+
+def _read_config(directory: Path) -> dict[str, Any] | None:
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read config ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: config is not a JSON object")
+    return config
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open and validate a checkpoint by its headers; no tensor data is read."""
+    return Checkpoint(path)

@@ -1,0 +1,39 @@
+"""The safetensors dtype names the package knows, and which of them the kernels compute with."""
+
+from __future__ import annotations
+
+from .errors import UnsupportedDtypeError
+
+#: bytes per element for every dtype the safetensors format defines
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+
+#: dtypes the blend and row-MAV kernels read and write
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+_ALIASES = {
+    "bf16": "BF16", "bfloat16": "BF16",
+    "f16": "F16", "fp16": "F16", "float16": "F16", "half": "F16",
+    "f32": "F32", "fp32": "F32", "float32": "F32", "float": "F32",
+}
+
+
+def normalize_dtype(name: str) -> str:
+    """Map a user-facing dtype name (``bfloat16``, ``fp16``, ``F32`` ...) to a kernel dtype."""
+    key = name.strip()
+    canonical = _ALIASES.get(key.lower(), key.upper())
+    if canonical not in FLOAT_DTYPES:
+        raise UnsupportedDtypeError(
+            f"unsupported output dtype {name!r}: choose one of bf16, f16, f32")
+    return canonical
+
+
+def require_float(dtype: str, tensor: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise UnsupportedDtypeError(
+            f"tensor {tensor!r} has dtype {dtype}, which cannot be averaged "
+            f"(supported: {', '.join(FLOAT_DTYPES)})")
