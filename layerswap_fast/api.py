@@ -71,6 +71,9 @@ def make_blender(device: str, threads: int | None, max_gpu_bytes: int | None = N
 
 
 def _cuda_available() -> bool:
+    # Importing torch costs ~250 MB of RSS: look for an NVIDIA device node first.
+    if not any(Path("/dev").glob("nvidia[0-9]*")):
+        return False
     try:
         from .gpu import cuda_available
     except ImportError:  # torch or triton not installed: the CPU path needs neither

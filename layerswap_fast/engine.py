@@ -77,9 +77,16 @@ class MergeStats:
         return self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
     def summary(self) -> str:
-        return (f"wrote {self.out}: {self.shards} shards, {self.bytes_written / 1e9:.2f} GB in "
+        return (f"wrote {self.out}: {self.shards} shards, {format_bytes(self.bytes_written)} in "
                 f"{self.seconds:.2f} s ({self.gb_per_s:.2f} GB/s), {self.copied} tensors copied, "
                 f"{self.blended} blended, peak RSS {self.peak_rss_bytes / 2**20:.0f} MB")
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def peak_rss_bytes() -> int:

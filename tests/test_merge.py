@@ -1,0 +1,211 @@
+"""End-to-end merges of real (tiny) Llama checkpoints, each tensor checked against plain torch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import layerswap_fast as ls
+from support import load_tensors, make_llama_trio, raw_bytes, snapshot
+
+L = 12
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_llama_trio(tmp_path_factory.mktemp("trio"), num_layers=L)
+
+
+def layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
+
+
+def expected_weights(layer: int | None, bottom: int = 5, top: int = 2, lt: int = 1, ut: int = 1,
+                     ramp: bool = False, non_layer: str = "average") -> tuple[float, float]:
+    """(task weight, language weight), written from the paper's rule, independently of the planner."""
+    if layer is None:
+        return {"average": (0.5, 0.5), "task": (1.0, 0.0), "language": (0.0, 1.0)}[non_layer]
+    if layer < bottom or layer >= L - top:
+        return 0.0, 1.0
+    if layer < bottom + lt:
+        j, n = layer - bottom + 1, lt
+    elif layer >= L - top - ut:
+        j, n = L - top - layer, ut
+    else:
+        return 1.0, 0.0
+    return (j / (n + 1), 1 - j / (n + 1)) if ramp else (0.5, 0.5)
+
+
+def reference(task: torch.Tensor, lang: torch.Tensor, w_t: float, w_l: float, dtype: torch.dtype) -> torch.Tensor:
+    if w_l == 0.0 and task.dtype == dtype:
+        return task
+    if w_t == 0.0 and lang.dtype == dtype:
+        return lang
+    if w_l == 0.0:
+        return (w_t * task.float()).to(dtype)
+    if w_t == 0.0:
+        return (w_l * lang.float()).to(dtype)
+    return (w_t * task.float() + w_l * lang.float()).to(dtype)
+
+
+def assert_merged(out: Path, trio: dict[str, Path], dtype: torch.dtype | None = None, **rule) -> None:
+    task, lang, merged = load_tensors(trio["task"]), load_tensors(trio["language"]), load_tensors(out)
+    assert set(merged) == set(task)
+    for name, t in task.items():
+        w_t, w_l = expected_weights(layer_of(name), **rule)
+        want = reference(t, lang[name], w_t, w_l, dtype or t.dtype)
+        assert merged[name].dtype == want.dtype, name
+        assert raw_bytes(merged[name]) == raw_bytes(want), name
+
+
+def test_default_merge_equals_the_torch_reference(trio: dict[str, Path], tmp_path: Path) -> None:
+    result = ls.merge(trio["task"], trio["language"], tmp_path / "out")
+    assert_merged(tmp_path / "out", trio)
+    assert result.stats is not None and result.stats.bytes_written > 0
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "config.json" in files and "generation_config.json" in files and "layerswap_recipe.json" in files
+    assert (tmp_path / "out" / "config.json").read_bytes() == (trio["task"] / "config.json").read_bytes()
+    assert not list(tmp_path.glob(".out*")), "no temporary directory may remain"
+
+
+def test_output_is_sharded_indexed_and_carries_its_recipe(trio: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    ls.merge(trio["task"], trio["language"], out, shard_size="30KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    total = 0
+    for shard in shards:
+        with safe_open(str(out / shard), framework="pt") as f:
+            meta = f.metadata()
+            names = list(f.keys())
+            sizes = [f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in names]
+        assert meta["format"] == "pt"
+        assert json.loads(meta["layerswap_fast"])["config"]["bottom"] == 5
+        assert sum(sizes) <= 30_000 or len(names) == 1
+        assert all(index["weight_map"][n] == shard for n in names)
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+    recipe = json.loads((out / "layerswap_recipe.json").read_text())
+    assert recipe["inputs"]["task"]["path"] == str(trio["task"].resolve())
+    assert recipe["shards"] == shards
+    assert_merged(out, trio)
+
+
+def test_transformers_loads_the_merged_model(trio: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "out"
+    ls.merge(trio["task"], trio["language"], out, shard_size="50KB")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    logits = model(torch.tensor([[1, 5, 9, 3]])).logits
+    assert logits.shape == (1, 4, 96) and torch.isfinite(logits).all()
+    task = load_tensors(trio["task"])
+    loaded = model.state_dict()["model.layers.7.mlp.up_proj.weight"]
+    assert torch.equal(loaded, task["model.layers.7.mlp.up_proj.weight"].float())
+
+
+def test_tied_embeddings(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+    trio = make_llama_trio(tmp_path / "tied", num_layers=L, tie=True)
+    assert "lm_head.weight" not in load_tensors(trio["task"])
+    ls.merge(trio["task"], trio["language"], tmp_path / "out")
+    assert_merged(tmp_path / "out", trio)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert model(torch.tensor([[1, 2]])).logits.shape == (1, 2, 96)
+
+
+def test_custom_swap_with_ramp_and_one_sided_non_layer(trio: dict[str, Path], tmp_path: Path) -> None:
+    cfg = ls.SwapConfig(bottom=2, top=1, lower_transition=3, upper_transition=2,
+                        transition_weights="ramp", non_layer="language")
+    ls.merge(trio["task"], trio["language"], tmp_path / "out", cfg, threads=2)
+    assert_merged(tmp_path / "out", trio, bottom=2, top=1, lt=3, ut=2, ramp=True, non_layer="language")
+
+
+def test_dtype_override_converts_every_tensor(trio: dict[str, Path], tmp_path: Path) -> None:
+    ls.merge(trio["task"], trio["language"], tmp_path / "out", dtype="f32")
+    assert_merged(tmp_path / "out", trio, dtype=torch.float32)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_mixed_dtype_experts_give_the_task_experts_dtype(tmp_path: Path) -> None:
+    bf16 = make_llama_trio(tmp_path / "a", num_layers=L, dtype=torch.bfloat16)
+    f16 = make_llama_trio(tmp_path / "b", num_layers=L, dtype=torch.float16, seed=1)
+    trio = {"task": bf16["task"], "language": f16["language"]}
+    ls.merge(trio["task"], trio["language"], tmp_path / "out")
+    assert_merged(tmp_path / "out", trio)
+
+
+def test_thread_count_does_not_change_a_byte(trio: dict[str, Path], tmp_path: Path) -> None:
+    for threads in (1, 2, 3):
+        ls.merge(trio["task"], trio["language"], tmp_path / f"t{threads}", threads=threads)
+    for shard in (tmp_path / "t1").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "t2" / shard.name).read_bytes() == (tmp_path / "t3" / shard.name).read_bytes()
+
+
+def test_the_api_call_from_the_issue(trio: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    os.symlink(trio["task"], "math")
+    os.symlink(trio["language"], "swh")
+    ls.merge(task_expert="math", language_expert="swh", out="m2", config=ls.SwapConfig(bottom=4, top=1))
+    assert_merged(tmp_path / "m2", trio, bottom=4, top=1)
+
+
+def test_dry_run_writes_nothing(trio: dict[str, Path], tmp_path: Path) -> None:
+    before = snapshot(tmp_path)
+    result = ls.merge(trio["task"], trio["language"], tmp_path / "out", dry_run=True)
+    assert result.stats is None and result.shards
+    assert snapshot(tmp_path) == before
+
+
+class TestErrorsWriteNothing:
+    def check(self, trio: dict[str, Path], root: Path, error: type, message: str, **kwargs) -> None:
+        before_root, before_inputs = snapshot(root), snapshot(trio["task"].parent)
+        with pytest.raises(error, match=message):
+            ls.merge(trio["task"], trio["language"], **kwargs)
+        assert snapshot(root) == before_root
+        assert snapshot(trio["task"].parent) == before_inputs
+
+    def test_existing_output_needs_force(self, trio: dict[str, Path], tmp_path: Path) -> None:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("mine")
+        self.check(trio, tmp_path, ls.OutputError, "already exists; pass --force", out=tmp_path / "out")
+        ls.merge(trio["task"], trio["language"], tmp_path / "out", force=True)
+        assert not (tmp_path / "out" / "keep.txt").exists()
+        assert_merged(tmp_path / "out", trio)
+
+    def test_output_inside_an_input_is_refused(self, trio: dict[str, Path], tmp_path: Path) -> None:
+        self.check(trio, tmp_path, ls.OutputError, "is inside the input", out=trio["task"] / "merged")
+
+    def test_input_inside_the_output_is_refused(self, trio: dict[str, Path], tmp_path: Path) -> None:
+        self.check(trio, tmp_path, ls.OutputError, "is inside the output", out=trio["task"].parent, force=True)
+
+    def test_impossible_plan(self, trio: dict[str, Path], tmp_path: Path) -> None:
+        self.check(trio, tmp_path, ls.ConfigError, "needs 13 layers", out=tmp_path / "out",
+                   config=ls.SwapConfig(bottom=10, top=1))
+
+    def test_mismatched_experts(self, trio: dict[str, Path], tmp_path: Path) -> None:
+        other = make_llama_trio(tmp_path / "other", num_layers=L, hidden=48)
+        before = snapshot(tmp_path)
+        # transformers saves lm_head first: the first offending tensor in the task expert's order
+        with pytest.raises(ls.MismatchError, match="'lm_head.weight' has shape \\[96, 32\\] in the task "
+                                                   "expert but \\[96, 48\\] in the language expert"):
+            ls.merge(trio["task"], other["language"], tmp_path / "out")
+        assert snapshot(tmp_path) == before
+
+    def test_layer_count_mismatch(self, trio: dict[str, Path], tmp_path: Path) -> None:
+        other = make_llama_trio(tmp_path / "other", num_layers=L + 1)
+        with pytest.raises(ls.MismatchError, match="task expert has 12 layers but the language expert has 13"):
+            ls.merge(trio["task"], other["language"], tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+    def test_bad_shard_size_and_dtype(self, trio: dict[str, Path], tmp_path: Path) -> None:
+        self.check(trio, tmp_path, ls.ConfigError, "cannot read size 'big'", out=tmp_path / "o", shard_size="big")
+        self.check(trio, tmp_path, ls.UnsupportedDtypeError, "unsupported output dtype 'int8'",
+                   out=tmp_path / "o", dtype="int8")
