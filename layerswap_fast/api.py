@@ -12,10 +12,10 @@ from typing import Any
 from . import __version__
 from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import normalize_dtype
-from .engine import Blender, CpuBlender, MergeStats, check_output, execute
+from .engine import LINK_MODES, Blender, CpuBlender, MergeStats, check_output, execute
 from .errors import ConfigError, MismatchError
 from .layers import count_layers
-from .layout import ShardLayout, layout_shards, parse_size
+from .layout import OutputShard, ReusableShard, ReusedShard, find_reusable, layout_shards, parse_size
 from .plan import LANGUAGE, TASK, MergePlan, SwapConfig, build_swap_plan
 
 PathLike = str | os.PathLike[str]
@@ -28,7 +28,7 @@ class MergeResult:
     """What :func:`merge` did: the plan, the shard layout and (unless a dry run) the stats."""
 
     plan: MergePlan
-    shards: list[ShardLayout]
+    shards: list[OutputShard]
     stats: MergeStats | None
     recipe: dict[str, Any]
 
@@ -81,6 +81,19 @@ def _cuda_available() -> bool:
     return cuda_available()
 
 
+def reusable_shards(plan: MergePlan, experts: dict[str, Checkpoint]) -> list[ReusableShard]:
+    """Input shards the output can take whole (every tensor copied from that same expert)."""
+    candidates = {role: [ReusableShard(role, sh.path, tuple(t.name for t in sh.tensors), sh.size,
+                                       sum(t.nbytes for t in sh.tensors)) for sh in ckpt.shards]
+                  for role, ckpt in experts.items()}
+    return find_reusable(plan.tensors, candidates)
+
+
+def needed_bytes(shards: list[OutputShard], link: str) -> int:
+    """Disk space the output takes: reused shards cost nothing unless they are copied."""
+    return sum(s.file_size for s in shards if not isinstance(s, ReusedShard) or link in ("auto", "copy"))
+
+
 def build_recipe(plan: MergePlan, task: Checkpoint, language: Checkpoint, shard_size: int) -> dict[str, Any]:
     """Everything needed to rebuild the output: tool, inputs (with fingerprints), settings, plan."""
     return {
@@ -111,6 +124,8 @@ def merge(
     device: str = "auto",
     force: bool = False,
     dry_run: bool = False,
+    link: str = "auto",
+    blender: Blender | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Layer-swap ``language_expert`` into ``task_expert`` and write the result to ``out``.
@@ -118,25 +133,35 @@ def merge(
     Streams: memory does not grow with the model. The output directory appears complete or not
     at all. ``dry_run`` validates everything and computes the layout but writes nothing.
     ``progress(n, total)`` is called after each step with the bytes it wrote and the total.
+
+    Input shards whose every tensor goes to the output unchanged are reused whole; ``link`` says
+    how: ``auto`` (a copy-on-write reflink where the filesystem supports it, else a kernel-side
+    copy), ``reflink``, ``copy``, or, only when asked for, ``hard`` or ``symlink`` — these share
+    the input's bytes, so a later in-place change to one file changes the other.
+    ``blender`` replaces the backend chosen by ``device`` (e.g. ``gpu.CudaBlender``).
     """
+    if link not in LINK_MODES:
+        raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
     size_limit = parse_size(shard_size)
     out_path = Path(out)
     with open_checkpoint(task_expert) as task, open_checkpoint(language_expert) as language:
         plan = plan_from_checkpoints(task, language, config, dtype)
         recipe = build_recipe(plan, task, language, size_limit)
         metadata = {"format": "pt", "layerswap_fast": _compact_json(recipe)}
-        shards = layout_shards(plan.tensors, size_limit, metadata)
-        check_output(out_path, [task.directory, language.directory], force, sum(s.file_size for s in shards))
+        experts = {TASK: task, LANGUAGE: language}
+        shards = layout_shards(plan.tensors, size_limit, metadata, reusable_shards(plan, experts))
+        check_output(out_path, [task.directory, language.directory], force, needed_bytes(shards, link))
         if dry_run:
             return MergeResult(plan, shards, None, recipe)
-        blender = make_blender(device, threads)
+        backend = blender or make_blender(device, threads)
         try:
             overrides = {"torch_dtype": _TORCH_DTYPE[plan.dtype]} if plan.dtype else {}
-            stats = execute(shards, {TASK: task, LANGUAGE: language}, out_path, blender=blender,
-                            recipe=recipe, aux_source=task.directory, config_overrides=overrides,
-                            force=force, progress=progress)
+            stats = execute(shards, experts, out_path, blender=backend, recipe=recipe,
+                            aux_source=task.directory, config_overrides=overrides, force=force,
+                            link=link, progress=progress)
         finally:
-            blender.close()
+            if blender is None:
+                backend.close()
     return MergeResult(plan, shards, stats, recipe)
 
 

@@ -14,7 +14,9 @@ import click
 
 from . import api
 from ._core import CoreError
+from .engine import LINK_MODES, format_bytes
 from .errors import LayerswapError
+from .layout import ReusedShard
 from .plan import NON_LAYER, SwapConfig, render_plan
 
 
@@ -98,23 +100,30 @@ def plan(task_expert: Path, language_expert: Path, dtype: str | None, as_json: b
 @click.option("--threads", type=int, default=None, help="Worker threads for blends (default: all cores).")
 @click.option("--device", type=click.Choice(api.DEVICES), default="auto", show_default=True,
               help="Where blends run: auto uses a CUDA GPU when there is one.")
+@click.option("--link", type=click.Choice(LINK_MODES), default="auto", show_default=True,
+              help="How input shards the merge leaves unchanged are reused whole: auto = a copy-on-write "
+                   "reflink where the filesystem supports it, else a kernel-side copy; reflink; copy; "
+                   "hard or symlink only when asked for: those share the input's bytes, so a later "
+                   "in-place change to one file changes the other.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--dry-run", is_flag=True, help="Validate and plan the layout, write nothing.")
 def merge(task_expert: Path, language_expert: Path, out: Path, dtype: str | None, shard_size: str,
-          threads: int | None, device: str, force: bool, dry_run: bool, **kw: Any) -> None:
+          threads: int | None, device: str, link: str, force: bool, dry_run: bool, **kw: Any) -> None:
     """Layer-swap LANGUAGE-EXPERT into TASK-EXPERT and write the merged checkpoint."""
     config = _config(kw)
     if dry_run:
         result = api.merge(task_expert, language_expert, out, config, dtype=dtype, shard_size=shard_size,
-                           force=force, dry_run=True)
-        total = sum(s.file_size for s in result.shards)
+                           force=force, dry_run=True, link=link)
+        reused = [s for s in result.shards if isinstance(s, ReusedShard)]
+        written = sum(s.file_size for s in result.shards if not isinstance(s, ReusedShard))
         n = result.plan.counts()
-        click.echo(f"dry run: would write {len(result.shards)} shards, {total / 1e9:.2f} GB "
-                   f"({n['copy']} tensors copied, {n['blend']} blended) to {out}")
+        click.echo(f"dry run: would write {len(result.shards)} shards to {out}: {format_bytes(written)} new, "
+                   f"{len(reused)} input shards reused ({format_bytes(sum(s.file_size for s in reused))}); "
+                   f"{n['copy']} tensors copied, {n['blend']} blended")
         return
     with _progress_bar() as progress:
         result = api.merge(task_expert, language_expert, out, config, dtype=dtype, shard_size=shard_size,
-                           threads=threads, device=device, force=force, progress=progress)
+                           threads=threads, device=device, force=force, link=link, progress=progress)
     assert result.stats is not None
     click.echo(result.stats.summary())
 

@@ -7,12 +7,15 @@ GPU). Memory is O(chunk × inputs × threads), independent of the model's size.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import resource
 import shutil
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from . import _core
 from .checkpoint import Checkpoint, TensorSpec
 from .dtypes import DTYPE_SIZES
 from .errors import CheckpointError, LayerswapError, OutputError
-from .layout import ShardLayout, index_json
+from .layout import OutputShard, ReusedShard, ShardLayout, index_json
 from .plan import TensorRecipe
 
 #: files copied from the task expert beside the weights (config, tokenizer, generation settings)
@@ -33,6 +36,8 @@ AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
 RECIPE_NAME = "layerswap_recipe.json"
 PARTIAL_MARK = ".layerswap-partial-"
 _PROGRESS_STEP = 256 << 20  # long copies are split so a progress bar moves
+LINK_MODES = ("auto", "reflink", "hard", "symlink", "copy")
+_FICLONE = 0x40049409  # ioctl: share the extents of another file (copy-on-write clone)
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
 
@@ -71,14 +76,20 @@ class MergeStats:
     shards: int
     copied: int
     blended: int
+    bytes_reused: int = 0
+    reused: dict[str, int] | None = None  # link method -> number of whole input shards reused
 
     @property
     def gb_per_s(self) -> float:
         return self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
     def summary(self) -> str:
-        return (f"wrote {self.out}: {self.shards} shards, {format_bytes(self.bytes_written)} in "
-                f"{self.seconds:.2f} s ({self.gb_per_s:.2f} GB/s), {self.copied} tensors copied, "
+        reused = ""
+        if self.reused:
+            how = ", ".join(f"{n} by {method}" for method, n in sorted(self.reused.items()))
+            reused = f"; reused {sum(self.reused.values())} input shards ({format_bytes(self.bytes_reused)}: {how})"
+        return (f"wrote {self.out}: {self.shards} shards, {format_bytes(self.bytes_written)} written in "
+                f"{self.seconds:.2f} s ({self.gb_per_s:.2f} GB/s){reused}, {self.copied} tensors copied, "
                 f"{self.blended} blended, peak RSS {self.peak_rss_bytes / 2**20:.0f} MB")
 
 
@@ -207,6 +218,55 @@ class _ShardFiller:
         self.progress(numel * DTYPE_SIZES[recipe.dtype])
 
 
+def _reflink(src: Path, dest: Path) -> bool:
+    """Clone ``src`` to a new ``dest`` sharing its extents; False where the filesystem can't."""
+    with open(src, "rb") as source:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.ioctl(fd, _FICLONE, source.fileno())
+        except OSError:
+            os.close(fd)
+            os.unlink(dest)
+            return False
+        os.fsync(fd)
+        os.close(fd)
+    return True
+
+
+def reuse_shard(shard: ReusedShard, dest: Path, final_dir: Path, mode: str, source: _core.InputFile) -> str:
+    """Make ``dest`` the reused input file by ``mode``; returns the method that was used."""
+    src = shard.reuse.source
+    if mode in ("auto", "reflink") and _reflink(src, dest):
+        return "reflink"
+    if mode == "reflink":
+        raise OutputError(f"cannot reflink {src}: its filesystem does not support copy-on-write clones "
+                          f"(use --link auto, copy or hard)")
+    if mode == "hard":
+        try:
+            os.link(src, dest, follow_symlinks=True)
+        except OSError as e:
+            raise OutputError(f"cannot hard-link {src} into {final_dir}: {e.strerror} "
+                              f"(hard links need one filesystem; use --link copy)") from None
+        return "hard link"
+    if mode == "symlink":
+        # relative where possible, as the Hugging Face cache does; the staging directory sits
+        # beside the final one, so a link relative to the final directory resolves from both
+        os.symlink(os.path.relpath(os.path.abspath(src), os.path.abspath(final_dir)), dest)
+        return "symlink"
+    with _core.ShardWriter(str(dest), shard.file_size) as writer:
+        writer.copy_range(source, 0, 0, shard.file_size)
+        writer.close(sync=True)
+    return "copy"
+
+
+def sha256_file(path: Path, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _check_inputs_unchanged(experts: Mapping[str, Checkpoint]) -> None:
     """An input replaced or truncated mid-merge may have fed us mixed bytes: refuse the output."""
     for ckpt in experts.values():
@@ -231,7 +291,7 @@ def copy_aux_files(source_dir: Path, dest: Path, config_overrides: Mapping[str, 
 
 
 def execute(
-    shards: Sequence[ShardLayout],
+    shards: Sequence[OutputShard],
     experts: Mapping[str, Checkpoint],
     out: Path,
     *,
@@ -240,14 +300,27 @@ def execute(
     aux_source: Path,
     config_overrides: Mapping[str, Any] | None = None,
     force: bool = False,
+    link: str = "auto",
     progress: Progress | None = None,
 ) -> MergeStats:
     """Write ``shards`` (with the index, aux files and recipe) to ``out``, atomically."""
+    if link not in LINK_MODES:
+        raise OutputError(f"link mode must be one of {', '.join(LINK_MODES)}, got {link!r}")
     start = time.perf_counter()
-    total = sum(s.file_size for s in shards)
+    new = [s for s in shards if isinstance(s, ShardLayout)]
+    reused = [s for s in shards if isinstance(s, ReusedShard)]
+    total = sum(s.file_size for s in new)
     filler = _ShardFiller(experts, blender, (lambda n: progress(n, total)) if progress else (lambda n: None))
-    with staging_directory(out) as tmp:
+    methods: dict[str, int] = {}
+    with staging_directory(out) as tmp, ThreadPoolExecutor(1) as hasher:
+        # the recipe records every reused file's sha256; hashing overlaps with the writing
+        digests: dict[str, Future[str]] = {s.filename: hasher.submit(sha256_file, s.reuse.source) for s in reused}
         for shard in shards:
+            if isinstance(shard, ReusedShard):
+                ckpt = experts[shard.reuse.expert]
+                how = reuse_shard(shard, tmp / shard.filename, out, link, ckpt.input_file(shard.reuse.source))
+                methods[how] = methods.get(how, 0) + 1
+                continue
             with _core.ShardWriter(str(tmp / shard.filename), shard.file_size) as writer:
                 try:
                     filler.fill(writer, shard)
@@ -257,13 +330,15 @@ def execute(
         _check_inputs_unchanged(experts)
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(shards), indent=2) + "\n")
         copy_aux_files(aux_source, tmp, config_overrides or {})
-        full_recipe = dict(recipe, shards=[s.filename for s in shards])
+        full_recipe = dict(recipe, shards=[s.filename for s in shards], reused_shards=[
+            {"shard": s.filename, "from": str(s.reuse.source), "expert": s.reuse.expert,
+             "sha256": digests[s.filename].result()} for s in reused])
         (tmp / RECIPE_NAME).write_text(json.dumps(full_recipe, indent=2) + "\n")
         publish(tmp, out, force)
-    written = sum(s.file_size for s in shards)
-    copied = sum(t.recipe.op == "copy" for s in shards for t in s.tensors)
-    blended = sum(len(s.tensors) for s in shards) - copied
-    return MergeStats(out, written, time.perf_counter() - start, peak_rss_bytes(), len(shards), copied, blended)
+    copied = sum(t.recipe.op == "copy" for s in new for t in s.tensors) + sum(len(s.names) for s in reused)
+    blended = sum(len(s.tensors) for s in new) - sum(t.recipe.op == "copy" for s in new for t in s.tensors)
+    return MergeStats(out, total, time.perf_counter() - start, peak_rss_bytes(), len(shards), copied, blended,
+                      bytes_reused=sum(s.file_size for s in reused), reused=methods)
 
 
-__all__ = ["execute", "check_output", "CpuBlender", "MergeStats", "LayerswapError"]
+__all__ = ["execute", "check_output", "CpuBlender", "MergeStats", "LayerswapError", "LINK_MODES"]

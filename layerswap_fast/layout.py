@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
+from pathlib import Path
 
 from .dtypes import DTYPE_SIZES
 from .errors import ConfigError
@@ -94,22 +95,96 @@ def build_header(tensors: Sequence[PlacedTensor], metadata: Mapping[str, str]) -
     return raw + b" " * (-(8 + len(raw)) % 8)
 
 
-def layout_shards(recipes: Sequence[TensorRecipe], shard_size: int,
-                  metadata: Mapping[str, str]) -> list[ShardLayout]:
-    groups = group_into_shards(recipes, shard_size)
-    shards = []
-    for i, group in enumerate(groups):
+@dataclass(frozen=True)
+class ReusableShard:
+    """An input shard every tensor of which the output takes unchanged from that same input: the
+    output can use the whole file (linked or cloned) instead of writing it again."""
+
+    expert: str
+    source: Path
+    names: tuple[str, ...]
+    size: int
+    data_size: int
+
+
+@dataclass(frozen=True)
+class ReusedShard:
+    """A slot of the output filled by a whole input file; it keeps that file's own header."""
+
+    filename: str
+    reuse: ReusableShard
+
+    @property
+    def file_size(self) -> int:
+        return self.reuse.size
+
+    @property
+    def data_size(self) -> int:
+        return self.reuse.data_size
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.reuse.names
+
+
+OutputShard = ShardLayout | ReusedShard
+
+
+def find_reusable(recipes: Sequence[TensorRecipe],
+                  shards_by_expert: Mapping[str, Sequence[ReusableShard]]) -> list[ReusableShard]:
+    """The input shards whose every tensor is a ``copy`` from that shard's own expert."""
+    copied_from = {r.name: r.terms[0].expert for r in recipes if r.op == "copy"}
+    return [shard for expert, shards in shards_by_expert.items() for shard in shards
+            if shard.names and all(copied_from.get(n) == expert for n in shard.names)]
+
+
+def _segments(recipes: Sequence[TensorRecipe],
+              reusable: Sequence[ReusableShard]) -> list[list[TensorRecipe] | ReusableShard]:
+    """Plan order, with each reusable shard standing where its first tensor was."""
+    owner = {name: shard for shard in reusable for name in shard.names}
+    segments: list[list[TensorRecipe] | ReusableShard] = []
+    emitted: set[Path] = set()
+    for recipe in recipes:
+        shard = owner.get(recipe.name)
+        if shard is None:
+            if not segments or not isinstance(segments[-1], list):
+                segments.append([])
+            segments[-1].append(recipe)  # type: ignore[union-attr]
+        elif shard.source not in emitted:
+            emitted.add(shard.source)
+            segments.append(shard)
+    return segments
+
+
+def layout_shards(recipes: Sequence[TensorRecipe], shard_size: int, metadata: Mapping[str, str],
+                  reusable: Sequence[ReusableShard] = ()) -> list[OutputShard]:
+    """Output shards in plan order: reused input files where possible, new shards of at most
+    ``shard_size`` for everything else, named ``model-0000i-of-0000N.safetensors``."""
+    slots: list[list[TensorRecipe] | ReusableShard] = []
+    for segment in _segments(recipes, reusable):
+        slots += [segment] if isinstance(segment, ReusableShard) else group_into_shards(segment, shard_size)
+    slots = [s for s in slots if not isinstance(s, list) or s] or [[]]
+    shards: list[OutputShard] = []
+    for i, slot in enumerate(slots):
+        name = shard_filename(i, len(slots))
+        if isinstance(slot, ReusableShard):
+            shards.append(ReusedShard(name, slot))
+            continue
         placed, position = [], 0
-        for recipe in group:
+        for recipe in slot:
             n = tensor_nbytes(recipe)
             placed.append(PlacedTensor(recipe, position, n))
             position += n
-        shards.append(ShardLayout(shard_filename(i, len(groups)), build_header(placed, metadata), tuple(placed)))
+        shards.append(ShardLayout(name, build_header(placed, metadata), tuple(placed)))
     return shards
 
 
-def index_json(shards: Sequence[ShardLayout]) -> dict[str, object]:
+def shard_names(shard: OutputShard) -> tuple[str, ...]:
+    return shard.names if isinstance(shard, ReusedShard) else tuple(t.recipe.name for t in shard.tensors)
+
+
+def index_json(shards: Sequence[OutputShard]) -> dict[str, object]:
     return {
         "metadata": {"total_size": sum(s.data_size for s in shards)},
-        "weight_map": {t.recipe.name: s.filename for s in shards for t in s.tensors},
+        "weight_map": {name: s.filename for s in shards for name in shard_names(s)},
     }

@@ -1,0 +1,112 @@
+"""Whole input shards that a merge leaves unchanged are reused: reflinked, linked or copied."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import layerswap_fast as ls
+from support import load_tensors, make_llama_trio, raw_bytes
+from test_merge import assert_merged
+
+L = 12
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    # shards small enough that several hold nothing but middle (task-expert) layers
+    return make_llama_trio(tmp_path_factory.mktemp("reuse"), num_layers=L, shard="20KB")
+
+
+def reused_of(out: Path) -> list[dict]:
+    return json.loads((out / "layerswap_recipe.json").read_text())["reused_shards"]
+
+
+def test_pure_task_shards_are_found_and_hard_linked(trio: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = ls.merge(trio["task"], trio["language"], out, link="hard")
+    reused = reused_of(out)
+    assert len(reused) >= 2
+    assert {e["expert"] for e in reused} == {"task", "language"}  # middle layers, and bottom/top ones
+    sources = {"task": load_tensors(trio["task"]), "language": load_tensors(trio["language"])}
+    for entry in reused:
+        src, dst = Path(entry["from"]), out / entry["shard"]
+        assert os.stat(src).st_ino == os.stat(dst).st_ino
+        assert entry["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        from safetensors import safe_open
+        with safe_open(str(dst), framework="pt") as f:  # every tensor in it is a kept layer of its expert
+            for name in f.keys():
+                layer = int(name.split(".")[2])
+                assert (6 <= layer <= 8) if entry["expert"] == "task" else (layer < 5 or layer >= 10)
+                assert raw_bytes(f.get_tensor(name)) == raw_bytes(sources[entry["expert"]][name])
+    assert result.stats is not None and result.stats.reused == {"hard link": len(reused)}
+    assert "reused" in result.stats.summary()
+    assert_merged(out, trio)
+
+
+def test_copy_shares_no_inode_and_gives_the_same_bytes(trio: dict[str, Path], tmp_path: Path) -> None:
+    ls.merge(trio["task"], trio["language"], tmp_path / "hard", link="hard")
+    ls.merge(trio["task"], trio["language"], tmp_path / "copy", link="copy")
+    for entry in reused_of(tmp_path / "copy"):
+        dst = tmp_path / "copy" / entry["shard"]
+        assert os.stat(entry["from"]).st_ino != os.stat(dst).st_ino
+        assert dst.read_bytes() == Path(entry["from"]).read_bytes()
+    for shard in (tmp_path / "copy").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "hard" / shard.name).read_bytes()
+    assert_merged(tmp_path / "copy", trio)
+
+
+def test_symlinks_are_relative(trio: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    ls.merge(trio["task"], trio["language"], out, link="symlink")
+    for entry in reused_of(out):
+        link = out / entry["shard"]
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+        assert link.resolve() == Path(entry["from"]).resolve()
+    assert_merged(out, trio)
+
+
+def test_transformers_loads_a_linked_output(trio: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+    ls.merge(trio["task"], trio["language"], tmp_path / "out", link="symlink")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+
+
+def _reflink_supported(directory: Path) -> bool:
+    import fcntl
+    a, b = directory / ".probe-a", directory / ".probe-b"
+    a.write_bytes(b"x" * 4096)
+    try:
+        with open(a, "rb") as src, open(b, "wb") as dst:
+            fcntl.ioctl(dst.fileno(), 0x40049409, src.fileno())
+        return True
+    except OSError:
+        return False
+    finally:
+        a.unlink()
+        b.unlink(missing_ok=True)
+
+
+def test_reflink(trio: dict[str, Path], tmp_path: Path) -> None:
+    if _reflink_supported(tmp_path):
+        ls.merge(trio["task"], trio["language"], tmp_path / "out", link="reflink")
+        assert_merged(tmp_path / "out", trio)
+        return
+    # this filesystem cannot clone: --link reflink is a clear error, auto falls back to a copy
+    with pytest.raises(ls.OutputError, match="does not support copy-on-write clones"):
+        ls.merge(trio["task"], trio["language"], tmp_path / "out", link="reflink")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    result = ls.merge(trio["task"], trio["language"], tmp_path / "auto")
+    assert result.stats is not None and set(result.stats.reused or {}) == {"copy"}
+    pytest.skip("the test filesystem does not support reflinks (FICLONE); only the fallback was tested")
+
+
+def test_no_reuse_when_every_shard_needs_work(trio: dict[str, Path], tmp_path: Path) -> None:
+    ls.merge(trio["task"], trio["language"], tmp_path / "out", dtype="f32")
+    assert reused_of(tmp_path / "out") == []
