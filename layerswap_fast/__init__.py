@@ -16,10 +16,11 @@ from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
 from .errors import (CheckpointError, ConfigError, LayerswapError, MismatchError, OutputError,
                      UnsupportedDtypeError)
 from .plan import MergePlan, SwapConfig, TensorRecipe, Term, render_plan
+from .verify import VerifyError, VerifyReport, verify
 
 __all__ = [
     "__version__", "merge", "plan_merge", "plan_from_checkpoints", "MergeResult", "SwapConfig",
     "MergePlan", "TensorRecipe", "Term", "render_plan", "open_checkpoint", "Checkpoint",
     "TensorSpec", "LayerswapError", "CheckpointError", "ConfigError", "MismatchError",
-    "OutputError", "UnsupportedDtypeError",
+    "OutputError", "UnsupportedDtypeError", "verify", "VerifyError", "VerifyReport",
 ]

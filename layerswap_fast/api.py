@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -12,12 +13,14 @@ from typing import Any
 from . import __version__
 from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import normalize_dtype
-from .engine import LINK_MODES, Blender, CpuBlender, MergeStats, check_output, execute
+from .engine import Blender, CpuBlender, MergeStats, execute
+from .output import LINK_MODES, check_output, clean_stale_partials
 from .errors import ConfigError, MismatchError
 from .layers import count_layers
 from .layout import OutputShard, ReusableShard, ReusedShard, find_reusable, layout_shards, parse_size
 from .plan import LANGUAGE, TASK, MergePlan, SwapConfig, build_swap_plan
 
+log = logging.getLogger("layerswap_fast")
 PathLike = str | os.PathLike[str]
 DEVICES = ("auto", "cpu", "cuda")
 _TORCH_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -153,6 +156,7 @@ def merge(
         check_output(out_path, [task.directory, language.directory], force, needed_bytes(shards, link))
         if dry_run:
             return MergeResult(plan, shards, None, recipe)
+        clean_stale_partials(out_path, log.warning)
         backend = blender or make_blender(device, threads)
         try:
             overrides = {"torch_dtype": _TORCH_DTYPE[plan.dtype]} if plan.dtype else {}

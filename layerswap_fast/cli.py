@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -14,7 +15,8 @@ import click
 
 from . import api
 from ._core import CoreError
-from .engine import LINK_MODES, format_bytes
+from .engine import format_bytes
+from .output import LINK_MODES
 from .errors import LayerswapError
 from .layout import ReusedShard
 from .plan import NON_LAYER, SwapConfig, render_plan
@@ -25,6 +27,7 @@ class _Group(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["standalone_mode"] = False
+        _log_notes_to_stderr()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             rv = super().main(*args, **kwargs)
@@ -32,12 +35,31 @@ class _Group(click.Group):
             message = e.format_message() if isinstance(e, click.ClickException) else str(e)
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
-        except (KeyboardInterrupt, click.exceptions.Abort):
+        except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort):
             click.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
         finally:
             signal.signal(signal.SIGTERM, previous)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # before click turns it into Abort with a stray blank line
+            raise _Interrupted from None
+
+
+class _Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the API's cleanup has already run."""
+
+
+def _log_notes_to_stderr() -> None:
+    logger = logging.getLogger("layerswap_fast")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -147,6 +169,14 @@ def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
     finally:
         if bars:
             bars[0].__exit__(None, None, None)
+
+
+@main.command("verify")
+@click.argument("out", type=click.Path(path_type=Path))
+def verify_command(out: Path) -> None:
+    """Check OUT's headers, index, sizes and per-shard sha256 against its recipe."""
+    from .verify import verify
+    click.echo(verify(out).summary())
 
 
 @main.command()

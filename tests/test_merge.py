@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -97,7 +98,10 @@ def test_output_is_sharded_indexed_and_carries_its_recipe(trio: dict[str, Path],
         total += sum(sizes)
     assert index["metadata"]["total_size"] == total
     assert recipe["inputs"]["task"]["path"] == str(trio["task"].resolve())
-    assert recipe["shards"] == shards
+    assert [entry["file"] for entry in recipe["shards"]] == shards
+    for entry in recipe["shards"]:  # every shard's checksum, for `verify`
+        data = (out / entry["file"]).read_bytes()
+        assert entry["size"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
     assert_merged(out, trio)
 
 
