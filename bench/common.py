@@ -1,0 +1,220 @@
+"""Helpers shared by the bench scripts: the synthetic trio cache, timed subprocesses, machine facts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+# This module must stay light (no numpy at import time): a process started by run_timed() is
+# charged by Linux with the peak RSS of its parent at the time it was spawned (vfork + exec
+# carries the parent's high-water mark into the child's ru_maxrss), so the timing parent keeps
+# its own footprint small and leaves the trio generation to a child (make_trio.py).
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = REPO / "bench" / "out"
+MARKER = "trio.json"
+
+
+_SYN: ModuleType | None = None
+
+
+def load_synthetic() -> ModuleType:
+    """``layerswap_fast.synthetic``; loaded from its file when the package itself cannot be
+    imported (e.g. the C++ core is not built yet): the generator needs only numpy."""
+    global _SYN
+    if _SYN is not None:
+        return _SYN
+    try:
+        from layerswap_fast import synthetic
+        _SYN = synthetic
+        return synthetic
+    except ImportError:
+        path = REPO / "layerswap_fast" / "synthetic.py"
+        spec = importlib.util.spec_from_file_location("_layerswap_synthetic", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        _SYN = module
+        return module
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """``5GB`` -> 5*10**9, ``512MiB`` -> 512*2**20 (as layerswap_fast.synthetic.parse_size)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", value, re.IGNORECASE)
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"cannot read size {value!r}: use a number with a unit, like 5GB or 500MB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def trio_dirname(shape: str, layers: int | None = None, dtype: str = "BF16") -> str:
+    """``1b``, ``70b-slice-16l``, ``8b-f32``: the default directory name of a trio."""
+    name = shape
+    if layers is not None:
+        name += f"-{layers}l"
+    if dtype.upper() != "BF16":
+        name += f"-{dtype.lower()}"
+    return name
+
+
+def trio_params(shape: str, *, dtype: str = "BF16", shard_size: int = 5 * 10**9,
+                layers: int | None = None, with_base: bool = True, seed: int = 0) -> dict:
+    return {"generator_version": load_synthetic().GENERATOR_VERSION, "shape": shape, "dtype": dtype.upper(),
+            "shard_size": int(shard_size), "num_layers": layers, "with_base": bool(with_base),
+            "seed": int(seed), "experts": ["task", "language"]}
+
+
+def _complete(model: Path) -> bool:
+    index = model / "model.safetensors.index.json"
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError):
+        return False
+    return (model / "config.json").is_file() and all((model / s).is_file() for s in shards)
+
+
+def existing_trio(out: Path, params: dict) -> bool:
+    """Whether ``out`` holds a complete trio made with ``params`` (a trio with a base also serves
+    a request without one)."""
+    try:
+        have = json.loads((out / MARKER).read_text())["params"]
+    except (OSError, ValueError, KeyError):
+        return False
+    same = {k: v for k, v in have.items() if k != "with_base"} == \
+        {k: v for k, v in params.items() if k != "with_base"}
+    if not same or (params["with_base"] and not have.get("with_base")):
+        return False
+    roles = (["base"] if params["with_base"] else []) + params["experts"]
+    return all(_complete(out / r) for r in roles)
+
+
+@dataclass
+class TrioResult:
+    paths: dict[str, Path]
+    generated: bool
+    seconds: float = 0.0
+    nbytes: int = 0
+
+
+def shard_bytes(model: Path) -> int:
+    return sum(p.stat().st_size for p in model.glob("*.safetensors"))
+
+
+def ensure_trio(out: Path, shape: str, *, dtype: str = "BF16", shard_size: int = 5 * 10**9,
+                layers: int | None = None, with_base: bool = True, seed: int = 0,
+                force: bool = False) -> TrioResult:
+    """Generate the trio into ``out`` unless a complete one with the same parameters is there.
+    The ``trio.json`` marker is removed first and written last."""
+    params = trio_params(shape, dtype=dtype, shard_size=shard_size, layers=layers,
+                         with_base=with_base, seed=seed)
+    roles = (["base"] if with_base else []) + params["experts"]
+    if not force and existing_trio(out, params):
+        return TrioResult({r: out / r for r in roles}, generated=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)
+    if not with_base and (out / "base").exists():
+        shutil.rmtree(out / "base")  # a stale base of other parameters must not look current
+    t0 = time.perf_counter()
+    paths = load_synthetic().make_trio(out, shape, dtype=dtype, shard_size=shard_size, seed=seed,
+                          num_layers=layers, with_base=with_base)
+    seconds = time.perf_counter() - t0
+    nbytes = sum(shard_bytes(p) for p in paths.values())
+    (out / MARKER).write_text(json.dumps({"params": params, "seconds": round(seconds, 3),
+                                          "bytes": nbytes}, indent=2) + "\n")
+    return TrioResult(paths, generated=True, seconds=seconds, nbytes=nbytes)
+
+
+def self_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+@dataclass
+class Timed:
+    seconds: float
+    peak_rss_mb: float
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_timed(cmd: list[str], cwd: Path | None = None) -> Timed:
+    """Run ``cmd``; wall seconds and the child's peak RSS (``wait4``; ru_maxrss is KiB on Linux).
+
+    The RSS is never below this process's own peak at the time of the call (see the note at the
+    top): measure ``["true"]`` to know that floor."""
+    with open(os.devnull, "rb") as stdin, \
+            _tempfile() as out, _tempfile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=out, stderr=err, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Timed(seconds, usage.ru_maxrss * 1024 / 1e6, proc.returncode,
+                     out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+
+
+def _tempfile():
+    import tempfile
+    return tempfile.TemporaryFile()
+
+
+def sync() -> None:
+    subprocess.run(["sync"], check=False)
+
+
+def machine_info(workdir: Path) -> dict:
+    """nproc, RAM, kernel, CPU model and the workdir's filesystem."""
+    info: dict[str, object] = {"nproc": len(os.sched_getaffinity(0)), "kernel": platform.release(),
+                               "python": platform.python_version()}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["ram_gb"] = round(int(line.split()[1]) * 1024 / 1e9, 1)
+                break
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        df = subprocess.run(["df", "-T", "-B1", str(workdir)], capture_output=True, text=True,
+                            check=True).stdout.splitlines()[-1].split()
+        info["filesystem"] = df[1]
+        info["device"] = df[0]
+        info["disk_free_gb"] = round(int(df[4]) / 1e9, 1)
+    except (OSError, subprocess.CalledProcessError, IndexError, ValueError):
+        pass
+    try:
+        info["cp"] = subprocess.run(["cp", "--version"], capture_output=True, text=True,
+                                    check=True).stdout.splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        pass
+    return info
+
+
+def find_cli() -> str | None:
+    """The ``layerswap-fast`` executable next to this interpreter, else on PATH."""
+    beside = Path(sys.executable).parent / "layerswap-fast"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("layerswap-fast")
