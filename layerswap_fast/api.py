@@ -128,6 +128,7 @@ def merge(
     force: bool = False,
     dry_run: bool = False,
     link: str = "auto",
+    max_gpu_bytes: int | str = "256MB",
     blender: Blender | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
@@ -141,7 +142,8 @@ def merge(
     how: ``auto`` (a copy-on-write reflink where the filesystem supports it, else a kernel-side
     copy), ``reflink``, ``copy``, or, only when asked for, ``hard`` or ``symlink`` — these share
     the input's bytes, so a later in-place change to one file changes the other.
-    ``blender`` replaces the backend chosen by ``device`` (e.g. ``gpu.CudaBlender``).
+    ``max_gpu_bytes`` bounds the GPU memory of the CUDA backend (so a small GPU merges a 70B
+    model). ``blender`` replaces the backend chosen by ``device`` (e.g. ``gpu.CudaBlender``).
     """
     if link not in LINK_MODES:
         raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
@@ -157,7 +159,7 @@ def merge(
         if dry_run:
             return MergeResult(plan, shards, None, recipe)
         clean_stale_partials(out_path, log.warning)
-        backend = blender or make_blender(device, threads)
+        backend = blender or make_blender(device, threads, parse_size(max_gpu_bytes))
         try:
             overrides = {"torch_dtype": _TORCH_DTYPE[plan.dtype]} if plan.dtype else {}
             stats = execute(shards, experts, out_path, blender=backend, recipe=recipe,

@@ -122,6 +122,8 @@ def plan(task_expert: Path, language_expert: Path, dtype: str | None, as_json: b
 @click.option("--threads", type=int, default=None, help="Worker threads for blends (default: all cores).")
 @click.option("--device", type=click.Choice(api.DEVICES), default="auto", show_default=True,
               help="Where blends run: auto uses a CUDA GPU when there is one.")
+@click.option("--gpu-memory", default="256MB", show_default=True,
+              help="Most GPU memory the CUDA backend may use (staging buffers of all inputs).")
 @click.option("--link", type=click.Choice(LINK_MODES), default="auto", show_default=True,
               help="How input shards the merge leaves unchanged are reused whole: auto = a copy-on-write "
                    "reflink where the filesystem supports it, else a kernel-side copy; reflink; copy; "
@@ -130,7 +132,8 @@ def plan(task_expert: Path, language_expert: Path, dtype: str | None, as_json: b
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--dry-run", is_flag=True, help="Validate and plan the layout, write nothing.")
 def merge(task_expert: Path, language_expert: Path, out: Path, dtype: str | None, shard_size: str,
-          threads: int | None, device: str, link: str, force: bool, dry_run: bool, **kw: Any) -> None:
+          threads: int | None, device: str, gpu_memory: str, link: str, force: bool, dry_run: bool,
+          **kw: Any) -> None:
     """Layer-swap LANGUAGE-EXPERT into TASK-EXPERT and write the merged checkpoint."""
     config = _config(kw)
     if dry_run:
@@ -145,7 +148,8 @@ def merge(task_expert: Path, language_expert: Path, out: Path, dtype: str | None
         return
     with _progress_bar() as progress:
         result = api.merge(task_expert, language_expert, out, config, dtype=dtype, shard_size=shard_size,
-                           threads=threads, device=device, force=force, link=link, progress=progress)
+                           threads=threads, device=device, force=force, link=link, max_gpu_bytes=gpu_memory,
+                           progress=progress)
     assert result.stats is not None
     click.echo(result.stats.summary())
 
