@@ -132,3 +132,7 @@ def row_mav_file(
 ) -> npt.NDArray[np.float64]:
     """:func:`row_mav_buffers` streamed from files: the base is read once for all experts, in
     chunks of ``chunk_elems`` elements (rows may span chunks). Same numerics and shape."""
+
+def _set_copy_file_range_enabled(enabled: bool) -> None:
+    """Testing hook (process-wide): ``False`` forces :meth:`ShardWriter.copy_range` onto its
+    pread/pwrite fallback; ``True`` (the default) uses copy_file_range again."""

@@ -1,0 +1,116 @@
+// Input shards (pread only, never mmap) and output shards (O_EXCL, preallocated, pwrite and
+// copy_file_range). No Python here; everything throws lsf::CoreErr.
+#pragma once
+
+#include <sys/types.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "common.hpp"
+
+namespace lsf {
+
+constexpr uint64_t kMaxHeaderBytes = 100000000ULL;
+
+// A file descriptor shared by concurrent users. close() waits until nobody uses the fd any more,
+// so a descriptor is never closed (and its number reused) under a running pread/pwrite.
+class FdHolder {
+ public:
+  void set(int fd);
+  // The fd, or -1 when it is closed; on success the caller must call release().
+  int acquire();
+  void release();
+  // Wait for all users, then hand back the fd (or -1) and mark the holder closed.
+  int take();
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int fd_ = -1;
+  long users_ = 0;
+};
+
+// RAII use of an FdHolder; throws CoreErr("<what>: <path> is closed") when closed.
+class FdUse {
+ public:
+  FdUse(FdHolder& h, const std::string& path, const char* what);
+  ~FdUse();
+  FdUse(const FdUse&) = delete;
+  FdUse& operator=(const FdUse&) = delete;
+  int fd() const { return fd_; }
+
+ private:
+  FdHolder* h_;
+  int fd_;
+};
+
+class InputFile {
+ public:
+  explicit InputFile(const std::string& path);
+  ~InputFile();
+  InputFile(const InputFile&) = delete;
+  InputFile& operator=(const InputFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  uint64_t size() const { return size_; }
+  FdHolder& holder() { return fd_; }
+
+  // CoreErr unless [off, off + n) lies inside [0, size()).
+  void check_range(uint64_t off, uint64_t n, const char* what) const;
+  // Bounds-checked read of exactly n bytes at off.
+  void read(uint64_t off, void* buf, uint64_t n);
+  // Read exactly n bytes at off through an fd already in use (no bounds check); a short read
+  // means the file shrank after it was opened: CoreErr "... truncated ...".
+  void pread_exact(int fd, uint64_t off, void* buf, uint64_t n) const;
+  // Validated safetensors header length N (bytes 8 .. 8 + N hold the JSON).
+  uint64_t header_length();
+  void check_unchanged();
+  void close();
+
+ private:
+  std::string path_;
+  uint64_t size_ = 0;
+  dev_t dev_ = 0;
+  ino_t ino_ = 0;
+  FdHolder fd_;
+};
+
+// Global switch for tests: false forces copy_range onto the pread/pwrite fallback.
+void set_copy_file_range_enabled(bool enabled);
+bool copy_file_range_enabled();
+
+class ShardWriter {
+ public:
+  ShardWriter(const std::string& path, uint64_t size);
+  ~ShardWriter();
+  ShardWriter(const ShardWriter&) = delete;
+  ShardWriter& operator=(const ShardWriter&) = delete;
+
+  const std::string& path() const { return path_; }
+  uint64_t size() const { return size_; }
+  FdHolder& holder() { return fd_; }
+
+  void check_range(uint64_t off, uint64_t n, const char* what) const;
+  void write(uint64_t off, const void* data, uint64_t n);
+  // Write exactly n bytes at off through an fd already in use (no bounds check).
+  void pwrite_exact(int fd, uint64_t off, const void* buf, uint64_t n) const;
+  void copy_range(InputFile& src, uint64_t src_off, uint64_t dst_off, uint64_t n);
+  void close(bool sync);
+  void rename(const std::string& new_path);
+  void abort() noexcept;
+
+ private:
+  enum class State { Open, Closed, Aborted };
+  std::string path_;
+  uint64_t size_ = 0;
+  dev_t dev_ = 0;
+  ino_t ino_ = 0;
+  FdHolder fd_;
+  std::mutex state_m_;
+  State state_ = State::Open;
+};
+
+}  // namespace lsf

@@ -1,0 +1,518 @@
+#include "kernels.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <thread>
+
+#include "numerics.hpp"
+
+#define LSF_INLINE inline __attribute__((always_inline))
+
+// The two hot loops get an AVX2 clone picked at load time (GNU ifunc); the arithmetic is the
+// same IEEE float32 operations in either clone (no FMA: -ffp-contract=off), so results do not
+// depend on the CPU. Define LSF_DISABLE_TARGET_CLONES to build the baseline only.
+#ifndef LSF_DISABLE_TARGET_CLONES
+#define LSF_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LSF_CLONES
+#endif
+
+namespace lsf {
+
+namespace {
+
+constexpr size_t kBlk = 2048;            // elements per blend block (float32 scratch on the stack)
+constexpr size_t kSeg = 2048;            // elements per row-MAV segment (multiple of 64)
+constexpr size_t kMavBlock = 64;         // row-MAV float32 partial-sum block
+constexpr uint64_t kTask = 1ULL << 16;   // elements per task of the in-memory drivers
+static_assert(kSeg % kMavBlock == 0, "segments must hold whole blocks");
+
+// ---- element access ----------------------------------------------------------------------------
+
+template <DType D>
+struct Elem;
+
+template <>
+struct Elem<DType::BF16> {
+  static LSF_INLINE float load(const unsigned char* p, size_t j) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * j, 2);
+    return bf16_to_f32(h);
+  }
+  static LSF_INLINE void store(unsigned char* p, size_t j, float f) {
+    uint16_t h = f32_to_bf16(f);
+    std::memcpy(p + 2 * j, &h, 2);
+  }
+};
+
+template <>
+struct Elem<DType::F16> {
+  static LSF_INLINE float load(const unsigned char* p, size_t j) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * j, 2);
+    return f16_to_f32(h);
+  }
+  static LSF_INLINE void store(unsigned char* p, size_t j, float f) {
+    uint16_t h = f32_to_f16(f);
+    std::memcpy(p + 2 * j, &h, 2);
+  }
+};
+
+template <>
+struct Elem<DType::F32> {
+  static LSF_INLINE float load(const unsigned char* p, size_t j) {
+    float f;
+    std::memcpy(&f, p + 4 * j, 4);
+    return f;
+  }
+  static LSF_INLINE void store(unsigned char* p, size_t j, float f) { std::memcpy(p + 4 * j, &f, 4); }
+};
+
+// ---- blend passes ------------------------------------------------------------------------------
+
+template <DType D>
+LSF_INLINE void pass_first(float* __restrict acc, const unsigned char* __restrict p, float w,
+                           size_t m) {
+  for (size_t j = 0; j < m; ++j) acc[j] = w * Elem<D>::load(p, j);
+}
+
+template <DType D>
+LSF_INLINE void pass_add(float* __restrict acc, const unsigned char* __restrict p, float w,
+                         size_t m) {
+  for (size_t j = 0; j < m; ++j) {
+    const float prod = w * Elem<D>::load(p, j);
+    acc[j] = acc[j] + prod;
+  }
+}
+
+template <DType D>
+LSF_INLINE void pass_store(unsigned char* __restrict out, const float* __restrict acc, size_t m) {
+  for (size_t j = 0; j < m; ++j) Elem<D>::store(out, j, acc[j]);
+}
+
+// Last input fused with the output conversion (saves a pass over acc).
+template <DType DI, DType DO>
+LSF_INLINE void pass_add_store(unsigned char* __restrict out, const float* __restrict acc,
+                               const unsigned char* __restrict p, float w, size_t m) {
+  for (size_t j = 0; j < m; ++j) {
+    const float prod = w * Elem<DI>::load(p, j);
+    Elem<DO>::store(out, j, acc[j] + prod);
+  }
+}
+
+template <DType DI, DType DO>
+LSF_INLINE void pass_first_store(unsigned char* __restrict out, const unsigned char* __restrict p,
+                                 float w, size_t m) {
+  for (size_t j = 0; j < m; ++j) Elem<DO>::store(out, j, w * Elem<DI>::load(p, j));
+}
+
+#define LSF_DISPATCH_IN(dt, ...)                      \
+  switch (dt) {                                        \
+    case DType::BF16: {                                \
+      constexpr DType DI = DType::BF16;                \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    case DType::F16: {                                 \
+      constexpr DType DI = DType::F16;                 \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    default: {                                         \
+      constexpr DType DI = DType::F32;                 \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+  }
+
+#define LSF_DISPATCH_OUT(dt, ...)                     \
+  switch (dt) {                                        \
+    case DType::BF16: {                                \
+      constexpr DType DO = DType::BF16;                \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    case DType::F16: {                                 \
+      constexpr DType DO = DType::F16;                 \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    default: {                                         \
+      constexpr DType DO = DType::F32;                 \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+  }
+
+// ---- row-MAV passes ----------------------------------------------------------------------------
+
+template <DType D>
+LSF_INLINE void pass_to_float(float* __restrict dst, const unsigned char* __restrict p, size_t m) {
+  for (size_t j = 0; j < m; ++j) dst[j] = Elem<D>::load(p, j);
+}
+
+template <DType D>
+LSF_INLINE void pass_absdiff(float* __restrict d, const unsigned char* __restrict p,
+                             const float* __restrict b, size_t m) {
+  for (size_t j = 0; j < m; ++j) d[j] = std::fabs(Elem<D>::load(p, j) - b[j]);
+}
+
+// acc + the float32 sums of the 64-element blocks of d[0, m), blocks added in order (in double).
+// Each block is summed sequentially from its first element; eight blocks run side by side only
+// to give the CPU independent dependency chains, which does not change any result.
+LSF_INLINE double add_block_sums(const float* __restrict d, size_t m, double acc) {
+  float bs[kSeg / kMavBlock + 1];
+  const size_t full = m / kMavBlock;
+  size_t k = 0;
+  for (; k + 8 <= full; k += 8) {
+    const float* b = d + k * kMavBlock;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;
+    for (size_t j = 0; j < kMavBlock; ++j) {
+      s0 = s0 + b[0 * kMavBlock + j];
+      s1 = s1 + b[1 * kMavBlock + j];
+      s2 = s2 + b[2 * kMavBlock + j];
+      s3 = s3 + b[3 * kMavBlock + j];
+      s4 = s4 + b[4 * kMavBlock + j];
+      s5 = s5 + b[5 * kMavBlock + j];
+      s6 = s6 + b[6 * kMavBlock + j];
+      s7 = s7 + b[7 * kMavBlock + j];
+    }
+    bs[k + 0] = s0; bs[k + 1] = s1; bs[k + 2] = s2; bs[k + 3] = s3;
+    bs[k + 4] = s4; bs[k + 5] = s5; bs[k + 6] = s6; bs[k + 7] = s7;
+  }
+  for (; k < full; ++k) {
+    float s = 0.f;
+    for (size_t j = 0; j < kMavBlock; ++j) s = s + d[k * kMavBlock + j];
+    bs[k] = s;
+  }
+  size_t nb = full;
+  if (m % kMavBlock) {
+    float s = 0.f;
+    for (size_t j = full * kMavBlock; j < m; ++j) s = s + d[j];
+    bs[nb++] = s;
+  }
+  for (size_t i = 0; i < nb; ++i) acc = acc + static_cast<double>(bs[i]);
+  return acc;
+}
+
+// ---- thread pool -------------------------------------------------------------------------------
+
+class TaskQueue {
+ public:
+  explicit TaskQueue(uint64_t n) : n_(n) {}
+  bool pop(uint64_t* t) {
+    if (stop_.load(std::memory_order_relaxed)) return false;
+    *t = next_.fetch_add(1, std::memory_order_relaxed);
+    return *t < n_;
+  }
+  void stop() { stop_.store(true, std::memory_order_relaxed); }
+
+ private:
+  uint64_t n_;
+  std::atomic<uint64_t> next_{0};
+  std::atomic<bool> stop_{false};
+};
+
+// Run worker(queue) on `nthreads` threads (the caller is one of them). The first exception of any
+// worker stops the others from taking new tasks and is rethrown after all threads have joined.
+template <class Worker>
+void run_pool(size_t nthreads, uint64_t ntasks, Worker&& worker) {
+  TaskQueue queue(ntasks);
+  std::mutex err_m;
+  std::exception_ptr first;
+  auto body = [&]() {
+    try {
+      worker(queue);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(err_m);
+      if (!first) first = std::current_exception();
+      queue.stop();
+    }
+  };
+  std::vector<std::thread> pool;
+  try {
+    pool.reserve(nthreads > 0 ? nthreads - 1 : 0);
+    for (size_t i = 1; i < nthreads; ++i) pool.emplace_back(body);
+  } catch (...) {
+    // Could not start more threads: the ones running (and this one) do all the work.
+  }
+  body();
+  for (auto& t : pool) t.join();
+  if (first) std::rethrow_exception(first);
+}
+
+template <class T>
+std::unique_ptr<T[]> alloc_array(uint64_t n, const char* what) {
+  try {
+    return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
+  } catch (const std::bad_alloc&) {
+    fail_nomem(n * sizeof(T), what);
+  }
+}
+
+void check_slice(const FileSlice& s, uint64_t numel, DType dt, const std::string& role) {
+  uint64_t bytes;
+  if (!mul_ok(numel, dtype_size(dt), &bytes))
+    fail(role + ": " + std::to_string(numel) + " elements of " + dtype_name(dt) +
+         " overflow a 64-bit size");
+  if (!range_ok(s.offset, bytes, s.file->size()))
+    fail(role + ": " + std::to_string(numel) + " elements of " + dtype_name(dt) + " (" +
+         std::to_string(bytes) + " bytes) at offset " + std::to_string(s.offset) +
+         " run past the end of " + show(s.file->path()) + " (" + std::to_string(s.file->size()) +
+         " bytes)");
+}
+
+}  // namespace
+
+// ---- building blocks ---------------------------------------------------------------------------
+
+LSF_CLONES
+void blend_range(size_t n_inputs, const unsigned char* const* in, const DType* in_dt,
+                 const float* w, unsigned char* out, DType out_dt, size_t n) {
+  alignas(64) float acc[kBlk];
+  const size_t osz = dtype_size(out_dt);
+  for (size_t s = 0; s < n; s += kBlk) {
+    const size_t m = std::min(kBlk, n - s);
+    unsigned char* o = out + s * osz;
+    if (n_inputs == 1) {
+      const unsigned char* p = in[0] + s * dtype_size(in_dt[0]);
+      const float w0 = w[0];
+      LSF_DISPATCH_IN(in_dt[0], LSF_DISPATCH_OUT(out_dt, pass_first_store<DI, DO>(o, p, w0, m)));
+      continue;
+    }
+    for (size_t i = 0; i + 1 < n_inputs; ++i) {
+      const unsigned char* p = in[i] + s * dtype_size(in_dt[i]);
+      const float wi = w[i];
+      if (i == 0) {
+        LSF_DISPATCH_IN(in_dt[i], pass_first<DI>(acc, p, wi, m));
+      } else {
+        LSF_DISPATCH_IN(in_dt[i], pass_add<DI>(acc, p, wi, m));
+      }
+    }
+    const size_t last = n_inputs - 1;
+    const unsigned char* p = in[last] + s * dtype_size(in_dt[last]);
+    const float wl = w[last];
+    LSF_DISPATCH_IN(in_dt[last],
+                    LSF_DISPATCH_OUT(out_dt, pass_add_store<DI, DO>(o, acc, p, wl, m)));
+  }
+}
+
+LSF_CLONES
+void mav_segment(const unsigned char* base, DType base_dt, size_t n_experts,
+                 const unsigned char* const* ex, const DType* ex_dt, size_t n, double* acc) {
+  alignas(64) float bf[kSeg];
+  alignas(64) float d[kSeg];
+  const size_t bsz = dtype_size(base_dt);
+  for (size_t s = 0; s < n; s += kSeg) {
+    const size_t m = std::min(kSeg, n - s);
+    const unsigned char* bp = base + s * bsz;
+    LSF_DISPATCH_IN(base_dt, pass_to_float<DI>(bf, bp, m));
+    for (size_t e = 0; e < n_experts; ++e) {
+      const unsigned char* p = ex[e] + s * dtype_size(ex_dt[e]);
+      LSF_DISPATCH_IN(ex_dt[e], pass_absdiff<DI>(d, p, bf, m));
+      acc[e] = add_block_sums(d, m, acc[e]);
+    }
+  }
+}
+
+// ---- drivers -----------------------------------------------------------------------------------
+
+void blend_buffers_run(const std::vector<const unsigned char*>& in,
+                       const std::vector<DType>& in_dt, const std::vector<float>& w,
+                       unsigned char* out, DType out_dt, uint64_t numel, int64_t threads) {
+  if (numel == 0) return;
+  const size_t n = in.size();
+  const uint64_t ntasks = (numel + kTask - 1) / kTask;
+  const size_t nthreads = resolve_threads(threads, ntasks);
+  const size_t osz = dtype_size(out_dt);
+  run_pool(nthreads, ntasks, [&](TaskQueue& q) {
+    std::vector<const unsigned char*> ptrs(n);
+    uint64_t t;
+    while (q.pop(&t)) {
+      const uint64_t e0 = t * kTask;
+      const uint64_t m = std::min(kTask, numel - e0);
+      for (size_t i = 0; i < n; ++i) ptrs[i] = in[i] + e0 * dtype_size(in_dt[i]);
+      blend_range(n, ptrs.data(), in_dt.data(), w.data(), out + e0 * osz, out_dt,
+                  static_cast<size_t>(m));
+    }
+  });
+}
+
+void blend_file_run(const std::vector<FileSlice>& in, const std::vector<DType>& in_dt,
+                    const std::vector<float>& w, ShardWriter& out, uint64_t out_offset,
+                    DType out_dt, uint64_t numel, uint64_t chunk_elems, int64_t threads) {
+  const size_t n = in.size();
+  if (n == 0) fail("blend_file: at least one input is required");
+  if (chunk_elems == 0) fail("blend_file: chunk_elems must be >= 1");
+  for (size_t i = 0; i < n; ++i)
+    check_slice(in[i], numel, in_dt[i], "blend_file: inputs[" + std::to_string(i) + "]");
+  uint64_t out_bytes;
+  if (!mul_ok(numel, dtype_size(out_dt), &out_bytes))
+    fail("blend_file: numel " + std::to_string(numel) + " overflows a 64-bit size");
+  out.check_range(out_offset, out_bytes, "blend_file: writing");
+
+  // Hold every descriptor for the whole run (close() elsewhere waits for us).
+  std::vector<std::unique_ptr<FdUse>> uses;
+  std::vector<int> fds(n);
+  for (size_t i = 0; i < n; ++i) {
+    uses.emplace_back(new FdUse(in[i].file->holder(), in[i].file->path(), "blend_file: reading"));
+    fds[i] = uses.back()->fd();
+  }
+  FdUse out_use(out.holder(), out.path(), "blend_file: writing");
+  const int out_fd = out_use.fd();
+  if (numel == 0) return;
+
+  const uint64_t chunk = std::min(chunk_elems, numel);
+  const uint64_t ntasks = (numel + chunk - 1) / chunk;
+  const size_t nthreads = resolve_threads(threads, ntasks);
+  const size_t osz = dtype_size(out_dt);
+
+  run_pool(nthreads, ntasks, [&](TaskQueue& q) {
+    std::vector<std::unique_ptr<unsigned char[]>> bufs(n);
+    std::vector<const unsigned char*> ptrs(n);
+    for (size_t i = 0; i < n; ++i) {
+      bufs[i] = alloc_array<unsigned char>(chunk * dtype_size(in_dt[i]), "blend_file chunk buffers");
+      ptrs[i] = bufs[i].get();
+    }
+    auto obuf = alloc_array<unsigned char>(chunk * osz, "blend_file chunk buffers");
+    uint64_t t;
+    while (q.pop(&t)) {
+      const uint64_t e0 = t * chunk;
+      const uint64_t m = std::min(chunk, numel - e0);
+      for (size_t i = 0; i < n; ++i) {
+        const uint64_t sz = dtype_size(in_dt[i]);
+        in[i].file->pread_exact(fds[i], in[i].offset + e0 * sz, bufs[i].get(), m * sz);
+      }
+      blend_range(n, ptrs.data(), in_dt.data(), w.data(), obuf.get(), out_dt,
+                  static_cast<size_t>(m));
+      out.pwrite_exact(out_fd, out_offset + e0 * osz, obuf.get(), m * osz);
+    }
+  });
+}
+
+void row_mav_buffers_run(const std::vector<const unsigned char*>& ex,
+                         const std::vector<DType>& ex_dt, const unsigned char* base,
+                         DType base_dt, uint64_t rows, uint64_t cols, double* out,
+                         int64_t threads) {
+  const size_t n = ex.size();
+  if (n == 0 || rows == 0 || cols == 0) return;
+  const uint64_t rows_per_task = std::max<uint64_t>(1, kTask / cols);
+  const uint64_t ntasks = (rows + rows_per_task - 1) / rows_per_task;
+  const size_t nthreads = resolve_threads(threads, ntasks);
+  const size_t bsz = dtype_size(base_dt);
+  run_pool(nthreads, ntasks, [&](TaskQueue& q) {
+    std::vector<const unsigned char*> ptrs(n);
+    std::vector<double> acc(n);
+    uint64_t t;
+    while (q.pop(&t)) {
+      const uint64_t r0 = t * rows_per_task;
+      const uint64_t r1 = std::min(rows, r0 + rows_per_task);
+      for (uint64_t r = r0; r < r1; ++r) {
+        const uint64_t e0 = r * cols;
+        for (size_t e = 0; e < n; ++e) {
+          ptrs[e] = ex[e] + e0 * dtype_size(ex_dt[e]);
+          acc[e] = 0.0;
+        }
+        mav_segment(base + e0 * bsz, base_dt, n, ptrs.data(), ex_dt.data(),
+                    static_cast<size_t>(cols), acc.data());
+        for (size_t e = 0; e < n; ++e)
+          out[e * rows + r] = acc[e] / static_cast<double>(cols);
+      }
+    }
+  });
+}
+
+void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>& ex_dt,
+                      const FileSlice& base, DType base_dt, uint64_t rows, uint64_t cols,
+                      double* out, uint64_t chunk_elems, int64_t threads) {
+  const size_t n = ex.size();
+  if (rows == 0 || cols == 0) fail("row_mav_file: rows and cols must be >= 1");
+  if (chunk_elems == 0) fail("row_mav_file: chunk_elems must be >= 1");
+  uint64_t numel;
+  if (!mul_ok(rows, cols, &numel))
+    fail("row_mav_file: rows x cols (" + std::to_string(rows) + " x " + std::to_string(cols) +
+         ") overflows a 64-bit size");
+  check_slice(base, numel, base_dt, "row_mav_file: base");
+  for (size_t e = 0; e < n; ++e)
+    check_slice(ex[e], numel, ex_dt[e], "row_mav_file: experts[" + std::to_string(e) + "]");
+
+  FdUse base_use(base.file->holder(), base.file->path(), "row_mav_file: reading");
+  const int base_fd = base_use.fd();
+  std::vector<std::unique_ptr<FdUse>> uses;
+  std::vector<int> fds(n);
+  for (size_t e = 0; e < n; ++e) {
+    uses.emplace_back(new FdUse(ex[e].file->holder(), ex[e].file->path(), "row_mav_file: reading"));
+    fds[e] = uses.back()->fd();
+  }
+  if (n == 0) return;
+
+  // Whole rows per task when a row fits in a chunk; otherwise one row per task, streamed in
+  // pieces that are whole 64-element blocks, so that every row is summed in the same order
+  // whatever chunk_elems and threads are.
+  const bool whole_rows = cols <= chunk_elems;
+  const uint64_t rows_per_task = whole_rows ? chunk_elems / cols : 1;
+  const uint64_t piece =
+      whole_rows ? rows_per_task * cols
+                 : std::max<uint64_t>(kMavBlock, chunk_elems / kMavBlock * kMavBlock);
+  const uint64_t ntasks = (rows + rows_per_task - 1) / rows_per_task;
+  const size_t nthreads = resolve_threads(threads, ntasks);
+  const uint64_t bsz = dtype_size(base_dt);
+
+  run_pool(nthreads, ntasks, [&](TaskQueue& q) {
+    const uint64_t buf_elems = std::min(piece, numel);
+    auto bbuf = alloc_array<unsigned char>(buf_elems * bsz, "row_mav_file chunk buffers");
+    std::vector<std::unique_ptr<unsigned char[]>> bufs(n);
+    for (size_t e = 0; e < n; ++e)
+      bufs[e] = alloc_array<unsigned char>(buf_elems * dtype_size(ex_dt[e]),
+                                           "row_mav_file chunk buffers");
+    std::vector<const unsigned char*> ptrs(n);
+    std::vector<double> acc(n);
+
+    auto load = [&](uint64_t e0, uint64_t m) {
+      base.file->pread_exact(base_fd, base.offset + e0 * bsz, bbuf.get(), m * bsz);
+      for (size_t e = 0; e < n; ++e) {
+        const uint64_t sz = dtype_size(ex_dt[e]);
+        ex[e].file->pread_exact(fds[e], ex[e].offset + e0 * sz, bufs[e].get(), m * sz);
+      }
+    };
+
+    uint64_t t;
+    while (q.pop(&t)) {
+      if (whole_rows) {
+        const uint64_t r0 = t * rows_per_task;
+        const uint64_t r1 = std::min(rows, r0 + rows_per_task);
+        load(r0 * cols, (r1 - r0) * cols);
+        for (uint64_t r = r0; r < r1; ++r) {
+          const uint64_t local = (r - r0) * cols;
+          for (size_t e = 0; e < n; ++e) {
+            ptrs[e] = bufs[e].get() + local * dtype_size(ex_dt[e]);
+            acc[e] = 0.0;
+          }
+          mav_segment(bbuf.get() + local * bsz, base_dt, n, ptrs.data(), ex_dt.data(),
+                      static_cast<size_t>(cols), acc.data());
+          for (size_t e = 0; e < n; ++e)
+            out[e * rows + r] = acc[e] / static_cast<double>(cols);
+        }
+      } else {
+        const uint64_t r = t;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (size_t e = 0; e < n; ++e) ptrs[e] = bufs[e].get();
+        for (uint64_t c0 = 0; c0 < cols; c0 += piece) {
+          const uint64_t m = std::min(piece, cols - c0);
+          load(r * cols + c0, m);
+          mav_segment(bbuf.get(), base_dt, n, ptrs.data(), ex_dt.data(), static_cast<size_t>(m),
+                      acc.data());
+        }
+        for (size_t e = 0; e < n; ++e) out[e * rows + r] = acc[e] / static_cast<double>(cols);
+      }
+    }
+  });
+}
+
+}  // namespace lsf

@@ -1,0 +1,53 @@
+// Blend and row-MAV kernels over memory buffers and streamed from files. No Python here; all
+// functions run without the GIL and throw lsf::CoreErr.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "common.hpp"
+#include "io.hpp"
+
+namespace lsf {
+
+// ---- single-threaded building blocks -----------------------------------------------------------
+
+// out[j] = round_out(sum_i float32(w[i]) * float32(in[i][j])) for j < n; products rounded to
+// float32, summed in input order starting with the first product.
+void blend_range(size_t n_inputs, const unsigned char* const* in, const DType* in_dt,
+                 const float* w, unsigned char* out, DType out_dt, size_t n);
+
+// For n consecutive elements of one row, starting at a multiple of 64 from the row start and
+// either a multiple of 64 long or ending at the row end: acc[e] += sum over 64-element blocks of
+// (double) float32-sum |float32(ex[e][j]) - float32(base[j])|, blocks in order.
+void mav_segment(const unsigned char* base, DType base_dt, size_t n_experts,
+                 const unsigned char* const* ex, const DType* ex_dt, size_t n, double* acc);
+
+// ---- drivers (validated inputs, multi-threaded) ------------------------------------------------
+
+struct FileSlice {
+  InputFile* file;
+  uint64_t offset;
+};
+
+void blend_buffers_run(const std::vector<const unsigned char*>& in,
+                       const std::vector<DType>& in_dt, const std::vector<float>& w,
+                       unsigned char* out, DType out_dt, uint64_t numel, int64_t threads);
+
+void blend_file_run(const std::vector<FileSlice>& in, const std::vector<DType>& in_dt,
+                    const std::vector<float>& w, ShardWriter& out, uint64_t out_offset,
+                    DType out_dt, uint64_t numel, uint64_t chunk_elems, int64_t threads);
+
+// out: n_experts x rows doubles, row-major.
+void row_mav_buffers_run(const std::vector<const unsigned char*>& ex,
+                         const std::vector<DType>& ex_dt, const unsigned char* base,
+                         DType base_dt, uint64_t rows, uint64_t cols, double* out,
+                         int64_t threads);
+
+void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>& ex_dt,
+                      const FileSlice& base, DType base_dt, uint64_t rows, uint64_t cols,
+                      double* out, uint64_t chunk_elems, int64_t threads);
+
+}  // namespace lsf

@@ -1,0 +1,532 @@
+// pybind11 bindings of layerswap_fast._core (specification: layerswap_fast/_core.pyi).
+// Everything Python is extracted here, with the GIL held; the I/O and the kernels then run with
+// the GIL released and report failures as lsf::CoreErr, which becomes the Python CoreError.
+
+#include <Python.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cerrno>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "common.hpp"
+#include "io.hpp"
+#include "kernels.hpp"
+
+namespace py = pybind11;
+using lsf::CoreErr;
+using lsf::DType;
+using lsf::fail;
+
+namespace {
+
+PyObject* g_core_error = nullptr;  // the CoreError class (a new reference kept for the module)
+
+void set_core_error(int err, const std::string& msg) {
+  PyObject* text = PyUnicode_DecodeUTF8(msg.data(), static_cast<Py_ssize_t>(msg.size()),
+                                        "backslashreplace");
+  if (!text) return;  // an exception (MemoryError) is already set
+  PyObject* args = err != 0 ? Py_BuildValue("(iN)", err, text) : Py_BuildValue("(N)", text);
+  if (!args) return;
+  PyObject* exc = PyObject_Call(g_core_error, args, nullptr);
+  Py_DECREF(args);
+  if (!exc) return;
+  PyErr_SetObject(g_core_error, exc);
+  Py_DECREF(exc);
+}
+
+// ---- argument helpers --------------------------------------------------------------------------
+
+// A Python integer (anything with __index__) as int64; CoreError when it does not fit.
+int64_t to_i64(py::handle h, const char* name) {
+  PyObject* idx = PyNumber_Index(h.ptr());
+  if (!idx) throw py::error_already_set();
+  int overflow = 0;
+  long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
+  Py_DECREF(idx);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow != 0) fail(std::string(name) + " is out of range (does not fit in 64 bits)");
+  return static_cast<int64_t>(v);
+}
+
+// A non-negative Python integer as uint64; CoreError when negative or too large.
+uint64_t to_u64(py::handle h, const char* name) {
+  PyObject* idx = PyNumber_Index(h.ptr());
+  if (!idx) throw py::error_already_set();
+  int neg = PyObject_RichCompareBool(idx, py::int_(0).ptr(), Py_LT);
+  if (neg < 0) {
+    Py_DECREF(idx);
+    throw py::error_already_set();
+  }
+  if (neg) {
+    std::string shown = py::str(py::handle(idx));
+    Py_DECREF(idx);
+    fail(std::string(name) + " must be >= 0 (got " + shown + ")");
+  }
+  unsigned long long v = PyLong_AsUnsignedLongLong(idx);
+  Py_DECREF(idx);
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    fail(std::string(name) + " is out of range (does not fit in 64 bits)");
+  }
+  return static_cast<uint64_t>(v);
+}
+
+// A str / bytes / os.PathLike as the bytes the OS sees.
+std::string to_path(py::handle h) {
+  PyObject* p = PyOS_FSPath(h.ptr());
+  if (!p) throw py::error_already_set();
+  PyObject* b = nullptr;
+  if (PyUnicode_Check(p)) {
+    b = PyUnicode_EncodeFSDefault(p);
+    Py_DECREF(p);
+    if (!b) throw py::error_already_set();
+  } else {
+    b = p;  // bytes
+  }
+  std::string out(PyBytes_AS_STRING(b), static_cast<size_t>(PyBytes_GET_SIZE(b)));
+  Py_DECREF(b);
+  return out;
+}
+
+py::str path_to_str(const std::string& p) {
+  PyObject* s = PyUnicode_DecodeFSDefaultAndSize(p.data(), static_cast<Py_ssize_t>(p.size()));
+  if (!s) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(s);
+}
+
+std::string to_string_arg(py::handle h, const std::string& role) {
+  if (!PyUnicode_Check(h.ptr())) throw py::type_error(role + " must be a str");
+  Py_ssize_t n = 0;
+  const char* s = PyUnicode_AsUTF8AndSize(h.ptr(), &n);
+  if (!s) throw py::error_already_set();
+  return std::string(s, static_cast<size_t>(n));
+}
+
+// The items of a sequence (list, tuple, ...), as new references.
+std::vector<py::object> to_items(py::handle seq, const char* name) {
+  if (PyUnicode_Check(seq.ptr()) || PyBytes_Check(seq.ptr()) || PyByteArray_Check(seq.ptr()))
+    throw py::type_error(std::string(name) + " must be a sequence, not a str/bytes object");
+  PyObject* fast = PySequence_Fast(seq.ptr(), (std::string(name) + " must be a sequence").c_str());
+  if (!fast) throw py::error_already_set();
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  std::vector<py::object> items;
+  items.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i)
+    items.push_back(py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(fast, i)));
+  Py_DECREF(fast);
+  return items;
+}
+
+// A C-contiguous buffer export, held for the lifetime of the object.
+class BufView {
+ public:
+  BufView(py::handle obj, bool writable, const std::string& role) {
+    if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_C_CONTIGUOUS) != 0) {
+      std::string why;
+      {
+        py::error_already_set e;  // fetches and clears the Python error
+        why = e.what();
+      }
+      if (!PyObject_CheckBuffer(obj.ptr()))
+        throw py::type_error(role + " must support the buffer protocol (got " +
+                             std::string(Py_TYPE(obj.ptr())->tp_name) + ")");
+      fail(role + " is not a C-contiguous buffer (" + why + ")");
+    }
+    if (writable && view_.readonly) {
+      PyBuffer_Release(&view_);
+      fail(role + " is a read-only buffer; a writable one is needed");
+    }
+  }
+  ~BufView() { PyBuffer_Release(&view_); }
+  BufView(const BufView&) = delete;
+  BufView& operator=(const BufView&) = delete;
+
+  unsigned char* data() const { return static_cast<unsigned char*>(view_.buf); }
+  uint64_t len() const { return static_cast<uint64_t>(view_.len); }
+
+ private:
+  Py_buffer view_{};
+};
+
+std::vector<DType> to_kernel_dtypes(py::handle seq, const char* name, size_t expected,
+                                    const char* of) {
+  auto items = to_items(seq, name);
+  if (items.size() != expected)
+    fail(std::string(name) + " has " + std::to_string(items.size()) + " entries but " + of +
+         " has " + std::to_string(expected));
+  std::vector<DType> out;
+  for (size_t i = 0; i < items.size(); ++i) {
+    std::string role = std::string(name) + "[" + std::to_string(i) + "]";
+    out.push_back(lsf::parse_kernel_dtype(to_string_arg(items[i], role), role));
+  }
+  return out;
+}
+
+std::vector<float> to_weights(py::handle seq, size_t expected) {
+  auto items = to_items(seq, "weights");
+  if (items.size() != expected)
+    fail("weights has " + std::to_string(items.size()) + " entries but inputs has " +
+         std::to_string(expected));
+  std::vector<float> w;
+  for (auto& it : items) {
+    double d = PyFloat_AsDouble(it.ptr());
+    if (d == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+    w.push_back(static_cast<float>(d));  // rounded to float32 once, as torch does
+  }
+  return w;
+}
+
+struct Slices {
+  std::vector<std::shared_ptr<lsf::InputFile>> keep;  // keeps the files alive without the GIL
+  std::vector<lsf::FileSlice> slices;
+};
+
+lsf::FileSlice to_slice(py::handle item, const std::string& role,
+                        std::vector<std::shared_ptr<lsf::InputFile>>& keep) {
+  auto parts = to_items(item, role.c_str());
+  if (parts.size() != 2)
+    throw py::type_error(role + " must be a (InputFile, offset) pair");
+  if (!py::isinstance<lsf::InputFile>(parts[0]))
+    throw py::type_error(role + "[0] must be an InputFile");
+  auto f = parts[0].cast<std::shared_ptr<lsf::InputFile>>();
+  uint64_t off = to_u64(parts[1], (role + " offset").c_str());
+  keep.push_back(f);
+  return lsf::FileSlice{f.get(), off};
+}
+
+Slices to_slices(py::handle seq, const char* name) {
+  Slices s;
+  auto items = to_items(seq, name);
+  for (size_t i = 0; i < items.size(); ++i)
+    s.slices.push_back(to_slice(items[i], std::string(name) + "[" + std::to_string(i) + "]", s.keep));
+  return s;
+}
+
+// ---- functions ---------------------------------------------------------------------------------
+
+py::int_ dtype_size_py(py::handle name) {
+  std::string s = to_string_arg(name, "dtype");
+  DType d;
+  if (!lsf::parse_dtype(s, &d)) fail("unknown dtype '" + lsf::show(s) + "'");
+  return py::int_(lsf::dtype_size(d));
+}
+
+void blend_buffers_py(py::handle inputs, py::handle input_dtypes, py::handle weights,
+                      py::handle out, py::handle out_dtype, py::handle threads) {
+  auto items = to_items(inputs, "inputs");
+  const size_t n = items.size();
+  if (n == 0) fail("blend_buffers: at least one input is required");
+  auto dts = to_kernel_dtypes(input_dtypes, "input_dtypes", n, "inputs");
+  auto w = to_weights(weights, n);
+  DType odt = lsf::parse_kernel_dtype(to_string_arg(out_dtype, "out_dtype"), "out_dtype");
+  int64_t nthreads = to_i64(threads, "threads");
+
+  BufView ov(out, true, "out");
+  const uint64_t osz = lsf::dtype_size(odt);
+  if (ov.len() % osz != 0)
+    fail("blend_buffers: out has " + std::to_string(ov.len()) + " bytes, not a multiple of " +
+         std::to_string(osz) + " (" + lsf::dtype_name(odt) + ")");
+  const uint64_t numel = ov.len() / osz;
+  std::vector<std::unique_ptr<BufView>> views;
+  std::vector<const unsigned char*> ptrs;
+  for (size_t i = 0; i < n; ++i) {
+    std::string role = "inputs[" + std::to_string(i) + "]";
+    views.emplace_back(new BufView(items[i], false, role));
+    const uint64_t want = numel * lsf::dtype_size(dts[i]);
+    if (views.back()->len() != want)
+      fail("blend_buffers: " + role + " has " + std::to_string(views.back()->len()) +
+           " bytes but " + std::to_string(numel) + " elements of " + lsf::dtype_name(dts[i]) +
+           " need " + std::to_string(want));
+    ptrs.push_back(views.back()->data());
+  }
+  py::gil_scoped_release nogil;
+  lsf::blend_buffers_run(ptrs, dts, w, ov.data(), odt, numel, nthreads);
+}
+
+void blend_file_py(py::handle inputs, py::handle input_dtypes, py::handle weights,
+                   std::shared_ptr<lsf::ShardWriter> out, py::handle out_offset,
+                   py::handle out_dtype, py::handle numel, py::handle chunk_elems,
+                   py::handle threads) {
+  if (!out) throw py::type_error("out must be a ShardWriter");
+  Slices in = to_slices(inputs, "inputs");
+  const size_t n = in.slices.size();
+  if (n == 0) fail("blend_file: at least one input is required");
+  auto dts = to_kernel_dtypes(input_dtypes, "input_dtypes", n, "inputs");
+  auto w = to_weights(weights, n);
+  DType odt = lsf::parse_kernel_dtype(to_string_arg(out_dtype, "out_dtype"), "out_dtype");
+  uint64_t ooff = to_u64(out_offset, "out_offset");
+  uint64_t ne = to_u64(numel, "numel");
+  int64_t chunk = to_i64(chunk_elems, "chunk_elems");
+  if (chunk <= 0) fail("blend_file: chunk_elems must be >= 1 (got " + std::to_string(chunk) + ")");
+  int64_t nthreads = to_i64(threads, "threads");
+  py::gil_scoped_release nogil;
+  lsf::blend_file_run(in.slices, dts, w, *out, ooff, odt, ne, static_cast<uint64_t>(chunk),
+                      nthreads);
+}
+
+void check_dims(uint64_t rows, uint64_t cols, uint64_t* numel, const char* fn) {
+  if (rows < 1 || cols < 1)
+    fail(std::string(fn) + ": rows and cols must be >= 1 (got " + std::to_string(rows) + " x " +
+         std::to_string(cols) + ")");
+  if (!lsf::mul_ok(rows, cols, numel))
+    fail(std::string(fn) + ": rows x cols overflows a 64-bit size");
+}
+
+py::array_t<double> new_result(size_t n_experts, uint64_t rows) {
+  if (rows > static_cast<uint64_t>(PY_SSIZE_T_MAX) / 8 / (n_experts ? n_experts : 1))
+    fail("row_mav: result of " + std::to_string(n_experts) + " x " + std::to_string(rows) +
+         " is too large");
+  std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(n_experts),
+                                 static_cast<py::ssize_t>(rows)};
+  py::array_t<double> res(shape);
+  if (res.size() > 0) std::fill(res.mutable_data(), res.mutable_data() + res.size(), 0.0);
+  return res;
+}
+
+py::array_t<double> row_mav_buffers_py(py::handle experts, py::handle expert_dtypes,
+                                       py::handle base, py::handle base_dtype, py::handle rows,
+                                       py::handle cols, py::handle threads) {
+  auto items = to_items(experts, "experts");
+  const size_t n = items.size();
+  auto dts = to_kernel_dtypes(expert_dtypes, "expert_dtypes", n, "experts");
+  DType bdt = lsf::parse_kernel_dtype(to_string_arg(base_dtype, "base_dtype"), "base_dtype");
+  uint64_t r = to_u64(rows, "rows"), c = to_u64(cols, "cols");
+  int64_t nthreads = to_i64(threads, "threads");
+  uint64_t numel;
+  check_dims(r, c, &numel, "row_mav_buffers");
+
+  auto check_len = [&](const BufView& v, DType d, const std::string& role) {
+    uint64_t want;
+    if (!lsf::mul_ok(numel, lsf::dtype_size(d), &want) || v.len() != want)
+      fail("row_mav_buffers: " + role + " has " + std::to_string(v.len()) + " bytes but " +
+           std::to_string(r) + " x " + std::to_string(c) + " elements of " + lsf::dtype_name(d) +
+           " need " + (want == 0 ? std::string("more") : std::to_string(want)));
+  };
+  BufView bv(base, false, "base");
+  check_len(bv, bdt, "base");
+  std::vector<std::unique_ptr<BufView>> views;
+  std::vector<const unsigned char*> ptrs;
+  for (size_t i = 0; i < n; ++i) {
+    std::string role = "experts[" + std::to_string(i) + "]";
+    views.emplace_back(new BufView(items[i], false, role));
+    check_len(*views.back(), dts[i], role);
+    ptrs.push_back(views.back()->data());
+  }
+  auto res = new_result(n, r);
+  double* out = res.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    lsf::row_mav_buffers_run(ptrs, dts, bv.data(), bdt, r, c, out, nthreads);
+  }
+  return res;
+}
+
+py::array_t<double> row_mav_file_py(py::handle experts, py::handle expert_dtypes,
+                                    py::handle base, py::handle base_dtype, py::handle rows,
+                                    py::handle cols, py::handle chunk_elems, py::handle threads) {
+  Slices ex = to_slices(experts, "experts");
+  const size_t n = ex.slices.size();
+  auto dts = to_kernel_dtypes(expert_dtypes, "expert_dtypes", n, "experts");
+  std::vector<std::shared_ptr<lsf::InputFile>> keep_base;
+  lsf::FileSlice bs = to_slice(base, "base", keep_base);
+  DType bdt = lsf::parse_kernel_dtype(to_string_arg(base_dtype, "base_dtype"), "base_dtype");
+  uint64_t r = to_u64(rows, "rows"), c = to_u64(cols, "cols");
+  int64_t chunk = to_i64(chunk_elems, "chunk_elems");
+  if (chunk <= 0)
+    fail("row_mav_file: chunk_elems must be >= 1 (got " + std::to_string(chunk) + ")");
+  int64_t nthreads = to_i64(threads, "threads");
+  uint64_t numel;
+  check_dims(r, c, &numel, "row_mav_file");
+  auto res = new_result(n, r);
+  double* out = res.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    lsf::row_mav_file_run(ex.slices, dts, bs, bdt, r, c, out, static_cast<uint64_t>(chunk),
+                          nthreads);
+  }
+  return res;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "The C++ core of layerswap-fast: bytes, files and kernels (see _core.pyi).";
+
+  g_core_error = PyErr_NewExceptionWithDoc(
+      "layerswap_fast._core.CoreError",
+      "Any failure of the core. str(e) is one line naming the file and the cause; errno is set "
+      "when an OS call failed.",
+      PyExc_OSError, nullptr);
+  if (!g_core_error) throw py::error_already_set();
+  m.add_object("CoreError", py::handle(g_core_error));
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const CoreErr& e) {
+      set_core_error(e.err, e.msg);
+    } catch (const std::bad_alloc&) {
+      set_core_error(ENOMEM, "Cannot allocate memory: out of memory in layerswap_fast._core");
+    }
+  });
+
+  m.attr("MAX_HEADER_BYTES") = py::int_(lsf::kMaxHeaderBytes);
+
+  // ---- InputFile ----
+  py::class_<lsf::InputFile, std::shared_ptr<lsf::InputFile>>(m, "InputFile")
+      .def(py::init([](py::handle path) {
+             std::string p = to_path(path);
+             py::gil_scoped_release nogil;
+             return std::make_shared<lsf::InputFile>(p);
+           }),
+           py::arg("path"))
+      .def_property_readonly("path", [](lsf::InputFile& f) { return path_to_str(f.path()); })
+      .def_property_readonly("size", [](lsf::InputFile& f) { return f.size(); })
+      .def("read_header",
+           [](lsf::InputFile& f) {
+             uint64_t n;
+             {
+               py::gil_scoped_release nogil;
+               n = f.header_length();
+             }
+             auto b = py::reinterpret_steal<py::bytes>(
+                 PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n)));
+             if (!b) throw py::error_already_set();
+             char* dst = PyBytes_AS_STRING(b.ptr());
+             {
+               py::gil_scoped_release nogil;
+               f.read(8, dst, n);
+             }
+             return b;
+           })
+      .def(
+          "read",
+          [](lsf::InputFile& f, py::handle offset, py::handle nbytes) {
+            uint64_t off = to_u64(offset, "offset");
+            uint64_t n = to_u64(nbytes, "nbytes");
+            f.check_range(off, n, "reading");
+            auto b = py::reinterpret_steal<py::bytes>(
+                PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n)));
+            if (!b) throw py::error_already_set();
+            char* dst = PyBytes_AS_STRING(b.ptr());
+            {
+              py::gil_scoped_release nogil;
+              f.read(off, dst, n);
+            }
+            return b;
+          },
+          py::arg("offset"), py::arg("nbytes"))
+      .def(
+          "read_into",
+          [](lsf::InputFile& f, py::handle offset, py::handle out) {
+            uint64_t off = to_u64(offset, "offset");
+            BufView v(out, true, "out");
+            py::gil_scoped_release nogil;
+            f.read(off, v.data(), v.len());
+          },
+          py::arg("offset"), py::arg("out"))
+      .def("check_unchanged",
+           [](lsf::InputFile& f) {
+             py::gil_scoped_release nogil;
+             f.check_unchanged();
+           })
+      .def("close",
+           [](lsf::InputFile& f) {
+             py::gil_scoped_release nogil;
+             f.close();
+           })
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](lsf::InputFile& f, py::args) {
+        py::gil_scoped_release nogil;
+        f.close();
+      })
+      .def("__repr__", [](lsf::InputFile& f) {
+        return py::str("<InputFile {!r} size={}>").format(path_to_str(f.path()), f.size());
+      });
+
+  // ---- ShardWriter ----
+  py::class_<lsf::ShardWriter, std::shared_ptr<lsf::ShardWriter>>(m, "ShardWriter")
+      .def(py::init([](py::handle path, py::handle size) {
+             std::string p = to_path(path);
+             uint64_t s = to_u64(size, "size");
+             py::gil_scoped_release nogil;
+             return std::make_shared<lsf::ShardWriter>(p, s);
+           }),
+           py::arg("path"), py::arg("size"))
+      .def_property_readonly("path", [](lsf::ShardWriter& w) { return path_to_str(w.path()); })
+      .def_property_readonly("size", [](lsf::ShardWriter& w) { return w.size(); })
+      .def(
+          "write",
+          [](lsf::ShardWriter& w, py::handle offset, py::handle data) {
+            uint64_t off = to_u64(offset, "offset");
+            BufView v(data, false, "data");
+            py::gil_scoped_release nogil;
+            w.write(off, v.data(), v.len());
+          },
+          py::arg("offset"), py::arg("data"))
+      .def(
+          "copy_range",
+          [](lsf::ShardWriter& w, std::shared_ptr<lsf::InputFile> src, py::handle src_offset,
+             py::handle dst_offset, py::handle nbytes) {
+            if (!src) throw py::type_error("src must be an InputFile");
+            uint64_t so = to_u64(src_offset, "src_offset");
+            uint64_t dof = to_u64(dst_offset, "dst_offset");
+            uint64_t n = to_u64(nbytes, "nbytes");
+            py::gil_scoped_release nogil;
+            w.copy_range(*src, so, dof, n);
+          },
+          py::arg("src"), py::arg("src_offset"), py::arg("dst_offset"), py::arg("nbytes"))
+      .def(
+          "close",
+          [](lsf::ShardWriter& w, bool sync) {
+            py::gil_scoped_release nogil;
+            w.close(sync);
+          },
+          py::arg("sync") = true)
+      .def(
+          "rename",
+          [](lsf::ShardWriter& w, py::handle new_path) {
+            std::string p = to_path(new_path);
+            py::gil_scoped_release nogil;
+            w.rename(p);
+          },
+          py::arg("new_path"))
+      .def("abort",
+           [](lsf::ShardWriter& w) {
+             py::gil_scoped_release nogil;
+             w.abort();
+           })
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__",
+           [](lsf::ShardWriter& w, py::args exc) {
+             if (exc.size() > 0 && !exc[0].is_none()) {
+               py::gil_scoped_release nogil;
+               w.abort();
+             }
+           })
+      .def("__repr__", [](lsf::ShardWriter& w) {
+        return py::str("<ShardWriter {!r} size={}>").format(path_to_str(w.path()), w.size());
+      });
+
+  // ---- functions ----
+  m.def("dtype_size", &dtype_size_py, py::arg("dtype"));
+  m.def("blend_buffers", &blend_buffers_py, py::arg("inputs"), py::arg("input_dtypes"),
+        py::arg("weights"), py::arg("out"), py::arg("out_dtype"), py::arg("threads") = 0);
+  m.def("blend_file", &blend_file_py, py::arg("inputs"), py::arg("input_dtypes"),
+        py::arg("weights"), py::arg("out"), py::arg("out_offset"), py::arg("out_dtype"),
+        py::arg("numel"), py::arg("chunk_elems") = 1 << 20, py::arg("threads") = 0);
+  m.def("row_mav_buffers", &row_mav_buffers_py, py::arg("experts"), py::arg("expert_dtypes"),
+        py::arg("base"), py::arg("base_dtype"), py::arg("rows"), py::arg("cols"),
+        py::arg("threads") = 0);
+  m.def("row_mav_file", &row_mav_file_py, py::arg("experts"), py::arg("expert_dtypes"),
+        py::arg("base"), py::arg("base_dtype"), py::arg("rows"), py::arg("cols"),
+        py::arg("chunk_elems") = 1 << 20, py::arg("threads") = 0);
+  m.def(
+      "_set_copy_file_range_enabled",
+      [](bool enabled) { lsf::set_copy_file_range_enabled(enabled); }, py::arg("enabled"),
+      "Testing hook: False forces ShardWriter.copy_range onto its pread/pwrite fallback.");
+}
