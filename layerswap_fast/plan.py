@@ -19,9 +19,9 @@ TASK = "task"
 LANGUAGE = "language"
 
 TransitionWeights = Literal["uniform", "ramp", "magnitude"]
-NonLayer = Literal["average", "task", "language"]
+NonLayer = Literal["average", "task", "language", "magnitude"]
 TRANSITION_WEIGHTS = ("uniform", "ramp", "magnitude")
-NON_LAYER = ("average", "task", "language")
+NON_LAYER = ("average", "task", "language", "magnitude")
 
 
 class SpecLike(Protocol):
@@ -59,8 +59,8 @@ class SwapConfig:
                               f"got {self.transition_weights!r}")
         if self.non_layer not in NON_LAYER:
             raise ConfigError(f"non-layer must be one of {', '.join(NON_LAYER)}, got {self.non_layer!r}")
-        if self.transition_weights == "magnitude" and self.magnitude_weights is None:
-            raise ConfigError("magnitude transition weights need the experts' average MAVs: pass a base model")
+        if "magnitude" in (self.transition_weights, self.non_layer) and self.magnitude_weights is None:
+            raise ConfigError("magnitude weights need the experts' average MAVs: pass --base (or --stats)")
         needed = sum(counts.values())
         if needed > num_layers:
             raise ConfigError(
@@ -86,27 +86,42 @@ class LayerRow:
     terms: tuple[Term, ...]
 
 
+Op = Literal["copy", "blend", "ties", "revert_rows"]
+
+
 @dataclass(frozen=True)
 class TensorRecipe:
-    """How one output tensor is made. ``op`` is ``copy`` (bytes of ``terms[0]``'s tensor,
-    unchanged) or ``blend`` (sum of weight × float32 value, rounded into ``dtype``)."""
+    """How one output tensor is made from the same-named tensors of the inputs in ``terms``.
+
+    ``copy``: the bytes of ``terms[0]``'s tensor, unchanged. ``blend``: sum of weight × float32
+    value, rounded into ``dtype``. ``ties``: TIES-merging of the deltas of ``terms[1:]`` against
+    the base ``terms[0]``. ``revert_rows``: rows of ``terms[1]`` whose row MAV against the base
+    ``terms[0]`` is small go back to the base. ``params`` holds the op's numbers (density, ...).
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     layer: int | None
-    op: Literal["copy", "blend"]
+    op: Op
     terms: tuple[Term, ...]
+    params: tuple[tuple[str, float], ...] = ()
+
+    def param(self, key: str) -> float:
+        return dict(self.params)[key]
 
 
 @dataclass(frozen=True)
 class MergePlan:
+    """One recipe per output tensor, plus (for a swap) the layer table it came from."""
+
     num_layers: int
-    config: SwapConfig
+    config: Any
     dtype: str | None
     layers: tuple[LayerRow, ...]
     non_layer: tuple[Term, ...]
     tensors: tuple[TensorRecipe, ...] = field(repr=False)
+    method: str = "layer_swap"
 
     def counts(self) -> dict[str, int]:
         copies = sum(t.op == "copy" for t in self.tensors)
@@ -114,8 +129,9 @@ class MergePlan:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "method": self.method,
             "num_layers": self.num_layers,
-            "config": asdict(self.config),
+            "config": asdict(self.config) if self.config is not None else None,
             "dtype": self.dtype,
             "layers": [{"layer": r.layer, "zone": r.zone, "sources": _terms_json(r.terms)} for r in self.layers],
             "non_layer": {
@@ -123,7 +139,7 @@ class MergePlan:
                 "tensors": [t.name for t in self.tensors if t.layer is None],
             },
             "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "layer": t.layer,
-                         "op": t.op, "sources": _terms_json(t.terms)} for t in self.tensors],
+                         "op": t.op, "sources": _terms_json(t.terms), **dict(t.params)} for t in self.tensors],
             "counts": self.counts(),
         }
 
@@ -163,6 +179,10 @@ def layer_map(num_layers: int, config: SwapConfig) -> tuple[LayerRow, ...]:
 
 
 def non_layer_terms(config: SwapConfig) -> tuple[Term, ...]:
+    if config.non_layer == "magnitude":
+        assert config.magnitude_weights is not None
+        task_w, lang_w = config.magnitude_weights
+        return Term(TASK, task_w), Term(LANGUAGE, lang_w)
     if config.non_layer == "task":
         return (Term(TASK, 1.0),)
     if config.non_layer == "language":
@@ -170,21 +190,55 @@ def non_layer_terms(config: SwapConfig) -> tuple[Term, ...]:
     return Term(TASK, 0.5), Term(LANGUAGE, 0.5)
 
 
+def check_same_tensors(reference: tuple[str, Sequence[SpecLike]], other: tuple[str, Sequence[SpecLike]]) -> None:
+    """Same tensor names and shapes in both checkpoints; the first difference is named."""
+    (ref_role, ref), (role, specs) = reference, other
+    by_name = {s.name: s for s in specs}
+    for spec in ref:
+        mine = by_name.get(spec.name)
+        if mine is None:
+            raise MismatchError(f"tensor {spec.name!r} is in the {ref_role} but not in the {role}")
+        if tuple(mine.shape) != tuple(spec.shape):
+            raise MismatchError(f"tensor {spec.name!r} has shape {list(spec.shape)} in the {ref_role} but "
+                                f"{list(mine.shape)} in the {role}")
+    ref_names = {s.name for s in ref}
+    for spec in specs:
+        if spec.name not in ref_names:
+            raise MismatchError(f"tensor {spec.name!r} is in the {role} but not in the {ref_role}")
+
+
 def check_pair(task: Sequence[SpecLike], language: Sequence[SpecLike]) -> None:
-    """Same tensor names and shapes in both experts; the first difference is named."""
-    lang_by_name = {s.name: s for s in language}
-    for spec in task:
-        other = lang_by_name.get(spec.name)
-        if other is None:
-            raise MismatchError(f"tensor {spec.name!r} is in the task expert but not in the language expert")
-        if tuple(other.shape) != tuple(spec.shape):
-            raise MismatchError(
-                f"tensor {spec.name!r} has shape {list(spec.shape)} in the task expert but "
-                f"{list(other.shape)} in the language expert")
-    task_names = {s.name for s in task}
-    for spec in language:
-        if spec.name not in task_names:
-            raise MismatchError(f"tensor {spec.name!r} is in the language expert but not in the task expert")
+    check_same_tensors(("task expert", task), ("language expert", language))
+
+
+def describe_role(role: str) -> str:
+    """``task`` → ``task expert``; ``task.1`` → ``task expert 2``; ``model.0`` → ``model 1``."""
+    kind, _, index = role.partition(".")
+    noun = {"task": "task expert", "language": "language expert"}.get(kind, kind)
+    return f"{noun} {int(index) + 1}" if index else noun
+
+
+def make_recipe(spec: SpecLike, layer: int | None, terms: Sequence[Term], out_dtype: str,
+                dtypes: Mapping[str, Mapping[str, str]], op: Op | None = None,
+                params: tuple[tuple[str, float], ...] = ()) -> TensorRecipe:
+    """A recipe for ``spec``: a byte copy when ``terms`` is one input taken whole in the output
+    dtype, else ``op`` (default ``blend``), whose inputs must all be float tensors."""
+    terms = tuple(terms)
+    if op is None and len(terms) == 1 and terms[0].weight == 1.0 and dtypes[terms[0].expert][spec.name] == out_dtype:
+        return TensorRecipe(spec.name, out_dtype, tuple(spec.shape), layer, "copy", terms)
+    for term in terms:
+        require_float(dtypes[term.expert][spec.name], spec.name)
+    require_float(out_dtype, spec.name)
+    return TensorRecipe(spec.name, out_dtype, tuple(spec.shape), layer, op or "blend", terms, params)
+
+
+Groups = Mapping[str, Sequence[tuple[str, float]]]
+
+
+def expand_groups(terms: Sequence[Term], groups: Groups) -> tuple[Term, ...]:
+    """Replace each group term (``task``, ``language``) by its members, weights multiplied: a soup
+    of each group, swapped in the same pass."""
+    return tuple(Term(member, t.weight * w) for t in terms for member, w in groups[t.expert])
 
 
 def build_swap_plan(
@@ -193,33 +247,37 @@ def build_swap_plan(
     num_layers: int,
     config: SwapConfig,
     dtype: str | None = None,
+    *,
+    members: Mapping[str, Sequence[SpecLike]] | None = None,
+    groups: Groups | None = None,
 ) -> MergePlan:
     """The plan for layer-swapping ``language`` into ``task``, in the task expert's tensor order.
 
     Output dtype: ``dtype`` when given, else the task expert's dtype of each tensor. A recipe is a
     byte ``copy`` when it takes one expert's tensor whole and the dtype does not change.
+
+    Soup-then-swap: ``groups`` maps ``task`` and ``language`` to weighted member roles whose specs
+    are in ``members``; every recipe then draws on the members directly (one pass, no
+    intermediate soup is written).
     """
-    check_pair(task, language)
+    if groups is None:
+        groups = {TASK: [(TASK, 1.0)], LANGUAGE: [(LANGUAGE, 1.0)]}
+        members = {TASK: task, LANGUAGE: language}
+    assert members is not None
+    first = groups[TASK][0][0]
+    for role, specs in members.items():
+        if role != first:
+            check_same_tensors((describe_role(first), members[first]), (describe_role(role), specs))
     rows = layer_map(num_layers, config)
     non_layer = non_layer_terms(config)
-    dtypes: Mapping[str, Mapping[str, str]] = {
-        TASK: {s.name: s.dtype for s in task}, LANGUAGE: {s.name: s.dtype for s in language}}
+    dtypes = {role: {s.name: s.dtype for s in specs} for role, specs in members.items()}
     recipes = []
-    for spec in task:
+    for spec in members[first]:
         layer = classify(spec.name).layer
         if layer is not None and layer >= num_layers:
             raise MismatchError(f"tensor {spec.name!r} is in layer {layer} of a {num_layers}-layer model")
-        terms = non_layer if layer is None else rows[layer].terms
-        out_dtype = dtype or spec.dtype
-        single = len(terms) == 1 and terms[0].weight == 1.0
-        if single and dtypes[terms[0].expert][spec.name] == out_dtype:
-            op: Literal["copy", "blend"] = "copy"
-        else:
-            op = "blend"
-            for term in terms:
-                require_float(dtypes[term.expert][spec.name], spec.name)
-            require_float(out_dtype, spec.name)
-        recipes.append(TensorRecipe(spec.name, out_dtype, tuple(spec.shape), layer, op, terms))
+        terms = expand_groups(non_layer if layer is None else rows[layer].terms, groups)
+        recipes.append(make_recipe(spec, layer, terms, dtype or spec.dtype, dtypes))
     return MergePlan(num_layers, config, dtype, rows, non_layer, tuple(recipes))
 
 

@@ -76,7 +76,8 @@ def test_edge_plans(cfg: SwapConfig, zones: list[str]) -> None:
     (SwapConfig(bottom=7, top=0, lower_transition=0, upper_transition=0), "needs 7 layers"),
     (SwapConfig(bottom=-1), "bottom must be a non-negative whole number"),
     (SwapConfig(top=1.5), "top must be a non-negative whole number"),  # type: ignore[arg-type]
-    (SwapConfig(transition_weights="magnitude"), "magnitude transition weights need"),
+    (SwapConfig(transition_weights="magnitude"), "magnitude weights need the experts' average MAVs"),
+    (SwapConfig(non_layer="magnitude"), "magnitude weights need the experts' average MAVs"),
     (SwapConfig(non_layer="mean"), "non-layer must be one of"),  # type: ignore[arg-type]
 ])
 def test_impossible_plans_are_errors(cfg: SwapConfig, message: str) -> None:
