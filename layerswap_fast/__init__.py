@@ -11,7 +11,8 @@ zones between them and averages the non-layer parameters.
 
 __version__ = "0.1.0"
 
-from .api import MergeResult, merge, plan_from_checkpoints, plan_merge
+from .api import (MergeResult, merge, plan_from_checkpoints, plan_merge, revert, soup, task_arithmetic,
+                  ties)
 from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
 from .errors import (CheckpointError, ConfigError, LayerswapError, MismatchError, OutputError,
                      UnsupportedDtypeError)
@@ -19,7 +20,7 @@ from .plan import MergePlan, SwapConfig, TensorRecipe, Term, render_plan
 from .verify import VerifyError, VerifyReport, verify
 
 __all__ = [
-    "__version__", "merge", "plan_merge", "plan_from_checkpoints", "MergeResult", "SwapConfig",
+    "__version__", "merge", "soup", "task_arithmetic", "ties", "revert", "plan_merge", "plan_from_checkpoints", "MergeResult", "SwapConfig",
     "MergePlan", "TensorRecipe", "Term", "render_plan", "open_checkpoint", "Checkpoint",
     "TensorSpec", "LayerswapError", "CheckpointError", "ConfigError", "MismatchError",
     "OutputError", "UnsupportedDtypeError", "verify", "VerifyError", "VerifyReport",

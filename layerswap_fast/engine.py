@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from . import _core
 from .checkpoint import Checkpoint, TensorSpec
 from .dtypes import DTYPE_SIZES
@@ -98,10 +100,12 @@ def format_bytes(n: int) -> str:
 class _ShardFiller:
     """Writes one shard's tensors: coalesced byte copies and streamed blends."""
 
-    def __init__(self, experts: Mapping[str, Checkpoint], blender: Blender, progress: Callable[[int], None]):
+    def __init__(self, experts: Mapping[str, Checkpoint], blender: Blender, progress: Callable[[int], None],
+                 threads: int = 0):
         self.experts = experts
         self.blender = blender
         self.progress = progress
+        self.threads = threads
 
     def source(self, expert: str, name: str) -> TensorSpec:
         return self.experts[expert].specs[name]
@@ -123,7 +127,7 @@ class _ShardFiller:
             else:
                 self._flush_copy(writer, run_file, run)
                 run = None
-                self._blend(writer, recipe, dst)
+                self._compute(writer, recipe, dst)
         self._flush_copy(writer, run_file, run)
 
     def _flush_copy(self, writer: _core.ShardWriter, file: Path | None, run: list[int] | None) -> None:
@@ -142,13 +146,49 @@ class _ShardFiller:
                 return ckpt.input_file(file)
         raise KeyError(file)
 
-    def _blend(self, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int) -> None:
+    def _compute(self, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int) -> None:
         specs = [self.source(t.expert, recipe.name) for t in recipe.terms]
         inputs = [(self.experts[t.expert].input_file(s.file), s.offset) for t, s in zip(recipe.terms, specs)]
+        dtypes = [s.dtype for s in specs]
         numel = specs[0].numel
-        self.blender.blend_file(inputs, [s.dtype for s in specs], [t.weight for t in recipe.terms],
-                                writer, dst, recipe.dtype, numel)
+        if recipe.op == "blend":
+            self.blender.blend_file(inputs, dtypes, [t.weight for t in recipe.terms], writer, dst, recipe.dtype, numel)
+        elif recipe.op == "ties":
+            keep = int(recipe.param("density") * numel)
+            _core.ties_file(inputs[0], dtypes[0], inputs[1:], dtypes[1:], writer, dst, recipe.dtype, numel,
+                            keep, recipe.param("lambda"), threads=self.threads)
+        elif recipe.op == "revert_rows":
+            self._revert_rows(writer, recipe, specs, inputs, dst)
+        else:
+            raise ValueError(f"unknown op {recipe.op!r}")
         self.progress(numel * DTYPE_SIZES[recipe.dtype])
+
+    def _revert_rows(self, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                     inputs: Sequence[tuple[_core.InputFile, int]], dst: int) -> None:
+        """Rows of the model (input 1) that changed least go back to the base (input 0): a row MAV
+        pass, then byte copies of runs of rows from one or the other."""
+        rows = recipe.shape[0] if len(recipe.shape) > 1 else 1
+        cols = specs[0].numel // rows if rows else 0
+        if rows == 0 or cols == 0:
+            return
+        mav = _core.row_mav_file([inputs[1]], [specs[1].dtype], inputs[0], specs[0].dtype, rows, cols,
+                                 threads=self.threads)[0]
+        revert = rows_to_revert(mav, dict(recipe.params))
+        row_bytes = cols * DTYPE_SIZES[recipe.dtype]
+        edges = [0, *(np.flatnonzero(np.diff(revert.astype(np.int8))) + 1).tolist(), rows]
+        for a, b in zip(edges, edges[1:]):
+            src, offset = inputs[0] if revert[a] else inputs[1]
+            writer.copy_range(src, offset + a * row_bytes, dst + a * row_bytes, (b - a) * row_bytes)
+
+
+def rows_to_revert(mav: np.ndarray, params: Mapping[str, float]) -> np.ndarray:
+    """Which rows go back to the base: row MAV below ``threshold``, or the ``fraction`` of rows
+    with the smallest row MAV (floor(fraction × rows) of them; equal MAVs: lower row index first)."""
+    if "threshold" in params:
+        return mav < params["threshold"]
+    revert = np.zeros(len(mav), dtype=bool)
+    revert[np.argsort(mav, kind="stable")[:int(params["fraction"] * len(mav))]] = True
+    return revert
 
 
 def _check_inputs_unchanged(experts: Mapping[str, Checkpoint]) -> None:
@@ -205,6 +245,7 @@ def execute(
     config_overrides: Mapping[str, Any] | None = None,
     force: bool = False,
     link: str = "auto",
+    threads: int = 0,
     progress: Progress | None = None,
 ) -> MergeStats:
     """Write ``shards`` (with the index, aux files and recipe) to ``out``, atomically.
@@ -216,7 +257,8 @@ def execute(
     start = time.perf_counter()
     new = [s for s in shards if isinstance(s, ShardLayout)]
     total = sum(s.file_size for s in new)
-    filler = _ShardFiller(experts, blender, (lambda n: progress(n, total)) if progress else (lambda n: None))
+    filler = _ShardFiller(experts, blender, (lambda n: progress(n, total)) if progress else (lambda n: None),
+                          threads)
     methods: dict[str, int] = {}
     with staging_directory(out) as tmp, _background_hasher() as hash_later:
         digests: dict[str, Future[str]] = {}
