@@ -156,9 +156,10 @@ def _open_all(stack: ExitStack, roles: Mapping[str, PathLike]) -> dict[str, Chec
     return {role: stack.enter_context(open_checkpoint(path)) for role, path in roles.items()}
 
 
-def _magnitude(base: PathLike | None, experts: Sequence[PathLike], stats: PathLike | None, why: str) -> list[float]:
+def _magnitude(base: PathLike | None, experts: Sequence[PathLike], stats: PathLike | None) -> list[float]:
+    """Magnitude-adjusted weights (∝ 1 / average row MAV against the base), normalised."""
     if base is None:
-        raise ConfigError(f"{why} needs the base model: pass --base (and optionally --stats DIR)")
+        raise ConfigError("magnitude weights need the base model: pass --base (and optionally --stats DIR)")
     from .analysis import magnitude_weights_for
     return list(magnitude_weights_for(base, experts, stats_dir=stats))
 
@@ -176,7 +177,7 @@ def _swap_weights(config: SwapConfig, soup_weights: str, roles: dict[str, list[s
     """Soup weights within each group and, for ``magnitude``, the task/language weights."""
     needs = soup_weights == "magnitude" or "magnitude" in (config.transition_weights, config.non_layer)
     everyone = roles[TASK] + roles[LANGUAGE]
-    mavw = dict(zip(everyone, _magnitude(base, [paths[r] for r in everyone], stats, "magnitude weights"))) if needs else {}
+    mavw = dict(zip(everyone, _magnitude(base, [paths[r] for r in everyone], stats))) if needs else {}
     groups = {}
     for group, members in roles.items():
         raw = [mavw[m] for m in members] if soup_weights == "magnitude" else [1.0] * len(members)
@@ -286,7 +287,7 @@ def soup(models: Sequence[PathLike], out: PathLike, *, weights: str | Sequence[f
     if weights == "uniform":
         raw = [1.0] * len(models)
     elif weights == "magnitude":
-        raw = _magnitude(base, models, stats, "--weights magnitude")
+        raw = _magnitude(base, models, stats)
     elif isinstance(weights, str):
         raise ConfigError(f"weights must be uniform, magnitude or numbers, got {weights!r}")
     else:
@@ -316,7 +317,7 @@ def task_arithmetic(base: PathLike, models: Sequence[PathLike], out: PathLike, *
         inputs = _base_and_models(stack, base, models)
         specs = {r: list(c.specs.values()) for r, c in inputs.items()}
         plan = build_task_arithmetic_plan(specs.pop(BASE), specs, lam, normalize_dtype(dtype) if dtype else None)
-        options = {"base": str(base), "model": [str(m) for m in models], "lambda_": lam, "dtype": dtype}
+        options = {"base": str(base), "model": [str(m) for m in models], "lam": lam, "dtype": dtype}
         return _write("task-arithmetic", plan, inputs, out, options, WriteOptions(**write), inputs[model_role(0)])
 
 
@@ -329,7 +330,7 @@ def ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *, density: 
         inputs = _base_and_models(stack, base, models)
         specs = {r: list(c.specs.values()) for r, c in inputs.items()}
         plan = build_ties_plan(specs.pop(BASE), specs, density, lam, normalize_dtype(dtype) if dtype else None)
-        options = {"base": str(base), "model": [str(m) for m in models], "density": density, "lambda_": lam,
+        options = {"base": str(base), "model": [str(m) for m in models], "density": density, "lam": lam,
                    "dtype": dtype}
         return _write("ties", plan, inputs, out, options, WriteOptions(**write), inputs[model_role(0)])
 

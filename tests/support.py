@@ -10,8 +10,9 @@ from safetensors import safe_open
 
 
 def make_llama_trio(root: Path, *, num_layers: int = 12, tie: bool = False, dtype: torch.dtype = torch.bfloat16,
-                    shard: str = "40KB", seed: int = 0, hidden: int = 32) -> dict[str, Path]:
-    """A base and two experts (base + different noise), saved by ``save_pretrained`` (sharded)."""
+                    shard: str = "40KB", seed: int = 0, hidden: int = 32,
+                    roles: tuple[str, ...] = ("base", "task", "language")) -> dict[str, Path]:
+    """A base and experts (base + different noise each), saved by ``save_pretrained`` (sharded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -20,7 +21,7 @@ def make_llama_trio(root: Path, *, num_layers: int = 12, tie: bool = False, dtyp
     model = LlamaForCausalLM(config).to(dtype)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     paths = {}
-    for i, role in enumerate(("base", "task", "language")):
+    for i, role in enumerate(roles):
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(base_state[name])

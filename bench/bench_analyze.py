@@ -1,0 +1,153 @@
+"""Time ``layerswap-fast analyze`` (base + 2 experts) against ``cat`` of the same shard files.
+
+    python bench/bench_analyze.py --shape 1b [--runs 3] [--device auto|cpu|cuda] [--threads N]
+                                  [--save-heatmap bench/heatmap-1b.png]
+
+The trio (with its base) is generated under ``bench/out/<shape>`` unless a complete one is there.
+Runs are interleaved (cat, analyze, cat, analyze, ...) so both see the same page-cache state;
+``cat`` of the base's and both experts' shards to /dev/null is the reading floor. Reports wall
+seconds, GB/s of bytes read and peak RSS (``wait4``) per run, medians, the speed ratio
+analyze/cat, the seconds analyze itself reports for its streaming pass (the rest is interpreter
+start-up, validation and the heatmap), and one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DEFAULT_WORKDIR, ensure_trio, find_cli, load_synthetic, machine_info, trio_dirname  # noqa: E402
+
+
+@dataclass
+class Run:
+    seconds: float
+    cpu_s: float  # user + sys of the child (wait4)
+    peak_rss_mb: float
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(cmd: list[str], *, capture: bool) -> Run:
+    """Run ``cmd`` (stdout to /dev/null unless ``capture``); wall seconds, CPU seconds and peak RSS
+    from ``wait4`` (ru_maxrss is KiB on Linux)."""
+    with open(os.devnull, "rb") as stdin, open(os.devnull, "wb") as null, \
+            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=out if capture else null, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024 / 1e6,
+                   os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
+                   err.read().decode(errors="replace"))
+
+
+def analyze_command() -> list[str]:
+    """``layerswap-fast analyze`` once it is registered in the CLI group, else the module."""
+    cli = find_cli()
+    if cli is not None:
+        probe = subprocess.run([cli, "analyze", "--help"], capture_output=True)
+        if probe.returncode == 0:
+            return [cli, "analyze"]
+    return [sys.executable, "-m", "layerswap_fast.cli_analysis", "analyze"]
+
+
+def shard_files(model: Path) -> list[Path]:
+    return sorted(model.glob("*.safetensors"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="1b", choices=sorted(load_synthetic().SHAPES))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=None, help="trio directory (default: bench/out/<shape>)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--save-heatmap", type=Path, default=None, help="copy the last run's heatmap.png here")
+    args = ap.parse_args(argv)
+
+    trio_dir = args.workdir or DEFAULT_WORKDIR / trio_dirname(args.shape)
+    res = ensure_trio(trio_dir, args.shape, with_base=True)
+    if res.generated:
+        print(f"generated the {args.shape} trio in {trio_dir} ({res.nbytes / 1e9:.2f} GB, {res.seconds:.1f} s)")
+    paths = res.paths
+    files = [f for role in ("base", "language", "task") for f in shard_files(paths[role])]
+    nbytes = sum(f.stat().st_size for f in files)
+
+    base_cmd = analyze_command()
+    out_root = Path(tempfile.mkdtemp(prefix="bench-analyze-", dir=trio_dir.parent))
+    out = out_root / "stats"
+    cmd = [*base_cmd, "--base", str(paths["base"]), "--expert", str(paths["language"]),
+           "--expert", str(paths["task"]), "-o", str(out), "--force", "--device", args.device]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+
+    rows: list[tuple[str, Run, float | None]] = []
+    try:
+        for i in range(args.runs):
+            c = run(["cat", *map(str, files)], capture=False)
+            if c.returncode != 0:
+                raise SystemExit(f"cat failed: {c.stderr}")
+            rows.append(("cat", c, None))
+            a = run(cmd, capture=True)
+            if a.returncode != 0:
+                raise SystemExit(f"analyze failed ({a.returncode}): {a.stderr or a.stdout}")
+            m = re.search(r"read in ([0-9.]+) s", a.stdout)
+            rows.append(("analyze", a, float(m.group(1)) if m else None))
+            print(f"run {i + 1}/{args.runs}: cat {c.seconds:.2f} s, analyze {a.seconds:.2f} s", flush=True)
+        if args.save_heatmap:
+            shutil.copyfile(out / "heatmap.png", args.save_heatmap)
+        last_stdout = rows[-1][1].stdout
+    finally:
+        shutil.rmtree(out_root, ignore_errors=True)
+
+    print(f"\n{args.shape} trio: base + 2 experts, {len(files)} shard files, {nbytes / 1e9:.2f} GB read per run")
+    print(f"{'run':>3}  {'what':<8} {'seconds':>8} {'GB/s':>7} {'CPU s':>6} {'peak RSS MB':>12} {'pass s':>7}")
+    for k, (what, t, pass_s) in enumerate(rows):
+        print(f"{k // 2 + 1:>3}  {what:<8} {t.seconds:>8.2f} {nbytes / t.seconds / 1e9:>7.2f} {t.cpu_s:>6.2f} "
+              f"{t.peak_rss_mb:>12.0f} {'' if pass_s is None else f'{pass_s:.2f}':>7}")
+    med = {w: statistics.median(t.seconds for x, t, _ in rows if x == w) for w in ("cat", "analyze")}
+    rss = {w: max(t.peak_rss_mb for x, t, _ in rows if x == w) for w in ("cat", "analyze")}
+    passes = [p for x, _, p in rows if x == "analyze" and p is not None]
+    cpu = {w: statistics.median(t.cpu_s for x, t, _ in rows if x == w) for w in ("cat", "analyze")}
+    load = os.getloadavg()[0]
+    ratio = med["cat"] / med["analyze"]
+    print(f"median   cat {med['cat']:.2f} s ({nbytes / med['cat'] / 1e9:.2f} GB/s), analyze "
+          f"{med['analyze']:.2f} s ({nbytes / med['analyze'] / 1e9:.2f} GB/s; streaming pass "
+          f"{statistics.median(passes) if passes else float('nan'):.2f} s): analyze runs at {ratio:.0%} of "
+          f"cat's speed, peak RSS {rss['analyze']:.0f} MB")
+    print(f"CPU seconds (median): cat {cpu['cat']:.2f}, analyze {cpu['analyze']:.2f} on {os.cpu_count()} cores; "
+          f"load average {load:.1f} at the end (other processes share the machine when it is above 0)")
+    print("analyze output (last run):\n  " + "\n  ".join(last_stdout.strip().splitlines()))
+    summary = {
+        "bench": "analyze", "shape": args.shape, "runs": args.runs, "device": args.device,
+        "threads": args.threads, "bytes": nbytes,
+        "cat_s": round(med["cat"], 3), "analyze_s": round(med["analyze"], 3),
+        "analyze_pass_s": round(statistics.median(passes), 3) if passes else None,
+        "cat_gb_s": round(nbytes / med["cat"] / 1e9, 3), "analyze_gb_s": round(nbytes / med["analyze"] / 1e9, 3),
+        "ratio": round(ratio, 3), "analyze_peak_rss_mb": round(rss["analyze"], 1),
+        "cat_cpu_s": round(cpu["cat"], 3), "analyze_cpu_s": round(cpu["analyze"], 3), "loadavg_1m": round(load, 2),
+        "command": " ".join(cmd[:2]) if base_cmd[0] != sys.executable else "python -m layerswap_fast.cli_analysis",
+        "machine": machine_info(trio_dir),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

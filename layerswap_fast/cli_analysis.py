@@ -1,0 +1,126 @@
+"""``layerswap-fast analyze``: row-MAV statistics of experts against their base, and the heatmap.
+
+A thin layer over :func:`layerswap_fast.analysis.analyze`: it parses, calls and prints. Register it
+with ``main.add_command(analyze)``; errors are the package's typed errors, which the CLI group
+prints as ``error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .analysis import DEVICES, suggest_swap
+from .analysis import analyze as run_analysis
+from .errors import ConfigError
+
+_PATH = click.Path(path_type=Path)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+@click.command("analyze")
+@click.option("--base", required=True, type=_PATH, help="The pretrained model the experts were fine-tuned from.")
+@click.option("--expert", "experts", multiple=True, type=_PATH,
+              help="An expert checkpoint (repeat for several); named after its directory.")
+@click.option("--language-expert", type=_PATH, default=None,
+              help="The language expert (the donor of bottom/top layers); analysed like --expert and "
+                   "used by --suggest.")
+@click.option("--task-expert", type=_PATH, default=None,
+              help="The task expert (the receiver); analysed like --expert and used by --suggest.")
+@click.option("-o", "--output", "out", required=True, type=_PATH,
+              help="Output directory for mav.csv, summary.json, heatmap.png (and rows/).")
+@click.option("--rows", is_flag=True, help="Also save every tensor's row MAVs as rows/<expert>/<tensor>.npy.")
+@click.option("--suggest", is_flag=True,
+              help="Suggest --bottom/--top/transitions for a merge. Needs the two roles: "
+                   "--language-expert and --task-expert, or exactly two --expert, the first being the "
+                   "language expert and the second the task expert.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where the row MAVs are computed: auto uses a CUDA GPU when there is one.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU worker threads (default: all cores).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None, task_expert: Path | None,
+            out: Path, rows: bool, suggest: bool, device: str, threads: int | None, force: bool) -> None:
+    """Measure how far each expert moved from BASE: the row MAV (mean |expert - base| per row) of
+    every parameter, as in Section 3.2 of the layer-swapping paper.
+
+    Writes OUTPUT/mav.csv (one line per expert and tensor), OUTPUT/summary.json (average MAV and
+    magnitude weight per expert) and OUTPUT/heatmap.png (the paper's Figure 2), and prints each
+    expert's average MAV and magnitude weight. With --suggest, also two lines of reasoning and the
+    `layerswap-fast merge` command line they lead to.
+
+    \b
+    Examples:
+      layerswap-fast analyze --base llama --expert math --expert swahili -o stats
+      layerswap-fast analyze --base llama --language-expert swahili --task-expert math -o stats --suggest
+    """
+    if (language_expert is None) != (task_expert is None):
+        raise ConfigError("--language-expert and --task-expert go together")
+    paths = list(experts)
+    roles: tuple[int, int] | None = None  # (language index, task index) into paths
+    if language_expert is not None and task_expert is not None:
+        roles = (len(paths), len(paths) + 1)
+        paths += [language_expert, task_expert]
+    elif suggest:
+        if len(paths) != 2:
+            raise ConfigError(f"--suggest needs exactly two --expert (the language expert, then the task "
+                              f"expert) or --language-expert/--task-expert; got {len(paths)} experts")
+        roles = (0, 1)
+    if not paths:
+        raise ConfigError("give at least one --expert (or --language-expert and --task-expert)")
+    stats = run_analysis(base, paths, out, rows=rows, device=device, threads=threads, force=force,
+                         progress=_progress() if sys.stderr.isatty() else None)
+    gbps = stats.bytes_read / stats.seconds / 1e9 if stats.seconds > 0 else float("inf")
+    n_tensors = len(next(iter(stats.experts.values())).tensors)
+    click.echo(f"analyzed {len(stats.experts)} expert(s) against {base}: {n_tensors} tensors, "
+               f"{stats.num_layers} layers, {_gb(stats.bytes_read)} read in {stats.seconds:.2f} s "
+               f"({gbps:.2f} GB/s)")
+    if stats.skipped:
+        shown = ", ".join(f"{t} ({r})" for t, r in stats.skipped[:3])
+        more = f" and {len(stats.skipped) - 3} more" if len(stats.skipped) > 3 else ""
+        click.echo(f"skipped {len(stats.skipped)} tensor(s): {shown}{more}")
+    try:
+        weights: dict[str, float] | None = stats.magnitude_weights()
+    except ConfigError:
+        weights = None
+    width = max(len("expert"), *(len(n) for n in stats.experts))
+    click.echo(f"{'expert':<{width}}  {'average MAV':>12}  {'magnitude weight':>16}")
+    for name, e in stats.experts.items():
+        w = f"{weights[name]:.4f}" if weights is not None else "n/a"
+        click.echo(f"{name:<{width}}  {e.average_mav:>12.6g}  {w:>16}")
+    if weights is None:
+        click.echo("(magnitude weights are undefined: an expert does not differ from the base)")
+    click.echo(f"wrote {out}/: mav.csv, summary.json, heatmap.png" + (", rows/" if rows else ""))
+    if suggest and roles is not None:
+        names = list(stats.experts)
+        s = suggest_swap(stats, names[roles[0]], names[roles[1]], stats.num_layers)
+        click.echo("suggested swap:")
+        for line in s.reasons:
+            click.echo(f"  {line}")
+        click.echo(s.command("merged"))
+
+
+def _progress():  # noqa: ANN202
+    bars: list = []
+
+    def update(n: int, total: int) -> None:
+        if not bars:
+            bars.append(click.progressbar(length=total, label="analyzing", file=sys.stderr))
+            bars[0].__enter__()
+        bars[0].update(n)
+        if bars[0].pos >= total:
+            bars[0].__exit__(None, None, None)
+
+    return update
+
+
+if __name__ == "__main__":  # python -m layerswap_fast.cli_analysis analyze ... (before it is registered)
+    from .cli import main
+
+    if "analyze" not in main.commands:
+        main.add_command(analyze)
+    main()
