@@ -282,6 +282,21 @@ void ShardWriter::copy_range(InputFile& src, uint64_t src_off, uint64_t dst_off,
   }
 }
 
+void ShardWriter::writeback(uint64_t off, uint64_t n, bool wait, bool drop) {
+  check_range(off, n, "writing back");
+  if (n == 0) return;
+  FdUse use(fd_, path_, "writing back");
+  unsigned flags = SYNC_FILE_RANGE_WRITE;
+  if (wait) flags |= SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER;
+  int rc;
+  do {
+    rc = ::sync_file_range(use.fd(), static_cast<off64_t>(off), static_cast<off64_t>(n), flags);
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) fail_os(errno, "writing back " + q(path_));
+  // Advice only: the pages stay cached if the kernel cannot drop them, which is harmless.
+  if (drop) (void)::posix_fadvise(use.fd(), static_cast<off_t>(off), static_cast<off_t>(n), POSIX_FADV_DONTNEED);
+}
+
 void ShardWriter::close(bool sync) {
   int fd = fd_.take();
   if (fd < 0) return;

@@ -98,6 +98,9 @@ class ShardWriter {
   // Write exactly n bytes at off through an fd already in use (no bounds check).
   void pwrite_exact(int fd, uint64_t off, const void* buf, uint64_t n) const;
   void copy_range(InputFile& src, uint64_t src_off, uint64_t dst_off, uint64_t n);
+  // Start writing [off, off+n) back to the disk (sync_file_range); with wait, also wait until it
+  // is written; with drop, then evict those clean pages from the page cache (posix_fadvise).
+  void writeback(uint64_t off, uint64_t n, bool wait, bool drop);
   void close(bool sync);
   void rename(const std::string& new_path);
   void abort() noexcept;

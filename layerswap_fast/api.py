@@ -25,6 +25,7 @@ from .errors import ConfigError, MismatchError
 from .layers import count_layers
 from .layout import OutputShard, ReusableShard, ReusedShard, find_reusable, layout_shards, parse_size
 from .output import LINK_MODES, check_output, clean_stale_partials
+from .writeback import CHECKSUMS
 from .plan import LANGUAGE, TASK, MergePlan, SwapConfig, build_swap_plan, describe_role
 
 log = logging.getLogger("layerswap_fast")
@@ -58,6 +59,8 @@ class WriteOptions:
     max_gpu_bytes: int | str = "256MB"
     blender: Blender | None = None
     progress: Callable[[int, int], None] | None = None
+    sync: bool = False
+    checksum: str = "blake3"
 
 
 def _as_list(paths: Paths) -> list[PathLike]:
@@ -130,6 +133,8 @@ def _write(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out:
     """Lay out, check and (unless a dry run) execute a plan over opened inputs."""
     if write.link not in LINK_MODES:
         raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {write.link!r}")
+    if write.checksum not in CHECKSUMS:
+        raise ConfigError(f"checksum must be one of {', '.join(CHECKSUMS)}, got {write.checksum!r}")
     size_limit = parse_size(write.shard_size)
     out_path = Path(out)
     # only what decides the bytes: thread count, device and link mode never change them
@@ -145,7 +150,8 @@ def _write(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out:
         overrides = {"torch_dtype": _TORCH_DTYPE[plan.dtype]} if plan.dtype else {}
         stats = execute(shards, inputs, out_path, blender=backend, recipe=recipe, aux_source=aux_source.directory,
                         config_overrides=overrides, force=write.force, link=write.link,
-                        threads=write.threads or 0, progress=write.progress)
+                        threads=write.threads or 0, sync=write.sync, checksum=write.checksum,
+                        progress=write.progress)
     finally:
         if write.blender is None:
             backend.close()
@@ -237,6 +243,8 @@ def merge(
     max_gpu_bytes: int | str = "256MB",
     blender: Blender | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sync: bool = False,
+    checksum: str = "blake3",
 ) -> MergeResult:
     """Layer-swap ``language_expert`` into ``task_expert`` and write the result to ``out``.
 
@@ -255,9 +263,12 @@ def merge(
     the input's bytes, so a later in-place change to one file changes the other.
     ``max_gpu_bytes`` bounds the GPU memory of the CUDA backend (so a small GPU merges a 70B
     model). ``blender`` replaces the backend chosen by ``device`` (e.g. ``gpu.CudaBlender``).
+    ``sync`` fsyncs the output before publishing it (durable across a power loss). ``checksum``
+    (blake3 or sha256) is recorded for every shard in the recipe, for ``verify``.
     """
     config = config or SwapConfig()
-    write = WriteOptions(shard_size, threads, device, force, dry_run, link, max_gpu_bytes, blender, progress)
+    write = WriteOptions(shard_size, threads, device, force, dry_run, link, max_gpu_bytes, blender, progress, sync,
+                         checksum)
     with ExitStack() as stack:
         plan, inputs = _plan_swap(stack, task_expert, language_expert, config, dtype, soup_weights, base, stats)
         options = {"task_expert": [str(p) for p in _as_list(task_expert)],

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import click
 
-from .analysis import DEVICES, suggest_swap
-from .analysis import analyze as run_analysis
 from .errors import ConfigError
+
+# analysis (numpy, matplotlib) is imported when the command runs, so `merge` starts fast
+DEVICES = ("auto", "cpu", "cuda")
 
 _PATH = click.Path(path_type=Path)
 
@@ -72,6 +73,8 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
         roles = (0, 1)
     if not paths:
         raise ConfigError("give at least one --expert (or --language-expert and --task-expert)")
+    from .analysis import analyze as run_analysis
+
     stats = run_analysis(base, paths, out, rows=rows, device=device, threads=threads, force=force,
                          progress=_progress() if sys.stderr.isatty() else None)
     gbps = stats.bytes_read / stats.seconds / 1e9 if stats.seconds > 0 else float("inf")
@@ -97,6 +100,8 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
     click.echo(f"wrote {out}/: mav.csv, summary.json, heatmap.png" + (", rows/" if rows else ""))
     if suggest and roles is not None:
         names = list(stats.experts)
+        from .analysis import suggest_swap
+
         s = suggest_swap(stats, names[roles[0]], names[roles[1]], stats.num_layers)
         click.echo("suggested swap:")
         for line in s.reasons:

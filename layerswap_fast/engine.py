@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
 from . import _core
 from .checkpoint import Checkpoint, TensorSpec
 from .dtypes import DTYPE_SIZES
 from .errors import CheckpointError, OutputError
 from .layout import OutputShard, ReusedShard, ShardLayout, index_json
-from .output import LINK_MODES, copy_aux_files, publish, reuse_shard, sha256_file, staging_directory
+from .output import LINK_MODES, copy_aux_files, publish, reuse_shard, staging_directory
+from .writeback import ShardFinisher, cached_hash, needs_throttle
 from .plan import TensorRecipe
 
 RECIPE_NAME = "layerswap_recipe.json"
@@ -106,12 +105,16 @@ class _ShardFiller:
         self.blender = blender
         self.progress = progress
         self.threads = threads
+        self.advance: Callable[[int], None] = lambda n: None
 
     def source(self, expert: str, name: str) -> TensorSpec:
         return self.experts[expert].specs[name]
 
-    def fill(self, writer: _core.ShardWriter, shard: ShardLayout) -> None:
+    def fill(self, writer: _core.ShardWriter, shard: ShardLayout, advance: Callable[[int], None]) -> None:
+        """Write the shard in file order, telling ``advance`` how far the file is complete."""
+        self.advance = advance
         writer.write(0, shard.prefix())
+        advance(shard.data_start)
         run: list[int] | None = None  # [src_offset, dst_offset, nbytes] of a pending copy
         run_file: Path | None = None
         for placed in shard.tensors:
@@ -138,6 +141,7 @@ class _ShardFiller:
         for start in range(0, nbytes, _PROGRESS_STEP):
             n = min(_PROGRESS_STEP, nbytes - start)
             writer.copy_range(src, src_offset + start, dst_offset + start, n)
+            self.advance(dst_offset + start + n)
             self.progress(n)
 
     def _input_file(self, file: Path) -> _core.InputFile:
@@ -161,6 +165,7 @@ class _ShardFiller:
             self._revert_rows(writer, recipe, specs, inputs, dst)
         else:
             raise ValueError(f"unknown op {recipe.op!r}")
+        self.advance(dst + numel * DTYPE_SIZES[recipe.dtype])
         self.progress(numel * DTYPE_SIZES[recipe.dtype])
 
     def _revert_rows(self, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
@@ -173,6 +178,8 @@ class _ShardFiller:
             return
         mav = _core.row_mav_file([inputs[1]], [specs[1].dtype], inputs[0], specs[0].dtype, rows, cols,
                                  threads=self.threads)[0]
+        import numpy as np  # only reverts need it; a plain merge starts faster without
+
         revert = rows_to_revert(mav, dict(recipe.params))
         row_bytes = cols * DTYPE_SIZES[recipe.dtype]
         edges = [0, *(np.flatnonzero(np.diff(revert.astype(np.int8))) + 1).tolist(), rows]
@@ -181,9 +188,11 @@ class _ShardFiller:
             writer.copy_range(src, offset + a * row_bytes, dst + a * row_bytes, (b - a) * row_bytes)
 
 
-def rows_to_revert(mav: np.ndarray, params: Mapping[str, float]) -> np.ndarray:
+def rows_to_revert(mav: Any, params: Mapping[str, float]) -> Any:
     """Which rows go back to the base: row MAV below ``threshold``, or the ``fraction`` of rows
     with the smallest row MAV (floor(fraction × rows) of them; equal MAVs: lower row index first)."""
+    import numpy as np
+
     if "threshold" in params:
         return mav < params["threshold"]
     revert = np.zeros(len(mav), dtype=bool)
@@ -202,21 +211,6 @@ def _check_inputs_unchanged(experts: Mapping[str, Checkpoint]) -> None:
 
 
 @contextmanager
-def _background_hasher() -> Iterator[Callable[[Path], Future[str]]]:
-    """sha256 of finished files on a second thread, overlapping with the writing; stopped (not
-    waited for) when the merge is abandoned."""
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(1, thread_name_prefix="layerswap-sha256")
-    try:
-        yield lambda path: pool.submit(sha256_file, path, stop)
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-@contextmanager
 def _writing(tmp: Path, shard: OutputShard) -> Iterator[None]:
     """Turn the core's OS errors while writing one shard into one clear line."""
     try:
@@ -228,10 +222,46 @@ def _writing(tmp: Path, shard: OutputShard) -> Iterator[None]:
         raise OutputError(f"merge failed while writing {shard.filename}: {e}") from None
 
 
-def _write_shard(tmp: Path, shard: ShardLayout, filler: _ShardFiller) -> None:
-    with _core.ShardWriter(str(tmp / shard.filename), shard.file_size) as writer:
-        filler.fill(writer, shard)
-        writer.close(sync=True)
+@dataclass
+class _Finishing:
+    """Background work shared by the shards of one merge: hashing and write-back."""
+
+    outputs: ThreadPoolExecutor
+    inputs: ThreadPoolExecutor
+    stop: threading.Event
+    throttle: bool
+    sync: bool
+    checksum: str
+
+
+def _write_shard(tmp: Path, shard: ShardLayout, filler: _ShardFiller, finishing: _Finishing) -> str:
+    """Write one new shard; its sha256, computed right behind the writer."""
+    path = tmp / shard.filename
+    with _core.ShardWriter(str(path), shard.file_size) as writer:
+        finisher = ShardFinisher(writer, path, finishing.outputs, finishing.stop, finishing.throttle,
+                                 finishing.checksum)
+        try:
+            filler.fill(writer, shard, finisher.advance)
+            digest = finisher.finish(shard.file_size)
+        finally:
+            finisher.close()
+        writer.close(sync=finishing.sync)
+    return digest
+
+
+@contextmanager
+def _finishing(throttle: bool, sync: bool, checksum: str) -> Iterator[_Finishing]:
+    state = _Finishing(ThreadPoolExecutor(1, thread_name_prefix="layerswap-out"),
+                       ThreadPoolExecutor(1, thread_name_prefix="layerswap-in"), threading.Event(), throttle, sync,
+                       checksum)
+    try:
+        yield state
+    except BaseException:
+        state.stop.set()  # abandoned: let the background work stop at its next block
+        raise
+    finally:
+        for pool in (state.outputs, state.inputs):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def execute(
@@ -246,11 +276,17 @@ def execute(
     force: bool = False,
     link: str = "auto",
     threads: int = 0,
+    sync: bool = False,
+    checksum: str = "blake3",
     progress: Progress | None = None,
 ) -> MergeStats:
     """Write ``shards`` (with the index, aux files and recipe) to ``out``, atomically.
 
-    The recipe written beside the weights records every shard's sha256 (``verify`` checks them).
+    The recipe written beside the weights records every shard's ``checksum`` (blake3 or sha256;
+    ``verify`` checks them).
+    ``sync`` makes the output durable (fsync) before it is published; without it, as with ``cp``,
+    the kernel writes it back in its own time (a large output is still written back as it goes:
+    see :mod:`layerswap_fast.writeback`).
     """
     if link not in LINK_MODES:
         raise OutputError(f"link mode must be one of {', '.join(LINK_MODES)}, got {link!r}")
@@ -260,25 +296,27 @@ def execute(
     filler = _ShardFiller(experts, blender, (lambda n: progress(n, total)) if progress else (lambda n: None),
                           threads)
     methods: dict[str, int] = {}
-    with staging_directory(out) as tmp, _background_hasher() as hash_later:
+    with staging_directory(out) as tmp, _finishing(needs_throttle(total), sync, checksum) as finishing:
         digests: dict[str, Future[str]] = {}
         for shard in shards:
             with _writing(tmp, shard):
                 if isinstance(shard, ReusedShard):
-                    digests[shard.filename] = hash_later(shard.reuse.source)
+                    digests[shard.filename] = finishing.inputs.submit(cached_hash, shard.reuse.source, checksum,
+                                                                     finishing.stop)
                     source = experts[shard.reuse.expert].input_file(shard.reuse.source)
                     how = reuse_shard(shard, tmp / shard.filename, out, link, source)
                     methods[how] = methods.get(how, 0) + 1
                 else:
-                    _write_shard(tmp, shard, filler)
-                    digests[shard.filename] = hash_later(tmp / shard.filename)
+                    done: Future[str] = Future()
+                    done.set_result(_write_shard(tmp, shard, filler, finishing))
+                    digests[shard.filename] = done
         _check_inputs_unchanged(experts)
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(shards), indent=2) + "\n")
         copy_aux_files(aux_source, tmp, config_overrides or {})
-        full_recipe = dict(recipe, shards=[
-            {"file": s.filename, "size": s.file_size, "sha256": digests[s.filename].result()} for s in shards],
+        full_recipe = dict(recipe, checksum=checksum, shards=[
+            {"file": s.filename, "size": s.file_size, checksum: digests[s.filename].result()} for s in shards],
             reused_shards=[{"shard": s.filename, "from": str(s.reuse.source), "expert": s.reuse.expert,
-                            "sha256": digests[s.filename].result()} for s in shards if isinstance(s, ReusedShard)])
+                            checksum: digests[s.filename].result()} for s in shards if isinstance(s, ReusedShard)])
         (tmp / RECIPE_NAME).write_text(json.dumps(full_recipe, indent=2) + "\n")
         publish(tmp, out, force)
     copied_new = sum(t.recipe.op == "copy" for s in new for t in s.tensors)

@@ -9,11 +9,9 @@ reports and removes it.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -169,21 +167,6 @@ def reuse_shard(shard: ReusedShard, dest: Path, final_dir: Path, mode: str, sour
         writer.copy_range(source, 0, 0, shard.file_size)
         writer.close(sync=True)
     return "copy"
-
-
-class Cancelled(Exception):
-    """A background hash stopped because the merge is being abandoned."""
-
-
-def sha256_file(path: Path, stop: threading.Event | None = None, block: int = 8 << 20) -> str:
-    """sha256 of a file, read in blocks (hashlib releases the GIL); ``stop`` aborts it early."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            if stop is not None and stop.is_set():
-                raise Cancelled(str(path))
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def copy_aux_files(source_dir: Path, dest: Path, config_overrides: Mapping[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Check a merged output against what its recipe recorded: headers, index, sizes, sha256."""
+"""Check a merged output against what its recipe recorded: headers, index, sizes, checksums."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from .checkpoint import INDEX_NAME, open_checkpoint
 from .engine import RECIPE_NAME
 from .errors import CheckpointError, LayerswapError
-from .output import sha256_file
+from .writeback import CHECKSUMS, hash_file
 
 
 class VerifyError(LayerswapError):
@@ -26,7 +26,7 @@ class VerifyReport:
 
     def summary(self) -> str:
         return (f"ok: {self.path}: {self.shards} shards, {self.tensors} tensors, {self.bytes / 1e9:.2f} GB, "
-                f"headers, index, sizes and sha256 match the recipe")
+                f"headers, index, sizes and checksums match the recipe")
 
 
 def _recorded_shards(out: Path) -> list[dict]:
@@ -34,11 +34,13 @@ def _recorded_shards(out: Path) -> list[dict]:
     if not recipe_path.is_file():
         raise VerifyError(f"{out}: no {RECIPE_NAME}; not a complete layerswap-fast output")
     try:
-        shards = json.loads(recipe_path.read_text(encoding="utf-8"))["shards"]
-        assert isinstance(shards, list) and all({"file", "size", "sha256"} <= set(s) for s in shards)
+        recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
+        shards, algorithm = recipe["shards"], recipe.get("checksum", "sha256")
+        assert algorithm in CHECKSUMS
+        assert isinstance(shards, list) and all({"file", "size", algorithm} <= set(s) for s in shards)
     except (ValueError, KeyError, TypeError, AssertionError):
-        raise VerifyError(f"{recipe_path}: unreadable recipe (no list of shards with size and sha256)") from None
-    return shards
+        raise VerifyError(f"{recipe_path}: unreadable recipe (no list of shards with size and checksum)") from None
+    return [dict(s, digest=s[algorithm], algorithm=algorithm) for s in shards]
 
 
 def verify(out: str | os.PathLike[str]) -> VerifyReport:
@@ -63,6 +65,7 @@ def verify(out: str | os.PathLike[str]) -> VerifyReport:
             size = path.stat().st_size
             if size != entry["size"]:
                 raise VerifyError(f"{path}: {size} bytes, the recipe recorded {entry['size']}")
-            if sha256_file(path) != entry["sha256"]:
-                raise VerifyError(f"{path}: sha256 differs from the recipe's; the file was changed or corrupted")
+            if hash_file(path, entry["algorithm"]) != entry["digest"]:
+                raise VerifyError(f"{path}: {entry['algorithm']} checksum differs from the recipe's; "
+                                  f"the file was changed or corrupted")
         return VerifyReport(out, len(shards), len(ckpt.specs), sum(s["size"] for s in shards))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from safetensors import safe_open
@@ -99,9 +99,10 @@ def test_output_is_sharded_indexed_and_carries_its_recipe(trio: dict[str, Path],
     assert index["metadata"]["total_size"] == total
     assert recipe["inputs"]["task"]["path"] == str(trio["task"].resolve())
     assert [entry["file"] for entry in recipe["shards"]] == shards
+    assert recipe["checksum"] == "blake3"
     for entry in recipe["shards"]:  # every shard's checksum, for `verify`
         data = (out / entry["file"]).read_bytes()
-        assert entry["size"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["size"] == len(data) and entry["blake3"] == blake3.blake3(data).hexdigest()
     assert_merged(out, trio)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import blake3
 import json
 import os
 from pathlib import Path
@@ -37,7 +37,7 @@ def test_pure_task_shards_are_found_and_hard_linked(trio: dict[str, Path], tmp_p
     for entry in reused:
         src, dst = Path(entry["from"]), out / entry["shard"]
         assert os.stat(src).st_ino == os.stat(dst).st_ino
-        assert entry["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        assert entry["blake3"] == blake3.blake3(src.read_bytes()).hexdigest()
         from safetensors import safe_open
         with safe_open(str(dst), framework="pt") as f:  # every tensor in it is a kept layer of its expert
             for name in f.keys():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -38,10 +39,23 @@ def test_a_flipped_byte_is_caught(merged: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1
     shard.write_bytes(bytes(data))
-    with pytest.raises(ls.VerifyError, match=f"{shard.name}: sha256 differs from the recipe's"):
+    with pytest.raises(ls.VerifyError, match=f"{shard.name}: blake3 checksum differs from the recipe's"):
         ls.verify(merged)
     r = CliRunner().invoke(main, ["verify", str(merged)])
-    assert r.exit_code == 2 and r.output.startswith("error: ") and "sha256 differs" in r.output
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "checksum differs" in r.output
+
+
+def test_sha256_on_request(trio: dict[str, Path], tmp_path: Path) -> None:
+    ls.merge(trio["task"], trio["language"], tmp_path / "out", checksum="sha256", link="copy")
+    recipe = json.loads((tmp_path / "out" / "layerswap_recipe.json").read_text())
+    assert recipe["checksum"] == "sha256"
+    for entry in recipe["shards"]:
+        assert entry["sha256"] == hashlib.sha256((tmp_path / "out" / entry["file"]).read_bytes()).hexdigest()
+    ls.verify(tmp_path / "out")
+    shard = tmp_path / "out" / recipe["shards"][-1]["file"]
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(ls.VerifyError, match="sha256 checksum differs"):
+        ls.verify(tmp_path / "out")
 
 
 def test_a_truncated_shard_is_caught(merged: Path) -> None:

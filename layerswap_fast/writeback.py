@@ -1,0 +1,163 @@
+"""What follows the writer: checksums of finished bytes, and bounded dirty pages.
+
+A :class:`ShardFinisher` trails the writer of one output shard on a background thread. Each time
+the writer reports that the file is complete up to some offset, the finisher reads the new bytes
+back (from the page cache, where they just went) into a running sha256, so the checksum costs a
+second core rather than a second pass. For an output larger than the kernel's own
+background-writeback threshold (:func:`needs_throttle`), it also starts writing each hashed range
+back to the disk, waits for ranges more than ``max_dirty`` behind, and drops those clean pages
+from the cache: such a merge keeps at most about ``max_dirty`` bytes dirty and does not push the
+rest of the machine out of the page cache. Smaller outputs leave writeback to the kernel, as
+``cp`` does.
+
+The checksum is BLAKE3 by default (cryptographic, 3.7 GB/s on one core of the reference machine)
+or SHA-256 on request (1.3 GB/s there: it alone takes twice as long as copying the bytes, which is
+why it is not the default). Input files that are reused whole are hashed too (the recipe records
+every shard's checksum); those digests are cached per (algorithm, device, inode, size, mtime) under
+``$XDG_CACHE_HOME/layerswap-fast``, so a sweep of merges over the same experts hashes each input
+once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from . import _core
+
+_BLOCK = 8 << 20
+_DEFAULT_MAX_DIRTY = 1 << 30
+CHECKSUMS = ("blake3", "sha256")
+
+
+def new_hasher(algorithm: str) -> Any:
+    """A running hash object (``update``/``hexdigest``) of a checksum algorithm."""
+    if algorithm == "blake3":
+        return blake3.blake3()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown checksum {algorithm!r}")
+
+
+class Cancelled(Exception):
+    """The merge is being abandoned; background work stops early."""
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+def _background_ratio() -> float:
+    try:
+        return int(Path("/proc/sys/vm/dirty_background_ratio").read_text()) / 100 or 0.1
+    except (OSError, ValueError):
+        return 0.1
+
+
+def needs_throttle(output_bytes: int) -> bool:
+    """Whether an output is too large to leave its dirty pages to the kernel."""
+    return output_bytes > _background_ratio() * _ram_bytes()
+
+
+class ShardFinisher:
+    """Hashes (and, throttled, writes back) one output shard right behind its writer."""
+
+    def __init__(self, writer: _core.ShardWriter, path: Path, pool: ThreadPoolExecutor, stop: threading.Event,
+                 throttle: bool, checksum: str = "blake3", max_dirty: int = _DEFAULT_MAX_DIRTY) -> None:
+        self.writer, self.pool, self.stop = writer, pool, stop
+        self.throttle, self.max_dirty = throttle, max_dirty
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.sha = new_hasher(checksum)
+        self.hashed = 0    # bytes [0, hashed) are in the checksum
+        self.clean = 0     # bytes [0, clean) are on disk and out of the cache (throttled only)
+        self.pending: list[Future[None]] = []
+
+    def advance(self, upto: int) -> None:
+        """The file is complete up to ``upto``: hash the new bytes in the background. Blocks the
+        writer when it runs more than ``max_dirty`` ahead of the finisher."""
+        self.pending.append(self.pool.submit(self._consume, upto))
+        while len(self.pending) > 1 and upto - self.hashed > self.max_dirty:
+            self.pending.pop(0).result()
+        for future in [f for f in self.pending if f.done()]:
+            future.result()  # a failure in the background surfaces here
+        self.pending = [f for f in self.pending if not f.done()]
+
+    def _consume(self, upto: int) -> None:
+        start = self.hashed
+        while self.hashed < upto:
+            if self.stop.is_set():
+                raise Cancelled
+            block = os.pread(self.fd, min(_BLOCK, upto - self.hashed), self.hashed)
+            if not block:
+                raise _core.CoreError(5, f"reading back {self.writer.path}: unexpected end of file")
+            self.sha.update(block)
+            self.hashed += len(block)
+        if self.throttle and upto > start:
+            self.writer.writeback(start, upto - start, False, False)
+            behind = upto - self.max_dirty
+            if behind > self.clean:
+                self.writer.writeback(self.clean, behind - self.clean, True, True)
+                self.clean = behind
+
+    def finish(self, size: int) -> str:
+        """Wait for the rest; the file's checksum (hex)."""
+        self.advance(size)
+        for future in self.pending:
+            future.result()
+        if self.throttle and size > self.clean:
+            self.writer.writeback(self.clean, size - self.clean, True, True)
+        os.close(self.fd)
+        self.fd = -1
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "layerswap-fast" / "checksums"
+
+
+def hash_file(path: Path, algorithm: str = "blake3", stop: threading.Event | None = None) -> str:
+    """Checksum of a file, read in blocks (the hashers release the GIL); ``stop`` aborts it early."""
+    h = new_hasher(algorithm)
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_BLOCK):
+            if stop is not None and stop.is_set():
+                raise Cancelled(str(path))
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_hash(path: Path, algorithm: str = "blake3", stop: threading.Event | None = None) -> str:
+    """Checksum of an input file, remembered per (algorithm, device, inode, size, mtime):
+    unchanged inputs are hashed once across merges."""
+    st = os.stat(path)
+    key = _cache_dir() / f"{algorithm}-{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+    try:
+        digest = key.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    digest = hash_file(path, algorithm, stop)
+    try:
+        key.parent.mkdir(parents=True, exist_ok=True)
+        tmp = key.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, key)
+    except OSError:
+        pass  # a read-only home: no cache, same result
+    return digest
