@@ -15,6 +15,7 @@
 #include "common.hpp"
 #include "io.hpp"
 #include "kernels.hpp"
+#include "ties.hpp"
 
 namespace py = pybind11;
 using lsf::CoreErr;
@@ -351,6 +352,124 @@ py::array_t<double> row_mav_file_py(py::handle experts, py::handle expert_dtypes
   return res;
 }
 
+// ---- TIES-merging ------------------------------------------------------------------------------
+
+float to_lam(py::handle h) {
+  double d = PyFloat_AsDouble(h.ptr());
+  if (d == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<float>(d);  // rounded to float32 once, as torch does
+}
+
+// The buffers of `base` and `experts` with their lengths checked against numel elements.
+struct TiesBuffers {
+  DType bdt;
+  std::vector<DType> edt;
+  std::unique_ptr<BufView> base;
+  std::vector<std::unique_ptr<BufView>> views;
+  std::vector<const unsigned char*> ptrs;
+};
+
+void ties_check_len(const BufView& v, DType d, uint64_t numel, const std::string& role,
+                    const char* fn) {
+  uint64_t want;
+  const bool fits = lsf::mul_ok(numel, lsf::dtype_size(d), &want);
+  if (!fits || v.len() != want)
+    fail(std::string(fn) + ": " + role + " has " + std::to_string(v.len()) + " bytes but " +
+         std::to_string(numel) + " elements of " + lsf::dtype_name(d) + " need " +
+         (fits ? std::to_string(want) : std::string("more")));
+}
+
+// numel == UINT64_MAX: take it from the base buffer (which must hold whole elements).
+TiesBuffers ties_inputs(py::handle base, py::handle base_dtype, py::handle experts,
+                        py::handle expert_dtypes, uint64_t* numel, const char* fn) {
+  TiesBuffers t;
+  auto items = to_items(experts, "experts");
+  const size_t n = items.size();
+  if (n == 0) fail(std::string(fn) + ": at least one expert is required");
+  t.bdt = lsf::parse_kernel_dtype(to_string_arg(base_dtype, "base_dtype"), "base_dtype");
+  t.edt = to_kernel_dtypes(expert_dtypes, "expert_dtypes", n, "experts");
+  t.base.reset(new BufView(base, false, "base"));
+  if (*numel == UINT64_MAX) {
+    const uint64_t bsz = lsf::dtype_size(t.bdt);
+    if (t.base->len() % bsz != 0)
+      fail(std::string(fn) + ": base has " + std::to_string(t.base->len()) +
+           " bytes, not a multiple of " + std::to_string(bsz) + " (" + lsf::dtype_name(t.bdt) +
+           ")");
+    *numel = t.base->len() / bsz;
+  }
+  ties_check_len(*t.base, t.bdt, *numel, "base", fn);
+  for (size_t i = 0; i < n; ++i) {
+    std::string role = "experts[" + std::to_string(i) + "]";
+    t.views.emplace_back(new BufView(items[i], false, role));
+    ties_check_len(*t.views.back(), t.edt[i], *numel, role, fn);
+    t.ptrs.push_back(t.views.back()->data());
+  }
+  return t;
+}
+
+py::list ties_thresholds_buffers_py(py::handle base, py::handle base_dtype, py::handle experts,
+                                    py::handle expert_dtypes, py::handle keep,
+                                    py::handle threads) {
+  uint64_t numel = UINT64_MAX;
+  TiesBuffers t =
+      ties_inputs(base, base_dtype, experts, expert_dtypes, &numel, "ties_thresholds_buffers");
+  uint64_t k = to_u64(keep, "keep");
+  int64_t nthreads = to_i64(threads, "threads");
+  std::vector<float> tau;
+  {
+    py::gil_scoped_release nogil;
+    tau = lsf::ties_thresholds_buffers_run(t.base->data(), t.bdt, t.ptrs, t.edt, numel, k,
+                                           nthreads);
+  }
+  py::list res;
+  for (float f : tau) res.append(py::float_(static_cast<double>(f)));
+  return res;
+}
+
+void ties_buffers_py(py::handle base, py::handle base_dtype, py::handle experts,
+                     py::handle expert_dtypes, py::handle out, py::handle out_dtype,
+                     py::handle keep, py::handle lam, py::handle threads) {
+  DType odt = lsf::parse_kernel_dtype(to_string_arg(out_dtype, "out_dtype"), "out_dtype");
+  BufView ov(out, true, "out");
+  const uint64_t osz = lsf::dtype_size(odt);
+  if (ov.len() % osz != 0)
+    fail("ties_buffers: out has " + std::to_string(ov.len()) + " bytes, not a multiple of " +
+         std::to_string(osz) + " (" + lsf::dtype_name(odt) + ")");
+  uint64_t numel = ov.len() / osz;
+  TiesBuffers t = ties_inputs(base, base_dtype, experts, expert_dtypes, &numel, "ties_buffers");
+  uint64_t k = to_u64(keep, "keep");
+  float l = to_lam(lam);
+  int64_t nthreads = to_i64(threads, "threads");
+  py::gil_scoped_release nogil;
+  lsf::ties_buffers_run(t.base->data(), t.bdt, t.ptrs, t.edt, ov.data(), odt, numel, k, l,
+                        nthreads);
+}
+
+void ties_file_py(py::handle base, py::handle base_dtype, py::handle experts,
+                  py::handle expert_dtypes, std::shared_ptr<lsf::ShardWriter> out,
+                  py::handle out_offset, py::handle out_dtype, py::handle numel, py::handle keep,
+                  py::handle lam, py::handle chunk_elems, py::handle threads) {
+  if (!out) throw py::type_error("out must be a ShardWriter");
+  std::vector<std::shared_ptr<lsf::InputFile>> keep_base;
+  lsf::FileSlice bs = to_slice(base, "base", keep_base);
+  DType bdt = lsf::parse_kernel_dtype(to_string_arg(base_dtype, "base_dtype"), "base_dtype");
+  Slices ex = to_slices(experts, "experts");
+  const size_t n = ex.slices.size();
+  if (n == 0) fail("ties_file: at least one expert is required");
+  auto dts = to_kernel_dtypes(expert_dtypes, "expert_dtypes", n, "experts");
+  DType odt = lsf::parse_kernel_dtype(to_string_arg(out_dtype, "out_dtype"), "out_dtype");
+  uint64_t ooff = to_u64(out_offset, "out_offset");
+  uint64_t ne = to_u64(numel, "numel");
+  uint64_t k = to_u64(keep, "keep");
+  float l = to_lam(lam);
+  int64_t chunk = to_i64(chunk_elems, "chunk_elems");
+  if (chunk <= 0) fail("ties_file: chunk_elems must be >= 1 (got " + std::to_string(chunk) + ")");
+  int64_t nthreads = to_i64(threads, "threads");
+  py::gil_scoped_release nogil;
+  lsf::ties_file_run(bs, bdt, ex.slices, dts, *out, ooff, odt, ne, k, l,
+                     static_cast<uint64_t>(chunk), nthreads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -525,6 +644,16 @@ PYBIND11_MODULE(_core, m) {
   m.def("row_mav_file", &row_mav_file_py, py::arg("experts"), py::arg("expert_dtypes"),
         py::arg("base"), py::arg("base_dtype"), py::arg("rows"), py::arg("cols"),
         py::arg("chunk_elems") = 1 << 20, py::arg("threads") = 0);
+  m.def("ties_thresholds_buffers", &ties_thresholds_buffers_py, py::arg("base"),
+        py::arg("base_dtype"), py::arg("experts"), py::arg("expert_dtypes"), py::arg("keep"),
+        py::arg("threads") = 0);
+  m.def("ties_buffers", &ties_buffers_py, py::arg("base"), py::arg("base_dtype"),
+        py::arg("experts"), py::arg("expert_dtypes"), py::arg("out"), py::arg("out_dtype"),
+        py::arg("keep"), py::arg("lam"), py::arg("threads") = 0);
+  m.def("ties_file", &ties_file_py, py::arg("base"), py::arg("base_dtype"), py::arg("experts"),
+        py::arg("expert_dtypes"), py::arg("out"), py::arg("out_offset"), py::arg("out_dtype"),
+        py::arg("numel"), py::arg("keep"), py::arg("lam"), py::arg("chunk_elems") = 1 << 20,
+        py::arg("threads") = 0);
   m.def(
       "_set_copy_file_range_enabled",
       [](bool enabled) { lsf::set_copy_file_range_enabled(enabled); }, py::arg("enabled"),

@@ -133,6 +133,89 @@ def row_mav_file(
     """:func:`row_mav_buffers` streamed from files: the base is read once for all experts, in
     chunks of ``chunk_elems`` elements (rows may span chunks). Same numerics and shape."""
 
+def ties_thresholds_buffers(
+    base: Buffer,
+    base_dtype: str,
+    experts: Sequence[Buffer],
+    expert_dtypes: Sequence[str],
+    keep: int,
+    threads: int = 0,
+) -> list[float]:
+    """The TIES trim threshold ``tau_i`` of every expert (see :func:`ties_buffers`): the
+    ``keep``-th largest ``|float32(e_i) - float32(base)|``, exact; ``+inf`` when ``keep == 0``,
+    ``0.0`` when ``keep >= numel``; a NaN when NaN deltas (ordered above +inf) reach the
+    ``keep``-th place. ``numel = len(base) / size(base_dtype)``; every expert must hold exactly
+    ``numel`` elements. Found by the same radix select as :func:`ties_file`, over memory."""
+
+def ties_buffers(
+    base: Buffer,
+    base_dtype: str,
+    experts: Sequence[Buffer],
+    expert_dtypes: Sequence[str],
+    out: Buffer,
+    out_dtype: str,
+    keep: int,
+    lam: float,
+    threads: int = 0,
+) -> None:
+    """TIES-merging (Yadav et al., 2023) of N >= 1 experts against ``base``, element-wise in
+    float32, into ``out`` (``numel = len(out) / size(out_dtype)``; base and every expert must hold
+    exactly ``numel`` elements of their dtypes):
+
+    1. ``d_i = float32(e_i) - float32(b)``.
+    2. trim: ``t_i = d_i if |d_i| >= tau_i else +0.0`` with ``tau_i`` the ``keep``-th largest
+       ``|d_i|`` (:func:`ties_thresholds_buffers`). Every element tied with ``tau_i`` is kept, so
+       more than ``keep`` may survive. ``keep == 0`` keeps nothing (not even NaN or infinite
+       deltas); ``keep >= numel`` keeps everything. The caller computes
+       ``keep = floor(density * numel)``. NaN deltas: ``|NaN|`` orders above ``+inf`` (as its bit
+       pattern does) and every NaN delta is kept (for ``keep >= 1``).
+    3. elect: ``s = t_0 + t_1 + ...`` (float32, input order, from ``t_0``);
+       ``gamma = sign(s)`` in {+1, -1, 0}, with ``sign(NaN) == 0`` (as ``torch.sign`` on CPU).
+    4. disjoint mean: agreeing terms are those with ``sign(t_i) == gamma and t_i != 0``;
+       ``num = 0.0; num = num + (t_i if agreeing else 0.0)`` for each i in order (float32),
+       ``cnt`` = their number, ``mean = num / float32(cnt) if cnt > 0 else 0.0``.
+       Consequences: a kept NaN delta makes ``s`` NaN, ``gamma`` 0, and then itself agrees, so
+       the output is NaN there; ``+inf`` and ``-inf`` deltas kept together make ``s`` NaN with no
+       agreeing term, so the output is the base there.
+    5. ``out = round_to_out_dtype(b + float32(lam) * mean)``: ``lam`` rounded to float32 once, the
+       product rounded to float32 before the add (no FMA), rounded to nearest even into
+       ``out_dtype`` as in :func:`blend_buffers`. (So ``-0.0`` in the base becomes ``+0.0`` where
+       ``mean`` is 0 and ``lam >= 0``.)
+
+    Byte-identical for every ``threads`` (<= 0: all cores). dtypes: BF16, F16, F32."""
+
+def ties_file(
+    base: tuple[InputFile, int],
+    base_dtype: str,
+    experts: Sequence[tuple[InputFile, int]],
+    expert_dtypes: Sequence[str],
+    out: ShardWriter,
+    out_offset: int,
+    out_dtype: str,
+    numel: int,
+    keep: int,
+    lam: float,
+    chunk_elems: int = 1 << 20,
+    threads: int = 0,
+) -> None:
+    """:func:`ties_buffers` streamed from files, with the same bytes for every ``chunk_elems``
+    and ``threads``: ``numel`` elements at each (file, absolute offset), written to ``out`` at
+    ``out_offset``. Bounds and dtypes are checked as in :func:`blend_file`.
+
+    No float32 copy of a tensor is made: each ``tau_i`` is found by an exact radix select over the
+    bit patterns of ``|d_i|``. Pass 1 streams base and experts (the base chunk read once for all
+    experts) and histograms the top 16 bits of every ``|d_i|`` (per thread, merged after the
+    join), which locates the bin of the ``keep``-th largest; pass 2 streams again and histograms
+    the low 16 bits of the elements in that bin, giving ``tau_i`` exactly; pass 3 streams again
+    and writes the output. The input is thus read 3 times, with two exact shortcuts: pass 2 is
+    skipped when, for every expert, the ``keep``-th largest falls among the values of its bin
+    whose low 16 bits are zero (pass 1 counts those; common for 16-bit checkpoints, whose deltas
+    often have few significant bits), and passes 1-2 when ``keep == 0`` or ``keep >= numel``.
+
+    Memory: O(512 KiB × N × threads) of histograms plus
+    O(chunk_elems × (bytes per element of base + experts + out) × threads) of chunk buffers
+    (``threads`` as resolved: at most the number of chunks), independent of ``numel``."""
+
 def _set_copy_file_range_enabled(enabled: bool) -> None:
     """Testing hook (process-wide): ``False`` forces :meth:`ShardWriter.copy_range` onto its
     pread/pwrite fallback; ``True`` (the default) uses copy_file_range again."""

@@ -1,0 +1,685 @@
+#include "ties.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+
+#include "numerics.hpp"
+
+#define LSF_INLINE inline __attribute__((always_inline))
+
+// As in kernels.cpp: the hot loops get an AVX2 clone picked at load time; both clones do the same
+// IEEE float32 operations (no FMA: -ffp-contract=off), so results do not depend on the CPU.
+#ifndef LSF_DISABLE_TARGET_CLONES
+#define LSF_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LSF_CLONES
+#endif
+
+namespace lsf {
+
+namespace {
+
+constexpr size_t kBlk = 1024;            // elements per block (float32 scratch per thread)
+constexpr uint64_t kTask = 1ULL << 16;   // elements per task of the in-memory drivers
+constexpr size_t kHiBins = size_t{1} << 15;  // top 16 bits of |d| (its sign bit is always 0)
+constexpr size_t kLoBins = size_t{1} << 16;  // low 16 bits
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
+constexpr uint32_t kNanThr = 0x7F800001u;    // smallest |NaN| pattern: every NaN is kept
+constexpr uint32_t kKeepNone = 0x80000000u;  // above every |d| pattern: nothing is kept
+
+// One pass-1 bin: how many |d| have these top 16 bits, and how many of them have all low 16 bits
+// zero. Those are the smallest values of the bin, so when the wanted rank within the bin falls
+// among them, tau is the bin's base pattern without a pass 2 (common in 16-bit checkpoints,
+// whose deltas often have few significant bits).
+struct HiBin {
+  uint64_t cnt;
+  uint64_t lo_zero;
+};
+static_assert(sizeof(HiBin) == 16, "HiBin is 16 bytes");
+
+// ---- shared helpers (the same as the internal ones of kernels.cpp) -----------------------------
+
+template <DType D>
+struct Elem;
+
+template <>
+struct Elem<DType::BF16> {
+  static LSF_INLINE float load(const unsigned char* p, size_t j) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * j, 2);
+    return bf16_to_f32(h);
+  }
+  static LSF_INLINE void store(unsigned char* p, size_t j, float f) {
+    uint16_t h = f32_to_bf16(f);
+    std::memcpy(p + 2 * j, &h, 2);
+  }
+};
+
+template <>
+struct Elem<DType::F16> {
+  static LSF_INLINE float load(const unsigned char* p, size_t j) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * j, 2);
+    return f16_to_f32(h);
+  }
+  static LSF_INLINE void store(unsigned char* p, size_t j, float f) {
+    uint16_t h = f32_to_f16(f);
+    std::memcpy(p + 2 * j, &h, 2);
+  }
+};
+
+template <>
+struct Elem<DType::F32> {
+  static LSF_INLINE float load(const unsigned char* p, size_t j) {
+    float f;
+    std::memcpy(&f, p + 4 * j, 4);
+    return f;
+  }
+  static LSF_INLINE void store(unsigned char* p, size_t j, float f) { std::memcpy(p + 4 * j, &f, 4); }
+};
+
+#define LSF_TIES_DISPATCH(dt, D, ...)    \
+  switch (dt) {                          \
+    case DType::BF16: {                  \
+      constexpr DType D = DType::BF16;   \
+      __VA_ARGS__;                       \
+      break;                             \
+    }                                    \
+    case DType::F16: {                   \
+      constexpr DType D = DType::F16;    \
+      __VA_ARGS__;                       \
+      break;                             \
+    }                                    \
+    default: {                           \
+      constexpr DType D = DType::F32;    \
+      __VA_ARGS__;                       \
+      break;                             \
+    }                                    \
+  }
+
+class TaskQueue {
+ public:
+  explicit TaskQueue(uint64_t n) : n_(n) {}
+  bool pop(uint64_t* t) {
+    if (stop_.load(std::memory_order_relaxed)) return false;
+    *t = next_.fetch_add(1, std::memory_order_relaxed);
+    return *t < n_;
+  }
+  void stop() { stop_.store(true, std::memory_order_relaxed); }
+
+ private:
+  uint64_t n_;
+  std::atomic<uint64_t> next_{0};
+  std::atomic<bool> stop_{false};
+};
+
+// Run worker(queue) on `nthreads` threads (the caller is one of them); the first exception of any
+// worker stops the others from taking new tasks and is rethrown after all threads have joined.
+template <class Worker>
+void run_pool(size_t nthreads, uint64_t ntasks, Worker&& worker) {
+  TaskQueue queue(ntasks);
+  std::mutex err_m;
+  std::exception_ptr first;
+  auto body = [&]() {
+    try {
+      worker(queue);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(err_m);
+      if (!first) first = std::current_exception();
+      queue.stop();
+    }
+  };
+  std::vector<std::thread> pool;
+  try {
+    pool.reserve(nthreads > 0 ? nthreads - 1 : 0);
+    for (size_t i = 1; i < nthreads; ++i) pool.emplace_back(body);
+  } catch (...) {
+    // Could not start more threads: the ones running (and this one) do all the work.
+  }
+  body();
+  for (auto& t : pool) t.join();
+  if (first) std::rethrow_exception(first);
+}
+
+template <class T>
+std::unique_ptr<T[]> alloc_array(uint64_t n, const char* what) {
+  uint64_t bytes;
+  if (!mul_ok(n, sizeof(T), &bytes) || bytes > static_cast<uint64_t>(PTRDIFF_MAX))
+    fail_os(ENOMEM, std::string("allocating ") + std::to_string(n) + " x " +
+                        std::to_string(sizeof(T)) + " bytes for " + what);
+  try {
+    return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
+  } catch (const std::bad_alloc&) {
+    fail_nomem(bytes, what);
+  }
+}
+
+void check_slice(const FileSlice& s, uint64_t numel, DType dt, const std::string& role) {
+  uint64_t bytes;
+  if (!mul_ok(numel, dtype_size(dt), &bytes))
+    fail(role + ": " + std::to_string(numel) + " elements of " + dtype_name(dt) +
+         " overflow a 64-bit size");
+  if (!range_ok(s.offset, bytes, s.file->size()))
+    fail(role + ": " + std::to_string(numel) + " elements of " + dtype_name(dt) + " (" +
+         std::to_string(bytes) + " bytes) at offset " + std::to_string(s.offset) +
+         " run past the end of " + show(s.file->path()) + " (" + std::to_string(s.file->size()) +
+         " bytes)");
+}
+
+// ---- block loops -------------------------------------------------------------------------------
+
+LSF_INLINE int32_t sgn(float x) {
+  return static_cast<int32_t>(x > 0.0f) - static_cast<int32_t>(x < 0.0f);  // 0 for +-0 and NaN
+}
+
+template <DType D>
+LSF_INLINE void pass_to_f32(float* __restrict dst, const unsigned char* __restrict p, size_t m) {
+  for (size_t j = 0; j < m; ++j) dst[j] = Elem<D>::load(p, j);
+}
+
+// u = bit pattern of |float32(x) - b|
+template <DType D>
+LSF_INLINE void pass_abs_bits(uint32_t* __restrict u, const unsigned char* __restrict p,
+                              const float* __restrict b, size_t m) {
+  for (size_t j = 0; j < m; ++j) u[j] = f32_to_bits(Elem<D>::load(p, j) - b[j]) & kAbsMask;
+}
+
+LSF_INLINE void add_hi(HiBin* __restrict h, const uint32_t* __restrict u, size_t m) {
+  for (size_t j = 0; j < m; ++j) {
+    HiBin& bin = h[u[j] >> 16];
+    bin.cnt += 1;
+    bin.lo_zero += static_cast<uint64_t>((u[j] & 0xFFFFu) == 0);
+  }
+}
+
+LSF_INLINE void add_lo(uint64_t* __restrict h, const uint32_t* __restrict u, uint32_t hi,
+                       size_t m) {
+  for (size_t j = 0; j < m; ++j)
+    if ((u[j] >> 16) == hi) h[u[j] & 0xFFFFu] += 1;
+}
+
+// t = d where |d|'s pattern >= thr, else +0.0.
+template <DType D>
+LSF_INLINE void pass_trim(float* __restrict t, const unsigned char* __restrict p,
+                          const float* __restrict b, uint32_t thr, size_t m) {
+  for (size_t j = 0; j < m; ++j) {
+    const uint32_t db = f32_to_bits(Elem<D>::load(p, j) - b[j]);
+    const uint32_t keep = 0u - static_cast<uint32_t>((db & kAbsMask) >= thr);
+    t[j] = f32_from_bits(db & keep);
+  }
+}
+
+LSF_INLINE void pass_elect_init(int32_t* __restrict g, float* __restrict num,
+                                int32_t* __restrict cnt, const float* __restrict s, size_t m) {
+  for (size_t j = 0; j < m; ++j) {
+    g[j] = sgn(s[j]);
+    num[j] = 0.0f;
+    cnt[j] = 0;
+  }
+}
+
+LSF_INLINE void pass_agree(float* __restrict num, int32_t* __restrict cnt,
+                           const float* __restrict t, const int32_t* __restrict g, size_t m) {
+  for (size_t j = 0; j < m; ++j) {
+    const float x = t[j];
+    const uint32_t agree = static_cast<uint32_t>((sgn(x) == g[j]) & (x != 0.0f));
+    num[j] = num[j] + f32_from_bits(f32_to_bits(x) & (0u - agree));  // + x or + (+0.0)
+    cnt[j] += static_cast<int32_t>(agree);
+  }
+}
+
+template <DType D>
+LSF_INLINE void pass_finish(unsigned char* __restrict out, const float* __restrict b,
+                            const float* __restrict num, const int32_t* __restrict cnt, float lam,
+                            size_t m) {
+  for (size_t j = 0; j < m; ++j) {
+    // cnt == 0 leaves num at exactly +0.0 (only +0.0 was added), and +0.0 / 1 is the 0.0 the
+    // contract asks for: the same value as `cnt > 0 ? num / cnt : 0.0f`, without a branch.
+    const int32_t c = cnt[j] > 0 ? cnt[j] : 1;
+    const float mean = num[j] / static_cast<float>(c);
+    const float prod = lam * mean;
+    Elem<D>::store(out, j, b[j] + prod);
+  }
+}
+
+// Per-thread float32 scratch.
+class Scratch {
+ public:
+  explicit Scratch(size_t n_trimmed)
+      : f_(alloc_array<float>(static_cast<uint64_t>(n_trimmed + 3) * kBlk, "ties scratch")),
+        i_(alloc_array<int32_t>(2 * kBlk, "ties scratch")),
+        u_(alloc_array<uint32_t>(kBlk, "ties scratch")) {}
+  float* base() { return f_.get(); }
+  float* sum() { return f_.get() + kBlk; }
+  float* num() { return f_.get() + 2 * kBlk; }
+  float* t(size_t e) { return f_.get() + (3 + e) * kBlk; }
+  int32_t* gamma() { return i_.get(); }
+  int32_t* cnt() { return i_.get() + kBlk; }
+  uint32_t* bits() { return u_.get(); }
+
+ private:
+  std::unique_ptr<float[]> f_;
+  std::unique_ptr<int32_t[]> i_;
+  std::unique_ptr<uint32_t[]> u_;
+};
+
+// Pass 1 over n consecutive elements: hist (n_ex x kHiBins) += the top 16 bits of every |d_e|.
+LSF_CLONES
+void hist_hi_range(const unsigned char* base, DType bdt, size_t n_ex,
+                   const unsigned char* const* ex, const DType* edt, size_t n, HiBin* hist,
+                   Scratch& sc) {
+  float* bf = sc.base();
+  uint32_t* u = sc.bits();
+  const size_t bsz = dtype_size(bdt);
+  for (size_t s = 0; s < n; s += kBlk) {
+    const size_t m = std::min(kBlk, n - s);
+    LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
+    for (size_t e = 0; e < n_ex; ++e) {
+      const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
+      LSF_TIES_DISPATCH(edt[e], DI, pass_abs_bits<DI>(u, p, bf, m));
+      add_hi(hist + e * kHiBins, u, m);
+    }
+  }
+}
+
+// Pass 2: hist (n_ex x kLoBins) += the low 16 bits of |d_e| where its top 16 bits are hi[e].
+LSF_CLONES
+void hist_lo_range(const unsigned char* base, DType bdt, size_t n_ex,
+                   const unsigned char* const* ex, const DType* edt, const uint32_t* hi, size_t n,
+                   uint64_t* hist, Scratch& sc) {
+  float* bf = sc.base();
+  uint32_t* u = sc.bits();
+  const size_t bsz = dtype_size(bdt);
+  for (size_t s = 0; s < n; s += kBlk) {
+    const size_t m = std::min(kBlk, n - s);
+    LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
+    for (size_t e = 0; e < n_ex; ++e) {
+      const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
+      LSF_TIES_DISPATCH(edt[e], DI, pass_abs_bits<DI>(u, p, bf, m));
+      add_lo(hist + e * kLoBins, u, hi[e], m);
+    }
+  }
+}
+
+// Pass 3: trim, elect, disjoint mean and output for n consecutive elements.
+LSF_CLONES
+void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigned char* const* ex,
+                const DType* edt, const uint32_t* thr, float lam, unsigned char* out, DType odt,
+                size_t n, Scratch& sc) {
+  float* bf = sc.base();
+  float* s_ = sc.sum();
+  float* num = sc.num();
+  int32_t* g = sc.gamma();
+  int32_t* cnt = sc.cnt();
+  const size_t bsz = dtype_size(bdt);
+  const size_t osz = dtype_size(odt);
+  for (size_t s = 0; s < n; s += kBlk) {
+    const size_t m = std::min(kBlk, n - s);
+    LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
+    for (size_t e = 0; e < n_ex; ++e) {
+      const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
+      LSF_TIES_DISPATCH(edt[e], DI, pass_trim<DI>(sc.t(e), p, bf, thr[e], m));
+    }
+    // s = t_0 + t_1 + ... in input order, starting from t_0.
+    {
+      const float* t0 = sc.t(0);
+      for (size_t j = 0; j < m; ++j) s_[j] = t0[j];
+      for (size_t e = 1; e < n_ex; ++e) {
+        const float* te = sc.t(e);
+        for (size_t j = 0; j < m; ++j) s_[j] = s_[j] + te[j];
+      }
+    }
+    pass_elect_init(g, num, cnt, s_, m);
+    for (size_t e = 0; e < n_ex; ++e) pass_agree(num, cnt, sc.t(e), g, m);
+    unsigned char* o = out + s * osz;
+    LSF_TIES_DISPATCH(odt, DO, pass_finish<DO>(o, bf, num, cnt, lam, m));
+  }
+}
+
+// ---- element sources ---------------------------------------------------------------------------
+
+// One thread's access to elements [e0, e0 + m) of the base, the experts and the output.
+class Chunks {
+ public:
+  virtual ~Chunks() = default;
+  // Point base and ex[e] at element e0 of the task (FileChunks reads only the experts flagged in
+  // `use`; ex[e] of the others stays null).
+  virtual void load(uint64_t e0, uint64_t m) = 0;
+  virtual unsigned char* out_begin(uint64_t e0) = 0;
+  virtual void out_end(uint64_t e0, uint64_t m) = 0;
+  const unsigned char* base = nullptr;
+  std::vector<const unsigned char*> ex;
+};
+
+struct Job {
+  DType bdt;
+  std::vector<DType> edt;
+  uint64_t numel;
+  uint64_t task;  // elements per task
+  int64_t threads;
+  // A per-thread source reading the experts flagged in `use`; with an output buffer if `out`.
+  std::function<std::unique_ptr<Chunks>(const std::vector<char>& use, bool out)> make;
+};
+
+class MemChunks : public Chunks {
+ public:
+  MemChunks(const unsigned char* base0, DType bdt, const std::vector<const unsigned char*>& ex0,
+            const std::vector<DType>& edt, unsigned char* out0, DType odt)
+      : base0_(base0), bsz_(dtype_size(bdt)), ex0_(ex0), out0_(out0), osz_(dtype_size(odt)) {
+    for (DType d : edt) esz_.push_back(dtype_size(d));
+    ex.assign(ex0.size(), nullptr);
+  }
+  void load(uint64_t e0, uint64_t) override {
+    base = base0_ + e0 * bsz_;
+    for (size_t e = 0; e < ex.size(); ++e) ex[e] = ex0_[e] + e0 * esz_[e];
+  }
+  unsigned char* out_begin(uint64_t e0) override { return out0_ + e0 * osz_; }
+  void out_end(uint64_t, uint64_t) override {}
+
+ private:
+  const unsigned char* base0_;
+  uint64_t bsz_;
+  const std::vector<const unsigned char*>& ex0_;
+  std::vector<uint64_t> esz_;
+  unsigned char* out0_;
+  uint64_t osz_;
+};
+
+struct FileJob {
+  FileSlice base;
+  int base_fd;
+  DType bdt;
+  const std::vector<FileSlice>* ex;
+  std::vector<int> fds;
+  const std::vector<DType>* edt;
+  ShardWriter* out;
+  int out_fd;
+  uint64_t out_offset;
+  DType odt;
+  uint64_t chunk;
+};
+
+class FileChunks : public Chunks {
+ public:
+  FileChunks(const FileJob& j, const std::vector<char>& use, bool with_out) : j_(j), use_(use) {
+    const size_t n = j.ex->size();
+    const char* what = "ties_file chunk buffers";
+    bbuf_ = alloc_array<unsigned char>(j.chunk * dtype_size(j.bdt), what);
+    base = bbuf_.get();
+    bufs_.resize(n);
+    ex.assign(n, nullptr);
+    for (size_t e = 0; e < n; ++e) {
+      if (!use_[e]) continue;
+      bufs_[e] = alloc_array<unsigned char>(j.chunk * dtype_size((*j.edt)[e]), what);
+      ex[e] = bufs_[e].get();
+    }
+    if (with_out) obuf_ = alloc_array<unsigned char>(j.chunk * dtype_size(j.odt), what);
+  }
+  void load(uint64_t e0, uint64_t m) override {
+    const uint64_t bsz = dtype_size(j_.bdt);
+    j_.base.file->pread_exact(j_.base_fd, j_.base.offset + e0 * bsz, bbuf_.get(), m * bsz);
+    for (size_t e = 0; e < ex.size(); ++e) {
+      if (!use_[e]) continue;
+      const FileSlice& s = (*j_.ex)[e];
+      const uint64_t sz = dtype_size((*j_.edt)[e]);
+      s.file->pread_exact(j_.fds[e], s.offset + e0 * sz, bufs_[e].get(), m * sz);
+    }
+  }
+  unsigned char* out_begin(uint64_t) override { return obuf_.get(); }
+  void out_end(uint64_t e0, uint64_t m) override {
+    const uint64_t osz = dtype_size(j_.odt);
+    j_.out->pwrite_exact(j_.out_fd, j_.out_offset + e0 * osz, obuf_.get(), m * osz);
+  }
+
+ private:
+  const FileJob& j_;
+  std::vector<char> use_;
+  std::unique_ptr<unsigned char[]> bbuf_;
+  std::vector<std::unique_ptr<unsigned char[]>> bufs_;
+  std::unique_ptr<unsigned char[]> obuf_;
+};
+
+// ---- the passes --------------------------------------------------------------------------------
+
+struct Thresholds {
+  std::vector<float> tau;    // the reported threshold per expert
+  std::vector<uint32_t> thr; // keep iff the pattern of |d| >= thr
+};
+
+// The largest bin index b with (sum of counts above b) + count[b] >= k, and k minus the counts
+// above it (1 <= k <= total).
+template <class Count>
+void select_bin(size_t nbins, Count count, uint64_t k, uint32_t* bin, uint64_t* k_in) {
+  uint64_t above = 0;
+  for (size_t b = nbins; b-- > 0;) {
+    const uint64_t c = count(b);
+    if (c >= k - above) {
+      *bin = static_cast<uint32_t>(b);
+      *k_in = k - above;
+      return;
+    }
+    above += c;
+  }
+  fail("ties: internal error: histogram holds fewer elements than keep");  // not reached
+}
+
+Thresholds select_thresholds(const Job& job, uint64_t keep) {
+  const size_t n = job.edt.size();
+  Thresholds r;
+  if (keep == 0) {
+    r.tau.assign(n, std::numeric_limits<float>::infinity());
+    r.thr.assign(n, kKeepNone);
+    return r;
+  }
+  if (keep >= job.numel) {
+    r.tau.assign(n, 0.0f);
+    r.thr.assign(n, 0);
+    return r;
+  }
+  const uint64_t numel = job.numel;
+  const uint64_t task = job.task;
+  const uint64_t ntasks = (numel + task - 1) / task;
+  const size_t nthreads = resolve_threads(job.threads, ntasks);
+
+  // Pass 1: top 16 bits, one histogram per (thread, expert), merged after the join.
+  std::vector<uint32_t> tau_bits(n, 0);
+  std::vector<uint32_t> hi(n, 0);
+  std::vector<uint64_t> k_in(n, 0);
+  std::vector<size_t> pending;
+  {
+    const uint64_t per_slot = static_cast<uint64_t>(n) * kHiBins;
+    auto hist = alloc_array<HiBin>(nthreads * per_slot, "ties histograms");
+    std::fill(hist.get(), hist.get() + nthreads * per_slot, HiBin{0, 0});
+    std::atomic<size_t> slots{0};
+    const std::vector<char> use(n, 1);
+    run_pool(nthreads, ntasks, [&](TaskQueue& q) {
+      HiBin* h = hist.get() + slots.fetch_add(1) * per_slot;
+      auto ch = job.make(use, false);
+      Scratch sc(0);
+      uint64_t t;
+      while (q.pop(&t)) {
+        const uint64_t e0 = t * task;
+        const uint64_t m = std::min(task, numel - e0);
+        ch->load(e0, m);
+        hist_hi_range(ch->base, job.bdt, n, ch->ex.data(), job.edt.data(),
+                      static_cast<size_t>(m), h, sc);
+      }
+    });
+    HiBin* total = hist.get();
+    for (size_t slot = 1; slot < nthreads; ++slot) {
+      const HiBin* h = hist.get() + slot * per_slot;
+      for (uint64_t b = 0; b < per_slot; ++b) {
+        total[b].cnt += h[b].cnt;
+        total[b].lo_zero += h[b].lo_zero;
+      }
+    }
+    for (size_t e = 0; e < n; ++e) {
+      const HiBin* h = total + e * kHiBins;
+      select_bin(kHiBins, [&](size_t b) { return h[b].cnt; }, keep, &hi[e], &k_in[e]);
+      const HiBin& sel = h[hi[e]];
+      if (k_in[e] > sel.cnt - sel.lo_zero) {
+        tau_bits[e] = hi[e] << 16;  // the k_in-th largest of the bin has low bits 0
+      } else {
+        pending.push_back(e);
+      }
+    }
+  }
+
+  // Pass 2: low 16 bits of the elements in the selected bin, for the experts still open.
+  if (!pending.empty()) {
+    const size_t np = pending.size();
+    const uint64_t per_slot = static_cast<uint64_t>(np) * kLoBins;
+    auto hist = alloc_array<uint64_t>(nthreads * per_slot, "ties histograms");
+    std::fill(hist.get(), hist.get() + nthreads * per_slot, uint64_t{0});
+    std::vector<char> use(n, 0);
+    std::vector<DType> pdt;
+    std::vector<uint32_t> phi;
+    for (size_t e : pending) {
+      use[e] = 1;
+      pdt.push_back(job.edt[e]);
+      phi.push_back(hi[e]);
+    }
+    std::atomic<size_t> slots{0};
+    run_pool(nthreads, ntasks, [&](TaskQueue& q) {
+      uint64_t* h = hist.get() + slots.fetch_add(1) * per_slot;
+      auto ch = job.make(use, false);
+      Scratch sc(0);
+      std::vector<const unsigned char*> ptrs(np);
+      uint64_t t;
+      while (q.pop(&t)) {
+        const uint64_t e0 = t * task;
+        const uint64_t m = std::min(task, numel - e0);
+        ch->load(e0, m);
+        for (size_t i = 0; i < np; ++i) ptrs[i] = ch->ex[pending[i]];
+        hist_lo_range(ch->base, job.bdt, np, ptrs.data(), pdt.data(), phi.data(),
+                      static_cast<size_t>(m), h, sc);
+      }
+    });
+    uint64_t* total = hist.get();
+    for (size_t slot = 1; slot < nthreads; ++slot) {
+      const uint64_t* h = hist.get() + slot * per_slot;
+      for (uint64_t b = 0; b < per_slot; ++b) total[b] += h[b];
+    }
+    for (size_t i = 0; i < np; ++i) {
+      const size_t e = pending[i];
+      const uint64_t* h = total + i * kLoBins;
+      uint32_t lo = 0;
+      uint64_t unused = 0;
+      select_bin(kLoBins, [&](size_t b) { return h[b]; }, k_in[e], &lo, &unused);
+      tau_bits[e] = (hi[e] << 16) | lo;
+    }
+  }
+
+  for (size_t e = 0; e < n; ++e) {
+    r.tau.push_back(f32_from_bits(tau_bits[e]));
+    r.thr.push_back(std::min(tau_bits[e], kNanThr));
+  }
+  return r;
+}
+
+// Pass 3.
+void merge_pass(const Job& job, const Thresholds& th, float lam, DType odt) {
+  const size_t n = job.edt.size();
+  const uint64_t numel = job.numel;
+  const uint64_t task = job.task;
+  const uint64_t ntasks = (numel + task - 1) / task;
+  const size_t nthreads = resolve_threads(job.threads, ntasks);
+  const std::vector<char> use(n, 1);
+  run_pool(nthreads, ntasks, [&](TaskQueue& q) {
+    auto ch = job.make(use, true);
+    Scratch sc(n);
+    uint64_t t;
+    while (q.pop(&t)) {
+      const uint64_t e0 = t * task;
+      const uint64_t m = std::min(task, numel - e0);
+      ch->load(e0, m);
+      unsigned char* o = ch->out_begin(e0);
+      ties_range(ch->base, job.bdt, n, ch->ex.data(), job.edt.data(), th.thr.data(), lam, o, odt,
+                 static_cast<size_t>(m), sc);
+      ch->out_end(e0, m);
+    }
+  });
+}
+
+Job mem_job(const unsigned char* base, DType bdt, const std::vector<const unsigned char*>& ex,
+            const std::vector<DType>& edt, unsigned char* out, DType odt, uint64_t numel,
+            int64_t threads) {
+  if (ex.empty()) fail("ties: at least one expert is required");
+  Job job{bdt, edt, numel, kTask, threads, nullptr};
+  job.make = [=, &ex, &edt](const std::vector<char>&, bool) -> std::unique_ptr<Chunks> {
+    return std::unique_ptr<Chunks>(new MemChunks(base, bdt, ex, edt, out, odt));
+  };
+  return job;
+}
+
+}  // namespace
+
+// ---- drivers -----------------------------------------------------------------------------------
+
+std::vector<float> ties_thresholds_buffers_run(const unsigned char* base, DType base_dt,
+                                               const std::vector<const unsigned char*>& ex,
+                                               const std::vector<DType>& ex_dt, uint64_t numel,
+                                               uint64_t keep, int64_t threads) {
+  Job job = mem_job(base, base_dt, ex, ex_dt, nullptr, DType::F32, numel, threads);
+  return select_thresholds(job, keep).tau;
+}
+
+void ties_buffers_run(const unsigned char* base, DType base_dt,
+                      const std::vector<const unsigned char*>& ex,
+                      const std::vector<DType>& ex_dt, unsigned char* out, DType out_dt,
+                      uint64_t numel, uint64_t keep, float lam, int64_t threads) {
+  Job job = mem_job(base, base_dt, ex, ex_dt, out, out_dt, numel, threads);
+  if (numel == 0) return;
+  Thresholds th = select_thresholds(job, keep);
+  merge_pass(job, th, lam, out_dt);
+}
+
+void ties_file_run(const FileSlice& base, DType base_dt, const std::vector<FileSlice>& ex,
+                   const std::vector<DType>& ex_dt, ShardWriter& out, uint64_t out_offset,
+                   DType out_dt, uint64_t numel, uint64_t keep, float lam, uint64_t chunk_elems,
+                   int64_t threads) {
+  const size_t n = ex.size();
+  if (n == 0) fail("ties_file: at least one expert is required");
+  if (ex_dt.size() != n) fail("ties_file: expert_dtypes and experts differ in length");
+  if (chunk_elems == 0) fail("ties_file: chunk_elems must be >= 1");
+  check_slice(base, numel, base_dt, "ties_file: base");
+  for (size_t e = 0; e < n; ++e)
+    check_slice(ex[e], numel, ex_dt[e], "ties_file: experts[" + std::to_string(e) + "]");
+  uint64_t out_bytes;
+  if (!mul_ok(numel, dtype_size(out_dt), &out_bytes))
+    fail("ties_file: numel " + std::to_string(numel) + " overflows a 64-bit size");
+  out.check_range(out_offset, out_bytes, "ties_file: writing");
+
+  // Hold every descriptor for the whole run, all three passes (close() elsewhere waits for us).
+  FdUse base_use(base.file->holder(), base.file->path(), "ties_file: reading");
+  std::vector<std::unique_ptr<FdUse>> uses;
+  FileJob fj{base, base_use.fd(), base_dt, &ex, {}, &ex_dt, &out, -1, out_offset, out_dt, 0};
+  for (size_t e = 0; e < n; ++e) {
+    uses.emplace_back(new FdUse(ex[e].file->holder(), ex[e].file->path(), "ties_file: reading"));
+    fj.fds.push_back(uses.back()->fd());
+  }
+  FdUse out_use(out.holder(), out.path(), "ties_file: writing");
+  fj.out_fd = out_use.fd();
+  if (numel == 0) return;
+  fj.chunk = std::min(chunk_elems, numel);
+
+  Job job{base_dt, ex_dt, numel, fj.chunk, threads, nullptr};
+  job.make = [&fj](const std::vector<char>& use, bool with_out) -> std::unique_ptr<Chunks> {
+    return std::unique_ptr<Chunks>(new FileChunks(fj, use, with_out));
+  };
+  Thresholds th = select_thresholds(job, keep);
+  merge_pass(job, th, lam, out_dt);
+}
+
+}  // namespace lsf
