@@ -129,10 +129,14 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every timed run")
     ap.add_argument("--methods", default="copy,merge,mergekit")
     ap.add_argument("--merge-arg", action="append", default=[], help="extra flag for layerswap-fast merge")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="an extra merge method with these flags, e.g. hard='--link hard' (repeat)")
     ap.add_argument("--mergekit", type=Path, default=DEFAULT_MERGEKIT)
     ap.add_argument("--workdir", type=Path, default=HERE / "out")
     args = ap.parse_args()
     methods = args.methods.split(",")
+    variants = dict(v.split("=", 1) for v in args.variant)
+    methods += [f"merge-{name}" for name in variants]
     if "mergekit" in methods and not args.mergekit.exists():
         sys.exit(f"mergekit not found at {args.mergekit}; see this script's docstring, or pass --methods copy,merge")
 
@@ -153,6 +157,8 @@ def main() -> None:
                             str(trio["language"]), "-o", str(o), *args.merge_arg],
         "mergekit": lambda o: [str(args.mergekit), str(config), str(o), "--quiet", "--no-copy-tokenizer"],
     }
+    for name, flags in variants.items():
+        commands[f"merge-{name}"] = (lambda f: lambda o: commands["merge"](o) + f.split())(flags)
     if not args.cold:  # warm: read every input once so no method pays for the first read
         subprocess.run(["bash", "-c", f'cat "{trio["task"]}"/*.safetensors "{trio["language"]}"/*.safetensors > /dev/null'])
     results: dict[str, list[dict]] = {m: [] for m in methods}
@@ -183,8 +189,9 @@ def main() -> None:
               f"{row['gb_per_s']:6.2f} {row['peak_rss_mb']:7.1f} {row['dirty_peak_mb']:9.1f}")
     by = {row["method"]: row for row in table}
     ratios = {}
-    if "copy" in by and "merge" in by:
-        ratios["merge/copy"] = round(by["merge"]["median_s"] / by["copy"]["median_s"], 3)
+    for m in by:
+        if m.startswith("merge") and "copy" in by:
+            ratios[f"{m}/copy"] = round(by[m]["median_s"] / by["copy"]["median_s"], 3)
     if "mergekit" in by and "merge" in by:
         ratios["mergekit/merge"] = round(by["mergekit"]["median_s"] / by["merge"]["median_s"], 2)
         ratios["merge_rss/mergekit_rss"] = round(by["merge"]["peak_rss_mb"] / by["mergekit"]["peak_rss_mb"], 3)

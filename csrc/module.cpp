@@ -600,6 +600,15 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("src"), py::arg("src_offset"), py::arg("dst_offset"), py::arg("nbytes"))
       .def(
+          "writeback",
+          [](lsf::ShardWriter& w, py::handle offset, py::handle nbytes, bool wait, bool drop) {
+            uint64_t off = to_u64(offset, "offset");
+            uint64_t n = to_u64(nbytes, "nbytes");
+            py::gil_scoped_release nogil;
+            w.writeback(off, n, wait, drop);
+          },
+          py::arg("offset"), py::arg("nbytes"), py::arg("wait") = false, py::arg("drop") = false)
+      .def(
           "close",
           [](lsf::ShardWriter& w, bool sync) {
             py::gil_scoped_release nogil;

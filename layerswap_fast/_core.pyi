@@ -61,6 +61,10 @@ class ShardWriter:
         """Kernel-side copy of src[src_offset, +nbytes) to [dst_offset, +nbytes) of this file with
         copy_file_range, falling back to pread/pwrite where the kernel refuses (EXDEV, ENOSYS,
         EINVAL, EOPNOTSUPP). Bounds-checked on both sides; a short source is a CoreError."""
+    def writeback(self, offset: int, nbytes: int, wait: bool = False, drop: bool = False) -> None:
+        """Start writing [offset, +nbytes) back to the disk (sync_file_range); with ``wait`` also
+        wait until it is written; with ``drop`` then evict those clean pages from the page cache
+        (posix_fadvise DONTNEED, advice only). Bounds-checked."""
     def close(self, sync: bool = True) -> None:
         """fsync (when ``sync``) and close. Idempotent."""
     def rename(self, new_path: str) -> None:

@@ -1,0 +1,89 @@
+"""The baselines on the 1b shape: time and peak RSS of every command beside a plain copy.
+
+    python bench/bench_baselines.py [--runs 3]
+
+Uses the `1b` trio (base, task, language) and one more expert of the same base (`task2`), so the
+multi-expert commands have three experts. Interleaved rounds, warm cache; each output is deleted
+right after it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import ensure_trio, find_cli, machine_info, run_timed, shard_bytes, sync  # noqa: E402
+
+
+def ensure_extra_expert(workdir: Path) -> Path:
+    path = workdir / "1b-extra" / "task2"
+    if not (path / "model.safetensors.index.json").exists():
+        # in a child: this process must stay small, its peak RSS is inherited by the timed children
+        subprocess.run([sys.executable, "-c", "from layerswap_fast.synthetic import write_model; "
+                        f"write_model({str(path)!r}, '1b', role='task2')"], check=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=HERE / "out")
+    ap.add_argument("--only", default=None, help="comma-separated subset of the methods")
+    args = ap.parse_args()
+    trio = ensure_trio(args.workdir / "1b", "1b").paths
+    base, task, lang, task2 = trio["base"], trio["task"], trio["language"], ensure_extra_expert(args.workdir)
+    experts = [task, lang, task2]
+    cli = find_cli()
+    models = [a for e in experts for a in ("--model", str(e))]
+    commands = {
+        "copy": lambda o: ["bash", "-c", f'mkdir -p "{o}" && cp "{task}"/*.safetensors "{o}"/'],
+        "soup": lambda o: [cli, "soup", *models, "-o", str(o)],
+        "soup-then-swap": lambda o: [cli, "merge", "--task-expert", str(task), "--task-expert", str(task2),
+                                     "--language-expert", str(lang), "-o", str(o)],
+        "task-arithmetic": lambda o: [cli, "task-arithmetic", "--base", str(base), *models, "--lambda", "0.5",
+                                      "-o", str(o)],
+        "ties": lambda o: [cli, "ties", "--base", str(base), *models, "--density", "0.2", "-o", str(o)],
+        "revert-layers": lambda o: [cli, "revert", "--base", str(base), "--model", str(task), "--layers", "0-4",
+                                    "-o", str(o)],
+        "revert-rows": lambda o: [cli, "revert", "--base", str(base), "--model", str(task), "--row-fraction", "0.2",
+                                  "-o", str(o)],
+    }
+    methods = args.only.split(",") if args.only else list(commands)
+    subprocess.run(["bash", "-c", " ".join(f'cat "{p}"/*.safetensors' for p in (base, *experts)) + " > /dev/null"])
+    nbytes = shard_bytes(task)
+    results: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+    for round_ in range(args.runs):
+        for m in methods:
+            out = args.workdir / f"1b.baseline-{m}"
+            shutil.rmtree(out, ignore_errors=True)
+            sync()
+            t = run_timed(commands[m](out))
+            if t.returncode != 0:
+                sys.exit(f"{m} failed: {t.stderr.strip()[-2000:]}")
+            results[m].append((t.seconds, t.peak_rss_mb))
+            print(f"round {round_ + 1} {m:16s} {t.seconds:7.2f} s  {t.peak_rss_mb:7.1f} MB", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    copy_median = statistics.median(s for s, _ in results["copy"]) if "copy" in results else None
+    print(f"\n1b, 3 experts ({nbytes / 1e9:.2f} GB each), warm cache, {args.runs} interleaved rounds")
+    print(f"{'method':16s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'RSS MB':>7s} {'x copy':>7s}")
+    table = []
+    for m in methods:
+        secs = [s for s, _ in results[m]]
+        rss = max(r for _, r in results[m])
+        med = statistics.median(secs)
+        ratio = med / copy_median if copy_median else float("nan")
+        table.append({"method": m, "median_s": round(med, 3), "min_s": round(min(secs), 3),
+                      "max_s": round(max(secs), 3), "peak_rss_mb": round(rss, 1), "x_copy": round(ratio, 2)})
+        print(f"{m:16s} {med:9.2f} {min(secs):7.2f} {max(secs):7.2f} {rss:7.1f} {ratio:7.2f}")
+    print(json.dumps({"shape": "1b", "results": table, "machine": machine_info(args.workdir)}))
+
+
+if __name__ == "__main__":
+    main()
