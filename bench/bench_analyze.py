@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--save-heatmap", type=Path, default=None, help="copy the last run's heatmap.png here")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every timed run (root)")
     args = ap.parse_args(argv)
 
     trio_dir = args.workdir or DEFAULT_WORKDIR / trio_dirname(args.shape)
@@ -99,11 +100,18 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[tuple[str, Run, float | None]] = []
     try:
+        def cold() -> None:
+            if args.cold:
+                subprocess.run(["sync"])
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
         for i in range(args.runs):
+            cold()
             c = run(["cat", *map(str, files)], capture=False)
             if c.returncode != 0:
                 raise SystemExit(f"cat failed: {c.stderr}")
             rows.append(("cat", c, None))
+            cold()
             a = run(cmd, capture=True)
             if a.returncode != 0:
                 raise SystemExit(f"analyze failed ({a.returncode}): {a.stderr or a.stdout}")

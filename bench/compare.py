@@ -142,6 +142,10 @@ def main() -> None:
 
     from common import parse_size
     trio_dir = args.workdir / trio_dirname(args.shape, args.layers)
+    # generated in a child: this process must stay small, the timed children inherit its peak RSS
+    cmd = [sys.executable, str(HERE / "make_trio.py"), "--shape", args.shape, "--out", str(trio_dir),
+           "--shard-size", args.shard_size] + (["--layers", str(args.layers)] if args.layers else [])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     trio = ensure_trio(trio_dir, args.shape, layers=args.layers, shard_size=parse_size(args.shard_size)).paths
     num_layers = json.loads((trio["task"] / "config.json").read_text())["num_hidden_layers"]
     nbytes = shard_bytes(trio["task"])
@@ -164,7 +168,11 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in methods}
     identity: tuple[int, list[str]] | None = None
     for round_ in range(args.runs):
-        for m in methods:
+        # Alternate the order, and delete each output as soon as it is measured: on a VM that
+        # returns free memory to its host, whichever command must allocate fresh page cache right
+        # after another one filled it pays for host faults (seen: the same copy 0.55 s or 5.9 s).
+        order = methods if round_ % 2 == 0 else methods[::-1]
+        for m in order:
             shutil.rmtree(out[m], ignore_errors=True)
             if args.cold and not drop_caches():
                 sys.exit("--cold needs permission to write /proc/sys/vm/drop_caches")
@@ -176,10 +184,15 @@ def main() -> None:
             results[m].append({"seconds": t.seconds, "peak_rss_mb": t.peak_rss_mb, "dirty_mb": dirty.peak / 1e6})
             print(f"round {round_ + 1} {m:9s} {t.seconds:7.2f} s  {t.peak_rss_mb:7.1f} MB RSS  "
                   f"dirty peak {dirty.peak / 1e6:7.1f} MB", flush=True)
-        if identity is None and {"merge", "mergekit"} <= set(methods):
-            identity = identical_tensors(out["merge"], out["mergekit"])
-        for m in methods:
-            shutil.rmtree(out[m], ignore_errors=True)  # disk is limited: 8b outputs are 16 GB
+            keep = identity is None and m in ("merge", "mergekit") and {"merge", "mergekit"} <= set(methods)
+            if keep and out["merge"].exists() and out["mergekit"].exists():
+                identity = identical_tensors(out["merge"], out["mergekit"])
+                keep = False
+            if not keep:
+                shutil.rmtree(out["merge"] if m == "mergekit" and identity is not None else out[m], ignore_errors=True)
+                shutil.rmtree(out[m], ignore_errors=True)
+    for p in out.values():
+        shutil.rmtree(p, ignore_errors=True)
     table = [summarize(m, results[m], nbytes) for m in methods]
     print(f"\n{args.shape} trio ({nbytes / 1e9:.2f} GB per expert), {'cold' if args.cold else 'warm'} cache, "
           f"{args.runs} interleaved rounds")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from . import api
 from ._core import CoreError
@@ -87,6 +86,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: Path | None) 
     ``layerswap_recipe.json``; flags given on the command line win."""
     if path is None:
         return None
+    import yaml  # only recipes need it; every command starts faster without
+
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
@@ -119,6 +120,8 @@ def recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _dump_config(ctx: click.Context) -> None:
+    import yaml
+
     options = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
                for k, v in ctx.params.items() if k not in _NOT_IN_RECIPE and v not in (None, ())}
     options = {k: [str(x) for x in v] if isinstance(v, list) else v for k, v in options.items()}

@@ -83,10 +83,12 @@ class MergeStats:
         reused = ""
         if self.reused:
             how = ", ".join(f"{n} by {method}" for method, n in sorted(self.reused.items()))
-            reused = f"; reused {sum(self.reused.values())} input shards ({format_bytes(self.bytes_reused)}: {how})"
-        return (f"wrote {self.out}: {self.shards} shards, {format_bytes(self.bytes_written)} written in "
-                f"{self.seconds:.2f} s ({self.gb_per_s:.2f} GB/s){reused}, {self.copied} tensors copied, "
-                f"{self.blended} blended, peak RSS {self.peak_rss_bytes / 2**20:.0f} MB")
+            reused = f", {format_bytes(self.bytes_reused)} in {sum(self.reused.values())} reused input shards: {how}"
+        total = self.bytes_written + self.bytes_reused
+        rate = total / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+        return (f"wrote {self.out}: {self.shards} shards, {format_bytes(total)} in {self.seconds:.2f} s "
+                f"({rate:.2f} GB/s; {format_bytes(self.bytes_written)} new{reused}), {self.copied} tensors "
+                f"copied, {self.blended} computed, peak RSS {self.peak_rss_bytes / 2**20:.0f} MB")
 
 
 def format_bytes(n: int) -> str:
@@ -296,7 +298,9 @@ def execute(
     filler = _ShardFiller(experts, blender, (lambda n: progress(n, total)) if progress else (lambda n: None),
                           threads)
     methods: dict[str, int] = {}
-    with staging_directory(out) as tmp, _finishing(needs_throttle(total), sync, checksum) as finishing:
+    # bytes this merge may really write: new shards, and reused ones unless linked or cloned
+    may_write = total + sum(s.file_size for s in shards if isinstance(s, ReusedShard) and link in ("auto", "copy"))
+    with staging_directory(out) as tmp, _finishing(needs_throttle(may_write), sync, checksum) as finishing:
         digests: dict[str, Future[str]] = {}
         for shard in shards:
             with _writing(tmp, shard):
@@ -304,7 +308,7 @@ def execute(
                     digests[shard.filename] = finishing.inputs.submit(cached_hash, shard.reuse.source, checksum,
                                                                      finishing.stop)
                     source = experts[shard.reuse.expert].input_file(shard.reuse.source)
-                    how = reuse_shard(shard, tmp / shard.filename, out, link, source)
+                    how = reuse_shard(shard, tmp / shard.filename, out, link, source, finishing.throttle)
                     methods[how] = methods.get(how, 0) + 1
                 else:
                     done: Future[str] = Future()

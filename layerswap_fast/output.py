@@ -21,6 +21,7 @@ from typing import Any
 from . import _core
 from .errors import OutputError
 from .layout import ReusedShard
+from .writeback import copy_whole_file
 
 PARTIAL_MARK = ".layerswap-partial-"
 #: files copied from the task expert beside the weights (config, tokenizer, generation settings)
@@ -143,7 +144,8 @@ def _reflink(src: Path, dest: Path) -> bool:
     return True
 
 
-def reuse_shard(shard: ReusedShard, dest: Path, final_dir: Path, mode: str, source: _core.InputFile) -> str:
+def reuse_shard(shard: ReusedShard, dest: Path, final_dir: Path, mode: str, source: _core.InputFile,
+                throttle: bool = False) -> str:
     """Make ``dest`` the reused input file by ``mode``; returns the method that was used."""
     src = shard.reuse.source
     if mode in ("auto", "reflink") and _reflink(src, dest):
@@ -164,8 +166,8 @@ def reuse_shard(shard: ReusedShard, dest: Path, final_dir: Path, mode: str, sour
         os.symlink(os.path.relpath(os.path.abspath(src), os.path.abspath(final_dir)), dest)
         return "symlink"
     with _core.ShardWriter(str(dest), shard.file_size) as writer:
-        writer.copy_range(source, 0, 0, shard.file_size)
-        writer.close(sync=True)
+        copy_whole_file(writer, source, shard.file_size, throttle)
+        writer.close(sync=False)
     return "copy"
 
 

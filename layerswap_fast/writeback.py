@@ -32,7 +32,7 @@ import blake3
 from . import _core
 
 _BLOCK = 8 << 20
-_DEFAULT_MAX_DIRTY = 1 << 30
+_DEFAULT_MAX_DIRTY = 512 << 20  # with the reader's lag and the kernel's own, under 1 GB dirty
 CHECKSUMS = ("blake3", "sha256")
 
 
@@ -123,6 +123,23 @@ class ShardFinisher:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def copy_whole_file(writer: _core.ShardWriter, source: _core.InputFile, size: int, throttle: bool,
+                    max_dirty: int = _DEFAULT_MAX_DIRTY, piece: int = 256 << 20) -> None:
+    """Kernel-side copy of a whole input file; throttled, written back and dropped as it goes."""
+    clean = 0
+    for start in range(0, size, piece):
+        n = min(piece, size - start)
+        writer.copy_range(source, start, start, n)
+        if throttle:
+            writer.writeback(start, n, False, False)
+            behind = start + n - max_dirty
+            if behind > clean:
+                writer.writeback(clean, behind - clean, True, True)
+                clean = behind
+    if throttle and size > clean:
+        writer.writeback(clean, size - clean, True, True)
 
 
 def _cache_dir() -> Path:
