@@ -158,7 +158,7 @@ class _ShardFiller:
         dtypes = [s.dtype for s in specs]
         numel = specs[0].numel
         if recipe.op == "blend":
-            self.blender.blend_file(inputs, dtypes, [t.weight for t in recipe.terms], writer, dst, recipe.dtype, numel)
+            self._blend_in_pieces(writer, recipe, specs, inputs, dst)
         elif recipe.op == "ties":
             keep = int(recipe.param("density") * numel)
             _core.ties_file(inputs[0], dtypes[0], inputs[1:], dtypes[1:], writer, dst, recipe.dtype, numel,
@@ -169,6 +169,22 @@ class _ShardFiller:
             raise ValueError(f"unknown op {recipe.op!r}")
         self.advance(dst + numel * DTYPE_SIZES[recipe.dtype])
         self.progress(numel * DTYPE_SIZES[recipe.dtype])
+
+    def _blend_in_pieces(self, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                         inputs: Sequence[tuple[_core.InputFile, int]], dst: int) -> None:
+        """A blend is elementwise, so a large tensor goes in pieces: the write-behind (hashing,
+        bounded dirty pages) follows each piece instead of waiting for a whole 1 GB embedding."""
+        out_size = DTYPE_SIZES[recipe.dtype]
+        step = max(1, _PROGRESS_STEP // out_size)
+        weights = [t.weight for t in recipe.terms]
+        numel = specs[0].numel
+        for start in range(0, numel, step):
+            n = min(step, numel - start)
+            pieces = [(f, off + start * DTYPE_SIZES[s.dtype]) for (f, off), s in zip(inputs, specs)]
+            self.blender.blend_file(pieces, [s.dtype for s in specs], weights, writer, dst + start * out_size,
+                                    recipe.dtype, n)
+            if start + n < numel:
+                self.advance(dst + (start + n) * out_size)
 
     def _revert_rows(self, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
                      inputs: Sequence[tuple[_core.InputFile, int]], dst: int) -> None:

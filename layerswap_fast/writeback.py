@@ -32,7 +32,7 @@ import blake3
 from . import _core
 
 _BLOCK = 8 << 20
-_DEFAULT_MAX_DIRTY = 512 << 20  # with the reader's lag and the kernel's own, under 1 GB dirty
+_DEFAULT_MAX_DIRTY = 256 << 20  # worst case ~3x this dirty: the window, the unhashed lag, a piece in flight
 CHECKSUMS = ("blake3", "sha256")
 
 

@@ -216,3 +216,15 @@ class TestErrorsWriteNothing:
         self.check(trio, tmp_path, ls.ConfigError, "cannot read size 'big'", out=tmp_path / "o", shard_size="big")
         self.check(trio, tmp_path, ls.UnsupportedDtypeError, "unsupported output dtype 'int8'",
                    out=tmp_path / "o", dtype="int8")
+
+
+def test_blends_and_copies_in_small_pieces_give_the_same_bytes(trio: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large tensors stream in pieces (256 MB); force 100-byte pieces so every path splits."""
+    import layerswap_fast.engine as engine
+    ls.merge(trio["task"], trio["language"], tmp_path / "whole", link="copy", dtype="f32")
+    monkeypatch.setattr(engine, "_PROGRESS_STEP", 100)
+    ls.merge(trio["task"], trio["language"], tmp_path / "pieces", link="copy", dtype="f32")
+    for shard in (tmp_path / "whole").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "pieces" / shard.name).read_bytes()
+    assert_merged(tmp_path / "pieces", trio, dtype=torch.float32)
