@@ -78,6 +78,53 @@ def test_transformers_loads_a_linked_output(trio: dict[str, Path], tmp_path: Pat
     assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
 
 
+@pytest.fixture
+def xfs(tmp_path: Path):
+    """A small XFS filesystem with reflink, loop-mounted (needs root and mkfs.xfs)."""
+    import shutil
+    import subprocess
+    if shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs is not installed (xfsprogs): reflink cannot be tested here")
+    image, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(400 << 20)
+    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True)
+    if made.returncode or subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot make and loop-mount an XFS filesystem here (needs root): reflink untested")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_reflink_clones_reused_shards(trio: dict[str, Path], xfs: Path) -> None:
+    import shutil
+    task, lang = xfs / "task", xfs / "language"
+    shutil.copytree(trio["task"], task)
+    shutil.copytree(trio["language"], lang)
+    free_before = shutil.disk_usage(xfs).free
+    result = ls.merge(task, lang, xfs / "out", link="reflink")
+    assert result.stats is not None and set(result.stats.reused or {}) == {"reflink"}
+    for entry in reused_of(xfs / "out"):  # a clone: same bytes, its own inode
+        dst = xfs / "out" / entry["shard"]
+        assert dst.read_bytes() == Path(entry["from"]).read_bytes()
+        assert os.stat(dst).st_ino != os.stat(entry["from"]).st_ino
+    assert free_before - shutil.disk_usage(xfs).free < result.stats.bytes_written + result.stats.bytes_reused
+    assert_merged(xfs / "out", {"task": task, "language": lang})
+    ls.verify(xfs / "out")
+    auto = ls.merge(task, lang, xfs / "auto")  # auto prefers a reflink where it can
+    assert auto.stats is not None and set(auto.stats.reused or {}) == {"reflink"}
+
+
+def test_reflink_refused_where_the_filesystem_cannot(trio: dict[str, Path], tmp_path: Path) -> None:
+    if _reflink_supported(tmp_path):
+        pytest.skip("the test directory's filesystem supports reflinks; the refusal is untested here")
+    with pytest.raises(ls.OutputError, match="does not support copy-on-write clones"):
+        ls.merge(trio["task"], trio["language"], tmp_path / "out", link="reflink")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    result = ls.merge(trio["task"], trio["language"], tmp_path / "auto")  # auto falls back to a copy
+    assert result.stats is not None and set(result.stats.reused or {}) == {"copy"}
+
+
 def _reflink_supported(directory: Path) -> bool:
     import fcntl
     a, b = directory / ".probe-a", directory / ".probe-b"
@@ -91,20 +138,6 @@ def _reflink_supported(directory: Path) -> bool:
     finally:
         a.unlink()
         b.unlink(missing_ok=True)
-
-
-def test_reflink(trio: dict[str, Path], tmp_path: Path) -> None:
-    if _reflink_supported(tmp_path):
-        ls.merge(trio["task"], trio["language"], tmp_path / "out", link="reflink")
-        assert_merged(tmp_path / "out", trio)
-        return
-    # this filesystem cannot clone: --link reflink is a clear error, auto falls back to a copy
-    with pytest.raises(ls.OutputError, match="does not support copy-on-write clones"):
-        ls.merge(trio["task"], trio["language"], tmp_path / "out", link="reflink")
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
-    result = ls.merge(trio["task"], trio["language"], tmp_path / "auto")
-    assert result.stats is not None and set(result.stats.reused or {}) == {"copy"}
-    pytest.skip("the test filesystem does not support reflinks (FICLONE); only the fallback was tested")
 
 
 def test_no_reuse_when_every_shard_needs_work(trio: dict[str, Path], tmp_path: Path) -> None:
