@@ -81,8 +81,6 @@ FORMAT_VERSION = 1
 CHUNK_ELEMS = 1 << 18
 #: a layer "stands out" in an expert when its delta profile is this many times the expert's mean
 STANDOUT = 1.2
-#: bytes sampled from each shard's data for :func:`content_sample` (count × size)
-_SAMPLES, _SAMPLE_BYTES = 8, 4096
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,24 +267,8 @@ def _rows_filename(tensor: str) -> str:
 # inputs
 
 def content_sample(ckpt: Checkpoint) -> str:
-    """sha256 over the header fingerprint and ``8 × 4 KiB`` read at evenly spaced offsets of every
-    shard's data: tells apart experts whose headers are identical (the usual case for models
-    fine-tuned from one base), at the cost of a few small reads."""
-    h = hashlib.sha256(ckpt.fingerprint().encode())
-    for shard in ckpt.shards:
-        if not shard.tensors:
-            continue
-        start = min(t.offset for t in shard.tensors)
-        length = shard.size - start
-        f = ckpt.input_file(shard.path)
-        n = min(_SAMPLE_BYTES, length)
-        for i in range(_SAMPLES if length > n else 1):
-            offset = start + (length - n) * i // max(1, _SAMPLES - 1)
-            try:
-                h.update(f.read(offset, n))
-            except _core.CoreError as e:
-                raise CheckpointError(str(e)) from None
-    return h.hexdigest()
+    """See :meth:`Checkpoint.content_sample`."""
+    return ckpt.content_sample()
 
 
 def _ref(ckpt: Checkpoint) -> InputRef:

@@ -119,8 +119,8 @@ def _recipe(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], opt
     recipe: dict[str, Any] = {
         "tool": "layerswap-fast", "version": __version__, "method": plan.method, "command": command,
         "options": {k: v for k, v in options.items() if v is not None},
-        "inputs": {role: {"path": str(Path(c.path).resolve()), "fingerprint": c.fingerprint()}
-                   for role, c in inputs.items()},
+        "inputs": {role: {"path": str(Path(c.path).resolve()), "fingerprint": c.fingerprint(),
+                          "content_sample": c.content_sample()} for role, c in inputs.items()},
         "config": asdict(plan.config) if plan.config is not None else None,
         "dtype": plan.dtype,
     }

@@ -241,6 +241,26 @@ class Checkpoint:
             h.update(f"{shard.path.name}\0{shard.size}\0{shard.header_sha256}\n".encode())
         return h.hexdigest()
 
+    def content_sample(self, samples: int = 8, size: int = 4096) -> str:
+        """sha256 over :meth:`fingerprint` and ``samples × size`` bytes read at evenly spaced
+        offsets of every shard's data: tells apart experts whose headers are identical (the usual
+        case for models fine-tuned from one base), at the cost of a few small reads."""
+        h = hashlib.sha256(self.fingerprint().encode())
+        for shard in self.shards:
+            if not shard.tensors:
+                continue
+            start = min(t.offset for t in shard.tensors)
+            length = shard.size - start
+            n = min(size, length)
+            f = self.input_file(shard.path)
+            for i in range(samples if length > n else 1):
+                offset = start + (length - n) * i // max(1, samples - 1)
+                try:
+                    h.update(f.read(offset, n))
+                except _core.CoreError as e:
+                    raise CheckpointError(str(e)) from None
+        return h.hexdigest()
+
     def input_file(self, path: Path) -> _core.InputFile:
         """The open read handle of one shard (opened on first use, kept until :meth:`close`)."""
         f = self._files.get(path)
