@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="layer count (for the 70b-slice shape)")
     ap.add_argument("--shard-size", default="5GB", help="shard size of the generated trio")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-base", action="store_true", help="the trio has (or gets) no base model: saves disk")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every timed run")
     ap.add_argument("--methods", default="copy,merge,mergekit")
     ap.add_argument("--merge-arg", action="append", default=[], help="extra flag for layerswap-fast merge")
@@ -144,9 +145,11 @@ def main() -> None:
     trio_dir = args.workdir / trio_dirname(args.shape, args.layers)
     # generated in a child: this process must stay small, the timed children inherit its peak RSS
     cmd = [sys.executable, str(HERE / "make_trio.py"), "--shape", args.shape, "--out", str(trio_dir),
-           "--shard-size", args.shard_size] + (["--layers", str(args.layers)] if args.layers else [])
+           "--shard-size", args.shard_size] + (["--layers", str(args.layers)] if args.layers else []) + (
+               ["--no-base"] if args.no_base else [])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    trio = ensure_trio(trio_dir, args.shape, layers=args.layers, shard_size=parse_size(args.shard_size)).paths
+    trio = ensure_trio(trio_dir, args.shape, layers=args.layers, shard_size=parse_size(args.shard_size),
+                       with_base=not args.no_base).paths
     num_layers = json.loads((trio["task"] / "config.json").read_text())["num_hidden_layers"]
     nbytes = shard_bytes(trio["task"])
     out = {m: args.workdir / f"{trio_dir.name}.compare-{m}" for m in methods}
