@@ -13,15 +13,17 @@
 #include <new>
 #include <string>
 #include <thread>
+#include <type_traits>
 
 #include "numerics.hpp"
 
 #define LSF_INLINE inline __attribute__((always_inline))
 
-// As in kernels.cpp: the hot loops get an AVX2 clone picked at load time; both clones do the same
-// IEEE float32 operations (no FMA: -ffp-contract=off), so results do not depend on the CPU.
+// As in kernels.cpp: the hot loops get AVX-512 (x86-64-v4) and AVX2 clones picked at load time;
+// all clones do the same IEEE float32 operations (no FMA: -ffp-contract=off), so results do not
+// depend on the CPU.
 #ifndef LSF_DISABLE_TARGET_CLONES
-#define LSF_CLONES __attribute__((target_clones("avx2", "default")))
+#define LSF_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define LSF_CLONES
 #endif
@@ -32,6 +34,10 @@ namespace {
 
 constexpr size_t kBlk = 1024;            // elements per block (float32 scratch per thread)
 constexpr uint64_t kTask = 1ULL << 16;   // elements per task of the in-memory drivers
+// ties_file reads chunks of at most about this many bytes per thread (base, experts and output
+// together; chunk_elems may ask for fewer): they are still in the L2 cache when the kernels read
+// them, and pread copies into cached buffers faster. Results do not depend on the chunk size.
+constexpr uint64_t kChunkBytes = 1ULL << 20;
 constexpr size_t kHiBins = size_t{1} << 15;  // top 16 bits of |d| (its sign bit is always 0)
 constexpr size_t kLoBins = size_t{1} << 16;  // low 16 bits
 constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
@@ -47,6 +53,21 @@ struct HiBin {
   uint64_t lo_zero;
 };
 static_assert(sizeof(HiBin) == 16, "HiBin is 16 bytes");
+
+// Pass 1 counts per thread by a 16-bit key, computed vectorised: the top 16 bits of |d| (15
+// significant, its sign bit being 0) with bit 15 set when the low 16 bits are zero. Bin b of
+// HiBin is then cnt = c[b] + c[b | 0x8000], lo_zero = c[b | 0x8000], and an element costs one
+// uint32 increment. kSub interleaved sub-histograms per expert (element j of a block goes to
+// sub-histogram j % kSub; the experts' increments are interleaved too) keep runs of equal keys,
+// common as |d| clusters in few bins, from chaining every increment on the previous one through
+// store-to-load forwarding. The uint32 counts move to uint64 totals before they could overflow:
+// after at most kFlushAt elements per thread and expert.
+constexpr size_t kSub = 2;
+constexpr size_t kKeys = size_t{1} << 16;
+constexpr uint32_t kLoZeroKey = 0x8000u;
+constexpr uint64_t kFlushAt = 0xFFFFFFFFu;
+// Experts handled by the fused (unrolled) pass-1 and pass-3 loops; more take the generic ones.
+constexpr size_t kMaxFused = 4;
 
 // ---- shared helpers (the same as the internal ones of kernels.cpp) -----------------------------
 
@@ -152,14 +173,82 @@ void run_pool(size_t nthreads, uint64_t ntasks, Worker&& worker) {
   if (first) std::rethrow_exception(first);
 }
 
+// Buffers freed by one call, kept for the next: malloc hands large blocks back to the kernel on
+// free, and faulting in fresh pages for the chunk buffers and histograms of every tensor cost
+// more than the kernels spend on a tensor of a few million elements. Only blocks of at least
+// kPoolMin bytes are kept, at most kPoolMax bytes of them (the oldest go first), and a block is
+// reused only for a request of exactly its size (the sizes repeat from tensor to tensor). The
+// pool is never destroyed: a call still running in another thread at exit may give back to it.
+constexpr uint64_t kPoolMin = 64ULL << 10;
+constexpr uint64_t kPoolMax = 32ULL << 20;
+constexpr std::align_val_t kAlign{64};
+
+class BufPool {
+ public:
+  static BufPool& get() {
+    static BufPool* pool = new BufPool;
+    return *pool;
+  }
+  void* take(uint64_t bytes) {
+    if (bytes >= kPoolMin) {
+      std::lock_guard<std::mutex> g(m_);
+      for (size_t i = free_.size(); i-- > 0;) {
+        if (free_[i].bytes != bytes) continue;
+        void* p = free_[i].p;
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+        held_ -= bytes;
+        return p;
+      }
+    }
+    return ::operator new(static_cast<size_t>(bytes), kAlign);  // may throw std::bad_alloc
+  }
+  void give(void* p, uint64_t bytes) noexcept {
+    if (bytes >= kPoolMin && bytes <= kPoolMax) {
+      std::lock_guard<std::mutex> g(m_);
+      try {
+        free_.push_back(Block{p, bytes});
+        held_ += bytes;
+        p = nullptr;
+      } catch (...) {  // no room in the list: just free it
+      }
+      while (held_ > kPoolMax) {
+        ::operator delete(free_.front().p, kAlign);
+        held_ -= free_.front().bytes;
+        free_.erase(free_.begin());
+      }
+    }
+    if (p) ::operator delete(p, kAlign);
+  }
+
+ private:
+  struct Block {
+    void* p;
+    uint64_t bytes;
+  };
+  BufPool() = default;
+  std::mutex m_;
+  std::vector<Block> free_;
+  uint64_t held_ = 0;
+};
+
+struct PoolFree {
+  uint64_t bytes = 0;
+  void operator()(void* p) const noexcept { BufPool::get().give(p, bytes); }
+};
+
+// An uninitialised array of a trivial type, its memory from BufPool.
 template <class T>
-std::unique_ptr<T[]> alloc_array(uint64_t n, const char* what) {
+using Array = std::unique_ptr<T[], PoolFree>;
+
+template <class T>
+Array<T> alloc_array(uint64_t n, const char* what) {
+  static_assert(std::is_trivial<T>::value && alignof(T) <= 64, "plain data only");
   uint64_t bytes;
   if (!mul_ok(n, sizeof(T), &bytes) || bytes > static_cast<uint64_t>(PTRDIFF_MAX))
     fail_os(ENOMEM, std::string("allocating ") + std::to_string(n) + " x " +
                         std::to_string(sizeof(T)) + " bytes for " + what);
   try {
-    return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
+    return Array<T>(static_cast<T*>(BufPool::get().take(bytes)), PoolFree{bytes});
   } catch (const std::bad_alloc&) {
     fail_nomem(bytes, what);
   }
@@ -195,12 +284,41 @@ LSF_INLINE void pass_abs_bits(uint32_t* __restrict u, const unsigned char* __res
   for (size_t j = 0; j < m; ++j) u[j] = f32_to_bits(Elem<D>::load(p, j) - b[j]) & kAbsMask;
 }
 
-LSF_INLINE void add_hi(HiBin* __restrict h, const uint32_t* __restrict u, size_t m) {
+// k = the pass-1 key of |float32(x) - b| (see kLoZeroKey); [lo, hi] widened to cover the bins
+// other than bin 0 (that of the zero deltas, common, which would make every range start at 0).
+template <DType D>
+LSF_INLINE void pass_hi_keys(uint16_t* __restrict k, const unsigned char* __restrict p,
+                             const float* __restrict b, size_t m, uint32_t* lo, uint32_t* hi) {
+  uint32_t mn = *lo - 1, mx = *hi;  // mn: the smallest bin - 1, bin 0 wrapping to the top
   for (size_t j = 0; j < m; ++j) {
-    HiBin& bin = h[u[j] >> 16];
-    bin.cnt += 1;
-    bin.lo_zero += static_cast<uint64_t>((u[j] & 0xFFFFu) == 0);
+    const uint32_t x = f32_to_bits(Elem<D>::load(p, j) - b[j]) & kAbsMask;
+    const uint32_t bin = x >> 16;
+    k[j] = static_cast<uint16_t>(bin | ((x & 0xFFFFu) == 0 ? kLoZeroKey : 0u));
+    mn = std::min(mn, bin - 1);
+    mx = std::max(mx, bin);
   }
+  *lo = mn + 1;
+  *hi = mx;
+}
+
+// Count the keys of one block (k: N x kBlk) into h (N x kSub histograms of kKeys), experts and
+// sub-histograms interleaved so that the increments in flight are independent.
+template <size_t N>
+LSF_INLINE void add_hi_fused(uint32_t* __restrict h, const uint16_t* __restrict k, size_t m) {
+  size_t j = 0;
+  for (; j + kSub <= m; j += kSub)
+    for (size_t e = 0; e < N; ++e)
+      for (size_t s = 0; s < kSub; ++s) h[(e * kSub + s) * kKeys + k[e * kBlk + j + s]] += 1;
+  for (; j < m; ++j)
+    for (size_t e = 0; e < N; ++e) h[e * kSub * kKeys + k[e * kBlk + j]] += 1;
+}
+
+// The same for one expert's keys k (kBlk) into its kSub histograms h.
+LSF_INLINE void add_hi_one(uint32_t* __restrict h, const uint16_t* __restrict k, size_t m) {
+  size_t j = 0;
+  for (; j + kSub <= m; j += kSub)
+    for (size_t s = 0; s < kSub; ++s) h[s * kKeys + k[j + s]] += 1;
+  for (; j < m; ++j) h[k[j]] += 1;
 }
 
 LSF_INLINE void add_lo(uint64_t* __restrict h, const uint32_t* __restrict u, uint32_t hi,
@@ -253,13 +371,76 @@ LSF_INLINE void pass_finish(unsigned char* __restrict out, const float* __restri
   }
 }
 
-// Per-thread float32 scratch.
+// Steps 3-5 for N experts at once from their trimmed deltas t (N x kBlk): the same float32
+// operations in the same order as pass_elect_init, pass_agree and pass_finish.
+template <size_t N, DType D>
+LSF_INLINE void pass_merge_fused(unsigned char* __restrict out, const float* __restrict b,
+                                 const float* __restrict t, float lam, size_t m) {
+  for (size_t j = 0; j < m; ++j) {
+    float s = t[j];
+    for (size_t e = 1; e < N; ++e) s = s + t[e * kBlk + j];
+    const int32_t g = sgn(s);
+    float num = 0.0f;
+    int32_t cnt = 0;
+    for (size_t e = 0; e < N; ++e) {
+      const float x = t[e * kBlk + j];
+      const uint32_t agree = static_cast<uint32_t>((sgn(x) == g) & (x != 0.0f));
+      num = num + f32_from_bits(f32_to_bits(x) & (0u - agree));
+      cnt += static_cast<int32_t>(agree);
+    }
+    const int32_t c = cnt > 0 ? cnt : 1;
+    const float mean = num / static_cast<float>(c);
+    const float prod = lam * mean;
+    Elem<D>::store(out, j, b[j] + prod);
+  }
+}
+
+// Steps 1-5 in one loop, without scratch, when base, the N experts and the output all have the
+// dtype D: the same float32 operations as pass_to_f32, pass_trim and pass_merge_fused.
+template <size_t N, DType D>
+LSF_INLINE void ties_uniform(unsigned char* __restrict out, const unsigned char* __restrict base,
+                             const unsigned char* const* ex, const uint32_t* thr, float lam,
+                             size_t n) {
+  const unsigned char* p[N];
+  uint32_t th[N];
+  for (size_t e = 0; e < N; ++e) {
+    p[e] = ex[e];
+    th[e] = thr[e];
+  }
+  for (size_t j = 0; j < n; ++j) {
+    const float b = Elem<D>::load(base, j);
+    float t[N];
+    for (size_t e = 0; e < N; ++e) {
+      const uint32_t db = f32_to_bits(Elem<D>::load(p[e], j) - b);
+      const uint32_t keep = 0u - static_cast<uint32_t>((db & kAbsMask) >= th[e]);
+      t[e] = f32_from_bits(db & keep);
+    }
+    float s = t[0];
+    for (size_t e = 1; e < N; ++e) s = s + t[e];
+    const int32_t g = sgn(s);
+    float num = 0.0f;
+    int32_t cnt = 0;
+    for (size_t e = 0; e < N; ++e) {
+      const uint32_t agree = static_cast<uint32_t>((sgn(t[e]) == g) & (t[e] != 0.0f));
+      num = num + f32_from_bits(f32_to_bits(t[e]) & (0u - agree));
+      cnt += static_cast<int32_t>(agree);
+    }
+    const int32_t c = cnt > 0 ? cnt : 1;
+    const float mean = num / static_cast<float>(c);
+    const float prod = lam * mean;
+    Elem<D>::store(out, j, b + prod);
+  }
+}
+
+// Per-thread scratch: float32 blocks (base, sum, num, n_trimmed trimmed deltas), int32 blocks,
+// a block of |d| patterns and n_keys blocks of pass-1 keys.
 class Scratch {
  public:
-  explicit Scratch(size_t n_trimmed)
+  explicit Scratch(size_t n_trimmed, size_t n_keys = 0)
       : f_(alloc_array<float>(static_cast<uint64_t>(n_trimmed + 3) * kBlk, "ties scratch")),
         i_(alloc_array<int32_t>(2 * kBlk, "ties scratch")),
-        u_(alloc_array<uint32_t>(kBlk, "ties scratch")) {}
+        u_(alloc_array<uint32_t>(kBlk, "ties scratch")),
+        k_(alloc_array<uint16_t>(static_cast<uint64_t>(n_keys) * kBlk + 1, "ties scratch")) {}
   float* base() { return f_.get(); }
   float* sum() { return f_.get() + kBlk; }
   float* num() { return f_.get() + 2 * kBlk; }
@@ -267,28 +448,136 @@ class Scratch {
   int32_t* gamma() { return i_.get(); }
   int32_t* cnt() { return i_.get() + kBlk; }
   uint32_t* bits() { return u_.get(); }
+  uint16_t* keys(size_t e) { return k_.get() + e * kBlk; }
 
  private:
-  std::unique_ptr<float[]> f_;
-  std::unique_ptr<int32_t[]> i_;
-  std::unique_ptr<uint32_t[]> u_;
+  Array<float> f_;
+  Array<int32_t> i_;
+  Array<uint32_t> u_;
+  Array<uint16_t> k_;
 };
 
-// Pass 1 over n consecutive elements: hist (n_ex x kHiBins) += the top 16 bits of every |d_e|.
+// One thread's pass-1 counts: n_ex x kSub histograms of kKeys uint32 in memory the caller owns,
+// the range of bins each expert has touched besides bin 0 (only those entries and bin 0 are ever
+// nonzero, so only those are folded and cleared), and, only past kFlushAt elements per expert,
+// uint64 totals the counts are spilled into.
+class HiLocal {
+ public:
+  HiLocal(size_t n_ex, uint32_t* h)
+      : n_ex_(n_ex),
+        h_(h),
+        lo_(n_ex, kEmptyLo),
+        hi_(n_ex, 0),
+        slo_(n_ex, kEmptyLo),
+        shi_(n_ex, 0) {}
+  // Zero the counts; by the thread that then uses them.
+  void clear() { std::fill(h_, h_ + n_ex_ * kSub * kKeys, uint32_t{0}); }
+  uint32_t* counts() { return h_; }
+  uint32_t* lo(size_t e) { return &lo_[e]; }
+  uint32_t* hi(size_t e) { return &hi_[e]; }
+  // Make room for m more elements per expert: spill first if a count could overflow.
+  void reserve(uint64_t m) {
+    if (pending_ + m > kFlushAt) spill();
+    pending_ += m;
+  }
+  // The range of bins besides 0 expert e has touched, spilled or not: empty when lo > hi.
+  uint32_t range_lo(size_t e) const { return std::min(lo_[e], slo_[e]); }
+  uint32_t range_hi(size_t e) const { return std::max(hi_[e], shi_[e]); }
+  // Add all of expert e's counts into t0 (bin 0) and t (bins [t_lo, t_lo + len), covering its
+  // range).
+  void fold_into(size_t e, HiBin* t0, HiBin* t, uint32_t t_lo) const {
+    const uint32_t* h = h_ + e * kSub * kKeys;
+    add_bin(h, 0, t0);
+    for (uint32_t b = lo_[e]; b <= hi_[e]; ++b) add_bin(h, b, &t[b - t_lo]);
+    if (spilled_) {
+      const HiBin* sp = spilled_.get() + e * kHiBins;
+      t0->cnt += sp[0].cnt;
+      t0->lo_zero += sp[0].lo_zero;
+      for (uint32_t b = slo_[e]; b <= shi_[e]; ++b) {
+        t[b - t_lo].cnt += sp[b].cnt;
+        t[b - t_lo].lo_zero += sp[b].lo_zero;
+      }
+    }
+  }
+
+ private:
+  static constexpr uint32_t kEmptyLo = kHiBins;
+
+  static void add_bin(const uint32_t* h, uint32_t b, HiBin* t) {
+    uint64_t any = 0, zero = 0;
+    for (size_t s = 0; s < kSub; ++s) {
+      any += h[s * kKeys + b];
+      zero += h[s * kKeys + (b | kLoZeroKey)];
+    }
+    t->cnt += any + zero;
+    t->lo_zero += zero;
+  }
+
+  static void clear_bins(uint32_t* h, uint32_t lo, uint32_t hi) {
+    for (size_t s = 0; s < kSub; ++s) {
+      std::fill(h + s * kKeys + lo, h + s * kKeys + hi + 1, uint32_t{0});
+      std::fill(h + s * kKeys + (lo | kLoZeroKey), h + s * kKeys + (hi | kLoZeroKey) + 1,
+                uint32_t{0});
+    }
+  }
+
+  // Move the uint32 counts into the uint64 spill totals (never reached below 2^32 elements per
+  // thread and expert).
+  void spill() {
+    if (!spilled_) {
+      spilled_ = alloc_array<HiBin>(static_cast<uint64_t>(n_ex_) * kHiBins, "ties histograms");
+      std::fill(spilled_.get(), spilled_.get() + n_ex_ * kHiBins, HiBin{0, 0});
+    }
+    for (size_t e = 0; e < n_ex_; ++e) {
+      HiBin* sp = spilled_.get() + e * kHiBins;
+      uint32_t* h = h_ + e * kSub * kKeys;
+      add_bin(h, 0, &sp[0]);
+      clear_bins(h, 0, 0);
+      for (uint32_t b = lo_[e]; b <= hi_[e]; ++b) add_bin(h, b, &sp[b]);
+      if (lo_[e] <= hi_[e]) clear_bins(h, lo_[e], hi_[e]);
+      slo_[e] = std::min(slo_[e], lo_[e]);
+      shi_[e] = std::max(shi_[e], hi_[e]);
+      lo_[e] = kEmptyLo;
+      hi_[e] = 0;
+    }
+    pending_ = 0;
+  }
+
+  size_t n_ex_;
+  uint32_t* h_;
+  // Bins touched since the last spill, and bins holding spilled counts, besides bin 0: empty
+  // (lo > hi) or within [1, kHiBins - 1].
+  std::vector<uint32_t> lo_, hi_;
+  std::vector<uint32_t> slo_, shi_;
+  Array<HiBin> spilled_;
+  uint64_t pending_ = 0;
+};
+
+// Pass 1 over n consecutive elements: count the pass-1 key of every |d_e| (sc: n_ex key blocks).
 LSF_CLONES
 void hist_hi_range(const unsigned char* base, DType bdt, size_t n_ex,
-                   const unsigned char* const* ex, const DType* edt, size_t n, HiBin* hist,
+                   const unsigned char* const* ex, const DType* edt, size_t n, HiLocal& hist,
                    Scratch& sc) {
   float* bf = sc.base();
-  uint32_t* u = sc.bits();
+  uint32_t* h = hist.counts();
   const size_t bsz = dtype_size(bdt);
   for (size_t s = 0; s < n; s += kBlk) {
     const size_t m = std::min(kBlk, n - s);
+    hist.reserve(m);
     LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
     for (size_t e = 0; e < n_ex; ++e) {
       const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
-      LSF_TIES_DISPATCH(edt[e], DI, pass_abs_bits<DI>(u, p, bf, m));
-      add_hi(hist + e * kHiBins, u, m);
+      LSF_TIES_DISPATCH(edt[e], DI,
+                        pass_hi_keys<DI>(sc.keys(e), p, bf, m, hist.lo(e), hist.hi(e)));
+    }
+    switch (n_ex) {
+      case 1: add_hi_fused<1>(h, sc.keys(0), m); break;
+      case 2: add_hi_fused<2>(h, sc.keys(0), m); break;
+      case 3: add_hi_fused<3>(h, sc.keys(0), m); break;
+      case 4: add_hi_fused<4>(h, sc.keys(0), m); break;
+      default:
+        for (size_t e = 0; e < n_ex; ++e) add_hi_one(h + e * kSub * kKeys, sc.keys(e), m);
+        break;
     }
   }
 }
@@ -324,12 +613,34 @@ void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigne
   int32_t* cnt = sc.cnt();
   const size_t bsz = dtype_size(bdt);
   const size_t osz = dtype_size(odt);
+  const bool uniform =
+      odt == bdt && std::all_of(edt, edt + n_ex, [&](DType d) { return d == bdt; });
+  if (n_ex <= kMaxFused && uniform) {
+    switch (n_ex) {
+      case 1: LSF_TIES_DISPATCH(odt, D, ties_uniform<1, D>(out, base, ex, thr, lam, n)); break;
+      case 2: LSF_TIES_DISPATCH(odt, D, ties_uniform<2, D>(out, base, ex, thr, lam, n)); break;
+      case 3: LSF_TIES_DISPATCH(odt, D, ties_uniform<3, D>(out, base, ex, thr, lam, n)); break;
+      default: LSF_TIES_DISPATCH(odt, D, ties_uniform<4, D>(out, base, ex, thr, lam, n)); break;
+    }
+    return;
+  }
   for (size_t s = 0; s < n; s += kBlk) {
     const size_t m = std::min(kBlk, n - s);
     LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
     for (size_t e = 0; e < n_ex; ++e) {
       const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
       LSF_TIES_DISPATCH(edt[e], DI, pass_trim<DI>(sc.t(e), p, bf, thr[e], m));
+    }
+    unsigned char* o = out + s * osz;
+    if (n_ex <= kMaxFused) {
+      const float* t = sc.t(0);
+      switch (n_ex) {
+        case 1: LSF_TIES_DISPATCH(odt, DO, pass_merge_fused<1, DO>(o, bf, t, lam, m)); break;
+        case 2: LSF_TIES_DISPATCH(odt, DO, pass_merge_fused<2, DO>(o, bf, t, lam, m)); break;
+        case 3: LSF_TIES_DISPATCH(odt, DO, pass_merge_fused<3, DO>(o, bf, t, lam, m)); break;
+        default: LSF_TIES_DISPATCH(odt, DO, pass_merge_fused<4, DO>(o, bf, t, lam, m)); break;
+      }
+      continue;
     }
     // s = t_0 + t_1 + ... in input order, starting from t_0.
     {
@@ -342,7 +653,6 @@ void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigne
     }
     pass_elect_init(g, num, cnt, s_, m);
     for (size_t e = 0; e < n_ex; ++e) pass_agree(num, cnt, sc.t(e), g, m);
-    unsigned char* o = out + s * osz;
     LSF_TIES_DISPATCH(odt, DO, pass_finish<DO>(o, bf, num, cnt, lam, m));
   }
 }
@@ -445,9 +755,9 @@ class FileChunks : public Chunks {
  private:
   const FileJob& j_;
   std::vector<char> use_;
-  std::unique_ptr<unsigned char[]> bbuf_;
-  std::vector<std::unique_ptr<unsigned char[]>> bufs_;
-  std::unique_ptr<unsigned char[]> obuf_;
+  Array<unsigned char> bbuf_;
+  std::vector<Array<unsigned char>> bufs_;
+  Array<unsigned char> obuf_;
 };
 
 // ---- the passes --------------------------------------------------------------------------------
@@ -474,6 +784,15 @@ void select_bin(size_t nbins, Count count, uint64_t k, uint32_t* bin, uint64_t* 
   fail("ties: internal error: histogram holds fewer elements than keep");  // not reached
 }
 
+Thresholds make_thresholds(const std::vector<uint32_t>& tau_bits) {
+  Thresholds r;
+  for (uint32_t b : tau_bits) {
+    r.tau.push_back(f32_from_bits(b));
+    r.thr.push_back(std::min(b, kNanThr));
+  }
+  return r;
+}
+
 Thresholds select_thresholds(const Job& job, uint64_t keep) {
   const size_t n = job.edt.size();
   Thresholds r;
@@ -492,42 +811,54 @@ Thresholds select_thresholds(const Job& job, uint64_t keep) {
   const uint64_t ntasks = (numel + task - 1) / task;
   const size_t nthreads = resolve_threads(job.threads, ntasks);
 
-  // Pass 1: top 16 bits, one histogram per (thread, expert), merged after the join.
+  // Pass 1: pass-1 keys counted per thread, then folded over the bins they touched. The
+  // per-thread resources of every pass are allocated here, on the calling thread (from BufPool).
   std::vector<uint32_t> tau_bits(n, 0);
   std::vector<uint32_t> hi(n, 0);
   std::vector<uint64_t> k_in(n, 0);
   std::vector<size_t> pending;
   {
-    const uint64_t per_slot = static_cast<uint64_t>(n) * kHiBins;
-    auto hist = alloc_array<HiBin>(nthreads * per_slot, "ties histograms");
-    std::fill(hist.get(), hist.get() + nthreads * per_slot, HiBin{0, 0});
-    std::atomic<size_t> slots{0};
     const std::vector<char> use(n, 1);
+    const uint64_t per_slot = static_cast<uint64_t>(n) * kSub * kKeys;
+    auto counts = alloc_array<uint32_t>(nthreads * per_slot, "ties histograms");
+    std::vector<std::unique_ptr<HiLocal>> hl;
+    std::vector<std::unique_ptr<Chunks>> chs;
+    std::vector<std::unique_ptr<Scratch>> scs;
+    for (size_t i = 0; i < nthreads; ++i) {
+      hl.emplace_back(new HiLocal(n, counts.get() + i * per_slot));
+      chs.push_back(job.make(use, false));
+      scs.emplace_back(new Scratch(0, n));
+    }
+    std::atomic<size_t> slots{0};
     run_pool(nthreads, ntasks, [&](TaskQueue& q) {
-      HiBin* h = hist.get() + slots.fetch_add(1) * per_slot;
-      auto ch = job.make(use, false);
-      Scratch sc(0);
+      const size_t slot = slots.fetch_add(1);
+      HiLocal& h = *hl[slot];
+      Chunks& ch = *chs[slot];
+      h.clear();
       uint64_t t;
       while (q.pop(&t)) {
         const uint64_t e0 = t * task;
         const uint64_t m = std::min(task, numel - e0);
-        ch->load(e0, m);
-        hist_hi_range(ch->base, job.bdt, n, ch->ex.data(), job.edt.data(),
-                      static_cast<size_t>(m), h, sc);
+        ch.load(e0, m);
+        hist_hi_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), static_cast<size_t>(m),
+                      h, *scs[slot]);
       }
     });
-    HiBin* total = hist.get();
-    for (size_t slot = 1; slot < nthreads; ++slot) {
-      const HiBin* h = hist.get() + slot * per_slot;
-      for (uint64_t b = 0; b < per_slot; ++b) {
-        total[b].cnt += h[b].cnt;
-        total[b].lo_zero += h[b].lo_zero;
-      }
-    }
+    const size_t used = std::min(slots.load(), nthreads);  // slots whose counts were cleared
+    std::vector<HiBin> total;  // bin 0, then bins [lo, top]
     for (size_t e = 0; e < n; ++e) {
-      const HiBin* h = total + e * kHiBins;
-      select_bin(kHiBins, [&](size_t b) { return h[b].cnt; }, keep, &hi[e], &k_in[e]);
-      const HiBin& sel = h[hi[e]];
+      uint32_t lo = kHiBins, top = 0;
+      for (size_t i = 0; i < used; ++i) {
+        lo = std::min(lo, hl[i]->range_lo(e));
+        top = std::max(top, hl[i]->range_hi(e));
+      }
+      if (lo > top) lo = top = 1;  // every |d| in bin 0
+      total.assign(top - lo + 2, HiBin{0, 0});
+      for (size_t i = 0; i < used; ++i) hl[i]->fold_into(e, &total[0], &total[1], lo);
+      uint32_t sel_i = 0;
+      select_bin(total.size(), [&](size_t b) { return total[b].cnt; }, keep, &sel_i, &k_in[e]);
+      const HiBin sel = total[sel_i];
+      hi[e] = sel_i == 0 ? 0 : sel_i - 1 + lo;
       if (k_in[e] > sel.cnt - sel.lo_zero) {
         tau_bits[e] = hi[e] << 16;  // the k_in-th largest of the bin has low bits 0
       } else {
@@ -550,20 +881,26 @@ Thresholds select_thresholds(const Job& job, uint64_t keep) {
       pdt.push_back(job.edt[e]);
       phi.push_back(hi[e]);
     }
+    std::vector<std::unique_ptr<Chunks>> chs;
+    std::vector<std::unique_ptr<Scratch>> scs;
+    for (size_t i = 0; i < nthreads; ++i) {
+      chs.push_back(job.make(use, false));
+      scs.emplace_back(new Scratch(0));
+    }
     std::atomic<size_t> slots{0};
     run_pool(nthreads, ntasks, [&](TaskQueue& q) {
-      uint64_t* h = hist.get() + slots.fetch_add(1) * per_slot;
-      auto ch = job.make(use, false);
-      Scratch sc(0);
+      const size_t slot = slots.fetch_add(1);
+      uint64_t* h = hist.get() + slot * per_slot;
+      Chunks& ch = *chs[slot];
       std::vector<const unsigned char*> ptrs(np);
       uint64_t t;
       while (q.pop(&t)) {
         const uint64_t e0 = t * task;
         const uint64_t m = std::min(task, numel - e0);
-        ch->load(e0, m);
-        for (size_t i = 0; i < np; ++i) ptrs[i] = ch->ex[pending[i]];
-        hist_lo_range(ch->base, job.bdt, np, ptrs.data(), pdt.data(), phi.data(),
-                      static_cast<size_t>(m), h, sc);
+        ch.load(e0, m);
+        for (size_t i = 0; i < np; ++i) ptrs[i] = ch.ex[pending[i]];
+        hist_lo_range(ch.base, job.bdt, np, ptrs.data(), pdt.data(), phi.data(),
+                      static_cast<size_t>(m), h, *scs[slot]);
       }
     });
     uint64_t* total = hist.get();
@@ -581,11 +918,7 @@ Thresholds select_thresholds(const Job& job, uint64_t keep) {
     }
   }
 
-  for (size_t e = 0; e < n; ++e) {
-    r.tau.push_back(f32_from_bits(tau_bits[e]));
-    r.thr.push_back(std::min(tau_bits[e], kNanThr));
-  }
-  return r;
+  return make_thresholds(tau_bits);
 }
 
 // Pass 3.
@@ -596,18 +929,25 @@ void merge_pass(const Job& job, const Thresholds& th, float lam, DType odt) {
   const uint64_t ntasks = (numel + task - 1) / task;
   const size_t nthreads = resolve_threads(job.threads, ntasks);
   const std::vector<char> use(n, 1);
+  std::vector<std::unique_ptr<Chunks>> chs;
+  std::vector<std::unique_ptr<Scratch>> scs;
+  for (size_t i = 0; i < nthreads; ++i) {
+    chs.push_back(job.make(use, true));
+    scs.emplace_back(new Scratch(n));
+  }
+  std::atomic<size_t> slots{0};
   run_pool(nthreads, ntasks, [&](TaskQueue& q) {
-    auto ch = job.make(use, true);
-    Scratch sc(n);
+    const size_t slot = slots.fetch_add(1);
+    Chunks& ch = *chs[slot];
     uint64_t t;
     while (q.pop(&t)) {
       const uint64_t e0 = t * task;
       const uint64_t m = std::min(task, numel - e0);
-      ch->load(e0, m);
-      unsigned char* o = ch->out_begin(e0);
-      ties_range(ch->base, job.bdt, n, ch->ex.data(), job.edt.data(), th.thr.data(), lam, o, odt,
-                 static_cast<size_t>(m), sc);
-      ch->out_end(e0, m);
+      ch.load(e0, m);
+      unsigned char* o = ch.out_begin(e0);
+      ties_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), th.thr.data(), lam, o, odt,
+                 static_cast<size_t>(m), *scs[slot]);
+      ch.out_end(e0, m);
     }
   });
 }
@@ -672,7 +1012,11 @@ void ties_file_run(const FileSlice& base, DType base_dt, const std::vector<FileS
   FdUse out_use(out.holder(), out.path(), "ties_file: writing");
   fj.out_fd = out_use.fd();
   if (numel == 0) return;
-  fj.chunk = std::min(chunk_elems, numel);
+  uint64_t elem_bytes = dtype_size(base_dt) + dtype_size(out_dt);
+  for (DType d : ex_dt) elem_bytes += dtype_size(d);
+  uint64_t cap = kBlk;
+  while (cap * 2 * elem_bytes <= kChunkBytes) cap *= 2;
+  fj.chunk = std::min({chunk_elems, numel, cap});
 
   Job job{base_dt, ex_dt, numel, fj.chunk, threads, nullptr};
   job.make = [&fj](const std::vector<char>& use, bool with_out) -> std::unique_ptr<Chunks> {
