@@ -10,6 +10,7 @@
 #include <new>
 #include <thread>
 
+#include "kernel_util.hpp"
 #include "numerics.hpp"
 
 #define LSF_INLINE inline __attribute__((always_inline))
@@ -32,49 +33,6 @@ constexpr size_t kSeg = 2048;            // elements per row-MAV segment (multip
 constexpr size_t kMavBlock = 64;         // row-MAV float32 partial-sum block
 constexpr uint64_t kTask = 1ULL << 16;   // elements per task of the in-memory drivers
 static_assert(kSeg % kMavBlock == 0, "segments must hold whole blocks");
-
-// ---- element access ----------------------------------------------------------------------------
-
-template <DType D>
-struct Elem;
-
-template <>
-struct Elem<DType::BF16> {
-  static LSF_INLINE float load(const unsigned char* p, size_t j) {
-    uint16_t h;
-    std::memcpy(&h, p + 2 * j, 2);
-    return bf16_to_f32(h);
-  }
-  static LSF_INLINE void store(unsigned char* p, size_t j, float f) {
-    uint16_t h = f32_to_bf16(f);
-    std::memcpy(p + 2 * j, &h, 2);
-  }
-};
-
-template <>
-struct Elem<DType::F16> {
-  static LSF_INLINE float load(const unsigned char* p, size_t j) {
-    uint16_t h;
-    std::memcpy(&h, p + 2 * j, 2);
-    return f16_to_f32(h);
-  }
-  static LSF_INLINE void store(unsigned char* p, size_t j, float f) {
-    uint16_t h = f32_to_f16(f);
-    std::memcpy(p + 2 * j, &h, 2);
-  }
-};
-
-template <>
-struct Elem<DType::F32> {
-  static LSF_INLINE float load(const unsigned char* p, size_t j) {
-    float f;
-    std::memcpy(&f, p + 4 * j, 4);
-    return f;
-  }
-  static LSF_INLINE void store(unsigned char* p, size_t j, float f) { std::memcpy(p + 4 * j, &f, 4); }
-};
-
-// ---- blend passes ------------------------------------------------------------------------------
 
 template <DType D>
 LSF_INLINE void pass_first(float* __restrict acc, const unsigned char* __restrict p, float w,
@@ -201,52 +159,6 @@ LSF_INLINE double add_block_sums(const float* __restrict d, size_t m, double acc
   return acc;
 }
 
-// ---- thread pool -------------------------------------------------------------------------------
-
-class TaskQueue {
- public:
-  explicit TaskQueue(uint64_t n) : n_(n) {}
-  bool pop(uint64_t* t) {
-    if (stop_.load(std::memory_order_relaxed)) return false;
-    *t = next_.fetch_add(1, std::memory_order_relaxed);
-    return *t < n_;
-  }
-  void stop() { stop_.store(true, std::memory_order_relaxed); }
-
- private:
-  uint64_t n_;
-  std::atomic<uint64_t> next_{0};
-  std::atomic<bool> stop_{false};
-};
-
-// Run worker(queue) on `nthreads` threads (the caller is one of them). The first exception of any
-// worker stops the others from taking new tasks and is rethrown after all threads have joined.
-template <class Worker>
-void run_pool(size_t nthreads, uint64_t ntasks, Worker&& worker) {
-  TaskQueue queue(ntasks);
-  std::mutex err_m;
-  std::exception_ptr first;
-  auto body = [&]() {
-    try {
-      worker(queue);
-    } catch (...) {
-      std::lock_guard<std::mutex> g(err_m);
-      if (!first) first = std::current_exception();
-      queue.stop();
-    }
-  };
-  std::vector<std::thread> pool;
-  try {
-    pool.reserve(nthreads > 0 ? nthreads - 1 : 0);
-    for (size_t i = 1; i < nthreads; ++i) pool.emplace_back(body);
-  } catch (...) {
-    // Could not start more threads: the ones running (and this one) do all the work.
-  }
-  body();
-  for (auto& t : pool) t.join();
-  if (first) std::rethrow_exception(first);
-}
-
 template <class T>
 std::unique_ptr<T[]> alloc_array(uint64_t n, const char* what) {
   try {
@@ -256,17 +168,6 @@ std::unique_ptr<T[]> alloc_array(uint64_t n, const char* what) {
   }
 }
 
-void check_slice(const FileSlice& s, uint64_t numel, DType dt, const std::string& role) {
-  uint64_t bytes;
-  if (!mul_ok(numel, dtype_size(dt), &bytes))
-    fail(role + ": " + std::to_string(numel) + " elements of " + dtype_name(dt) +
-         " overflow a 64-bit size");
-  if (!range_ok(s.offset, bytes, s.file->size()))
-    fail(role + ": " + std::to_string(numel) + " elements of " + dtype_name(dt) + " (" +
-         std::to_string(bytes) + " bytes) at offset " + std::to_string(s.offset) +
-         " run past the end of " + show(s.file->path()) + " (" + std::to_string(s.file->size()) +
-         " bytes)");
-}
 
 }  // namespace
 
