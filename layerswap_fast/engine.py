@@ -29,7 +29,9 @@ from .writeback import ShardFinisher, cached_hash, needs_throttle
 from .plan import TensorRecipe
 
 RECIPE_NAME = "layerswap_recipe.json"
-_PROGRESS_STEP = 256 << 20  # long copies are split so a progress bar moves
+# Copies and blends proceed in pieces of at most this many bytes, after each of which the
+# write-behind (checksum, bounded dirty pages) and the progress bar are told how far the file is.
+_PIECE_BYTES = 256 << 20
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
 
@@ -77,7 +79,9 @@ class MergeStats:
 
     @property
     def gb_per_s(self) -> float:
-        return self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+        """The output's bytes (new and reused) per second."""
+        total = self.bytes_written + self.bytes_reused
+        return total / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
     def summary(self) -> str:
         reused = ""
@@ -85,9 +89,8 @@ class MergeStats:
             how = ", ".join(f"{n} by {method}" for method, n in sorted(self.reused.items()))
             reused = f", {format_bytes(self.bytes_reused)} in {sum(self.reused.values())} reused input shards: {how}"
         total = self.bytes_written + self.bytes_reused
-        rate = total / self.seconds / 1e9 if self.seconds > 0 else float("inf")
         return (f"wrote {self.out}: {self.shards} shards, {format_bytes(total)} in {self.seconds:.2f} s "
-                f"({rate:.2f} GB/s; {format_bytes(self.bytes_written)} new{reused}), {self.copied} tensors "
+                f"({self.gb_per_s:.2f} GB/s; {format_bytes(self.bytes_written)} new{reused}), {self.copied} tensors "
                 f"copied, {self.blended} computed, peak RSS {self.peak_rss_bytes / 2**20:.0f} MB")
 
 
@@ -118,39 +121,33 @@ class _ShardFiller:
         writer.write(0, shard.prefix())
         advance(shard.data_start)
         run: list[int] | None = None  # [src_offset, dst_offset, nbytes] of a pending copy
-        run_file: Path | None = None
+        source: _core.InputFile | None = None  # the file that run copies from
         for placed in shard.tensors:
             recipe, dst = placed.recipe, shard.data_start + placed.begin
             if recipe.op == "copy":
-                spec = self.source(recipe.terms[0].expert, recipe.name)
-                if run is not None and spec.file == run_file and run[0] + run[2] == spec.offset \
-                        and run[1] + run[2] == dst:
+                expert = recipe.terms[0].expert
+                spec = self.source(expert, recipe.name)
+                src = self.experts[expert].input_file(spec.file)
+                if run is not None and src is source and run[0] + run[2] == spec.offset and run[1] + run[2] == dst:
                     run[2] += placed.nbytes
                     continue
-                self._flush_copy(writer, run_file, run)
-                run, run_file = [spec.offset, dst, placed.nbytes], spec.file
+                self._flush_copy(writer, source, run)
+                run, source = [spec.offset, dst, placed.nbytes], src
             else:
-                self._flush_copy(writer, run_file, run)
+                self._flush_copy(writer, source, run)
                 run = None
                 self._compute(writer, recipe, dst)
-        self._flush_copy(writer, run_file, run)
+        self._flush_copy(writer, source, run)
 
-    def _flush_copy(self, writer: _core.ShardWriter, file: Path | None, run: list[int] | None) -> None:
-        if run is None or file is None:
+    def _flush_copy(self, writer: _core.ShardWriter, src: _core.InputFile | None, run: list[int] | None) -> None:
+        if run is None or src is None:
             return
-        src = self._input_file(file)
         src_offset, dst_offset, nbytes = run
-        for start in range(0, nbytes, _PROGRESS_STEP):
-            n = min(_PROGRESS_STEP, nbytes - start)
+        for start in range(0, nbytes, _PIECE_BYTES):
+            n = min(_PIECE_BYTES, nbytes - start)
             writer.copy_range(src, src_offset + start, dst_offset + start, n)
             self.advance(dst_offset + start + n)
             self.progress(n)
-
-    def _input_file(self, file: Path) -> _core.InputFile:
-        for ckpt in self.experts.values():
-            if any(s.path == file for s in ckpt.shards):
-                return ckpt.input_file(file)
-        raise KeyError(file)
 
     def _compute(self, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int) -> None:
         specs = [self.source(t.expert, recipe.name) for t in recipe.terms]
@@ -175,7 +172,7 @@ class _ShardFiller:
         """A blend is elementwise, so a large tensor goes in pieces: the write-behind (hashing,
         bounded dirty pages) follows each piece instead of waiting for a whole 1 GB embedding."""
         out_size = DTYPE_SIZES[recipe.dtype]
-        step = max(1, _PROGRESS_STEP // out_size)
+        step = max(1, _PIECE_BYTES // out_size)
         weights = [t.weight for t in recipe.terms]
         numel = specs[0].numel
         for start in range(0, numel, step):

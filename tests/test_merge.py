@@ -223,7 +223,7 @@ def test_blends_and_copies_in_small_pieces_give_the_same_bytes(trio: dict[str, P
     """Large tensors stream in pieces (256 MB); force 100-byte pieces so every path splits."""
     import layerswap_fast.engine as engine
     ls.merge(trio["task"], trio["language"], tmp_path / "whole", link="copy", dtype="f32")
-    monkeypatch.setattr(engine, "_PROGRESS_STEP", 100)
+    monkeypatch.setattr(engine, "_PIECE_BYTES", 100)
     ls.merge(trio["task"], trio["language"], tmp_path / "pieces", link="copy", dtype="f32")
     for shard in (tmp_path / "whole").glob("*.safetensors"):
         assert shard.read_bytes() == (tmp_path / "pieces" / shard.name).read_bytes()
