@@ -7,12 +7,12 @@ zones between them and averages the non-layer parameters.
     import layerswap_fast as ls
     ls.merge(task_expert="math", language_expert="swh", out="merged",
              config=ls.SwapConfig(bottom=4, top=1))
+    stats = ls.analyze(base="llama", experts=["math", "swh"], out_dir="stats")
 """
 
 __version__ = "0.1.0"
 
-from .api import (MergeResult, merge, plan_from_checkpoints, plan_merge, revert, soup, task_arithmetic,
-                  ties)
+from .api import MergeResult, merge, plan_merge, revert, soup, task_arithmetic, ties
 from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
 from .errors import (CheckpointError, ConfigError, LayerswapError, MismatchError, OutputError,
                      UnsupportedDtypeError)
@@ -20,8 +20,19 @@ from .plan import MergePlan, SwapConfig, TensorRecipe, Term, render_plan
 from .verify import VerifyError, VerifyReport, verify
 
 __all__ = [
-    "__version__", "merge", "soup", "task_arithmetic", "ties", "revert", "plan_merge", "plan_from_checkpoints", "MergeResult", "SwapConfig",
+    "__version__", "merge", "soup", "task_arithmetic", "ties", "revert", "plan_merge", "MergeResult", "SwapConfig",
     "MergePlan", "TensorRecipe", "Term", "render_plan", "open_checkpoint", "Checkpoint",
     "TensorSpec", "LayerswapError", "CheckpointError", "ConfigError", "MismatchError",
     "OutputError", "UnsupportedDtypeError", "verify", "VerifyError", "VerifyReport",
+    "analyze", "load_stats", "suggest_swap", "DeltaStats",
 ]
+
+_ANALYSIS = ("analyze", "load_stats", "suggest_swap", "DeltaStats")
+
+
+def __getattr__(name: str) -> object:
+    # the analysis needs numpy and matplotlib: loaded on first use, so `merge` starts fast
+    if name in _ANALYSIS:
+        from . import analysis
+        return getattr(analysis, name)
+    raise AttributeError(f"module 'layerswap_fast' has no attribute {name!r}")

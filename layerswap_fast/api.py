@@ -362,11 +362,3 @@ def revert(base: PathLike, model: PathLike, out: PathLike, *, layers: str | Sequ
                    "layers": ",".join(map(str, chosen)) if chosen else None,
                    "row_threshold": row_threshold, "row_fraction": row_fraction}
         return _write("revert", plan, inputs, out, options, WriteOptions(**write), inputs[model_role(0)])
-
-
-def plan_from_checkpoints(task: Checkpoint, language: Checkpoint, config: SwapConfig | None = None,
-                          dtype: str | None = None) -> MergePlan:
-    """The swap plan for two opened checkpoints (headers only)."""
-    num_layers = _layer_count({TASK: task, LANGUAGE: language})
-    return build_swap_plan(list(task.specs.values()), list(language.specs.values()), num_layers,
-                           config or SwapConfig(), normalize_dtype(dtype) if dtype else None)

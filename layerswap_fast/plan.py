@@ -207,10 +207,6 @@ def check_same_tensors(reference: tuple[str, Sequence[SpecLike]], other: tuple[s
             raise MismatchError(f"tensor {spec.name!r} is in the {role} but not in the {ref_role}")
 
 
-def check_pair(task: Sequence[SpecLike], language: Sequence[SpecLike]) -> None:
-    check_same_tensors(("task expert", task), ("language expert", language))
-
-
 def describe_role(role: str) -> str:
     """``task`` → ``task expert``; ``task.1`` → ``task expert 2``; ``model.0`` → ``model 1``."""
     kind, _, index = role.partition(".")

@@ -451,3 +451,14 @@ def test_cli_group_prints_error_line(trio, tmp_path):
                                        "-o", str(out)])
     assert result.exit_code == 2
     assert "error: output" in result.output
+
+
+def test_the_package_exports_the_analysis_lazily() -> None:
+    import subprocess
+    import sys
+
+    import layerswap_fast as ls
+    from layerswap_fast import analysis
+    assert ls.analyze is analysis.analyze and ls.load_stats is analysis.load_stats
+    code = "import sys, layerswap_fast; print('numpy' in sys.modules)"  # merge must not pay for numpy
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
