@@ -41,7 +41,6 @@ unblended in the middle.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -58,6 +57,7 @@ from urllib.parse import quote
 import numpy as np
 
 from . import __version__, _core
+from .writeback import hash_file
 from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import FLOAT_DTYPES
 from .errors import CheckpointError, ConfigError, MismatchError
@@ -539,11 +539,7 @@ def _run(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, e
 # files
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path, "sha256")
 
 
 def _csv_text(stats: DeltaStats) -> str:

@@ -13,6 +13,7 @@ from .api import merge
 from .checkpoint import open_checkpoint
 from .layers import classify
 from .plan import render_plan
+from .synthetic import bfloat16_to_float32, float32_to_bfloat16
 
 _NP = {"F32": np.float32, "F16": np.float16}
 
@@ -20,17 +21,14 @@ _NP = {"F32": np.float32, "F16": np.float16}
 def to_float32(raw: bytes, dtype: str) -> np.ndarray:
     """Decode BF16/F16/F32 bytes to float32 (bf16 is the top half of a float32)."""
     if dtype == "BF16":
-        return (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return bfloat16_to_float32(np.frombuffer(raw, dtype=np.uint16))
     return np.frombuffer(raw, dtype=_NP[dtype]).astype(np.float32)
 
 
 def from_float32(values: np.ndarray, dtype: str) -> bytes:
     """Round float32 to ``dtype`` to nearest even (numpy does this for F16; BF16 by bit arithmetic)."""
     if dtype == "BF16":
-        bits = values.astype(np.float32).view(np.uint32)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        rounded[np.isnan(values)] = 0x7FC0
-        return rounded.tobytes()
+        return float32_to_bfloat16(values).tobytes()
     return values.astype(_NP[dtype]).tobytes()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -55,3 +56,39 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file()} | {
             str(p.relative_to(root)) + "/": (0, 0) for p in sorted(root.rglob("*")) if p.is_dir()}
+
+
+# ---- helpers shared by the core's tests (bit patterns of float tensors) --------------------------
+
+TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def raw(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(INT_VIEW[t.dtype]).numpy()
+
+
+def from_raw(buf, dtype: str) -> torch.Tensor:
+    arr = np.frombuffer(buf, dtype=np.int32 if dtype == "F32" else np.int16)
+    return torch.from_numpy(arr.copy()).view(TORCH[dtype])
+
+
+def assert_same(got: torch.Tensor, ref: torch.Tensor, what: object = None) -> None:
+    """Bit-identical except that NaN only has to be NaN (torch's NaN encodings vary by path)."""
+    where = f"{what}: " if what is not None else ""
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    gn, rn = torch.isnan(got.float()), torch.isnan(ref.float())
+    assert torch.equal(gn, rn), f"{where}NaN positions differ at {torch.nonzero(gn != rn)[:5].tolist()}"
+    g, r = got.view(INT_VIEW[got.dtype]), ref.view(INT_VIEW[ref.dtype])
+    bad = (g != r) & ~gn
+    if bad.any():
+        i = int(torch.nonzero(bad)[0])
+        raise AssertionError(f"{where}{int(bad.sum())} elements differ; first at {i}: got {got[i].item()!r} "
+                             f"(0x{int(g[i]) & 0xFFFFFFFF:x}), expected {ref[i].item()!r} "
+                             f"(0x{int(r[i]) & 0xFFFFFFFF:x})")
+
+
+def one_line(e: BaseException) -> str:
+    s = str(e)
+    assert "\n" not in s and s
+    return s

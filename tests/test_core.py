@@ -14,46 +14,15 @@ import pytest
 import torch
 
 from layerswap_fast import _core as core
+from support import TORCH, assert_same, from_raw, one_line, raw
 
 CoreError = core.CoreError
 
-TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 SIZE = {"BF16": 2, "F16": 2, "F32": 4}
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 FLOAT_DTYPES = ["BF16", "F16", "F32"]
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-def raw(t: torch.Tensor) -> np.ndarray:
-    """The bytes of a tensor, as a numpy array (torch bf16 has no numpy dtype)."""
-    return t.contiguous().view(INT_VIEW[t.dtype]).numpy()
-
-
-def from_raw(buf: np.ndarray, dtype: str) -> torch.Tensor:
-    arr = np.frombuffer(buf, dtype=np.int32 if dtype == "F32" else np.int16)
-    return torch.from_numpy(arr.copy()).view(TORCH[dtype])
-
-
-def assert_same(got: torch.Tensor, ref: torch.Tensor) -> None:
-    """Bit-identical except that NaN only has to be NaN (torch's NaN encodings vary by path)."""
-    assert got.dtype == ref.dtype and got.shape == ref.shape
-    gn, rn = torch.isnan(got.float()), torch.isnan(ref.float())
-    assert torch.equal(gn, rn), f"NaN positions differ at {torch.nonzero(gn != rn)[:5].tolist()}"
-    g, r = got.view(INT_VIEW[got.dtype]), ref.view(INT_VIEW[ref.dtype])
-    bad = (g != r) & ~gn
-    if bad.any():
-        i = int(torch.nonzero(bad)[0])
-        raise AssertionError(f"{int(bad.sum())} elements differ; first at {i}: got {got[i].item()!r} "
-                             f"(0x{int(g[i]) & 0xFFFFFFFF:x}), expected {ref[i].item()!r} "
-                             f"(0x{int(r[i]) & 0xFFFFFFFF:x})")
-
-
-def one_line(e: BaseException) -> str:
-    s = str(e)
-    assert "\n" not in s and s
-    return s
-
 
 SPECIAL_BITS = {
     # +-0, +-inf, NaN, smallest/largest subnormals, smallest normal, max, 1.0, ties

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from layerswap_fast import _core as core
+from support import TORCH, assert_same, from_raw, one_line, raw
 
 CoreError = core.CoreError
 
-TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 SIZE = {"BF16": 2, "F16": 2, "F32": 4}
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 DTYPE_SETS = {  # (base, experts..., out)
     "bf16": ("BF16", ["BF16"] * 3, "BF16"),
     "f16": ("F16", ["F16"] * 3, "F16"),
@@ -28,35 +27,6 @@ SIZES = [1, 5, 4097, 100_003]
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-def raw(t: torch.Tensor) -> np.ndarray:
-    return t.contiguous().view(INT_VIEW[t.dtype]).numpy()
-
-
-def from_raw(buf, dtype: str) -> torch.Tensor:
-    arr = np.frombuffer(buf, dtype=np.int32 if dtype == "F32" else np.int16)
-    return torch.from_numpy(arr.copy()).view(TORCH[dtype])
-
-
-def assert_same(got: torch.Tensor, ref: torch.Tensor, what=None) -> None:
-    """Bit-identical except that NaN only has to be NaN (torch's NaN encodings vary by path)."""
-    assert got.dtype == ref.dtype and got.shape == ref.shape
-    gn, rn = torch.isnan(got.float()), torch.isnan(ref.float())
-    assert torch.equal(gn, rn), f"{what}: NaN positions differ at {torch.nonzero(gn != rn)[:5].tolist()}"
-    g, r = got.view(INT_VIEW[got.dtype]), ref.view(INT_VIEW[ref.dtype])
-    bad = (g != r) & ~gn
-    if bad.any():
-        i = int(torch.nonzero(bad)[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} elements differ; first at {i}: got {got[i].item()!r} "
-                             f"(0x{int(g[i]) & 0xFFFFFFFF:x}), expected {ref[i].item()!r} "
-                             f"(0x{int(r[i]) & 0xFFFFFFFF:x})")
-
-
-def one_line(e: BaseException) -> str:
-    s = str(e)
-    assert "\n" not in s and s
-    return s
-
 
 def sgn(x: torch.Tensor) -> torch.Tensor:
     """sign with sign(NaN) == 0 (what torch.sign gives on CPU; spelled out so as not to depend
