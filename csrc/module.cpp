@@ -448,7 +448,8 @@ void ties_buffers_py(py::handle base, py::handle base_dtype, py::handle experts,
 void ties_file_py(py::handle base, py::handle base_dtype, py::handle experts,
                   py::handle expert_dtypes, std::shared_ptr<lsf::ShardWriter> out,
                   py::handle out_offset, py::handle out_dtype, py::handle numel, py::handle keep,
-                  py::handle lam, py::handle chunk_elems, py::handle threads) {
+                  py::handle lam, py::handle chunk_elems, py::handle threads,
+                  py::handle record_budget) {
   if (!out) throw py::type_error("out must be a ShardWriter");
   std::vector<std::shared_ptr<lsf::InputFile>> keep_base;
   lsf::FileSlice bs = to_slice(base, "base", keep_base);
@@ -465,9 +466,10 @@ void ties_file_py(py::handle base, py::handle base_dtype, py::handle experts,
   int64_t chunk = to_i64(chunk_elems, "chunk_elems");
   if (chunk <= 0) fail("ties_file: chunk_elems must be >= 1 (got " + std::to_string(chunk) + ")");
   int64_t nthreads = to_i64(threads, "threads");
+  uint64_t budget = to_u64(record_budget, "record_budget");
   py::gil_scoped_release nogil;
   lsf::ties_file_run(bs, bdt, ex.slices, dts, *out, ooff, odt, ne, k, l,
-                     static_cast<uint64_t>(chunk), nthreads);
+                     static_cast<uint64_t>(chunk), nthreads, budget);
 }
 
 }  // namespace
@@ -662,7 +664,18 @@ PYBIND11_MODULE(_core, m) {
   m.def("ties_file", &ties_file_py, py::arg("base"), py::arg("base_dtype"), py::arg("experts"),
         py::arg("expert_dtypes"), py::arg("out"), py::arg("out_offset"), py::arg("out_dtype"),
         py::arg("numel"), py::arg("keep"), py::arg("lam"), py::arg("chunk_elems") = 1 << 20,
-        py::arg("threads") = 0);
+        py::arg("threads") = 0, py::arg("record_budget") = 64 << 20);
+  m.def("ties_file_stats", []() {
+    const lsf::TiesFileStats s = lsf::ties_file_stats();
+    py::dict d;
+    d["one_pass"] = s.one_pass;
+    d["rewritten"] = s.rewritten;
+    d["fallback_budget"] = s.fallback_budget;
+    d["fallback_miss"] = s.fallback_miss;
+    d["records"] = s.records;
+    d["patched"] = s.patched;
+    return d;
+  });
   m.def(
       "_set_copy_file_range_enabled",
       [](bool enabled) { lsf::set_copy_file_range_enabled(enabled); }, py::arg("enabled"),

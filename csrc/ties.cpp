@@ -1,6 +1,7 @@
 #include "ties.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cerrno>
 #include <cstdint>
@@ -69,6 +70,9 @@ constexpr uint32_t kLoZeroKey = 0x8000u;
 constexpr uint64_t kFlushAt = 0xFFFFFFFFu;
 // Experts handled by the fused (unrolled) pass-1 and pass-3 loops; more take the generic ones.
 constexpr size_t kMaxFused = 4;
+// Heavy patterns per expert of the one-pass bracket (see "one pass over a sampled bracket").
+constexpr size_t kMaxHeavy = 4;
+constexpr uint32_t kNoPattern = 0xFFFFFFFFu;  // no |d| pattern (their sign bit is 0)
 
 #define LSF_TIES_DISPATCH(dt, D, ...)    \
   switch (dt) {                          \
@@ -506,6 +510,75 @@ void hist_lo_range(const unsigned char* base, DType bdt, size_t n_ex,
   }
 }
 
+// u = the |d| patterns of n consecutive elements of one expert.
+LSF_CLONES
+void abs_bits_range(const unsigned char* base, DType bdt, const unsigned char* ex, DType edt,
+                    size_t n, uint32_t* u, Scratch& sc) {
+  float* bf = sc.base();
+  const size_t bsz = dtype_size(bdt);
+  const size_t esz = dtype_size(edt);
+  for (size_t s = 0; s < n; s += kBlk) {
+    const size_t m = std::min(kBlk, n - s);
+    LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
+    LSF_TIES_DISPATCH(edt, DI, pass_abs_bits<DI>(u + s, ex + s * esz, bf, m));
+  }
+}
+
+// One expert's bracket in a pass: patterns in [lo, hi] are flagged for recording, except the
+// kMaxHeavy "heavy" patterns (values many elements share, as in 16-bit checkpoints; unused slots
+// hold 0xFFFFFFFF, which no |d| pattern equals), which are counted instead.
+struct BracketSide {
+  uint32_t lo, hi;
+  const uint32_t* heavy;  // kMaxHeavy patterns
+  uint64_t* above;        // += patterns above hi
+  uint64_t* counts;       // [k] += patterns equal to heavy[k]
+};
+
+template <DType D>
+LSF_INLINE void pass_bracket(uint32_t* __restrict f, const unsigned char* __restrict p,
+                             const float* __restrict b, const BracketSide& side, size_t m) {
+  static_assert(kMaxHeavy == 4, "pass_bracket compares with four heavy patterns");
+  const uint32_t lo = side.lo, hi = side.hi, span = hi - lo;
+  const uint32_t h0 = side.heavy[0], h1 = side.heavy[1], h2 = side.heavy[2], h3 = side.heavy[3];
+  uint32_t above = 0, c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+  for (size_t j = 0; j < m; ++j) {
+    const uint32_t x = f32_to_bits(Elem<D>::load(p, j) - b[j]) & kAbsMask;
+    const uint32_t e0 = x == h0, e1 = x == h1, e2 = x == h2, e3 = x == h3;
+    c0 += e0;
+    c1 += e1;
+    c2 += e2;
+    c3 += e3;
+    above += static_cast<uint32_t>(x > hi);
+    f[j] |= static_cast<uint32_t>(x - lo <= span) & ~(e0 | e1 | e2 | e3);
+  }
+  *side.above += above;
+  side.counts[0] += c0;
+  side.counts[1] += c1;
+  side.counts[2] += c2;
+  side.counts[3] += c3;
+}
+
+// For n consecutive elements: flags[j] = 1 where some expert's |d| pattern lies in its bracket
+// and is not one of its heavy patterns; the counts of each side are updated.
+LSF_CLONES
+void bracket_range(const unsigned char* base, DType bdt, size_t n_ex,
+                   const unsigned char* const* ex, const DType* edt, const BracketSide* sides,
+                   size_t n, uint8_t* flags, Scratch& sc) {
+  float* bf = sc.base();
+  uint32_t* f32 = sc.bits();
+  const size_t bsz = dtype_size(bdt);
+  for (size_t s = 0; s < n; s += kBlk) {
+    const size_t m = std::min(kBlk, n - s);
+    LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
+    std::fill(f32, f32 + m, uint32_t{0});
+    for (size_t e = 0; e < n_ex; ++e) {
+      const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
+      LSF_TIES_DISPATCH(edt[e], DI, pass_bracket<DI>(f32, p, bf, sides[e], m));
+    }
+    for (size_t j = 0; j < m; ++j) flags[s + j] = static_cast<uint8_t>(f32[j]);
+  }
+}
+
 // Pass 3: trim, elect, disjoint mean and output for n consecutive elements.
 LSF_CLONES
 void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigned char* const* ex,
@@ -857,6 +930,324 @@ void merge_pass(const Job& job, const Thresholds& th, float lam, DType odt) {
   });
 }
 
+// ---- one pass over a sampled bracket (ties_file) ------------------------------------------------
+//
+// The exact passes read every input twice (three times without the pass-2 shortcut). For a large
+// tensor, ties_file first reads a small sample and brackets each tau_i by a range of |d| patterns
+// [lo_i, hi_i] that holds it with high probability. One pass then writes the output under the
+// sample's guess of tau_i, counts the patterns above hi_i and those equal to a few "heavy"
+// patterns of the bracket (values that many elements share, as deltas of 16-bit checkpoints do),
+// and records position and input bytes of every other element with a pattern inside a bracket.
+// That gives each tau_i exactly. Recorded elements whose output differs under the exact tau_i
+// are written again; if a heavy pattern's decision changes, a second pass rewrites the output with
+// the exact thresholds. When a tau_i falls outside its bracket, or the records would outgrow
+// their budget, the exact passes run instead. The bytes are the same whichever way it goes.
+
+constexpr uint64_t kOnePassMin = 1ULL << 16;   // smaller tensors take the exact passes
+constexpr uint64_t kSampleBlk = 512;           // elements per sample block
+constexpr uint64_t kSampleMin = 1ULL << 14;    // sample size: numel / 64 within these bounds
+constexpr uint64_t kSampleMax = 1ULL << 21;
+
+// one pass, one pass + rewrite, fallback (budget), fallback (miss), records, patched
+std::atomic<uint64_t> g_stats[6];
+
+struct Bracket {
+  std::vector<uint32_t> lo, hi, guess;         // per expert, patterns of |d|
+  std::vector<std::vector<uint32_t>> heavy;    // per expert, kMaxHeavy patterns (see BracketSide)
+};
+
+// Sort ascending, by two counting passes over 16-bit digits (tmp: scratch of the same size).
+void radix_sort(std::vector<uint32_t>& v, std::vector<uint32_t>& tmp) {
+  std::vector<uint64_t> count(size_t{1} << 16);
+  for (int shift = 0; shift < 32; shift += 16) {
+    std::fill(count.begin(), count.end(), uint64_t{0});
+    for (uint32_t x : v) ++count[(x >> shift) & 0xFFFFu];
+    uint64_t at = 0;
+    for (auto& c : count) {
+      const uint64_t here = c;
+      c = at;
+      at += here;
+    }
+    for (uint32_t x : v) tmp[count[(x >> shift) & 0xFFFFu]++] = x;
+    v.swap(tmp);
+  }
+}
+
+// The heavy patterns of a bracket: those with at least max(8, len / 64) of the len sample values
+// in it (given sorted), the most frequent first.
+std::vector<uint32_t> heavy_patterns(std::vector<uint32_t>::const_iterator first,
+                                     std::vector<uint32_t>::const_iterator last) {
+  const auto len = static_cast<uint64_t>(last - first);
+  const uint64_t at_least = std::max<uint64_t>(8, len / 64);
+  std::vector<std::pair<uint64_t, uint32_t>> runs;
+  for (auto it = first; it != last;) {
+    auto end = std::upper_bound(it, last, *it);
+    const auto run = static_cast<uint64_t>(end - it);
+    if (run >= at_least) runs.emplace_back(run, *it);
+    it = end;
+  }
+  std::sort(runs.begin(), runs.end(), std::greater<std::pair<uint64_t, uint32_t>>());
+  std::vector<uint32_t> heavy(kMaxHeavy, kNoPattern);
+  for (size_t i = 0; i < runs.size() && i < kMaxHeavy; ++i) heavy[i] = runs[i].second;
+  return heavy;
+}
+
+// The sample is nb blocks of kSampleBlk elements, block i starting at floor(i * numel / nb)
+// (tests build inputs that mislead this sample, to reach the fallback). The guess is the sample's
+// quantile of rank keep / numel (from the top); the bracket reaches 6 standard deviations of that rank (as if
+// the sample were independent draws) plus 64 elements to either side.
+Bracket sample_bracket(const Job& job, uint64_t keep) {
+  const size_t n = job.edt.size();
+  const uint64_t numel = job.numel;
+  const uint64_t want = std::min(std::max(numel / 64, kSampleMin), kSampleMax);
+  const uint64_t nb = (want + kSampleBlk - 1) / kSampleBlk;
+  const uint64_t s = nb * kSampleBlk;
+  std::vector<std::vector<uint32_t>> keys(n, std::vector<uint32_t>(s));
+  std::unique_ptr<Chunks> ch = job.make(std::vector<char>(n, 1), false);
+  Scratch sc(0);
+  const uint64_t piece = std::min<uint64_t>(kSampleBlk, job.task);
+  for (uint64_t i = 0; i < nb; ++i) {
+    const auto b0 = static_cast<uint64_t>(static_cast<unsigned __int128>(i) * numel / nb);
+    for (uint64_t o = 0; o < kSampleBlk; o += piece) {
+      const uint64_t m = std::min(piece, kSampleBlk - o);
+      ch->load(b0 + o, m);
+      for (size_t e = 0; e < n; ++e)
+        abs_bits_range(ch->base, job.bdt, ch->ex[e], job.edt[e], static_cast<size_t>(m),
+                       keys[e].data() + i * kSampleBlk + o, sc);
+    }
+  }
+  const double q = static_cast<double>(keep) / static_cast<double>(numel);
+  const uint64_t r = std::min(s - 1, static_cast<uint64_t>(q * static_cast<double>(s)));
+  const auto margin =
+      static_cast<uint64_t>(6.0 * std::sqrt(static_cast<double>(s) * q * (1.0 - q))) + 64;
+  const uint64_t first = r >= margin ? r - margin : 0;  // ranks from the top
+  const uint64_t last = std::min(s - 1, r + margin);
+  run_pool(resolve_threads(job.threads, n), n, [&](TaskQueue& tq) {
+    std::vector<uint32_t> tmp(s);
+    uint64_t e;
+    while (tq.pop(&e)) radix_sort(keys[e], tmp);
+  });
+  Bracket br;
+  for (auto& v : keys) {  // ascending: rank i from the top is v[s - 1 - i]
+    br.guess.push_back(v[s - 1 - r]);
+    br.hi.push_back(first > 0 ? v[s - 1 - first] : 0xFFFFFFFFu);
+    br.lo.push_back(last < s - 1 ? v[s - 1 - last] : 0u);
+    br.heavy.push_back(heavy_patterns(v.begin() + static_cast<std::ptrdiff_t>(s - 1 - last),
+                                      v.begin() + static_cast<std::ptrdiff_t>(s - first)));
+  }
+  return br;
+}
+
+// One thread's recorded elements: positions, and the bytes of the base and of each expert there;
+// and its counts per expert.
+struct Records {
+  std::vector<uint64_t> pos;
+  std::vector<std::vector<unsigned char>> raw;  // [0]: base, [1 + e]: expert e
+  std::vector<uint64_t> above;                  // [e]: patterns above hi
+  std::vector<uint64_t> heavy;                  // [e * kMaxHeavy + k]: patterns equal to heavy k
+};
+
+// Append the flagged elements of a chunk (flags: m bytes, zero-padded to a multiple of 8)
+// starting at element e0; idx is scratch.
+void collect(const uint8_t* flags, uint64_t m, uint64_t e0, const Chunks& ch, const Job& job,
+             std::vector<uint32_t>& idx, Records& rec) {
+  idx.clear();
+  for (uint64_t j0 = 0; j0 < m; j0 += 8) {
+    uint64_t w;
+    std::memcpy(&w, flags + j0, 8);
+    for (; w != 0; w &= w - 1)  // one set bit (bit 0 of a flag byte) per flagged element
+      idx.push_back(static_cast<uint32_t>(j0 + static_cast<uint64_t>(__builtin_ctzll(w)) / 8));
+  }
+  if (idx.empty()) return;
+  const size_t old = rec.pos.size();
+  rec.pos.resize(old + idx.size());
+  for (size_t i = 0; i < idx.size(); ++i) rec.pos[old + i] = e0 + idx[i];
+  for (size_t in = 0; in <= job.edt.size(); ++in) {
+    const DType dt = in == 0 ? job.bdt : job.edt[in - 1];
+    const unsigned char* src = in == 0 ? ch.base : ch.ex[in - 1];
+    std::vector<unsigned char>& dst = rec.raw[in];
+    const size_t sz = dtype_size(dt);
+    dst.resize((old + idx.size()) * sz);
+    unsigned char* d = dst.data() + old * sz;
+    if (sz == 2) {
+      for (size_t i = 0; i < idx.size(); ++i) std::memcpy(d + 2 * i, src + 2 * idx[i], 2);
+    } else {
+      for (size_t i = 0; i < idx.size(); ++i) std::memcpy(d + 4 * i, src + 4 * idx[i], 4);
+    }
+  }
+}
+
+// The output under the guessed thresholds, with the counts taken and the elements to check
+// recorded; false when the records outgrow max_records (the output is then incomplete).
+bool guessed_pass(const Job& job, const Bracket& br, float lam, DType odt, uint64_t max_records,
+                  std::vector<Records>* recs) {
+  const size_t n = job.edt.size();
+  const uint64_t numel = job.numel;
+  const uint64_t task = job.task;
+  const uint64_t ntasks = (numel + task - 1) / task;
+  const size_t nthreads = resolve_threads(job.threads, ntasks);
+  const Thresholds guess = make_thresholds(br.guess);
+  std::vector<std::unique_ptr<Chunks>> chs;
+  std::vector<std::unique_ptr<Scratch>> scs;
+  std::vector<Array<uint8_t>> flags;
+  recs->assign(nthreads, Records{});
+  for (size_t i = 0; i < nthreads; ++i) {
+    chs.push_back(job.make(std::vector<char>(n, 1), true));
+    scs.emplace_back(new Scratch(n));
+    flags.push_back(alloc_array<uint8_t>(task + 8, "ties flags"));
+    Records& r = (*recs)[i];
+    r.raw.resize(n + 1);
+    r.above.assign(n, 0);
+    r.heavy.assign(n * kMaxHeavy, 0);
+  }
+  std::atomic<uint64_t> total{0};
+  std::atomic<bool> over{false};
+  std::atomic<size_t> slots{0};
+  run_pool(nthreads, ntasks, [&](TaskQueue& q) {
+    const size_t slot = slots.fetch_add(1);
+    Chunks& ch = *chs[slot];
+    Records& rec = (*recs)[slot];
+    uint8_t* f = flags[slot].get();
+    std::vector<uint32_t> idx;
+    std::vector<BracketSide> sides;
+    for (size_t e = 0; e < n; ++e)
+      sides.push_back(BracketSide{br.lo[e], br.hi[e], br.heavy[e].data(), &rec.above[e],
+                                  &rec.heavy[e * kMaxHeavy]});
+    uint64_t t;
+    while (!over.load(std::memory_order_relaxed) && q.pop(&t)) {
+      const uint64_t e0 = t * task;
+      const uint64_t m = std::min(task, numel - e0);
+      ch.load(e0, m);
+      unsigned char* o = ch.out_begin(e0);
+      ties_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), guess.thr.data(), lam, o, odt,
+                 static_cast<size_t>(m), *scs[slot]);
+      ch.out_end(e0, m);
+      std::memset(f + m, 0, 8);
+      bracket_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), sides.data(),
+                    static_cast<size_t>(m), f, *scs[slot]);
+      const uint64_t before = rec.pos.size();
+      collect(f, m, e0, ch, job, idx, rec);
+      const uint64_t added = rec.pos.size() - before;
+      if (total.fetch_add(added) + added > max_records) over.store(true);
+    }
+  });
+  return !over.load();
+}
+
+// Expert e's tau from its counts and recorded patterns: the (keep - above)-th largest of the
+// recorded patterns in its bracket and its heavy patterns, each as often as counted; false when
+// tau lies outside the bracket.
+bool exact_tau(const Job& job, const Bracket& br, size_t e, uint64_t keep,
+               const std::vector<Records>& recs, uint32_t* tau) {
+  uint64_t above = 0;
+  std::vector<std::pair<uint32_t, uint64_t>> values;  // (pattern, how many)
+  for (size_t k = 0; k < kMaxHeavy; ++k) {
+    if (br.heavy[e][k] == kNoPattern) continue;
+    uint64_t c = 0;
+    for (const Records& r : recs) c += r.heavy[e * kMaxHeavy + k];
+    values.emplace_back(br.heavy[e][k], c);
+  }
+  for (const Records& r : recs) above += r.above[e];
+  if (above >= keep) return false;
+  Scratch sc(0);
+  std::vector<uint32_t> u;
+  const uint32_t lo = br.lo[e], span = br.hi[e] - br.lo[e];
+  for (const Records& r : recs) {
+    u.resize(r.pos.size());
+    abs_bits_range(r.raw[0].data(), job.bdt, r.raw[1 + e].data(), job.edt[e], u.size(), u.data(),
+                   sc);
+    for (uint32_t x : u)
+      if (x - lo <= span && std::find(br.heavy[e].begin(), br.heavy[e].end(), x) == br.heavy[e].end())
+        values.emplace_back(x, 1);
+  }
+  std::sort(values.begin(), values.end(), std::greater<std::pair<uint32_t, uint64_t>>());
+  uint64_t seen = above;
+  for (const auto& [x, c] : values) {
+    seen += c;
+    if (seen >= keep) {
+      *tau = x;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Write again the recorded elements whose output differs between the guessed and exact
+// thresholds, as runs of consecutive positions.
+uint64_t patch_records(const Job& job, const FileJob& fj, const Records& r, const Thresholds& guess,
+                       const Thresholds& exact, float lam) {
+  const size_t n = job.edt.size();
+  const uint64_t nr = r.pos.size();
+  if (nr == 0) return 0;
+  const size_t osz = dtype_size(fj.odt);
+  std::vector<const unsigned char*> ex;
+  for (size_t e = 0; e < n; ++e) ex.push_back(r.raw[1 + e].data());
+  std::vector<unsigned char> was(nr * osz), now(nr * osz);
+  Scratch sc(n);
+  ties_range(r.raw[0].data(), job.bdt, n, ex.data(), job.edt.data(), guess.thr.data(), lam,
+             was.data(), fj.odt, static_cast<size_t>(nr), sc);
+  ties_range(r.raw[0].data(), job.bdt, n, ex.data(), job.edt.data(), exact.thr.data(), lam,
+             now.data(), fj.odt, static_cast<size_t>(nr), sc);
+  auto differs = [&](uint64_t i) { return std::memcmp(&was[i * osz], &now[i * osz], osz) != 0; };
+  uint64_t patched = 0;
+  for (uint64_t i = 0; i < nr;) {
+    if (!differs(i)) {
+      ++i;
+      continue;
+    }
+    uint64_t j = i + 1;
+    while (j < nr && r.pos[j] == r.pos[j - 1] + 1 && differs(j)) ++j;
+    fj.out->pwrite_exact(fj.out_fd, fj.out_offset + r.pos[i] * osz, &now[i * osz], (j - i) * osz);
+    patched += j - i;
+    i = j;
+  }
+  return patched;
+}
+
+// ties_file in one pass when it can; false when the exact passes must (re)write the output.
+bool ties_one_pass(const Job& job, const FileJob& fj, uint64_t keep, float lam,
+                   uint64_t record_budget) {
+  const size_t n = job.edt.size();
+  const Bracket br = sample_bracket(job, keep);
+  uint64_t rec_bytes = sizeof(uint64_t) + dtype_size(job.bdt);
+  for (DType d : job.edt) rec_bytes += dtype_size(d);
+  std::vector<Records> recs;
+  if (!guessed_pass(job, br, lam, fj.odt, record_budget / rec_bytes, &recs)) {
+    g_stats[2] += 1;
+    return false;
+  }
+  std::vector<uint32_t> tau_bits(n);
+  for (size_t e = 0; e < n; ++e) {
+    if (!exact_tau(job, br, e, keep, recs, &tau_bits[e])) {
+      g_stats[3] += 1;
+      return false;
+    }
+  }
+  const Thresholds guess = make_thresholds(br.guess);
+  const Thresholds exact = make_thresholds(tau_bits);
+  bool heavy_flips = false;  // a heavy pattern kept under one threshold and not the other
+  for (size_t e = 0; e < n; ++e)
+    for (uint32_t h : br.heavy[e])
+      heavy_flips |= h != kNoPattern && (h >= guess.thr[e]) != (h >= exact.thr[e]);
+  uint64_t nrec = 0;
+  for (const Records& r : recs) nrec += r.pos.size();
+  g_stats[4] += nrec;
+  if (heavy_flips) {
+    recs.clear();
+    merge_pass(job, exact, lam, fj.odt);
+    g_stats[1] += 1;
+    return true;
+  }
+  std::atomic<uint64_t> patched{0};
+  run_pool(resolve_threads(job.threads, recs.size()), recs.size(), [&](TaskQueue& q) {
+    uint64_t t;
+    while (q.pop(&t)) patched += patch_records(job, fj, recs[t], guess, exact, lam);
+  });
+  g_stats[0] += 1;
+  g_stats[5] += patched.load();
+  return true;
+}
+
 Job mem_job(const unsigned char* base, DType bdt, const std::vector<const unsigned char*>& ex,
             const std::vector<DType>& edt, unsigned char* out, DType odt, uint64_t numel,
             int64_t threads) {
@@ -893,7 +1284,7 @@ void ties_buffers_run(const unsigned char* base, DType base_dt,
 void ties_file_run(const FileSlice& base, DType base_dt, const std::vector<FileSlice>& ex,
                    const std::vector<DType>& ex_dt, ShardWriter& out, uint64_t out_offset,
                    DType out_dt, uint64_t numel, uint64_t keep, float lam, uint64_t chunk_elems,
-                   int64_t threads) {
+                   int64_t threads, uint64_t record_budget) {
   const size_t n = ex.size();
   if (n == 0) fail("ties_file: at least one expert is required");
   if (ex_dt.size() != n) fail("ties_file: expert_dtypes and experts differ in length");
@@ -927,8 +1318,16 @@ void ties_file_run(const FileSlice& base, DType base_dt, const std::vector<FileS
   job.make = [&fj](const std::vector<char>& use, bool with_out) -> std::unique_ptr<Chunks> {
     return std::unique_ptr<Chunks>(new FileChunks(fj, use, with_out));
   };
+  if (numel >= kOnePassMin && keep > 0 && keep < numel && record_budget > 0 &&
+      ties_one_pass(job, fj, keep, lam, record_budget))
+    return;
   Thresholds th = select_thresholds(job, keep);
   merge_pass(job, th, lam, out_dt);
+}
+
+TiesFileStats ties_file_stats() {
+  return TiesFileStats{g_stats[0].load(), g_stats[1].load(), g_stats[2].load(),
+                       g_stats[3].load(), g_stats[4].load(), g_stats[5].load()};
 }
 
 }  // namespace lsf

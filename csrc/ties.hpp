@@ -37,6 +37,12 @@ void ties_buffers_run(const unsigned char* base, DType base_dt,
 void ties_file_run(const FileSlice& base, DType base_dt, const std::vector<FileSlice>& ex,
                    const std::vector<DType>& ex_dt, ShardWriter& out, uint64_t out_offset,
                    DType out_dt, uint64_t numel, uint64_t keep, float lam, uint64_t chunk_elems,
-                   int64_t threads);
+                   int64_t threads, uint64_t record_budget);
+
+// Which way the ties_file calls of this process went (see ties_file in _core.pyi).
+struct TiesFileStats {
+  uint64_t one_pass, rewritten, fallback_budget, fallback_miss, records, patched;
+};
+TiesFileStats ties_file_stats();
 
 }  // namespace lsf

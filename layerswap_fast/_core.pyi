@@ -201,24 +201,43 @@ def ties_file(
     lam: float,
     chunk_elems: int = 1 << 20,
     threads: int = 0,
+    record_budget: int = 64 << 20,
 ) -> None:
-    """:func:`ties_buffers` streamed from files, with the same bytes for every ``chunk_elems``
-    and ``threads``: ``numel`` elements at each (file, absolute offset), written to ``out`` at
-    ``out_offset``. Bounds and dtypes are checked as in :func:`blend_file`.
+    """:func:`ties_buffers` streamed from files, with the same bytes for every ``chunk_elems``,
+    ``threads`` and ``record_budget``: ``numel`` elements at each (file, absolute offset), written
+    to ``out`` at ``out_offset``. Bounds and dtypes are checked as in :func:`blend_file`.
 
-    No float32 copy of a tensor is made: each ``tau_i`` is found by an exact radix select over the
-    bit patterns of ``|d_i|``. Pass 1 streams base and experts (the base chunk read once for all
-    experts) and histograms the top 16 bits of every ``|d_i|`` (per thread, merged after the
-    join), which locates the bin of the ``keep``-th largest; pass 2 streams again and histograms
-    the low 16 bits of the elements in that bin, giving ``tau_i`` exactly; pass 3 streams again
-    and writes the output. The input is thus read 3 times, with two exact shortcuts: pass 2 is
-    skipped when, for every expert, the ``keep``-th largest falls among the values of its bin
-    whose low 16 bits are zero (pass 1 counts those; common for 16-bit checkpoints, whose deltas
-    often have few significant bits), and passes 1-2 when ``keep == 0`` or ``keep >= numel``.
+    No float32 copy of a tensor is made. **Exact passes**: each ``tau_i`` is found by an exact
+    radix select over the bit patterns of ``|d_i|``. Pass 1 streams base and experts (the base
+    chunk read once for all experts) and histograms the top 16 bits of every ``|d_i|`` (per thread,
+    merged after the join), which locates the bin of the ``keep``-th largest; pass 2 streams again
+    and histograms the low 16 bits of the elements in that bin, giving ``tau_i`` exactly; pass 3
+    streams again and writes the output. Pass 2 is skipped when, for every expert, the ``keep``-th
+    largest falls among the values of its bin whose low 16 bits are zero (common for 16-bit
+    checkpoints), and passes 1-2 when ``keep == 0`` or ``keep >= numel``.
 
-    Memory: O(512 KiB × N × threads) of histograms plus
-    O(chunk_elems × (bytes per element of base + experts + out) × threads) of chunk buffers
-    (``threads`` as resolved: at most the number of chunks), independent of ``numel``."""
+    **One pass over a sampled bracket** (tensors of at least 65,536 elements, ``0 < keep <
+    numel``, ``record_budget > 0``): a sample of about ``numel / 64`` elements (at least 16,384, at
+    most 2 Mi, in blocks of 512 spread evenly) gives each expert a guess of ``tau_i`` and a bracket
+    of ``|d_i|`` patterns around it, 6 standard deviations of the sample rank wide. One pass writes
+    the output under the guesses, counts the patterns above each bracket and those equal to up to
+    4 "heavy" patterns (values the sample shows many elements sharing), and records position and
+    input bytes of every other element inside a bracket. From those, ``tau_i`` is exact; recorded
+    elements whose output differs under it are written again, and if a heavy pattern's decision
+    changed, a second pass writes the whole output again. If a ``tau_i`` falls outside its bracket
+    or the records would pass ``record_budget`` bytes, the exact passes run. Every route writes the
+    same bytes; :func:`ties_file_stats` counts the routes taken.
+
+    Memory: O(512 KiB × N × threads) of histograms, O(chunk_elems × (bytes per element of base +
+    experts + out) × threads) of chunk buffers (``threads`` as resolved: at most the number of
+    chunks), the sample (at most 8 MiB per expert) and the records (at most ``record_budget``
+    bytes, up to twice that while their arrays grow)."""
+
+def ties_file_stats() -> dict[str, int]:
+    """How the :func:`ties_file` calls of this process went: ``one_pass`` (finished in the one
+    pass, with ``patched`` elements written again), ``rewritten`` (a second pass under the exact
+    thresholds), ``fallback_budget`` and ``fallback_miss`` (the exact passes ran after the one
+    pass), and ``records``, the elements recorded in all."""
 
 def _set_copy_file_range_enabled(enabled: bool) -> None:
     """Testing hook (process-wide): ``False`` forces :meth:`ShardWriter.copy_range` onto its

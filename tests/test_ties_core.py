@@ -419,6 +419,108 @@ def test_ties_file_separate_files_and_numel_zero(tmp_path):
         f.close()
 
 
+# ---- ties_file's one pass over a sampled bracket ---------------------------------------------------
+
+def _file_ties(tmp_path, path, boff, eoffs, bdt, edts, odt, n, keep, lam, **kw) -> tuple[bytes, dict]:
+    """ties_file's output bytes, and how the core's path counters moved during the call."""
+    dst = tmp_path / "one.bin"
+    before = core.ties_file_stats()
+    with core.InputFile(str(path)) as f:
+        w = core.ShardWriter(str(dst), n * SIZE[odt])
+        core.ties_file((f, boff), bdt, [(f, o) for o in eoffs], edts, w, 0, odt, n, keep, lam, **kw)
+        w.close(sync=False)
+    after = core.ties_file_stats()
+    data = dst.read_bytes()
+    dst.unlink()
+    return data, {k: after[k] - before[k] for k in after}
+
+
+@pytest.mark.parametrize("dset", ["bf16", "f16", "f32", "mixed2"])
+def test_one_pass_equals_reference(tmp_path, dset):
+    """Tensors large enough for the sampled one pass give the exact passes' bytes (which equal the
+    reference's values) for every keep,
+    chunking and thread count, through the one pass (with records written again where the guess
+    was wrong) or its second pass; never through the exact passes here."""
+    gen = torch.Generator().manual_seed(41)
+    bdt, edts, odt = DTYPE_SETS[dset]
+    n = 300_007
+    base, experts = make_set(bdt, edts, n, gen)
+    boff, eoffs, path = _write_set(tmp_path, base, experts)
+    patched = 0
+    for keep in (1, 17, n // 5, n // 2, n - 3):
+        expected = core_ties(base, bdt, experts, edts, keep, 0.9, odt, threads=1)
+        assert_same(expected, ties_ref(base, experts, keep, 0.9, odt))  # NaNs may differ in payload
+        ref = raw(expected).tobytes()
+        for chunk, threads in ((1 << 20, 0), (10_000, 3)):
+            got, moved = _file_ties(tmp_path, path, boff, eoffs, bdt, edts, odt, n, keep, 0.9,
+                                    chunk_elems=chunk, threads=threads)
+            assert got == ref, (keep, chunk, threads, moved)
+            assert moved["one_pass"] + moved["rewritten"] == 1, moved
+            patched += moved["patched"]
+    if dset == "f32":
+        assert patched > 0  # continuous deltas: the guess is off by a few elements, which are rewritten
+
+
+def test_one_pass_record_budget_falls_back(tmp_path):
+    gen = torch.Generator().manual_seed(42)
+    n = 200_000
+    base, experts = make_set("F32", ["F32", "F32"], n, gen)
+    boff, eoffs, path = _write_set(tmp_path, base, experts)
+    ref = raw(ties_ref(base, experts, n // 5, 1.0, "F32")).tobytes()
+    got, moved = _file_ties(tmp_path, path, boff, eoffs, "F32", ["F32", "F32"], "F32", n, n // 5, 1.0,
+                            record_budget=64)
+    assert got == ref
+    assert moved["fallback_budget"] == 1 and moved["one_pass"] == 0
+    got, moved = _file_ties(tmp_path, path, boff, eoffs, "F32", ["F32", "F32"], "F32", n, n // 5, 1.0,
+                            record_budget=0)  # 0: the exact passes only
+    assert got == ref and not any(moved.values())
+
+
+def _sampled_blocks(n: int) -> list[tuple[int, int]]:
+    """The sample the core reads for n elements (see sample_bracket in csrc/ties.cpp)."""
+    nb = -(-max(n // 64, 1 << 14) // 512)
+    return [(i * n // nb, i * n // nb + 512) for i in range(nb)]
+
+
+def test_one_pass_misleading_sample_falls_back(tmp_path):
+    """Large deltas exactly where the sample looks, small ones elsewhere: tau lies far below the
+    bracket, and the exact passes give the right bytes."""
+    gen = torch.Generator().manual_seed(43)
+    n = 1 << 17
+    base = torch.zeros(n, dtype=torch.float32)
+    experts = []
+    for _ in range(2):
+        d = torch.rand(n, generator=gen) * 1e-3
+        for a, b in _sampled_blocks(n):
+            d[a:b] = 1.0 + torch.rand(b - a, generator=gen)
+        experts.append(base + d)
+    boff, eoffs, path = _write_set(tmp_path, base, experts)
+    keep = n // 5  # more than the sampled 1/8 of the elements
+    ref = raw(ties_ref(base, experts, keep, 1.0, "F32")).tobytes()
+    got, moved = _file_ties(tmp_path, path, boff, eoffs, "F32", ["F32", "F32"], "F32", n, keep, 1.0)
+    assert got == ref
+    assert moved["fallback_miss"] == 1 and moved["one_pass"] == 0
+
+
+def test_one_pass_heavy_value_decided_wrong_rewrites(tmp_path):
+    """|d| takes two values, each shared by half the elements; the sample puts the keep-th largest
+    on the upper one, the whole tensor on the lower one: every element of a heavy value changes
+    its decision, and the second pass writes the output again under the exact threshold."""
+    n = 1 << 17
+    base = torch.zeros(n, dtype=torch.bfloat16)
+    sign = torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
+    d = torch.where(torch.arange(n) % 2 == 0, 0.5, 0.25)
+    for i in range(10):  # ten upper values turned lower, none of them sampled
+        d[i * 4096 + 1000] = 0.25
+    expert = (sign * d).to(torch.bfloat16)
+    boff, eoffs, path = _write_set(tmp_path, base, [expert])
+    keep = n // 2 - 5  # > the 65526 upper values: tau is the lower one
+    ref = raw(ties_ref(base, [expert], keep, 1.0, "BF16")).tobytes()
+    got, moved = _file_ties(tmp_path, path, boff, eoffs, "BF16", ["BF16"], "BF16", n, keep, 1.0)
+    assert got == ref
+    assert moved["rewritten"] == 1, moved
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 def test_ties_buffers_errors():
