@@ -1,9 +1,9 @@
 #include "ties.hpp"
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -899,13 +899,23 @@ Thresholds select_thresholds(const Job& job, uint64_t keep) {
   return make_thresholds(tau_bits);
 }
 
+// Threads of a pass over job: at most one per task.
+size_t pass_threads(const Job& job) {
+  return resolve_threads(job.threads, (job.numel + job.task - 1) / job.task);
+}
+
+// Runs on each chunk of pass 3 (thread slot, first element, elements, the chunk's inputs) once
+// its output is written; false stops the pass.
+using AfterChunk = std::function<bool(size_t, uint64_t, uint64_t, const Chunks&, Scratch&)>;
+
 // Pass 3.
-void merge_pass(const Job& job, const Thresholds& th, float lam, DType odt) {
+void merge_pass(const Job& job, const Thresholds& th, float lam, DType odt,
+                const AfterChunk& after = nullptr) {
   const size_t n = job.edt.size();
   const uint64_t numel = job.numel;
   const uint64_t task = job.task;
   const uint64_t ntasks = (numel + task - 1) / task;
-  const size_t nthreads = resolve_threads(job.threads, ntasks);
+  const size_t nthreads = pass_threads(job);
   const std::vector<char> use(n, 1);
   std::vector<std::unique_ptr<Chunks>> chs;
   std::vector<std::unique_ptr<Scratch>> scs;
@@ -926,6 +936,10 @@ void merge_pass(const Job& job, const Thresholds& th, float lam, DType odt) {
       ties_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), th.thr.data(), lam, o, odt,
                  static_cast<size_t>(m), *scs[slot]);
       ch.out_end(e0, m);
+      if (after && !after(slot, e0, m, ch, *scs[slot])) {
+        q.stop();
+        break;
+      }
     }
   });
 }
@@ -948,8 +962,11 @@ constexpr uint64_t kSampleBlk = 512;           // elements per sample block
 constexpr uint64_t kSampleMin = 1ULL << 14;    // sample size: numel / 64 within these bounds
 constexpr uint64_t kSampleMax = 1ULL << 21;
 
-// one pass, one pass + rewrite, fallback (budget), fallback (miss), records, patched
-std::atomic<uint64_t> g_stats[6];
+// How the calls went, for ties_file_stats.
+struct {
+  std::atomic<uint64_t> one_pass{0}, rewritten{0}, fallback_budget{0}, fallback_miss{0};
+  std::atomic<uint64_t> records{0}, patched{0};
+} g_stats;
 
 struct Bracket {
   std::vector<uint32_t> lo, hi, guess;         // per expert, patterns of |d|
@@ -994,8 +1011,8 @@ std::vector<uint32_t> heavy_patterns(std::vector<uint32_t>::const_iterator first
 
 // The sample is nb blocks of kSampleBlk elements, block i starting at floor(i * numel / nb)
 // (tests build inputs that mislead this sample, to reach the fallback). The guess is the sample's
-// quantile of rank keep / numel (from the top); the bracket reaches 6 standard deviations of that rank (as if
-// the sample were independent draws) plus 64 elements to either side.
+// quantile of rank keep / numel (from the top); the bracket reaches 6 standard deviations of that
+// rank (as if the sample were independent draws) plus 64 elements to either side.
 Bracket sample_bracket(const Job& job, uint64_t keep) {
   const size_t n = job.edt.size();
   const uint64_t numel = job.numel;
@@ -1082,55 +1099,36 @@ void collect(const uint8_t* flags, uint64_t m, uint64_t e0, const Chunks& ch, co
 bool guessed_pass(const Job& job, const Bracket& br, float lam, DType odt, uint64_t max_records,
                   std::vector<Records>* recs) {
   const size_t n = job.edt.size();
-  const uint64_t numel = job.numel;
-  const uint64_t task = job.task;
-  const uint64_t ntasks = (numel + task - 1) / task;
-  const size_t nthreads = resolve_threads(job.threads, ntasks);
-  const Thresholds guess = make_thresholds(br.guess);
-  std::vector<std::unique_ptr<Chunks>> chs;
-  std::vector<std::unique_ptr<Scratch>> scs;
+  const size_t nthreads = pass_threads(job);
   std::vector<Array<uint8_t>> flags;
+  std::vector<std::vector<uint32_t>> idx(nthreads);
+  std::vector<std::vector<BracketSide>> sides(nthreads);
   recs->assign(nthreads, Records{});
   for (size_t i = 0; i < nthreads; ++i) {
-    chs.push_back(job.make(std::vector<char>(n, 1), true));
-    scs.emplace_back(new Scratch(n));
-    flags.push_back(alloc_array<uint8_t>(task + 8, "ties flags"));
+    flags.push_back(alloc_array<uint8_t>(job.task + 8, "ties flags"));
     Records& r = (*recs)[i];
     r.raw.resize(n + 1);
     r.above.assign(n, 0);
     r.heavy.assign(n * kMaxHeavy, 0);
+    for (size_t e = 0; e < n; ++e)
+      sides[i].push_back(BracketSide{br.lo[e], br.hi[e], br.heavy[e].data(), &r.above[e],
+                                     &r.heavy[e * kMaxHeavy]});
   }
   std::atomic<uint64_t> total{0};
   std::atomic<bool> over{false};
-  std::atomic<size_t> slots{0};
-  run_pool(nthreads, ntasks, [&](TaskQueue& q) {
-    const size_t slot = slots.fetch_add(1);
-    Chunks& ch = *chs[slot];
-    Records& rec = (*recs)[slot];
-    uint8_t* f = flags[slot].get();
-    std::vector<uint32_t> idx;
-    std::vector<BracketSide> sides;
-    for (size_t e = 0; e < n; ++e)
-      sides.push_back(BracketSide{br.lo[e], br.hi[e], br.heavy[e].data(), &rec.above[e],
-                                  &rec.heavy[e * kMaxHeavy]});
-    uint64_t t;
-    while (!over.load(std::memory_order_relaxed) && q.pop(&t)) {
-      const uint64_t e0 = t * task;
-      const uint64_t m = std::min(task, numel - e0);
-      ch.load(e0, m);
-      unsigned char* o = ch.out_begin(e0);
-      ties_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), guess.thr.data(), lam, o, odt,
-                 static_cast<size_t>(m), *scs[slot]);
-      ch.out_end(e0, m);
-      std::memset(f + m, 0, 8);
-      bracket_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), sides.data(),
-                    static_cast<size_t>(m), f, *scs[slot]);
-      const uint64_t before = rec.pos.size();
-      collect(f, m, e0, ch, job, idx, rec);
-      const uint64_t added = rec.pos.size() - before;
-      if (total.fetch_add(added) + added > max_records) over.store(true);
-    }
-  });
+  merge_pass(job, make_thresholds(br.guess), lam, odt,
+             [&](size_t slot, uint64_t e0, uint64_t m, const Chunks& ch, Scratch& sc) {
+               uint8_t* f = flags[slot].get();
+               std::memset(f + m, 0, 8);
+               bracket_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(),
+                             sides[slot].data(), static_cast<size_t>(m), f, sc);
+               Records& rec = (*recs)[slot];
+               const uint64_t before = rec.pos.size();
+               collect(f, m, e0, ch, job, idx[slot], rec);
+               const uint64_t added = rec.pos.size() - before;
+               if (total.fetch_add(added) + added > max_records) over.store(true);
+               return !over.load();
+             });
   return !over.load();
 }
 
@@ -1156,8 +1154,9 @@ bool exact_tau(const Job& job, const Bracket& br, size_t e, uint64_t keep,
     u.resize(r.pos.size());
     abs_bits_range(r.raw[0].data(), job.bdt, r.raw[1 + e].data(), job.edt[e], u.size(), u.data(),
                    sc);
+    const auto& heavy = br.heavy[e];
     for (uint32_t x : u)
-      if (x - lo <= span && std::find(br.heavy[e].begin(), br.heavy[e].end(), x) == br.heavy[e].end())
+      if (x - lo <= span && std::find(heavy.begin(), heavy.end(), x) == heavy.end())
         values.emplace_back(x, 1);
   }
   std::sort(values.begin(), values.end(), std::greater<std::pair<uint32_t, uint64_t>>());
@@ -1213,13 +1212,13 @@ bool ties_one_pass(const Job& job, const FileJob& fj, uint64_t keep, float lam,
   for (DType d : job.edt) rec_bytes += dtype_size(d);
   std::vector<Records> recs;
   if (!guessed_pass(job, br, lam, fj.odt, record_budget / rec_bytes, &recs)) {
-    g_stats[2] += 1;
+    g_stats.fallback_budget += 1;
     return false;
   }
   std::vector<uint32_t> tau_bits(n);
   for (size_t e = 0; e < n; ++e) {
     if (!exact_tau(job, br, e, keep, recs, &tau_bits[e])) {
-      g_stats[3] += 1;
+      g_stats.fallback_miss += 1;
       return false;
     }
   }
@@ -1231,11 +1230,11 @@ bool ties_one_pass(const Job& job, const FileJob& fj, uint64_t keep, float lam,
       heavy_flips |= h != kNoPattern && (h >= guess.thr[e]) != (h >= exact.thr[e]);
   uint64_t nrec = 0;
   for (const Records& r : recs) nrec += r.pos.size();
-  g_stats[4] += nrec;
+  g_stats.records += nrec;
   if (heavy_flips) {
     recs.clear();
     merge_pass(job, exact, lam, fj.odt);
-    g_stats[1] += 1;
+    g_stats.rewritten += 1;
     return true;
   }
   std::atomic<uint64_t> patched{0};
@@ -1243,8 +1242,8 @@ bool ties_one_pass(const Job& job, const FileJob& fj, uint64_t keep, float lam,
     uint64_t t;
     while (q.pop(&t)) patched += patch_records(job, fj, recs[t], guess, exact, lam);
   });
-  g_stats[0] += 1;
-  g_stats[5] += patched.load();
+  g_stats.one_pass += 1;
+  g_stats.patched += patched.load();
   return true;
 }
 
@@ -1326,8 +1325,9 @@ void ties_file_run(const FileSlice& base, DType base_dt, const std::vector<FileS
 }
 
 TiesFileStats ties_file_stats() {
-  return TiesFileStats{g_stats[0].load(), g_stats[1].load(), g_stats[2].load(),
-                       g_stats[3].load(), g_stats[4].load(), g_stats[5].load()};
+  return TiesFileStats{g_stats.one_pass.load(),        g_stats.rewritten.load(),
+                       g_stats.fallback_budget.load(), g_stats.fallback_miss.load(),
+                       g_stats.records.load(),         g_stats.patched.load()};
 }
 
 }  // namespace lsf
