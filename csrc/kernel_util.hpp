@@ -1,14 +1,19 @@
 // Helpers shared by the kernels (kernels.cpp, ties.cpp): element access by dtype, the per-call
-// thread pool, and the bounds check of a file slice.
+// thread pool, pooled scratch buffers, and the bounds check of a file slice.
 #pragma once
 
 #include <atomic>
+#include <cerrno>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "common.hpp"
@@ -106,6 +111,89 @@ void run_pool(size_t nthreads, uint64_t ntasks, Worker&& worker) {
   body();
   for (auto& t : pool) t.join();
   if (first) std::rethrow_exception(first);
+}
+
+// ---- scratch buffers -----------------------------------------------------------------------------
+
+// Buffers freed by one call, kept for the next: malloc hands large blocks back to the kernel on
+// free, and faulting in fresh pages for the chunk buffers and histograms of every tensor cost
+// more than the kernels spend on a tensor of a few million elements. Only blocks of at least
+// kPoolMin bytes are kept, at most kPoolMax bytes of them (the oldest go first), and a block is
+// reused only for a request of exactly its size (the sizes repeat from tensor to tensor). The
+// pool is never destroyed: a call still running in another thread at exit may give back to it.
+inline constexpr uint64_t kPoolMin = 64ULL << 10;
+inline constexpr uint64_t kPoolMax = 32ULL << 20;
+inline constexpr std::align_val_t kAlign{64};
+
+class BufPool {
+ public:
+  static BufPool& get() {
+    static BufPool* pool = new BufPool;
+    return *pool;
+  }
+  void* take(uint64_t bytes) {
+    if (bytes >= kPoolMin) {
+      std::lock_guard<std::mutex> g(m_);
+      for (size_t i = free_.size(); i-- > 0;) {
+        if (free_[i].bytes != bytes) continue;
+        void* p = free_[i].p;
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+        held_ -= bytes;
+        return p;
+      }
+    }
+    return ::operator new(static_cast<size_t>(bytes), kAlign);  // may throw std::bad_alloc
+  }
+  void give(void* p, uint64_t bytes) noexcept {
+    if (bytes >= kPoolMin && bytes <= kPoolMax) {
+      std::lock_guard<std::mutex> g(m_);
+      try {
+        free_.push_back(Block{p, bytes});
+        held_ += bytes;
+        p = nullptr;
+      } catch (...) {  // no room in the list: just free it
+      }
+      while (held_ > kPoolMax) {
+        ::operator delete(free_.front().p, kAlign);
+        held_ -= free_.front().bytes;
+        free_.erase(free_.begin());
+      }
+    }
+    if (p) ::operator delete(p, kAlign);
+  }
+
+ private:
+  struct Block {
+    void* p;
+    uint64_t bytes;
+  };
+  BufPool() = default;
+  std::mutex m_;
+  std::vector<Block> free_;
+  uint64_t held_ = 0;
+};
+
+struct PoolFree {
+  uint64_t bytes = 0;
+  void operator()(void* p) const noexcept { BufPool::get().give(p, bytes); }
+};
+
+// An uninitialised array of a trivial type, its memory from BufPool.
+template <class T>
+using Array = std::unique_ptr<T[], PoolFree>;
+
+template <class T>
+Array<T> alloc_array(uint64_t n, const char* what) {
+  static_assert(std::is_trivial<T>::value && alignof(T) <= 64, "plain data only");
+  uint64_t bytes;
+  if (!mul_ok(n, sizeof(T), &bytes) || bytes > static_cast<uint64_t>(PTRDIFF_MAX))
+    fail_os(ENOMEM, std::string("allocating ") + std::to_string(n) + " x " +
+                        std::to_string(sizeof(T)) + " bytes for " + what);
+  try {
+    return Array<T>(static_cast<T*>(BufPool::get().take(bytes)), PoolFree{bytes});
+  } catch (const std::bad_alloc&) {
+    fail_nomem(bytes, what);
+  }
 }
 
 // ---- bounds --------------------------------------------------------------------------------------

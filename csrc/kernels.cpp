@@ -159,14 +159,6 @@ LSF_INLINE double add_block_sums(const float* __restrict d, size_t m, double acc
   return acc;
 }
 
-template <class T>
-std::unique_ptr<T[]> alloc_array(uint64_t n, const char* what) {
-  try {
-    return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
-  } catch (const std::bad_alloc&) {
-    fail_nomem(n * sizeof(T), what);
-  }
-}
 
 
 }  // namespace
@@ -275,7 +267,7 @@ void blend_file_run(const std::vector<FileSlice>& in, const std::vector<DType>& 
   const size_t osz = dtype_size(out_dt);
 
   run_pool(nthreads, ntasks, [&](TaskQueue& q) {
-    std::vector<std::unique_ptr<unsigned char[]>> bufs(n);
+    std::vector<Array<unsigned char>> bufs(n);
     std::vector<const unsigned char*> ptrs(n);
     for (size_t i = 0; i < n; ++i) {
       bufs[i] = alloc_array<unsigned char>(chunk * dtype_size(in_dt[i]), "blend_file chunk buffers");
@@ -368,7 +360,7 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
   run_pool(nthreads, ntasks, [&](TaskQueue& q) {
     const uint64_t buf_elems = std::min(piece, numel);
     auto bbuf = alloc_array<unsigned char>(buf_elems * bsz, "row_mav_file chunk buffers");
-    std::vector<std::unique_ptr<unsigned char[]>> bufs(n);
+    std::vector<Array<unsigned char>> bufs(n);
     for (size_t e = 0; e < n; ++e)
       bufs[e] = alloc_array<unsigned char>(buf_elems * dtype_size(ex_dt[e]),
                                            "row_mav_file chunk buffers");
