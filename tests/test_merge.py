@@ -106,6 +106,49 @@ def test_output_is_sharded_indexed_and_carries_its_recipe(trio: dict[str, Path],
     assert_merged(out, trio)
 
 
+def _file_offsets(path: Path) -> tuple[bytes, dict[str, int]]:
+    """The raw header and each tensor's absolute byte offset, read by hand from the format."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    return data[8:8 + n], {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_copied_tensors_keep_their_place_within_a_page(tmp_path: Path) -> None:
+    """The header is padded so a copied tensor starts at the same offset within a page as in its
+    input (the kernel then copies whole pages); the padding is trailing spaces, as the format allows."""
+    trio = make_llama_trio(tmp_path, num_layers=L, shard="10MB", hidden=64)  # one file per model
+    ls.merge(trio["task"], trio["language"], tmp_path / "out")
+    [shard] = (tmp_path / "out").glob("*.safetensors")
+    header, out = _file_offsets(shard)
+    assert header.rstrip(b" ").endswith(b"}") and len(header) - len(header.rstrip(b" ")) < 4096
+    copied = 0
+    for role in ("task", "language"):
+        [source] = trio[role].glob("*.safetensors")
+        _, src = _file_offsets(source)
+        for name, offset in src.items():
+            w_t, w_l = expected_weights(layer_of(name))
+            if (w_t, w_l) == ((1.0, 0.0) if role == "task" else (0.0, 1.0)):
+                assert out[name] % 4096 == offset % 4096, name
+                copied += 1
+    assert copied > 0
+
+
+def test_page_phase_follows_the_most_copied_bytes() -> None:
+    from layerswap_fast.layout import PlacedTensor, page_phase
+    from layerswap_fast.plan import TensorRecipe, Term
+
+    def placed(name: str, begin: int, nbytes: int) -> PlacedTensor:
+        return PlacedTensor(TensorRecipe(name, "BF16", (nbytes // 2,), None, "copy", (Term("task", 1.0),)), begin, nbytes)
+
+    tensors = [placed("a", 0, 4096), placed("b", 4096, 8192), placed("c", 12288, 64)]
+    sources = {"a": 1000, "b": 4096 + 40, "c": None}
+    assert page_phase(tensors, lambda r: sources[r.name]) == 40  # b's 8192 bytes outweigh a's 4096
+    assert page_phase(tensors, lambda r: {"a": 1000, "b": 4096 + 43}.get(r.name)) == 1000  # 43: not 8-aligned
+    assert page_phase(tensors, lambda r: None) is None
+    assert page_phase(tensors, None) is None
+
+
 def test_transformers_loads_the_merged_model(trio: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
     out = tmp_path / "out"
