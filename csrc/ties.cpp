@@ -222,26 +222,61 @@ LSF_INLINE void pass_merge_fused(unsigned char* __restrict out, const float* __r
   }
 }
 
+// One expert's bracket in a pass: patterns in [lo, hi] are flagged for recording, except the
+// kMaxHeavy "heavy" patterns (values many elements share, as in 16-bit checkpoints; unused slots
+// hold 0xFFFFFFFF, which no |d| pattern equals), which are counted instead.
+struct BracketSide {
+  uint32_t lo, hi;
+  const uint32_t* heavy;  // kMaxHeavy patterns
+  uint64_t* above;        // += patterns above hi
+  uint64_t* counts;       // [k] += patterns equal to heavy[k]
+};
+
 // Steps 1-5 in one loop, without scratch, when base, the N experts and the output all have the
-// dtype D: the same float32 operations as pass_to_f32, pass_trim and pass_merge_fused.
-template <size_t N, DType D>
+// dtype D: the same float32 operations as pass_to_f32, pass_trim and pass_merge_fused. With
+// Bracket, the same loop also does what pass_bracket does for each expert's side, while |d| is
+// at hand (a separate pass would convert and subtract every input again).
+template <size_t N, DType D, bool Bracket>
 LSF_INLINE void ties_uniform(unsigned char* __restrict out, const unsigned char* __restrict base,
                              const unsigned char* const* ex, const uint32_t* thr, float lam,
-                             size_t n) {
+                             size_t n, const BracketSide* sides, uint8_t* __restrict flags) {
+  static_assert(kMaxHeavy == 4, "the bracket test compares with four heavy patterns");
   const unsigned char* p[N];
-  uint32_t th[N];
+  uint32_t th[N], lo[N], span[N], hi[N], hv[N][kMaxHeavy];
+  uint32_t above[N], hc[N][kMaxHeavy];
   for (size_t e = 0; e < N; ++e) {
     p[e] = ex[e];
     th[e] = thr[e];
+    above[e] = 0;
+    for (size_t k = 0; k < kMaxHeavy; ++k) hc[e][k] = 0;
+    if constexpr (Bracket) {
+      lo[e] = sides[e].lo;
+      hi[e] = sides[e].hi;
+      span[e] = sides[e].hi - sides[e].lo;
+      for (size_t k = 0; k < kMaxHeavy; ++k) hv[e][k] = sides[e].heavy[k];
+    }
   }
   for (size_t j = 0; j < n; ++j) {
     const float b = Elem<D>::load(base, j);
     float t[N];
+    uint32_t flag = 0;
     for (size_t e = 0; e < N; ++e) {
       const uint32_t db = f32_to_bits(Elem<D>::load(p[e], j) - b);
-      const uint32_t keep = 0u - static_cast<uint32_t>((db & kAbsMask) >= th[e]);
+      const uint32_t x = db & kAbsMask;
+      const uint32_t keep = 0u - static_cast<uint32_t>(x >= th[e]);
       t[e] = f32_from_bits(db & keep);
+      if constexpr (Bracket) {
+        uint32_t heavy = 0;
+        for (size_t k = 0; k < kMaxHeavy; ++k) {
+          const uint32_t eq = x == hv[e][k];
+          hc[e][k] += eq;
+          heavy |= eq;
+        }
+        above[e] += static_cast<uint32_t>(x > hi[e]);
+        flag |= static_cast<uint32_t>(x - lo[e] <= span[e]) & ~heavy;
+      }
     }
+    if constexpr (Bracket) flags[j] = static_cast<uint8_t>(flag);
     float s = t[0];
     for (size_t e = 1; e < N; ++e) s = s + t[e];
     const int32_t g = sgn(s);
@@ -256,6 +291,12 @@ LSF_INLINE void ties_uniform(unsigned char* __restrict out, const unsigned char*
     const float mean = num / static_cast<float>(c);
     const float prod = lam * mean;
     Elem<D>::store(out, j, b + prod);
+  }
+  if constexpr (Bracket) {
+    for (size_t e = 0; e < N; ++e) {
+      *sides[e].above += above[e];
+      for (size_t k = 0; k < kMaxHeavy; ++k) sides[e].counts[k] += hc[e][k];
+    }
   }
 }
 
@@ -442,16 +483,6 @@ void abs_bits_range(const unsigned char* base, DType bdt, const unsigned char* e
   }
 }
 
-// One expert's bracket in a pass: patterns in [lo, hi] are flagged for recording, except the
-// kMaxHeavy "heavy" patterns (values many elements share, as in 16-bit checkpoints; unused slots
-// hold 0xFFFFFFFF, which no |d| pattern equals), which are counted instead.
-struct BracketSide {
-  uint32_t lo, hi;
-  const uint32_t* heavy;  // kMaxHeavy patterns
-  uint64_t* above;        // += patterns above hi
-  uint64_t* counts;       // [k] += patterns equal to heavy[k]
-};
-
 template <DType D>
 LSF_INLINE void pass_bracket(uint32_t* __restrict f, const unsigned char* __restrict p,
                              const float* __restrict b, const BracketSide& side, size_t m) {
@@ -497,11 +528,13 @@ void bracket_range(const unsigned char* base, DType bdt, size_t n_ex,
   }
 }
 
-// Pass 3: trim, elect, disjoint mean and output for n consecutive elements.
+// Pass 3: trim, elect, disjoint mean and output for n consecutive elements; with sides, also
+// bracket_range's flags (n bytes) and counts.
 LSF_CLONES
 void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigned char* const* ex,
                 const DType* edt, const uint32_t* thr, float lam, unsigned char* out, DType odt,
-                size_t n, Scratch& sc) {
+                size_t n, Scratch& sc, const BracketSide* sides = nullptr,
+                uint8_t* flags = nullptr) {
   float* bf = sc.base();
   float* s_ = sc.sum();
   float* num = sc.num();
@@ -512,12 +545,24 @@ void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigne
   const bool uniform =
       odt == bdt && std::all_of(edt, edt + n_ex, [&](DType d) { return d == bdt; });
   if (n_ex <= kMaxFused && uniform) {
-    switch (n_ex) {
-      case 1: LSF_TIES_DISPATCH(odt, D, ties_uniform<1, D>(out, base, ex, thr, lam, n)); break;
-      case 2: LSF_TIES_DISPATCH(odt, D, ties_uniform<2, D>(out, base, ex, thr, lam, n)); break;
-      case 3: LSF_TIES_DISPATCH(odt, D, ties_uniform<3, D>(out, base, ex, thr, lam, n)); break;
-      default: LSF_TIES_DISPATCH(odt, D, ties_uniform<4, D>(out, base, ex, thr, lam, n)); break;
+#define LSF_UNIFORM(N, B) \
+  LSF_TIES_DISPATCH(odt, D, ties_uniform<N, D, B>(out, base, ex, thr, lam, n, sides, flags))
+    if (sides != nullptr) {
+      switch (n_ex) {
+        case 1: LSF_UNIFORM(1, true); break;
+        case 2: LSF_UNIFORM(2, true); break;
+        case 3: LSF_UNIFORM(3, true); break;
+        default: LSF_UNIFORM(4, true); break;
+      }
+    } else {
+      switch (n_ex) {
+        case 1: LSF_UNIFORM(1, false); break;
+        case 2: LSF_UNIFORM(2, false); break;
+        case 3: LSF_UNIFORM(3, false); break;
+        default: LSF_UNIFORM(4, false); break;
+      }
     }
+#undef LSF_UNIFORM
     return;
   }
   for (size_t s = 0; s < n; s += kBlk) {
@@ -551,6 +596,7 @@ void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigne
     for (size_t e = 0; e < n_ex; ++e) pass_agree(num, cnt, sc.t(e), g, m);
     LSF_TIES_DISPATCH(odt, DO, pass_finish<DO>(o, bf, num, cnt, lam, m));
   }
+  if (sides != nullptr) bracket_range(base, bdt, n_ex, ex, edt, sides, n, flags, sc);
 }
 
 // ---- element sources ---------------------------------------------------------------------------
@@ -824,11 +870,18 @@ size_t pass_threads(const Job& job) {
 
 // Runs on each chunk of pass 3 (thread slot, first element, elements, the chunk's inputs) once
 // its output is written; false stops the pass.
-using AfterChunk = std::function<bool(size_t, uint64_t, uint64_t, const Chunks&, Scratch&)>;
+using AfterChunk = std::function<bool(size_t, uint64_t, uint64_t, const Chunks&)>;
+
+// The bracket test a pass 3 does besides the merge: per thread slot, each expert's side and a
+// flag byte per element of a chunk (with 8 more, zeroed, so collect can read whole words).
+struct ChunkBracket {
+  std::vector<std::vector<BracketSide>> sides;
+  std::vector<Array<uint8_t>> flags;
+};
 
 // Pass 3.
 void merge_pass(const Job& job, const Thresholds& th, float lam, DType odt,
-                const AfterChunk& after = nullptr) {
+                const AfterChunk& after = nullptr, ChunkBracket* bracket = nullptr) {
   const size_t n = job.edt.size();
   const uint64_t numel = job.numel;
   const uint64_t task = job.task;
@@ -851,10 +904,13 @@ void merge_pass(const Job& job, const Thresholds& th, float lam, DType odt,
       const uint64_t m = std::min(task, numel - e0);
       ch.load(e0, m);
       unsigned char* o = ch.out_begin(e0);
+      const BracketSide* sides = bracket ? bracket->sides[slot].data() : nullptr;
+      uint8_t* flags = bracket ? bracket->flags[slot].get() : nullptr;
+      if (flags) std::memset(flags + m, 0, 8);
       ties_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), th.thr.data(), lam, o, odt,
-                 static_cast<size_t>(m), *scs[slot]);
+                 static_cast<size_t>(m), *scs[slot], sides, flags);
       ch.out_end(e0, m);
-      if (after && !after(slot, e0, m, ch, *scs[slot])) {
+      if (after && !after(slot, e0, m, ch)) {
         q.stop();
         break;
       }
@@ -1018,35 +1074,33 @@ bool guessed_pass(const Job& job, const Bracket& br, float lam, DType odt, uint6
                   std::vector<Records>* recs) {
   const size_t n = job.edt.size();
   const size_t nthreads = pass_threads(job);
-  std::vector<Array<uint8_t>> flags;
+  ChunkBracket bracket;
   std::vector<std::vector<uint32_t>> idx(nthreads);
-  std::vector<std::vector<BracketSide>> sides(nthreads);
+  bracket.sides.resize(nthreads);
   recs->assign(nthreads, Records{});
   for (size_t i = 0; i < nthreads; ++i) {
-    flags.push_back(alloc_array<uint8_t>(job.task + 8, "ties flags"));
+    bracket.flags.push_back(alloc_array<uint8_t>(job.task + 8, "ties flags"));
     Records& r = (*recs)[i];
     r.raw.resize(n + 1);
     r.above.assign(n, 0);
     r.heavy.assign(n * kMaxHeavy, 0);
     for (size_t e = 0; e < n; ++e)
-      sides[i].push_back(BracketSide{br.lo[e], br.hi[e], br.heavy[e].data(), &r.above[e],
-                                     &r.heavy[e * kMaxHeavy]});
+      bracket.sides[i].push_back(BracketSide{br.lo[e], br.hi[e], br.heavy[e].data(), &r.above[e],
+                                             &r.heavy[e * kMaxHeavy]});
   }
   std::atomic<uint64_t> total{0};
   std::atomic<bool> over{false};
-  merge_pass(job, make_thresholds(br.guess), lam, odt,
-             [&](size_t slot, uint64_t e0, uint64_t m, const Chunks& ch, Scratch& sc) {
-               uint8_t* f = flags[slot].get();
-               std::memset(f + m, 0, 8);
-               bracket_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(),
-                             sides[slot].data(), static_cast<size_t>(m), f, sc);
-               Records& rec = (*recs)[slot];
-               const uint64_t before = rec.pos.size();
-               collect(f, m, e0, ch, job, idx[slot], rec);
-               const uint64_t added = rec.pos.size() - before;
-               if (total.fetch_add(added) + added > max_records) over.store(true);
-               return !over.load();
-             });
+  merge_pass(
+      job, make_thresholds(br.guess), lam, odt,
+      [&](size_t slot, uint64_t e0, uint64_t m, const Chunks& ch) {
+        Records& rec = (*recs)[slot];
+        const uint64_t before = rec.pos.size();
+        collect(bracket.flags[slot].get(), m, e0, ch, job, idx[slot], rec);
+        const uint64_t added = rec.pos.size() - before;
+        if (total.fetch_add(added) + added > max_records) over.store(true);
+        return !over.load();
+      },
+      &bracket);
   return !over.load();
 }
 
