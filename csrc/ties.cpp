@@ -234,13 +234,16 @@ struct BracketSide {
 
 // Steps 1-5 in one loop, without scratch, when base, the N experts and the output all have the
 // dtype D: the same float32 operations as pass_to_f32, pass_trim and pass_merge_fused. With
-// Bracket, the same loop also does what pass_bracket does for each expert's side, while |d| is
-// at hand (a separate pass would convert and subtract every input again).
-template <size_t N, DType D, bool Bracket>
+// H >= 0, the same loop also does what pass_bracket does for each expert's side, while |d| is
+// at hand (a separate pass would convert and subtract every input again), comparing with only
+// the first H heavy patterns: the others are all unused (kNoPattern).
+template <size_t N, DType D, int H>
 LSF_INLINE void ties_uniform(unsigned char* __restrict out, const unsigned char* __restrict base,
                              const unsigned char* const* ex, const uint32_t* thr, float lam,
                              size_t n, const BracketSide* sides, uint8_t* __restrict flags) {
-  static_assert(kMaxHeavy == 4, "the bracket test compares with four heavy patterns");
+  static_assert(H <= static_cast<int>(kMaxHeavy), "at most kMaxHeavy heavy patterns");
+  constexpr bool Bracket = H >= 0;
+  constexpr size_t kH = H > 0 ? static_cast<size_t>(H) : 0;
   const unsigned char* p[N];
   uint32_t th[N], lo[N], span[N], hi[N], hv[N][kMaxHeavy];
   uint32_t above[N], hc[N][kMaxHeavy];
@@ -253,7 +256,7 @@ LSF_INLINE void ties_uniform(unsigned char* __restrict out, const unsigned char*
       lo[e] = sides[e].lo;
       hi[e] = sides[e].hi;
       span[e] = sides[e].hi - sides[e].lo;
-      for (size_t k = 0; k < kMaxHeavy; ++k) hv[e][k] = sides[e].heavy[k];
+      for (size_t k = 0; k < kH; ++k) hv[e][k] = sides[e].heavy[k];
     }
   }
   for (size_t j = 0; j < n; ++j) {
@@ -267,7 +270,7 @@ LSF_INLINE void ties_uniform(unsigned char* __restrict out, const unsigned char*
       t[e] = f32_from_bits(db & keep);
       if constexpr (Bracket) {
         uint32_t heavy = 0;
-        for (size_t k = 0; k < kMaxHeavy; ++k) {
+        for (size_t k = 0; k < kH; ++k) {
           const uint32_t eq = x == hv[e][k];
           hc[e][k] += eq;
           heavy |= eq;
@@ -295,8 +298,27 @@ LSF_INLINE void ties_uniform(unsigned char* __restrict out, const unsigned char*
   if constexpr (Bracket) {
     for (size_t e = 0; e < N; ++e) {
       *sides[e].above += above[e];
-      for (size_t k = 0; k < kMaxHeavy; ++k) sides[e].counts[k] += hc[e][k];
+      for (size_t k = 0; k < kH; ++k) sides[e].counts[k] += hc[e][k];
     }
+  }
+}
+
+// ties_uniform with the bracket test (when sides are given) over as many heavy patterns as the
+// experts use.
+template <size_t N, DType D>
+LSF_INLINE void ties_uniform_any(unsigned char* out, const unsigned char* base,
+                                 const unsigned char* const* ex, const uint32_t* thr, float lam,
+                                 size_t n, const BracketSide* sides, uint8_t* flags) {
+  if (sides == nullptr) return ties_uniform<N, D, -1>(out, base, ex, thr, lam, n, sides, flags);
+  size_t used = 0;  // heavy patterns are stored first, unused slots last
+  for (size_t e = 0; e < N; ++e)
+    for (size_t k = 0; k < kMaxHeavy; ++k)
+      if (sides[e].heavy[k] != kNoPattern) used = std::max(used, k + 1);
+  switch (used) {
+    case 0: return ties_uniform<N, D, 0>(out, base, ex, thr, lam, n, sides, flags);
+    case 1: return ties_uniform<N, D, 1>(out, base, ex, thr, lam, n, sides, flags);
+    case 2: return ties_uniform<N, D, 2>(out, base, ex, thr, lam, n, sides, flags);
+    default: return ties_uniform<N, D, 4>(out, base, ex, thr, lam, n, sides, flags);
   }
 }
 
@@ -545,22 +567,13 @@ void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigne
   const bool uniform =
       odt == bdt && std::all_of(edt, edt + n_ex, [&](DType d) { return d == bdt; });
   if (n_ex <= kMaxFused && uniform) {
-#define LSF_UNIFORM(N, B) \
-  LSF_TIES_DISPATCH(odt, D, ties_uniform<N, D, B>(out, base, ex, thr, lam, n, sides, flags))
-    if (sides != nullptr) {
-      switch (n_ex) {
-        case 1: LSF_UNIFORM(1, true); break;
-        case 2: LSF_UNIFORM(2, true); break;
-        case 3: LSF_UNIFORM(3, true); break;
-        default: LSF_UNIFORM(4, true); break;
-      }
-    } else {
-      switch (n_ex) {
-        case 1: LSF_UNIFORM(1, false); break;
-        case 2: LSF_UNIFORM(2, false); break;
-        case 3: LSF_UNIFORM(3, false); break;
-        default: LSF_UNIFORM(4, false); break;
-      }
+#define LSF_UNIFORM(N) \
+  LSF_TIES_DISPATCH(odt, D, ties_uniform_any<N, D>(out, base, ex, thr, lam, n, sides, flags))
+    switch (n_ex) {
+      case 1: LSF_UNIFORM(1); break;
+      case 2: LSF_UNIFORM(2); break;
+      case 3: LSF_UNIFORM(3); break;
+      default: LSF_UNIFORM(4); break;
     }
 #undef LSF_UNIFORM
     return;
@@ -947,23 +960,6 @@ struct Bracket {
   std::vector<std::vector<uint32_t>> heavy;    // per expert, kMaxHeavy patterns (see BracketSide)
 };
 
-// Sort ascending, by two counting passes over 16-bit digits (tmp: scratch of the same size).
-void radix_sort(std::vector<uint32_t>& v, std::vector<uint32_t>& tmp) {
-  std::vector<uint64_t> count(size_t{1} << 16);
-  for (int shift = 0; shift < 32; shift += 16) {
-    std::fill(count.begin(), count.end(), uint64_t{0});
-    for (uint32_t x : v) ++count[(x >> shift) & 0xFFFFu];
-    uint64_t at = 0;
-    for (auto& c : count) {
-      const uint64_t here = c;
-      c = at;
-      at += here;
-    }
-    for (uint32_t x : v) tmp[count[(x >> shift) & 0xFFFFu]++] = x;
-    v.swap(tmp);
-  }
-}
-
 // The heavy patterns of a bracket: those with at least max(8, len / 64) of the len sample values
 // in it (given sorted), the most frequent first.
 std::vector<uint32_t> heavy_patterns(std::vector<uint32_t>::const_iterator first,
@@ -1013,18 +1009,19 @@ Bracket sample_bracket(const Job& job, uint64_t keep) {
       static_cast<uint64_t>(6.0 * std::sqrt(static_cast<double>(s) * q * (1.0 - q))) + 64;
   const uint64_t first = r >= margin ? r - margin : 0;  // ranks from the top
   const uint64_t last = std::min(s - 1, r + margin);
-  run_pool(resolve_threads(job.threads, n), n, [&](TaskQueue& tq) {
-    std::vector<uint32_t> tmp(s);
-    uint64_t e;
-    while (tq.pop(&e)) radix_sort(keys[e], tmp);
-  });
+  // In ascending order rank i from the top is at index s - 1 - i: only the indices from
+  // s - 1 - last to s - 1 - first need their sorted values, so select those two and sort between.
+  const auto at_lo = static_cast<std::ptrdiff_t>(s - 1 - last);
+  const auto at_hi = static_cast<std::ptrdiff_t>(s - 1 - first);
   Bracket br;
-  for (auto& v : keys) {  // ascending: rank i from the top is v[s - 1 - i]
+  for (auto& v : keys) {
+    std::nth_element(v.begin(), v.begin() + at_lo, v.end());
+    std::nth_element(v.begin() + at_lo, v.begin() + at_hi, v.end());
+    std::sort(v.begin() + at_lo, v.begin() + at_hi + 1);
     br.guess.push_back(v[s - 1 - r]);
     br.hi.push_back(first > 0 ? v[s - 1 - first] : 0xFFFFFFFFu);
     br.lo.push_back(last < s - 1 ? v[s - 1 - last] : 0u);
-    br.heavy.push_back(heavy_patterns(v.begin() + static_cast<std::ptrdiff_t>(s - 1 - last),
-                                      v.begin() + static_cast<std::ptrdiff_t>(s - first)));
+    br.heavy.push_back(heavy_patterns(v.begin() + at_lo, v.begin() + at_hi + 1));
   }
   return br;
 }
@@ -1106,39 +1103,50 @@ bool guessed_pass(const Job& job, const Bracket& br, float lam, DType odt, uint6
 
 // Expert e's tau from its counts and recorded patterns: the (keep - above)-th largest of the
 // recorded patterns in its bracket and its heavy patterns, each as often as counted; false when
-// tau lies outside the bracket.
+// tau lies outside the bracket. Linear: the recorded patterns are split at the heavy ones, and
+// only the part where the rank falls is searched.
 bool exact_tau(const Job& job, const Bracket& br, size_t e, uint64_t keep,
                const std::vector<Records>& recs, uint32_t* tau) {
-  uint64_t above = 0;
-  std::vector<std::pair<uint32_t, uint64_t>> values;  // (pattern, how many)
+  uint64_t seen = 0;  // patterns known to lie above the candidates left
+  for (const Records& r : recs) seen += r.above[e];
+  if (seen >= keep) return false;
+  std::vector<std::pair<uint32_t, uint64_t>> heavy;  // (pattern, how many), largest first
   for (size_t k = 0; k < kMaxHeavy; ++k) {
     if (br.heavy[e][k] == kNoPattern) continue;
     uint64_t c = 0;
     for (const Records& r : recs) c += r.heavy[e * kMaxHeavy + k];
-    values.emplace_back(br.heavy[e][k], c);
+    heavy.emplace_back(br.heavy[e][k], c);
   }
-  for (const Records& r : recs) above += r.above[e];
-  if (above >= keep) return false;
+  std::sort(heavy.begin(), heavy.end(), std::greater<std::pair<uint32_t, uint64_t>>());
   Scratch sc(0);
-  std::vector<uint32_t> u;
+  std::vector<uint32_t> u, xs;  // xs: the recorded patterns in the bracket, none of them heavy
   const uint32_t lo = br.lo[e], span = br.hi[e] - br.lo[e];
   for (const Records& r : recs) {
     u.resize(r.pos.size());
     abs_bits_range(r.raw[0].data(), job.bdt, r.raw[1 + e].data(), job.edt[e], u.size(), u.data(),
                    sc);
-    const auto& heavy = br.heavy[e];
-    for (uint32_t x : u)
-      if (x - lo <= span && std::find(heavy.begin(), heavy.end(), x) == heavy.end())
-        values.emplace_back(x, 1);
+    for (uint32_t x : u) {
+      const auto is_x = [x](const std::pair<uint32_t, uint64_t>& h) { return h.first == x; };
+      if (x - lo <= span && std::none_of(heavy.begin(), heavy.end(), is_x)) xs.push_back(x);
+    }
   }
-  std::sort(values.begin(), values.end(), std::greater<std::pair<uint32_t, uint64_t>>());
-  uint64_t seen = above;
-  for (const auto& [x, c] : values) {
-    seen += c;
-    if (seen >= keep) {
-      *tau = x;
+  auto rest = xs.begin();
+  for (size_t k = 0; k <= heavy.size(); ++k) {
+    const auto above_heavy = [&](uint32_t x) { return x > heavy[k].first; };
+    const auto end = k < heavy.size() ? std::partition(rest, xs.end(), above_heavy) : xs.end();
+    const auto here = static_cast<uint64_t>(end - rest);
+    if (seen + here >= keep) {
+      const auto nth = rest + static_cast<std::ptrdiff_t>(keep - seen - 1);
+      std::nth_element(rest, nth, end, std::greater<uint32_t>());
+      *tau = *nth;
       return true;
     }
+    seen += here;
+    if (k < heavy.size() && (seen += heavy[k].second) >= keep) {
+      *tau = heavy[k].first;
+      return true;
+    }
+    rest = end;
   }
   return false;
 }

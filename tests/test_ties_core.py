@@ -521,6 +521,31 @@ def test_one_pass_heavy_value_decided_wrong_rewrites(tmp_path):
     assert moved["rewritten"] == 1, moved
 
 
+@pytest.mark.parametrize("levels", [2, 30, 200, 1000])
+def test_one_pass_with_quantized_deltas_equals_exact_passes(tmp_path, levels):
+    """|d| takes `levels` distinct values, each shared by many elements (as in 16-bit checkpoints):
+    the bracket then holds none to several heavy values, and the one pass, whichever number of
+    heavy values its loop compares with, gives the exact passes' bytes."""
+    n = 1 << 17
+    gen = torch.Generator().manual_seed(44)
+    k = torch.arange(levels, dtype=torch.float32)
+    values = torch.pow(2.0, -(k // 128)) * (1 + (k % 128) / 128)  # exact in bfloat16
+    base = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
+    experts = []
+    for _ in range(2):
+        pick = torch.randint(0, levels, (n,), generator=gen)
+        sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+        experts.append((base.float() + sign * values[pick] * 0.01).to(torch.bfloat16))
+    boff, eoffs, path = _write_set(tmp_path, base, experts)
+    for keep in (n // 5, n // 2):
+        exact, _ = _file_ties(tmp_path, path, boff, eoffs, "BF16", ["BF16"] * 2, "BF16", n, keep, 1.0,
+                              record_budget=0)
+        assert_same(from_raw(exact, "BF16"), ties_ref(base, experts, keep, 1.0, "BF16"))
+        got, moved = _file_ties(tmp_path, path, boff, eoffs, "BF16", ["BF16"] * 2, "BF16", n, keep, 1.0)
+        assert got == exact, (keep, moved)
+        assert moved["one_pass"] + moved["rewritten"] == 1, moved
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 def test_ties_buffers_errors():
