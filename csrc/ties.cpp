@@ -960,6 +960,26 @@ struct Bracket {
   std::vector<std::vector<uint32_t>> heavy;    // per expert, kMaxHeavy patterns (see BracketSide)
 };
 
+// The values at indices a..b (a <= b < v.size()) of v sorted ascending: one counting pass over
+// the top 16 bits finds the buckets those indices fall in, and only those buckets are sorted
+// (selecting with nth_element instead mispredicts a branch on most elements).
+std::vector<uint32_t> sorted_span(const std::vector<uint32_t>& v, uint64_t a, uint64_t b) {
+  std::vector<uint32_t> count(size_t{1} << 16);
+  for (uint32_t x : v) ++count[x >> 16];
+  uint64_t below = 0;  // elements in buckets before k
+  uint32_t k = 0;
+  while (below + count[k] <= a) below += count[k++];
+  const uint32_t k_lo = k;
+  for (uint64_t upto = below; upto + count[k] <= b;) upto += count[k++];
+  const uint32_t width = k - k_lo;
+  std::vector<uint32_t> w;
+  for (uint32_t x : v)
+    if ((x >> 16) - k_lo <= width) w.push_back(x);
+  std::sort(w.begin(), w.end());
+  return std::vector<uint32_t>(w.begin() + static_cast<std::ptrdiff_t>(a - below),
+                               w.begin() + static_cast<std::ptrdiff_t>(b - below + 1));
+}
+
 // The heavy patterns of a bracket: those with at least max(8, len / 64) of the len sample values
 // in it (given sorted), the most frequent first.
 std::vector<uint32_t> heavy_patterns(std::vector<uint32_t>::const_iterator first,
@@ -1010,18 +1030,15 @@ Bracket sample_bracket(const Job& job, uint64_t keep) {
   const uint64_t first = r >= margin ? r - margin : 0;  // ranks from the top
   const uint64_t last = std::min(s - 1, r + margin);
   // In ascending order rank i from the top is at index s - 1 - i: only the indices from
-  // s - 1 - last to s - 1 - first need their sorted values, so select those two and sort between.
-  const auto at_lo = static_cast<std::ptrdiff_t>(s - 1 - last);
-  const auto at_hi = static_cast<std::ptrdiff_t>(s - 1 - first);
+  // s - 1 - last to s - 1 - first need their sorted values.
+  const uint64_t at_lo = s - 1 - last, at_hi = s - 1 - first;
   Bracket br;
-  for (auto& v : keys) {
-    std::nth_element(v.begin(), v.begin() + at_lo, v.end());
-    std::nth_element(v.begin() + at_lo, v.begin() + at_hi, v.end());
-    std::sort(v.begin() + at_lo, v.begin() + at_hi + 1);
-    br.guess.push_back(v[s - 1 - r]);
-    br.hi.push_back(first > 0 ? v[s - 1 - first] : 0xFFFFFFFFu);
-    br.lo.push_back(last < s - 1 ? v[s - 1 - last] : 0u);
-    br.heavy.push_back(heavy_patterns(v.begin() + at_lo, v.begin() + at_hi + 1));
+  for (const auto& v : keys) {
+    const std::vector<uint32_t> span = sorted_span(v, at_lo, at_hi);
+    br.guess.push_back(span[s - 1 - r - at_lo]);
+    br.hi.push_back(first > 0 ? span.back() : 0xFFFFFFFFu);
+    br.lo.push_back(last < s - 1 ? span.front() : 0u);
+    br.heavy.push_back(heavy_patterns(span.begin(), span.end()));
   }
   return br;
 }
