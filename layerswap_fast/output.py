@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,7 +96,7 @@ def clean_stale_partials(out: Path, report: Callable[[str], None]) -> None:
 def staging_directory(out: Path) -> Iterator[Path]:
     """A temporary directory beside ``out``, removed unless the body renamed it away."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{os.getpid()}-{os.urandom(4).hex()}"
     tmp.mkdir()
     try:
         yield tmp
