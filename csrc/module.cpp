@@ -680,4 +680,8 @@ PYBIND11_MODULE(_core, m) {
       "_set_copy_file_range_enabled",
       [](bool enabled) { lsf::set_copy_file_range_enabled(enabled); }, py::arg("enabled"),
       "Testing hook: False forces ShardWriter.copy_range onto its pread/pwrite fallback.");
+  m.def(
+      "_set_ties_simd_enabled", [](bool enabled) { lsf::set_ties_simd_enabled(enabled); },
+      py::arg("enabled"),
+      "Testing hook: False makes the TIES BF16 merge loop take its portable form, not AVX-512.");
 }

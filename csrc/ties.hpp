@@ -45,4 +45,7 @@ struct TiesFileStats {
 };
 TiesFileStats ties_file_stats();
 
+// Testing hook: false makes the BF16 merge loop take its portable form instead of AVX-512.
+void set_ties_simd_enabled(bool enabled);
+
 }  // namespace lsf

@@ -242,3 +242,7 @@ def ties_file_stats() -> dict[str, int]:
 def _set_copy_file_range_enabled(enabled: bool) -> None:
     """Testing hook (process-wide): ``False`` forces :meth:`ShardWriter.copy_range` onto its
     pread/pwrite fallback; ``True`` (the default) uses copy_file_range again."""
+
+def _set_ties_simd_enabled(enabled: bool) -> None:
+    """Testing hook (process-wide): ``False`` makes the TIES merge loop for BF16 take its portable
+    form instead of the AVX-512 one (used only where the CPU has it); both give the same bytes."""

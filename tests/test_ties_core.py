@@ -546,6 +546,59 @@ def test_one_pass_with_quantized_deltas_equals_exact_passes(tmp_path, levels):
         assert moved["one_pass"] + moved["rewritten"] == 1, moved
 
 
+def _both_loops(run):
+    """run() with the BF16 merge loop in its AVX-512 form (where the CPU has it) and its portable
+    form."""
+    fast = run()
+    core._set_ties_simd_enabled(False)
+    try:
+        portable = run()
+    finally:
+        core._set_ties_simd_enabled(True)
+    return fast, portable
+
+
+@pytest.mark.parametrize("n_experts", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("n", [15, 16, 100_003])
+def test_bf16_merge_loops_agree_with_each_other_and_the_reference(n_experts, n):
+    """Both forms of the BF16 loop, over whole vectors and a tail, 1-4 experts (5 take the
+    generic loop), NaN/inf/zero deltas and all three-expert agreements (density 0.5 and 1)."""
+    gen = torch.Generator().manual_seed(45 + n_experts)
+    base, experts = make_set("BF16", ["BF16"] * n_experts, n, gen)
+    for keep in (n // 5, n // 2, n):
+        args = (raw(base), "BF16", [raw(e) for e in experts], ["BF16"] * n_experts)
+
+        def run():
+            out = np.zeros(2 * n, np.uint8)
+            core.ties_buffers(*args, out, "BF16", keep, 0.9)
+            return out.tobytes()
+
+        fast, portable = _both_loops(run)
+        assert fast == portable, (keep, n_experts, n)
+        assert_same(from_raw(np.frombuffer(fast, np.uint8).copy(), "BF16"),
+                    ties_ref(base, experts, keep, 0.9, "BF16"))
+
+
+@pytest.mark.parametrize("levels", [2, 30, 1000])
+def test_bf16_merge_loops_agree_in_the_one_pass(tmp_path, levels):
+    """The one pass's bracket counts and flags, from both forms of the loop, give the same bytes
+    and the same route."""
+    n = (1 << 17) + 5
+    gen = torch.Generator().manual_seed(46)
+    k = torch.arange(levels, dtype=torch.float32)
+    values = torch.pow(2.0, -(k // 128)) * (1 + (k % 128) / 128)
+    base = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
+    experts = [(base.float() + torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+                * values[torch.randint(0, levels, (n,), generator=gen)] * 0.01).to(torch.bfloat16)
+               for _ in range(3)]
+    boff, eoffs, path = _write_set(tmp_path, base, experts)
+    for keep in (n // 5, n // 2):
+        (fast, fast_route), (portable, portable_route) = _both_loops(
+            lambda: _file_ties(tmp_path, path, boff, eoffs, "BF16", ["BF16"] * 3, "BF16", n, keep, 1.0))
+        assert fast == portable and fast_route == portable_route, (keep, fast_route, portable_route)
+        assert fast_route["one_pass"] + fast_route["rewritten"] == 1
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 def test_ties_buffers_errors():
