@@ -31,7 +31,10 @@ from .plan import TensorRecipe
 RECIPE_NAME = "layerswap_recipe.json"
 # Copies and blends proceed in pieces of at most this many bytes, after each of which the
 # write-behind (checksum, bounded dirty pages) and the progress bar are told how far the file is.
-_PIECE_BYTES = 256 << 20
+# Small enough that the checksum trails the writer closely (what is left to hash when the last
+# piece is written is on the critical path: 1b merge 0.72 s with 256 MB pieces, 0.70 s with 32 MB),
+# large enough that the Python loop costs nothing.
+_PIECE_BYTES = 32 << 20
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
 
