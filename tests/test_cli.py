@@ -91,6 +91,17 @@ def test_real_process_has_no_traceback(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_real_process_prints_everything_before_its_fast_exit(tmp_path: Path, trio: dict[str, Path]) -> None:
+    """The console script leaves with os._exit: what it printed must still all arrive."""
+    exe = Path(sys.executable).with_name("layerswap-fast")
+    p = subprocess.run([str(exe), "merge", "--task-expert", str(trio["task"]), "--language-expert",
+                        str(trio["language"]), "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f"wrote {tmp_path / 'o'}: ") and p.stdout.endswith(" MB\n")
+    p = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith("layerswap-fast, version ")
+
+
 def test_demo(tmp_path: Path) -> None:
     r = run("demo", "--workdir", tmp_path / "demo")
     assert r.exit_code == 0, r.output
