@@ -67,6 +67,29 @@ struct Elem<DType::F32> {
   static LSF_INLINE void store(unsigned char* p, size_t j, float f) { std::memcpy(p + 4 * j, &f, 4); }
 };
 
+// ---- dtype dispatch ------------------------------------------------------------------------------
+
+// Runs the statements with D a constexpr DType equal to dt (one of the float dtypes the kernels
+// take; any other value, never passed after validation, runs as F32).
+#define LSF_DTYPE_DISPATCH(dt, D, ...)   \
+  switch (dt) {                          \
+    case DType::BF16: {                  \
+      constexpr DType D = DType::BF16;   \
+      __VA_ARGS__;                       \
+      break;                             \
+    }                                    \
+    case DType::F16: {                   \
+      constexpr DType D = DType::F16;    \
+      __VA_ARGS__;                       \
+      break;                             \
+    }                                    \
+    default: {                           \
+      constexpr DType D = DType::F32;    \
+      __VA_ARGS__;                       \
+      break;                             \
+    }                                    \
+  }
+
 // ---- thread pool -------------------------------------------------------------------------------
 
 class TaskQueue {

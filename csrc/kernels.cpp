@@ -70,44 +70,6 @@ LSF_INLINE void pass_first_store(unsigned char* __restrict out, const unsigned c
   for (size_t j = 0; j < m; ++j) Elem<DO>::store(out, j, w * Elem<DI>::load(p, j));
 }
 
-#define LSF_DISPATCH_IN(dt, ...)                      \
-  switch (dt) {                                        \
-    case DType::BF16: {                                \
-      constexpr DType DI = DType::BF16;                \
-      __VA_ARGS__;                                     \
-      break;                                           \
-    }                                                  \
-    case DType::F16: {                                 \
-      constexpr DType DI = DType::F16;                 \
-      __VA_ARGS__;                                     \
-      break;                                           \
-    }                                                  \
-    default: {                                         \
-      constexpr DType DI = DType::F32;                 \
-      __VA_ARGS__;                                     \
-      break;                                           \
-    }                                                  \
-  }
-
-#define LSF_DISPATCH_OUT(dt, ...)                     \
-  switch (dt) {                                        \
-    case DType::BF16: {                                \
-      constexpr DType DO = DType::BF16;                \
-      __VA_ARGS__;                                     \
-      break;                                           \
-    }                                                  \
-    case DType::F16: {                                 \
-      constexpr DType DO = DType::F16;                 \
-      __VA_ARGS__;                                     \
-      break;                                           \
-    }                                                  \
-    default: {                                         \
-      constexpr DType DO = DType::F32;                 \
-      __VA_ARGS__;                                     \
-      break;                                           \
-    }                                                  \
-  }
-
 // ---- row-MAV passes ----------------------------------------------------------------------------
 
 template <DType D>
@@ -176,23 +138,24 @@ void blend_range(size_t n_inputs, const unsigned char* const* in, const DType* i
     if (n_inputs == 1) {
       const unsigned char* p = in[0] + s * dtype_size(in_dt[0]);
       const float w0 = w[0];
-      LSF_DISPATCH_IN(in_dt[0], LSF_DISPATCH_OUT(out_dt, pass_first_store<DI, DO>(o, p, w0, m)));
+      LSF_DTYPE_DISPATCH(in_dt[0], DI,
+                         LSF_DTYPE_DISPATCH(out_dt, DO, pass_first_store<DI, DO>(o, p, w0, m)));
       continue;
     }
     for (size_t i = 0; i + 1 < n_inputs; ++i) {
       const unsigned char* p = in[i] + s * dtype_size(in_dt[i]);
       const float wi = w[i];
       if (i == 0) {
-        LSF_DISPATCH_IN(in_dt[i], pass_first<DI>(acc, p, wi, m));
+        LSF_DTYPE_DISPATCH(in_dt[i], DI, pass_first<DI>(acc, p, wi, m));
       } else {
-        LSF_DISPATCH_IN(in_dt[i], pass_add<DI>(acc, p, wi, m));
+        LSF_DTYPE_DISPATCH(in_dt[i], DI, pass_add<DI>(acc, p, wi, m));
       }
     }
     const size_t last = n_inputs - 1;
     const unsigned char* p = in[last] + s * dtype_size(in_dt[last]);
     const float wl = w[last];
-    LSF_DISPATCH_IN(in_dt[last],
-                    LSF_DISPATCH_OUT(out_dt, pass_add_store<DI, DO>(o, acc, p, wl, m)));
+    LSF_DTYPE_DISPATCH(in_dt[last], DI,
+                       LSF_DTYPE_DISPATCH(out_dt, DO, pass_add_store<DI, DO>(o, acc, p, wl, m)));
   }
 }
 
@@ -205,10 +168,10 @@ void mav_segment(const unsigned char* base, DType base_dt, size_t n_experts,
   for (size_t s = 0; s < n; s += kSeg) {
     const size_t m = std::min(kSeg, n - s);
     const unsigned char* bp = base + s * bsz;
-    LSF_DISPATCH_IN(base_dt, pass_to_float<DI>(bf, bp, m));
+    LSF_DTYPE_DISPATCH(base_dt, DI, pass_to_float<DI>(bf, bp, m));
     for (size_t e = 0; e < n_experts; ++e) {
       const unsigned char* p = ex[e] + s * dtype_size(ex_dt[e]);
-      LSF_DISPATCH_IN(ex_dt[e], pass_absdiff<DI>(d, p, bf, m));
+      LSF_DTYPE_DISPATCH(ex_dt[e], DI, pass_absdiff<DI>(d, p, bf, m));
       acc[e] = add_block_sums(d, m, acc[e]);
     }
   }

@@ -78,25 +78,6 @@ constexpr size_t kMaxFused = 4;
 constexpr size_t kMaxHeavy = 4;
 constexpr uint32_t kNoPattern = 0xFFFFFFFFu;  // no |d| pattern (their sign bit is 0)
 
-#define LSF_TIES_DISPATCH(dt, D, ...)    \
-  switch (dt) {                          \
-    case DType::BF16: {                  \
-      constexpr DType D = DType::BF16;   \
-      __VA_ARGS__;                       \
-      break;                             \
-    }                                    \
-    case DType::F16: {                   \
-      constexpr DType D = DType::F16;    \
-      __VA_ARGS__;                       \
-      break;                             \
-    }                                    \
-    default: {                           \
-      constexpr DType D = DType::F32;    \
-      __VA_ARGS__;                       \
-      break;                             \
-    }                                    \
-  }
-
 // ---- block loops -------------------------------------------------------------------------------
 
 LSF_INLINE int32_t sgn(float x) {
@@ -597,10 +578,10 @@ void hist_hi_range(const unsigned char* base, DType bdt, size_t n_ex,
   for (size_t s = 0; s < n; s += kBlk) {
     const size_t m = std::min(kBlk, n - s);
     hist.reserve(m);
-    LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
+    LSF_DTYPE_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
     for (size_t e = 0; e < n_ex; ++e) {
       const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
-      LSF_TIES_DISPATCH(edt[e], DI,
+      LSF_DTYPE_DISPATCH(edt[e], DI,
                         pass_hi_keys<DI>(sc.keys(e), p, bf, m, hist.lo(e), hist.hi(e)));
     }
     switch (n_ex) {
@@ -625,10 +606,10 @@ void hist_lo_range(const unsigned char* base, DType bdt, size_t n_ex,
   const size_t bsz = dtype_size(bdt);
   for (size_t s = 0; s < n; s += kBlk) {
     const size_t m = std::min(kBlk, n - s);
-    LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
+    LSF_DTYPE_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
     for (size_t e = 0; e < n_ex; ++e) {
       const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
-      LSF_TIES_DISPATCH(edt[e], DI, pass_abs_bits<DI>(u, p, bf, m));
+      LSF_DTYPE_DISPATCH(edt[e], DI, pass_abs_bits<DI>(u, p, bf, m));
       add_lo(hist + e * kLoBins, u, hi[e], m);
     }
   }
@@ -643,8 +624,8 @@ void abs_bits_range(const unsigned char* base, DType bdt, const unsigned char* e
   const size_t esz = dtype_size(edt);
   for (size_t s = 0; s < n; s += kBlk) {
     const size_t m = std::min(kBlk, n - s);
-    LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
-    LSF_TIES_DISPATCH(edt, DI, pass_abs_bits<DI>(u + s, ex + s * esz, bf, m));
+    LSF_DTYPE_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
+    LSF_DTYPE_DISPATCH(edt, DI, pass_abs_bits<DI>(u + s, ex + s * esz, bf, m));
   }
 }
 
@@ -683,11 +664,11 @@ void bracket_range(const unsigned char* base, DType bdt, size_t n_ex,
   const size_t bsz = dtype_size(bdt);
   for (size_t s = 0; s < n; s += kBlk) {
     const size_t m = std::min(kBlk, n - s);
-    LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
+    LSF_DTYPE_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
     std::fill(f32, f32 + m, uint32_t{0});
     for (size_t e = 0; e < n_ex; ++e) {
       const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
-      LSF_TIES_DISPATCH(edt[e], DI, pass_bracket<DI>(f32, p, bf, sides[e], m));
+      LSF_DTYPE_DISPATCH(edt[e], DI, pass_bracket<DI>(f32, p, bf, sides[e], m));
     }
     for (size_t j = 0; j < m; ++j) flags[s + j] = static_cast<uint8_t>(f32[j]);
   }
@@ -711,7 +692,7 @@ void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigne
       odt == bdt && std::all_of(edt, edt + n_ex, [&](DType d) { return d == bdt; });
   if (n_ex <= kMaxFused && uniform) {
 #define LSF_UNIFORM(N) \
-  LSF_TIES_DISPATCH(odt, D, ties_uniform_any<N, D>(out, base, ex, thr, lam, n, sides, flags))
+  LSF_DTYPE_DISPATCH(odt, D, ties_uniform_any<N, D>(out, base, ex, thr, lam, n, sides, flags))
     switch (n_ex) {
       case 1: LSF_UNIFORM(1); break;
       case 2: LSF_UNIFORM(2); break;
@@ -723,19 +704,19 @@ void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigne
   }
   for (size_t s = 0; s < n; s += kBlk) {
     const size_t m = std::min(kBlk, n - s);
-    LSF_TIES_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
+    LSF_DTYPE_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
     for (size_t e = 0; e < n_ex; ++e) {
       const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
-      LSF_TIES_DISPATCH(edt[e], DI, pass_trim<DI>(sc.t(e), p, bf, thr[e], m));
+      LSF_DTYPE_DISPATCH(edt[e], DI, pass_trim<DI>(sc.t(e), p, bf, thr[e], m));
     }
     unsigned char* o = out + s * osz;
     if (n_ex <= kMaxFused) {
       const float* t = sc.t(0);
       switch (n_ex) {
-        case 1: LSF_TIES_DISPATCH(odt, DO, pass_merge_fused<1, DO>(o, bf, t, lam, m)); break;
-        case 2: LSF_TIES_DISPATCH(odt, DO, pass_merge_fused<2, DO>(o, bf, t, lam, m)); break;
-        case 3: LSF_TIES_DISPATCH(odt, DO, pass_merge_fused<3, DO>(o, bf, t, lam, m)); break;
-        default: LSF_TIES_DISPATCH(odt, DO, pass_merge_fused<4, DO>(o, bf, t, lam, m)); break;
+        case 1: LSF_DTYPE_DISPATCH(odt, DO, pass_merge_fused<1, DO>(o, bf, t, lam, m)); break;
+        case 2: LSF_DTYPE_DISPATCH(odt, DO, pass_merge_fused<2, DO>(o, bf, t, lam, m)); break;
+        case 3: LSF_DTYPE_DISPATCH(odt, DO, pass_merge_fused<3, DO>(o, bf, t, lam, m)); break;
+        default: LSF_DTYPE_DISPATCH(odt, DO, pass_merge_fused<4, DO>(o, bf, t, lam, m)); break;
       }
       continue;
     }
@@ -750,7 +731,7 @@ void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigne
     }
     pass_elect_init(g, num, cnt, s_, m);
     for (size_t e = 0; e < n_ex; ++e) pass_agree(num, cnt, sc.t(e), g, m);
-    LSF_TIES_DISPATCH(odt, DO, pass_finish<DO>(o, bf, num, cnt, lam, m));
+    LSF_DTYPE_DISPATCH(odt, DO, pass_finish<DO>(o, bf, num, cnt, lam, m));
   }
   if (sides != nullptr) bracket_range(base, bdt, n_ex, ex, edt, sides, n, flags, sc);
 }
