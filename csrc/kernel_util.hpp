@@ -20,8 +20,15 @@
 #include "kernels.hpp"
 #include "numerics.hpp"
 
-#ifndef LSF_INLINE
 #define LSF_INLINE inline __attribute__((always_inline))
+
+// The hot loops get AVX-512 (x86-64-v4) and AVX2 clones picked at load time (GNU ifunc); every
+// clone does the same IEEE float32 operations (no FMA: -ffp-contract=off), so results do not
+// depend on the CPU. Define LSF_DISABLE_TARGET_CLONES to build the baseline only.
+#ifndef LSF_DISABLE_TARGET_CLONES
+#define LSF_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define LSF_CLONES
 #endif
 
 namespace lsf {

@@ -23,17 +23,6 @@
 #include "kernel_util.hpp"
 #include "numerics.hpp"
 
-#define LSF_INLINE inline __attribute__((always_inline))
-
-// As in kernels.cpp: the hot loops get AVX-512 (x86-64-v4) and AVX2 clones picked at load time;
-// all clones do the same IEEE float32 operations (no FMA: -ffp-contract=off), so results do not
-// depend on the CPU.
-#ifndef LSF_DISABLE_TARGET_CLONES
-#define LSF_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define LSF_CLONES
-#endif
-
 namespace lsf {
 
 namespace {
