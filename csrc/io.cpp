@@ -28,6 +28,23 @@ void close_quietly(int fd) {
   if (fd >= 0) ::close(fd);
 }
 
+// CoreErr unless [off, off + n) lies inside a file of `size` bytes.
+void check_file_range(const std::string& path, uint64_t size, uint64_t off, uint64_t n,
+                      const char* what) {
+  if (!range_ok(off, n, size))
+    fail(std::string(what) + " " + q(path) + ": range [" + std::to_string(off) + ", " +
+         std::to_string(off) + " + " + std::to_string(n) + ") is outside the file (" +
+         std::to_string(size) + " bytes)");
+}
+
+// A read of n bytes at off found the end of the file after `done` bytes.
+[[noreturn]] void fail_truncated(const std::string& path, uint64_t size, uint64_t off, uint64_t n,
+                                 uint64_t done) {
+  fail(q(path) + " was truncated while in use: expected " + std::to_string(n) +
+       " bytes at offset " + std::to_string(off) + " but the file ends at " +
+       std::to_string(off + done) + " (it had " + std::to_string(size) + " bytes when opened)");
+}
+
 }  // namespace
 
 // ---- FdHolder ----------------------------------------------------------------------------------
@@ -91,10 +108,7 @@ InputFile::InputFile(const std::string& path) : path_(path) {
 InputFile::~InputFile() { close_quietly(fd_.take()); }
 
 void InputFile::check_range(uint64_t off, uint64_t n, const char* what) const {
-  if (!range_ok(off, n, size_))
-    fail(std::string(what) + " " + q(path_) + ": range [" + std::to_string(off) + ", " +
-         std::to_string(off) + " + " + std::to_string(n) + ") is outside the file (" +
-         std::to_string(size_) + " bytes)");
+  check_file_range(path_, size_, off, n, what);
 }
 
 void InputFile::pread_exact(int fd, uint64_t off, void* buf, uint64_t n) const {
@@ -108,11 +122,7 @@ void InputFile::pread_exact(int fd, uint64_t off, void* buf, uint64_t n) const {
       fail_os(errno, "reading " + q(path_) + " (" + std::to_string(n) + " bytes at offset " +
                          std::to_string(off) + ")");
     }
-    if (r == 0)
-      fail(q(path_) + " was truncated while in use: expected " + std::to_string(n) +
-           " bytes at offset " + std::to_string(off) + " but the file ends at " +
-           std::to_string(off + done) + " (it had " + std::to_string(size_) +
-           " bytes when opened)");
+    if (r == 0) fail_truncated(path_, size_, off, n, done);
     done += static_cast<uint64_t>(r);
   }
 }
@@ -162,7 +172,6 @@ void InputFile::close() { close_quietly(fd_.take()); }
 // ---- ShardWriter -------------------------------------------------------------------------------
 
 void set_copy_file_range_enabled(bool enabled) { g_cfr_enabled.store(enabled); }
-bool copy_file_range_enabled() { return g_cfr_enabled.load(); }
 
 ShardWriter::ShardWriter(const std::string& path, uint64_t size) : path_(path), size_(size) {
   if (path.find('\0') != std::string::npos) fail("creating " + q(path) + ": path contains a NUL byte");
@@ -206,10 +215,7 @@ ShardWriter::~ShardWriter() {
 }
 
 void ShardWriter::check_range(uint64_t off, uint64_t n, const char* what) const {
-  if (!range_ok(off, n, size_))
-    fail(std::string(what) + " " + q(path_) + ": range [" + std::to_string(off) + ", " +
-         std::to_string(off) + " + " + std::to_string(n) + ") is outside the file (" +
-         std::to_string(size_) + " bytes)");
+  check_file_range(path_, size_, off, n, what);
 }
 
 void ShardWriter::pwrite_exact(int fd, uint64_t off, const void* buf, uint64_t n) const {
@@ -258,11 +264,7 @@ void ShardWriter::copy_range(InputFile& src, uint64_t src_off, uint64_t dst_off,
                        std::to_string(src_off) + ") to " + q(path_) + " (offset " +
                        std::to_string(dst_off) + ")");
       }
-      if (r == 0)
-        fail(q(src.path()) + " was truncated while in use: expected " + std::to_string(n) +
-             " bytes at offset " + std::to_string(src_off) + " but the file ends at " +
-             std::to_string(src_off + done) + " (it had " + std::to_string(src.size()) +
-             " bytes when opened)");
+      if (r == 0) fail_truncated(src.path(), src.size(), src_off, n, done);
       done += static_cast<uint64_t>(r);
     }
   }

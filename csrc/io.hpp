@@ -80,7 +80,6 @@ class InputFile {
 
 // Global switch for tests: false forces copy_range onto the pread/pwrite fallback.
 void set_copy_file_range_enabled(bool enabled);
-bool copy_file_range_enabled();
 
 class ShardWriter {
  public:

@@ -74,6 +74,12 @@ struct Elem<DType::F32> {
   static LSF_INLINE void store(unsigned char* p, size_t j, float f) { std::memcpy(p + 4 * j, &f, 4); }
 };
 
+// dst[j] = float32 value of element j of p, for m elements.
+template <DType D>
+LSF_INLINE void pass_to_f32(float* __restrict dst, const unsigned char* __restrict p, size_t m) {
+  for (size_t j = 0; j < m; ++j) dst[j] = Elem<D>::load(p, j);
+}
+
 // ---- dtype dispatch ------------------------------------------------------------------------------
 
 // Runs the statements with D a constexpr DType equal to dt (one of the float dtypes the kernels

@@ -1,14 +1,8 @@
 #include "kernels.hpp"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstring>
-#include <exception>
 #include <memory>
-#include <mutex>
-#include <new>
-#include <thread>
 
 #include "kernel_util.hpp"
 #include "numerics.hpp"
@@ -38,11 +32,6 @@ LSF_INLINE void pass_add(float* __restrict acc, const unsigned char* __restrict 
   }
 }
 
-template <DType D>
-LSF_INLINE void pass_store(unsigned char* __restrict out, const float* __restrict acc, size_t m) {
-  for (size_t j = 0; j < m; ++j) Elem<D>::store(out, j, acc[j]);
-}
-
 // Last input fused with the output conversion (saves a pass over acc).
 template <DType DI, DType DO>
 LSF_INLINE void pass_add_store(unsigned char* __restrict out, const float* __restrict acc,
@@ -60,11 +49,6 @@ LSF_INLINE void pass_first_store(unsigned char* __restrict out, const unsigned c
 }
 
 // ---- row-MAV passes ----------------------------------------------------------------------------
-
-template <DType D>
-LSF_INLINE void pass_to_float(float* __restrict dst, const unsigned char* __restrict p, size_t m) {
-  for (size_t j = 0; j < m; ++j) dst[j] = Elem<D>::load(p, j);
-}
 
 template <DType D>
 LSF_INLINE void pass_absdiff(float* __restrict d, const unsigned char* __restrict p,
@@ -109,8 +93,6 @@ LSF_INLINE double add_block_sums(const float* __restrict d, size_t m, double acc
   for (size_t i = 0; i < nb; ++i) acc = acc + static_cast<double>(bs[i]);
   return acc;
 }
-
-
 
 }  // namespace
 
@@ -157,7 +139,7 @@ void mav_segment(const unsigned char* base, DType base_dt, size_t n_experts,
   for (size_t s = 0; s < n; s += kSeg) {
     const size_t m = std::min(kSeg, n - s);
     const unsigned char* bp = base + s * bsz;
-    LSF_DTYPE_DISPATCH(base_dt, DI, pass_to_float<DI>(bf, bp, m));
+    LSF_DTYPE_DISPATCH(base_dt, DI, pass_to_f32<DI>(bf, bp, m));
     for (size_t e = 0; e < n_experts; ++e) {
       const unsigned char* p = ex[e] + s * dtype_size(ex_dt[e]);
       LSF_DTYPE_DISPATCH(ex_dt[e], DI, pass_absdiff<DI>(d, p, bf, m));

@@ -2,19 +2,13 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <functional>
 #include <limits>
 #include <memory>
-#include <mutex>
-#include <new>
 #include <string>
-#include <thread>
-#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -71,11 +65,6 @@ constexpr uint32_t kNoPattern = 0xFFFFFFFFu;  // no |d| pattern (their sign bit 
 
 LSF_INLINE int32_t sgn(float x) {
   return static_cast<int32_t>(x > 0.0f) - static_cast<int32_t>(x < 0.0f);  // 0 for +-0 and NaN
-}
-
-template <DType D>
-LSF_INLINE void pass_to_f32(float* __restrict dst, const unsigned char* __restrict p, size_t m) {
-  for (size_t j = 0; j < m; ++j) dst[j] = Elem<D>::load(p, j);
 }
 
 // u = bit pattern of |float32(x) - b|
