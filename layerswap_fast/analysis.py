@@ -524,11 +524,7 @@ def _run(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, e
         if progress is not None:
             progress(item.nbytes, total)
     for ckpt in [base, *experts.values()]:
-        for shard in ckpt.shards:
-            try:
-                ckpt.input_file(shard.path).check_unchanged()
-            except _core.CoreError as e:
-                raise CheckpointError(f"input changed during the analysis: {e}") from None
+        ckpt.check_unchanged("analysis")
     return DeltaStats(
         experts={n: ExpertStats(n, per_expert[n], _ref(experts[n])) for n in names},
         num_layers=num_layers, base=_ref(base), skipped=skipped,

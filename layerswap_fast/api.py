@@ -23,7 +23,7 @@ from .dtypes import normalize_dtype
 from .engine import Blender, CpuBlender, MergeStats, execute
 from .errors import ConfigError, MismatchError
 from .layers import count_layers
-from .layout import OutputShard, ReusableShard, ReusedShard, find_reusable, layout_shards, parse_size
+from .layout import OutputShard, ReusableShard, find_reusable, layout_shards, needed_bytes, parse_size
 from .output import LINK_MODES, check_output, clean_stale_partials
 from .writeback import CHECKSUMS
 from .plan import LANGUAGE, TASK, MergePlan, SwapConfig, TensorRecipe, build_swap_plan, describe_role
@@ -111,11 +111,6 @@ def reusable_shards(plan: MergePlan, experts: Mapping[str, Checkpoint]) -> list[
 def _copied_from(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> int | None:
     """Where in its input file a copied tensor's bytes are (the layout aligns to it)."""
     return inputs[recipe.terms[0].expert].specs[recipe.name].offset if recipe.op == "copy" else None
-
-
-def needed_bytes(shards: Sequence[OutputShard], link: str) -> int:
-    """Disk space the output takes: reused shards cost nothing unless they are copied."""
-    return sum(s.file_size for s in shards if not isinstance(s, ReusedShard) or link in ("auto", "copy"))
 
 
 def _recipe(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], options: Mapping[str, Any],
@@ -319,19 +314,20 @@ def soup(models: Sequence[PathLike], out: PathLike, *, weights: str | Sequence[f
         return _write("soup", plan, inputs, out, options, WriteOptions(**write), inputs[model_role(0)])
 
 
-def _base_and_models(stack: ExitStack, base: PathLike, models: Sequence[PathLike]) -> dict[str, Checkpoint]:
+def _base_and_models(stack: ExitStack, base: PathLike,
+                     models: Sequence[PathLike]) -> tuple[dict[str, Checkpoint], int]:
+    """The opened base and models, and their layer count (which they must agree on)."""
     if not models:
         raise ConfigError("give at least one --model")
     inputs = _open_all(stack, {BASE: base, **{model_role(i): p for i, p in enumerate(models)}})
-    _layer_count(inputs)
-    return inputs
+    return inputs, _layer_count(inputs)
 
 
 def task_arithmetic(base: PathLike, models: Sequence[PathLike], out: PathLike, *, lam: float = 1.0,
                     dtype: str | None = None, **write: Any) -> MergeResult:
     """base + λ·Σ(modelᵢ − base) (Ilharco et al., 2023)."""
     with ExitStack() as stack:
-        inputs = _base_and_models(stack, base, models)
+        inputs, _ = _base_and_models(stack, base, models)
         specs = {r: list(c.specs.values()) for r, c in inputs.items()}
         plan = build_task_arithmetic_plan(specs.pop(BASE), specs, lam, normalize_dtype(dtype) if dtype else None)
         options = {"base": str(base), "model": [str(m) for m in models], "lam": lam, "dtype": dtype}
@@ -344,7 +340,7 @@ def ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *, density: 
     magnitude (exact threshold; values tied at it are all kept), elect each element's sign by the
     summed trimmed deltas, average the trimmed deltas that agree, add λ times that to the base."""
     with ExitStack() as stack:
-        inputs = _base_and_models(stack, base, models)
+        inputs, _ = _base_and_models(stack, base, models)
         specs = {r: list(c.specs.values()) for r, c in inputs.items()}
         plan = build_ties_plan(specs.pop(BASE), specs, density, lam, normalize_dtype(dtype) if dtype else None)
         options = {"base": str(base), "model": [str(m) for m in models], "density": density, "lam": lam,
@@ -358,8 +354,7 @@ def revert(base: PathLike, model: PathLike, out: PathLike, *, layers: str | Sequ
     (``"0-4,30-31"``), rows whose row MAV is below ``row_threshold``, or the ``row_fraction`` of
     each tensor's rows that changed least (equal MAVs: lower row index first)."""
     with ExitStack() as stack:
-        inputs = _base_and_models(stack, base, [model])
-        num_layers = _layer_count(inputs)
+        inputs, num_layers = _base_and_models(stack, base, [model])
         chosen = parse_layers(layers, num_layers) if isinstance(layers, str) else tuple(layers or ())
         config = RevertConfig(chosen, row_threshold, row_fraction)
         plan = build_revert_plan(list(inputs[BASE].specs.values()), list(inputs[model_role(0)].specs.values()),

@@ -261,6 +261,15 @@ class Checkpoint:
                     raise CheckpointError(str(e)) from None
         return h.hexdigest()
 
+    def check_unchanged(self, during: str) -> None:
+        """CheckpointError when a shard was replaced or truncated since it was opened: the
+        ``during`` (a merge, an analysis) may have read mixed bytes."""
+        for shard in self.shards:
+            try:
+                self.input_file(shard.path).check_unchanged()
+            except _core.CoreError as e:
+                raise CheckpointError(f"input changed during the {during}: {e}") from None
+
     def input_file(self, path: Path) -> _core.InputFile:
         """The open read handle of one shard (opened on first use, kept until :meth:`close`)."""
         f = self._files.get(path)

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 from . import _core
 from .checkpoint import Checkpoint, TensorSpec
 from .dtypes import DTYPE_SIZES
-from .errors import CheckpointError, OutputError
-from .layout import OutputShard, ReusedShard, ShardLayout, index_json
+from .errors import OutputError
+from .layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes
 from .output import LINK_MODES, copy_aux_files, publish, reuse_shard, staging_directory
 from .writeback import ShardFinisher, cached_hash, needs_throttle
 from .plan import TensorRecipe
@@ -159,7 +159,8 @@ class _ShardFiller:
         numel = specs[0].numel
         if recipe.op == "blend":
             self._blend_in_pieces(writer, recipe, specs, inputs, dst)
-        elif recipe.op == "ties":
+            return
+        if recipe.op == "ties":
             keep = int(recipe.param("density") * numel)
             _core.ties_file(inputs[0], dtypes[0], inputs[1:], dtypes[1:], writer, dst, recipe.dtype, numel,
                             keep, recipe.param("lambda"), threads=self.threads)
@@ -183,8 +184,8 @@ class _ShardFiller:
             pieces = [(f, off + start * DTYPE_SIZES[s.dtype]) for (f, off), s in zip(inputs, specs)]
             self.blender.blend_file(pieces, [s.dtype for s in specs], weights, writer, dst + start * out_size,
                                     recipe.dtype, n)
-            if start + n < numel:
-                self.advance(dst + (start + n) * out_size)
+            self.advance(dst + (start + n) * out_size)
+            self.progress(n * out_size)
 
     def _revert_rows(self, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
                      inputs: Sequence[tuple[_core.InputFile, int]], dst: int) -> None:
@@ -216,16 +217,6 @@ def rows_to_revert(mav: Any, params: Mapping[str, float]) -> Any:
     revert = np.zeros(len(mav), dtype=bool)
     revert[np.argsort(mav, kind="stable")[:int(params["fraction"] * len(mav))]] = True
     return revert
-
-
-def _check_inputs_unchanged(experts: Mapping[str, Checkpoint]) -> None:
-    """An input replaced or truncated mid-merge may have fed us mixed bytes: refuse the output."""
-    for ckpt in experts.values():
-        for shard in ckpt.shards:
-            try:
-                ckpt.input_file(shard.path).check_unchanged()
-            except _core.CoreError as e:
-                raise CheckpointError(f"input changed during the merge: {e}") from None
 
 
 @contextmanager
@@ -314,8 +305,7 @@ def execute(
     filler = _ShardFiller(experts, blender, (lambda n: progress(n, total)) if progress else (lambda n: None),
                           threads)
     methods: dict[str, int] = {}
-    # bytes this merge may really write: new shards, and reused ones unless linked or cloned
-    may_write = total + sum(s.file_size for s in shards if isinstance(s, ReusedShard) and link in ("auto", "copy"))
+    may_write = needed_bytes(shards, link)
     with staging_directory(out) as tmp, _finishing(needs_throttle(may_write), sync, checksum) as finishing:
         digests: dict[str, Future[str]] = {}
         for shard in shards:
@@ -330,7 +320,8 @@ def execute(
                     done: Future[str] = Future()
                     done.set_result(_write_shard(tmp, shard, filler, finishing))
                     digests[shard.filename] = done
-        _check_inputs_unchanged(experts)
+        for ckpt in experts.values():  # a replaced input may have fed us mixed bytes: refuse the output
+            ckpt.check_unchanged("merge")
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(shards), indent=2) + "\n")
         copy_aux_files(aux_source, tmp, config_overrides or {})
         full_recipe = dict(recipe, checksum=checksum, shards=[

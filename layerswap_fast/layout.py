@@ -152,6 +152,11 @@ class ReusedShard:
 OutputShard = ShardLayout | ReusedShard
 
 
+def needed_bytes(shards: Sequence[OutputShard], link: str) -> int:
+    """Bytes a merge may really write: new shards, and reused ones unless linked or cloned."""
+    return sum(s.file_size for s in shards if not isinstance(s, ReusedShard) or link in ("auto", "copy"))
+
+
 def find_reusable(recipes: Sequence[TensorRecipe],
                   shards_by_expert: Mapping[str, Sequence[ReusableShard]]) -> list[ReusableShard]:
     """The input shards whose every tensor is a ``copy`` from that shard's own expert."""

@@ -33,13 +33,16 @@ def _recorded_shards(out: Path) -> list[dict]:
     recipe_path = out / RECIPE_NAME
     if not recipe_path.is_file():
         raise VerifyError(f"{out}: no {RECIPE_NAME}; not a complete layerswap-fast output")
+    unreadable = VerifyError(f"{recipe_path}: unreadable recipe (no list of shards with size and checksum)")
     try:
         recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
         shards, algorithm = recipe["shards"], recipe.get("checksum", "sha256")
-        assert algorithm in CHECKSUMS
-        assert isinstance(shards, list) and all({"file", "size", algorithm} <= set(s) for s in shards)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise VerifyError(f"{recipe_path}: unreadable recipe (no list of shards with size and checksum)") from None
+        well_formed = algorithm in CHECKSUMS and isinstance(shards, list) and all(
+            {"file", "size", algorithm} <= set(s) for s in shards)
+    except (ValueError, KeyError, TypeError):
+        raise unreadable from None
+    if not well_formed:  # an explicit check, not an assert: `python -O` must not skip it
+        raise unreadable
     return [dict(s, digest=s[algorithm], algorithm=algorithm) for s in shards]
 
 
@@ -60,9 +63,10 @@ def verify(out: str | os.PathLike[str]) -> VerifyReport:
         recorded = {s["file"] for s in shards}
         if on_disk != recorded:
             raise VerifyError(f"{out}: the index names shards {sorted(on_disk)} but the recipe recorded {sorted(recorded)}")
+        sizes = {s.path.name: s.size for s in ckpt.shards}  # as open_checkpoint found them
         for entry in shards:
             path = out / entry["file"]
-            size = path.stat().st_size
+            size = sizes[entry["file"]]
             if size != entry["size"]:
                 raise VerifyError(f"{path}: {size} bytes, the recipe recorded {entry['size']}")
             if hash_file(path, entry["algorithm"]) != entry["digest"]:

@@ -69,6 +69,29 @@ def needs_throttle(output_bytes: int) -> bool:
     return output_bytes > _background_ratio() * _ram_bytes()
 
 
+class _DirtyWindow:
+    """Keeps a file being written at most about ``max_dirty`` bytes ahead of the disk: each range
+    written is sent to writeback at once, and pages more than ``max_dirty`` behind are waited for
+    and dropped from the cache."""
+
+    def __init__(self, max_dirty: int) -> None:
+        self.max_dirty = max_dirty
+        self.clean = 0  # bytes [0, clean) are on disk and out of the cache
+
+    def written(self, writer: _core.ShardWriter, start: int, end: int) -> None:
+        writer.writeback(start, end - start, False, False)
+        behind = end - self.max_dirty
+        if behind > self.clean:
+            writer.writeback(self.clean, behind - self.clean, True, True)
+            self.clean = behind
+
+    def drain(self, writer: _core.ShardWriter, size: int) -> None:
+        """The file is complete: wait for the rest and drop it from the cache."""
+        if size > self.clean:
+            writer.writeback(self.clean, size - self.clean, True, True)
+            self.clean = size
+
+
 class ShardFinisher:
     """Hashes (and, throttled, writes back) one output shard right behind its writer."""
 
@@ -79,7 +102,7 @@ class ShardFinisher:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.sha = new_hasher(checksum)
         self.hashed = 0    # bytes [0, hashed) are in the checksum
-        self.clean = 0     # bytes [0, clean) are on disk and out of the cache (throttled only)
+        self.dirty = _DirtyWindow(max_dirty)  # used when throttled
         self.pending: list[Future[None]] = []
 
     def advance(self, upto: int) -> None:
@@ -88,20 +111,21 @@ class ShardFinisher:
         self.pending.append(self.pool.submit(self._consume, upto))
         while len(self.pending) > 1 and upto - self.hashed > self.max_dirty:
             self.pending.pop(0).result()
-        for future in [f for f in self.pending if f.done()]:
-            future.result()  # a failure in the background surfaces here
-        self.pending = [f for f in self.pending if not f.done()]
+        still = []
+        for future in self.pending:  # one look at each: a failure in the background surfaces here
+            if future.done():
+                future.result()
+            else:
+                still.append(future)
+        self.pending = still
 
     def _consume(self, upto: int) -> None:
         start = self.hashed
-        if upto > start:
-            self._hash_mapped(upto)
-        if self.throttle and upto > start:
-            self.writer.writeback(start, upto - start, False, False)
-            behind = upto - self.max_dirty
-            if behind > self.clean:
-                self.writer.writeback(self.clean, behind - self.clean, True, True)
-                self.clean = behind
+        if upto <= start:
+            return
+        self._hash_mapped(upto)
+        if self.throttle:
+            self.dirty.written(self.writer, start, upto)
 
     def _hash_mapped(self, upto: int) -> None:
         """Hash [hashed, upto) straight from the page cache through read-only mappings: a pread
@@ -127,10 +151,9 @@ class ShardFinisher:
         self.advance(size)
         for future in self.pending:
             future.result()
-        if self.throttle and size > self.clean:
-            self.writer.writeback(self.clean, size - self.clean, True, True)
-        os.close(self.fd)
-        self.fd = -1
+        if self.throttle:
+            self.dirty.drain(self.writer, size)
+        self.close()
         return self.sha.hexdigest()
 
     def close(self) -> None:
@@ -142,18 +165,14 @@ class ShardFinisher:
 def copy_whole_file(writer: _core.ShardWriter, source: _core.InputFile, size: int, throttle: bool,
                     max_dirty: int = _DEFAULT_MAX_DIRTY, piece: int = 256 << 20) -> None:
     """Kernel-side copy of a whole input file; throttled, written back and dropped as it goes."""
-    clean = 0
+    dirty = _DirtyWindow(max_dirty)
     for start in range(0, size, piece):
         n = min(piece, size - start)
         writer.copy_range(source, start, start, n)
         if throttle:
-            writer.writeback(start, n, False, False)
-            behind = start + n - max_dirty
-            if behind > clean:
-                writer.writeback(clean, behind - clean, True, True)
-                clean = behind
-    if throttle and size > clean:
-        writer.writeback(clean, size - clean, True, True)
+            dirty.written(writer, start, start + n)
+    if throttle:
+        dirty.drain(writer, size)
 
 
 def _cache_dir() -> Path:
