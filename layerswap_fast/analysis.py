@@ -62,12 +62,13 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import FLOAT_DTYPES
 from .errors import CheckpointError, ConfigError, MismatchError
 from .layers import FIGURE_KINDS, classify, count_layers
+from .api import DEVICES
+from .api import cuda_present as _gpu_present  # tests replace it here
 from .output import check_output, publish, staging_directory
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]  # (bytes just read, total bytes to read)
 
-DEVICES = ("auto", "cpu", "cuda")
 CSV_COLUMNS = ("expert", "tensor", "layer", "kind", "rows", "mean_row_mav", "max_row_mav")
 MAV_CSV = "mav.csv"
 SUMMARY_JSON = "summary.json"
@@ -337,17 +338,6 @@ def _validate(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> int:
 # ----------------------------------------------------------------------------------------------
 # backends
 
-def _gpu_present() -> bool:
-    # importing torch costs ~250 MB of RSS: look for an NVIDIA device node first
-    if not any(Path("/dev").glob("nvidia[0-9]*")):
-        return False
-    try:
-        from .gpu import cuda_available
-    except ImportError:
-        return False
-    return cuda_available()
-
-
 class _CpuRowMav:
     def __init__(self, threads: int | None, chunk_elems: int = CHUNK_ELEMS) -> None:
         self.threads = threads or 0
@@ -362,8 +352,7 @@ class _CpuRowMav:
 
 
 def _backend(device: str, threads: int | None) -> Any:
-    if device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    """The row-MAV backend for ``device``, already checked to be one of DEVICES."""
     if device != "cpu" and _gpu_present():
         from .gpu import CudaBlender
         return CudaBlender(device="cuda")

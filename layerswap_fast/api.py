@@ -76,7 +76,8 @@ def _layer_count(checkpoints: Mapping[str, Checkpoint]) -> int:
     return counts[first]
 
 
-def _cuda_available() -> bool:
+def cuda_present() -> bool:
+    """Whether a CUDA device can run our kernels (torch and triton installed)."""
     # Importing torch costs ~250 MB of RSS: look for an NVIDIA device node first.
     if not any(Path("/dev").glob("nvidia[0-9]*")):
         return False
@@ -92,7 +93,7 @@ def make_blender(device: str, threads: int | None, max_gpu_bytes: int | None = N
     if device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device != "cpu":
-        if _cuda_available():
+        if cuda_present():
             from .gpu import CudaBlender
             return CudaBlender(device="cuda", **({"max_gpu_bytes": max_gpu_bytes} if max_gpu_bytes else {}))
         if device == "cuda":

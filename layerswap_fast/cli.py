@@ -341,8 +341,9 @@ def revert(ctx: click.Context, base: Path, model: Path, layers: str | None, row_
 
 
 @contextmanager
-def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
-    """A byte progress bar on a terminal; nothing when stderr is piped."""
+def _progress_bar(label: str = "merging") -> Iterator[Callable[[int, int], None] | None]:
+    """A byte progress bar on a terminal, closed even when the command fails; nothing when
+    stderr is piped."""
     if not sys.stderr.isatty():
         yield None
         return
@@ -350,7 +351,7 @@ def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
 
     def update(n: int, total: int) -> None:
         if not bars:
-            bars.append(click.progressbar(length=total, label="merging", file=sys.stderr))
+            bars.append(click.progressbar(length=total, label=label, file=sys.stderr))
             bars[0].__enter__()
         bars[0].update(n)
 

@@ -7,15 +7,15 @@ prints as ``error: ...`` with exit status 2.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from .errors import ConfigError
 
+from .api import DEVICES
+
 # analysis (numpy, matplotlib) is imported when the command runs, so `merge` starts fast
-DEVICES = ("auto", "cpu", "cuda")
 
 _PATH = click.Path(path_type=Path)
 
@@ -74,9 +74,11 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
     if not paths:
         raise ConfigError("give at least one --expert (or --language-expert and --task-expert)")
     from .analysis import analyze as run_analysis
+    from .cli import _progress_bar
 
-    stats = run_analysis(base, paths, out, rows=rows, device=device, threads=threads, force=force,
-                         progress=_progress() if sys.stderr.isatty() else None)
+    with _progress_bar("analyzing") as progress:
+        stats = run_analysis(base, paths, out, rows=rows, device=device, threads=threads, force=force,
+                             progress=progress)
     gbps = stats.bytes_read / stats.seconds / 1e9 if stats.seconds > 0 else float("inf")
     n_tensors = len(next(iter(stats.experts.values())).tensors)
     click.echo(f"analyzed {len(stats.experts)} expert(s) against {base}: {n_tensors} tensors, "
@@ -107,20 +109,6 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
         for line in s.reasons:
             click.echo(f"  {line}")
         click.echo(s.command("merged"))
-
-
-def _progress():  # noqa: ANN202
-    bars: list = []
-
-    def update(n: int, total: int) -> None:
-        if not bars:
-            bars.append(click.progressbar(length=total, label="analyzing", file=sys.stderr))
-            bars[0].__enter__()
-        bars[0].update(n)
-        if bars[0].pos >= total:
-            bars[0].__exit__(None, None, None)
-
-    return update
 
 
 if __name__ == "__main__":  # python -m layerswap_fast.cli_analysis analyze ... (before it is registered)

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from .dtypes import DTYPE_SIZES
 from .errors import UnsupportedDtypeError
 
-_DTYPE_SIZES = {"BF16": 2, "F16": 2, "F32": 4}
 _ALIGN = 256  # bytes; every region of a slot starts at a multiple of this
 
 
@@ -172,8 +172,8 @@ class CudaBlender:
         out_t = _torch_dtype(out_dtype)
         if numel == 0:
             return
-        in_sz = [_DTYPE_SIZES[d] for d in input_dtypes]
-        out_sz = _DTYPE_SIZES[out_dtype]
+        in_sz = [DTYPE_SIZES[d] for d in input_dtypes]
+        out_sz = DTYPE_SIZES[out_dtype]
         need_scratch = self._needs_scratch(input_dtypes, out_dtype)
         chunk = self.blend_chunk_elems(input_dtypes, out_dtype)
 
@@ -226,8 +226,8 @@ class CudaBlender:
             return np.zeros((k, 0), dtype=np.float64)
         if cols == 0:
             return np.full((k, rows), np.nan, dtype=np.float64)
-        e_sz = [_DTYPE_SIZES[d] for d in expert_dtypes]
-        b_sz = _DTYPE_SIZES[base_dtype]
+        e_sz = [DTYPE_SIZES[d] for d in expert_dtypes]
+        b_sz = DTYPE_SIZES[base_dtype]
         chunk = self.row_mav_chunk_elems(expert_dtypes, base_dtype)
 
         regions = [_Region(0, chunk * s, t, s) for s, t in zip(e_sz, e_t)]
@@ -282,14 +282,14 @@ class CudaBlender:
         for d in list(input_dtypes) + [out_dtype]:
             _torch_dtype(d)
         scratch = self._needs_scratch(input_dtypes, out_dtype)
-        per_elem = sum(_DTYPE_SIZES[d] for d in input_dtypes) + _DTYPE_SIZES[out_dtype] + (4 if scratch else 0)
+        per_elem = sum(DTYPE_SIZES[d] for d in input_dtypes) + DTYPE_SIZES[out_dtype] + (4 if scratch else 0)
         return self._chunk_elems(per_elem, len(input_dtypes) + 1 + int(scratch))
 
     def row_mav_chunk_elems(self, expert_dtypes: Sequence[str], base_dtype: str) -> int:
         """Elements per chunk that :meth:`row_mav_file` uses (before cutting at whole rows)."""
         for d in list(expert_dtypes) + [base_dtype]:
             _torch_dtype(d)
-        per_elem = sum(_DTYPE_SIZES[d] for d in expert_dtypes) + _DTYPE_SIZES[base_dtype]
+        per_elem = sum(DTYPE_SIZES[d] for d in expert_dtypes) + DTYPE_SIZES[base_dtype]
         return self._chunk_elems(per_elem, len(expert_dtypes) + 1)
 
     def close(self) -> None:
