@@ -12,7 +12,6 @@ before that.
 """
 
 from .blend import MAX_INPUTS, blend
-from .row_mav import row_mav
-from .row_mav_many import MAX_EXPERTS, row_abs_diff_sums, row_mav_many
+from .row_mav_many import MAX_EXPERTS, row_abs_diff_sums, row_mav, row_mav_many
 
 __all__ = ["MAX_EXPERTS", "MAX_INPUTS", "blend", "row_abs_diff_sums", "row_mav", "row_mav_many"]

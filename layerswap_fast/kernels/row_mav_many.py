@@ -1,14 +1,17 @@
-"""``row_mav_many``: row MAV of several experts against one base in one pass over the base.
+"""Row MAV (the paper's Section 3.2): row-wise mean |expert - base|, for one or several experts
+against one base, reading the base once per MAX_EXPERTS experts. A 1-D tensor is one row.
 
-One launch handles up to MAX_EXPERTS experts (separate pointers, so each expert may have its own
-dtype and row stride): every program loads a [BLOCK_R, BLOCK_C] tile of the base once and the
-matching tile of each expert, keeping one float32 accumulator tile per expert. More experts are
-handled in groups of MAX_EXPERTS (the base is then read once per group).
+Numerics: both operands converted to float32, subtracted, absolute value, summed per row in
+float32 (each lane of a [BLOCK_R, BLOCK_C] tile accumulates at most MAX_SEG_ITERS column steps,
+then a tree reduction), divided by ``cols``. Rows so long that they are cut into several
+segments (few rows, many columns) have their float32 segment sums added in float64. With more
+than two experts the tile is smaller, so results agree with one-expert calls to well within the
+1e-6 relative contract rather than bit for bit.
 
-Numerics are those of :func:`row_mav` (float32 per lane and segment, tree reduction, float64
-across segments); with one or two experts the tiling is the same too, so the result equals
-``row_mav(expert, base)`` bit for bit; with more, the tile is smaller and the results agree to
-well within the 1e-6 relative contract.
+Memory-bound design: grid = (row blocks, column segments); each program walks its segment in
+coalesced [BLOCK_R, BLOCK_C] steps, loading each tile of the base once and the matching tile of
+each expert (separate pointers: each expert may have its own dtype and row stride), and writes
+one float32 per row and expert.
 
 :func:`row_abs_diff_sums` is the building block of the streaming GPU backend: float64 row sums
 (not means) of |expert - base|, so that chunks of a tensor can be accumulated in float64.
@@ -156,6 +159,13 @@ def row_mav_many(
     if final:
         return out[:, 0]
     return (out.sum(dim=1, dtype=torch.float64) / cols).to(torch.float32)
+
+
+def row_mav(expert: torch.Tensor, base: torch.Tensor, **tiling: int | None) -> torch.Tensor:
+    """float32[rows]: mean |expert - base| per row. ``expert`` and ``base`` have the same shape
+    (2-D, or 1-D = one row), dtypes bf16/f16/f32 (they may differ), on the same device. Keyword
+    arguments (block_r, block_c, seg_iters, num_warps) override the tiling heuristic."""
+    return row_mav_many([expert], base, **tiling)[0]
 
 
 def row_abs_diff_sums(
