@@ -47,6 +47,17 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_same_shards(a: Path, *others: Path) -> None:
+    """Checkpoint directories ``a`` and ``others`` hold the same, non-empty set of shard files,
+    byte for byte."""
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert names, f"no shards in {a}"
+    for b in others:
+        assert sorted(p.name for p in b.glob("*.safetensors")) == names, (a, b)
+        for name in names:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), (b, name)
+
+
 def raw_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import layerswap_fast as ls
 import layerswap_fast._core
 from layerswap_fast.cli import main
-from support import load_tensors, make_llama_trio, raw_bytes, snapshot
+from support import assert_same_shards, load_tensors, make_llama_trio, raw_bytes, snapshot
 
 L = 12
 ROLES = ("base", "task", "language", "task2", "language2")
@@ -159,10 +159,6 @@ def ties_reference(base: torch.Tensor, experts: list[torch.Tensor], density: flo
     return (b + lam * mean).to(base.dtype).reshape(base.shape)
 
 
-needs_ties = pytest.mark.skipif(not hasattr(ls._core, "ties_file"), reason="the core has no TIES kernel yet")
-
-
-@needs_ties
 def test_ties(family, tensors, tmp_path: Path) -> None:
     models = ["task", "language", "task2"]
     ls.ties(family["base"], [family[m] for m in models], tmp_path / "out", density=0.2, lam=1.0)
@@ -187,7 +183,6 @@ def ties_at_threshold(tmp_path: Path) -> dict[str, Path]:
     return {k: write_model(tmp_path / k, {"model.layers.0.mlp.up_proj.weight": v}, 1) for k, v in models.items()}
 
 
-@needs_ties
 @pytest.mark.parametrize("density", [0.0, 0.3, 0.5, 1.0])
 def test_ties_tie_rule_and_all_zero_deltas(ties_at_threshold, tmp_path: Path, density: float) -> None:
     p = ties_at_threshold
@@ -278,9 +273,7 @@ def test_dump_config_then_config_rebuilds_the_same_bytes(family, tmp_path: Path)
     assert r.exit_code == 0, r.output
     r = invoke("merge", "--config", tmp_path / "direct" / "layerswap_recipe.json", "-o", tmp_path / "from-recipe")
     assert r.exit_code == 0, r.output
-    for shard in (tmp_path / "direct").glob("*.safetensors"):
-        assert shard.read_bytes() == (tmp_path / "from-yaml" / shard.name).read_bytes()
-        assert shard.read_bytes() == (tmp_path / "from-recipe" / shard.name).read_bytes()
+    assert_same_shards(tmp_path / "direct", tmp_path / "from-yaml", tmp_path / "from-recipe")
 
 
 def test_flags_override_the_config(family, tmp_path: Path) -> None:
@@ -315,6 +308,5 @@ def test_every_command_records_a_rebuildable_recipe(family, tmp_path: Path, comm
     assert r.exit_code == 0, r.output
     r = invoke(command, "--config", tmp_path / "a" / "layerswap_recipe.json", "-o", tmp_path / "b")
     assert r.exit_code == 0, r.output
-    for shard in (tmp_path / "a").glob("*.safetensors"):
-        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+    assert_same_shards(tmp_path / "a", tmp_path / "b")
     ls.verify(tmp_path / "b")

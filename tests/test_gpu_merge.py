@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import layerswap_fast as ls
 from layerswap_fast.cli import main
-from support import make_llama_trio
+from support import assert_same_shards, make_llama_trio
 
 gpu = pytest.importorskip("layerswap_fast.gpu")
 
@@ -29,10 +29,7 @@ def test_triton_backend_merge_equals_cpu_merge(trio: dict[str, Path], tmp_path: 
     ls.merge(trio["task"], trio["language"], tmp_path / "cpu", cfg, dtype=dtype, device="cpu")
     with gpu.CudaBlender(device=device, max_gpu_bytes=64 << 10) as blender:  # several chunks per tensor
         ls.merge(trio["task"], trio["language"], tmp_path / "gpu", cfg, dtype=dtype, blender=blender)
-    shards = sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors"))
-    assert shards == sorted(p.name for p in (tmp_path / "gpu").glob("*.safetensors"))
-    for name in shards:
-        assert (tmp_path / "cpu" / name).read_bytes() == (tmp_path / "gpu" / name).read_bytes(), name
+    assert_same_shards(tmp_path / "cpu", tmp_path / "gpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -140,6 +140,7 @@ def test_surface():
 def test_reference_matches_torch_sign():
     # The reference spells sign() out; on this build torch.sign agrees (including NaN -> 0).
     x = torch.tensor([1.0, -2.0, 0.0, -0.0, float("inf"), float("-inf"), float("nan")])
+    assert sgn(x).tolist() == [1, -1, 0, 0, 1, -1, 0]  # the contract's sign, NaN -> 0
     if not torch.equal(torch.sign(x).to(torch.int32), sgn(x)):
         pytest.skip("torch.sign(NaN) is not 0 on this build")
 
@@ -597,6 +598,8 @@ def test_bf16_merge_loops_agree_in_the_one_pass(tmp_path, levels):
             lambda: _file_ties(tmp_path, path, boff, eoffs, "BF16", ["BF16"] * 3, "BF16", n, keep, 1.0))
         assert fast == portable and fast_route == portable_route, (keep, fast_route, portable_route)
         assert fast_route["one_pass"] + fast_route["rewritten"] == 1
+        # and against the reference, so the test holds where both runs take the same loop
+        assert_same(from_raw(np.frombuffer(fast, np.uint8).copy(), "BF16"), ties_ref(base, experts, keep, 1.0, "BF16"))
 
 
 # ---- errors --------------------------------------------------------------------------------------

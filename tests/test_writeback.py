@@ -4,13 +4,15 @@ same bytes and checksums as the default path."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import blake3
 import pytest
 
 import layerswap_fast as ls
-from layerswap_fast import _core, writeback
-from support import make_llama_trio
+from layerswap_fast import writeback
+from support import assert_same_shards, make_llama_trio
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +20,6 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_llama_trio(tmp_path_factory.mktemp("wb"), num_layers=12, shard="60KB")
 
 
-@pytest.mark.skipif(not hasattr(_core.ShardWriter, "writeback"), reason="the core has no writeback yet")
 def test_throttled_output_equals_the_default_output(trio: dict[str, Path], tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     ls.merge(trio["task"], trio["language"], tmp_path / "plain", link="copy")
@@ -42,8 +43,7 @@ def test_throttled_output_equals_the_default_output(trio: dict[str, Path], tmp_p
     monkeypatch.setattr(writeback.ShardFinisher, "__init__", small_window)
     ls.merge(trio["task"], trio["language"], tmp_path / "throttled", link="copy")
     assert any(wait and drop for _, _, wait, drop in calls) and any(not wait for _, _, wait, _ in calls)
-    for shard in (tmp_path / "plain").glob("*.safetensors"):
-        assert shard.read_bytes() == (tmp_path / "throttled" / shard.name).read_bytes()
+    assert_same_shards(tmp_path / "plain", tmp_path / "throttled")
     a = json.loads((tmp_path / "plain" / "layerswap_recipe.json").read_text())["shards"]
     b = json.loads((tmp_path / "throttled" / "layerswap_recipe.json").read_text())["shards"]
     assert a == b
@@ -55,11 +55,18 @@ def test_small_outputs_are_left_to_the_kernel() -> None:
     assert writeback.needs_throttle(1 << 50)
 
 
-def test_input_checksums_are_cached(tmp_path: Path) -> None:
+def test_input_checksums_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "blob"
     f.write_bytes(b"abc" * 1000)
     first = writeback.cached_hash(f)
-    assert first == writeback.hash_file(f)
-    assert list((Path(__import__("os").environ["XDG_CACHE_HOME"]) / "layerswap-fast" / "checksums").glob("blake3-*"))
+    assert first == writeback.hash_file(f) == blake3.blake3(b"abc" * 1000).hexdigest()
+    assert list((Path(os.environ["XDG_CACHE_HOME"]) / "layerswap-fast" / "checksums").glob("blake3-*"))
+
+    def no_hashing(*args: object, **kwargs: object) -> str:
+        raise AssertionError("an unchanged input was hashed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(writeback, "hash_file", no_hashing)
+        assert writeback.cached_hash(f) == first  # served from the cache
     f.write_bytes(b"abd" * 1001)  # a changed file (new size, mtime, contents) is hashed again
     assert writeback.cached_hash(f) == writeback.hash_file(f) != first
