@@ -288,6 +288,18 @@ py::array_t<double> new_result(size_t n_experts, uint64_t rows) {
   return res;
 }
 
+// CoreErr unless buffer v holds exactly numel elements of d; `count` is how the message states
+// the number of elements (default: numel itself).
+void check_len(const BufView& v, DType d, uint64_t numel, const std::string& role, const char* fn,
+               const std::string& count = "") {
+  uint64_t want;
+  const bool fits = lsf::mul_ok(numel, lsf::dtype_size(d), &want);
+  if (!fits || v.len() != want)
+    fail(std::string(fn) + ": " + role + " has " + std::to_string(v.len()) + " bytes but " +
+         (count.empty() ? std::to_string(numel) : count) + " elements of " + lsf::dtype_name(d) +
+         " need " + (fits ? std::to_string(want) : std::string("more")));
+}
+
 py::array_t<double> row_mav_buffers_py(py::handle experts, py::handle expert_dtypes,
                                        py::handle base, py::handle base_dtype, py::handle rows,
                                        py::handle cols, py::handle threads) {
@@ -300,21 +312,15 @@ py::array_t<double> row_mav_buffers_py(py::handle experts, py::handle expert_dty
   uint64_t numel;
   check_dims(r, c, &numel, "row_mav_buffers");
 
-  auto check_len = [&](const BufView& v, DType d, const std::string& role) {
-    uint64_t want;
-    if (!lsf::mul_ok(numel, lsf::dtype_size(d), &want) || v.len() != want)
-      fail("row_mav_buffers: " + role + " has " + std::to_string(v.len()) + " bytes but " +
-           std::to_string(r) + " x " + std::to_string(c) + " elements of " + lsf::dtype_name(d) +
-           " need " + (want == 0 ? std::string("more") : std::to_string(want)));
-  };
+  const std::string shape = std::to_string(r) + " x " + std::to_string(c);
   BufView bv(base, false, "base");
-  check_len(bv, bdt, "base");
+  check_len(bv, bdt, numel, "base", "row_mav_buffers", shape);
   std::vector<std::unique_ptr<BufView>> views;
   std::vector<const unsigned char*> ptrs;
   for (size_t i = 0; i < n; ++i) {
     std::string role = "experts[" + std::to_string(i) + "]";
     views.emplace_back(new BufView(items[i], false, role));
-    check_len(*views.back(), dts[i], role);
+    check_len(*views.back(), dts[i], numel, role, "row_mav_buffers", shape);
     ptrs.push_back(views.back()->data());
   }
   auto res = new_result(n, r);
@@ -369,16 +375,6 @@ struct TiesBuffers {
   std::vector<const unsigned char*> ptrs;
 };
 
-void ties_check_len(const BufView& v, DType d, uint64_t numel, const std::string& role,
-                    const char* fn) {
-  uint64_t want;
-  const bool fits = lsf::mul_ok(numel, lsf::dtype_size(d), &want);
-  if (!fits || v.len() != want)
-    fail(std::string(fn) + ": " + role + " has " + std::to_string(v.len()) + " bytes but " +
-         std::to_string(numel) + " elements of " + lsf::dtype_name(d) + " need " +
-         (fits ? std::to_string(want) : std::string("more")));
-}
-
 // numel == UINT64_MAX: take it from the base buffer (which must hold whole elements).
 TiesBuffers ties_inputs(py::handle base, py::handle base_dtype, py::handle experts,
                         py::handle expert_dtypes, uint64_t* numel, const char* fn) {
@@ -397,11 +393,11 @@ TiesBuffers ties_inputs(py::handle base, py::handle base_dtype, py::handle exper
            ")");
     *numel = t.base->len() / bsz;
   }
-  ties_check_len(*t.base, t.bdt, *numel, "base", fn);
+  check_len(*t.base, t.bdt, *numel, "base", fn);
   for (size_t i = 0; i < n; ++i) {
     std::string role = "experts[" + std::to_string(i) + "]";
     t.views.emplace_back(new BufView(items[i], false, role));
-    ties_check_len(*t.views.back(), t.edt[i], *numel, role, fn);
+    check_len(*t.views.back(), t.edt[i], *numel, role, fn);
     t.ptrs.push_back(t.views.back()->data());
   }
   return t;
