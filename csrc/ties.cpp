@@ -1188,8 +1188,8 @@ void collect(const uint8_t* flags, uint64_t m, uint64_t e0, const Chunks& ch, co
 
 // The output under the guessed thresholds, with the counts taken and the elements to check
 // recorded; false when the records outgrow max_records (the output is then incomplete).
-bool guessed_pass(const Job& job, const Bracket& br, float lam, DType odt, uint64_t max_records,
-                  std::vector<Records>* recs) {
+bool guessed_pass(const Job& job, const Bracket& br, const Thresholds& guess, float lam, DType odt,
+                  uint64_t max_records, std::vector<Records>* recs) {
   const size_t n = job.edt.size();
   const size_t nthreads = pass_threads(job);
   ChunkBracket bracket;
@@ -1209,7 +1209,7 @@ bool guessed_pass(const Job& job, const Bracket& br, float lam, DType odt, uint6
   std::atomic<uint64_t> total{0};
   std::atomic<bool> over{false};
   merge_pass(
-      job, make_thresholds(br.guess), lam, odt,
+      job, guess, lam, odt,
       [&](size_t slot, uint64_t e0, uint64_t m, const Chunks& ch) {
         Records& rec = (*recs)[slot];
         const uint64_t before = rec.pos.size();
@@ -1311,8 +1311,9 @@ bool ties_one_pass(const Job& job, const FileJob& fj, uint64_t keep, float lam,
   const Bracket br = sample_bracket(job, keep);
   uint64_t rec_bytes = sizeof(uint64_t) + dtype_size(job.bdt);
   for (DType d : job.edt) rec_bytes += dtype_size(d);
+  const Thresholds guess = make_thresholds(br.guess);
   std::vector<Records> recs;
-  if (!guessed_pass(job, br, lam, fj.odt, record_budget / rec_bytes, &recs)) {
+  if (!guessed_pass(job, br, guess, lam, fj.odt, record_budget / rec_bytes, &recs)) {
     g_stats.fallback_budget += 1;
     return false;
   }
@@ -1323,7 +1324,6 @@ bool ties_one_pass(const Job& job, const FileJob& fj, uint64_t keep, float lam,
       return false;
     }
   }
-  const Thresholds guess = make_thresholds(br.guess);
   const Thresholds exact = make_thresholds(tau_bits);
   bool heavy_flips = false;  // a heavy pattern kept under one threshold and not the other
   for (size_t e = 0; e < n; ++e)
