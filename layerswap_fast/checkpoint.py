@@ -137,15 +137,29 @@ def parse_header(raw: bytes, file_size: int, path: Path) -> tuple[dict[str, str]
     return metadata, specs
 
 
-def read_shard_header(path: Path) -> ShardHeader:
+def open_shard(path: Path) -> tuple[_core.InputFile, ShardHeader]:
+    """Open a shard and parse its header. The handle is the one later reads must use: a file
+    put in the shard's place after this would otherwise feed bytes the header never described."""
     try:
-        with _core.InputFile(str(path)) as f:
-            raw = f.read_header()
-            size = f.size
+        f = _core.InputFile(str(path))
     except _core.CoreError as e:
         raise CheckpointError(str(e)) from None
-    metadata, tensors = parse_header(raw, size, path)
-    return ShardHeader(path, size, hashlib.sha256(raw).hexdigest(), metadata, tuple(tensors))
+    try:
+        raw = f.read_header()
+        metadata, tensors = parse_header(raw, f.size, path)
+    except _core.CoreError as e:
+        f.close()
+        raise CheckpointError(str(e)) from None
+    except BaseException:
+        f.close()
+        raise
+    return f, ShardHeader(path, f.size, hashlib.sha256(raw).hexdigest(), metadata, tuple(tensors))
+
+
+def read_shard_header(path: Path) -> ShardHeader:
+    f, header = open_shard(path)
+    f.close()
+    return header
 
 
 def _lexically_inside(directory: Path, relative: str) -> bool:
@@ -166,8 +180,9 @@ def _read_index(index_path: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard files")
-    for name, shard in weight_map.items():
+    for shard in dict.fromkeys(weight_map.values()):  # each file once: an index names it per tensor
         if not _lexically_inside(index_path.parent, shard):
+            name = next(n for n, s in weight_map.items() if s == shard)
             raise CheckpointError(
                 f"{index_path}: shard path {shard!r} of tensor {name!r} is outside the checkpoint directory")
     return weight_map
@@ -204,7 +219,25 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.directory, shard_paths, weight_map = _find_weight_files(self.path)
-        self.shards: tuple[ShardHeader, ...] = tuple(self._read_shards(shard_paths))
+        self._files: dict[Path, _core.InputFile] = {}
+        try:
+            self.shards: tuple[ShardHeader, ...] = tuple(self._open_shards(shard_paths))
+            self.specs = self._collect_specs()
+            if weight_map is not None:
+                _check_index_agrees(self.directory / INDEX_NAME, weight_map, self.specs)
+            self.config = _read_config(self.directory)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_shards(self, paths: list[Path]) -> Iterator[ShardHeader]:
+        for p in paths:
+            if not p.is_file():
+                raise CheckpointError(f"shard {p} named in the index does not exist")
+            self._files[p], header = open_shard(p)
+            yield header
+
+    def _collect_specs(self) -> dict[str, TensorSpec]:
         specs: dict[str, TensorSpec] = {}
         for shard in self.shards:
             for spec in shard.tensors:
@@ -213,18 +246,7 @@ class Checkpoint:
                         f"{self.path}: tensor {spec.name!r} appears in both "
                         f"{specs[spec.name].file.name} and {shard.path.name}")
                 specs[spec.name] = spec
-        if weight_map is not None:
-            _check_index_agrees(self.directory / INDEX_NAME, weight_map, specs)
-        self.specs = specs
-        self.config = _read_config(self.directory)
-        self._files: dict[Path, _core.InputFile] = {}
-
-    @staticmethod
-    def _read_shards(paths: list[Path]) -> Iterator[ShardHeader]:
-        for p in paths:
-            if not p.is_file():
-                raise CheckpointError(f"shard {p} named in the index does not exist")
-            yield read_shard_header(p)
+        return specs
 
     @property
     def names(self) -> list[str]:
@@ -271,7 +293,8 @@ class Checkpoint:
                 raise CheckpointError(f"input changed during the {during}: {e}") from None
 
     def input_file(self, path: Path) -> _core.InputFile:
-        """The open read handle of one shard (opened on first use, kept until :meth:`close`)."""
+        """The read handle of one shard: the one its header was read through, kept open until
+        :meth:`close` (reopened after that)."""
         f = self._files.get(path)
         if f is None:
             try:

@@ -269,3 +269,27 @@ def test_blends_and_copies_in_small_pieces_give_the_same_bytes(trio: dict[str, P
     ls.merge(trio["task"], trio["language"], tmp_path / "pieces", link="copy", dtype="f32")
     assert_same_shards(tmp_path / "whole", tmp_path / "pieces")
     assert_merged(tmp_path / "pieces", trio, dtype=torch.float32)
+
+
+def test_a_shard_replaced_after_its_header_was_read_is_caught(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header and the data come from one open file: a same-size file renamed into a shard's
+    place right after the checkpoint was opened must not feed the merge (the header would describe
+    bytes it never saw)."""
+    trio = make_llama_trio(tmp_path / "in", num_layers=L)
+    shard = sorted(trio["task"].glob("*.safetensors"))[0]
+    impostor = tmp_path / "impostor"
+    impostor.write_bytes(shard.read_bytes()[::-1])
+    real_open = ls.api.open_checkpoint
+
+    def open_then_replace(path):
+        opened = real_open(path)
+        if Path(path) == trio["task"]:
+            os.replace(impostor, shard)
+        return opened
+
+    monkeypatch.setattr(ls.api, "open_checkpoint", open_then_replace)
+    with pytest.raises(ls.CheckpointError, match=f"input changed during the merge: .*{shard.name}.* was replaced"):
+        ls.merge(trio["task"], trio["language"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*"))
