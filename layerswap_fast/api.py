@@ -164,12 +164,14 @@ def _open_all(stack: ExitStack, roles: Mapping[str, PathLike]) -> dict[str, Chec
     return {role: stack.enter_context(open_checkpoint(path)) for role, path in roles.items()}
 
 
-def _magnitude(base: PathLike | None, experts: Sequence[PathLike], stats: PathLike | None) -> list[float]:
-    """Magnitude-adjusted weights (∝ 1 / average row MAV against the base), normalised."""
+def _magnitude(base: PathLike | None, experts: Sequence[PathLike], stats: PathLike | None, device: str = "auto",
+               threads: int | None = None) -> list[float]:
+    """Magnitude-adjusted weights (∝ 1 / average row MAV against the base), normalised; an analysis
+    they need runs on the merge's ``device`` and ``threads``."""
     if base is None:
         raise ConfigError("magnitude weights need the base model: pass --base (and optionally --stats DIR)")
     from .analysis import magnitude_weights_for
-    return list(magnitude_weights_for(base, experts, stats_dir=stats))
+    return list(magnitude_weights_for(base, experts, stats_dir=stats, device=device, threads=threads))
 
 
 # ---------------------------------------------------------------------------------------- swap
@@ -181,11 +183,12 @@ def _groups(tasks: list[PathLike], languages: list[PathLike]) -> dict[str, list[
 
 
 def _swap_weights(config: SwapConfig, soup_weights: str, roles: dict[str, list[str]], paths: dict[str, PathLike],
-                  base: PathLike | None, stats: PathLike | None) -> tuple[SwapConfig, dict[str, list[tuple[str, float]]]]:
+                  base: PathLike | None, stats: PathLike | None, device: str = "auto",
+                  threads: int | None = None) -> tuple[SwapConfig, dict[str, list[tuple[str, float]]]]:
     """Soup weights within each group and, for ``magnitude``, the task/language weights."""
     needs = soup_weights == "magnitude" or "magnitude" in (config.transition_weights, config.non_layer)
     everyone = roles[TASK] + roles[LANGUAGE]
-    mavw = dict(zip(everyone, _magnitude(base, [paths[r] for r in everyone], stats))) if needs else {}
+    mavw = dict(zip(everyone, _magnitude(base, [paths[r] for r in everyone], stats, device, threads))) if needs else {}
     groups = {}
     for group, members in roles.items():
         raw = [mavw[m] for m in members] if soup_weights == "magnitude" else [1.0] * len(members)
@@ -208,8 +211,8 @@ def plan_merge(task_expert: Paths, language_expert: Paths, config: SwapConfig | 
 
 
 def _plan_swap(stack: ExitStack, task_expert: Paths, language_expert: Paths, config: SwapConfig | None,
-               dtype: str | None, soup_weights: str, base: PathLike | None,
-               stats: PathLike | None) -> tuple[MergePlan, dict[str, Checkpoint]]:
+               dtype: str | None, soup_weights: str, base: PathLike | None, stats: PathLike | None,
+               device: str = "auto", threads: int | None = None) -> tuple[MergePlan, dict[str, Checkpoint]]:
     if soup_weights not in SOUP_WEIGHTS:
         raise ConfigError(f"soup weights must be one of {', '.join(SOUP_WEIGHTS)}, got {soup_weights!r}")
     tasks, languages = _as_list(task_expert), _as_list(language_expert)
@@ -219,7 +222,7 @@ def _plan_swap(stack: ExitStack, task_expert: Paths, language_expert: Paths, con
     paths = dict(zip(roles[TASK] + roles[LANGUAGE], tasks + languages))
     inputs = _open_all(stack, paths)
     num_layers = _layer_count(inputs)
-    config, groups = _swap_weights(config or SwapConfig(), soup_weights, roles, paths, base, stats)
+    config, groups = _swap_weights(config or SwapConfig(), soup_weights, roles, paths, base, stats, device, threads)
     members = {role: list(c.specs.values()) for role, c in inputs.items()}
     plan = build_swap_plan(members[roles[TASK][0]], members[roles[LANGUAGE][0]], num_layers, config,
                            normalize_dtype(dtype) if dtype else None, members=members, groups=groups)
@@ -272,7 +275,8 @@ def merge(
     write = WriteOptions(shard_size, threads, device, force, dry_run, link, max_gpu_bytes, blender, progress, sync,
                          checksum)
     with ExitStack() as stack:
-        plan, inputs = _plan_swap(stack, task_expert, language_expert, config, dtype, soup_weights, base, stats)
+        plan, inputs = _plan_swap(stack, task_expert, language_expert, config, dtype, soup_weights, base, stats,
+                                  device, threads)
         options = {"task_expert": [str(p) for p in _as_list(task_expert)],
                    "language_expert": [str(p) for p in _as_list(language_expert)],
                    "bottom": config.bottom, "top": config.top, "lower_transition": config.lower_transition,
@@ -300,7 +304,7 @@ def soup(models: Sequence[PathLike], out: PathLike, *, weights: str | Sequence[f
     if weights == "uniform":
         raw = [1.0] * len(models)
     elif weights == "magnitude":
-        raw = _magnitude(base, models, stats)
+        raw = _magnitude(base, models, stats, write.get("device", "auto"), write.get("threads"))
     elif isinstance(weights, str):
         raise ConfigError(f"weights must be uniform, magnitude or numbers, got {weights!r}")
     else:

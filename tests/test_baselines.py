@@ -83,6 +83,29 @@ def test_magnitude_needs_a_base(family, tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("merge_kind", ["soup", "swap"])
+def test_magnitude_analysis_runs_on_the_merges_device_and_threads(family, tmp_path: Path, monkeypatch,
+                                                                  merge_kind: str) -> None:
+    """``--device cpu`` (or a thread count) given to a merge also holds for the row-MAV analysis
+    its magnitude weights need: a GPU must not be picked for it behind the user's back."""
+    import layerswap_fast.analysis as analysis
+    seen = []
+    real_analyze = analysis.analyze
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("device"), kwargs.get("threads")))
+        return real_analyze(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "analyze", spy)
+    if merge_kind == "soup":
+        ls.soup([family["task"], family["language"]], tmp_path / "out", weights="magnitude", base=family["base"],
+                device="cpu", threads=1)
+    else:
+        ls.merge(family["task"], family["language"], tmp_path / "out", ls.SwapConfig(transition_weights="magnitude"),
+                 base=family["base"], device="cpu", threads=1)
+    assert seen == [("cpu", 1)]
+
+
 def layer_of(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[2]) if parts[:2] == ["model", "layers"] else None
