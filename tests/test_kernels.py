@@ -351,15 +351,16 @@ def test_row_mav_strided_rows():
 
 @pytest.mark.parametrize("k", [1, 2, 3, MAX_EXPERTS + 1])
 @pytest.mark.parametrize("shape", [(1, 4097), (37, 129), (1000,), (1, 1)], ids=str)
-def test_row_mav_many_matches_row_mav(k, shape):
+def test_row_mav_many_matches_the_reference_and_one_expert_at_a_time(k, shape):
     base = rand(shape, torch.bfloat16, 0)
     experts = [rand(shape, DTYPES[i % 3], 10 + i) for i in range(k)]
     got = row_mav_many(experts, base)
     rows = 1 if len(shape) == 1 else shape[0]
     assert got.shape == (k, rows) and got.dtype == torch.float32
     for i, e in enumerate(experts):
-        assert_rel(got[i], row_mav(e, base))
         assert_rel(got[i], row_mav_ref(e, base))
+        if k > 1:  # an expert's rows do not depend on the others in its launch
+            assert torch.equal(got[i], row_mav(e, base))
 
 
 def test_row_mav_many_segments_and_special_values():
