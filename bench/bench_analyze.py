@@ -22,49 +22,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_WORKDIR, ensure_trio, find_cli, load_synthetic, machine_info, trio_dirname  # noqa: E402
-
-
-@dataclass
-class Run:
-    seconds: float
-    cpu_s: float  # user + sys of the child (wait4)
-    peak_rss_mb: float
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run(cmd: list[str], *, capture: bool) -> Run:
-    """Run ``cmd`` (stdout to /dev/null unless ``capture``); wall seconds, CPU seconds and peak RSS
-    from ``wait4`` (ru_maxrss is KiB on Linux)."""
-    with open(os.devnull, "rb") as stdin, open(os.devnull, "wb") as null, \
-            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=stdin, stdout=out if capture else null, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
-        out.seek(0)
-        err.seek(0)
-        return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024 / 1e6,
-                   os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
-                   err.read().decode(errors="replace"))
+from common import (DEFAULT_WORKDIR, Timed, ensure_trio, find_cli, load_synthetic, machine_info,  # noqa: E402
+                    run_timed, trio_dirname)
 
 
 def analyze_command() -> list[str]:
-    """``layerswap-fast analyze`` once it is registered in the CLI group, else the module."""
     cli = find_cli()
-    if cli is not None:
-        probe = subprocess.run([cli, "analyze", "--help"], capture_output=True)
-        if probe.returncode == 0:
-            return [cli, "analyze"]
-    return [sys.executable, "-m", "layerswap_fast.cli_analysis", "analyze"]
+    return [cli, "analyze"] if cli else [sys.executable, "-m", "layerswap_fast.cli", "analyze"]
 
 
 def shard_files(model: Path) -> list[Path]:
@@ -98,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
 
-    rows: list[tuple[str, Run, float | None]] = []
+    rows: list[tuple[str, Timed, float | None]] = []
     try:
         def cold() -> None:
             if args.cold:
@@ -107,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
 
         for i in range(args.runs):
             cold()
-            c = run(["cat", *map(str, files)], capture=False)
+            c = run_timed(["cat", *map(str, files)], capture=False)
             if c.returncode != 0:
                 raise SystemExit(f"cat failed: {c.stderr}")
             rows.append(("cat", c, None))
             cold()
-            a = run(cmd, capture=True)
+            a = run_timed(cmd)
             if a.returncode != 0:
                 raise SystemExit(f"analyze failed ({a.returncode}): {a.stderr or a.stdout}")
             m = re.search(r"read in ([0-9.]+) s", a.stdout)
@@ -150,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "cat_gb_s": round(nbytes / med["cat"] / 1e9, 3), "analyze_gb_s": round(nbytes / med["analyze"] / 1e9, 3),
         "ratio": round(ratio, 3), "analyze_peak_rss_mb": round(rss["analyze"], 1),
         "cat_cpu_s": round(cpu["cat"], 3), "analyze_cpu_s": round(cpu["analyze"], 3), "loadavg_1m": round(load, 2),
-        "command": " ".join(cmd[:2]) if base_cmd[0] != sys.executable else "python -m layerswap_fast.cli_analysis",
+        "command": " ".join(base_cmd),
         "machine": machine_info(trio_dir),
     }
     print(json.dumps(summary))

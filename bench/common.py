@@ -159,24 +159,27 @@ class Timed:
     returncode: int
     stdout: str
     stderr: str
+    cpu_s: float  # user + sys of the child
 
 
-def run_timed(cmd: list[str], cwd: Path | None = None) -> Timed:
-    """Run ``cmd``; wall seconds and the child's peak RSS (``wait4``; ru_maxrss is KiB on Linux).
+def run_timed(cmd: list[str], cwd: Path | None = None, capture: bool = True) -> Timed:
+    """Run ``cmd``; wall seconds, CPU seconds and the child's peak RSS (``wait4``; ru_maxrss is KiB
+    on Linux). ``capture=False`` sends stdout to /dev/null (for ``cat`` of gigabytes).
 
     The RSS is never below this process's own peak at the time of the call (see the note at the
     top): measure ``["true"]`` to know that floor."""
-    with open(os.devnull, "rb") as stdin, \
+    with open(os.devnull, "rb") as stdin, open(os.devnull, "wb") as null, \
             _tempfile() as out, _tempfile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=stdin, stdout=out, stderr=err, cwd=cwd)
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=out if capture else null, stderr=err, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         return Timed(seconds, usage.ru_maxrss * 1024 / 1e6, proc.returncode,
-                     out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+                     out.read().decode(errors="replace"), err.read().decode(errors="replace"),
+                     usage.ru_utime + usage.ru_stime)
 
 
 def _tempfile():

@@ -110,10 +110,3 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
             click.echo(f"  {line}")
         click.echo(s.command("merged"))
 
-
-if __name__ == "__main__":  # python -m layerswap_fast.cli_analysis analyze ... (before it is registered)
-    from .cli import main
-
-    if "analyze" not in main.commands:
-        main.add_command(analyze)
-    main()
