@@ -1,8 +1,12 @@
-"""Test helpers: tiny real Llama checkpoints made with transformers, and a torch reference reader."""
+"""Test helpers: tiny real Llama checkpoints made with transformers, a torch reference reader,
+files written by hand, and plain-torch references written from the definitions (never computed
+through the package's own kernels or its C++ core)."""
 
 from __future__ import annotations
 
 import json
+import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +63,7 @@ def assert_same_shards(a: Path, *others: Path) -> None:
 
 
 def raw_bytes(t: torch.Tensor) -> bytes:
+    """The tensor's bytes in memory order (as safetensors stores them)."""
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
@@ -85,9 +90,13 @@ def from_raw(buf, dtype: str) -> torch.Tensor:
 
 
 def assert_same(got: torch.Tensor, ref: torch.Tensor, what: object = None) -> None:
-    """Bit-identical except that NaN only has to be NaN (torch's NaN encodings vary by path)."""
+    """Same dtype, same shape and bit-identical, except that NaN only has to be NaN (torch's NaN
+    encodings vary by path: its vectorised float32 -> bf16 cast writes 0xFFFF, its scalar one and
+    the package 0x7FC0). Tensors of any shape, on any device."""
     where = f"{what}: " if what is not None else ""
-    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert got.dtype == ref.dtype and got.shape == ref.shape, \
+        f"{where}got {got.dtype} {tuple(got.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+    got, ref = got.detach().cpu().contiguous().reshape(-1), ref.detach().cpu().contiguous().reshape(-1)
     gn, rn = torch.isnan(got.float()), torch.isnan(ref.float())
     assert torch.equal(gn, rn), f"{where}NaN positions differ at {torch.nonzero(gn != rn)[:5].tolist()}"
     g, r = got.view(INT_VIEW[got.dtype]), ref.view(INT_VIEW[ref.dtype])
@@ -103,3 +112,108 @@ def one_line(e: BaseException) -> str:
     s = str(e)
     assert "\n" not in s and s
     return s
+
+
+def write_at_offsets(path: Path, tensors: list[torch.Tensor], *, prefix: bytes = b"\x01" * 7,
+                     gap: bytes = b"\x02" * 5) -> list[int]:
+    """Write ``prefix``, then each tensor's raw bytes followed by ``gap``, to ``path`` (so tensors
+    sit at nonzero, odd offsets and reading past a tensor's end would show); return the tensors'
+    absolute offsets."""
+    offsets, data = [], bytearray(prefix)
+    for t in tensors:
+        offsets.append(len(data))
+        data += raw_bytes(t) + gap
+    Path(path).write_bytes(bytes(data))
+    return offsets
+
+
+def write_safetensors_raw(path: Path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> Path:
+    """A safetensors file written by hand: the 8-byte little-endian header length (``length``, or
+    the header's true length), the header (a dict as JSON, or given bytes), then ``data``."""
+    raw_header = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(raw_header) if length is None else length
+    Path(path).write_bytes(struct.pack("<Q", n) + raw_header + data)
+    return Path(path)
+
+
+def run_in_threads(target, arg_tuples) -> None:
+    """Call ``target(*args)`` for every tuple of ``arg_tuples``, each in its own thread, all
+    started before any is joined; return once all have finished."""
+    threads = [threading.Thread(target=target, args=args) for args in arg_tuples]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+# ---- plain-torch references, from the definitions ------------------------------------------------
+
+def blend_ref(xs: list[torch.Tensor], ws: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """The blend: each weight rounded to float32, the float32 products ``w_i * x_i.float()`` added
+    in input order from the first one (no fused multiply-add), the sum rounded into ``dtype``."""
+    w32 = [float(np.float32(w)) for w in ws]
+    acc = w32[0] * xs[0].float()
+    for w, x in zip(w32[1:], xs[1:]):
+        acc = acc + w * x.float()
+    return acc.to(dtype)
+
+
+def row_mav_ref(e: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row MAVs in float64: per row, the mean of ``|e - b|``. A tensor of two or more dimensions
+    has ``shape[0]`` rows (the other dimensions flattened into each row), a vector one row."""
+    assert e.shape == b.shape, (e.shape, b.shape)
+    rows = e.shape[0] if e.dim() >= 2 else 1
+    return (e.double() - b.double()).abs().reshape(rows, -1).mean(1)
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer of a ``model.layers.<i>....`` tensor; None for every other tensor."""
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
+
+
+def expected_weights(layer: int | None, num_layers: int, bottom: int = 5, top: int = 2, lt: int = 1, ut: int = 1,
+                     ramp: bool = False, non_layer: str = "average") -> tuple[float, float]:
+    """(task weight, language weight) of a layer swap, written from the paper's rule, independently
+    of the planner: the bottom and top layers from the language expert, the middle from the task
+    expert, transition layers between them 0.5/0.5 (or a ramp), non-layer tensors by ``non_layer``."""
+    if layer is None:
+        return {"average": (0.5, 0.5), "task": (1.0, 0.0), "language": (0.0, 1.0)}[non_layer]
+    if layer < bottom or layer >= num_layers - top:
+        return 0.0, 1.0
+    if layer < bottom + lt:
+        j, n = layer - bottom + 1, lt
+    elif layer >= num_layers - top - ut:
+        j, n = num_layers - top - layer, ut
+    else:
+        return 1.0, 0.0
+    return (j / (n + 1), 1 - j / (n + 1)) if ramp else (0.5, 0.5)
+
+
+def swap_ref(task: torch.Tensor, lang: torch.Tensor, w_t: float, w_l: float, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of a layer swap: a tensor taken whole from one expert in its own dtype is that
+    expert's tensor; otherwise ``blend_ref`` of the experts whose weight is not zero (a zero-weight
+    term is left out, not added as ``0 * x``: that would turn -0.0 into 0.0 and inf into NaN)."""
+    if w_l == 0.0 and task.dtype == dtype:
+        return task
+    if w_t == 0.0 and lang.dtype == dtype:
+        return lang
+    if w_l == 0.0:
+        return blend_ref([task], [w_t], dtype)
+    if w_t == 0.0:
+        return blend_ref([lang], [w_l], dtype)
+    return blend_ref([task, lang], [w_t, w_l], dtype)
+
+
+def assert_merged(out: Path, trio: dict[str, Path], dtype: torch.dtype | None = None, **rule) -> None:
+    """Every tensor of the merged checkpoint ``out`` has the dtype and the bytes of ``swap_ref``
+    under ``expected_weights(..., **rule)``, for the experts ``trio["task"]`` and
+    ``trio["language"]`` (the layer count read from the task expert's tensor names)."""
+    task, lang, merged = load_tensors(trio["task"]), load_tensors(trio["language"]), load_tensors(out)
+    assert set(merged) == set(task)
+    num_layers = 1 + max(layer for layer in map(layer_of, task) if layer is not None)
+    for name, t in task.items():
+        w_t, w_l = expected_weights(layer_of(name), num_layers, **rule)
+        want = swap_ref(t, lang[name], w_t, w_l, dtype or t.dtype)
+        assert merged[name].dtype == want.dtype, name
+        assert raw_bytes(merged[name]) == raw_bytes(want), name

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 import layerswap_fast as ls
 import layerswap_fast._core
 from layerswap_fast.cli import main
-from support import assert_same_shards, load_tensors, make_llama_trio, raw_bytes, snapshot
+from support import (assert_same_shards, blend_ref, layer_of, load_tensors, make_llama_trio, raw_bytes,
+                     row_mav_ref, snapshot)
 
 L = 12
 ROLES = ("base", "task", "language", "task2", "language2")
@@ -38,29 +39,17 @@ def assert_all(out: Path, expected: dict[str, torch.Tensor]) -> None:
         assert merged[name].dtype == want.dtype and raw_bytes(merged[name]) == raw_bytes(want), name
 
 
-def weighted(xs: list[torch.Tensor], ws: list[float], dtype: torch.dtype) -> torch.Tensor:
-    acc = ws[0] * xs[0].float()
-    for w, x in zip(ws[1:], xs[1:]):
-        acc = acc + w * x.float()
-    return acc.to(dtype)
-
-
 @pytest.mark.parametrize("weights, expect", [("uniform", [1 / 3] * 3), ([1.0, 2.0, 1.0], [0.25, 0.5, 0.25])])
 def test_soup(family, tensors, tmp_path: Path, weights, expect) -> None:
     models = ["task", "language", "task2"]
     ls.soup([family[m] for m in models], tmp_path / "out", weights=weights)
-    assert_all(tmp_path / "out", {n: weighted([tensors[m][n] for m in models], expect, t.dtype)
+    assert_all(tmp_path / "out", {n: blend_ref([tensors[m][n] for m in models], expect, t.dtype)
                                   for n, t in tensors["task"].items()})
 
 
 def average_mav(expert: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
     """The paper's average MAV: the mean of row MAVs over all rows of all parameters."""
-    total, rows = 0.0, 0
-    for name, e in expert.items():
-        d = (e.double() - base[name].double()).abs().reshape(e.shape[0] if e.dim() > 1 else 1, -1)
-        total += d.mean(1).sum().item()
-        rows += d.shape[0]
-    return total / rows
+    return torch.cat([row_mav_ref(e, base[name]) for name, e in expert.items()]).mean().item()
 
 
 def test_magnitude_soup(family, tensors, tmp_path: Path) -> None:
@@ -70,7 +59,7 @@ def test_magnitude_soup(family, tensors, tmp_path: Path) -> None:
     expect = [w / sum(inv) for w in inv]
     assert result.plan.config.weights == pytest.approx(expect, rel=1e-5)
     used = list(result.plan.config.weights)
-    assert_all(tmp_path / "out", {n: weighted([tensors[m][n] for m in models], used, t.dtype)
+    assert_all(tmp_path / "out", {n: blend_ref([tensors[m][n] for m in models], used, t.dtype)
                                   for n, t in tensors["task"].items()})
 
 
@@ -106,11 +95,6 @@ def test_magnitude_analysis_runs_on_the_merges_device_and_threads(family, tmp_pa
     assert seen == [("cpu", 1)]
 
 
-def layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
-
-
 def test_soup_then_swap_in_one_pass(family, tensors, tmp_path: Path) -> None:
     """Two task and two language experts: each group souped 0.5/0.5, then swapped (Table 6)."""
     ls.merge([family["task"], family["task2"]], [family["language"], family["language2"]], tmp_path / "out")
@@ -119,11 +103,11 @@ def test_soup_then_swap_in_one_pass(family, tensors, tmp_path: Path) -> None:
         layer = layer_of(name)
         xs = [tensors[r][name] for r in ("task", "task2", "language", "language2")]
         if layer is not None and (layer < 5 or layer >= L - 2):
-            expected[name] = weighted(xs[2:], [0.5, 0.5], t.dtype)
+            expected[name] = blend_ref(xs[2:], [0.5, 0.5], t.dtype)
         elif layer is not None and 5 < layer < L - 3:
-            expected[name] = weighted(xs[:2], [0.5, 0.5], t.dtype)
+            expected[name] = blend_ref(xs[:2], [0.5, 0.5], t.dtype)
         else:  # transition layers and non-layer tensors: both soups, 0.5 each
-            expected[name] = weighted(xs, [0.25] * 4, t.dtype)
+            expected[name] = blend_ref(xs, [0.25] * 4, t.dtype)
     assert_all(tmp_path / "out", expected)
     recipe = json.loads((tmp_path / "out" / "layerswap_recipe.json").read_text())
     assert set(recipe["inputs"]) == {"task.0", "task.1", "language.0", "language.1"}
@@ -138,7 +122,7 @@ def test_magnitude_transitions_use_the_experts_average_mavs(family, tensors, tmp
     assert got == pytest.approx((w_t, w_l), rel=1e-5)
     for name, t in tensors["task"].items():
         if layer_of(name) in (5, L - 3) or layer_of(name) is None:
-            want = weighted([t, tensors["language"][name]], list(got), t.dtype)
+            want = blend_ref([t, tensors["language"][name]], list(got), t.dtype)
             assert raw_bytes(load_tensors(tmp_path / "out")[name]) == raw_bytes(want), name
 
 
@@ -149,7 +133,7 @@ def test_task_arithmetic(family, tensors, tmp_path: Path) -> None:
     for name, b in tensors["base"].items():
         xs = [tensors[m][name] for m in models]
         # exactly the blend form, in its order (experts, then base) ...
-        linear = weighted(xs + [b], [lam] * 3 + [1 - 3 * lam], b.dtype)
+        linear = blend_ref(xs + [b], [lam] * 3 + [1 - 3 * lam], b.dtype)
         assert raw_bytes(merged[name]) == raw_bytes(linear), name
         # ... and within 1 ulp of the definition's order: base + λ·Σ(expertᵢ − base)
         definition = (b.float() + lam * sum((x.float() - b.float() for x in xs), torch.zeros_like(b.float()))).to(b.dtype)
@@ -239,10 +223,6 @@ def graded(tmp_path: Path) -> dict[str, Path]:
             "model": write_model(tmp_path / "m", {"model.layers.0.w.weight": model, "model.layers.0.norm.weight": norm_m}, 1)}
 
 
-def row_mav(e: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (e.double() - b.double()).abs().reshape(e.shape[0] if e.dim() > 1 else 1, -1).mean(1)
-
-
 @pytest.mark.parametrize("kw, reverted_rows", [
     ({"row_threshold": 0.035}, {0, 1, 2, 3, 5}),      # MAVs ~ .01,.02,.03,0,.05,0,.07,.08
     ({"row_fraction": 0.25}, {3, 5}),                 # floor(0.25 × 8) = 2 least changed
@@ -251,7 +231,7 @@ def row_mav(e: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_revert_rows(graded, tmp_path: Path, kw: dict, reverted_rows: set[int]) -> None:
     ls.revert(graded["base"], graded["model"], tmp_path / "out", **kw)
     b, m = load_tensors(graded["base"]), load_tensors(graded["model"])
-    mav = row_mav(m["model.layers.0.w.weight"], b["model.layers.0.w.weight"])
+    mav = row_mav_ref(m["model.layers.0.w.weight"], b["model.layers.0.w.weight"])
     if "row_threshold" in kw:
         assert {i for i, v in enumerate(mav.tolist()) if v < kw["row_threshold"]} == reverted_rows
     want = m["model.layers.0.w.weight"].clone()
@@ -259,7 +239,8 @@ def test_revert_rows(graded, tmp_path: Path, kw: dict, reverted_rows: set[int]) 
         want[i] = b["model.layers.0.w.weight"][i]
     out = load_tensors(tmp_path / "out")
     assert raw_bytes(out["model.layers.0.w.weight"]) == raw_bytes(want)
-    norm_reverted = "row_threshold" in kw and row_mav(m["model.layers.0.norm.weight"], b["model.layers.0.norm.weight"])[0] < kw["row_threshold"]
+    norm_reverted = ("row_threshold" in kw and
+                     row_mav_ref(m["model.layers.0.norm.weight"], b["model.layers.0.norm.weight"])[0] < kw["row_threshold"])
     assert raw_bytes(out["model.layers.0.norm.weight"]) == raw_bytes(
         b["model.layers.0.norm.weight"] if norm_reverted else m["model.layers.0.norm.weight"])
 

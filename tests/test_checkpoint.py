@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,7 @@ from safetensors.torch import save_file
 
 from layerswap_fast import CheckpointError, open_checkpoint
 from layerswap_fast.checkpoint import parse_header
-from support import load_tensors, raw_bytes
-
-
-def write_raw(path: Path, header: dict | bytes, data: bytes) -> Path:
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-    return path
+from support import load_tensors, raw_bytes, write_safetensors_raw
 
 
 def two_tensors(tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +69,7 @@ GOOD = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     (b'{"\xff": 1}', b"", "not valid UTF-8"),
 ])
 def test_malformed_headers_are_rejected(tmp_path: Path, header: dict | bytes, data: bytes, message: str) -> None:
-    path = write_raw(tmp_path / "model.safetensors", header, data)
+    path = write_safetensors_raw(tmp_path / "model.safetensors", header, data)
     before = path.read_bytes()
     with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
         open_checkpoint(tmp_path)
@@ -143,6 +136,6 @@ def test_missing_and_empty_checkpoints(tmp_path: Path) -> None:
 
 
 def test_header_length_beyond_the_file(tmp_path: Path) -> None:
-    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
+    write_safetensors_raw(tmp_path / "model.safetensors", b"{}", length=1000)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         open_checkpoint(tmp_path)

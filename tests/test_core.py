@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import struct
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,8 @@ import pytest
 import torch
 
 from layerswap_fast import _core as core
-from support import TORCH, assert_same, from_raw, one_line, raw
+from support import (TORCH, assert_same, blend_ref, from_raw, one_line, raw, row_mav_ref, run_in_threads,
+                     write_at_offsets)
 
 CoreError = core.CoreError
 
@@ -50,13 +50,6 @@ def make_tensor(dtype: str, n: int, gen: torch.Generator, scale: float = 1.0) ->
         idx = torch.randperm(n, generator=gen)[:k]
         t[idx] = special[:k]
     return t
-
-
-def torch_blend(inputs: list[torch.Tensor], weights: list[float], out_dtype: str) -> torch.Tensor:
-    acc = weights[0] * inputs[0].float()
-    for w, x in zip(weights[1:], inputs[1:]):
-        acc = acc + w * x.float()
-    return acc.to(TORCH[out_dtype])
 
 
 def core_blend(inputs, in_dtypes, weights, out_dtype, threads=0):
@@ -120,7 +113,7 @@ def test_blend_buffers_matches_torch(n, in_dtype, out_dtype, gen):
     for weights, k in cases:
         inputs = [make_tensor(in_dtype, n, gen, scale=s) for s in (1.0, 3.0, 1e3)[:k]]
         got = core_blend(inputs, [in_dtype] * k, weights, out_dtype)
-        assert_same(got, torch_blend(inputs, weights, out_dtype))
+        assert_same(got, blend_ref(inputs, weights, TORCH[out_dtype]))
 
 
 @pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
@@ -132,7 +125,7 @@ def test_blend_buffers_mixed_dtypes(out_dtype, n, gen):
         ins = [inputs[i] for i in order]
         ws = [0.25, 1 / 3, 0.4][: len(order)]
         got = core_blend(ins, [dts[i] for i in order], ws, out_dtype)
-        assert_same(got, torch_blend(ins, ws, out_dtype))
+        assert_same(got, blend_ref(ins, ws, TORCH[out_dtype]))
 
 
 def test_blend_order_and_no_fma():
@@ -148,7 +141,7 @@ def test_blend_order_and_no_fma():
     y = torch.tensor([-1.0], dtype=torch.float32)
     w = 1.0 + 2.0 ** -12
     got = core_blend([x, y], ["F32", "F32"], [w, 1.0], "F32")
-    assert_same(got, torch_blend([x, y], [w, 1.0], "F32"))
+    assert_same(got, blend_ref([x, y], [w, 1.0], torch.float32))
     assert got.item() == np.float32(np.float32(w) * np.float32(x.item())) - 1.0
 
 
@@ -217,7 +210,7 @@ def test_blend_buffers_threads_identical(threads, gen):
 def test_blend_buffers_accepts_buffer_kinds(gen):
     a = make_tensor("BF16", 100, gen)
     b = make_tensor("BF16", 100, gen)
-    ref = torch_blend([a, b], [0.5, 0.5], "BF16")
+    ref = blend_ref([a, b], [0.5, 0.5], torch.bfloat16)
     out = bytearray(200)
     core.blend_buffers([raw(a).tobytes(), memoryview(raw(b))], ["BF16", "BF16"], (0.5, 0.5), out, "BF16")
     assert_same(from_raw(np.frombuffer(out, np.uint8), "BF16"), ref)
@@ -269,8 +262,8 @@ def test_blend_buffers_errors(gen):
 # ---- row MAV -------------------------------------------------------------------------------------
 
 def torch_mav(experts: list[torch.Tensor], base: torch.Tensor, rows: int, cols: int) -> np.ndarray:
-    b = base.reshape(rows, cols).double()
-    return np.stack([(e.reshape(rows, cols).double() - b).abs().mean(1).numpy() for e in experts])
+    """row_mav_ref of each flat expert against the flat base, both seen as rows x cols."""
+    return np.stack([row_mav_ref(e.reshape(rows, cols), base.reshape(rows, cols)).numpy() for e in experts])
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 4097), (3, 5), (7, 64), (130, 300), (2, 70_000)])
@@ -320,12 +313,8 @@ def test_row_mav_file_independent_of_chunks_and_threads(tmp_path, shape, gen):
     ref = core.row_mav_buffers([raw(e) for e in experts], dts, raw(base), "BF16", rows, cols)
     np.testing.assert_allclose(ref, torch_mav(experts, base, rows, cols), rtol=1e-6, atol=0)
     # base and experts in one file at odd offsets, like tensors in a shard
-    blobs = [raw(base).tobytes(), raw(experts[0]).tobytes(), raw(experts[1]).tobytes()]
-    offsets, data = [], b"x" * 13
-    for blob in blobs:
-        offsets.append(len(data))
-        data += blob + b"yy"
-    path = write_file(tmp_path / "in.bin", data)
+    path = tmp_path / "in.bin"
+    offsets = write_at_offsets(path, [base, *experts], prefix=b"x" * 13, gap=b"yy")
     with core.InputFile(str(path)) as f:
         for chunk in (1, 63, 64, 100, 301, 4096, 1 << 20):
             for threads in (1, 2, 3):
@@ -376,11 +365,8 @@ def test_row_mav_errors(tmp_path, gen):
 
 def _blend_file_setup(tmp_path, gen, n, dts):
     inputs = [make_tensor(d, n, gen, scale=2.0) for d in dts]
-    offsets, data = [], b"\x01" * 7
-    for t in inputs:
-        offsets.append(len(data))
-        data += raw(t).tobytes() + b"\x02" * 5
-    return inputs, offsets, write_file(tmp_path / "in.bin", data)
+    path = tmp_path / "in.bin"
+    return inputs, write_at_offsets(path, inputs), path
 
 
 @pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
@@ -390,7 +376,7 @@ def test_blend_file_equals_blend_buffers(tmp_path, gen, out_dtype):
     n = 50_003
     inputs, offsets, path = _blend_file_setup(tmp_path, gen, n, dts)
     ref = core_blend(inputs, dts, weights, out_dtype)
-    assert_same(ref, torch_blend(inputs, weights, out_dtype))
+    assert_same(ref, blend_ref(inputs, weights, TORCH[out_dtype]))
     osz = SIZE[out_dtype]
     out_offset = 11
     with core.InputFile(str(path)) as f:
@@ -746,11 +732,6 @@ def test_gil_released_during_blend(gen):
     a, b = make_tensor("BF16", n, gen), make_tensor("BF16", n, gen)
     ref = core_blend([a, b], ["BF16", "BF16"], [0.5, 0.5], "BF16", threads=1)
     outs = [np.zeros(2 * n, np.uint8) for _ in range(4)]
-    ts = [threading.Thread(target=core.blend_buffers,
-                           args=([raw(a), raw(b)], ["BF16", "BF16"], [0.5, 0.5], o, "BF16", 1)) for o in outs]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    run_in_threads(core.blend_buffers, [([raw(a), raw(b)], ["BF16", "BF16"], [0.5, 0.5], o, "BF16", 1) for o in outs])
     for o in outs:
         assert o.tobytes() == raw(ref).tobytes()

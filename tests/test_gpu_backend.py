@@ -17,26 +17,17 @@ pytest.importorskip("triton")
 core = pytest.importorskip("layerswap_fast._core", reason="C++ extension layerswap_fast._core not built yet")
 
 from layerswap_fast.gpu import CudaBlender, cuda_available  # noqa: E402
+from support import TORCH, assert_same, blend_ref, row_mav_ref, write_at_offsets  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
 
-TORCH_DTYPE = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-INT_OF = {2: torch.int16, 4: torch.int32}
-
 
 def write_inputs(path, tensors, prefix=77):
-    """Write ``prefix`` junk bytes then the tensors back to back; return their absolute offsets."""
-    offsets = []
-    with open(path, "wb") as f:
-        f.write(bytes(range(prefix)))
-        for t in tensors:
-            offsets.append(f.tell())
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-            f.write(b"\xAB" * 5)  # a gap, so reading past a tensor's end would show
-    return offsets
+    """``write_at_offsets`` with ``prefix`` junk bytes 0, 1, 2, ... and 0xAB gaps."""
+    return write_at_offsets(path, tensors, prefix=bytes(range(prefix)), gap=b"\xAB" * 5)
 
 
 def rand(n, dtype, seed):
@@ -45,24 +36,6 @@ def rand(n, dtype, seed):
     specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40])
     t[:4] = specials[:n]
     return t.to(dtype)
-
-
-def blend_ref(xs, ws, dtype):
-    w32 = [float(np.float32(w)) for w in ws]
-    acc = w32[0] * xs[0].float()
-    for w, x in zip(w32[1:], xs[1:]):
-        acc = acc + w * x.float()
-    return acc.to(dtype)
-
-
-def assert_same_bytes(got, ref):
-    """Byte-identical except that NaN matches NaN (torch's vectorised bf16 cast writes 0xFFFF)."""
-    gn, rn = torch.isnan(got.float()), torch.isnan(ref.float())
-    assert torch.equal(gn, rn), "NaN positions differ"
-    ib = INT_OF[got.element_size()]
-    gb, rb = got.view(ib), ref.view(ib)
-    bad = (gb != rb) & ~gn
-    assert not bad.any(), f"{int(bad.sum())} of {got.numel()} elements differ, first at {int(bad.nonzero()[0])}"
 
 
 def read_back(path, offset, n, dtype):
@@ -101,7 +74,7 @@ BLEND_CASES = [
                          ids=[f"{'+'.join(c[0])}->{c[1]}-{c[2]}" for c in BLEND_CASES])
 def test_blend_file_matches_core_and_torch(tmp_path, make_blender, in_dtypes, out_dtype, numel, budget):
     n = len(in_dtypes)
-    xs = [rand(numel, TORCH_DTYPE[d], seed=i) for i, d in enumerate(in_dtypes)]
+    xs = [rand(numel, TORCH[d], seed=i) for i, d in enumerate(in_dtypes)]
     weights = [(0.7, 0.3, -0.45, 0.1, 1.3, 0.05)[i % 6] for i in range(n)]
     # two input files; tensors interleaved between them
     offs_a = write_inputs(tmp_path / "a.bin", xs[0::2])
@@ -110,7 +83,7 @@ def test_blend_file_matches_core_and_torch(tmp_path, make_blender, in_dtypes, ou
     inputs = []
     for i in range(n):
         inputs.append((fa, offs_a[i // 2]) if i % 2 == 0 else (fb, offs_b[i // 2]))
-    out_size = TORCH_DTYPE[out_dtype].itemsize
+    out_size = TORCH[out_dtype].itemsize
     out_offset = 24
     total = out_offset + numel * out_size + 8
 
@@ -129,10 +102,10 @@ def test_blend_file_matches_core_and_torch(tmp_path, make_blender, in_dtypes, ou
     fa.close()
     fb.close()
 
-    got = read_back(gpu_path, out_offset, numel, TORCH_DTYPE[out_dtype])
-    cpu = read_back(cpu_path, out_offset, numel, TORCH_DTYPE[out_dtype])
-    assert_same_bytes(got, cpu)
-    assert_same_bytes(got, blend_ref(xs, weights, TORCH_DTYPE[out_dtype]))
+    got = read_back(gpu_path, out_offset, numel, TORCH[out_dtype])
+    cpu = read_back(cpu_path, out_offset, numel, TORCH[out_dtype])
+    assert_same(got, cpu)
+    assert_same(got, blend_ref(xs, weights, TORCH[out_dtype]))
     raw = gpu_path.read_bytes()
     assert raw[:out_offset] == b"\0" * out_offset and raw[out_offset + numel * out_size:] == b"\0" * 8
 
@@ -148,7 +121,7 @@ def test_blend_file_chunk_elems_cap(tmp_path, make_blender):
     blender.blend_file([(f, offs[0]), (f, offs[1])], ["BF16", "BF16"], [0.5, 0.5], w, 0, "BF16", numel)
     w.close()
     f.close()
-    assert_same_bytes(read_back(tmp_path / "out", 0, numel, torch.bfloat16), blend_ref(xs, [0.5, 0.5], torch.bfloat16))
+    assert_same(read_back(tmp_path / "out", 0, numel, torch.bfloat16), blend_ref(xs, [0.5, 0.5], torch.bfloat16))
 
 
 def test_blend_file_errors_propagate_and_blender_stays_usable(tmp_path, make_blender):
@@ -167,7 +140,7 @@ def test_blend_file_errors_propagate_and_blender_stays_usable(tmp_path, make_ble
     blender.blend_file([(f, offs[0])], ["F16"], [1.0], w, 0, "F16", numel)
     w.close()
     f.close()
-    assert_same_bytes(read_back(tmp_path / "out", 0, numel, torch.float16), xs[0])
+    assert_same(read_back(tmp_path / "out", 0, numel, torch.float16), xs[0])
 
 
 ROW_CASES = [
@@ -184,8 +157,8 @@ ROW_CASES = [
                          ids=[f"{'+'.join(c[0])}-vs-{c[1]}-{c[2]}x{c[3]}" for c in ROW_CASES])
 def test_row_mav_file_matches_core_and_float64(tmp_path, make_blender, e_dtypes, b_dtype, rows, cols, budget):
     g = torch.Generator().manual_seed(rows * cols)
-    base = torch.randn(rows, cols, generator=g).to(TORCH_DTYPE[b_dtype])
-    experts = [(base.float() + 0.01 * (i + 1) * torch.randn(rows, cols, generator=g)).to(TORCH_DTYPE[d])
+    base = torch.randn(rows, cols, generator=g).to(TORCH[b_dtype])
+    experts = [(base.float() + 0.01 * (i + 1) * torch.randn(rows, cols, generator=g)).to(TORCH[d])
                for i, d in enumerate(e_dtypes)]
     offs = write_inputs(tmp_path / "in.bin", experts + [base])
     f = core.InputFile(str(tmp_path / "in.bin"))
@@ -199,7 +172,7 @@ def test_row_mav_file_matches_core_and_float64(tmp_path, make_blender, e_dtypes,
     f.close()
     assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.shape == (len(e_dtypes), rows)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
-    ref = np.stack([(e.double() - base.double()).abs().mean(-1).numpy() for e in experts])
+    ref = np.stack([row_mav_ref(e, base).numpy() for e in experts])
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)
 
 

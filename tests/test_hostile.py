@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import struct
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,14 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from layerswap_fast.cli import main
-from support import snapshot
+from support import snapshot, write_safetensors_raw
 
 GOOD = {"model.layers.0.w.weight": torch.ones(2, 2), "model.norm.weight": torch.ones(2)}
 
 
 def header_file(d: Path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> None:
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    n = len(raw) if length is None else length
-    (d / "model.safetensors").write_bytes(struct.pack("<Q", n) + raw + data)
+    """``write_safetensors_raw`` into ``d / "model.safetensors"``."""
+    write_safetensors_raw(d / "model.safetensors", header, data, length)
 
 
 def entry(dtype: str = "F32", shape: list = [2], offsets: list = [0, 8]) -> dict:  # noqa: B006

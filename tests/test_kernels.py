@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from layerswap_fast.kernels import MAX_EXPERTS, MAX_INPUTS, blend, row_mav, row_mav_many  # noqa: E402
+from support import assert_same, blend_ref, row_mav_ref  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -32,23 +33,6 @@ SHAPES = [(1, 1), (1, 4097), (3, 5), (37, 129), (1000,)]
 WEIGHTS = [0.3, -0.7, 1.1, 0.25, 0.1, -2.0, 0.6, 0.05, 1.0, -0.33, 0.9, 0.125]
 
 
-# ----------------------------------------------------------------------------- references
-
-def blend_ref(xs, ws, dtype):
-    """The contract in plain torch: float32 products, added in order, rounded into dtype."""
-    w32 = [float(np.float32(w)) for w in ws]
-    acc = w32[0] * xs[0].float()
-    for w, x in zip(w32[1:], xs[1:]):
-        acc = acc + w * x.float()
-    return acc.to(dtype)
-
-
-def row_mav_ref(e, b):
-    e2 = e.reshape(1, -1) if e.dim() == 1 else e
-    b2 = b.reshape(1, -1) if b.dim() == 1 else b
-    return (e2.double() - b2.double()).abs().mean(-1)
-
-
 # ----------------------------------------------------------------------------- helpers
 
 def rand(shape, dtype, seed, scale=1.0):
@@ -58,19 +42,6 @@ def rand(shape, dtype, seed, scale=1.0):
 
 def bits(t):
     return t.contiguous().view(INT_OF[t.element_size()]).cpu()
-
-
-def assert_same_bytes(got, ref):
-    """Byte-identical, except that any NaN matches any NaN (see the module docstring)."""
-    assert got.dtype == ref.dtype and got.shape == ref.shape
-    gn, rn = torch.isnan(got.float()).cpu(), torch.isnan(ref.float()).cpu()
-    assert torch.equal(gn, rn), "NaN positions differ"
-    gb, rb = bits(got), bits(ref)
-    diff = (gb != rb) & ~gn
-    if diff.any():
-        i = int(diff.reshape(-1).nonzero()[0])
-        pytest.fail(f"{int(diff.sum())} elements differ, first at {i}: "
-                    f"got {int(gb.reshape(-1)[i]) & 0xFFFFFFFF:#x}, want {int(rb.reshape(-1)[i]) & 0xFFFFFFFF:#x}")
 
 
 def assert_nan_bits(t):
@@ -115,7 +86,7 @@ def test_blend_matches_reference(shape, dtype, n):
     ws = WEIGHTS[:n]
     out = torch.empty(shape, dtype=dtype, device=DEVICE)
     assert blend(xs, ws, out) is out
-    assert_same_bytes(out, blend_ref(xs, ws, dtype))
+    assert_same(out, blend_ref(xs, ws, dtype))
 
 
 @pytest.mark.parametrize("block", [128, 256])
@@ -124,7 +95,7 @@ def test_blend_many_blocks(block):
     xs = [rand((4097,), torch.bfloat16, seed=i) for i in range(2)]
     out = torch.empty(4097, dtype=torch.bfloat16, device=DEVICE)
     blend(xs, [0.5, 0.5], out, block=block)
-    assert_same_bytes(out, blend_ref(xs, [0.5, 0.5], torch.bfloat16))
+    assert_same(out, blend_ref(xs, [0.5, 0.5], torch.bfloat16))
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=DNAME.get)
@@ -133,7 +104,7 @@ def test_blend_mixed_dtypes(out_dtype):
     ws = [0.2, 0.3, 0.5]
     out = torch.empty((3, 700), dtype=out_dtype, device=DEVICE)
     blend(xs, ws, out)
-    assert_same_bytes(out, blend_ref(xs, ws, out_dtype))
+    assert_same(out, blend_ref(xs, ws, out_dtype))
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=DNAME.get)
@@ -146,19 +117,19 @@ def test_blend_more_inputs_than_one_launch(out_dtype, n):
     ws = ws[:n]
     out = torch.empty((2, 333), dtype=out_dtype, device=DEVICE)
     blend(xs, ws, out, block=256)
-    assert_same_bytes(out, blend_ref(xs, ws, out_dtype))
+    assert_same(out, blend_ref(xs, ws, out_dtype))
 
 
 def test_blend_out_may_alias_an_input():
     a, b = rand(999, torch.float32, 1), rand(999, torch.float32, 2)
     want = blend_ref([a, b], [0.5, 0.25], torch.float32)
     blend([a, b], [0.5, 0.25], a)
-    assert_same_bytes(a, want)
+    assert_same(a, want)
     # also with more inputs than one launch (out must not double as the accumulator)
     xs = [rand(999, torch.float32, 10 + i) for i in range(MAX_INPUTS + 2)]
     want = blend_ref(xs, WEIGHTS[:len(xs)], torch.float32)
     blend(xs, WEIGHTS[:len(xs)], xs[-1])
-    assert_same_bytes(xs[-1], want)
+    assert_same(xs[-1], want)
 
 
 def test_blend_rejects_bad_arguments():
@@ -197,7 +168,7 @@ def test_blend_rounding_and_special_values(out_dtype):
     x = _f32(ROUNDING_CASES)
     out = torch.empty_like(x, dtype=out_dtype)
     blend([x], [1.0], out)
-    assert_same_bytes(out, x.to(out_dtype))
+    assert_same(out, x.to(out_dtype))
     assert_nan_bits(out)
 
 
@@ -208,7 +179,7 @@ def test_blend_random_bit_patterns(out_dtype):
     x = _f32(g.integers(0, 2**32, size=30000, dtype=np.uint64).astype(np.uint32))
     out = torch.empty_like(x, dtype=out_dtype)
     blend([x], [1.0], out)
-    assert_same_bytes(out, x.to(out_dtype))
+    assert_same(out, x.to(out_dtype))
     assert_nan_bits(out)
 
 
@@ -218,11 +189,11 @@ def test_blend_reads_every_16bit_pattern_exactly(in_dtype):
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(in_dtype).to(DEVICE)
     out = torch.empty(x.shape, dtype=torch.float32, device=DEVICE)
     blend([x], [1.0], out)
-    assert_same_bytes(out, x.float())
+    assert_same(out, x.float())
     # and back: a value read from dtype and written to it is unchanged (NaN -> canonical NaN)
     back = torch.empty_like(x)
     blend([x], [1.0], back)
-    assert_same_bytes(back, x)
+    assert_same(back, x)
     assert_nan_bits(back)
 
 
@@ -234,11 +205,11 @@ def test_blend_specials_in_arithmetic():
         xs = [a.to(dtype), b.to(dtype)]
         out = torch.empty(a.shape, dtype=dtype, device=DEVICE)
         blend(xs, [0.5, 0.5], out)
-        assert_same_bytes(out, blend_ref(xs, [0.5, 0.5], dtype))
+        assert_same(out, blend_ref(xs, [0.5, 0.5], dtype))
         assert_nan_bits(out)
         out2 = torch.empty(a.shape, dtype=dtype, device=DEVICE)
         blend(xs, [1.0, 1.0], out2)
-        assert_same_bytes(out2, blend_ref(xs, [1.0, 1.0], dtype))
+        assert_same(out2, blend_ref(xs, [1.0, 1.0], dtype))
 
 
 def test_blend_products_are_rounded_before_adding():
@@ -247,7 +218,7 @@ def test_blend_products_are_rounded_before_adding():
     ws = [0.1, 0.7, 1 / 3]
     out = torch.empty(5000, dtype=torch.float32, device=DEVICE)
     blend(xs, ws, out)
-    assert_same_bytes(out, blend_ref(xs, ws, torch.float32))
+    assert_same(out, blend_ref(xs, ws, torch.float32))
     x64 = [x.double().cpu() for x in xs]
     w32 = [float(np.float32(w)) for w in ws]
     fused = ((x64[0] * w32[0]).float().double() + x64[1] * w32[1]).float()  # one FMA
@@ -269,8 +240,8 @@ def test_blend_matches_cpp_core(out_dtype):
         cpu_out = torch.empty(n, dtype=out_dtype)
         core.blend_buffers([x.cpu().view(torch.uint8).numpy() for x in xs[:k]], [DNAME[x.dtype] for x in xs[:k]],
                            ws, cpu_out.view(torch.uint8).numpy(), DNAME[out_dtype])
-        assert_same_bytes(out.cpu(), cpu_out)
-        assert_same_bytes(out.cpu(), blend_ref(xs[:k], ws, out_dtype).cpu())
+        assert_same(out.cpu(), cpu_out)
+        assert_same(out.cpu(), blend_ref(xs[:k], ws, out_dtype).cpu())
         if out_dtype == torch.bfloat16:  # one NaN encoding (0x7FC0) on both backends: every byte equal
             assert torch.equal(bits(out), bits(cpu_out))
         elif out_dtype == torch.float16:  # NaN -> sign | 0x7E00 (the sign of a computed NaN may differ)

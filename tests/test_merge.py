@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 import layerswap_fast as ls
-from support import assert_same_shards, load_tensors, make_llama_trio, raw_bytes, snapshot
+from support import (assert_merged, assert_same_shards, expected_weights, layer_of, load_tensors,
+                     make_llama_trio, snapshot)
 
 L = 12
 
@@ -20,49 +21,6 @@ L = 12
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_llama_trio(tmp_path_factory.mktemp("trio"), num_layers=L)
-
-
-def layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
-
-
-def expected_weights(layer: int | None, bottom: int = 5, top: int = 2, lt: int = 1, ut: int = 1,
-                     ramp: bool = False, non_layer: str = "average") -> tuple[float, float]:
-    """(task weight, language weight), written from the paper's rule, independently of the planner."""
-    if layer is None:
-        return {"average": (0.5, 0.5), "task": (1.0, 0.0), "language": (0.0, 1.0)}[non_layer]
-    if layer < bottom or layer >= L - top:
-        return 0.0, 1.0
-    if layer < bottom + lt:
-        j, n = layer - bottom + 1, lt
-    elif layer >= L - top - ut:
-        j, n = L - top - layer, ut
-    else:
-        return 1.0, 0.0
-    return (j / (n + 1), 1 - j / (n + 1)) if ramp else (0.5, 0.5)
-
-
-def reference(task: torch.Tensor, lang: torch.Tensor, w_t: float, w_l: float, dtype: torch.dtype) -> torch.Tensor:
-    if w_l == 0.0 and task.dtype == dtype:
-        return task
-    if w_t == 0.0 and lang.dtype == dtype:
-        return lang
-    if w_l == 0.0:
-        return (w_t * task.float()).to(dtype)
-    if w_t == 0.0:
-        return (w_l * lang.float()).to(dtype)
-    return (w_t * task.float() + w_l * lang.float()).to(dtype)
-
-
-def assert_merged(out: Path, trio: dict[str, Path], dtype: torch.dtype | None = None, **rule) -> None:
-    task, lang, merged = load_tensors(trio["task"]), load_tensors(trio["language"]), load_tensors(out)
-    assert set(merged) == set(task)
-    for name, t in task.items():
-        w_t, w_l = expected_weights(layer_of(name), **rule)
-        want = reference(t, lang[name], w_t, w_l, dtype or t.dtype)
-        assert merged[name].dtype == want.dtype, name
-        assert raw_bytes(merged[name]) == raw_bytes(want), name
 
 
 def test_default_merge_equals_the_torch_reference(trio: dict[str, Path], tmp_path: Path) -> None:
@@ -127,7 +85,7 @@ def test_copied_tensors_keep_their_place_within_a_page(tmp_path: Path) -> None:
         [source] = trio[role].glob("*.safetensors")
         _, src = _file_offsets(source)
         for name, offset in src.items():
-            w_t, w_l = expected_weights(layer_of(name))
+            w_t, w_l = expected_weights(layer_of(name), L)
             if (w_t, w_l) == ((1.0, 0.0) if role == "task" else (0.0, 1.0)):
                 assert out[name] % 4096 == offset % 4096, name
                 copied += 1

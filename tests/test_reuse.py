@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import layerswap_fast as ls
-from support import assert_same_shards, load_tensors, make_llama_trio, raw_bytes
-from test_merge import assert_merged
+from support import assert_merged, assert_same_shards, load_tensors, make_llama_trio, raw_bytes
 
 L = 12
 

@@ -16,8 +16,8 @@ from layerswap_fast import synthetic as syn
 
 torch = pytest.importorskip("torch")
 safetensors = pytest.importorskip("safetensors")
-from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file as load_numpy  # noqa: E402
+from support import load_tensors  # noqa: E402
 
 TINY = syn.SHAPES["tiny"]
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -32,15 +32,6 @@ def trio(tmp_path_factory) -> dict[str, Path]:
 def shard_files(model: Path) -> list[Path]:
     index = json.loads((model / "model.safetensors.index.json").read_text())
     return sorted({model / f for f in index["weight_map"].values()})
-
-
-def load_torch(model: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in shard_files(model):
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                out[name] = handle.get_tensor(name)
-    return out
 
 
 def read_header(path: Path) -> tuple[int, dict]:
@@ -102,7 +93,7 @@ def test_safetensors_reads_every_tensor(trio):
     expected = dict(syn.tensor_layout(TINY))
     assert "lm_head.weight" in expected and len(expected) == 2 + 9 * TINY.num_layers + 1
     for model in trio.values():
-        tensors = load_torch(model)
+        tensors = load_tensors(model)
         assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
         assert all(t.dtype == torch.bfloat16 for t in tensors.values())
         assert all(torch.isfinite(t.float()).all() for t in tensors.values())
@@ -129,7 +120,7 @@ def test_shard_size_limit_and_values_independent_of_sharding(trio, tmp_path):
                                        for i in range(1, len(files) + 1)]
     assert all(f.stat().st_size <= 150_000 for f in files)
     assert sorted(p.name for p in paths["task"].glob("*.safetensors")) == [f.name for f in files]
-    small, big = load_torch(paths["task"]), load_torch(trio["task"])
+    small, big = load_tensors(paths["task"]), load_tensors(trio["task"])
     assert small.keys() == big.keys()
     assert all(torch.equal(small[k], big[k]) for k in big)
 
@@ -155,7 +146,7 @@ def test_deterministic_and_seeded(trio, tmp_path):
 # --- values ----------------------------------------------------------------------------------
 
 def test_base_statistics(trio):
-    base = load_torch(trio["base"])
+    base = load_tensors(trio["base"])
     emb = base["model.embed_tokens.weight"].float()
     assert abs(emb.std().item() - syn.BASE_STD) < 0.002 and abs(emb.mean().item()) < 0.002
     q = base["model.layers.3.self_attn.q_proj.weight"].float()
@@ -168,7 +159,7 @@ def test_base_statistics(trio):
 
 
 def test_delta_pattern(trio):
-    base, task, lang = (load_torch(trio[r]) for r in ("base", "task", "language"))
+    base, task, lang = (load_tensors(trio[r]) for r in ("base", "task", "language"))
     layers = TINY.num_layers
     bottom, top = syn.language_layers(layers)
     assert (list(bottom), list(top)) == ([0, 1, 2], [15])
@@ -213,7 +204,7 @@ def test_dtypes_hold_the_same_values(trio, tmp_path):
     f32 = syn.make_trio(tmp_path / "f32", "tiny", dtype="F32", with_base=False, experts=("task",))
     f16 = syn.make_trio(tmp_path / "f16", "tiny", dtype="fp16", with_base=False, experts=("task",))
     assert json.loads((f32["task"] / "config.json").read_text())["torch_dtype"] == "float32"
-    bf16 = load_torch(trio["task"])
+    bf16 = load_tensors(trio["task"])
     wide = {}
     for f in shard_files(f32["task"]):
         wide.update(load_numpy(str(f)))
@@ -269,7 +260,7 @@ def test_transformers_loads_and_runs_the_task_expert(trio):
     model, info = AutoModelForCausalLM.from_pretrained(trio["task"], dtype=torch.float32,
                                                        output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    files = load_torch(trio["task"])
+    files = load_tensors(trio["task"])
     state = model.state_dict()
     assert all(torch.equal(state[name], t.float()) for name, t in files.items())
     ids = torch.tensor([[1, 17, 42, 300, 511, 2]])

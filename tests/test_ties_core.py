@@ -4,14 +4,13 @@ ties_file) against a plain-torch reference written from the definition in _core.
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from layerswap_fast import _core as core
-from support import TORCH, assert_same, from_raw, one_line, raw
+from support import TORCH, assert_same, from_raw, one_line, raw, run_in_threads, write_at_offsets
 
 CoreError = core.CoreError
 
@@ -357,14 +356,10 @@ def test_ties_buffers_threads_identical():
 
 
 def _write_set(tmp_path, base, experts):
-    """All tensors in one file at odd offsets, with padding around them."""
-    data = b"\x01" * 7
-    offsets = []
-    for t in [base, *experts]:
-        offsets.append(len(data))
-        data += raw(t).tobytes() + b"\x02" * 5
+    """All tensors in one file at odd offsets, with padding around them: (base offset, expert
+    offsets, path)."""
     path = tmp_path / "in.bin"
-    path.write_bytes(data)
+    offsets = write_at_offsets(path, [base, *experts])
     return offsets[0], offsets[1:], path
 
 
@@ -720,12 +715,7 @@ def test_gil_released_during_ties():
     base, experts = make_set("BF16", ["BF16", "BF16"], n, gen, specials=False)
     ref = core_ties(base, "BF16", experts, ["BF16", "BF16"], n // 5, 1.0, "BF16", threads=1)
     outs = [np.zeros(2 * n, np.uint8) for _ in range(4)]
-    ts = [threading.Thread(target=core.ties_buffers,
-                           args=(raw(base), "BF16", [raw(e) for e in experts], ["BF16", "BF16"], o, "BF16",
-                                 n // 5, 1.0, 1)) for o in outs]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    run_in_threads(core.ties_buffers, [(raw(base), "BF16", [raw(e) for e in experts], ["BF16", "BF16"], o, "BF16",
+                                        n // 5, 1.0, 1) for o in outs])
     for o in outs:
         assert o.tobytes() == raw(ref).tobytes()
