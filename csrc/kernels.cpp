@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 
 #include "kernel_util.hpp"
 #include "numerics.hpp"
@@ -177,22 +176,9 @@ void blend_file_run(const std::vector<FileSlice>& in, const std::vector<DType>& 
   const size_t n = in.size();
   if (n == 0) fail("blend_file: at least one input is required");
   if (chunk_elems == 0) fail("blend_file: chunk_elems must be >= 1");
-  for (size_t i = 0; i < n; ++i)
-    check_slice(in[i], numel, in_dt[i], "blend_file: inputs[" + std::to_string(i) + "]");
-  uint64_t out_bytes;
-  if (!mul_ok(numel, dtype_size(out_dt), &out_bytes))
-    fail("blend_file: numel " + std::to_string(numel) + " overflows a 64-bit size");
-  out.check_range(out_offset, out_bytes, "blend_file: writing");
-
-  // Hold every descriptor for the whole run (close() elsewhere waits for us).
-  std::vector<std::unique_ptr<FdUse>> uses;
-  std::vector<int> fds(n);
-  for (size_t i = 0; i < n; ++i) {
-    uses.emplace_back(new FdUse(in[i].file->holder(), in[i].file->path(), "blend_file: reading"));
-    fds[i] = uses.back()->fd();
-  }
-  FdUse out_use(out.holder(), out.path(), "blend_file: writing");
-  const int out_fd = out_use.fd();
+  check_slices(in, in_dt, numel, "blend_file: inputs");
+  check_out_slice(out, out_offset, numel, out_dt, "blend_file");
+  const HeldFds held(nullptr, in, &out, "blend_file");
   if (numel == 0) return;
 
   const uint64_t chunk = std::min(chunk_elems, numel);
@@ -212,45 +198,77 @@ void blend_file_run(const std::vector<FileSlice>& in, const std::vector<DType>& 
     while (q.pop(&t)) {
       const uint64_t e0 = t * chunk;
       const uint64_t m = std::min(chunk, numel - e0);
-      for (size_t i = 0; i < n; ++i) {
-        const uint64_t sz = dtype_size(in_dt[i]);
-        in[i].file->pread_exact(fds[i], in[i].offset + e0 * sz, bufs[i].get(), m * sz);
-      }
+      for (size_t i = 0; i < n; ++i)
+        read_elems(in[i], held.fds[i], in_dt[i], e0, m, bufs[i].get());
       blend_range(n, ptrs.data(), in_dt.data(), w.data(), obuf.get(), out_dt,
                   static_cast<size_t>(m));
-      out.pwrite_exact(out_fd, out_offset + e0 * osz, obuf.get(), m * osz);
+      out.pwrite_exact(held.out_fd, out_offset + e0 * osz, obuf.get(), m * osz);
     }
   });
 }
+
+namespace {
+
+// One worker's row MAVs, written to out (n_experts x rows, row-major). Every row, whole or
+// streamed in pieces, goes through the same start_row / add / end_row steps, so its sum is the
+// same whichever driver and chunking computed it.
+class RowMav {
+ public:
+  RowMav(DType base_dt, const std::vector<DType>& ex_dt, uint64_t rows, uint64_t cols,
+         double* out)
+      : base_dt_(base_dt), bsz_(dtype_size(base_dt)), ex_dt_(ex_dt), rows_(rows), cols_(cols),
+        out_(out), ptrs_(ex_dt.size()), acc_(ex_dt.size()) {}
+
+  // Rows [r0, r1), whose elements base and ex[e] hold back to back from row `first` on.
+  void whole_rows(const unsigned char* base, const unsigned char* const* ex, uint64_t first,
+                  uint64_t r0, uint64_t r1) {
+    for (uint64_t r = r0; r < r1; ++r) {
+      const uint64_t e0 = (r - first) * cols_;
+      for (size_t e = 0; e < ptrs_.size(); ++e) ptrs_[e] = ex[e] + e0 * dtype_size(ex_dt_[e]);
+      start_row();
+      add(base + e0 * bsz_, ptrs_.data(), cols_);
+      end_row(r);
+    }
+  }
+
+  void start_row() { std::fill(acc_.begin(), acc_.end(), 0.0); }
+  // The next m elements of the row (see mav_segment for where a piece may start and end).
+  void add(const unsigned char* base, const unsigned char* const* ex, uint64_t m) {
+    mav_segment(base, base_dt_, acc_.size(), ex, ex_dt_.data(), static_cast<size_t>(m),
+                acc_.data());
+  }
+  void end_row(uint64_t r) {
+    for (size_t e = 0; e < acc_.size(); ++e)
+      out_[e * rows_ + r] = acc_[e] / static_cast<double>(cols_);
+  }
+
+ private:
+  DType base_dt_;
+  uint64_t bsz_;
+  const std::vector<DType>& ex_dt_;
+  uint64_t rows_;
+  uint64_t cols_;
+  double* out_;
+  std::vector<const unsigned char*> ptrs_;
+  std::vector<double> acc_;
+};
+
+}  // namespace
 
 void row_mav_buffers_run(const std::vector<const unsigned char*>& ex,
                          const std::vector<DType>& ex_dt, const unsigned char* base,
                          DType base_dt, uint64_t rows, uint64_t cols, double* out,
                          int64_t threads) {
-  const size_t n = ex.size();
-  if (n == 0 || rows == 0 || cols == 0) return;
+  if (ex.empty() || rows == 0 || cols == 0) return;
   const uint64_t rows_per_task = std::max<uint64_t>(1, kTask / cols);
   const uint64_t ntasks = (rows + rows_per_task - 1) / rows_per_task;
   const size_t nthreads = resolve_threads(threads, ntasks);
-  const size_t bsz = dtype_size(base_dt);
   run_pool(nthreads, ntasks, [&](TaskQueue& q) {
-    std::vector<const unsigned char*> ptrs(n);
-    std::vector<double> acc(n);
+    RowMav mav(base_dt, ex_dt, rows, cols, out);
     uint64_t t;
     while (q.pop(&t)) {
       const uint64_t r0 = t * rows_per_task;
-      const uint64_t r1 = std::min(rows, r0 + rows_per_task);
-      for (uint64_t r = r0; r < r1; ++r) {
-        const uint64_t e0 = r * cols;
-        for (size_t e = 0; e < n; ++e) {
-          ptrs[e] = ex[e] + e0 * dtype_size(ex_dt[e]);
-          acc[e] = 0.0;
-        }
-        mav_segment(base + e0 * bsz, base_dt, n, ptrs.data(), ex_dt.data(),
-                    static_cast<size_t>(cols), acc.data());
-        for (size_t e = 0; e < n; ++e)
-          out[e * rows + r] = acc[e] / static_cast<double>(cols);
-      }
+      mav.whole_rows(base, ex.data(), 0, r0, std::min(rows, r0 + rows_per_task));
     }
   });
 }
@@ -266,17 +284,8 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
     fail("row_mav_file: rows x cols (" + std::to_string(rows) + " x " + std::to_string(cols) +
          ") overflows a 64-bit size");
   check_slice(base, numel, base_dt, "row_mav_file: base");
-  for (size_t e = 0; e < n; ++e)
-    check_slice(ex[e], numel, ex_dt[e], "row_mav_file: experts[" + std::to_string(e) + "]");
-
-  FdUse base_use(base.file->holder(), base.file->path(), "row_mav_file: reading");
-  const int base_fd = base_use.fd();
-  std::vector<std::unique_ptr<FdUse>> uses;
-  std::vector<int> fds(n);
-  for (size_t e = 0; e < n; ++e) {
-    uses.emplace_back(new FdUse(ex[e].file->holder(), ex[e].file->path(), "row_mav_file: reading"));
-    fds[e] = uses.back()->fd();
-  }
+  check_slices(ex, ex_dt, numel, "row_mav_file: experts");
+  const HeldFds held(&base, ex, nullptr, "row_mav_file");
   if (n == 0) return;
 
   // Whole rows per task when a row fits in a chunk; otherwise one row per task, streamed in
@@ -289,25 +298,22 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
                  : std::max<uint64_t>(kMavBlock, chunk_elems / kMavBlock * kMavBlock);
   const uint64_t ntasks = (rows + rows_per_task - 1) / rows_per_task;
   const size_t nthreads = resolve_threads(threads, ntasks);
-  const uint64_t bsz = dtype_size(base_dt);
 
   run_pool(nthreads, ntasks, [&](TaskQueue& q) {
     const uint64_t buf_elems = std::min(piece, numel);
-    auto bbuf = alloc_array<unsigned char>(buf_elems * bsz, "row_mav_file chunk buffers");
+    const char* what = "row_mav_file chunk buffers";
+    auto bbuf = alloc_array<unsigned char>(buf_elems * dtype_size(base_dt), what);
     std::vector<Array<unsigned char>> bufs(n);
-    for (size_t e = 0; e < n; ++e)
-      bufs[e] = alloc_array<unsigned char>(buf_elems * dtype_size(ex_dt[e]),
-                                           "row_mav_file chunk buffers");
     std::vector<const unsigned char*> ptrs(n);
-    std::vector<double> acc(n);
-
+    for (size_t e = 0; e < n; ++e) {
+      bufs[e] = alloc_array<unsigned char>(buf_elems * dtype_size(ex_dt[e]), what);
+      ptrs[e] = bufs[e].get();
+    }
     auto load = [&](uint64_t e0, uint64_t m) {
-      base.file->pread_exact(base_fd, base.offset + e0 * bsz, bbuf.get(), m * bsz);
-      for (size_t e = 0; e < n; ++e) {
-        const uint64_t sz = dtype_size(ex_dt[e]);
-        ex[e].file->pread_exact(fds[e], ex[e].offset + e0 * sz, bufs[e].get(), m * sz);
-      }
+      read_elems(base, held.base_fd, base_dt, e0, m, bbuf.get());
+      for (size_t e = 0; e < n; ++e) read_elems(ex[e], held.fds[e], ex_dt[e], e0, m, bufs[e].get());
     };
+    RowMav mav(base_dt, ex_dt, rows, cols, out);
 
     uint64_t t;
     while (q.pop(&t)) {
@@ -315,28 +321,16 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
         const uint64_t r0 = t * rows_per_task;
         const uint64_t r1 = std::min(rows, r0 + rows_per_task);
         load(r0 * cols, (r1 - r0) * cols);
-        for (uint64_t r = r0; r < r1; ++r) {
-          const uint64_t local = (r - r0) * cols;
-          for (size_t e = 0; e < n; ++e) {
-            ptrs[e] = bufs[e].get() + local * dtype_size(ex_dt[e]);
-            acc[e] = 0.0;
-          }
-          mav_segment(bbuf.get() + local * bsz, base_dt, n, ptrs.data(), ex_dt.data(),
-                      static_cast<size_t>(cols), acc.data());
-          for (size_t e = 0; e < n; ++e)
-            out[e * rows + r] = acc[e] / static_cast<double>(cols);
-        }
+        mav.whole_rows(bbuf.get(), ptrs.data(), r0, r0, r1);
       } else {
         const uint64_t r = t;
-        std::fill(acc.begin(), acc.end(), 0.0);
-        for (size_t e = 0; e < n; ++e) ptrs[e] = bufs[e].get();
+        mav.start_row();
         for (uint64_t c0 = 0; c0 < cols; c0 += piece) {
           const uint64_t m = std::min(piece, cols - c0);
           load(r * cols + c0, m);
-          mav_segment(bbuf.get(), base_dt, n, ptrs.data(), ex_dt.data(), static_cast<size_t>(m),
-                      acc.data());
+          mav.add(bbuf.get(), ptrs.data(), m);
         }
-        for (size_t e = 0; e < n; ++e) out[e * rows + r] = acc[e] / static_cast<double>(cols);
+        mav.end_row(r);
       }
     }
   });

@@ -796,14 +796,9 @@ class FileChunks : public Chunks {
     if (with_out) obuf_ = alloc_array<unsigned char>(j.chunk * dtype_size(j.odt), what);
   }
   void load(uint64_t e0, uint64_t m) override {
-    const uint64_t bsz = dtype_size(j_.bdt);
-    j_.base.file->pread_exact(j_.base_fd, j_.base.offset + e0 * bsz, bbuf_.get(), m * bsz);
-    for (size_t e = 0; e < ex.size(); ++e) {
-      if (!use_[e]) continue;
-      const FileSlice& s = (*j_.ex)[e];
-      const uint64_t sz = dtype_size((*j_.edt)[e]);
-      s.file->pread_exact(j_.fds[e], s.offset + e0 * sz, bufs_[e].get(), m * sz);
-    }
+    read_elems(j_.base, j_.base_fd, j_.bdt, e0, m, bbuf_.get());
+    for (size_t e = 0; e < ex.size(); ++e)
+      if (use_[e]) read_elems((*j_.ex)[e], j_.fds[e], (*j_.edt)[e], e0, m, bufs_[e].get());
   }
   unsigned char* out_begin(uint64_t) override { return obuf_.get(); }
   void out_end(uint64_t e0, uint64_t m) override {
@@ -1390,23 +1385,11 @@ void ties_file_run(const FileSlice& base, DType base_dt, const std::vector<FileS
   if (ex_dt.size() != n) fail("ties_file: expert_dtypes and experts differ in length");
   if (chunk_elems == 0) fail("ties_file: chunk_elems must be >= 1");
   check_slice(base, numel, base_dt, "ties_file: base");
-  for (size_t e = 0; e < n; ++e)
-    check_slice(ex[e], numel, ex_dt[e], "ties_file: experts[" + std::to_string(e) + "]");
-  uint64_t out_bytes;
-  if (!mul_ok(numel, dtype_size(out_dt), &out_bytes))
-    fail("ties_file: numel " + std::to_string(numel) + " overflows a 64-bit size");
-  out.check_range(out_offset, out_bytes, "ties_file: writing");
-
-  // Hold every descriptor for the whole run, all three passes (close() elsewhere waits for us).
-  FdUse base_use(base.file->holder(), base.file->path(), "ties_file: reading");
-  std::vector<std::unique_ptr<FdUse>> uses;
-  FileJob fj{base, base_use.fd(), base_dt, &ex, {}, &ex_dt, &out, -1, out_offset, out_dt, 0};
-  for (size_t e = 0; e < n; ++e) {
-    uses.emplace_back(new FdUse(ex[e].file->holder(), ex[e].file->path(), "ties_file: reading"));
-    fj.fds.push_back(uses.back()->fd());
-  }
-  FdUse out_use(out.holder(), out.path(), "ties_file: writing");
-  fj.out_fd = out_use.fd();
+  check_slices(ex, ex_dt, numel, "ties_file: experts");
+  check_out_slice(out, out_offset, numel, out_dt, "ties_file");
+  const HeldFds held(&base, ex, &out, "ties_file");
+  FileJob fj{base, held.base_fd, base_dt, &ex, held.fds, &ex_dt, &out, held.out_fd, out_offset,
+             out_dt, 0};
   if (numel == 0) return;
   uint64_t elem_bytes = dtype_size(base_dt) + dtype_size(out_dt);
   for (DType d : ex_dt) elem_bytes += dtype_size(d);
