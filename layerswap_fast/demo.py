@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -38,23 +39,20 @@ def check_merge(out: Path, experts: dict[str, Path]) -> tuple[int, int]:
     recipe = json.loads((out / "layerswap_recipe.json").read_text())
     layers = {row["layer"]: row["sources"] for row in recipe["layers"]}
     checked = differ = 0
-    with open_checkpoint(out) as merged:
-        opened = {role: open_checkpoint(p) for role, p in experts.items()}
-        try:
-            for name, spec in merged.specs.items():
-                layer = classify(name).layer
-                sources = recipe["non_layer"] if layer is None else layers[layer]
-                acc = None
-                for role, weight in sources.items():
-                    src = opened[role].specs[name]
-                    term = np.float32(weight) * to_float32(opened[role].read(name), src.dtype)
-                    acc = term if acc is None else acc + term
-                assert acc is not None
-                checked += 1
-                differ += from_float32(acc, spec.dtype) != merged.read(name)
-        finally:
-            for ckpt in opened.values():
-                ckpt.close()
+    with ExitStack() as stack:
+        merged = stack.enter_context(open_checkpoint(out))
+        opened = {role: stack.enter_context(open_checkpoint(p)) for role, p in experts.items()}
+        for name, spec in merged.specs.items():
+            layer = classify(name).layer
+            sources = recipe["non_layer"] if layer is None else layers[layer]
+            acc = None
+            for role, weight in sources.items():
+                src = opened[role].specs[name]
+                term = np.float32(weight) * to_float32(opened[role].read(name), src.dtype)
+                acc = term if acc is None else acc + term
+            assert acc is not None
+            checked += 1
+            differ += from_float32(acc, spec.dtype) != merged.read(name)
     return checked, differ
 
 
