@@ -267,13 +267,8 @@ def _rows_filename(tensor: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # inputs
 
-def content_sample(ckpt: Checkpoint) -> str:
-    """See :meth:`Checkpoint.content_sample`."""
-    return ckpt.content_sample()
-
-
 def _ref(ckpt: Checkpoint) -> InputRef:
-    return InputRef(str(Path(ckpt.path).resolve()), ckpt.fingerprint(), content_sample(ckpt))
+    return InputRef(str(Path(ckpt.path).resolve()), ckpt.fingerprint(), ckpt.content_sample())
 
 
 def _default_name(path: Path) -> str:
@@ -523,10 +518,6 @@ def _run(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, e
 # ----------------------------------------------------------------------------------------------
 # files
 
-def _sha256(path: Path) -> str:
-    return hash_file(path, "sha256")
-
-
 def _csv_text(stats: DeltaStats) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -546,7 +537,7 @@ def write_stats(stats: DeltaStats, directory: PathLike) -> None:
     (d / MAV_CSV).write_text(_csv_text(stats), encoding="utf-8")
     render_heatmap(stats, d / HEATMAP_PNG)
     summary = stats.summary_json()
-    summary["files"] = {MAV_CSV: _sha256(d / MAV_CSV), HEATMAP_PNG: _sha256(d / HEATMAP_PNG)}
+    summary["files"] = {name: hash_file(d / name, "sha256") for name in (MAV_CSV, HEATMAP_PNG)}
     summary["csv_lines"] = sum(len(e.tensors) for e in stats.experts.values())
     (d / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
@@ -574,7 +565,7 @@ def load_stats(out_dir: PathLike) -> DeltaStats:
             path = d / fname
             if not path.is_file():
                 raise StatsError(f"{d}: {fname} is missing")
-            if _sha256(path) != files[fname]:
+            if hash_file(path, "sha256") != files[fname]:
                 raise StatsError(f"{path} does not match its checksum in {SUMMARY_JSON} (modified or truncated)")
         experts_json = summary["experts"]
         order = [e["name"] for e in experts_json]
@@ -828,6 +819,6 @@ def suggest_swap(stats: DeltaStats, language_expert_name: str, task_expert_name:
 
 __all__ = [
     "analyze", "load_stats", "write_stats", "magnitude_weights_for", "suggest_swap", "DeltaStats",
-    "ExpertStats", "TensorStat", "InputRef", "Suggestion", "StatsError", "content_sample",
+    "ExpertStats", "TensorStat", "InputRef", "Suggestion", "StatsError",
     "expert_names", "CSV_COLUMNS",
 ]

@@ -188,7 +188,8 @@ def _swap_weights(config: SwapConfig, soup_weights: str, roles: dict[str, list[s
     """Soup weights within each group and, for ``magnitude``, the task/language weights."""
     needs = soup_weights == "magnitude" or "magnitude" in (config.transition_weights, config.non_layer)
     everyone = roles[TASK] + roles[LANGUAGE]
-    mavw = dict(zip(everyone, _magnitude(base, [paths[r] for r in everyone], stats, device, threads))) if needs else {}
+    mavw = (dict(zip(everyone, _magnitude(base, [paths[r] for r in everyone], stats, device, threads)))
+            if needs else {})
     groups = {}
     for group, members in roles.items():
         raw = [mavw[m] for m in members] if soup_weights == "magnitude" else [1.0] * len(members)

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import click
 
+from .api import DEVICES
 from .errors import ConfigError
 
-from .api import DEVICES
-
 # analysis (numpy, matplotlib) is imported when the command runs, so `merge` starts fast
-
 _PATH = click.Path(path_type=Path)
 
 

@@ -81,18 +81,20 @@ class MergeStats:
     reused: dict[str, int] | None = None  # link method -> number of whole input shards reused
 
     @property
+    def bytes_total(self) -> int:
+        """The output's bytes, new and reused."""
+        return self.bytes_written + self.bytes_reused
+
+    @property
     def gb_per_s(self) -> float:
-        """The output's bytes (new and reused) per second."""
-        total = self.bytes_written + self.bytes_reused
-        return total / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+        return self.bytes_total / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
     def summary(self) -> str:
         reused = ""
         if self.reused:
             how = ", ".join(f"{n} by {method}" for method, n in sorted(self.reused.items()))
             reused = f", {format_bytes(self.bytes_reused)} in {sum(self.reused.values())} reused input shards: {how}"
-        total = self.bytes_written + self.bytes_reused
-        return (f"wrote {self.out}: {self.shards} shards, {format_bytes(total)} in {self.seconds:.2f} s "
+        return (f"wrote {self.out}: {self.shards} shards, {format_bytes(self.bytes_total)} in {self.seconds:.2f} s "
                 f"({self.gb_per_s:.2f} GB/s; {format_bytes(self.bytes_written)} new{reused}), {self.copied} tensors "
                 f"copied, {self.blended} computed, peak RSS {self.peak_rss_bytes / 2**20:.0f} MB")
 
@@ -158,7 +160,7 @@ class _ShardFiller:
         dtypes = [s.dtype for s in specs]
         numel = specs[0].numel
         if recipe.op == "blend":
-            self._blend_in_pieces(writer, recipe, specs, inputs, dst)
+            self._blend_in_pieces(writer, recipe, inputs, dtypes, numel, dst)
             return
         if recipe.op == "ties":
             keep = int(recipe.param("density") * numel)
@@ -171,19 +173,19 @@ class _ShardFiller:
         self.advance(dst + numel * DTYPE_SIZES[recipe.dtype])
         self.progress(numel * DTYPE_SIZES[recipe.dtype])
 
-    def _blend_in_pieces(self, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
-                         inputs: Sequence[tuple[_core.InputFile, int]], dst: int) -> None:
+    def _blend_in_pieces(self, writer: _core.ShardWriter, recipe: TensorRecipe,
+                         inputs: Sequence[tuple[_core.InputFile, int]], dtypes: Sequence[str], numel: int,
+                         dst: int) -> None:
         """A blend is elementwise, so a large tensor goes in pieces: the write-behind (hashing,
         bounded dirty pages) follows each piece instead of waiting for a whole 1 GB embedding."""
         out_size = DTYPE_SIZES[recipe.dtype]
+        in_sizes = [DTYPE_SIZES[d] for d in dtypes]
         step = max(1, _PIECE_BYTES // out_size)
         weights = [t.weight for t in recipe.terms]
-        numel = specs[0].numel
         for start in range(0, numel, step):
             n = min(step, numel - start)
-            pieces = [(f, off + start * DTYPE_SIZES[s.dtype]) for (f, off), s in zip(inputs, specs)]
-            self.blender.blend_file(pieces, [s.dtype for s in specs], weights, writer, dst + start * out_size,
-                                    recipe.dtype, n)
+            pieces = [(f, off + start * size) for (f, off), size in zip(inputs, in_sizes)]
+            self.blender.blend_file(pieces, dtypes, weights, writer, dst + start * out_size, recipe.dtype, n)
             self.advance(dst + (start + n) * out_size)
             self.progress(n * out_size)
 
