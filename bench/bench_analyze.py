@@ -19,15 +19,14 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (DEFAULT_WORKDIR, Timed, ensure_trio, find_cli, load_synthetic, machine_info,  # noqa: E402
-                    run_timed, trio_dirname)
+from common import (DEFAULT_WORKDIR, Timed, drop_caches, find_cli, machine_info, run_timed,  # noqa: E402
+                    trio_dirname, trio_in_child)
 
 
 def analyze_command() -> list[str]:
@@ -41,7 +40,7 @@ def shard_files(model: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="1b", choices=sorted(load_synthetic().SHAPES))
+    ap.add_argument("--shape", default="1b", help="a shape of layerswap_fast.synthetic (make_trio.py checks it)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None, help="trio directory (default: bench/out/<shape>)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -51,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     trio_dir = args.workdir or DEFAULT_WORKDIR / trio_dirname(args.shape)
-    res = ensure_trio(trio_dir, args.shape, with_base=True)
-    if res.generated:
-        print(f"generated the {args.shape} trio in {trio_dir} ({res.nbytes / 1e9:.2f} GB, {res.seconds:.1f} s)")
-    paths = res.paths
+    paths = trio_in_child(trio_dir, args.shape)
     files = [f for role in ("base", "language", "task") for f in shard_files(paths[role])]
     nbytes = sum(f.stat().st_size for f in files)
 
@@ -66,13 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
 
+    def cold() -> None:
+        if args.cold and not drop_caches():
+            sys.exit("--cold needs permission to write /proc/sys/vm/drop_caches")
+
     rows: list[tuple[str, Timed, float | None]] = []
     try:
-        def cold() -> None:
-            if args.cold:
-                subprocess.run(["sync"])
-                Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
         for i in range(args.runs):
             cold()
             c = run_timed(["cat", *map(str, files)], capture=False)

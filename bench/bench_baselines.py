@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import ensure_trio, find_cli, machine_info, run_timed, shard_bytes, sync  # noqa: E402
+from common import find_cli, machine_info, round_order, run_timed, shard_bytes, sync, trio_in_child  # noqa: E402
 
 
 def ensure_extra_expert(workdir: Path) -> Path:
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=HERE / "out")
     ap.add_argument("--only", default=None, help="comma-separated subset of the methods")
     args = ap.parse_args()
-    trio = ensure_trio(args.workdir / "1b", "1b").paths
+    trio = trio_in_child(args.workdir / "1b", "1b")
     base, task, lang, task2 = trio["base"], trio["task"], trio["language"], ensure_extra_expert(args.workdir)
     experts = [task, lang, task2]
     cli = find_cli()
@@ -60,9 +60,7 @@ def main() -> None:
     nbytes = shard_bytes(task)
     results: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
     for round_ in range(args.runs):
-        # alternate the order: on a VM returning free memory to its host, the command that must
-        # allocate fresh page cache right after another pays for host faults (see compare.py)
-        for m in (methods if round_ % 2 == 0 else methods[::-1]):
+        for m in round_order(methods, round_):
             out = args.workdir / f"1b.baseline-{m}"
             shutil.rmtree(out, ignore_errors=True)
             sync()

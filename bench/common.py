@@ -191,6 +191,40 @@ def sync() -> None:
     subprocess.run(["sync"], check=False)
 
 
+def drop_caches() -> bool:
+    """Write back and drop the page cache; False without the permission (not root)."""
+    sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def round_order(methods: list[str], round_: int) -> list[str]:
+    """Methods forwards in even rounds, backwards in odd ones. On a VM that returns free memory to
+    its host, whichever command must allocate fresh page cache right after another one filled it
+    pays for host faults (seen: the same copy 0.55 s or 5.9 s), so no method may always follow
+    the same one."""
+    return methods if round_ % 2 == 0 else methods[::-1]
+
+
+def trio_in_child(out: Path, shape: str, *, shard_size: str = "5GB", layers: int | None = None,
+                  with_base: bool = True) -> dict[str, Path]:
+    """The trio in ``out``, generated first (if missing) by ``make_trio.py`` in a child process:
+    a timing parent must stay small, since every child it starts is charged its peak RSS (the
+    generator needs numpy and writes gigabytes)."""
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "make_trio.py"), "--shape", shape,
+           "--out", str(out), "--shard-size", shard_size] + (["--layers", str(layers)] if layers else []) + (
+               [] if with_base else ["--no-base"])
+    if subprocess.run(cmd).returncode != 0:
+        sys.exit(f"generating the {shape} trio in {out} failed")
+    params = trio_params(shape, shard_size=parse_size(shard_size), layers=layers, with_base=with_base)
+    if not existing_trio(out, params):
+        sys.exit(f"make_trio.py left no complete {shape} trio in {out}")
+    return {r: out / r for r in (["base"] if with_base else []) + params["experts"]}
+
+
 def machine_info(workdir: Path) -> dict:
     """nproc, RAM, kernel, CPU model and the workdir's filesystem."""
     info: dict[str, object] = {"nproc": len(os.sched_getaffinity(0)), "kernel": platform.release(),

@@ -27,7 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import ensure_trio, find_cli, machine_info, run_timed, shard_bytes, sync, trio_dirname  # noqa: E402
+from common import (drop_caches, find_cli, machine_info, round_order, run_timed, shard_bytes, sync,  # noqa: E402
+                    trio_dirname, trio_in_child)
 
 DEFAULT_MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
@@ -83,15 +84,6 @@ class DirtySampler:
         self._thread.join()
 
 
-def drop_caches() -> bool:
-    sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def identical_tensors(a: Path, b: Path) -> tuple[int, list[str]]:
     """Compare every tensor's bytes between two checkpoints, streaming, in a child process."""
     code = f"""
@@ -141,15 +133,9 @@ def main() -> None:
     if "mergekit" in methods and not args.mergekit.exists():
         sys.exit(f"mergekit not found at {args.mergekit}; see this script's docstring, or pass --methods copy,merge")
 
-    from common import parse_size
     trio_dir = args.workdir / trio_dirname(args.shape, args.layers)
-    # generated in a child: this process must stay small, the timed children inherit its peak RSS
-    cmd = [sys.executable, str(HERE / "make_trio.py"), "--shape", args.shape, "--out", str(trio_dir),
-           "--shard-size", args.shard_size] + (["--layers", str(args.layers)] if args.layers else []) + (
-               ["--no-base"] if args.no_base else [])
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    trio = ensure_trio(trio_dir, args.shape, layers=args.layers, shard_size=parse_size(args.shard_size),
-                       with_base=not args.no_base).paths
+    trio = trio_in_child(trio_dir, args.shape, shard_size=args.shard_size, layers=args.layers,
+                         with_base=not args.no_base)
     num_layers = json.loads((trio["task"] / "config.json").read_text())["num_hidden_layers"]
     nbytes = shard_bytes(trio["task"])
     out = {m: args.workdir / f"{trio_dir.name}.compare-{m}" for m in methods}
@@ -171,11 +157,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in methods}
     identity: tuple[int, list[str]] | None = None
     for round_ in range(args.runs):
-        # Alternate the order, and delete each output as soon as it is measured: on a VM that
-        # returns free memory to its host, whichever command must allocate fresh page cache right
-        # after another one filled it pays for host faults (seen: the same copy 0.55 s or 5.9 s).
-        order = methods if round_ % 2 == 0 else methods[::-1]
-        for m in order:
+        # each output is deleted as soon as it is measured (and compared), for the reason the
+        # order alternates: see common.round_order
+        for m in round_order(methods, round_):
             shutil.rmtree(out[m], ignore_errors=True)
             if args.cold and not drop_caches():
                 sys.exit("--cold needs permission to write /proc/sys/vm/drop_caches")
@@ -187,13 +171,14 @@ def main() -> None:
             results[m].append({"seconds": t.seconds, "peak_rss_mb": t.peak_rss_mb, "dirty_mb": dirty.peak / 1e6})
             print(f"round {round_ + 1} {m:9s} {t.seconds:7.2f} s  {t.peak_rss_mb:7.1f} MB RSS  "
                   f"dirty peak {dirty.peak / 1e6:7.1f} MB", flush=True)
-            keep = identity is None and m in ("merge", "mergekit") and {"merge", "mergekit"} <= set(methods)
-            if keep and out["merge"].exists() and out["mergekit"].exists():
-                identity = identical_tensors(out["merge"], out["mergekit"])
-                keep = False
-            if not keep:
-                shutil.rmtree(out["merge"] if m == "mergekit" and identity is not None else out[m], ignore_errors=True)
-                shutil.rmtree(out[m], ignore_errors=True)
+            pair = ("merge", "mergekit")
+            if identity is None and m in pair and set(pair) <= set(methods):
+                if not all(out[x].exists() for x in pair):
+                    continue  # kept until the other one of the pair exists, once
+                identity = identical_tensors(*(out[x] for x in pair))
+                for x in pair:
+                    shutil.rmtree(out[x], ignore_errors=True)
+            shutil.rmtree(out[m], ignore_errors=True)
     for p in out.values():
         shutil.rmtree(p, ignore_errors=True)
     table = [summarize(m, results[m], nbytes) for m in methods]

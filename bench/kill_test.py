@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import ensure_trio, trio_dirname  # noqa: E402
+from common import trio_dirname, trio_in_child  # noqa: E402
 
 EXE = Path(sys.executable).with_name("layerswap-fast")
 
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     # with the base, so the trio the other benches made is reused rather than regenerated
-    trio = ensure_trio(args.workdir / trio_dirname(args.shape), args.shape).paths
+    trio = trio_in_child(args.workdir / trio_dirname(args.shape), args.shape)
     out = args.workdir / f"{args.shape}.kill-out"
     shutil.rmtree(out, ignore_errors=True)
     durations = []

@@ -386,5 +386,5 @@ def _register_analyze() -> None:
 
 _register_analyze()
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m layerswap_fast.cli: the same exit path as the console script
+    run()
