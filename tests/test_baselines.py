@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import layerswap_fast as ls
 import layerswap_fast._core
 from layerswap_fast.cli import main
-from support import (assert_same_shards, blend_ref, layer_of, load_tensors, make_llama_trio, raw_bytes,
+from support import (assert_same_shards, blend_ref, expected_weights, layer_of, load_tensors, make_llama_trio, raw_bytes,
                      row_mav_ref, snapshot)
 
 L = 12
@@ -100,14 +100,11 @@ def test_soup_then_swap_in_one_pass(family, tensors, tmp_path: Path) -> None:
     ls.merge([family["task"], family["task2"]], [family["language"], family["language2"]], tmp_path / "out")
     expected = {}
     for name, t in tensors["task"].items():
-        layer = layer_of(name)
-        xs = [tensors[r][name] for r in ("task", "task2", "language", "language2")]
-        if layer is not None and (layer < 5 or layer >= L - 2):
-            expected[name] = blend_ref(xs[2:], [0.5, 0.5], t.dtype)
-        elif layer is not None and 5 < layer < L - 3:
-            expected[name] = blend_ref(xs[:2], [0.5, 0.5], t.dtype)
-        else:  # transition layers and non-layer tensors: both soups, 0.5 each
-            expected[name] = blend_ref(xs, [0.25] * 4, t.dtype)
+        w_t, w_l = expected_weights(layer_of(name), L)  # each group's soup weighs 0.5 per member
+        terms = [(tensors[r][name], w_t / 2) for r in ("task", "task2")] + [
+            (tensors[r][name], w_l / 2) for r in ("language", "language2")]
+        kept = [(x, w) for x, w in terms if w]
+        expected[name] = blend_ref([x for x, _ in kept], [w for _, w in kept], t.dtype)
     assert_all(tmp_path / "out", expected)
     recipe = json.loads((tmp_path / "out" / "layerswap_recipe.json").read_text())
     assert set(recipe["inputs"]) == {"task.0", "task.1", "language.0", "language.1"}
@@ -120,10 +117,14 @@ def test_magnitude_transitions_use_the_experts_average_mavs(family, tensors, tmp
                       ls.SwapConfig(transition_weights="magnitude", non_layer="magnitude"), base=family["base"])
     got = result.plan.config.magnitude_weights
     assert got == pytest.approx((w_t, w_l), rel=1e-5)
+    merged = load_tensors(tmp_path / "out")
     for name, t in tensors["task"].items():
-        if layer_of(name) in (5, L - 3) or layer_of(name) is None:
+        rule = expected_weights(layer_of(name), L)
+        if rule == (0.5, 0.5):  # transition layers and non-layer tensors take the magnitude weights
             want = blend_ref([t, tensors["language"][name]], list(got), t.dtype)
-            assert raw_bytes(load_tensors(tmp_path / "out")[name]) == raw_bytes(want), name
+        else:
+            want = t if rule == (1.0, 0.0) else tensors["language"][name]
+        assert raw_bytes(merged[name]) == raw_bytes(want), name
 
 
 def test_task_arithmetic(family, tensors, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from layerswap_fast import _core as core
 from support import (TORCH, assert_same, blend_ref, from_raw, one_line, raw, row_mav_ref, run_in_threads,
-                     write_at_offsets)
+                     write_at_offsets, write_safetensors_raw)
 
 CoreError = core.CoreError
 
@@ -484,7 +484,7 @@ def test_input_file_header_and_reads(tmp_path):
     (2 ** 64 - 1, "header length 18446744073709551615 exceeds the limit"),
 ])
 def test_read_header_errors(tmp_path, length, match):
-    path = write_file(tmp_path / "bad.safetensors", struct.pack("<Q", length) + b"{}" + b" " * 100)
+    path = write_safetensors_raw(tmp_path / "bad.safetensors", b"{}", b" " * 100, length=length)
     with core.InputFile(str(path)) as f:
         with pytest.raises(CoreError, match=match) as ei:
             f.read_header()
@@ -496,7 +496,7 @@ def test_read_header_short_file(tmp_path):
     with core.InputFile(str(path)) as f, pytest.raises(CoreError, match="too short"):
         f.read_header()
     # a header exactly filling the file is fine
-    path = write_file(tmp_path / "exact", struct.pack("<Q", 2) + b"{}")
+    path = write_safetensors_raw(tmp_path / "exact", b"{}")
     with core.InputFile(str(path)) as f:
         assert f.read_header() == b"{}"
 

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from layerswap_fast.kernels import MAX_EXPERTS, MAX_INPUTS, blend, row_mav, row_mav_many  # noqa: E402
-from support import assert_same, blend_ref, row_mav_ref  # noqa: E402
+from support import INT_VIEW, assert_same, blend_ref, row_mav_ref  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -28,7 +28,6 @@ if not INTERPRET and not torch.cuda.is_available():
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DNAME = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-INT_OF = {2: torch.int16, 4: torch.int32}
 SHAPES = [(1, 1), (1, 4097), (3, 5), (37, 129), (1000,)]
 WEIGHTS = [0.3, -0.7, 1.1, 0.25, 0.1, -2.0, 0.6, 0.05, 1.0, -0.33, 0.9, 0.125]
 
@@ -41,7 +40,7 @@ def rand(shape, dtype, seed, scale=1.0):
 
 
 def bits(t):
-    return t.contiguous().view(INT_OF[t.element_size()]).cpu()
+    return t.contiguous().view(INT_VIEW[t.dtype]).cpu()
 
 
 def assert_nan_bits(t):

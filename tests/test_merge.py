@@ -218,15 +218,28 @@ class TestErrorsWriteNothing:
                    out=tmp_path / "o", dtype="int8")
 
 
+@pytest.mark.parametrize("dtype", [None, "f32"])  # the experts' own dtype copies tensors; f32 blends all
 def test_blends_and_copies_in_small_pieces_give_the_same_bytes(trio: dict[str, Path], tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large tensors stream in pieces (256 MB); force 100-byte pieces so every path splits."""
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                dtype: str | None) -> None:
+    """Large tensors stream in pieces (engine._PIECE_BYTES); force 100-byte pieces so every path splits."""
     import layerswap_fast.engine as engine
-    ls.merge(trio["task"], trio["language"], tmp_path / "whole", link="copy", dtype="f32")
+    ls.merge(trio["task"], trio["language"], tmp_path / "whole", link="copy", dtype=dtype)
     monkeypatch.setattr(engine, "_PIECE_BYTES", 100)
-    ls.merge(trio["task"], trio["language"], tmp_path / "pieces", link="copy", dtype="f32")
+    copy_runs: list[int] = []
+    real_flush = engine._ShardFiller._flush_copy
+
+    def spy(self, writer, src, run):
+        if run is not None:
+            copy_runs.append(run[2])
+        return real_flush(self, writer, src, run)
+
+    monkeypatch.setattr(engine._ShardFiller, "_flush_copy", spy)
+    ls.merge(trio["task"], trio["language"], tmp_path / "pieces", link="copy", dtype=dtype)
+    if dtype is None:
+        assert copy_runs and max(copy_runs) > 100  # byte copies went in pieces too
     assert_same_shards(tmp_path / "whole", tmp_path / "pieces")
-    assert_merged(tmp_path / "pieces", trio, dtype=torch.float32)
+    assert_merged(tmp_path / "pieces", trio, dtype=torch.float32 if dtype else None)
 
 
 def test_a_shard_replaced_after_its_header_was_read_is_caught(tmp_path: Path,
