@@ -103,14 +103,6 @@ LSF_INLINE void add_hi_fused(uint32_t* __restrict h, const uint16_t* __restrict 
     for (size_t e = 0; e < N; ++e) h[e * kSub * kKeys + k[e * kBlk + j]] += 1;
 }
 
-// The same for one expert's keys k (kBlk) into its kSub histograms h.
-LSF_INLINE void add_hi_one(uint32_t* __restrict h, const uint16_t* __restrict k, size_t m) {
-  size_t j = 0;
-  for (; j + kSub <= m; j += kSub)
-    for (size_t s = 0; s < kSub; ++s) h[s * kKeys + k[j + s]] += 1;
-  for (; j < m; ++j) h[k[j]] += 1;
-}
-
 LSF_INLINE void add_lo(uint64_t* __restrict h, const uint32_t* __restrict u, uint32_t hi,
                        size_t m) {
   for (size_t j = 0; j < m; ++j)
@@ -278,6 +270,11 @@ LSF_INLINE void ties_uniform(unsigned char* __restrict out, const unsigned char*
 std::atomic<bool> g_simd_enabled{true};
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12 reports hundreds of false (maybe-)uninitialized warnings from inside the AVX-512
+// intrinsic headers; they would bury real ones.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define LSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 bool simd_bf16() {
@@ -389,6 +386,7 @@ LSF_AVX512 void ties_bf16_avx512(unsigned char* out, const unsigned char* base,
   ties_uniform<N, DType::BF16, H>(out + 2 * j, base + 2 * j, rest, thr, lam, n - j, sides,
                                   Bracket ? flags + j : nullptr);
 }
+#pragma GCC diagnostic pop
 #else
 bool simd_bf16() { return false; }
 template <size_t N, int H>
@@ -453,7 +451,7 @@ class Scratch {
 
 // One thread's pass-1 counts: n_ex x kSub histograms of kKeys uint32 in memory the caller owns,
 // the range of bins each expert has touched besides bin 0 (only those entries and bin 0 are ever
-// nonzero, so only those are folded and cleared), and, only past kFlushAt elements per expert,
+// nonzero, so only those are folded), and, only past kFlushAt elements per expert,
 // uint64 totals the counts are spilled into.
 class HiLocal {
  public:
@@ -570,7 +568,7 @@ void hist_hi_range(const unsigned char* base, DType bdt, size_t n_ex,
       case 3: add_hi_fused<3>(h, sc.keys(0), m); break;
       case 4: add_hi_fused<4>(h, sc.keys(0), m); break;
       default:
-        for (size_t e = 0; e < n_ex; ++e) add_hi_one(h + e * kSub * kKeys, sc.keys(e), m);
+        for (size_t e = 0; e < n_ex; ++e) add_hi_fused<1>(h + e * kSub * kKeys, sc.keys(e), m);
         break;
     }
   }
@@ -633,29 +631,9 @@ LSF_INLINE void pass_bracket(uint32_t* __restrict f, const unsigned char* __rest
   side.counts[3] += c3;
 }
 
-// For n consecutive elements: flags[j] = 1 where some expert's |d| pattern lies in its bracket
-// and is not one of its heavy patterns; the counts of each side are updated.
-LSF_CLONES
-void bracket_range(const unsigned char* base, DType bdt, size_t n_ex,
-                   const unsigned char* const* ex, const DType* edt, const BracketSide* sides,
-                   size_t n, uint8_t* flags, Scratch& sc) {
-  float* bf = sc.base();
-  uint32_t* f32 = sc.bits();
-  const size_t bsz = dtype_size(bdt);
-  for (size_t s = 0; s < n; s += kBlk) {
-    const size_t m = std::min(kBlk, n - s);
-    LSF_DTYPE_DISPATCH(bdt, DB, pass_to_f32<DB>(bf, base + s * bsz, m));
-    std::fill(f32, f32 + m, uint32_t{0});
-    for (size_t e = 0; e < n_ex; ++e) {
-      const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
-      LSF_DTYPE_DISPATCH(edt[e], DI, pass_bracket<DI>(f32, p, bf, sides[e], m));
-    }
-    for (size_t j = 0; j < m; ++j) flags[s + j] = static_cast<uint8_t>(f32[j]);
-  }
-}
-
-// Pass 3: trim, elect, disjoint mean and output for n consecutive elements; with sides, also
-// bracket_range's flags (n bytes) and counts.
+// Pass 3: trim, elect, disjoint mean and output for n consecutive elements; with sides, also the
+// bracket test: flags[j] = 1 where some expert's |d| pattern lies in its bracket and is not one of
+// its heavy patterns (n bytes), and each side's counts.
 LSF_CLONES
 void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigned char* const* ex,
                 const DType* edt, const uint32_t* thr, float lam, unsigned char* out, DType odt,
@@ -689,6 +667,15 @@ void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigne
       const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
       LSF_DTYPE_DISPATCH(edt[e], DI, pass_trim<DI>(sc.t(e), p, bf, thr[e], m));
     }
+    if (sides != nullptr) {  // on the block just converted, while it is in L1
+      uint32_t* f32 = sc.bits();
+      std::fill(f32, f32 + m, uint32_t{0});
+      for (size_t e = 0; e < n_ex; ++e) {
+        const unsigned char* p = ex[e] + s * dtype_size(edt[e]);
+        LSF_DTYPE_DISPATCH(edt[e], DI, pass_bracket<DI>(f32, p, bf, sides[e], m));
+      }
+      for (size_t j = 0; j < m; ++j) flags[s + j] = static_cast<uint8_t>(f32[j]);
+    }
     unsigned char* o = out + s * osz;
     if (n_ex <= kMaxFused) {
       const float* t = sc.t(0);
@@ -713,7 +700,6 @@ void ties_range(const unsigned char* base, DType bdt, size_t n_ex, const unsigne
     for (size_t e = 0; e < n_ex; ++e) pass_agree(num, cnt, sc.t(e), g, m);
     LSF_DTYPE_DISPATCH(odt, DO, pass_finish<DO>(o, bf, num, cnt, lam, m));
   }
-  if (sides != nullptr) bracket_range(base, bdt, n_ex, ex, edt, sides, n, flags, sc);
 }
 
 // ---- element sources ---------------------------------------------------------------------------

@@ -11,6 +11,12 @@
 //           expert's threshold is already known);
 //   pass 3  trim, elect, disjoint mean, write.
 // Histograms are integer counts, so results do not depend on threads or chunking.
+//
+// ties_file_run first tries one pass over a sampled bracket (large tensors, record_budget > 0):
+// it writes under thresholds guessed from a sample, counts and records the elements near each
+// guess (at most record_budget bytes of records), then fixes tau_i exactly from those and rewrites
+// only what differs; a guess outside its bracket or a full budget falls back to the passes above.
+// Every route writes the same bytes.
 #pragma once
 
 #include <cstdint>
