@@ -64,7 +64,8 @@ from .errors import CheckpointError, ConfigError, MismatchError
 from .layers import FIGURE_KINDS, classify, count_layers
 from .api import DEVICES
 from .api import cuda_present as _gpu_present  # tests replace it here
-from .output import check_output, publish, staging_directory
+from .api import guarded_paths
+from .output import check_output, output_location, publish, staging_directory
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]  # (bytes just read, total bytes to read)
@@ -406,9 +407,9 @@ def analyze(
             ckpts[name] = open_checkpoint(path)
             opened.append(ckpts[name])
         num_layers = _validate(base_ckpt, ckpts)
-        out_path = Path(out_dir) if out_dir is not None else None
+        out_path = output_location(out_dir) if out_dir is not None else None
         if out_path is not None:
-            check_output(out_path, list(dict.fromkeys(c.directory for c in opened)), force, 0)
+            check_output(out_path, guarded_paths(opened, []), force, 0)
         if out_path is not None:
             # the heatmap needs matplotlib (~1 s to import): import it while the pass runs
             threading.Thread(target=_preload_matplotlib, name="lsf-preload", daemon=True).start()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,8 +23,10 @@ from .dtypes import normalize_dtype
 from .engine import Blender, CpuBlender, MergeStats, execute
 from .errors import ConfigError, MismatchError
 from .layers import count_layers
-from .layout import OutputShard, ReusableShard, find_reusable, layout_shards, needed_bytes, parse_size
-from .output import LINK_MODES, check_output, clean_stale_partials
+from .layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
+                     needed_bytes, parse_size)
+from .output import LINK_MODES, check_output, clean_stale_partials, output_location
+from .side_files import find_side_files, side_bytes
 from .writeback import CHECKSUMS
 from .plan import LANGUAGE, TASK, MergePlan, SwapConfig, TensorRecipe, build_swap_plan, describe_role
 
@@ -61,6 +63,8 @@ class WriteOptions:
     progress: Callable[[int, int], None] | None = None
     sync: bool = False
     checksum: str = "blake3"
+    #: files the command read besides its checkpoints (a ``--config`` file): never written or removed
+    other_inputs: Sequence[PathLike] = ()
 
 
 def _as_list(paths: Paths) -> list[PathLike]:
@@ -129,28 +133,31 @@ def _recipe(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], opt
 
 
 def _write(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out: PathLike,
-           options: Mapping[str, Any], write: WriteOptions, aux_source: Checkpoint,
-           extra: Mapping[str, Any] | None = None) -> MergeResult:
+           options: Mapping[str, Any], write: WriteOptions, side_source: Checkpoint,
+           extra: Mapping[str, Any] | None = None, other_inputs: Sequence[PathLike | None] = ()) -> MergeResult:
     """Lay out, check and (unless a dry run) execute a plan over opened inputs."""
     if write.link not in LINK_MODES:
         raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {write.link!r}")
     if write.checksum not in CHECKSUMS:
         raise ConfigError(f"checksum must be one of {', '.join(CHECKSUMS)}, got {write.checksum!r}")
     size_limit = parse_size(write.shard_size)
-    out_path = Path(out)
+    out_path = output_location(out)
     # only what decides the bytes: thread count, device and link mode never change them
     recipe = _recipe(command, plan, inputs, {**options, "shard_size": write.shard_size}, extra)
     metadata = {"format": "pt", "layerswap_fast": json.dumps(recipe, separators=(",", ":"), sort_keys=True)}
     shards = layout_shards(plan.tensors, size_limit, metadata, reusable_shards(plan, inputs),
                            source_offset=lambda r: _copied_from(r, inputs))
-    check_output(out_path, [c.directory for c in inputs.values()], write.force, needed_bytes(shards, write.link))
+    side_files = find_side_files(side_source.directory)
+    guarded = guarded_paths(inputs.values(), [*other_inputs, *write.other_inputs])
+    check_output(out_path, guarded, write.force, needed_bytes(shards, write.link) + side_bytes(side_files)
+                 + _small_files_bytes(recipe, shards, len(side_files)))
     if write.dry_run:
         return MergeResult(plan, shards, None, recipe)
     clean_stale_partials(out_path, log.warning)
     backend = write.blender or make_blender(write.device, write.threads, parse_size(write.max_gpu_bytes))
     try:
         overrides = {"torch_dtype": _TORCH_DTYPE[plan.dtype]} if plan.dtype else {}
-        stats = execute(shards, inputs, out_path, blender=backend, recipe=recipe, aux_source=aux_source.directory,
+        stats = execute(shards, inputs, out_path, blender=backend, recipe=recipe, side_files=side_files,
                         config_overrides=overrides, force=write.force, link=write.link,
                         threads=write.threads or 0, sync=write.sync, checksum=write.checksum,
                         progress=write.progress)
@@ -158,6 +165,27 @@ def _write(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out:
         if write.blender is None:
             backend.close()
     return MergeResult(plan, shards, stats, recipe)
+
+
+def guarded_paths(checkpoints: Iterable[Checkpoint], others: Iterable[PathLike | None]) -> dict[Path, str]:
+    """Every resolved path the inputs occupy (checkpoints with their shard link targets, and any
+    other file or directory read: a base, a statistics directory, a config), with what it is."""
+    guarded: dict[Path, str] = {}
+    for ckpt in checkpoints:
+        for path, what in ckpt.occupied_paths().items():
+            guarded.setdefault(path, what)
+    for other in others:
+        if other is not None:
+            guarded.setdefault(Path(os.path.realpath(other)), f"the input {other}")
+    return guarded
+
+
+def _small_files_bytes(recipe: Mapping[str, Any], shards: Sequence[OutputShard], side_files: int) -> int:
+    """An upper bound of the index and the recipe: the index exactly, the recipe as known now and
+    a generous entry per shard (name, size, checksum, source), and a block per file for rounding."""
+    index = len(json.dumps(index_json(shards), indent=2)) + 1
+    entries = sum(512 + (len(str(s.reuse.source)) if isinstance(s, ReusedShard) else 0) for s in shards)
+    return index + len(json.dumps(recipe, indent=2)) + 2 * entries + 4096 * (len(shards) + side_files + 3)
 
 
 def _open_all(stack: ExitStack, roles: Mapping[str, PathLike]) -> dict[str, Checkpoint]:
@@ -251,6 +279,7 @@ def merge(
     progress: Callable[[int, int], None] | None = None,
     sync: bool = False,
     checksum: str = "blake3",
+    other_inputs: Sequence[PathLike] = (),
 ) -> MergeResult:
     """Layer-swap ``language_expert`` into ``task_expert`` and write the result to ``out``.
 
@@ -270,11 +299,12 @@ def merge(
     ``max_gpu_bytes`` bounds the GPU memory of the CUDA backend (so a small GPU merges a 70B
     model). ``blender`` replaces the backend chosen by ``device`` (e.g. ``gpu.CudaBlender``).
     ``sync`` fsyncs the output before publishing it (durable across a power loss). ``checksum``
-    (blake3 or sha256) is recorded for every shard in the recipe, for ``verify``.
+    (blake3 or sha256) is recorded for every file in the recipe, for ``verify``. ``other_inputs``:
+    files the caller read besides the checkpoints (a config file), which the output must not touch.
     """
     config = config or SwapConfig()
     write = WriteOptions(shard_size, threads, device, force, dry_run, link, max_gpu_bytes, blender, progress, sync,
-                         checksum)
+                         checksum, other_inputs)
     with ExitStack() as stack:
         plan, inputs = _plan_swap(stack, task_expert, language_expert, config, dtype, soup_weights, base, stats,
                                   device, threads)
@@ -289,7 +319,7 @@ def merge(
                             for r in plan.layers],
                  "non_layer": {t.expert: t.weight for t in plan.non_layer}}
         first_task = inputs[TASK] if TASK in inputs else inputs["task.0"]
-        return _write("merge", plan, inputs, out, options, write, first_task, extra)
+        return _write("merge", plan, inputs, out, options, write, first_task, extra, [base, stats])
 
 
 # ----------------------------------------------------------------------------------- baselines
@@ -317,7 +347,8 @@ def soup(models: Sequence[PathLike], out: PathLike, *, weights: str | Sequence[f
         options = {"model": [str(m) for m in models],
                    "weights": weights if isinstance(weights, str) else ",".join(map(str, weights)),
                    "base": str(base) if base else None, "stats": str(stats) if stats else None, "dtype": dtype}
-        return _write("soup", plan, inputs, out, options, WriteOptions(**write), inputs[model_role(0)])
+        return _write("soup", plan, inputs, out, options, WriteOptions(**write), inputs[model_role(0)],
+                      other_inputs=[base, stats])
 
 
 def _base_and_models(stack: ExitStack, base: PathLike,

@@ -220,6 +220,7 @@ class Checkpoint:
         self.path = Path(path)
         self.directory, shard_paths, weight_map = _find_weight_files(self.path)
         self._files: dict[Path, _core.InputFile] = {}
+        self._stamps: dict[Path, tuple[int, ...]] = {}
         try:
             self.shards: tuple[ShardHeader, ...] = tuple(self._open_shards(shard_paths))
             self.specs = self._collect_specs()
@@ -235,6 +236,11 @@ class Checkpoint:
             if not p.is_file():
                 raise CheckpointError(f"shard {p} named in the index does not exist")
             self._files[p], header = open_shard(p)
+            try:
+                self._stamps[p] = _stamp(p)
+                self._files[p].check_unchanged()  # the stamp is of the file the header came from
+            except OSError as e:  # CoreError is one
+                raise CheckpointError(f"{p}: {e.strerror if type(e) is OSError else e}") from None
             yield header
 
     def _collect_specs(self) -> dict[str, TensorSpec]:
@@ -284,13 +290,33 @@ class Checkpoint:
         return h.hexdigest()
 
     def check_unchanged(self, during: str) -> None:
-        """CheckpointError when a shard was replaced or truncated since it was opened: the
-        ``during`` (a merge, an analysis) may have read mixed bytes."""
+        """CheckpointError when a shard was replaced, truncated, grown or rewritten in place since
+        it was opened (size, inode, modification and change times): the ``during`` (a merge, an
+        analysis) may have read mixed bytes."""
         for shard in self.shards:
             try:
                 self.input_file(shard.path).check_unchanged()
-            except _core.CoreError as e:
+                now = _stamp(shard.path)
+            except OSError as e:  # CoreError is one
                 raise CheckpointError(f"input changed during the {during}: {e}") from None
+            if now != self._stamps[shard.path]:
+                raise CheckpointError(f"input changed during the {during}: {shard.path} was modified "
+                                      f"while in use")
+
+    def relinked(self, path: Path) -> None:
+        """``path`` was just hard-linked or cloned by us, which moves its change time only."""
+        now, then = _stamp(path), self._stamps[path]
+        if now[:-1] == then[:-1]:
+            self._stamps[path] = now
+
+    def occupied_paths(self) -> dict[Path, str]:
+        """Every resolved path this checkpoint occupies (its directory or file, and the targets of
+        its shard links), each with what it is: what no command may write, replace or delete."""
+        found = {Path(os.path.realpath(self.path)): f"the input {self.path}",
+                 Path(os.path.realpath(self.directory)): f"the input {self.path}"}
+        for shard in self.shards:
+            found.setdefault(Path(os.path.realpath(shard.path)), f"the file {shard.path} of the input {self.path}")
+        return found
 
     def input_file(self, path: Path) -> _core.InputFile:
         """The read handle of one shard: the one its header was read through, kept open until
@@ -331,6 +357,11 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.specs)} tensors, {len(self.shards)} shards)"
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _check_index_agrees(index_path: Path, weight_map: dict[str, str], specs: dict[str, TensorSpec]) -> None:

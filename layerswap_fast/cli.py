@@ -39,8 +39,9 @@ class _Group(click.Group):
             rv = super().main(*args, **kwargs)
         except (LayerswapError, CoreError, click.ClickException) as e:
             message = e.format_message() if isinstance(e, click.ClickException) else str(e)
-            click.echo(f"error: {message}", err=True)
-            sys.exit(2)
+            _error_line(message)
+        except OSError as e:  # a path the OS refuses, wherever it was met: the API cleaned up already
+            _error_line(f"{e.filename!r}: {e.strerror or e}" if e.filename is not None else str(e))
         except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort):
             click.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
@@ -53,6 +54,14 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:  # before click turns it into Abort with a stray blank line
             raise _Interrupted from None
+
+
+def _error_line(message: str) -> None:
+    """Print ``error: MESSAGE`` as one line and exit 2. Control characters (a newline in a path)
+    and undecodable bytes (surrogate escapes in a path from argv) are escaped, never printed."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    click.echo(f"error: {safe}", err=True)
+    sys.exit(2)
 
 
 class _Interrupted(Exception):
@@ -209,8 +218,10 @@ def _config(kw: dict[str, Any]) -> SwapConfig:
                       transition_weights=kw.pop("transition_weights"), non_layer=kw.pop("non_layer"))
 
 
-def _write_kwargs(kw: dict[str, Any], progress: Callable[[int, int], None] | None) -> dict[str, Any]:
-    return {"shard_size": kw.pop("shard_size"), "threads": kw.pop("threads"), "device": kw.pop("device"),
+def _write_kwargs(kw: dict[str, Any], progress: Callable[[int, int], None] | None,
+                  config: Path | None) -> dict[str, Any]:
+    return {"other_inputs": [config] if config is not None else [],
+            "shard_size": kw.pop("shard_size"), "threads": kw.pop("threads"), "device": kw.pop("device"),
             "max_gpu_bytes": kw.pop("gpu_memory"), "link": kw.pop("link"), "force": kw.pop("force"),
             "dry_run": kw.pop("dry_run"), "sync": kw.pop("sync"), "checksum": kw.pop("checksum"),
             "progress": progress}
@@ -233,10 +244,10 @@ def _run_writer(ctx: click.Context, kw: dict[str, Any], call: Callable[..., api.
     if kw.pop("dump_config"):
         _dump_config(ctx)
         return
-    kw.pop("config")
+    config = kw.pop("config")
     out = kw["out"]
     with _progress_bar() as progress:
-        result = call(**_write_kwargs(kw, progress))
+        result = call(**_write_kwargs(kw, progress, config))
     _report(result, out)
 
 

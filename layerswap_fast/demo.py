@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -12,6 +13,7 @@ import numpy as np
 
 from .api import merge
 from .checkpoint import open_checkpoint
+from .errors import OutputError
 from .layers import classify
 from .plan import render_plan
 from .synthetic import bfloat16_to_float32, float32_to_bfloat16
@@ -56,10 +58,31 @@ def check_merge(out: Path, experts: dict[str, Path]) -> tuple[int, int]:
     return checked, differ
 
 
+MARKER = ".layerswap-demo"  # in a workdir whose trio/ and merged/ the demo made, and may replace
+
+
+def _claim(workdir: Path) -> tuple[Path, Path]:
+    """The demo's two directories in ``workdir``; OutputError where either exists and the demo
+    did not make it (no marker): a user's directory is never replaced."""
+    made = workdir / "trio", workdir / "merged"
+    if any(os.path.lexists(p) for p in made) and not (workdir / MARKER).is_file():
+        raise OutputError(f"{workdir} already holds a trio/ or merged/ that the demo did not make; "
+                          f"choose another --workdir")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / MARKER).write_text("made by layerswap-fast demo: trio/ and merged/ may be replaced\n")
+    except OSError as e:
+        raise OutputError(f"cannot use {workdir} for the demo: {e.strerror}") from None
+    return made
+
+
 def run_demo(workdir: Path, echo: Callable[[str], object] = print) -> None:
     from .synthetic import make_trio
-    trio_dir, out = workdir / "trio", workdir / "merged"
-    shutil.rmtree(trio_dir, ignore_errors=True)
+    trio_dir, out = _claim(workdir)
+    if trio_dir.is_symlink() or not trio_dir.is_dir():
+        trio_dir.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(trio_dir)
     trio = make_trio(trio_dir, "tiny")
     echo(f"synthetic trio (tiny Llama, bf16) in {trio_dir}: base, task expert, language expert")
     result = merge(trio["task"], trio["language"], out, force=True)

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import _core
-from .checkpoint import Checkpoint, TensorSpec
+from .checkpoint import INDEX_NAME, Checkpoint, TensorSpec
 from .dtypes import DTYPE_SIZES
 from .errors import OutputError
 from .layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes
-from .output import LINK_MODES, copy_aux_files, publish, reuse_shard, staging_directory
-from .writeback import ShardFinisher, cached_hash, needs_throttle
+from .output import LINK_MODES, publish, reuse_shard, staging_directory
+from .side_files import SideFile, copy_side_files
+from .writeback import ShardFinisher, cached_hash, hash_file, needs_throttle
 from .plan import TensorRecipe
 
 RECIPE_NAME = "layerswap_recipe.json"
@@ -222,15 +223,16 @@ def rows_to_revert(mav: Any, params: Mapping[str, float]) -> Any:
 
 
 @contextmanager
-def _writing(tmp: Path, shard: OutputShard) -> Iterator[None]:
-    """Turn the core's OS errors while writing one shard into one clear line."""
+def _writing(tmp: Path, what: str, nbytes: int) -> Iterator[None]:
+    """Turn OS errors while writing one file of the output into one clear line."""
     try:
         yield
-    except _core.CoreError as e:
+    except OSError as e:  # the core's CoreError is an OSError too
         if e.errno == errno.ENOSPC:
-            raise OutputError(f"the disk holding {tmp.parent} is full: writing {shard.filename} needed "
-                              f"{shard.file_size / 1e9:.3f} GB ({e})") from None
-        raise OutputError(f"merge failed while writing {shard.filename}: {e}") from None
+            raise OutputError(f"the disk holding {tmp.parent} is full: writing {what} needed "
+                              f"{nbytes / 1e9:.3f} GB") from None
+        detail = e if isinstance(e, _core.CoreError) else f"{e.strerror}: {e.filename}"
+        raise OutputError(f"merge failed while writing {what}: {detail}") from None
 
 
 @dataclass
@@ -241,7 +243,6 @@ class _Finishing:
     inputs: ThreadPoolExecutor
     stop: threading.Event
     throttle: bool
-    sync: bool
     checksum: str
 
 
@@ -256,15 +257,14 @@ def _write_shard(tmp: Path, shard: ShardLayout, filler: _ShardFiller, finishing:
             digest = finisher.finish(shard.file_size)
         finally:
             finisher.close()
-        writer.close(sync=finishing.sync)
+        writer.close(sync=False)  # durability is publishing's job, for every file at once
     return digest
 
 
 @contextmanager
-def _finishing(throttle: bool, sync: bool, checksum: str) -> Iterator[_Finishing]:
+def _finishing(throttle: bool, checksum: str) -> Iterator[_Finishing]:
     state = _Finishing(ThreadPoolExecutor(1, thread_name_prefix="layerswap-out"),
-                       ThreadPoolExecutor(1, thread_name_prefix="layerswap-in"), threading.Event(), throttle, sync,
-                       checksum)
+                       ThreadPoolExecutor(1, thread_name_prefix="layerswap-in"), threading.Event(), throttle, checksum)
     try:
         yield state
     except BaseException:
@@ -282,7 +282,7 @@ def execute(
     *,
     blender: Blender,
     recipe: Mapping[str, Any],
-    aux_source: Path,
+    side_files: Sequence[SideFile] = (),
     config_overrides: Mapping[str, Any] | None = None,
     force: bool = False,
     link: str = "auto",
@@ -291,10 +291,12 @@ def execute(
     checksum: str = "blake3",
     progress: Progress | None = None,
 ) -> MergeStats:
-    """Write ``shards`` (with the index, aux files and recipe) to ``out``, atomically.
+    """Write ``shards`` (with the index, side files and recipe) to ``out``, atomically.
 
-    The recipe written beside the weights records every shard's ``checksum`` (blake3 or sha256;
-    ``verify`` checks them).
+    The recipe written beside the weights records the size and ``checksum`` (blake3 or sha256) of
+    every other file of the output; ``verify`` checks them. Every input file is checked at the
+    end: one that changed while the merge read it (size, inode, modification or change time)
+    fails the merge, nothing published.
     ``sync`` makes the output durable (fsync) before it is published; without it, as with ``cp``,
     the kernel writes it back in its own time (a large output is still written back as it goes:
     see :mod:`layerswap_fast.writeback`).
@@ -307,37 +309,64 @@ def execute(
     filler = _ShardFiller(experts, blender, (lambda n: progress(n, total)) if progress else (lambda n: None),
                           threads)
     methods: dict[str, int] = {}
-    may_write = needed_bytes(shards, link)
-    with staging_directory(out) as tmp, _finishing(needs_throttle(may_write), sync, checksum) as finishing:
+    with staging_directory(out) as tmp, _finishing(needs_throttle(needed_bytes(shards, link)), checksum) as finishing:
         digests: dict[str, Future[str]] = {}
         for shard in shards:
-            with _writing(tmp, shard):
+            with _writing(tmp, shard.filename, shard.file_size):
                 if isinstance(shard, ReusedShard):
-                    digests[shard.filename] = finishing.inputs.submit(cached_hash, shard.reuse.source, checksum,
-                                                                     finishing.stop)
-                    source = experts[shard.reuse.expert].input_file(shard.reuse.source)
-                    how = reuse_shard(shard, tmp / shard.filename, out, link, source, finishing.throttle)
+                    how = _reuse(shard, tmp, out, link, experts[shard.reuse.expert], finishing.throttle)
                     methods[how] = methods.get(how, 0) + 1
+                    # the bytes actually published; a linked file is the input, whose digest is cached
+                    hasher = cached_hash if how in ("hard link", "symlink") else hash_file
+                    digests[shard.filename] = finishing.inputs.submit(hasher, tmp / shard.filename, checksum,
+                                                                     finishing.stop)
                 else:
-                    done: Future[str] = Future()
-                    done.set_result(_write_shard(tmp, shard, filler, finishing))
-                    digests[shard.filename] = done
-        for ckpt in experts.values():  # a replaced input may have fed us mixed bytes: refuse the output
+                    digests[shard.filename] = _done(_write_shard(tmp, shard, filler, finishing))
+        for ckpt in experts.values():  # a changed input may have fed us mixed bytes: refuse the output
             ckpt.check_unchanged("merge")
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(shards), indent=2) + "\n")
-        copy_aux_files(aux_source, tmp, config_overrides or {})
+        files = _write_side_files(tmp, shards, side_files, config_overrides or {}, checksum)
         full_recipe = dict(recipe, checksum=checksum, shards=[
             {"file": s.filename, "size": s.file_size, checksum: digests[s.filename].result()} for s in shards],
             reused_shards=[{"shard": s.filename, "from": str(s.reuse.source), "expert": s.reuse.expert,
-                            checksum: digests[s.filename].result()} for s in shards if isinstance(s, ReusedShard)])
-        (tmp / RECIPE_NAME).write_text(json.dumps(full_recipe, indent=2) + "\n")
-        publish(tmp, out, force)
+                            checksum: digests[s.filename].result()} for s in shards if isinstance(s, ReusedShard)],
+            files=files)
+        text = json.dumps(full_recipe, indent=2) + "\n"
+        with _writing(tmp, RECIPE_NAME, len(text)):
+            (tmp / RECIPE_NAME).write_text(text, encoding="utf-8")
+        publish(tmp, out, force, sync)
     copied_new = sum(t.recipe.op == "copy" for s in new for t in s.tensors)
     reused = [s for s in shards if isinstance(s, ReusedShard)]
     return MergeStats(out, total, time.perf_counter() - start, peak_rss_bytes(), len(shards),
                       copied_new + sum(len(s.names) for s in reused),
                       sum(len(s.tensors) for s in new) - copied_new,
                       bytes_reused=sum(s.file_size for s in reused), reused=methods)
+
+
+def _done(value: str) -> Future[str]:
+    done: Future[str] = Future()
+    done.set_result(value)
+    return done
+
+
+def _reuse(shard: ReusedShard, tmp: Path, out: Path, link: str, ckpt: Checkpoint, throttle: bool) -> str:
+    """Reuse an input shard whole; linking it changes the input's change time, which the end-of-run
+    check must not take for a change of its bytes."""
+    how = reuse_shard(shard, tmp / shard.filename, out, link, ckpt.input_file(shard.reuse.source), throttle)
+    if how in ("hard link", "reflink"):
+        ckpt.relinked(shard.reuse.source)
+    return how
+
+
+def _write_side_files(tmp: Path, shards: Sequence[OutputShard], side_files: Sequence[SideFile],
+                      config_overrides: Mapping[str, Any], checksum: str) -> list[dict[str, Any]]:
+    """The index and the side files, each with its size and checksum for the recipe."""
+    index = json.dumps(index_json(shards), indent=2) + "\n"
+    with _writing(tmp, INDEX_NAME, len(index)):
+        (tmp / INDEX_NAME).write_text(index, encoding="utf-8")
+    with _writing(tmp, "the side files", sum(f.size for f in side_files)):
+        copy_side_files(list(side_files), tmp, config_overrides)
+    return [{"file": name, "size": (tmp / name).stat().st_size, checksum: hash_file(tmp / name, checksum)}
+            for name in [INDEX_NAME, *(f.name for f in side_files)]]
 
 
 __all__ = ["execute", "CpuBlender", "MergeStats", "Blender", "RECIPE_NAME"]

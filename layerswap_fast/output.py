@@ -8,14 +8,17 @@ reports and removes it.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
-import json
+import functools
+import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import stat
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from . import _core
 from .errors import OutputError
@@ -23,40 +26,71 @@ from .layout import ReusedShard
 from .writeback import copy_whole_file
 
 PARTIAL_MARK = ".layerswap-partial-"
-#: files copied from the task expert beside the weights (config, tokenizer, generation settings)
-AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
-             "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json")
+OLD_MARK = ".layerswap-old-"  # an output being replaced, where the filesystem cannot exchange
 LINK_MODES = ("auto", "reflink", "hard", "symlink", "copy")
 _FICLONE = 0x40049409  # ioctl: share the extents of another file (copy-on-write clone)
+_NAME_MAX = 255
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
 
 
-def _is_within(path: Path, parent: Path) -> bool:
-    return path == parent or parent in path.parents
+def output_location(out: str | os.PathLike[str]) -> Path:
+    """The absolute path the OS will create for ``out``: its parent resolved (``link/../x`` and a
+    symlinked parent mean what the OS makes of them), its last component as given."""
+    path = Path(os.fspath(out))
+    if path.name in ("", ".", ".."):
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
-def _existing_parent(path: Path) -> Path:
-    parent = path.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    return parent
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
 
 
-def check_output(out: Path, input_dirs: Sequence[Path], force: bool, needed_bytes: int) -> None:
-    """Refuse an output that exists (without force), overlaps an input, or cannot fit."""
-    target = out.resolve()
-    for d in input_dirs:
-        src = d.resolve()
-        if _is_within(target, src):
-            raise OutputError(f"output {out} is inside the input {d}; choose another directory")
-        if _is_within(src, target):
-            raise OutputError(f"input {d} is inside the output {out}; choose another directory")
-    if out.exists() or out.is_symlink():
+def check_output(out: Path, guarded: Mapping[Path, str], force: bool, needed_bytes: int) -> None:
+    """Refuse an output that exists (without force), that is, contains or lies inside any path an
+    input occupies (``guarded``: resolved path -> what it is), that cannot be created, or that
+    cannot fit."""
+    for target in dict.fromkeys((out, Path(os.path.realpath(out)))):
+        for path, what in guarded.items():
+            if _overlaps(target, path):
+                clash = (f"{what} is inside the output {out}" if target in path.parents else
+                         f"output {out} is {'inside ' if path in target.parents else ''}{what}")
+                raise OutputError(f"{clash}; choose another directory")
+    if os.path.lexists(out):
         if not force:
             raise OutputError(f"output {out} already exists; pass --force to replace it")
         if not out.is_dir():
             raise OutputError(f"output {out} exists and is not a directory")
-    check_space(_existing_parent(out), needed_bytes)
+        if _overlaps(Path(os.path.realpath(out)), Path.cwd()):
+            raise OutputError(f"output {out} is or contains the current directory; choose another directory")
+    check_space(check_creatable(out), needed_bytes)
+
+
+def check_creatable(out: Path) -> Path:
+    """Check that ``out`` (and its staging directory) can be made: the nearest existing ancestor
+    is a writable directory on a writable filesystem and every new name fits. Returns that
+    ancestor."""
+    ancestor, new_names = out.parent, [out.name, staging_prefix(out, PARTIAL_MARK) + "4194304-xxxxxxxx"]
+    while not os.path.lexists(ancestor):
+        new_names.append(ancestor.name)
+        ancestor = ancestor.parent
+    try:
+        st = os.stat(ancestor)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"cannot create {out}: {ancestor} is not a directory")
+        if os.statvfs(ancestor).f_flag & os.ST_RDONLY:
+            raise OutputError(f"cannot create {out}: {ancestor} is on a read-only filesystem")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot create {out}: no permission to write in {ancestor}")
+        name_max = os.pathconf(ancestor, "PC_NAME_MAX")
+    except OSError as e:
+        raise OutputError(f"cannot create {out}: {ancestor}: {e.strerror}") from None
+    for name in new_names:
+        if len(os.fsencode(name)) > name_max:
+            raise OutputError(f"cannot create {out}: the name {name[:40]}... is longer than the "
+                              f"{name_max} bytes its filesystem allows")
+    return ancestor
 
 
 def check_space(directory: Path, needed_bytes: int) -> None:
@@ -76,56 +110,124 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def staging_prefix(out: Path, mark: str) -> str:
+    """Name prefix of the directories a run makes beside ``out`` (``.NAME.layerswap-partial-``);
+    a digest of NAME where NAME is too long for the prefix, a PID and a tag to fit NAME_MAX."""
+    prefix = f".{out.name}{mark}"
+    if len(os.fsencode(prefix)) + 24 > _NAME_MAX:
+        prefix = f".{hashlib.sha256(os.fsencode(out.name)).hexdigest()[:32]}{mark}"
+    return prefix
+
+
 def stale_partials(out: Path) -> list[Path]:
-    """Staging directories of earlier runs for ``out`` whose process is gone (killed runs)."""
+    """Directories that runs for ``out`` left beside it and whose process is gone (killed runs):
+    staging directories and outputs being replaced. Names are compared, never globbed."""
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
     found = []
-    for path in out.parent.glob(f".{out.name}{PARTIAL_MARK}*"):
-        pid = path.name[len(f".{out.name}{PARTIAL_MARK}"):].split("-", 1)[0]
-        if path.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
-            found.append(path)
+    for prefix in (staging_prefix(out, PARTIAL_MARK), staging_prefix(out, OLD_MARK)):
+        for name in names:
+            pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                found.append(out.parent / name)
     return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def clean_stale_partials(out: Path, report: Callable[[str], None]) -> None:
     for path in stale_partials(out):
         report(f"removing {path}, left by an interrupted run")
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
 
 
 @contextmanager
 def staging_directory(out: Path) -> Iterator[Path]:
     """A temporary directory beside ``out``, removed unless the body renamed it away."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{os.getpid()}-{os.urandom(4).hex()}"
-    tmp.mkdir()
+    tmp = out.parent / f"{staging_prefix(out, PARTIAL_MARK)}{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(f"cannot create {out}: {e.strerror}") from None
     try:
         yield tmp
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp):
+            _remove(tmp)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync one file or directory (the one seam through which publishing makes data durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def publish(tmp: Path, out: Path, force: bool) -> None:
-    """Make the finished staging directory the output in one rename (replacing an old one)."""
-    _fsync_dir(tmp)
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise OutputError(f"output {out} appeared during the merge; pass --force to replace it")
-        old = out.parent / f".{out.name}.layerswap-old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-    _fsync_dir(out.parent)
+def rename(src: Path, dst: Path, flags: int = 0) -> bool:
+    """``renameat2``: with ``_RENAME_NOREPLACE`` fail if ``dst`` exists, with ``_RENAME_EXCHANGE``
+    swap the two atomically. False where the kernel or filesystem cannot (the caller falls back)."""
+    if not flags:
+        os.rename(src, dst)
+        return True
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def publish(tmp: Path, out: Path, force: bool, sync: bool = False) -> None:
+    """Make the finished staging directory the output. ``sync``: every file's data is made durable
+    first. A new output is one rename that never replaces a directory that appeared meanwhile;
+    an old one (``force``) is exchanged with the new in one atomic step (``renameat2``
+    RENAME_EXCHANGE) where the filesystem can, and otherwise renamed aside first, in which case a
+    run killed between the two renames leaves no output and the old one under
+    ``.OUT.layerswap-old-PID-*``, which the next run for ``out`` reports and removes."""
+    if sync:
+        for entry in sorted(tmp.iterdir()):
+            fsync_path(entry)
+    fsync_path(tmp)
+    try:
+        if os.path.lexists(out):
+            if not force:
+                raise FileExistsError(errno.EEXIST, "exists", str(out))
+            _replace(tmp, out)
+        elif not rename(tmp, out, _RENAME_NOREPLACE):
+            rename(tmp, out)
+    except FileExistsError:
+        raise OutputError(f"output {out} appeared during the merge; pass --force to replace it") from None
+    except OSError as e:
+        raise OutputError(f"cannot publish {out}: {e.strerror}") from None
+    fsync_path(out.parent)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if rename(tmp, out, _RENAME_EXCHANGE):
+        _remove(tmp)  # now the old output, under the staging name: a kill here leaves a stale partial
+        return
+    old = out.parent / f"{staging_prefix(out, OLD_MARK)}{os.getpid()}-{os.urandom(4).hex()}"
+    rename(out, old)
+    rename(tmp, out)
+    _remove(old)
 
 
 def _reflink(src: Path, dest: Path) -> bool:
@@ -138,7 +240,6 @@ def _reflink(src: Path, dest: Path) -> bool:
             os.close(fd)
             os.unlink(dest)
             return False
-        os.fsync(fd)
         os.close(fd)
     return True
 
@@ -160,9 +261,7 @@ def reuse_shard(shard: ReusedShard, dest: Path, final_dir: Path, mode: str, sour
                               f"(hard links need one filesystem; use --link copy)") from None
         return "hard link"
     if mode == "symlink":
-        # relative where possible, as the Hugging Face cache does; the staging directory sits
-        # beside the final one, so a link relative to the final directory resolves from both
-        os.symlink(os.path.relpath(os.path.abspath(src), os.path.abspath(final_dir)), dest)
+        _relative_symlink(src, dest, final_dir)
         return "symlink"
     with _core.ShardWriter(str(dest), shard.file_size) as writer:
         copy_whole_file(writer, source, shard.file_size, throttle)
@@ -170,14 +269,12 @@ def reuse_shard(shard: ReusedShard, dest: Path, final_dir: Path, mode: str, sour
     return "copy"
 
 
-def copy_aux_files(source_dir: Path, dest: Path, config_overrides: Mapping[str, Any]) -> None:
-    for name in AUX_FILES:
-        src = source_dir / name
-        if not src.is_file():
-            continue
-        if name == "config.json" and config_overrides:
-            config = json.loads(src.read_text(encoding="utf-8"))
-            config.update(config_overrides)
-            (dest / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        else:
-            shutil.copyfile(src, dest / name)
+def _relative_symlink(src: Path, dest: Path, final_dir: Path) -> None:
+    """A link relative to the final directory, as the Hugging Face cache makes them, computed from
+    resolved paths (a link computed from ``link/../x`` as written would dangle). The staging
+    directory sits beside the final one in the same resolved parent, so it resolves from both."""
+    target = os.path.realpath(src)
+    link = os.path.relpath(target, os.path.realpath(final_dir.parent) + os.sep + final_dir.name)
+    os.symlink(link, dest)
+    if os.path.realpath(dest) != target or not os.path.isfile(dest):
+        raise OutputError(f"cannot link {src} into {final_dir}: the link {link} does not resolve to it")

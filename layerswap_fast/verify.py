@@ -1,4 +1,11 @@
-"""Check a merged output against what its recipe recorded: headers, index, sizes, checksums."""
+"""Check a merged output against what its recipe recorded: every file, its size and checksum.
+
+The recipe (``layerswap_recipe.json``) lists every other file of the output: the shards, the
+index and the side files (config, tokenizer, generation settings), each with its size and
+checksum. ``verify`` accepts an output only when the directory holds exactly those files, each
+matching, the shards pass the strict header and index checks, and the recipe agrees with the copy
+that every new shard carries in its ``__metadata__``. An output without shards is invalid.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .checkpoint import INDEX_NAME, open_checkpoint
+from .checkpoint import open_checkpoint
 from .engine import RECIPE_NAME
 from .errors import CheckpointError, LayerswapError
 from .writeback import CHECKSUMS, hash_file
+
+#: recipe keys written after the shards, so absent from the copy inside each shard's metadata
+_WRITTEN_AFTER = ("checksum", "shards", "reused_shards", "files")
+_MAX_RECIPE_BYTES = 64 << 20
 
 
 class VerifyError(LayerswapError):
@@ -26,24 +38,49 @@ class VerifyReport:
 
     def summary(self) -> str:
         return (f"ok: {self.path}: {self.shards} shards, {self.tensors} tensors, {self.bytes / 1e9:.2f} GB, "
-                f"headers, index, sizes and checksums match the recipe")
+                f"every file's size and checksum, the headers and the index match the recipe")
 
 
-def _recorded_shards(out: Path) -> list[dict]:
-    recipe_path = out / RECIPE_NAME
-    if not recipe_path.is_file():
+def _load_recipe(out: Path) -> dict[str, Any]:
+    path = out / RECIPE_NAME
+    if not path.is_file():
         raise VerifyError(f"{out}: no {RECIPE_NAME}; not a complete layerswap-fast output")
-    unreadable = VerifyError(f"{recipe_path}: unreadable recipe (no list of shards with size and checksum)")
     try:
-        recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
-        shards, algorithm = recipe["shards"], recipe.get("checksum", "sha256")
-        well_formed = algorithm in CHECKSUMS and isinstance(shards, list) and all(
-            {"file", "size", algorithm} <= set(s) for s in shards)
-    except (ValueError, KeyError, TypeError):
-        raise unreadable from None
-    if not well_formed:  # an explicit check, not an assert: `python -O` must not skip it
-        raise unreadable
-    return [dict(s, digest=s[algorithm], algorithm=algorithm) for s in shards]
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_RECIPE_BYTES + 1)
+        if len(raw) > _MAX_RECIPE_BYTES:
+            raise VerifyError(f"{path}: larger than {_MAX_RECIPE_BYTES >> 20} MB; not a recipe")
+        recipe = json.loads(raw)
+    except (OSError, ValueError, RecursionError) as e:
+        raise VerifyError(f"{path}: unreadable recipe ({e})") from None
+    if not isinstance(recipe, dict):
+        raise VerifyError(f"{path}: the recipe is not a JSON object")
+    return recipe
+
+
+def _entries(recipe: dict[str, Any], key: str, algorithm: str, where: Path) -> list[dict[str, Any]]:
+    """The recipe's list ``key`` of {file, size, checksum}, each field of the right type."""
+    entries = recipe.get(key)
+    if not isinstance(entries, list):
+        raise VerifyError(f"{where}: the recipe has no list {key!r} (written by an older layerswap-fast?)")
+    for i, e in enumerate(entries):
+        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and type(e.get("size")) is int
+                and isinstance(e.get(algorithm), str)):
+            raise VerifyError(f"{where}: {key}[{i}] must be an object with a string 'file', an integer "
+                              f"'size' and a string {algorithm!r}")
+        if os.path.basename(e["file"]) != e["file"] or e["file"] in ("", ".", ".."):
+            raise VerifyError(f"{where}: {key}[{i}] names {e['file']!r}, which is not a file of the output")
+    return entries
+
+
+def _check_file(path: Path, entry: dict[str, Any], algorithm: str) -> None:
+    if path.is_symlink() and not path.exists():
+        raise VerifyError(f"{path}: a link that does not resolve")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise VerifyError(f"{path}: {size} bytes, the recipe recorded {entry['size']}")
+    if hash_file(path, algorithm) != entry[algorithm]:
+        raise VerifyError(f"{path}: {algorithm} checksum differs from the recipe's; the file was changed or corrupted")
 
 
 def verify(out: str | os.PathLike[str]) -> VerifyReport:
@@ -51,25 +88,50 @@ def verify(out: str | os.PathLike[str]) -> VerifyReport:
     out = Path(out)
     if not out.is_dir():
         raise VerifyError(f"{out} is not a directory")
-    shards = _recorded_shards(out)
-    if not (out / INDEX_NAME).is_file():
-        raise VerifyError(f"{out}: no {INDEX_NAME}")
+    recipe = _load_recipe(out)
+    where = out / RECIPE_NAME
+    algorithm = recipe.get("checksum")
+    if algorithm not in CHECKSUMS:
+        raise VerifyError(f"{where}: 'checksum' must be one of {', '.join(CHECKSUMS)}")
+    shards, files = _entries(recipe, "shards", algorithm, where), _entries(recipe, "files", algorithm, where)
+    if not shards:
+        raise VerifyError(f"{where}: the recipe lists no shards; an output without weights is not valid")
     try:
         ckpt = open_checkpoint(out)  # strict header and index validation
     except CheckpointError as e:
         raise VerifyError(str(e)) from None
     with ckpt:
         on_disk = {s.path.name for s in ckpt.shards}
-        recorded = {s["file"] for s in shards}
-        if on_disk != recorded:
-            raise VerifyError(f"{out}: the index names shards {sorted(on_disk)} but the recipe recorded {sorted(recorded)}")
-        sizes = {s.path.name: s.size for s in ckpt.shards}  # as open_checkpoint found them
-        for entry in shards:
-            path = out / entry["file"]
-            size = sizes[entry["file"]]
-            if size != entry["size"]:
-                raise VerifyError(f"{path}: {size} bytes, the recipe recorded {entry['size']}")
-            if hash_file(path, entry["algorithm"]) != entry["digest"]:
-                raise VerifyError(f"{path}: {entry['algorithm']} checksum differs from the recipe's; "
-                                  f"the file was changed or corrupted")
-        return VerifyReport(out, len(shards), len(ckpt.specs), sum(s["size"] for s in shards))
+        if on_disk != {e["file"] for e in shards}:
+            raise VerifyError(f"{out}: the index names shards {sorted(on_disk)} but the recipe recorded "
+                              f"{sorted(e['file'] for e in shards)}")
+        recorded = {e["file"]: e for e in shards + files}
+        present = set(os.listdir(out)) - {RECIPE_NAME}
+        if present != set(recorded):
+            extra, missing = sorted(present - set(recorded)), sorted(set(recorded) - present)
+            raise VerifyError(f"{out}: " + (f"{extra[0]!r} is not in the recipe" if extra else
+                                            f"{missing[0]!r}, recorded in the recipe, is missing"))
+        for name, entry in recorded.items():
+            _check_file(out / name, entry, algorithm)
+        _check_metadata_copies(ckpt, recipe, where)
+        return VerifyReport(out, len(shards), len(ckpt.specs), sum(e["size"] for e in shards))
+
+
+def _check_metadata_copies(ckpt: Any, recipe: dict[str, Any], where: Path) -> None:
+    """Every new shard carries the recipe (less what was written after it) in its metadata."""
+    reused = recipe.get("reused_shards")
+    if not isinstance(reused, list) or not all(isinstance(r, dict) and isinstance(r.get("shard"), str)
+                                               for r in reused):
+        raise VerifyError(f"{where}: 'reused_shards' must be a list of objects with a string 'shard'")
+    expected = {k: v for k, v in recipe.items() if k not in _WRITTEN_AFTER}
+    reused_names = {r["shard"] for r in reused}
+    for shard in ckpt.shards:
+        if shard.path.name in reused_names:
+            continue
+        try:
+            copy = json.loads(shard.metadata.get("layerswap_fast", ""))
+        except (ValueError, RecursionError):
+            copy = None
+        if copy != expected:
+            raise VerifyError(f"{where}: the recipe differs from the copy in {shard.path.name}'s metadata; "
+                              f"the recipe or the shard was edited")

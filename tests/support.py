@@ -5,6 +5,7 @@ through the package's own kernels or its C++ core)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 from pathlib import Path
@@ -72,6 +73,25 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file()} | {
             str(p.relative_to(root)) + "/": (0, 0) for p in sorted(root.rglob("*")) if p.is_dir()}
+
+
+def fs_state(root: Path) -> dict[str, tuple]:
+    """Everything below ``root`` (and root itself), without following links: each entry's type,
+    size, mtime and, for a file, its sha256, for a link its target. Equal before and after a
+    command: the command wrote, changed, removed and left nothing there."""
+    import hashlib
+
+    state: dict[str, tuple] = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = path.lstat()
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            state[key] = ("link", os.readlink(path))
+        elif path.is_file():
+            state[key] = ("file", st.st_size, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        else:
+            state[key] = ("dir" if path.is_dir() else "other", st.st_mtime_ns)
+    return state
 
 
 # ---- helpers shared by the core's tests (bit patterns of float tensors) --------------------------

@@ -382,7 +382,7 @@ def test_existing_output_and_force(trio, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     analyze(trio["base"], [trio["task"]], out, device="cpu", force=True)
     assert sorted(p.name for p in out.iterdir()) == ["heatmap.png", "mav.csv", "summary.json"]
-    with pytest.raises(OutputError, match="inside"):
+    with pytest.raises(OutputError, match="is the input"):
         analyze(trio["base"], [trio["task"]], trio["task"], device="cpu", force=True)
 
 
