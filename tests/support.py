@@ -94,6 +94,22 @@ def fs_state(root: Path) -> dict[str, tuple]:
     return state
 
 
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at ``path`` (made here) with mount ``options`` for the body of a fixture;
+    the test is skipped where mounting is not allowed (it needs root)."""
+    import subprocess
+
+    import pytest
+
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 # ---- helpers shared by the core's tests (bit patterns of float tensors) --------------------------
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

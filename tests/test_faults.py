@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import layerswap_fast as ls
-from support import make_llama_trio
+from support import make_llama_trio, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,7 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def small_disk(tmp_path: Path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root); the disk-full path is untested")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    yield from tmpfs(tmp_path / "disk", "size=400k")
 
 
 def leftovers(parent: Path) -> list[str]:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import layerswap_fast as ls
 from layerswap_fast import engine, output
 from layerswap_fast.cli import main
-from support import fs_state, make_llama_trio
+from support import fs_state, make_llama_trio, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -349,12 +349,7 @@ def test_an_output_under_a_file_or_a_loop(trio: dict[str, Path], tmp_path: Path)
 
 @pytest.fixture
 def read_only_dir(tmp_path: Path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    yield from tmpfs(tmp_path / "ro", "ro,size=64k")
 
 
 def test_a_read_only_filesystem(trio: dict[str, Path], read_only_dir: Path) -> None:
@@ -387,12 +382,7 @@ def test_undecodable_path_bytes_are_one_line(trio: dict[str, Path], tmp_path: Pa
 
 @pytest.fixture
 def small_disk(tmp_path: Path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    yield from tmpfs(tmp_path / "disk", "size=2m")
 
 
 def test_every_byte_is_counted_before_writing(trio: dict[str, Path], task_copy: Path, small_disk: Path) -> None:
