@@ -322,13 +322,14 @@ def execute(
                                                                      finishing.stop)
                 else:
                     digests[shard.filename] = _done(_write_shard(tmp, shard, filler, finishing))
+        digest = {name: future.result() for name, future in digests.items()}
         for ckpt in experts.values():  # a changed input may have fed us mixed bytes: refuse the output
             ckpt.check_unchanged("merge")
         files = _write_side_files(tmp, shards, side_files, config_overrides or {}, checksum)
         full_recipe = dict(recipe, checksum=checksum, shards=[
-            {"file": s.filename, "size": s.file_size, checksum: digests[s.filename].result()} for s in shards],
+            {"file": s.filename, "size": s.file_size, checksum: digest[s.filename]} for s in shards],
             reused_shards=[{"shard": s.filename, "from": str(s.reuse.source), "expert": s.reuse.expert,
-                            checksum: digests[s.filename].result()} for s in shards if isinstance(s, ReusedShard)],
+                            checksum: digest[s.filename]} for s in shards if isinstance(s, ReusedShard)],
             files=files)
         text = json.dumps(full_recipe, indent=2) + "\n"
         with _writing(tmp, RECIPE_NAME, len(text)):
