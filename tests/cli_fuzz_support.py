@@ -308,8 +308,10 @@ def _check_model(out: Path, aux_source: Path | None) -> list[str]:
     for p in out.iterdir():
         if p.name in (INDEX, RECIPE) or p.name.endswith(".safetensors"):
             continue
-        src = aux_source / p.name if aux_source is not None else None
-        if src is None or src.is_symlink() or not src.is_file() or (
+        # a side file may be a link (the Hugging Face cache uses them), but only to a regular
+        # file inside the source checkpoint
+        src = (aux_source / p.name).resolve() if aux_source is not None else None
+        if src is None or aux_source.resolve() not in src.parents or not src.is_file() or (
                 p.name != "config.json" and src.read_bytes() != p.read_bytes()):
             problems.append(f"side file leaked: {p.name} is not a copy of a regular file of the source")
     return problems
