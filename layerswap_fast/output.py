@@ -62,7 +62,8 @@ def check_output(out: Path, guarded: Mapping[Path, str], force: bool, needed_byt
             raise OutputError(f"output {out} already exists; pass --force to replace it")
         if not out.is_dir():
             raise OutputError(f"output {out} exists and is not a directory")
-        if _overlaps(Path(os.path.realpath(out)), Path.cwd()):
+        real, cwd = Path(os.path.realpath(out)), Path.cwd()
+        if real == cwd or real in cwd.parents:
             raise OutputError(f"output {out} is or contains the current directory; choose another directory")
     check_space(check_creatable(out), needed_bytes)
 

@@ -106,6 +106,8 @@ def test_the_current_directory_is_never_replaced(trio: dict[str, Path], tmp_path
     monkeypatch.chdir(tmp_path / "here")
     fails(*merge_args(trio, ".", "--force"), match="current directory", watch=[tmp_path])
     fails(*merge_args(trio, "..", "--force"), match="current directory", watch=[tmp_path])
+    for _ in range(2):  # an output below the current directory is replaced as any other
+        run(*merge_args(trio, "sub", "--force"))
 
 
 # ---------------------------------------------------------------- 2. side files
