@@ -20,6 +20,7 @@ from typing import Any
 from . import _core
 from .dtypes import DTYPE_SIZES
 from .errors import CheckpointError
+from .side_files import NAMES as SIDE_FILE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "consolidated.00.pth")
@@ -314,8 +315,10 @@ class Checkpoint:
         its shard links), each with what it is: what no command may write, replace or delete."""
         found = {Path(os.path.realpath(self.path)): f"the input {self.path}",
                  Path(os.path.realpath(self.directory)): f"the input {self.path}"}
-        for shard in self.shards:
-            found.setdefault(Path(os.path.realpath(shard.path)), f"the file {shard.path} of the input {self.path}")
+        files = [s.path for s in self.shards] + [self.directory / n for n in SIDE_FILE_NAMES + (INDEX_NAME,)]
+        for path in files:
+            if os.path.lexists(path):
+                found.setdefault(Path(os.path.realpath(path)), f"the file {path} of the input {self.path}")
         return found
 
     def input_file(self, path: Path) -> _core.InputFile:
