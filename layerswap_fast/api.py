@@ -309,7 +309,7 @@ def soup(models: Sequence[PathLike], out: PathLike, *, weights: str | Sequence[f
     elif isinstance(weights, str):
         raise ConfigError(f"weights must be uniform, magnitude or numbers, got {weights!r}")
     else:
-        raw = [float(w) for w in weights]
+        raw = list(weights)  # checked (numbers, finite, a finite sum) by normalize_weights
     with ExitStack() as stack:
         inputs = _open_all(stack, {model_role(i): p for i, p in enumerate(models)})
         plan = build_soup_plan({r: list(c.specs.values()) for r, c in inputs.items()}, raw,
