@@ -615,7 +615,7 @@ def load_stats(out_dir: PathLike) -> DeltaStats:
             out_dir=d, rows_saved=rows_saved)
     except StatsError:
         raise
-    except (KeyError, TypeError, ValueError, StopIteration, OSError) as e:
+    except (KeyError, TypeError, ValueError, StopIteration, OSError, csv.Error) as e:
         raise StatsError(f"{d}: malformed statistics ({type(e).__name__}: {e})") from None
 
 

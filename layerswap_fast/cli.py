@@ -123,7 +123,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: Path | None) 
         raise ConfigError(f"config {where} is a recipe for '{command}', not '{ctx.info_name}'")
     recipe = "options" in data
     options = data["options"] if recipe else {k: v for k, v in data.items() if k not in _DESCRIPTIVE}
-    for key in [*data, *options] if recipe else options:
+    for key in {*data, *options}:  # a recipe's top level too: the file may not name them anywhere
         name = _option_name(key)
         if name in _COMMAND_LINE_ONLY:
             raise ConfigError(f"config {where} sets {_COMMAND_LINE_ONLY[name]}; only the command line may set "

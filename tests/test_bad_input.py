@@ -406,3 +406,44 @@ def test_api_rejects_bad_weights_too(trio: dict[str, Path], tmp_path: Path) -> N
     with pytest.raises(ls.ConfigError, match="lambda"):
         ls.ties(trio["base"], [trio["task"]], tmp_path / "o", lam=float("inf"))
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ the reader, as verify will call it
+
+
+@pytest.mark.parametrize("recipe, words", [
+    ({"shards": [{"file": ["a"], "size": 1}]}, ["shards[0].file must be a string, got [\"a\"]"]),
+    ({"shards": [{"file": "a", "size": "1"}]}, ["shards[0].size must be an integer, got '1'"]),
+    ({"shards": [{"file": "a", "size": -1}]}, ["shards[0].size must be at least 0, got -1"]),
+    ({"shards": [{"size": 1}]}, ["shards[0].file is required"]),
+    ({"shards": []}, ["shards must be a list of mappings"]),
+    ({"shards": {"file": "a"}}, ["shards must be a list of mappings, got {\"file\": \"a\"}"]),
+    ({}, ["shards is required"]),
+])
+def test_read_json_with_a_recipe_schema(tmp_path: Path, recipe: dict, words: list[str]) -> None:
+    from layerswap_fast.errors import LayerswapError
+    from layerswap_fast.safe_read import Int, List, Map, Str, read_json
+
+    class VerifyLike(LayerswapError):
+        pass
+
+    schema = Map({"shards": List(Map({"file": Str(), "size": Int(0)}, required=("file", "size")), min_len=1)},
+                 required=("shards",))
+    path = tmp_path / "layerswap_recipe.json"
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(VerifyLike) as e:
+        read_json(path, schema, error=VerifyLike)
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    for word in words:
+        assert word in message
+    good = {"shards": [{"file": "a", "size": 3, "blake3": "x"}]}
+    path.write_text(json.dumps(good))
+    assert read_json(path, schema, error=VerifyLike) == good
+
+
+def test_a_path_with_a_newline_stays_on_one_line(trio: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "a\nb.yaml"
+    config.write_text("bottom: [1]\n")
+    line = fails([tmp_path], merge_args(trio, tmp_path / "o", "--config", config), "bottom must be an integer")
+    assert "'" + str(config).replace("\n", "\\n") + "'" in line
