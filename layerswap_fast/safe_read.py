@@ -5,7 +5,7 @@ one must cost bounded time and memory and end, when the file is bad, in one line
 
 - only regular files are read (a FIFO would block, ``/dev/zero`` never ends); symbolic links are
   followed (the Hugging Face cache links everything) but their target must be a regular file;
-- at most :data:`MAX_BYTES` are read;
+- at most :data:`MAX_BYTES` are read (:data:`MAX_YAML_BYTES` of YAML);
 - nesting deeper than :data:`MAX_DEPTH` is refused, checked without recursion;
 - text must be UTF-8, and every string valid Unicode (JSON's ``"\\ud800"`` is a lone surrogate,
   which no writer can encode); JSON ``NaN``/``Infinity`` and numbers that overflow are refused;
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +30,11 @@ from typing import Any
 from .errors import ConfigError, LayerswapError
 
 MAX_BYTES = 64 << 20
+#: YAML is parsed in pure Python (about 1 MB/s): a YAML config is hand-written and small, and a
+#: cap far below MAX_BYTES keeps a hostile one from costing minutes
+MAX_YAML_BYTES = 1 << 20
 MAX_DEPTH = 64
-#: digits of the longest integer literal read (2**64 has 20; Python refuses over 4300 anyway)
+#: digits of the longest YAML integer read (2**64 has 20); JSON's parser stops at 4300 itself
 MAX_INT_DIGITS = 100
 PathLike = str | os.PathLike[str]
 Error = type[LayerswapError]
@@ -101,30 +105,31 @@ def decode_utf8(raw: bytes, where: str, error: Error = ConfigError) -> str:
 
 # ------------------------------------------------------------------------------------- shape
 
-def check_tree(value: Any, where: str, error: Error = ConfigError, max_depth: int = MAX_DEPTH) -> None:
-    """Depth at most ``max_depth`` and every string (keys too) valid Unicode; no recursion."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+def check_tree(value: Any, where: str, error: Error = ConfigError, *, strings: bool = True,
+               max_depth: int = MAX_DEPTH) -> None:
+    """Depth at most ``max_depth`` and, with ``strings``, every string (keys too) valid Unicode.
+    Iterative: only containers go on the stack, so a header of many tensors stays cheap."""
+    if isinstance(value, str) and strings:
+        _check_unicode(value, where, error)
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, str):
-            _check_unicode(node, where, error)
-            continue
-        if not isinstance(node, (dict, list)):
-            continue
         if depth > max_depth:
             raise error(f"{where} is nested deeper than {max_depth} levels")
         if isinstance(node, dict):
-            for k, v in node.items():
-                if isinstance(k, str):
-                    _check_unicode(k, where, error)
+            if strings:
+                for k in node:
+                    if isinstance(k, str) and not k.isascii():
+                        _check_unicode(k, where, error)
+            node = node.values()
+        for v in node:
+            if isinstance(v, (dict, list)):
                 stack.append((v, depth + 1))
-        else:
-            stack.extend((v, depth + 1) for v in node)
+            elif strings and isinstance(v, str) and not v.isascii():
+                _check_unicode(v, where, error)
 
 
 def _check_unicode(s: str, where: str, error: Error) -> None:
-    if s.isascii():
-        return
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
@@ -152,12 +157,6 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def _parse_int(text: str) -> int:
-    if len(text) > MAX_INT_DIGITS:
-        raise _Reject(f"an integer of {len(text)} digits")
-    return int(text)
-
-
 def parse_json(text: str | bytes, where: str, *, allow_duplicates: bool = False,
                error: Error = ConfigError) -> Any:
     """Parse JSON text (bytes must be UTF-8), then :func:`check_tree`. A key given twice in one
@@ -175,7 +174,7 @@ def parse_json(text: str | bytes, where: str, *, allow_duplicates: bool = False,
 
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float,
-                           parse_int=_parse_int, object_pairs_hook=None if allow_duplicates else pairs)
+                           object_pairs_hook=None if allow_duplicates else pairs)
     except _Duplicate as e:
         raise error(f"{where}: {e}") from None
     except _Reject as e:
@@ -184,8 +183,12 @@ def parse_json(text: str | bytes, where: str, *, allow_duplicates: bool = False,
         raise error(f"{where} is nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as e:  # json.JSONDecodeError is one
         raise error(f"{where} is not valid JSON ({_one_line(str(e))})") from None
-    check_tree(value, where, error)
+    # UTF-8 decoding refuses encoded surrogates: only a \\uD800-\\uDFFF escape can make one
+    check_tree(value, where, error, strings=_SURROGATE_ESCAPE.search(text) is not None)
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _one_line(text: str) -> str:
@@ -455,7 +458,7 @@ def read_json(path: PathLike, schema: Schema | None = None, *, allow_duplicates:
     return value
 
 
-def read_yaml(path: PathLike, schema: Schema | None = None, *, cap: int = MAX_BYTES,
+def read_yaml(path: PathLike, schema: Schema | None = None, *, cap: int = MAX_YAML_BYTES,
               error: Error = ConfigError) -> Any:
     """As :func:`read_json`, for YAML (anchors and aliases refused, keys unique)."""
     where = show_path(path)

@@ -243,6 +243,10 @@ def test_json_files_have_a_size_cap(trio: dict[str, Path], tmp_path: Path) -> No
     with open(m / "config.json", "wb") as f:  # sparse: no disk space used
         f.truncate((64 << 20) + 1)
     fails_in_subprocess([tmp_path], plan_args(trio, m), "config.json", "larger than 64 MB")
+    with open(tmp_path / "c.yaml", "w") as f:
+        f.write("bottom: 1\n" + "# padding\n" * (1 << 17))
+    fails_in_subprocess([tmp_path], merge_args(trio, tmp_path / "o", "--config", tmp_path / "c.yaml"),
+                        "c.yaml", "larger than 1 MB", timeout=30)
 
 
 
