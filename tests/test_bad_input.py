@@ -157,6 +157,16 @@ def test_every_layer_count_key_is_checked(trio: dict[str, Path], tmp_path: Path,
     fails_in_subprocess([tmp_path], plan_args(trio, m), "config.json", f"{key} must be")
 
 
+def test_config_nulls_and_other_keys_are_fine(trio: dict[str, Path], tmp_path: Path) -> None:
+    """Only the keys this package reads are typed: a real config's other keys may hold anything."""
+    config = json.loads((trio["language"] / "config.json").read_text())
+    m = model_with_config(trio, tmp_path, {**config, "text_config": None, "n_layer": None,
+                                           "vision_config": {"num_hidden_layers": "x"}, "extra": [[1.5, None]]})
+    r = CliRunner().invoke(main, _args(plan_args(trio, m)))
+    assert r.exit_code == 0, r.output
+    assert "layer swap of a 4-layer model" in r.output
+
+
 def one_tensor_model(d: Path, name: str) -> Path:
     d.mkdir()
     save_file({name: torch.ones(2)}, str(d / "model.safetensors"))
@@ -303,6 +313,11 @@ def test_bad_config_yaml(trio: dict[str, Path], tmp_path: Path, text: str, words
     ('{"command": "merge", "options": {"bottom": 1, "top": Infinity}}', ["not valid JSON"]),
     ('{"command": "merge", "options": {"bottom": 1e999}}', ["not valid JSON", "1e999"]),
     ('{"command": "merge", "options": {"bottom": 1}, "command": "soup"}', ["duplicate key 'command'"]),
+    (DEEP_JSON, ["nested deeper than 64 levels"]),
+    ('{"command": "merge", "options": {"bottom": 1}, "layers": ' + "[" * 65 + "]" * 65 + "}",
+     ["nested deeper than 64 levels"]),
+    ('{"command": "merge", "options": {"bottom": 2.7}}', ["options.bottom must be an integer, got 2.7"]),
+    ('{"command": ["merge"], "options": {"bottom": 1}}', ["command must be a string"]),
 ])
 def test_bad_config_json_recipe(trio: dict[str, Path], tmp_path: Path, text: str, words: list[str]) -> None:
     (tmp_path / "c.json").write_text(text)
