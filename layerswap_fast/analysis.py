@@ -62,7 +62,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import FLOAT_DTYPES
 from .errors import CheckpointError, ConfigError, MismatchError
 from .layers import FIGURE_KINDS, MAX_LAYERS, classify, count_layers
-from .safe_read import Bool, Float, Int, List, Map, Optional, Str, read_json, show_path, show_value
+from .safe_read import Bool, Float, Int, List, Map, Nullable, Str, read_json, show_path, show_value
 from .api import DEVICES
 from .api import cuda_present as _gpu_present  # tests replace it here
 from .output import check_output, publish, staging_directory
@@ -543,7 +543,7 @@ def write_stats(stats: DeltaStats, directory: PathLike) -> None:
     (d / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
-_REF = {"path": Optional(Str()), "fingerprint": Optional(Str()), "content_sample": Optional(Str())}
+_REF = {"path": Nullable(Str()), "fingerprint": Nullable(Str()), "content_sample": Nullable(Str())}
 #: the keys of ``summary.json`` that :func:`load_stats` reads (``format`` and its version first)
 SUMMARY_SCHEMA = Map({
     "num_layers": Int(0, MAX_LAYERS), "base": Map(_REF),

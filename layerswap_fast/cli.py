@@ -22,7 +22,7 @@ from .layout import ReusedShard
 from .output import LINK_MODES
 from .writeback import CHECKSUMS
 from .plan import NON_LAYER, TRANSITION_WEIGHTS, SwapConfig, render_plan
-from .safe_read import Bool, Choice, Float, Int, List, Map, Optional, Schema, Str, read_json, read_yaml, show_path
+from .safe_read import Bool, Choice, Float, Int, List, Map, Nullable, Schema, Str, read_json, read_yaml, show_path
 
 #: options that never change the output's bytes: left out of recipes
 _NOT_IN_RECIPE = {"out", "force", "sync", "checksum", "dry_run", "threads", "device", "gpu_memory", "link", "config", "dump_config",
@@ -166,7 +166,7 @@ def _option_schema(p: click.Parameter) -> Schema:
         schema = Str()
     if p.multiple:
         schema = List(schema)
-    return Optional(schema) if p.default is None and not p.required else schema
+    return Nullable(schema) if p.default is None and not p.required else schema
 
 
 def recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:

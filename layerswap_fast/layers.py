@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointError, MismatchError
-from .safe_read import Int, Map, Optional, show_value
+from .safe_read import Int, Map, Nullable, show_value
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down", "norm", "embed", "lm_head", "other")
 #: the parameter kinds of the paper's Figure 2, in its column order
@@ -46,9 +46,9 @@ _KIND_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _NESTED_CONFIGS = ("text_config", "llm_config", "language_config")
-_LAYER_COUNTS = {key: Optional(Int(1, MAX_LAYERS)) for key in _LAYER_COUNT_KEYS}
+_LAYER_COUNTS = {key: Nullable(Int(1, MAX_LAYERS)) for key in _LAYER_COUNT_KEYS}
 #: the keys of ``config.json`` this package reads; any other key may hold anything
-CONFIG_SCHEMA = Map({**_LAYER_COUNTS, **{nested: Optional(Map(_LAYER_COUNTS)) for nested in _NESTED_CONFIGS}})
+CONFIG_SCHEMA = Map({**_LAYER_COUNTS, **{nested: Nullable(Map(_LAYER_COUNTS)) for nested in _NESTED_CONFIGS}})
 
 
 @dataclass(frozen=True)

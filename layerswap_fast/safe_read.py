@@ -377,7 +377,7 @@ class Choice(Schema):
 
 
 @dataclass(frozen=True)
-class Optional(Schema):
+class Nullable(Schema):
     """``null``, or a value of ``inner``."""
 
     inner: Schema
@@ -469,5 +469,5 @@ def read_yaml(path: PathLike, schema: Schema | None = None, *, cap: int = MAX_YA
 
 
 __all__ = ["read_json", "read_yaml", "read_bytes", "parse_json", "parse_yaml", "check_tree", "show_path",
-           "show_value", "Schema", "AnyValue", "Int", "Float", "Str", "Bool", "Choice", "Optional", "List", "Map",
+           "show_value", "Schema", "AnyValue", "Int", "Float", "Str", "Bool", "Choice", "Nullable", "List", "Map",
            "MAX_BYTES", "MAX_DEPTH", "Path"]
