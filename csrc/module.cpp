@@ -14,6 +14,7 @@
 
 #include "common.hpp"
 #include "io.hpp"
+#include "kernel_util.hpp"
 #include "kernels.hpp"
 #include "ties.hpp"
 
@@ -348,6 +349,10 @@ py::array_t<double> row_mav_file_py(py::handle experts, py::handle expert_dtypes
   int64_t nthreads = to_i64(threads, "threads");
   uint64_t numel;
   check_dims(r, c, &numel, "row_mav_file");
+  // The result (experts x rows doubles) is allocated from numbers the caller passed: check that
+  // every slice holds rows x cols elements first, so they are bounded by the files' sizes.
+  lsf::check_slice(bs, numel, bdt, "row_mav_file: base");
+  lsf::check_slices(ex.slices, dts, numel, "row_mav_file: experts");
   auto res = new_result(n, r);
   double* out = res.mutable_data();
   {

@@ -60,8 +60,9 @@ from . import __version__, _core
 from .writeback import hash_file
 from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import FLOAT_DTYPES
-from .errors import CheckpointError, ConfigError, MismatchError
-from .layers import FIGURE_KINDS, classify, count_layers
+from .errors import CheckpointError, ConfigError, LayerswapError, MismatchError
+from .layers import FIGURE_KINDS, MAX_LAYERS, classify, count_layers
+from .safe_read import Bool, Float, Int, List, Map, Nullable, Str, read_json, show_path, show_value
 from .api import DEVICES
 from .api import cuda_present as _gpu_present  # tests replace it here
 from .api import guarded_paths
@@ -282,6 +283,13 @@ def _default_name(path: Path) -> str:
     return p.name or "expert"
 
 
+def check_expert_name(name: object, error: type[LayerswapError] = ConfigError, where: str = "") -> None:
+    """An expert's name becomes a path component (``rows/NAME/``): one component, no line break."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0\n\r"):
+        raise error(f"{where + ': ' if where else ''}expert name {name!r} must be non-empty, without path "
+                    f"separators or line breaks")
+
+
 def expert_names(experts: Sequence[PathLike] | Mapping[str, PathLike]) -> list[tuple[str, Path]]:
     """(name, path) per expert: the mapping's keys, else the directory names made unique
     (``task``, ``task-2``, ...)."""
@@ -290,10 +298,7 @@ def expert_names(experts: Sequence[PathLike] | Mapping[str, PathLike]) -> list[t
     if isinstance(experts, Mapping):
         out = []
         for name, path in experts.items():
-            if not isinstance(name, str) or not name or name in (".", "..") or any(
-                    c in name for c in "/\\\0\n\r"):
-                raise ConfigError(f"expert name {name!r} must be non-empty, without path separators "
-                                  f"or line breaks")
+            check_expert_name(name)
             out.append((name, Path(path)))
         return out
     paths = [Path(p) for p in experts]
@@ -543,23 +548,34 @@ def write_stats(stats: DeltaStats, directory: PathLike) -> None:
     (d / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
+_REF = {"path": Nullable(Str()), "fingerprint": Nullable(Str()), "content_sample": Nullable(Str())}
+#: the keys of ``summary.json`` that :func:`load_stats` reads (``format`` and its version first)
+SUMMARY_SCHEMA = Map({
+    "num_layers": Int(0, MAX_LAYERS), "base": Map(_REF),
+    "experts": List(Map({"name": Str(), "tensors": Int(0), **_REF}, required=("name", "tensors"))),
+    "files": Map({MAV_CSV: Str(), HEATMAP_PNG: Str()}, required=(MAV_CSV, HEATMAP_PNG)),
+    "csv_lines": Int(0), "rows": Bool(), "seconds": Float(), "bytes_read": Int(0),
+    "skipped": List(Map({"tensor": Str(), "reason": Str()}, required=("tensor", "reason"))),
+}, required=("num_layers", "base", "experts", "files", "csv_lines"))
+
+
 def load_stats(out_dir: PathLike) -> DeltaStats:
     """Read an earlier :func:`analyze` output back, checking that it is complete and unmodified
     (the checksums in ``summary.json``, one CSV line per expert and tensor, the row files)."""
     d = Path(out_dir)
     if not d.is_dir():
         raise StatsError(f"statistics directory {d} does not exist (run `layerswap-fast analyze` first)")
-    try:
-        summary = json.loads((d / SUMMARY_JSON).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StatsError(f"{d}: no {SUMMARY_JSON}; not an analyze output, or an incomplete one") from None
-    except (OSError, ValueError) as e:
-        raise StatsError(f"{d / SUMMARY_JSON}: cannot read it ({e})") from None
-    if not isinstance(summary, dict) or summary.get("format") != FORMAT:
+    if not os.path.lexists(d / SUMMARY_JSON):
+        raise StatsError(f"{d}: no {SUMMARY_JSON}; not an analyze output, or an incomplete one")
+    summary = read_json(d / SUMMARY_JSON, Map(), error=StatsError)
+    if summary.get("format") != FORMAT:
         raise StatsError(f"{d / SUMMARY_JSON} is not a layerswap-fast statistics summary")
     if summary.get("format_version") != FORMAT_VERSION:
-        raise StatsError(f"{d / SUMMARY_JSON}: format version {summary.get('format_version')} "
+        raise StatsError(f"{d / SUMMARY_JSON}: format version {show_value(summary.get('format_version'))} "
                          f"(this version reads {FORMAT_VERSION}); analyze again")
+    SUMMARY_SCHEMA.check(summary, show_path(d / SUMMARY_JSON), error=StatsError)
+    for expert in summary["experts"]:  # names become paths below d (rows/NAME/)
+        check_expert_name(expert["name"], StatsError, show_path(d / SUMMARY_JSON))
     try:
         files = summary["files"]
         for fname in (MAV_CSV, HEATMAP_PNG):
@@ -606,7 +622,7 @@ def load_stats(out_dir: PathLike) -> DeltaStats:
             out_dir=d, rows_saved=rows_saved)
     except StatsError:
         raise
-    except (KeyError, TypeError, ValueError, StopIteration, OSError) as e:
+    except (KeyError, TypeError, ValueError, StopIteration, OSError, csv.Error) as e:
         raise StatsError(f"{d}: malformed statistics ({type(e).__name__}: {e})") from None
 
 

@@ -143,7 +143,7 @@ def _write(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out:
     size_limit = parse_size(write.shard_size)
     out_path = output_location(out)
     # only what decides the bytes: thread count, device and link mode never change them
-    recipe = _recipe(command, plan, inputs, {**options, "shard_size": write.shard_size}, extra)
+    recipe = _recipe(command, plan, inputs, {**options, "shard_size": str(write.shard_size)}, extra)
     metadata = {"format": "pt", "layerswap_fast": json.dumps(recipe, separators=(",", ":"), sort_keys=True)}
     shards = layout_shards(plan.tensors, size_limit, metadata, reusable_shards(plan, inputs),
                            source_offset=lambda r: _copied_from(r, inputs))
@@ -339,7 +339,7 @@ def soup(models: Sequence[PathLike], out: PathLike, *, weights: str | Sequence[f
     elif isinstance(weights, str):
         raise ConfigError(f"weights must be uniform, magnitude or numbers, got {weights!r}")
     else:
-        raw = [float(w) for w in weights]
+        raw = list(weights)  # checked (numbers, finite, a finite sum) by normalize_weights
     with ExitStack() as stack:
         inputs = _open_all(stack, {model_role(i): p for i, p in enumerate(models)})
         plan = build_soup_plan({r: list(c.specs.values()) for r, c in inputs.items()}, raw,

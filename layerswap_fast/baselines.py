@@ -7,6 +7,9 @@ Roles name the inputs: ``model.0``, ``model.1`` ... and ``base``.
 
 from __future__ import annotations
 
+import math
+import numbers
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,14 +36,34 @@ def _dtypes(members: Mapping[str, Sequence[SpecLike]]) -> dict[str, dict[str, st
     return {role: {s.name: s.dtype for s in specs} for role, specs in members.items()}
 
 
+#: the largest float32: every kernel multiplies in float32, so a weight beyond it is infinite there
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_finite(value: object, what: str, limit: float = FLOAT32_MAX) -> float:
+    """``value`` as a float; ConfigError unless it is a real number of magnitude at most
+    ``limit`` (by default the float32 range, which every kernel computes in)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{what} must be numbers, got {value!r}")
+    x = float(value)
+    if not (math.isfinite(x) and abs(x) <= limit):
+        range_ = "" if limit == sys.float_info.max else f" (at most {limit:.4g} in magnitude, float32)"
+        raise ConfigError(f"{what} must be finite{range_}, got {value!r}")
+    return x
+
+
 def normalize_weights(weights: Sequence[float]) -> tuple[float, ...]:
-    """A weighted average: weights scaled to sum to 1 (they must be finite, >= 0, not all 0)."""
-    if any(not (w >= 0.0) or w == float("inf") for w in weights):
-        raise ConfigError(f"soup weights must be finite and non-negative, got {list(weights)}")
-    total = sum(weights)
+    """A weighted average: weights scaled to sum to 1 (they must be finite, >= 0, not all 0, and
+    sum to a finite number: 1e308 + 1e308 overflows, and every weight would become 0)."""
+    ws = [check_finite(w, "soup weights", sys.float_info.max) for w in weights]
+    if any(w < 0.0 for w in ws):
+        raise ConfigError(f"soup weights must be non-negative, got {list(weights)}")
+    total = sum(ws)
     if total <= 0.0:
         raise ConfigError("soup weights must not all be zero")
-    return tuple(w / total for w in weights)
+    if not math.isfinite(total):
+        raise ConfigError(f"soup weights must have a finite sum, got {list(weights)}")
+    return tuple(w / total for w in ws)
 
 
 @dataclass(frozen=True)
@@ -74,10 +97,12 @@ def build_task_arithmetic_plan(base: Sequence[SpecLike], experts: Mapping[str, S
     like every blend; the definition's order (differences first) can differ by at most 1 ulp of
     the output dtype, where float32 rounding of the two orders lands on either side of a tie.
     """
+    lam = check_finite(lam, "lambda")
     members = {BASE: base, **experts}
     _, first = _check_all(members)
     dtypes = _dtypes(members)
-    terms = [Term(role, lam) for role in experts] + [Term(BASE, 1.0 - len(experts) * lam)]
+    terms = [Term(role, lam) for role in experts] + [Term(BASE, check_finite(
+        1.0 - len(experts) * lam, f"the base's weight 1 - {len(experts)}·lambda"))]
     terms = [t for t in terms if t.weight != 0.0]
     recipes = tuple(make_recipe(s, classify(s.name).layer, terms, dtype or s.dtype, dtypes) for s in first)
     return MergePlan(0, TaskArithmeticConfig(lam), dtype, (), tuple(terms), recipes, method="task_arithmetic")
@@ -92,8 +117,9 @@ class TiesConfig:
 def build_ties_plan(base: Sequence[SpecLike], experts: Mapping[str, Sequence[SpecLike]], density: float,
                     lam: float, dtype: str | None = None) -> MergePlan:
     """TIES-merging (Yadav et al., 2023) of every tensor: trim, elect sign, disjoint mean, scale."""
-    if not 0.0 <= density <= 1.0:
+    if not 0.0 <= check_finite(density, "density") <= 1.0:
         raise ConfigError(f"density must be between 0 and 1, got {density}")
+    lam = check_finite(lam, "lambda")
     members = {BASE: base, **experts}
     _, first = _check_all(members)
     dtypes = _dtypes(members)
@@ -132,7 +158,9 @@ def build_revert_plan(base: Sequence[SpecLike], expert: Sequence[SpecLike], conf
     each tensor that changed least (row MAV below a threshold, or the least-changed fraction)."""
     if config.row_threshold is not None and config.row_fraction is not None:
         raise ConfigError("give --row-threshold or --row-fraction, not both")
-    if config.row_fraction is not None and not 0.0 <= config.row_fraction <= 1.0:
+    if config.row_threshold is not None:
+        check_finite(config.row_threshold, "row threshold")
+    if config.row_fraction is not None and not 0.0 <= check_finite(config.row_fraction, "row fraction") <= 1.0:
         raise ConfigError(f"row fraction must be between 0 and 1, got {config.row_fraction}")
     if not config.layers and config.row_threshold is None and config.row_fraction is None:
         raise ConfigError("nothing to revert: give --layers, --row-threshold or --row-fraction")

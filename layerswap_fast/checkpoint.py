@@ -9,7 +9,6 @@ data is read lazily, in chunks, through the C++ core.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any
 from . import _core
 from .dtypes import DTYPE_SIZES
 from .errors import CheckpointError
+from .layers import CONFIG_SCHEMA
+from .safe_read import Map, Str, parse_json, read_json, show_path
 from .side_files import NAMES as SIDE_FILE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -55,28 +56,6 @@ class ShardHeader:
     tensors: tuple[TensorSpec, ...]
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise CheckpointError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _decode_json(raw: bytes, what: str) -> Any:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{what}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates)
-    except CheckpointError as e:
-        raise CheckpointError(f"{what}: {e}") from None
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{what}: header is not valid JSON ({e})") from None
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -109,8 +88,8 @@ def parse_header(raw: bytes, file_size: int, path: Path) -> tuple[dict[str, str]
     offsets tile the data buffer from 0 without gaps or overlaps, and the buffer ends exactly at
     the end of the file.
     """
-    where = str(path)
-    header = _decode_json(raw, where)
+    where = show_path(path)
+    header = parse_json(raw, f"{where}: header", error=CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -171,16 +150,12 @@ def _lexically_inside(directory: Path, relative: str) -> bool:
     return ".." not in Path(relative).parts
 
 
+#: what this package reads of an index: the tensor → shard file map (``metadata`` is free-form)
+INDEX_SCHEMA = Map({"weight_map": Map(values=Str())}, required=("weight_map",))
+
+
 def _read_index(index_path: Path) -> dict[str, str]:
-    try:
-        raw = index_path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read {index_path}: {e.strerror}") from None
-    index = _decode_json(raw, str(index_path))
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard files")
+    weight_map = read_json(index_path, INDEX_SCHEMA, error=CheckpointError)["weight_map"]
     for shard in dict.fromkeys(weight_map.values()):  # each file once: an index names it per tensor
         if not _lexically_inside(index_path.parent, shard):
             name = next(n for n, s in weight_map.items() if s == shard)
@@ -378,15 +353,12 @@ def _check_index_agrees(index_path: Path, weight_map: dict[str, str], specs: dic
 
 
 def _read_config(directory: Path) -> dict[str, Any] | None:
+    """``config.json`` checked against :data:`layers.CONFIG_SCHEMA`; None when there is none (a
+    FIFO or a dangling link in its place is an error, not an absent config)."""
     path = directory / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read config ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: config is not a JSON object")
+    config: dict[str, Any] = read_json(path, CONFIG_SCHEMA, error=CheckpointError)
     return config
 
 

@@ -14,13 +14,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MismatchError
+from .errors import CheckpointError, MismatchError
+from .safe_read import Int, Map, Nullable, show_value
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down", "norm", "embed", "lm_head", "other")
 #: the parameter kinds of the paper's Figure 2, in its column order
 FIGURE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.([0-9]+)\.")
+#: most layers a model may have: layer counts and indices read from files are bounded by it
+#: before anything (a set of indices, a layer table) is allocated from them
+MAX_LAYERS = 65536
 
 # Checked in order against the part of the name after the layer index (or the whole name for
 # non-layer tensors), without the trailing ``.weight``/``.bias``; the first match wins. Fused
@@ -41,6 +45,10 @@ _KIND_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_NESTED_CONFIGS = ("text_config", "llm_config", "language_config")
+_LAYER_COUNTS = {key: Nullable(Int(1, MAX_LAYERS)) for key in _LAYER_COUNT_KEYS}
+#: the keys of ``config.json`` this package reads; any other key may hold anything
+CONFIG_SCHEMA = Map({**_LAYER_COUNTS, **{nested: Nullable(Map(_LAYER_COUNTS)) for nested in _NESTED_CONFIGS}})
 
 
 @dataclass(frozen=True)
@@ -56,8 +64,13 @@ def classify(name: str) -> LayerInfo:
     match = _LAYER.search(name)
     if match is None:
         return LayerInfo(None, _kind(name))
+    digits = match.group(1)
+    if len(digits) > len(str(MAX_LAYERS)) or int(digits) >= MAX_LAYERS:
+        shown = digits if len(digits) <= 20 else digits[:20] + "..."
+        raise CheckpointError(f"tensor {show_value(name)}: layer index {shown} is above the limit of "
+                              f"{MAX_LAYERS - 1}")
     suffix = name[match.end():]
-    return LayerInfo(int(match.group(1)), _kind(suffix))
+    return LayerInfo(int(digits), _kind(suffix))
 
 
 def _kind(suffix: str) -> str:
@@ -68,20 +81,17 @@ def _kind(suffix: str) -> str:
     return "other"
 
 
-def layer_count_from_config(config: Mapping[str, Any] | None) -> int | None:
-    """``num_hidden_layers`` or one of its aliases, also inside a nested ``text_config``."""
+def layer_count_from_config(config: Mapping[str, Any] | None, where: str = "config") -> int | None:
+    """``num_hidden_layers`` or one of its aliases, also inside a nested ``text_config``; every
+    one present must be an integer in 1..MAX_LAYERS (:data:`CONFIG_SCHEMA`, which
+    ``Checkpoint`` already applied to its ``config.json``)."""
     if not config:
         return None
-    for key in _LAYER_COUNT_KEYS:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    for nested in ("text_config", "llm_config", "language_config"):
-        sub = config.get(nested)
-        if isinstance(sub, Mapping):
-            found = layer_count_from_config(sub)
-            if found is not None:
-                return found
+    CONFIG_SCHEMA.check(config, where, error=CheckpointError)
+    for sub in (config, *(config.get(n) for n in _NESTED_CONFIGS)):
+        for key in _LAYER_COUNT_KEYS:
+            if sub is not None and sub.get(key) is not None:
+                return int(sub[key])
     return None
 
 
@@ -92,7 +102,7 @@ def count_layers(names: Iterable[str], config: Mapping[str, Any] | None, where: 
     index 0..L-1 must occur in the names.
     """
     seen = {info.layer for info in map(classify, names) if info.layer is not None}
-    from_config = layer_count_from_config(config)
+    from_config = layer_count_from_config(config, f"{where}: config.json")
     count = from_config if from_config is not None else (max(seen) + 1 if seen else 0)
     if seen != set(range(count)):
         missing = sorted(set(range(count)) - seen)

@@ -29,7 +29,10 @@ def parse_size(text: str | int) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
         if m is None:
             raise ConfigError(f"cannot read size {text!r}: use a number with a unit, like 5GB or 500MB")
-        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+        number = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+        if not number < 2**63:  # overflows to inf for a long enough string of digits
+            raise ConfigError(f"size {text!r} is too large")
+        value = int(number)
     if value <= 0:
         raise ConfigError(f"size must be positive, got {text!r}")
     return value

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .layers import CONFIG_SCHEMA
+from .safe_read import parse_json, show_path
 
 NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
          "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
@@ -95,12 +97,8 @@ def copy_side_files(files: list[SideFile], dest: Path, config_overrides: Mapping
     for f in files:
         data = read_side_file(f)
         if f.name == "config.json" and config_overrides:
-            try:
-                config = json.loads(data)
-            except (ValueError, RecursionError) as e:
-                raise CheckpointError(f"{f.source}: cannot read config ({e})") from None
-            if not isinstance(config, dict):
-                raise CheckpointError(f"{f.source}: config is not a JSON object")
+            config = parse_json(data, show_path(f.source), error=CheckpointError)
+            CONFIG_SCHEMA.check(config, show_path(f.source), error=CheckpointError)
             data = (json.dumps({**config, **config_overrides}, indent=2) + "\n").encode()
         (dest / f.name).write_bytes(data)
 

@@ -18,11 +18,11 @@ from typing import Any
 from .checkpoint import open_checkpoint
 from .engine import RECIPE_NAME
 from .errors import CheckpointError, LayerswapError
+from .safe_read import Choice, Int, List, Map, Str, read_json
 from .writeback import CHECKSUMS, hash_file
 
 #: recipe keys written after the shards, so absent from the copy inside each shard's metadata
 _WRITTEN_AFTER = ("checksum", "shards", "reused_shards", "files")
-_MAX_RECIPE_BYTES = 64 << 20
 
 
 class VerifyError(LayerswapError):
@@ -41,36 +41,21 @@ class VerifyReport:
                 f"every file's size and checksum, the headers and the index match the recipe")
 
 
-def _load_recipe(out: Path) -> dict[str, Any]:
+def _load_recipe(out: Path) -> tuple[dict[str, Any], str]:
+    """The recipe, checked against its schema, and its checksum algorithm."""
     path = out / RECIPE_NAME
     if not path.is_file():
         raise VerifyError(f"{out}: no {RECIPE_NAME}; not a complete layerswap-fast output")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_RECIPE_BYTES + 1)
-        if len(raw) > _MAX_RECIPE_BYTES:
-            raise VerifyError(f"{path}: larger than {_MAX_RECIPE_BYTES >> 20} MB; not a recipe")
-        recipe = json.loads(raw)
-    except (OSError, ValueError, RecursionError) as e:
-        raise VerifyError(f"{path}: unreadable recipe ({e})") from None
-    if not isinstance(recipe, dict):
-        raise VerifyError(f"{path}: the recipe is not a JSON object")
-    return recipe
-
-
-def _entries(recipe: dict[str, Any], key: str, algorithm: str, where: Path) -> list[dict[str, Any]]:
-    """The recipe's list ``key`` of {file, size, checksum}, each field of the right type."""
-    entries = recipe.get(key)
-    if not isinstance(entries, list):
-        raise VerifyError(f"{where}: the recipe has no list {key!r} (written by an older layerswap-fast?)")
-    for i, e in enumerate(entries):
-        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and type(e.get("size")) is int
-                and isinstance(e.get(algorithm), str)):
-            raise VerifyError(f"{where}: {key}[{i}] must be an object with a string 'file', an integer "
-                              f"'size' and a string {algorithm!r}")
-        if os.path.basename(e["file"]) != e["file"] or e["file"] in ("", ".", ".."):
-            raise VerifyError(f"{where}: {key}[{i}] names {e['file']!r}, which is not a file of the output")
-    return entries
+    recipe = read_json(path, Map({"checksum": Choice(CHECKSUMS)}, required=("checksum",)), error=VerifyError)
+    algorithm = recipe["checksum"]
+    entry = Map({"file": Str(), "size": Int(0), algorithm: Str()}, required=("file", "size", algorithm))
+    Map({"shards": List(entry), "files": List(entry), "reused_shards": List(Map({"shard": Str()}, required=("shard",)))},
+        required=("shards", "files", "reused_shards")).check(recipe, str(path), error=VerifyError)
+    for key in ("shards", "files"):
+        for i, e in enumerate(recipe[key]):
+            if os.path.basename(e["file"]) != e["file"] or e["file"] in ("", ".", ".."):
+                raise VerifyError(f"{path}: {key}[{i}] names {e['file']!r}, which is not a file of the output")
+    return recipe, algorithm
 
 
 def _check_file(path: Path, entry: dict[str, Any], algorithm: str) -> None:
@@ -88,12 +73,9 @@ def verify(out: str | os.PathLike[str]) -> VerifyReport:
     out = Path(out)
     if not out.is_dir():
         raise VerifyError(f"{out} is not a directory")
-    recipe = _load_recipe(out)
+    recipe, algorithm = _load_recipe(out)
     where = out / RECIPE_NAME
-    algorithm = recipe.get("checksum")
-    if algorithm not in CHECKSUMS:
-        raise VerifyError(f"{where}: 'checksum' must be one of {', '.join(CHECKSUMS)}")
-    shards, files = _entries(recipe, "shards", algorithm, where), _entries(recipe, "files", algorithm, where)
+    shards, files = recipe["shards"], recipe["files"]
     if not shards:
         raise VerifyError(f"{where}: the recipe lists no shards; an output without weights is not valid")
     try:
@@ -119,10 +101,7 @@ def verify(out: str | os.PathLike[str]) -> VerifyReport:
 
 def _check_metadata_copies(ckpt: Any, recipe: dict[str, Any], where: Path) -> None:
     """Every new shard carries the recipe (less what was written after it) in its metadata."""
-    reused = recipe.get("reused_shards")
-    if not isinstance(reused, list) or not all(isinstance(r, dict) and isinstance(r.get("shard"), str)
-                                               for r in reused):
-        raise VerifyError(f"{where}: 'reused_shards' must be a list of objects with a string 'shard'")
+    reused = recipe["reused_shards"]
     expected = {k: v for k, v in recipe.items() if k not in _WRITTEN_AFTER}
     reused_names = {r["shard"] for r in reused}
     for shard in ckpt.shards:
