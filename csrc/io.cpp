@@ -21,6 +21,10 @@ constexpr uint64_t kCopyBuffer = 8ULL << 20;        // fallback copy buffer
 constexpr uint64_t kMaxOff = static_cast<uint64_t>(INT64_MAX);
 
 std::atomic<bool> g_cfr_enabled{true};
+std::atomic<uint64_t> g_max_io{kMaxIo};  // lowered by a test hook so that every retry loop runs
+
+// Bytes to ask of one pread/pwrite/copy_file_range call when n are left.
+uint64_t io_request(uint64_t n) { return std::min(n, g_max_io.load(std::memory_order_relaxed)); }
 
 std::string q(const std::string& path) { return show(path); }
 
@@ -115,7 +119,7 @@ void InputFile::pread_exact(int fd, uint64_t off, void* buf, uint64_t n) const {
   auto* p = static_cast<unsigned char*>(buf);
   uint64_t done = 0;
   while (done < n) {
-    size_t req = static_cast<size_t>(std::min(n - done, kMaxIo));
+    size_t req = static_cast<size_t>(io_request(n - done));
     ssize_t r = ::pread(fd, p + done, req, static_cast<off_t>(off + done));
     if (r < 0) {
       if (errno == EINTR) continue;
@@ -173,6 +177,8 @@ void InputFile::close() { close_quietly(fd_.take()); }
 
 void set_copy_file_range_enabled(bool enabled) { g_cfr_enabled.store(enabled); }
 
+void set_max_io_bytes(uint64_t n) { g_max_io.store(n == 0 ? kMaxIo : std::min(n, kMaxIo)); }
+
 ShardWriter::ShardWriter(const std::string& path, uint64_t size) : path_(path), size_(size) {
   if (path.find('\0') != std::string::npos) fail("creating " + q(path) + ": path contains a NUL byte");
   if (size > kMaxOff)
@@ -222,7 +228,7 @@ void ShardWriter::pwrite_exact(int fd, uint64_t off, const void* buf, uint64_t n
   const auto* p = static_cast<const unsigned char*>(buf);
   uint64_t done = 0;
   while (done < n) {
-    size_t req = static_cast<size_t>(std::min(n - done, kMaxIo));
+    size_t req = static_cast<size_t>(io_request(n - done));
     ssize_t r = ::pwrite(fd, p + done, req, static_cast<off_t>(off + done));
     if (r < 0) {
       if (errno == EINTR) continue;
@@ -252,7 +258,7 @@ void ShardWriter::copy_range(InputFile& src, uint64_t src_off, uint64_t dst_off,
     while (done < n) {
       loff_t so = static_cast<loff_t>(src_off + done);
       loff_t dof = static_cast<loff_t>(dst_off + done);
-      size_t req = static_cast<size_t>(std::min(n - done, kMaxIo));
+      size_t req = static_cast<size_t>(io_request(n - done));
       ssize_t r = ::copy_file_range(in.fd(), &so, out.fd(), &dof, req, 0);
       if (r < 0) {
         int e = errno;

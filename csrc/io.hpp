@@ -80,6 +80,9 @@ class InputFile {
 
 // Global switch for tests: false forces copy_range onto the pread/pwrite fallback.
 void set_copy_file_range_enabled(bool enabled);
+// Global switch for tests: at most n bytes per pread/pwrite/copy_file_range call (0: the
+// default), so that reads and writes come back short and every retry loop runs.
+void set_max_io_bytes(uint64_t n);
 
 class ShardWriter {
  public:

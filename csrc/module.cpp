@@ -682,6 +682,10 @@ PYBIND11_MODULE(_core, m) {
       [](bool enabled) { lsf::set_copy_file_range_enabled(enabled); }, py::arg("enabled"),
       "Testing hook: False forces ShardWriter.copy_range onto its pread/pwrite fallback.");
   m.def(
+      "_set_max_io_bytes", [](uint64_t n) { lsf::set_max_io_bytes(n); }, py::arg("n"),
+      "Testing hook: at most n bytes per read, write or copy call (0: the default), so that "
+      "every call comes back short and the retry loops run.");
+  m.def(
       "_set_ties_simd_enabled", [](bool enabled) { lsf::set_ties_simd_enabled(enabled); },
       py::arg("enabled"),
       "Testing hook: False makes the TIES BF16 merge loop take its portable form, not AVX-512.");

@@ -243,6 +243,11 @@ def _set_copy_file_range_enabled(enabled: bool) -> None:
     """Testing hook (process-wide): ``False`` forces :meth:`ShardWriter.copy_range` onto its
     pread/pwrite fallback; ``True`` (the default) uses copy_file_range again."""
 
+def _set_max_io_bytes(n: int) -> None:
+    """Testing hook (process-wide): at most ``n`` bytes per pread, pwrite or copy_file_range call
+    (``0``: the default, 1 GiB), so that reads and writes come back short and every retry loop
+    runs."""
+
 def _set_ties_simd_enabled(enabled: bool) -> None:
     """Testing hook (process-wide): ``False`` makes the TIES merge loop for BF16 take its portable
     form instead of the AVX-512 one (used only where the CPU has it); both give the same bytes."""

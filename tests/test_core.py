@@ -85,7 +85,7 @@ def test_module_surface():
     assert issubclass(CoreError, OSError)
     assert CoreError.__module__ == "layerswap_fast._core"
     for name in ["InputFile", "ShardWriter", "dtype_size", "blend_buffers", "blend_file",
-                 "row_mav_buffers", "row_mav_file", "_set_copy_file_range_enabled"]:
+                 "row_mav_buffers", "row_mav_file", "_set_copy_file_range_enabled", "_set_max_io_bytes"]:
         assert hasattr(core, name)
 
 
@@ -724,6 +724,27 @@ def test_copy_range_fallback_hook(tmp_path, cfr_off):
         w.copy_range(src, 0, 0, len(data))
         w.close(sync=False)
     assert (tmp_path / "dst").read_bytes() == data
+
+
+@pytest.mark.parametrize("use_cfr", [True, False])
+def test_short_reads_writes_and_copies_resume_where_they_stopped(tmp_path, use_cfr):
+    """With every call capped at 999 bytes, each read, write and copy takes many calls; the bytes
+    must be those of one call."""
+    data = os.urandom(100_003)
+    src_path = write_file(tmp_path / "src", data)
+    core._set_copy_file_range_enabled(use_cfr)
+    core._set_max_io_bytes(999)
+    try:
+        with core.InputFile(str(src_path)) as src:
+            assert src.read(7, 50_000) == data[7:50_007]
+            w = core.ShardWriter(str(tmp_path / "dst"), 2 * len(data))
+            w.write(0, data)
+            w.copy_range(src, 3, len(data), len(data) - 3)
+            w.close(sync=False)
+    finally:
+        core._set_max_io_bytes(0)
+        core._set_copy_file_range_enabled(True)
+    assert (tmp_path / "dst").read_bytes() == data + data[3:] + bytes(3)
 
 
 def test_gil_released_during_blend(gen):
