@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import layerswap_fast as ls
+import layerswap_fast._core
 from support import (assert_merged, assert_same_shards, expected_weights, layer_of, load_tensors,
                      make_llama_trio, snapshot)
 
 L = 12
+
+
+@pytest.fixture
+def short_io() -> Iterator[None]:
+    """The core's reads and writes come back short (see each test); the default afterwards."""
+    try:
+        yield
+    finally:
+        layerswap_fast._core._set_max_io_bytes(0)
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +276,103 @@ def test_a_shard_replaced_after_its_header_was_read_is_caught(tmp_path: Path,
         ls.merge(trio["task"], trio["language"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out*"))
+
+
+# ------------------------------------------------------------------------ layout of new shards
+
+def _tensor_sizes(path: Path) -> list[list[int]]:
+    """Per shard (in file order), the byte sizes of its tensors."""
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    sizes: dict[str, list[int]] = {}
+    for name, shard in index.items():
+        with safe_open(str(path / shard), framework="pt") as f:
+            t = f.get_tensor(name)
+        sizes.setdefault(shard, []).append(t.numel() * t.element_size())
+    return [sizes[s] for s in sorted(sizes)]
+
+
+def test_shards_are_packed_greedily_up_to_the_exact_limit(tmp_path: Path) -> None:
+    """Equal tensors and a limit of exactly three of them: every shard holds three (a tensor that
+    exactly fills a shard still belongs in it), the last the remainder."""
+    names = [f"model.layers.0.w{i}.weight" for i in range(8)]
+    for role, value in (("a", 1.0), ("b", 3.0)):
+        (tmp_path / role).mkdir()
+        save_file({n: torch.full((250,), value) for n in names}, str(tmp_path / role / "model.safetensors"))
+    ls.soup([tmp_path / "a", tmp_path / "b"], tmp_path / "out", shard_size=3000)
+    assert _tensor_sizes(tmp_path / "out") == [[1000] * 3, [1000] * 3, [1000] * 2]
+    ls.soup([tmp_path / "a", tmp_path / "b"], tmp_path / "out2", shard_size=2999)
+    assert _tensor_sizes(tmp_path / "out2") == [[1000] * 2] * 4
+
+
+def _data_starts(path: Path) -> dict[str, int]:
+    """Where each new shard's data buffer starts (8 + header length), reused input files left out."""
+    reused = {r["shard"] for r in json.loads((path / "layerswap_recipe.json").read_text())["reused_shards"]}
+    return {p.name: 8 + int.from_bytes(p.read_bytes()[:8], "little")
+            for p in sorted(path.glob("*.safetensors")) if p.name not in reused}
+
+
+@pytest.mark.parametrize("command", ["merge", "merge f32", "soup", "ties", "revert rows"])
+def test_every_new_shard_keeps_its_data_8_byte_aligned(trio: dict[str, Path], tmp_path: Path, command: str) -> None:
+    """Shards with copied tensors start their data at the copies' page phase, shards of computed
+    tensors alone at the next multiple of 8: either way aligned for any dtype, as safetensors asks."""
+    out = tmp_path / "out"
+    run = {"merge": lambda: ls.merge(trio["task"], trio["language"], out, shard_size="30KB", link="copy"),
+           "merge f32": lambda: ls.merge(trio["task"], trio["language"], out, shard_size="30KB", dtype="f32"),
+           "soup": lambda: ls.soup([trio["task"], trio["language"]], out, shard_size="30KB"),
+           "ties": lambda: ls.ties(trio["base"], [trio["task"], trio["language"]], out, shard_size="30KB"),
+           "revert rows": lambda: ls.revert(trio["base"], trio["task"], out, row_fraction=0.5, shard_size="30KB")}
+    run[command]()
+    starts = _data_starts(out)
+    assert len(starts) > 1 and all(s % 8 == 0 for s in starts.values()), starts
+    ls.verify(out)
+
+
+def test_merges_with_short_reads_and_writes_give_the_same_bytes(trio: dict[str, Path], tmp_path: Path,
+                                                                 short_io: None) -> None:
+    """Every read, write and kernel-side copy comes back after at most 1000 bytes (a core hook), so
+    every retry loop runs: the output must not change."""
+    layerswap_fast._core._set_max_io_bytes(0)
+    ls.merge(trio["task"], trio["language"], tmp_path / "whole", link="copy")
+    ls.ties(trio["base"], [trio["task"], trio["language"]], tmp_path / "ties-whole")
+    layerswap_fast._core._set_max_io_bytes(1000)
+    ls.merge(trio["task"], trio["language"], tmp_path / "short", link="copy")
+    ls.ties(trio["base"], [trio["task"], trio["language"]], tmp_path / "ties-short")
+    layerswap_fast._core._set_copy_file_range_enabled(False)
+    try:
+        ls.merge(trio["task"], trio["language"], tmp_path / "short-fallback", link="copy")
+    finally:
+        layerswap_fast._core._set_copy_file_range_enabled(True)
+    assert_same_shards(tmp_path / "whole", tmp_path / "short", tmp_path / "short-fallback")
+    assert_same_shards(tmp_path / "ties-whole", tmp_path / "ties-short")
+    assert_merged(tmp_path / "short", trio)
+
+
+def test_copies_from_odd_input_offsets_never_unalign_the_data(tmp_path: Path) -> None:
+    """The language expert stores its tensors in another order, so its big copied tensor sits 2
+    bytes off the 8-byte grid of the output: the data buffer must still start 8-aligned (the page
+    phase is chosen among aligned ones only), and every tensor must still be right."""
+    a, b, c = (f"model.layers.{n}" for n in ("0.a.weight", "0.b.weight", "1.c.weight"))
+    gen = torch.Generator().manual_seed(11)
+    tensors = {role: {a: torch.randn(3, generator=gen).to(torch.bfloat16),
+                      b: torch.randn(1000, generator=gen).to(torch.bfloat16),
+                      c: torch.randn(5, generator=gen).to(torch.bfloat16)} for role in ("task", "language")}
+    for role in tensors:
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    save_file(tensors["task"], str(tmp_path / "task" / "model.safetensors"))  # by name: a, b, c
+    order, header, data = [b, a, c], {}, b""
+    for name in order:
+        header[name] = {"dtype": "BF16", "shape": list(tensors["language"][name].shape),
+                        "data_offsets": [len(data), len(data) + tensors["language"][name].numel() * 2]}
+        data += tensors["language"][name].view(torch.int16).numpy().tobytes()
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (tmp_path / "language" / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    config = ls.SwapConfig(bottom=1, top=0, lower_transition=0, upper_transition=0)
+    ls.merge(tmp_path / "task", tmp_path / "language", tmp_path / "out", config, link="copy")
+    assert all(s % 8 == 0 for s in _data_starts(tmp_path / "out").values())
+    out = load_tensors(tmp_path / "out")
+    want = {a: tensors["language"][a], b: tensors["language"][b], c: tensors["task"][c]}
+    assert {n: t.view(torch.int16).tolist() for n, t in out.items()} == \
+        {n: t.view(torch.int16).tolist() for n, t in want.items()}
+    ls.verify(tmp_path / "out")
