@@ -110,6 +110,17 @@ def test_index_must_list_every_tensor_of_its_shards(tmp_path: Path) -> None:
         open_checkpoint(tmp_path)
 
 
+def test_a_tensor_in_two_shards_is_refused_whatever_the_index_says(tmp_path: Path) -> None:
+    # shard a holds x and y, shard b holds x too; the index maps x to b and y to a, so every
+    # index entry is present in its shard, and only the duplicate itself can be the error
+    save_file({"x": torch.ones(2), "y": torch.zeros(3)}, str(tmp_path / "a.safetensors"))
+    save_file({"x": torch.full((2,), 7.0)}, str(tmp_path / "b.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"y": "a.safetensors", "x": "b.safetensors"}}))
+    with pytest.raises(CheckpointError, match="tensor 'x' appears in both a.safetensors and b.safetensors"):
+        open_checkpoint(tmp_path)
+
+
 def test_symlinked_shards_work_like_the_hf_cache(tmp_path: Path) -> None:
     blobs = tmp_path / "blobs"
     blobs.mkdir()
