@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -745,6 +747,32 @@ def test_short_reads_writes_and_copies_resume_where_they_stopped(tmp_path, use_c
         core._set_max_io_bytes(0)
         core._set_copy_file_range_enabled(True)
     assert (tmp_path / "dst").read_bytes() == data + data[3:] + bytes(3)
+
+
+@pytest.fixture
+def other_filesystem(tmp_path):
+    """A directory on another filesystem than ``tmp_path`` (/dev/shm, a tmpfs on Linux), so no
+    mount is needed; skipped where there is none."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no writable /dev/shm on another filesystem")
+    d = Path(tempfile.mkdtemp(dir=shm, prefix="layerswap-test-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_copy_range_across_filesystems(tmp_path, other_filesystem):
+    """copy_file_range refuses (EXDEV) or copies between filesystems, depending on the kernel:
+    either way the bytes arrive, through the pread/pwrite fallback where it refuses."""
+    data = os.urandom((9 << 20) + 5)
+    src_path = write_file(other_filesystem / "src", data)
+    with core.InputFile(str(src_path)) as src:
+        w = core.ShardWriter(str(tmp_path / "dst"), len(data) + 3)
+        w.copy_range(src, 0, 3, len(data))
+        w.close(sync=False)
+    assert (tmp_path / "dst").read_bytes() == bytes(3) + data
 
 
 def test_gil_released_during_blend(gen):
