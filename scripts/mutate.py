@@ -1,0 +1,374 @@
+#!/usr/bin/env python3
+"""Mutation run: plant one plausible bug at a time and check that the test suite catches it.
+
+Each mutant below names a file, an exact snippet that must occur there once, and what it becomes.
+The run copies the working tree (tracked and untracked-not-ignored files) and the virtual
+environment into a scratch directory, installs the copy there (editable, so a Python mutant takes
+effect at once; a C++ mutant rebuilds the extension), and for every mutant runs the tests most
+likely to catch it first and, if they pass, the whole suite. A mutant is *killed* when a test
+fails, *survives* when the whole suite passes. The list is kept in step with the code: a snippet
+that no longer occurs exactly once is reported as stale and counts as a failure of the run.
+
+    python scripts/mutate.py                  # every mutant; prints the score and the survivors
+    python scripts/mutate.py --list           # the list, by area
+    python scripts/mutate.py --check          # only check that every snippet still applies
+    python scripts/mutate.py --only NAME,...  # some of them
+    python scripts/mutate.py --baseline       # run the whole suite on the unmutated copy first
+
+Not part of CI (it takes a while); run it before resolving an issue that changes the tests or the
+code they guard, and record the score in bench/RESULTS.md. Exit status: 0 when every mutant was
+killed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerswap-fast" / "mutate"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    area: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # run first; the whole suite runs only if these pass
+
+    @property
+    def is_cpp(self) -> bool:
+        return self.file.startswith("csrc/")
+
+
+def M(name: str, area: str, file: str, old: str, new: str, *tests: str) -> Mutant:
+    return Mutant(name, area, file, old, new, tuple(tests))
+
+
+MUTANTS: list[Mutant] = [
+    # ------------------------------------------------------------ planner and methods
+    M("lower-transition-off-by-one", "planner", "layerswap_fast/plan.py",
+      "elif layer < b + lt:", "elif layer <= b + lt:", "tests/test_plan.py"),
+    M("ramp-weights-skip-the-ends", "planner", "layerswap_fast/plan.py",
+      "task_w = j / (n + 1)", "task_w = j / n", "tests/test_plan.py"),
+    M("non-layer-task-takes-language", "planner", "layerswap_fast/plan.py",
+      'if config.non_layer == "task":\n        return (Term(TASK, 1.0),)',
+      'if config.non_layer == "task":\n        return (Term(LANGUAGE, 1.0),)', "tests/test_plan.py"),
+    M("copy-ignores-a-dtype-change", "planner", "layerswap_fast/plan.py",
+      "terms[0].weight == 1.0 and dtypes[terms[0].expert][spec.name] == out_dtype:",
+      "terms[0].weight == 1.0:", "tests/test_merge.py", "tests/test_plan.py"),
+    M("swap-may-exceed-the-layers", "planner", "layerswap_fast/plan.py",
+      "if needed > num_layers:", "if needed > num_layers + 1:", "tests/test_plan.py"),
+    M("soup-weights-not-normalised", "methods", "layerswap_fast/baselines.py",
+      "return tuple(w / total for w in ws)", "return tuple(ws)", "tests/test_baselines.py"),
+    M("task-arithmetic-base-weight", "methods", "layerswap_fast/baselines.py",
+      "1.0 - len(experts) * lam", "1.0 - lam", "tests/test_baselines.py"),
+    M("ties-k-from-numel-minus-one", "methods", "layerswap_fast/engine.py",
+      'keep = int(recipe.param("density") * numel)', 'keep = int(recipe.param("density") * (numel - 1))',
+      "tests/test_baselines.py"),
+    M("revert-layer-range-past-the-end", "methods", "layerswap_fast/baselines.py",
+      "if not 0 <= a <= b < num_layers:", "if not 0 <= a <= b <= num_layers:", "tests/test_baselines.py"),
+    M("revert-row-threshold-inclusive", "methods", "layerswap_fast/engine.py",
+      'return mav < params["threshold"]', 'return mav <= params["threshold"]', "tests/test_baselines.py"),
+    M("revert-fraction-rounds-up", "methods", "layerswap_fast/engine.py",
+      '[:int(params["fraction"] * len(mav))]', '[:round(params["fraction"] * len(mav) + 0.49)]',
+      "tests/test_baselines.py"),
+    # ------------------------------------------------------------ validation of inputs
+    M("tensor-size-not-checked", "validation", "layerswap_fast/checkpoint.py",
+      "if end - begin != expected:", "if end - begin > expected:", "tests/test_checkpoint.py"),
+    M("gaps-between-tensors-accepted", "validation", "layerswap_fast/checkpoint.py",
+      "if begin != position:", "if begin < position:", "tests/test_checkpoint.py"),
+    M("trailing-bytes-accepted", "validation", "layerswap_fast/checkpoint.py",
+      "if data_start + position != file_size:", "if data_start + position > file_size:",
+      "tests/test_checkpoint.py"),
+    M("tensor-in-two-shards-accepted", "validation", "layerswap_fast/checkpoint.py",
+      "                if spec.name in specs:\n", "                if spec.name in specs and False:\n",
+      "tests/test_checkpoint.py"),
+    M("index-may-omit-a-tensor", "validation", "layerswap_fast/checkpoint.py",
+      "        if name not in weight_map:\n", "        if name not in weight_map and False:\n",
+      "tests/test_checkpoint.py"),
+    M("index-may-leave-the-directory", "validation", "layerswap_fast/checkpoint.py",
+      'return ".." not in Path(relative).parts', "return True", "tests/test_checkpoint.py",
+      "tests/test_hostile.py"),
+    M("layer-index-unbounded", "validation", "layerswap_fast/layers.py",
+      "or int(digits) >= MAX_LAYERS:", "or int(digits) > 10 * MAX_LAYERS:", "tests/test_bad_input.py"),
+    M("layer-count-not-checked-against-names", "validation", "layerswap_fast/layers.py",
+      "    if seen != set(range(count)):", "    if not seen <= set(range(count)):", "tests/test_layers.py"),
+    M("json-depth-cap-off", "validation", "layerswap_fast/safe_read.py",
+      "MAX_DEPTH = 64", "MAX_DEPTH = 100000", "tests/test_bad_input.py"),
+    M("side-file-outside-the-checkpoint", "validation", "layerswap_fast/side_files.py",
+      "if not any(real == r or r in real.parents for r in roots):", "if False:", "tests/test_safety.py"),
+    M("side-file-size-cap-off", "validation", "layerswap_fast/side_files.py",
+      "if st.st_size > MAX_BYTES:", "if st.st_size > 2 * MAX_BYTES:", "tests/test_safety.py"),
+    # ------------------------------------------------------------ layout
+    M("shard-limit-inclusive", "layout", "layerswap_fast/layout.py",
+      "if groups[-1] and used + n > shard_size:", "if groups[-1] and used + n >= shard_size:",
+      "tests/test_merge.py"),
+    M("unaligned-data-without-copies", "layout", "layerswap_fast/layout.py",
+      "pad = -(8 + len(raw)) % 8 if phase is None", "pad = 0 if phase is None", "tests/test_merge.py"),
+    M("page-phase-may-be-unaligned", "layout", "layerswap_fast/layout.py",
+      "if phase % 8 == 0]", "if phase % 2 == 0]", "tests/test_merge.py"),
+    M("index-total-size-counts-headers", "layout", "layerswap_fast/layout.py",
+      '"total_size": sum(s.data_size for s in shards)', '"total_size": sum(s.file_size for s in shards)',
+      "tests/test_merge.py"),
+    M("shard-reused-when-one-tensor-is-copied", "layout", "layerswap_fast/layout.py",
+      "if shard.names and all(copied_from.get(n) == expert for n in shard.names)]",
+      "if shard.names and any(copied_from.get(n) == expert for n in shard.names)]", "tests/test_reuse.py"),
+    # ------------------------------------------------------------ engine and publishing
+    M("publish-renames-before-it-fsyncs", "publishing", "layerswap_fast/output.py",
+      "    if sync:\n        for entry in sorted(tmp.iterdir()):\n            fsync_path(entry)\n    fsync_path(tmp)\n",
+      "", "tests/test_safety.py"),
+    M("sync-ignored", "publishing", "layerswap_fast/api.py",
+      "threads=write.threads or 0, sync=write.sync,", "threads=write.threads or 0, sync=False,",
+      "tests/test_safety.py"),
+    M("publish-may-replace-a-new-directory", "publishing", "layerswap_fast/output.py",
+      "elif not rename(tmp, out, _RENAME_NOREPLACE):\n            rename(tmp, out)",
+      "else:\n            rename(tmp, out)", "tests/test_safety.py", "tests/test_merge.py"),
+    M("stale-partials-of-live-runs-removed", "publishing", "layerswap_fast/output.py",
+      "if pid.isdigit() and not _pid_alive(int(pid)):", "if pid.isdigit():", "tests/test_safety.py",
+      "tests/test_merge.py"),
+    M("input-changes-not-checked-at-the-end", "engine", "layerswap_fast/engine.py",
+      '            ckpt.check_unchanged("merge")\n', "            pass\n", "tests/test_safety.py"),
+    M("copy-pieces-restart-at-the-tensor", "engine", "layerswap_fast/engine.py",
+      "writer.copy_range(src, src_offset + start, dst_offset + start, n)",
+      "writer.copy_range(src, src_offset, dst_offset + start, n)", "tests/test_merge.py"),
+    M("input-is-the-output", "engine", "layerswap_fast/output.py",
+      "    return a == b or a in b.parents or b in a.parents", "    return a == b", "tests/test_safety.py"),
+    # ------------------------------------------------------------ recipes and verify
+    M("recipe-drops-upper-transition", "recipes", "layerswap_fast/api.py",
+      '"upper_transition": config.upper_transition, ', "", "tests/test_baselines.py"),
+    M("recipe-drops-density", "recipes", "layerswap_fast/api.py",
+      '"density": density, "lam": lam,', '"lam": lam,', "tests/test_baselines.py"),
+    M("recipe-drops-shard-size", "recipes", "layerswap_fast/api.py",
+      '{**options, "shard_size": str(write.shard_size)}', "options", "tests/test_baselines.py"),
+    M("verify-skips-the-metadata-copies", "recipes", "layerswap_fast/verify.py",
+      "        _check_metadata_copies(ckpt, recipe, where)\n", "", "tests/test_safety.py", "tests/test_verify.py"),
+    M("verify-accepts-extra-files", "recipes", "layerswap_fast/verify.py",
+      "if present != set(recorded):", "if not set(recorded) <= present:", "tests/test_safety.py",
+      "tests/test_verify.py"),
+    # ------------------------------------------------------------ CLI
+    M("cli-errors-exit-1", "cli", "layerswap_fast/cli.py",
+      'click.echo(f"error: {safe}", err=True)\n    sys.exit(2)', 'click.echo(f"error: {safe}", err=True)\n    sys.exit(1)',
+      "tests/test_cli.py"),
+    M("cli-error-lines-keep-newlines", "cli", "layerswap_fast/cli.py",
+      'safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)', "safe = message",
+      "tests/test_bad_input.py"),
+    # ------------------------------------------------------------ analysis
+    M("magnitude-weights-not-inverted", "analysis", "layerswap_fast/analysis.py",
+      "inv = {n: 1.0 / a for n, a in avgs.items()}", "inv = dict(avgs)", "tests/test_analysis.py"),
+    # ------------------------------------------------------------ C++ kernels and I/O
+    M("pwrite-retry-resends-from-the-start", "core I/O", "csrc/io.cpp",
+      "ssize_t r = ::pwrite(fd, p + done, req,", "ssize_t r = ::pwrite(fd, p, req,", "tests/test_core.py"),
+    M("pread-retry-rereads-into-the-start", "core I/O", "csrc/io.cpp",
+      "ssize_t r = ::pread(fd, p + done, req,", "ssize_t r = ::pread(fd, p, req,", "tests/test_core.py"),
+    M("copy-file-range-retry-from-the-start", "core I/O", "csrc/io.cpp",
+      "loff_t so = static_cast<loff_t>(src_off + done);", "loff_t so = static_cast<loff_t>(src_off);",
+      "tests/test_core.py"),
+    M("cross-device-copy-is-an-error", "core I/O", "csrc/io.cpp",
+      "if (e == EXDEV || e == ENOSYS", "if (e == ENOSYS", "tests/test_core.py"),
+    M("header-length-may-pass-the-end", "core I/O", "csrc/io.cpp",
+      "  if (n > size_ - 8)\n", "  if (n > size_)\n", "tests/test_core.py", "tests/test_hostile.py"),
+    M("blend-ignores-the-first-weight", "core kernels", "csrc/kernels.cpp",
+      "for (size_t j = 0; j < m; ++j) acc[j] = w * Elem<D>::load(p, j);",
+      "for (size_t j = 0; j < m; ++j) acc[j] = Elem<D>::load(p, j);", "tests/test_core.py"),
+    M("bf16-rounds-half-up", "core kernels", "csrc/numerics.hpp",
+      "(u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16", "(u + UINT32_C(0x8000)) >> 16", "tests/test_core.py"),
+    M("row-mav-divides-by-cols-plus-one", "core kernels", "csrc/kernels.cpp",
+      "out_[e * rows_ + r] = acc_[e] / static_cast<double>(cols_);",
+      "out_[e * rows_ + r] = acc_[e] / static_cast<double>(cols_ + 1);", "tests/test_core.py"),
+    M("row-mav-without-abs", "core kernels", "csrc/kernels.cpp",
+      "d[j] = std::fabs(Elem<D>::load(p, j) - b[j]);", "d[j] = Elem<D>::load(p, j) - b[j];",
+      "tests/test_core.py"),
+    M("ties-trim-drops-ties-at-the-threshold", "core kernels", "csrc/ties.cpp",
+      "const uint32_t keep = 0u - static_cast<uint32_t>((db & kAbsMask) >= thr);",
+      "const uint32_t keep = 0u - static_cast<uint32_t>((db & kAbsMask) > thr);", "tests/test_ties_core.py"),
+    M("ties-sum-instead-of-mean", "core kernels", "csrc/ties.cpp",
+      "const int32_t c = cnt[j] > 0 ? cnt[j] : 1;", "const int32_t c = 1;", "tests/test_ties_core.py"),
+]
+
+
+# ---------------------------------------------------------------------------------- the run
+
+def sh(cmd: list[str], cwd: Path, timeout: float | None = None, env: dict[str, str] | None = None,
+       log: Path | None = None) -> tuple[int, str]:
+    """Run ``cmd``; (exit status, output). A command past ``timeout`` is killed with its group
+    and reported as status -9."""
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True) as p:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            out, _ = p.communicate()
+            if log:
+                log.write_text(out)
+            return -9, out
+    if log:
+        log.write_text(out)
+    return p.returncode, out
+
+
+def tree_files(root: Path) -> list[str]:
+    """The working tree as git sees it: tracked files and untracked ones that are not ignored."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         check=True, capture_output=True).stdout
+    return [f for f in out.decode().split("\0") if f and (root / f).is_file()]
+
+
+def prepare(workdir: Path) -> Path:
+    """A copy of the working tree and of .venv in ``workdir/tree``, installed editable there."""
+    tree = workdir / "tree"
+    tree.mkdir(parents=True, exist_ok=True)
+    for entry in tree.iterdir():  # keep the environment and the build directory between runs
+        if entry.name not in (".venv", "build"):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for f in tree_files(ROOT):
+        (tree / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, tree / f)
+    if not (tree / ".venv" / "bin" / "python").exists():
+        if not (ROOT / ".venv" / "bin" / "python").exists():
+            sys.exit("error: no .venv here: run `bash scripts/setup.sh --test` first")
+        print(f"copying .venv into {tree} ...", flush=True)
+        subprocess.run(["cp", "-a", "--reflink=auto", str(ROOT / ".venv"), str(tree / ".venv")], check=True)
+    rebuild(tree)
+    return tree
+
+
+def rebuild(tree: Path) -> tuple[int, str]:
+    """(Re)install the copy editable: the extension is rebuilt from its csrc, incrementally."""
+    return sh([str(tree / ".venv/bin/python"), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+               "-e", "."], tree, timeout=1800)
+
+
+def pytest_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # A mutated and the restored source can have the same size and mtime second: cached
+    # bytecode would then run the mutant on. Write none.
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.pop("LAYERSWAP_CLI_FUZZ_RANDOM", None)
+    return env
+
+
+def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, log: Path) -> tuple[int, str]:
+    cmd = [str(tree / ".venv/bin/python"), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    return sh(cmd, tree, timeout=timeout, env=pytest_env(), log=log)
+
+
+def first_failure(output: str) -> str:
+    m = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
+    return m.group(1) if m else "?"
+
+
+def check_snippets(mutants: list[Mutant], tree: Path) -> list[str]:
+    problems = []
+    for m in mutants:
+        path = tree / m.file
+        n = path.read_text().count(m.old) if path.exists() else -1
+        if n != 1:
+            problems.append(f"{m.name}: the snippet occurs {n if n >= 0 else 'no file,'} times in {m.file}")
+    names = [m.name for m in MUTANTS]
+    problems += [f"{n}: listed twice" for n in set(names) if names.count(n) > 1]
+    return problems
+
+
+def run_one(m: Mutant, tree: Path, logs: Path, timeout: float) -> tuple[str, str]:
+    """(verdict, detail): killed / survived / stale / no build."""
+    path = tree / m.file
+    original = path.read_text()
+    if original.count(m.old) != 1:
+        return "stale", "snippet not found exactly once"
+    path.write_text(original.replace(m.old, m.new))
+    try:
+        if m.is_cpp:
+            rc, out = rebuild(tree)
+            if rc != 0:
+                (logs / f"{m.name}.build.log").write_text(out)
+                return "no build", "the mutated core did not compile"
+        rc, out = run_tests(tree, m.tests, timeout, logs / f"{m.name}.first.log")
+        if rc == 1:
+            return "killed", first_failure(out)
+        if rc == -9:
+            return "killed", "timeout (a hang)"
+        if rc != 0:
+            return "error", f"pytest exit {rc} on {' '.join(m.tests)}"
+        rc, out = run_tests(tree, (), timeout * 6, logs / f"{m.name}.suite.log")
+        if rc == 1:
+            return "killed", first_failure(out) + " (whole suite)"
+        if rc == -9:
+            return "killed", "timeout in the whole suite"
+        return ("survived", "the whole suite passed") if rc == 0 else ("error", f"pytest exit {rc}")
+    finally:
+        path.write_text(original)
+        if m.is_cpp:
+            rebuild(tree)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--list", action="store_true", help="print the mutants by area and exit")
+    ap.add_argument("--check", action="store_true", help="only check that every snippet applies")
+    ap.add_argument("--only", help="comma-separated mutant names")
+    ap.add_argument("--baseline", action="store_true", help="run the whole suite unmutated first")
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds for the first tests of a mutant")
+    args = ap.parse_args()
+    mutants = MUTANTS
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {m.name for m in MUTANTS})
+        if unknown:
+            sys.exit(f"error: unknown mutants: {', '.join(unknown)}")
+        mutants = [m for m in MUTANTS if m.name in wanted]
+    if args.list:
+        for area in dict.fromkeys(m.area for m in mutants):
+            print(f"{area}:")
+            for m in mutants:
+                if m.area == area:
+                    print(f"  {m.name:<42} {m.file}")
+        print(f"{len(mutants)} mutants")
+        return 0
+    problems = check_snippets(mutants, ROOT)
+    for p in problems:
+        print(f"stale: {p}")
+    if args.check or problems:
+        print(f"{len(mutants) - len(problems)} of {len(mutants)} mutants apply")
+        return 1 if problems else 0
+
+    tree = prepare(args.workdir)
+    logs = args.workdir / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    if args.baseline:
+        rc, out = run_tests(tree, (), args.timeout * 6, logs / "baseline.log")
+        if rc != 0:
+            print(f"the unmutated suite fails (exit {rc}): {first_failure(out)}; see {logs / 'baseline.log'}")
+            return 1
+        print("baseline: the unmutated suite passes", flush=True)
+    results = []
+    start = time.monotonic()
+    for i, m in enumerate(mutants, 1):
+        t0 = time.monotonic()
+        verdict, detail = run_one(m, tree, logs, args.timeout)
+        results.append((m, verdict, detail))
+        print(f"[{i:>2}/{len(mutants)}] {verdict:<8} {m.name:<42} {detail}  ({time.monotonic() - t0:.0f} s)",
+              flush=True)
+    killed = sum(v == "killed" for _, v, _ in results)
+    print(f"\nmutation score: {killed}/{len(results)} killed ({100 * killed / len(results):.0f}%) "
+          f"in {(time.monotonic() - start) / 60:.1f} min; logs in {logs}")
+    for m, v, d in results:
+        if v != "killed":
+            print(f"  {v}: {m.name} ({m.area}, {m.file}): {d}")
+    return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
