@@ -164,6 +164,9 @@ def build_revert_plan(base: Sequence[SpecLike], expert: Sequence[SpecLike], conf
         raise ConfigError(f"row fraction must be between 0 and 1, got {config.row_fraction}")
     if not config.layers and config.row_threshold is None and config.row_fraction is None:
         raise ConfigError("nothing to revert: give --layers, --row-threshold or --row-fraction")
+    for layer in config.layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise ConfigError(f"layer {layer!r} to revert is outside the model's layers 0-{num_layers - 1}")
     members = {BASE: base, "model.0": expert}
     _check_all(members)
     dtypes = _dtypes(members)

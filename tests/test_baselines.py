@@ -264,6 +264,9 @@ def test_a_row_exactly_at_the_threshold_is_kept(tmp_path: Path) -> None:
     ({"layers": "3-9"}, "outside the model's layers 0-0"),
     ({"row_threshold": 0.1, "row_fraction": 0.5}, "not both"),
     ({"row_fraction": 1.5}, "between 0 and 1"),
+    ({"layers": [1]}, "layer 1 to revert is outside the model's layers 0-0"),
+    ({"layers": [-1]}, "layer -1 to revert is outside"),
+    ({"layers": [True]}, "layer True to revert is outside"),
 ])
 def test_revert_errors(graded, tmp_path: Path, kw: dict, message: str) -> None:
     before = snapshot(tmp_path)
