@@ -69,7 +69,10 @@ main()
 
 def run_signalled(trio: dict[str, Path], out: Path, sig: str) -> subprocess.CompletedProcess[str]:
     code = textwrap.dedent(SCRIPT).format(sig=sig, task=str(trio["task"]), lang=str(trio["language"]), out=str(out))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # SIGINT as on a terminal: a run started in the background inherits it ignored, and Python
+    # then installs no KeyboardInterrupt handler, so the signal would do nothing
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
