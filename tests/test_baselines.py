@@ -174,6 +174,27 @@ def test_ties(family, tensors, tmp_path: Path) -> None:
                                   for n, b in tensors["base"].items()})
 
 
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.975])
+def test_ties_keeps_exactly_k_of_distinct_deltas(tmp_path: Path, density: float) -> None:
+    """Every |delta| distinct (multiples of 1/16, exact in bf16), so k = floor(density × numel) of
+    them are kept, no more and no fewer: a threshold one place off changes the output."""
+    gen = torch.Generator().manual_seed(9)
+    base = torch.zeros(4, 10, dtype=torch.bfloat16)
+    experts = []
+    for _ in range(2):
+        magnitudes = (torch.randperm(40, generator=gen) + 1).float() / 16
+        signs = torch.where(torch.rand(40, generator=gen) < 0.5, -1.0, 1.0)
+        experts.append((magnitudes * signs).reshape(4, 10).to(torch.bfloat16))
+    name = "model.layers.0.mlp.up_proj.weight"
+    paths = [write_model(tmp_path / k, {name: t}, 1) for k, t in zip(("base", "a", "b"), [base, *experts])]
+    ls.ties(paths[0], paths[1:], tmp_path / "out", density=density, lam=1.0)
+    want = ties_reference(base, experts, density, 1.0)
+    got = load_tensors(tmp_path / "out")[name]
+    assert raw_bytes(got) == raw_bytes(want)
+    kept = [(ties_reference(base, [e], density, 1.0) != 0).sum().item() for e in experts]
+    assert kept == [int(density * 40)] * 2
+
+
 def write_model(path: Path, tensors: dict[str, torch.Tensor], layers: int) -> Path:
     path.mkdir()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -264,6 +285,7 @@ def test_a_row_exactly_at_the_threshold_is_kept(tmp_path: Path) -> None:
     ({"layers": "3-9"}, "outside the model's layers 0-0"),
     ({"row_threshold": 0.1, "row_fraction": 0.5}, "not both"),
     ({"row_fraction": 1.5}, "between 0 and 1"),
+    ({"layers": "0-1"}, "layer range '0-1' is outside the model's layers 0-0"),
     ({"layers": [1]}, "layer 1 to revert is outside the model's layers 0-0"),
     ({"layers": [-1]}, "layer -1 to revert is outside"),
     ({"layers": [True]}, "layer True to revert is outside"),
