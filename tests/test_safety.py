@@ -224,6 +224,35 @@ def test_the_fallback_without_exchange_and_every_leftover_kind(trio: dict[str, P
     assert sorted(p.name for p in tmp_path.iterdir()) == [".m[1]x.layerswap-partial-1-0", out.name]
 
 
+def test_a_running_merge_keeps_the_staging_directory_of_another_live_run(trio: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    """Two runs for one output: the second must not take the first's staging directory (its
+    process is alive) for a leftover; only a dead process's is removed."""
+    out, alive, dead = tmp_path / "m", os.getpid(), dead_pid()
+    for pid in (alive, dead):
+        (tmp_path / f".m{output.PARTIAL_MARK}{pid}-0badf00d").mkdir()
+    run(*merge_args(trio, out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".m{output.PARTIAL_MARK}{alive}-0badf00d", "m"]
+
+
+def test_an_output_made_by_another_run_just_before_the_rename_is_kept(trio: dict[str, Path], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the last existence check and the rename another run creates the output: the rename
+    must refuse (RENAME_NOREPLACE), not replace it, as a plain rename onto an empty directory would."""
+    out, real = tmp_path / "m", output.rename
+
+    def competing_run_first(src: Path, dst: Path, flags: int = 0) -> bool:
+        if dst == out and not out.exists():
+            out.mkdir()  # empty: the one kind of directory a plain rename would replace
+        return real(src, dst, flags)
+
+    monkeypatch.setattr(output, "rename", competing_run_first)
+    with pytest.raises(ls.OutputError, match="appeared during the merge; pass --force to replace it"):
+        ls.merge(trio["task"], trio["language"], out)
+    assert out.is_dir() and not list(out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 # ---------------------------------------------------------------- 5. the demo's workdir
 
 def test_the_demo_replaces_only_what_it_made(tmp_path: Path) -> None:
