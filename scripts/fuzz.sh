@@ -27,7 +27,7 @@ report() {
   if [[ -f $counts ]]; then
     .venv/bin/python -c 'import json, sys; c = json.load(open(sys.argv[1]))
 for k, v in c.items(): print(f"  {k:<26} {v}")
-print(f"  {\"total\":<26} {sum(c.values())}")' "$counts"
+print("  %-26s %d" % ("total", sum(c.values())))' "$counts"
   else
     echo "  none"
   fi

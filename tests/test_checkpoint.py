@@ -150,3 +150,7 @@ def test_header_length_beyond_the_file(tmp_path: Path) -> None:
     write_safetensors_raw(tmp_path / "model.safetensors", b"{}", length=1000)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         open_checkpoint(tmp_path)
+    # 8 bytes past the end: the length field itself is part of the file, not of the header
+    write_safetensors_raw(tmp_path / "model.safetensors", b"{}   ", length=13)
+    with pytest.raises(CheckpointError, match="header length 13 runs past the end of the file \\(13 bytes\\)"):
+        open_checkpoint(tmp_path)
