@@ -331,7 +331,6 @@ def test_merges_with_short_reads_and_writes_give_the_same_bytes(trio: dict[str, 
                                                                  short_io: None) -> None:
     """Every read, write and kernel-side copy comes back after at most 1000 bytes (a core hook), so
     every retry loop runs: the output must not change."""
-    layerswap_fast._core._set_max_io_bytes(0)
     ls.merge(trio["task"], trio["language"], tmp_path / "whole", link="copy")
     ls.ties(trio["base"], [trio["task"], trio["language"]], tmp_path / "ties-whole")
     layerswap_fast._core._set_max_io_bytes(1000)
