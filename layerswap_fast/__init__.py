@@ -13,11 +13,11 @@ zones between them and averages the non-layer parameters.
 __version__ = "0.1.0"
 
 from .api import MergeResult, merge, plan_merge, revert, soup, task_arithmetic, ties
-from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
+from .formats.checkpoint import Checkpoint, TensorSpec, open_checkpoint
 from .errors import (CheckpointError, ConfigError, LayerswapError, MismatchError, OutputError,
                      UnsupportedDtypeError)
 from .plan import MergePlan, SwapConfig, TensorRecipe, Term, render_plan
-from .verify import VerifyError, VerifyReport, verify
+from .formats.verify import VerifyError, VerifyReport, verify
 
 __all__ = [
     "__version__", "merge", "soup", "task_arithmetic", "ties", "revert", "plan_merge", "MergeResult", "SwapConfig",

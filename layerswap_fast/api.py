@@ -16,24 +16,24 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .baselines import (BASE, RevertConfig, build_revert_plan, build_soup_plan, build_task_arithmetic_plan,
+from .methods.baselines import (BASE, RevertConfig, build_revert_plan, build_soup_plan, build_task_arithmetic_plan,
                         build_ties_plan, model_role, normalize_weights, parse_layers)
-from .checkpoint import Checkpoint, open_checkpoint
+from .formats.checkpoint import Checkpoint, open_checkpoint
 from .dtypes import normalize_dtype
-from .engine import Blender, CpuBlender, MergeStats, execute
+from .engine.backends import DEVICES, Backend, make_backend
+from .engine.execute import MergeStats, execute
 from .errors import ConfigError, MismatchError
-from .layers import count_layers
-from .layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
+from .plan.layers import count_layers
+from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
                      needed_bytes, parse_size)
-from .output import LINK_MODES, check_output, clean_stale_partials, output_location
-from .side_files import find_side_files, side_bytes
-from .writeback import CHECKSUMS
+from .formats.output import LINK_MODES, guarded_paths, check_output, clean_stale_partials, output_location
+from .formats.side_files import find_side_files, side_bytes
+from .formats.writeback import CHECKSUMS
 from .plan import LANGUAGE, TASK, MergePlan, SwapConfig, TensorRecipe, build_swap_plan, describe_role
 
 log = logging.getLogger("layerswap_fast")
 PathLike = str | os.PathLike[str]
 Paths = PathLike | Sequence[PathLike]
-DEVICES = ("auto", "cpu", "cuda")
 SOUP_WEIGHTS = ("uniform", "magnitude")
 _TORCH_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
@@ -59,7 +59,7 @@ class WriteOptions:
     dry_run: bool = False
     link: str = "auto"
     max_gpu_bytes: int | str = "256MB"
-    blender: Blender | None = None
+    blender: Backend | None = None
     progress: Callable[[int, int], None] | None = None
     sync: bool = False
     checksum: str = "blake3"
@@ -78,31 +78,6 @@ def _layer_count(checkpoints: Mapping[str, Checkpoint]) -> int:
         if n != counts[first]:
             raise MismatchError(f"the {describe_role(first)} has {counts[first]} layers but the {describe_role(role)} has {n}")
     return counts[first]
-
-
-def cuda_present() -> bool:
-    """Whether a CUDA device can run our kernels (torch and triton installed)."""
-    # Importing torch costs ~250 MB of RSS: look for an NVIDIA device node first.
-    if not any(Path("/dev").glob("nvidia[0-9]*")):
-        return False
-    try:
-        from .gpu import cuda_available
-    except ImportError:  # torch or triton not installed: the CPU path needs neither
-        return False
-    return cuda_available()
-
-
-def make_blender(device: str, threads: int | None, max_gpu_bytes: int | None = None) -> Blender:
-    """The blend backend for ``device`` (``auto`` picks CUDA when a GPU is present)."""
-    if device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if device != "cpu":
-        if cuda_present():
-            from .gpu import CudaBlender
-            return CudaBlender(device="cuda", **({"max_gpu_bytes": max_gpu_bytes} if max_gpu_bytes else {}))
-        if device == "cuda":
-            raise ConfigError("--device cuda was asked for but no CUDA device (or no torch/triton) is available")
-    return CpuBlender(threads=threads or 0)
 
 
 def reusable_shards(plan: MergePlan, experts: Mapping[str, Checkpoint]) -> list[ReusableShard]:
@@ -154,10 +129,10 @@ def _write(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out:
     if write.dry_run:
         return MergeResult(plan, shards, None, recipe)
     clean_stale_partials(out_path, log.warning)
-    backend = write.blender or make_blender(write.device, write.threads, parse_size(write.max_gpu_bytes))
+    backend = write.blender or make_backend(write.device, write.threads, parse_size(write.max_gpu_bytes))
     try:
         overrides = {"torch_dtype": _TORCH_DTYPE[plan.dtype]} if plan.dtype else {}
-        stats = execute(shards, inputs, out_path, blender=backend, recipe=recipe, side_files=side_files,
+        stats = execute(shards, inputs, out_path, backend=backend, recipe=recipe, side_files=side_files,
                         config_overrides=overrides, force=write.force, link=write.link,
                         threads=write.threads or 0, sync=write.sync, checksum=write.checksum,
                         progress=write.progress)
@@ -165,19 +140,6 @@ def _write(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out:
         if write.blender is None:
             backend.close()
     return MergeResult(plan, shards, stats, recipe)
-
-
-def guarded_paths(checkpoints: Iterable[Checkpoint], others: Iterable[PathLike | None]) -> dict[Path, str]:
-    """Every resolved path the inputs occupy (checkpoints with their shard link targets, and any
-    other file or directory read: a base, a statistics directory, a config), with what it is."""
-    guarded: dict[Path, str] = {}
-    for ckpt in checkpoints:
-        for path, what in ckpt.occupied_paths().items():
-            guarded.setdefault(path, what)
-    for other in others:
-        if other is not None:
-            guarded.setdefault(Path(os.path.realpath(other)), f"the input {other}")
-    return guarded
 
 
 def _small_files_bytes(recipe: Mapping[str, Any], shards: Sequence[OutputShard], side_files: int) -> int:
@@ -275,7 +237,7 @@ def merge(
     dry_run: bool = False,
     link: str = "auto",
     max_gpu_bytes: int | str = "256MB",
-    blender: Blender | None = None,
+    blender: Backend | None = None,
     progress: Callable[[int, int], None] | None = None,
     sync: bool = False,
     checksum: str = "blake3",
@@ -297,7 +259,7 @@ def merge(
     copy), ``reflink``, ``copy``, or, only when asked for, ``hard`` or ``symlink`` — these share
     the input's bytes, so a later in-place change to one file changes the other.
     ``max_gpu_bytes`` bounds the GPU memory of the CUDA backend (so a small GPU merges a 70B
-    model). ``blender`` replaces the backend chosen by ``device`` (e.g. ``gpu.CudaBlender``).
+    model). ``blender`` replaces the backend chosen by ``device`` (e.g. ``engine.cuda.CudaBackend``).
     ``sync`` fsyncs the output before publishing it (durable across a power loss). ``checksum``
     (blake3 or sha256) is recorded for every file in the recipe, for ``verify``. ``other_inputs``:
     files the caller read besides the checkpoints (a config file), which the output must not touch.

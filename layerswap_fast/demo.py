@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from .api import merge
-from .checkpoint import open_checkpoint
+from .formats.checkpoint import open_checkpoint
 from .errors import OutputError
-from .layers import classify
+from .plan.layers import classify
 from .plan import render_plan
 from .synthetic import bfloat16_to_float32, float32_to_bfloat16
 

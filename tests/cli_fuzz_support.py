@@ -300,7 +300,7 @@ def _check_model(out: Path, aux_source: Path | None, finite: bool = True) -> lis
                         return [f"invalid output: {shard}: tensor {name} is not finite"]
     except Exception as e:  # noqa: BLE001 - any failure to read it back is the finding
         return [f"invalid output: cannot read it back: {type(e).__name__}: {e}"]
-    from layerswap_fast.verify import verify
+    from layerswap_fast.formats.verify import verify
     try:
         verify(out)
     except Exception as e:  # noqa: BLE001

@@ -5,6 +5,14 @@ must be set before triton is first imported, i.e. here, before any test module i
 """
 
 import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` puts the working directory first on sys.path; from the repository root, its
+# top-level kernels/ (shipped as layerswap_fast.kernels) would then shadow the `kernels` package
+# that transformers imports. The package is installed: the tests never need the root on the path.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 try:
     import torch

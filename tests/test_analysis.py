@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from support import load_tensors, row_mav_ref, snapshot
 
 from layerswap_fast import analysis, open_checkpoint, synthetic
+from layerswap_fast.engine.backends import CpuBackend
 from layerswap_fast.analysis import (
     CSV_COLUMNS,
     DeltaStats,
@@ -28,10 +29,10 @@ from layerswap_fast.analysis import (
     magnitude_weights_for,
     suggest_swap,
 )
-from layerswap_fast.cli_analysis import analyze as analyze_cmd
+from layerswap_fast.cli.analyze import analyze as analyze_cmd
 from layerswap_fast.errors import ConfigError, MismatchError, OutputError
-from layerswap_fast.heatmap import layer_tick_step, render_heatmap
-from layerswap_fast.layers import FIGURE_KINDS, classify
+from layerswap_fast.analysis.heatmap import layer_tick_step, render_heatmap
+from layerswap_fast.plan.layers import FIGURE_KINDS, classify
 
 REL = 1e-5
 
@@ -317,16 +318,16 @@ def test_small_checkpoints_dtypes_shapes_and_skips(tmp_path):
 
 
 def test_gpu_backend_glue_matches_cpu(tmp_path, monkeypatch):
-    """The CUDA path's code (CudaBlender) run on CPU tensors through Triton's interpreter."""
+    """The CUDA path's code (CudaBackend) run on CPU tensors through Triton's interpreter."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("a CUDA device is present; the GPU tests cover CudaBlender")
-    from layerswap_fast.gpu import CudaBlender
+        pytest.skip("a CUDA device is present; the GPU tests cover CudaBackend")
+    from layerswap_fast.engine.cuda import CudaBackend
     base_t = _small(0)
     base = _save(tmp_path / "base", base_t, 2)
     e1 = _save(tmp_path / "e1", _small(1), 2)
     e2 = _save(tmp_path / "e2", _small(2), 2)
     cpu = analyze(base, [e1, e2], device="cpu")
-    with CudaBlender(device="cpu", chunk_elems=4) as blender:  # rows longer than a chunk, too
+    with CudaBackend(device="cpu", chunk_elems=4) as blender:  # rows longer than a chunk, too
         gpu = analyze(base, [e1, e2], backend=blender)
     for name in cpu.names:
         for a, b in zip(cpu.experts[name].tensors, gpu.experts[name].tensors):
@@ -335,7 +336,7 @@ def test_gpu_backend_glue_matches_cpu(tmp_path, monkeypatch):
 
 
 def test_device_cuda_without_gpu_is_a_config_error(trio, monkeypatch):
-    monkeypatch.setattr(analysis, "_gpu_present", lambda: False)
+    monkeypatch.setattr("layerswap_fast.engine.backends.cuda_present", lambda: False)
     with pytest.raises(ConfigError, match="cuda"):
         analyze(trio["base"], [trio["task"]], device="cuda")
     with pytest.raises(ConfigError, match="device"):
@@ -394,7 +395,7 @@ def test_failure_during_the_pass_leaves_nothing(trio, tmp_path):
             Boom.calls += 1
             if Boom.calls > 5:
                 raise OutputError("disk on fire")
-            return analysis._CpuRowMav(1).row_mav_file(*args)
+            return CpuBackend(1).row_mav_file(*args)
 
     with pytest.raises(OutputError, match="fire"):
         analyze(trio["base"], [trio["task"]], tmp_path / "out", rows=True, backend=Boom())

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from layerswap_fast import CheckpointError, open_checkpoint
-from layerswap_fast.checkpoint import parse_header
+from layerswap_fast.formats.checkpoint import parse_header
 from support import load_tensors, raw_bytes, write_safetensors_raw
 
 

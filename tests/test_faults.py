@@ -51,7 +51,7 @@ def test_disk_full_mid_merge_names_the_disk_and_cleans_up(trio: dict[str, Path],
 
 SCRIPT = """
 import os, signal, sys
-from layerswap_fast import engine
+import layerswap_fast.engine.execute as engine
 from layerswap_fast.cli import main
 real = engine._ShardFiller._flush_copy
 calls = []

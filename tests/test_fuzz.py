@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from layerswap_fast import CheckpointError, _core
-from layerswap_fast.checkpoint import TensorSpec, _read_index, parse_header, read_shard_header
+from layerswap_fast.formats.checkpoint import TensorSpec, _read_index, parse_header, read_shard_header
 
 EXAMPLES = int(os.environ.get("LAYERSWAP_FUZZ_EXAMPLES", "300"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

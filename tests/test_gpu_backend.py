@@ -1,4 +1,4 @@
-"""The GPU streaming backend (layerswap_fast.gpu.CudaBlender) against the C++ core and torch.
+"""The GPU streaming backend (layerswap_fast.engine.cuda.CudaBackend) against the C++ core and torch.
 
 Without CUDA it runs with device="cpu" under TRITON_INTERPRET=1: the same chunking, offsets,
 double buffering and kernels, on plain CPU tensors. Inputs are raw binary files (the backend
@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 core = pytest.importorskip("layerswap_fast._core", reason="C++ extension layerswap_fast._core not built yet")
 
-from layerswap_fast.gpu import CudaBlender, cuda_available  # noqa: E402
+from layerswap_fast.engine.cuda import CudaBackend, cuda_available  # noqa: E402
 from support import TORCH, assert_same, blend_ref, row_mav_ref, write_at_offsets  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -50,7 +50,7 @@ def make_blender():
     made = []
 
     def make(**kw):
-        b = CudaBlender(device=DEVICE, **kw)
+        b = CudaBackend(device=DEVICE, **kw)
         made.append(b)
         return b
 

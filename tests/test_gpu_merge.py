@@ -14,7 +14,7 @@ import layerswap_fast as ls
 from layerswap_fast.cli import main
 from support import assert_same_shards, make_llama_trio
 
-gpu = pytest.importorskip("layerswap_fast.gpu")
+gpu = pytest.importorskip("layerswap_fast.engine.cuda")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_triton_backend_merge_equals_cpu_merge(trio: dict[str, Path], tmp_path: 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = ls.SwapConfig(bottom=3, top=2, lower_transition=2, upper_transition=2, transition_weights="ramp")
     ls.merge(trio["task"], trio["language"], tmp_path / "cpu", cfg, dtype=dtype, device="cpu")
-    with gpu.CudaBlender(device=device, max_gpu_bytes=64 << 10) as blender:  # several chunks per tensor
+    with gpu.CudaBackend(device=device, max_gpu_bytes=64 << 10) as blender:  # several chunks per tensor
         ls.merge(trio["task"], trio["language"], tmp_path / "gpu", cfg, dtype=dtype, blender=blender)
     assert_same_shards(tmp_path / "cpu", tmp_path / "gpu")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from layerswap_fast import MismatchError
-from layerswap_fast.layers import classify, count_layers, layer_count_from_config
+from layerswap_fast.plan.layers import classify, count_layers, layer_count_from_config
 
 
 @pytest.mark.parametrize("name, layer, kind", [

@@ -105,7 +105,7 @@ def test_copied_tensors_keep_their_place_within_a_page(tmp_path: Path) -> None:
 
 
 def test_page_phase_follows_the_most_copied_bytes() -> None:
-    from layerswap_fast.layout import PlacedTensor, page_phase
+    from layerswap_fast.formats.layout import PlacedTensor, page_phase
     from layerswap_fast.plan import TensorRecipe, Term
 
     def placed(name: str, begin: int, nbytes: int) -> PlacedTensor:
@@ -235,7 +235,7 @@ def test_blends_and_copies_in_small_pieces_give_the_same_bytes(trio: dict[str, P
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 dtype: str | None) -> None:
     """Large tensors stream in pieces (engine._PIECE_BYTES); force 100-byte pieces so every path splits."""
-    import layerswap_fast.engine as engine
+    import layerswap_fast.engine.execute as engine
     ls.merge(trio["task"], trio["language"], tmp_path / "whole", link="copy", dtype=dtype)
     monkeypatch.setattr(engine, "_PIECE_BYTES", 100)
     copy_runs: list[int] = []

@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 import layerswap_fast as ls
-from layerswap_fast import engine, output
+import layerswap_fast.engine.execute as engine
+import layerswap_fast.formats.output as output
 from layerswap_fast.cli import main
 from support import fs_state, make_llama_trio, tmpfs
 
@@ -182,7 +183,7 @@ def test_force_exchanges_the_output_in_one_step(trio: dict[str, Path], tmp_path:
 
 KILL_AFTER_EXCHANGE = """
 import os, signal, sys
-from layerswap_fast import output
+import layerswap_fast.formats.output as output
 from layerswap_fast.cli import main
 def die(path):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -357,7 +358,7 @@ def test_reused_shards_are_checksummed_from_the_published_bytes(trio: dict[str, 
     real = engine.hash_file
     monkeypatch.setattr(engine, "hash_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
     result = ls.merge(trio["task"], trio["language"], tmp_path / "out", link="copy")
-    reused = {s.filename for s in result.shards if isinstance(s, ls.layout.ReusedShard)}
+    reused = {s.filename for s in result.shards if isinstance(s, ls.formats.layout.ReusedShard)}
     assert reused and reused <= {p.name for p in hashed if p.parent.name.startswith(".out.layerswap-partial-")}
 
 

@@ -11,7 +11,7 @@ import blake3
 import pytest
 
 import layerswap_fast as ls
-from layerswap_fast import writeback
+import layerswap_fast.formats.writeback as writeback
 from support import assert_same_shards, make_llama_trio
 
 
@@ -39,7 +39,7 @@ def test_throttled_output_equals_the_default_output(trio: dict[str, Path], tmp_p
         self.writer = Spy()
 
     monkeypatch.setattr(writeback, "needs_throttle", lambda n: True)
-    monkeypatch.setattr("layerswap_fast.engine.needs_throttle", lambda n: True)
+    monkeypatch.setattr("layerswap_fast.engine.execute.needs_throttle", lambda n: True)
     monkeypatch.setattr(writeback.ShardFinisher, "__init__", small_window)
     ls.merge(trio["task"], trio["language"], tmp_path / "throttled", link="copy")
     assert any(wait and drop for _, _, wait, drop in calls) and any(not wait for _, _, wait, _ in calls)

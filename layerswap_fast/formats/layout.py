@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
-from .dtypes import DTYPE_SIZES
-from .errors import ConfigError
-from .plan import TensorRecipe
+from ..dtypes import DTYPE_SIZES
+from ..errors import ConfigError
+from ..plan import TensorRecipe
 
 _PAGE = 4096
 SourceOffset = Callable[[TensorRecipe], int | None]  # a copied tensor's byte offset in its input file

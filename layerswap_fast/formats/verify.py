@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import open_checkpoint
-from .engine import RECIPE_NAME
-from .errors import CheckpointError, LayerswapError
-from .safe_read import Choice, Int, List, Map, Str, read_json
+from ..engine.execute import RECIPE_NAME
+from ..errors import CheckpointError, LayerswapError
+from ..safe_read import Choice, Int, List, Map, Str, read_json
 from .writeback import CHECKSUMS, hash_file
 
 #: recipe keys written after the shards, so absent from the copy inside each shard's metadata

@@ -19,15 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import _core
-from .checkpoint import INDEX_NAME, Checkpoint, TensorSpec
-from .dtypes import DTYPE_SIZES
-from .errors import OutputError
-from .layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes
-from .output import LINK_MODES, publish, reuse_shard, staging_directory
-from .side_files import SideFile, copy_side_files
-from .writeback import ShardFinisher, cached_hash, hash_file, needs_throttle
-from .plan import TensorRecipe
+from .. import _core
+from ..formats.checkpoint import INDEX_NAME, Checkpoint, TensorSpec
+from ..dtypes import DTYPE_SIZES
+from ..errors import OutputError
+from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes
+from ..formats.output import LINK_MODES, publish, reuse_shard, staging_directory
+from ..formats.side_files import SideFile, copy_side_files
+from ..formats.writeback import ShardFinisher, cached_hash, hash_file, needs_throttle
+from ..plan import TensorRecipe
+from .backends import Backend
 
 RECIPE_NAME = "layerswap_recipe.json"
 # Copies and blends proceed in pieces of at most this many bytes, after each of which the
@@ -38,31 +39,6 @@ RECIPE_NAME = "layerswap_recipe.json"
 _PIECE_BYTES = 32 << 20
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
-
-
-class Blender(Protocol):
-    def blend_file(self, inputs: Sequence[tuple[_core.InputFile, int]], input_dtypes: Sequence[str],
-                   weights: Sequence[float], out: _core.ShardWriter, out_offset: int, out_dtype: str,
-                   numel: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass
-class CpuBlender:
-    """Blends through the C++ core: multi-threaded, GIL released, chunked."""
-
-    threads: int = 0
-    chunk_elems: int = 1 << 20
-
-    def blend_file(self, inputs: Sequence[tuple[_core.InputFile, int]], input_dtypes: Sequence[str],
-                   weights: Sequence[float], out: _core.ShardWriter, out_offset: int, out_dtype: str,
-                   numel: int) -> None:
-        _core.blend_file(inputs, input_dtypes, weights, out, out_offset, out_dtype, numel,
-                         self.chunk_elems, self.threads)
-
-    def close(self) -> None:
-        pass
 
 
 def peak_rss_bytes() -> int:
@@ -110,10 +86,10 @@ def format_bytes(n: int) -> str:
 class _ShardFiller:
     """Writes one shard's tensors: coalesced byte copies and streamed blends."""
 
-    def __init__(self, experts: Mapping[str, Checkpoint], blender: Blender, progress: Callable[[int], None],
+    def __init__(self, experts: Mapping[str, Checkpoint], backend: Backend, progress: Callable[[int], None],
                  threads: int = 0):
         self.experts = experts
-        self.blender = blender
+        self.backend = backend
         self.progress = progress
         self.threads = threads
         self.advance: Callable[[int], None] = lambda n: None
@@ -186,7 +162,7 @@ class _ShardFiller:
         for start in range(0, numel, step):
             n = min(step, numel - start)
             pieces = [(f, off + start * size) for (f, off), size in zip(inputs, in_sizes)]
-            self.blender.blend_file(pieces, dtypes, weights, writer, dst + start * out_size, recipe.dtype, n)
+            self.backend.blend_file(pieces, dtypes, weights, writer, dst + start * out_size, recipe.dtype, n)
             self.advance(dst + (start + n) * out_size)
             self.progress(n * out_size)
 
@@ -280,7 +256,7 @@ def execute(
     experts: Mapping[str, Checkpoint],
     out: Path,
     *,
-    blender: Blender,
+    backend: Backend,
     recipe: Mapping[str, Any],
     side_files: Sequence[SideFile] = (),
     config_overrides: Mapping[str, Any] | None = None,
@@ -306,7 +282,7 @@ def execute(
     start = time.perf_counter()
     new = [s for s in shards if isinstance(s, ShardLayout)]
     total = sum(s.file_size for s in new)
-    filler = _ShardFiller(experts, blender, (lambda n: progress(n, total)) if progress else (lambda n: None),
+    filler = _ShardFiller(experts, backend, (lambda n: progress(n, total)) if progress else (lambda n: None),
                           threads)
     methods: dict[str, int] = {}
     with staging_directory(out) as tmp, _finishing(needs_throttle(needed_bytes(shards, link)), checksum) as finishing:
@@ -370,4 +346,3 @@ def _write_side_files(tmp: Path, shards: Sequence[OutputShard], side_files: Sequ
             for name in [INDEX_NAME, *(f.name for f in side_files)]]
 
 
-__all__ = ["execute", "CpuBlender", "MergeStats", "Blender", "RECIPE_NAME"]

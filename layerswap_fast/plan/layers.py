@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointError, MismatchError
-from .safe_read import Int, Map, Nullable, show_value
+from ..errors import CheckpointError, MismatchError
+from ..safe_read import Int, Map, Nullable, show_value
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down", "norm", "embed", "lm_head", "other")
 #: the parameter kinds of the paper's Figure 2, in its column order

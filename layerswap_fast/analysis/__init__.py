@@ -56,17 +56,16 @@ from urllib.parse import quote
 
 import numpy as np
 
-from . import __version__, _core
-from .writeback import hash_file
-from .checkpoint import Checkpoint, open_checkpoint
-from .dtypes import FLOAT_DTYPES
-from .errors import CheckpointError, ConfigError, LayerswapError, MismatchError
-from .layers import FIGURE_KINDS, MAX_LAYERS, classify, count_layers
-from .safe_read import Bool, Float, Int, List, Map, Nullable, Str, read_json, show_path, show_value
-from .api import DEVICES
-from .api import cuda_present as _gpu_present  # tests replace it here
-from .api import guarded_paths
-from .output import check_output, output_location, publish, staging_directory
+from .. import __version__, _core
+from ..formats.writeback import hash_file
+from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..dtypes import FLOAT_DTYPES
+from ..errors import CheckpointError, ConfigError, LayerswapError, MismatchError
+from ..plan.layers import FIGURE_KINDS, MAX_LAYERS, classify, count_layers
+from ..safe_read import Bool, Float, Int, List, Map, Nullable, Str, read_json, show_path, show_value
+from ..engine.backends import DEVICES, make_backend
+from ..formats.output import guarded_paths
+from ..formats.output import check_output, output_location, publish, staging_directory
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]  # (bytes just read, total bytes to read)
@@ -78,10 +77,6 @@ HEATMAP_PNG = "heatmap.png"
 ROWS_DIR = "rows"
 FORMAT = "layerswap-fast delta stats"
 FORMAT_VERSION = 1
-#: elements per chunk of the C++ row-MAV reader, per input and worker thread: 256K elements keep
-#: a worker's three bf16 buffers (base + 2 experts, 1.5 MB) in L2, so the kernel reads what pread
-#: just wrote from cache (1M-element chunks cost ~40% more CPU time per byte on the 1b trio)
-CHUNK_ELEMS = 1 << 18
 #: a layer "stands out" in an expert when its delta profile is this many times the expert's mean
 STANDOUT = 1.2
 
@@ -339,29 +334,6 @@ def _validate(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> int:
 # ----------------------------------------------------------------------------------------------
 # backends
 
-class _CpuRowMav:
-    def __init__(self, threads: int | None, chunk_elems: int = CHUNK_ELEMS) -> None:
-        self.threads = threads or 0
-        self.chunk_elems = chunk_elems
-
-    def row_mav_file(self, experts, expert_dtypes, base, base_dtype, rows, cols) -> np.ndarray:  # noqa: ANN001
-        return _core.row_mav_file(experts, expert_dtypes, base, base_dtype, rows, cols,
-                                  self.chunk_elems, self.threads)
-
-    def close(self) -> None:
-        pass
-
-
-def _backend(device: str, threads: int | None) -> Any:
-    """The row-MAV backend for ``device``, already checked to be one of DEVICES."""
-    if device != "cpu" and _gpu_present():
-        from .gpu import CudaBlender
-        return CudaBlender(device="cuda")
-    if device == "cuda":
-        raise ConfigError("--device cuda was asked for but no CUDA device (or no torch/triton) is available")
-    return _CpuRowMav(threads)
-
-
 # ----------------------------------------------------------------------------------------------
 # the analysis
 
@@ -396,7 +368,7 @@ def analyze(
     ``cpu`` (the C++ core, ``threads`` workers, default all cores) or ``cuda``.
     ``progress(n, total)`` is called after each tensor with the bytes it read. ``backend`` (for
     tests) replaces the device's row-MAV backend: any object with a ``row_mav_file`` method of
-    :class:`layerswap_fast.gpu.CudaBlender`'s signature.
+    :class:`layerswap_fast.gpu.CudaBackend`'s signature.
     """
     named = expert_names(experts)
     if not named:
@@ -419,7 +391,7 @@ def analyze(
             # the heatmap needs matplotlib (~1 s to import): import it while the pass runs
             threading.Thread(target=_preload_matplotlib, name="lsf-preload", daemon=True).start()
         owned = backend is None
-        engine = _backend(device, threads) if owned else backend
+        engine = make_backend(device, threads) if owned else backend
         try:
             if out_path is None:
                 kept: dict[tuple[str, str], np.ndarray] = {}

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from .dtypes import require_float
-from .errors import ConfigError, MismatchError
+from ..dtypes import require_float
+from ..errors import ConfigError, MismatchError
 from .layers import classify
 
 TASK = "task"

@@ -16,14 +16,20 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import _core
-from .errors import OutputError
+from .. import _core
+from ..errors import OutputError
 from .layout import ReusedShard
 from .writeback import copy_whole_file
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+
+PathLike = str | os.PathLike[str]
 
 PARTIAL_MARK = ".layerswap-partial-"
 OLD_MARK = ".layerswap-old-"  # an output being replaced, where the filesystem cannot exchange
@@ -279,3 +285,16 @@ def _relative_symlink(src: Path, dest: Path, final_dir: Path) -> None:
     os.symlink(link, dest)
     if os.path.realpath(dest) != target or not os.path.isfile(dest):
         raise OutputError(f"cannot link {src} into {final_dir}: the link {link} does not resolve to it")
+
+
+def guarded_paths(checkpoints: Iterable[Checkpoint], others: Iterable[PathLike | None]) -> dict[Path, str]:
+    """Every resolved path the inputs occupy (checkpoints with their shard link targets, and any
+    other file or directory read: a base, a statistics directory, a config), with what it is."""
+    guarded: dict[Path, str] = {}
+    for ckpt in checkpoints:
+        for path, what in ckpt.occupied_paths().items():
+            guarded.setdefault(path, what)
+    for other in others:
+        if other is not None:
+            guarded.setdefault(Path(os.path.realpath(other)), f"the input {other}")
+    return guarded

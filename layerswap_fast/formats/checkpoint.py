@@ -16,11 +16,11 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from . import _core
-from .dtypes import DTYPE_SIZES
-from .errors import CheckpointError
-from .layers import CONFIG_SCHEMA
-from .safe_read import Map, Str, parse_json, read_json, show_path
+from .. import _core
+from ..dtypes import DTYPE_SIZES
+from ..errors import CheckpointError
+from ..plan.layers import CONFIG_SCHEMA
+from ..safe_read import Map, Str, parse_json, read_json, show_path
 from .side_files import NAMES as SIDE_FILE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"

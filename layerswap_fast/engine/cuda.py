@@ -21,7 +21,7 @@ Numerics are those of the C++ core: blend bytes are identical (see
 (and a segment of a row) and in float64 across chunks, so it agrees with ``_core.row_mav_file``
 to 1e-6 relative.
 
-One ``CudaBlender`` serves one call at a time (calls from several threads are serialised).
+One ``CudaBackend`` serves one call at a time (calls from several threads are serialised).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from .dtypes import DTYPE_SIZES
-from .errors import UnsupportedDtypeError
+from ..dtypes import DTYPE_SIZES
+from ..errors import UnsupportedDtypeError
 
 _ALIGN = 256  # bytes; every region of a slot starts at a multiple of this
 
@@ -96,7 +96,7 @@ class _Chunk:
     out_offset: int = 0  # absolute offset in the ShardWriter
 
 
-class CudaBlender:
+class CudaBackend:
     """Streams blends and row-MAV reductions of file-backed tensors through the GPU.
 
     ``max_gpu_bytes`` bounds all device buffers together (two slots of inputs + output [+ a
@@ -109,29 +109,29 @@ class CudaBlender:
                  io_threads: int = 4):
         import torch
 
-        from . import kernels
-        from .kernels._common import interpreting
+        from .. import kernels
+        from ..kernels._common import interpreting
 
         self._torch = torch
         self._kernels = kernels
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
-                raise RuntimeError("CudaBlender: no CUDA device is available")
+                raise RuntimeError("CudaBackend: no CUDA device is available")
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             self._cuda = True
         elif self.device.type == "cpu":
             if not interpreting():
-                raise RuntimeError("CudaBlender(device='cpu') runs the Triton kernels in the interpreter: "
+                raise RuntimeError("CudaBackend(device='cpu') runs the Triton kernels in the interpreter: "
                                    "set TRITON_INTERPRET=1 before importing triton")
             self._cuda = False
         else:
-            raise ValueError(f"CudaBlender: unsupported device {device!r}")
+            raise ValueError(f"CudaBackend: unsupported device {device!r}")
         if max_gpu_bytes < 8 * _ALIGN:
-            raise ValueError(f"CudaBlender: max_gpu_bytes={max_gpu_bytes} is too small")
+            raise ValueError(f"CudaBackend: max_gpu_bytes={max_gpu_bytes} is too small")
         if chunk_elems is not None and chunk_elems < 1:
-            raise ValueError("CudaBlender: chunk_elems must be >= 1")
+            raise ValueError("CudaBackend: chunk_elems must be >= 1")
         self.max_gpu_bytes = int(max_gpu_bytes)
         self.chunk_elems = chunk_elems
         self._slot_bytes = (self.max_gpu_bytes // 2) // _ALIGN * _ALIGN
@@ -304,7 +304,7 @@ class CudaBlender:
                 self._torch.cuda.synchronize(self.device)
             self._dev = self._host = self._host_np = None
 
-    def __enter__(self) -> CudaBlender:
+    def __enter__(self) -> CudaBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -314,7 +314,7 @@ class CudaBlender:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("CudaBlender is closed")
+            raise RuntimeError("CudaBackend is closed")
 
     def _needs_scratch(self, input_dtypes: Sequence[str], out_dtype: str) -> bool:
         return len(input_dtypes) > self._kernels.MAX_INPUTS and out_dtype != "F32"
@@ -324,7 +324,7 @@ class CudaBlender:
         usable = self._slot_bytes - n_regions * _ALIGN
         chunk = usable // bytes_per_elem
         if chunk < 1:
-            raise ValueError(f"CudaBlender: max_gpu_bytes={self.max_gpu_bytes} is too small for "
+            raise ValueError(f"CudaBackend: max_gpu_bytes={self.max_gpu_bytes} is too small for "
                              f"{n_regions} buffers")
         if self.chunk_elems is not None:
             chunk = min(chunk, self.chunk_elems)

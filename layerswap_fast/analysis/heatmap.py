@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .layers import FIGURE_KINDS
+from ..plan.layers import FIGURE_KINDS
 
 if TYPE_CHECKING:
-    from .analysis import DeltaStats
+    from ..analysis import DeltaStats
 
 COLORBAR_LABEL = "mean row MAV |expert − base|"
 CMAP = "viridis"

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
-from .layers import CONFIG_SCHEMA
-from .safe_read import parse_json, show_path
+from ..errors import CheckpointError
+from ..plan.layers import CONFIG_SCHEMA
+from ..safe_read import parse_json, show_path
 
 NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
          "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",

@@ -30,7 +30,7 @@ from typing import Any
 
 import blake3
 
-from . import _core
+from .. import _core
 
 _BLOCK = 8 << 20
 _DEFAULT_MAX_DIRTY = 256 << 20  # worst case ~3x this dirty: the window, the unhashed lag, a piece in flight

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from .api import DEVICES
-from .errors import ConfigError
+from ..engine.backends import DEVICES
+from ..errors import ConfigError
 
 # analysis (numpy, matplotlib) is imported when the command runs, so `merge` starts fast
 _PATH = click.Path(path_type=Path)
@@ -71,8 +71,8 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
         roles = (0, 1)
     if not paths:
         raise ConfigError("give at least one --expert (or --language-expert and --task-expert)")
-    from .analysis import analyze as run_analysis
-    from .cli import _progress_bar
+    from ..analysis import analyze as run_analysis
+    from . import _progress_bar
 
     with _progress_bar("analyzing") as progress:
         stats = run_analysis(base, paths, out, rows=rows, device=device, threads=threads, force=force,
@@ -100,7 +100,7 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
     click.echo(f"wrote {out}/: mav.csv, summary.json, heatmap.png" + (", rows/" if rows else ""))
     if suggest and roles is not None:
         names = list(stats.experts)
-        from .analysis import suggest_swap
+        from ..analysis import suggest_swap
 
         s = suggest_swap(stats, names[roles[0]], names[roles[1]], stats.num_layers)
         click.echo("suggested swap:")

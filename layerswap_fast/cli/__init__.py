@@ -14,15 +14,15 @@ from typing import Any
 
 import click
 
-from . import api
-from ._core import CoreError
-from .engine import format_bytes
-from .errors import ConfigError, LayerswapError
-from .layout import ReusedShard
-from .output import LINK_MODES
-from .writeback import CHECKSUMS
-from .plan import NON_LAYER, TRANSITION_WEIGHTS, SwapConfig, render_plan
-from .safe_read import Bool, Choice, Float, Int, List, Map, Nullable, Schema, Str, read_json, read_yaml, show_path
+from .. import api
+from .._core import CoreError
+from ..engine.execute import format_bytes
+from ..errors import ConfigError, LayerswapError
+from ..formats.layout import ReusedShard
+from ..formats.output import LINK_MODES
+from ..formats.writeback import CHECKSUMS
+from ..plan import NON_LAYER, TRANSITION_WEIGHTS, SwapConfig, render_plan
+from ..safe_read import Bool, Choice, Float, Int, List, Map, Nullable, Schema, Str, read_json, read_yaml, show_path
 
 #: options that never change the output's bytes: left out of recipes
 _NOT_IN_RECIPE = {"out", "force", "sync", "checksum", "dry_run", "threads", "device", "gpu_memory", "link", "config", "dump_config",
@@ -417,7 +417,7 @@ def _progress_bar(label: str = "merging") -> Iterator[Callable[[int, int], None]
 @click.argument("out", type=click.Path(path_type=Path))
 def verify_command(out: Path) -> None:
     """Check OUT's headers, index, sizes and per-shard sha256 against its recipe."""
-    from .verify import verify
+    from ..formats.verify import verify
     click.echo(verify(out).summary())
 
 
@@ -426,16 +426,13 @@ def verify_command(out: Path) -> None:
               show_default=True, help="Where the synthetic trio and the merged model go.")
 def demo(workdir: Path) -> None:
     """Make a small synthetic base/task/language trio, show the plan, merge it, check the bytes."""
-    from .demo import run_demo
+    from ..demo import run_demo
     run_demo(workdir, echo=click.echo)
 
 
 def _register_analyze() -> None:
-    from .cli_analysis import analyze
+    from .analyze import analyze
     main.add_command(analyze)
 
 
 _register_analyze()
-
-if __name__ == "__main__":  # python -m layerswap_fast.cli: the same exit path as the console script
-    run()

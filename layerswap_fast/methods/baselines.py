@@ -13,9 +13,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError
-from .layers import classify
-from .plan import MergePlan, SpecLike, Term, check_same_tensors, describe_role, make_recipe
+from ..errors import ConfigError
+from ..plan.layers import classify
+from ..plan import MergePlan, SpecLike, Term, check_same_tensors, describe_role, make_recipe
 
 BASE = "base"
 
