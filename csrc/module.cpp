@@ -477,6 +477,7 @@ void ties_file_py(py::handle base, py::handle base_dtype, py::handle experts,
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "The C++ core of layerswap-fast: bytes, files and kernels (see _core.pyi).";
+  m.attr("__version__") = LSF_VERSION;
 
   g_core_error = PyErr_NewExceptionWithDoc(
       "layerswap_fast._core.CoreError",

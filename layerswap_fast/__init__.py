@@ -10,17 +10,17 @@ zones between them and averages the non-layer parameters.
     stats = ls.analyze(base="llama", experts=["math", "swh"], out_dir="stats")
 """
 
-__version__ = "0.1.0"
-
-from .api import MergeResult, merge, plan_merge, revert, soup, task_arithmetic, ties
+from ._core import __version__
+from .api import MergeResult, merge, plan_merge, revert, run, soup, task_arithmetic, ties
 from .formats.checkpoint import Checkpoint, TensorSpec, open_checkpoint
 from .errors import (CheckpointError, ConfigError, LayerswapError, MismatchError, OutputError,
                      UnsupportedDtypeError)
-from .plan import MergePlan, SwapConfig, TensorRecipe, Term, render_plan
+from .methods.swap import SwapConfig, render_plan
+from .plan import MergePlan, TensorRecipe, Term
 from .formats.verify import VerifyError, VerifyReport, verify
 
 __all__ = [
-    "__version__", "merge", "soup", "task_arithmetic", "ties", "revert", "plan_merge", "MergeResult", "SwapConfig",
+    "__version__", "run", "merge", "soup", "task_arithmetic", "ties", "revert", "plan_merge", "MergeResult", "SwapConfig",
     "MergePlan", "TensorRecipe", "Term", "render_plan", "open_checkpoint", "Checkpoint",
     "TensorSpec", "LayerswapError", "CheckpointError", "ConfigError", "MismatchError",
     "OutputError", "UnsupportedDtypeError", "verify", "VerifyError", "VerifyReport",

@@ -17,6 +17,10 @@ import numpy.typing as npt
 MAX_HEADER_BYTES: int
 """Largest accepted safetensors header (100 MB, as the reference implementation)."""
 
+#: the package version, from pyproject.toml at build time
+__version__: str
+
+
 class CoreError(OSError):
     """Any failure of the core. ``str(e)`` is one line naming the file and the cause; ``errno`` is
     set when an OS call failed (e.g. ``errno.ENOSPC`` for a full disk)."""

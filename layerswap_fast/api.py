@@ -9,32 +9,37 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .methods.baselines import (BASE, RevertConfig, build_revert_plan, build_soup_plan, build_task_arithmetic_plan,
-                        build_ties_plan, model_role, normalize_weights, parse_layers)
 from .formats.checkpoint import Checkpoint, open_checkpoint
-from .dtypes import normalize_dtype
 from .engine.backends import DEVICES, Backend, make_backend
 from .engine.execute import MergeStats, execute
 from .errors import ConfigError, MismatchError
 from .plan.layers import count_layers
 from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
-                     needed_bytes, parse_size)
+                             needed_bytes)
 from .formats.output import LINK_MODES, guarded_paths, check_output, clean_stale_partials, output_location
 from .formats.side_files import find_side_files, side_bytes
+from .formats.verify import verify
 from .formats.writeback import CHECKSUMS
-from .plan import LANGUAGE, TASK, MergePlan, SwapConfig, TensorRecipe, build_swap_plan, describe_role
+from .methods import METHODS, Method, Option, PlanInputs
+from .methods.common import BASE
+from .methods.swap import SOUP_WEIGHTS, SwapConfig, render_plan
+from .plan import MergePlan, TensorRecipe, describe_role
+from .units import format_bytes, parse_size
+
+#: what the command line offers, named here so that it needs nothing below the API
+__all__ = ["METHODS", "Method", "Option", "DEVICES", "LINK_MODES", "CHECKSUMS", "SOUP_WEIGHTS", "MergeResult", "WriteOptions", "run",
+           "plan_merge", "plan_swap", "merge", "soup", "task_arithmetic", "ties", "revert", "render_plan", "verify"]
 
 log = logging.getLogger("layerswap_fast")
 PathLike = str | os.PathLike[str]
 Paths = PathLike | Sequence[PathLike]
-SOUP_WEIGHTS = ("uniform", "magnitude")
 _TORCH_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
@@ -46,6 +51,17 @@ class MergeResult:
     shards: list[OutputShard]
     stats: MergeStats | None
     recipe: dict[str, Any]
+
+    def summary(self, out: PathLike) -> str:
+        """One line: what was written (or, for a dry run, what would be)."""
+        if self.stats is not None:
+            return self.stats.summary()
+        reused = [s for s in self.shards if isinstance(s, ReusedShard)]
+        written = sum(s.file_size for s in self.shards if not isinstance(s, ReusedShard))
+        n = self.plan.counts()
+        return (f"dry run: would write {len(self.shards)} shards to {out}: {format_bytes(written)} new, "
+                f"{len(reused)} input shards reused ({format_bytes(sum(s.file_size for s in reused))}); "
+                f"{n['copy']} tensors copied, {n['tensors'] - n['copy']} computed")
 
 
 @dataclass(frozen=True)
@@ -65,10 +81,6 @@ class WriteOptions:
     checksum: str = "blake3"
     #: files the command read besides its checkpoints (a ``--config`` file): never written or removed
     other_inputs: Sequence[PathLike] = ()
-
-
-def _as_list(paths: Paths) -> list[PathLike]:
-    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
 def _layer_count(checkpoints: Mapping[str, Checkpoint]) -> int:
@@ -164,31 +176,39 @@ def _magnitude(base: PathLike | None, experts: Sequence[PathLike], stats: PathLi
     return list(magnitude_weights_for(base, experts, stats_dir=stats, device=device, threads=threads))
 
 
-# ---------------------------------------------------------------------------------------- swap
+def _plan(stack: ExitStack, method: Method, options: Mapping[str, Any], device: str = "auto",
+          threads: int | None = None) -> tuple[MergePlan, dict[str, Checkpoint]]:
+    """Open the method's inputs and plan: headers only, except the row-MAV analysis that
+    magnitude weights need when no ``stats`` are given."""
+    paths = method.inputs(options)
+    inputs = _open_all(stack, paths)
+    num_layers = _layer_count(inputs) if method.counts_layers else 0
 
-def _groups(tasks: list[PathLike], languages: list[PathLike]) -> dict[str, list[str]]:
-    if len(tasks) == 1 and len(languages) == 1:
-        return {TASK: [TASK], LANGUAGE: [LANGUAGE]}
-    return {TASK: [f"task.{i}" for i in range(len(tasks))], LANGUAGE: [f"language.{i}" for i in range(len(languages))]}
+    def magnitude(roles: Sequence[str]) -> list[float]:
+        return _magnitude(options.get("base"), [paths[r] for r in roles], options.get("stats"), device, threads)
+
+    specs = {role: list(c.specs.values()) for role, c in inputs.items()}
+    return method.plan(PlanInputs(specs, num_layers, magnitude), options), inputs
 
 
-def _swap_weights(config: SwapConfig, soup_weights: str, roles: dict[str, list[str]], paths: dict[str, PathLike],
-                  base: PathLike | None, stats: PathLike | None, device: str = "auto",
-                  threads: int | None = None) -> tuple[SwapConfig, dict[str, list[tuple[str, float]]]]:
-    """Soup weights within each group and, for ``magnitude``, the task/language weights."""
-    needs = soup_weights == "magnitude" or "magnitude" in (config.transition_weights, config.non_layer)
-    everyone = roles[TASK] + roles[LANGUAGE]
-    mavw = (dict(zip(everyone, _magnitude(base, [paths[r] for r in everyone], stats, device, threads)))
-            if needs else {})
-    groups = {}
-    for group, members in roles.items():
-        raw = [mavw[m] for m in members] if soup_weights == "magnitude" else [1.0] * len(members)
-        groups[group] = list(zip(members, normalize_weights(raw)))
-    if needs and "magnitude" in (config.transition_weights, config.non_layer):
-        # a group's weight is its members' magnitude weights, averaged by their soup weights
-        t, l = (sum(w * mavw[m] for m, w in groups[g]) for g in (TASK, LANGUAGE))
-        config = replace(config, magnitude_weights=(t / (t + l), l / (t + l)))
-    return config, groups
+def run(method: str, out: PathLike, options: Mapping[str, Any], **write: Any) -> MergeResult:
+    """Run the merge method ``method`` (a key of :data:`layerswap_fast.methods.METHODS`) with its
+    ``options`` (by their recipe names; the rest take their defaults) and write the model to ``out``.
+
+    ``write`` takes :class:`WriteOptions`. Every other function of this module that writes a model
+    is this one with the method's own signature.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge method {method!r}: choose one of {', '.join(METHODS)}")
+    m = METHODS[method]
+    values = m.resolve(options)
+    settings = WriteOptions(**write)
+    with ExitStack() as stack:
+        plan, inputs = _plan(stack, m, values, settings.device, settings.threads)
+        recorded = m.recorded(values, plan)
+        side_source = next(c for role, c in inputs.items() if role != BASE)
+        read = [values[o.name] for o in m.options if o.kind == "path"]  # a base, statistics: never written
+        return _write(m.command, plan, inputs, out, recorded, settings, side_source, m.extra(plan), read)
 
 
 def plan_merge(task_expert: Paths, language_expert: Paths, config: SwapConfig | None = None, *,
@@ -196,28 +216,23 @@ def plan_merge(task_expert: Paths, language_expert: Paths, config: SwapConfig | 
                stats: PathLike | None = None) -> MergePlan:
     """Plan a layer swap from the checkpoints' headers (no tensor data is read, except the
     row-MAV analysis that ``magnitude`` weights need when no ``stats`` are given)."""
+    return plan_swap(_swap_options(task_expert, language_expert, config, dtype, soup_weights, base, stats))
+
+
+def plan_swap(options: Mapping[str, Any]) -> MergePlan:
+    """:func:`plan_merge` with the swap's options by their recipe names (``bottom``, ``top`` ...)."""
+    swap = METHODS["layer_swap"]
     with ExitStack() as stack:
-        plan, _ = _plan_swap(stack, task_expert, language_expert, config, dtype, soup_weights, base, stats)
-        return plan
+        return _plan(stack, swap, swap.resolve(options))[0]
 
 
-def _plan_swap(stack: ExitStack, task_expert: Paths, language_expert: Paths, config: SwapConfig | None,
-               dtype: str | None, soup_weights: str, base: PathLike | None, stats: PathLike | None,
-               device: str = "auto", threads: int | None = None) -> tuple[MergePlan, dict[str, Checkpoint]]:
-    if soup_weights not in SOUP_WEIGHTS:
-        raise ConfigError(f"soup weights must be one of {', '.join(SOUP_WEIGHTS)}, got {soup_weights!r}")
-    tasks, languages = _as_list(task_expert), _as_list(language_expert)
-    if not tasks or not languages:
-        raise ConfigError("a layer swap needs at least one task expert and one language expert")
-    roles = _groups(tasks, languages)
-    paths = dict(zip(roles[TASK] + roles[LANGUAGE], tasks + languages))
-    inputs = _open_all(stack, paths)
-    num_layers = _layer_count(inputs)
-    config, groups = _swap_weights(config or SwapConfig(), soup_weights, roles, paths, base, stats, device, threads)
-    members = {role: list(c.specs.values()) for role, c in inputs.items()}
-    plan = build_swap_plan(members[roles[TASK][0]], members[roles[LANGUAGE][0]], num_layers, config,
-                           normalize_dtype(dtype) if dtype else None, members=members, groups=groups)
-    return plan, inputs
+def _swap_options(task_expert: Paths, language_expert: Paths, config: SwapConfig | None, dtype: str | None,
+                  soup_weights: str, base: PathLike | None, stats: PathLike | None) -> dict[str, Any]:
+    c = config or SwapConfig()
+    return {"task_expert": task_expert, "language_expert": language_expert, "bottom": c.bottom, "top": c.top,
+            "lower_transition": c.lower_transition, "upper_transition": c.upper_transition,
+            "transition_weights": c.transition_weights, "non_layer": c.non_layer, "soup_weights": soup_weights,
+            "base": base, "stats": stats, "dtype": dtype}
 
 
 def merge(
@@ -246,91 +261,31 @@ def merge(
     """Layer-swap ``language_expert`` into ``task_expert`` and write the result to ``out``.
 
     Streams: memory does not grow with the model. The output directory appears complete or not
-    at all. ``dry_run`` validates everything and computes the layout but writes nothing.
-    ``progress(n, total)`` is called after each step with the bytes it wrote and the total.
-
-    Several task or language experts (a list) are souped per group (``soup_weights`` uniform or
-    magnitude) and swapped in the same streaming pass, with no intermediate model written.
-    ``magnitude`` weights (``config.transition_weights``/``non_layer``, ``soup_weights``) are ∝ 1 /
-    average row MAV against ``base``, from an earlier ``analyze`` in ``stats`` when given.
-
-    Input shards whose every tensor goes to the output unchanged are reused whole; ``link`` says
-    how: ``auto`` (a copy-on-write reflink where the filesystem supports it, else a kernel-side
-    copy), ``reflink``, ``copy``, or, only when asked for, ``hard`` or ``symlink`` — these share
-    the input's bytes, so a later in-place change to one file changes the other.
-    ``max_gpu_bytes`` bounds the GPU memory of the CUDA backend (so a small GPU merges a 70B
-    model). ``blender`` replaces the backend chosen by ``device`` (e.g. ``engine.cuda.CudaBackend``).
-    ``sync`` fsyncs the output before publishing it (durable across a power loss). ``checksum``
-    (blake3 or sha256) is recorded for every file in the recipe, for ``verify``. ``other_inputs``:
-    files the caller read besides the checkpoints (a config file), which the output must not touch.
+    at all. Several task or language experts (a list) are souped per group (``soup_weights``
+    uniform or magnitude) and swapped in the same streaming pass, with no intermediate model
+    written. ``magnitude`` weights (``config.transition_weights``/``non_layer``, ``soup_weights``)
+    are ∝ 1 / average row MAV against ``base``, from an earlier ``analyze`` in ``stats`` when given.
+    The other keywords are the :class:`WriteOptions`, as for every method.
     """
-    config = config or SwapConfig()
-    write = WriteOptions(shard_size, threads, device, force, dry_run, link, max_gpu_bytes, blender, progress, sync,
-                         checksum, other_inputs)
-    with ExitStack() as stack:
-        plan, inputs = _plan_swap(stack, task_expert, language_expert, config, dtype, soup_weights, base, stats,
-                                  device, threads)
-        options = {"task_expert": [str(p) for p in _as_list(task_expert)],
-                   "language_expert": [str(p) for p in _as_list(language_expert)],
-                   "bottom": config.bottom, "top": config.top, "lower_transition": config.lower_transition,
-                   "upper_transition": config.upper_transition, "transition_weights": config.transition_weights,
-                   "non_layer": config.non_layer, "soup_weights": soup_weights, "dtype": dtype,
-                   "base": str(base) if base else None, "stats": str(stats) if stats else None}
-        extra = {"num_layers": plan.num_layers,
-                 "layers": [{"layer": r.layer, "zone": r.zone, "sources": {t.expert: t.weight for t in r.terms}}
-                            for r in plan.layers],
-                 "non_layer": {t.expert: t.weight for t in plan.non_layer}}
-        first_task = inputs[TASK] if TASK in inputs else inputs["task.0"]
-        return _write("merge", plan, inputs, out, options, write, first_task, extra, [base, stats])
+    options = _swap_options(task_expert, language_expert, config, dtype, soup_weights, base, stats)
+    return run("layer_swap", out, options, **vars(WriteOptions(
+        shard_size, threads, device, force, dry_run, link, max_gpu_bytes, blender, progress, sync, checksum,
+        other_inputs)))
 
-
-# ----------------------------------------------------------------------------------- baselines
 
 def soup(models: Sequence[PathLike], out: PathLike, *, weights: str | Sequence[float] = "uniform",
          base: PathLike | None = None, stats: PathLike | None = None, dtype: str | None = None,
          **write: Any) -> MergeResult:
     """A model soup: Σ wᵢ·modelᵢ with weights ``uniform``, ``magnitude`` (∝ 1 / average row MAV
     against ``base``) or given (normalised to sum 1)."""
-    models = list(models)
-    if len(models) < 1:
-        raise ConfigError("a soup needs at least one --model")
-    if weights == "uniform":
-        raw = [1.0] * len(models)
-    elif weights == "magnitude":
-        raw = _magnitude(base, models, stats, write.get("device", "auto"), write.get("threads"))
-    elif isinstance(weights, str):
-        raise ConfigError(f"weights must be uniform, magnitude or numbers, got {weights!r}")
-    else:
-        raw = list(weights)  # checked (numbers, finite, a finite sum) by normalize_weights
-    with ExitStack() as stack:
-        inputs = _open_all(stack, {model_role(i): p for i, p in enumerate(models)})
-        plan = build_soup_plan({r: list(c.specs.values()) for r, c in inputs.items()}, raw,
-                               normalize_dtype(dtype) if dtype else None)
-        options = {"model": [str(m) for m in models],
-                   "weights": weights if isinstance(weights, str) else ",".join(map(str, weights)),
-                   "base": str(base) if base else None, "stats": str(stats) if stats else None, "dtype": dtype}
-        return _write("soup", plan, inputs, out, options, WriteOptions(**write), inputs[model_role(0)],
-                      other_inputs=[base, stats])
-
-
-def _base_and_models(stack: ExitStack, base: PathLike,
-                     models: Sequence[PathLike]) -> tuple[dict[str, Checkpoint], int]:
-    """The opened base and models, and their layer count (which they must agree on)."""
-    if not models:
-        raise ConfigError("give at least one --model")
-    inputs = _open_all(stack, {BASE: base, **{model_role(i): p for i, p in enumerate(models)}})
-    return inputs, _layer_count(inputs)
+    return run("soup", out, {"model": models, "weights": weights, "base": base, "stats": stats, "dtype": dtype},
+               **write)
 
 
 def task_arithmetic(base: PathLike, models: Sequence[PathLike], out: PathLike, *, lam: float = 1.0,
                     dtype: str | None = None, **write: Any) -> MergeResult:
     """base + λ·Σ(modelᵢ − base) (Ilharco et al., 2023)."""
-    with ExitStack() as stack:
-        inputs, _ = _base_and_models(stack, base, models)
-        specs = {r: list(c.specs.values()) for r, c in inputs.items()}
-        plan = build_task_arithmetic_plan(specs.pop(BASE), specs, lam, normalize_dtype(dtype) if dtype else None)
-        options = {"base": str(base), "model": [str(m) for m in models], "lam": lam, "dtype": dtype}
-        return _write("task-arithmetic", plan, inputs, out, options, WriteOptions(**write), inputs[model_role(0)])
+    return run("task_arithmetic", out, {"base": base, "model": models, "lam": lam, "dtype": dtype}, **write)
 
 
 def ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *, density: float = 0.2, lam: float = 1.0,
@@ -338,13 +293,8 @@ def ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *, density: 
     """TIES-merging (Yadav et al., 2023): per tensor, keep each delta's top ``density`` fraction by
     magnitude (exact threshold; values tied at it are all kept), elect each element's sign by the
     summed trimmed deltas, average the trimmed deltas that agree, add λ times that to the base."""
-    with ExitStack() as stack:
-        inputs, _ = _base_and_models(stack, base, models)
-        specs = {r: list(c.specs.values()) for r, c in inputs.items()}
-        plan = build_ties_plan(specs.pop(BASE), specs, density, lam, normalize_dtype(dtype) if dtype else None)
-        options = {"base": str(base), "model": [str(m) for m in models], "density": density, "lam": lam,
-                   "dtype": dtype}
-        return _write("ties", plan, inputs, out, options, WriteOptions(**write), inputs[model_role(0)])
+    return run("ties", out, {"base": base, "model": models, "density": density, "lam": lam, "dtype": dtype},
+               **write)
 
 
 def revert(base: PathLike, model: PathLike, out: PathLike, *, layers: str | Sequence[int] | None = None,
@@ -352,13 +302,5 @@ def revert(base: PathLike, model: PathLike, out: PathLike, *, layers: str | Sequ
     """Send fine-tuning updates back to the base (paper, Section 3.3): whole ``layers``
     (``"0-4,30-31"``), rows whose row MAV is below ``row_threshold``, or the ``row_fraction`` of
     each tensor's rows that changed least (equal MAVs: lower row index first)."""
-    with ExitStack() as stack:
-        inputs, num_layers = _base_and_models(stack, base, [model])
-        chosen = parse_layers(layers, num_layers) if isinstance(layers, str) else tuple(layers or ())
-        config = RevertConfig(chosen, row_threshold, row_fraction)
-        plan = build_revert_plan(list(inputs[BASE].specs.values()), list(inputs[model_role(0)].specs.values()),
-                                 config, num_layers)
-        options = {"base": str(base), "model": str(model),
-                   "layers": ",".join(map(str, chosen)) if chosen else None,
-                   "row_threshold": row_threshold, "row_fraction": row_fraction}
-        return _write("revert", plan, inputs, out, options, WriteOptions(**write), inputs[model_role(0)])
+    return run("revert", out, {"base": base, "model": model, "layers": layers, "row_threshold": row_threshold,
+                               "row_fraction": row_fraction}, **write)

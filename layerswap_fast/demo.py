@@ -15,7 +15,7 @@ from .api import merge
 from .formats.checkpoint import open_checkpoint
 from .errors import OutputError
 from .plan.layers import classify
-from .plan import render_plan
+from .methods.swap import render_plan
 from .synthetic import bfloat16_to_float32, float32_to_bfloat16
 
 _NP = {"F32": np.float32, "F16": np.float16}

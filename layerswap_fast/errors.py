@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._core import CoreError  # noqa: F401  (what the C++ core raises: an OSError with one clear line)
+
 
 class LayerswapError(Exception):
     """Base class: a user mistake or a bad input, reported in one line without a traceback."""

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .units import parse_size
+
 __all__ = [
     "ModelShape", "SHAPES", "make_trio", "write_model", "tensor_layout", "delta_level",
     "language_layers", "task_layers", "float32_to_bfloat16", "bfloat16_to_float32", "pool_size",
@@ -127,24 +129,6 @@ _NORM_STREAM = 0x4E4F524D  # "NORM"
 
 # ----------------------------------------------------------------------------------------------
 # small helpers
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: str | int) -> int:
-    """``5GB`` -> 5*10**9 (decimal, as Hugging Face counts), ``512MiB`` -> 512*2**20, ints as is."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([KMGT]I?B|B)?\s*", str(value), re.IGNORECASE)
-        if m is None:
-            raise ValueError(f"cannot read size {value!r}: use a number with a unit, like 5GB or 500MB")
-        size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
-    return size
-
 
 def _normalize_dtype(dtype: str) -> str:
     key = str(dtype).strip()

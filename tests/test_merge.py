@@ -234,10 +234,11 @@ class TestErrorsWriteNothing:
 def test_blends_and_copies_in_small_pieces_give_the_same_bytes(trio: dict[str, Path], tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 dtype: str | None) -> None:
-    """Large tensors stream in pieces (engine._PIECE_BYTES); force 100-byte pieces so every path splits."""
+    """Large tensors stream in pieces (engine.ops.PIECE_BYTES); force 100-byte pieces so every path splits."""
     import layerswap_fast.engine.execute as engine
+    import layerswap_fast.engine.ops as ops
     ls.merge(trio["task"], trio["language"], tmp_path / "whole", link="copy", dtype=dtype)
-    monkeypatch.setattr(engine, "_PIECE_BYTES", 100)
+    monkeypatch.setattr(ops, "PIECE_BYTES", 100)
     copy_runs: list[int] = []
     real_flush = engine._ShardFiller._flush_copy
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..engine.backends import DEVICES
+from ..api import DEVICES
 from ..errors import ConfigError
 
 # analysis (numpy, matplotlib) is imported when the command runs, so `merge` starts fast
@@ -72,7 +72,7 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
     if not paths:
         raise ConfigError("give at least one --expert (or --language-expert and --task-expert)")
     from ..analysis import analyze as run_analysis
-    from . import _progress_bar
+    from .progress import progress_bar as _progress_bar
 
     with _progress_bar("analyzing") as progress:
         stats = run_analysis(base, paths, out, rows=rows, device=device, threads=threads, force=force,

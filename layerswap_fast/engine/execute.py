@@ -17,26 +17,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .. import _core
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, TensorSpec
-from ..dtypes import DTYPE_SIZES
 from ..errors import OutputError
 from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes
 from ..formats.output import LINK_MODES, publish, reuse_shard, staging_directory
 from ..formats.side_files import SideFile, copy_side_files
 from ..formats.writeback import ShardFinisher, cached_hash, hash_file, needs_throttle
 from ..plan import TensorRecipe
+from ..units import format_bytes
+from . import ops
 from .backends import Backend
+from .ops import OPS
 
 RECIPE_NAME = "layerswap_recipe.json"
-# Copies and blends proceed in pieces of at most this many bytes, after each of which the
-# write-behind (checksum, bounded dirty pages) and the progress bar are told how far the file is.
-# Small enough that the checksum trails the writer closely (what is left to hash when the last
-# piece is written is on the critical path: 1b merge 0.72 s with 256 MB pieces, 0.70 s with 32 MB),
-# large enough that the Python loop costs nothing.
-_PIECE_BYTES = 32 << 20
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
 
@@ -76,13 +72,6 @@ class MergeStats:
                 f"copied, {self.blended} computed, peak RSS {self.peak_rss_bytes / 2**20:.0f} MB")
 
 
-def format_bytes(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
 class _ShardFiller:
     """Writes one shard's tensors: coalesced byte copies and streamed blends."""
 
@@ -93,6 +82,11 @@ class _ShardFiller:
         self.progress = progress
         self.threads = threads
         self.advance: Callable[[int], None] = lambda n: None
+        self.context = ops.OpContext(backend, threads, self._advance)
+
+    def _advance(self, end: int, nbytes: int) -> None:
+        self.advance(end)
+        self.progress(nbytes)
 
     def source(self, expert: str, name: str) -> TensorSpec:
         return self.experts[expert].specs[name]
@@ -125,8 +119,8 @@ class _ShardFiller:
         if run is None or src is None:
             return
         src_offset, dst_offset, nbytes = run
-        for start in range(0, nbytes, _PIECE_BYTES):
-            n = min(_PIECE_BYTES, nbytes - start)
+        for start in range(0, nbytes, ops.PIECE_BYTES):
+            n = min(ops.PIECE_BYTES, nbytes - start)
             writer.copy_range(src, src_offset + start, dst_offset + start, n)
             self.advance(dst_offset + start + n)
             self.progress(n)
@@ -134,68 +128,9 @@ class _ShardFiller:
     def _compute(self, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int) -> None:
         specs = [self.source(t.expert, recipe.name) for t in recipe.terms]
         inputs = [(self.experts[t.expert].input_file(s.file), s.offset) for t, s in zip(recipe.terms, specs)]
-        dtypes = [s.dtype for s in specs]
-        numel = specs[0].numel
-        if recipe.op == "blend":
-            self._blend_in_pieces(writer, recipe, inputs, dtypes, numel, dst)
-            return
-        if recipe.op == "ties":
-            keep = int(recipe.param("density") * numel)
-            _core.ties_file(inputs[0], dtypes[0], inputs[1:], dtypes[1:], writer, dst, recipe.dtype, numel,
-                            keep, recipe.param("lambda"), threads=self.threads)
-        elif recipe.op == "revert_rows":
-            self._revert_rows(writer, recipe, specs, inputs, dst)
-        else:
+        if recipe.op not in OPS:
             raise ValueError(f"unknown op {recipe.op!r}")
-        self.advance(dst + numel * DTYPE_SIZES[recipe.dtype])
-        self.progress(numel * DTYPE_SIZES[recipe.dtype])
-
-    def _blend_in_pieces(self, writer: _core.ShardWriter, recipe: TensorRecipe,
-                         inputs: Sequence[tuple[_core.InputFile, int]], dtypes: Sequence[str], numel: int,
-                         dst: int) -> None:
-        """A blend is elementwise, so a large tensor goes in pieces: the write-behind (hashing,
-        bounded dirty pages) follows each piece instead of waiting for a whole 1 GB embedding."""
-        out_size = DTYPE_SIZES[recipe.dtype]
-        in_sizes = [DTYPE_SIZES[d] for d in dtypes]
-        step = max(1, _PIECE_BYTES // out_size)
-        weights = [t.weight for t in recipe.terms]
-        for start in range(0, numel, step):
-            n = min(step, numel - start)
-            pieces = [(f, off + start * size) for (f, off), size in zip(inputs, in_sizes)]
-            self.backend.blend_file(pieces, dtypes, weights, writer, dst + start * out_size, recipe.dtype, n)
-            self.advance(dst + (start + n) * out_size)
-            self.progress(n * out_size)
-
-    def _revert_rows(self, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
-                     inputs: Sequence[tuple[_core.InputFile, int]], dst: int) -> None:
-        """Rows of the model (input 1) that changed least go back to the base (input 0): a row MAV
-        pass, then byte copies of runs of rows from one or the other."""
-        rows = recipe.shape[0] if len(recipe.shape) > 1 else 1
-        cols = specs[0].numel // rows if rows else 0
-        if rows == 0 or cols == 0:
-            return
-        mav = _core.row_mav_file([inputs[1]], [specs[1].dtype], inputs[0], specs[0].dtype, rows, cols,
-                                 threads=self.threads)[0]
-        import numpy as np  # only reverts need it; a plain merge starts faster without
-
-        revert = rows_to_revert(mav, dict(recipe.params))
-        row_bytes = cols * DTYPE_SIZES[recipe.dtype]
-        edges = [0, *(np.flatnonzero(np.diff(revert.astype(np.int8))) + 1).tolist(), rows]
-        for a, b in zip(edges, edges[1:]):
-            src, offset = inputs[0] if revert[a] else inputs[1]
-            writer.copy_range(src, offset + a * row_bytes, dst + a * row_bytes, (b - a) * row_bytes)
-
-
-def rows_to_revert(mav: Any, params: Mapping[str, float]) -> Any:
-    """Which rows go back to the base: row MAV below ``threshold``, or the ``fraction`` of rows
-    with the smallest row MAV (floor(fraction × rows) of them; equal MAVs: lower row index first)."""
-    import numpy as np
-
-    if "threshold" in params:
-        return mav < params["threshold"]
-    revert = np.zeros(len(mav), dtype=bool)
-    revert[np.argsort(mav, kind="stable")[:int(params["fraction"] * len(mav))]] = True
-    return revert
+        OPS[recipe.op](self.context, writer, recipe, specs, inputs, dst)
 
 
 @contextmanager

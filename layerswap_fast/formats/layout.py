@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -11,32 +10,10 @@ from math import prod
 from pathlib import Path
 
 from ..dtypes import DTYPE_SIZES
-from ..errors import ConfigError
 from ..plan import TensorRecipe
 
 _PAGE = 4096
 SourceOffset = Callable[[TensorRecipe], int | None]  # a copied tensor's byte offset in its input file
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """``5GB`` → 5·10⁹ (decimal, as Hugging Face counts shard sizes), ``512MiB`` → 512·2²⁰."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
-        if m is None:
-            raise ConfigError(f"cannot read size {text!r}: use a number with a unit, like 5GB or 500MB")
-        number = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
-        if not number < 2**63:  # overflows to inf for a long enough string of digits
-            raise ConfigError(f"size {text!r} is too large")
-        value = int(number)
-    if value <= 0:
-        raise ConfigError(f"size must be positive, got {text!r}")
-    return value
-
 
 @dataclass(frozen=True)
 class PlacedTensor:

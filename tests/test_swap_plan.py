@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from layerswap_fast import ConfigError, MismatchError, SwapConfig, UnsupportedDtypeError
-from layerswap_fast.plan import build_swap_plan, layer_map, render_plan
+from layerswap_fast.methods.swap import build_swap_plan, layer_map, render_plan
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,139 @@
+"""The commands: one per merge method, built from its declared options, and ``plan``, ``verify``,
+``demo``. Each parses, calls the API and prints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import api
+from ..api import Method, Option
+from .config import dump_config, recipe_options
+from .progress import progress_bar
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def stack(*options: Decorator) -> Decorator:
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+def click_option(o: Option) -> Decorator:
+    """The flag of a declared option: its type, default and help as declared."""
+    kw: dict[str, Any] = {"help": o.help}
+    if o.kind in ("path", "paths"):
+        kw.update(type=click.Path(path_type=Path), required=o.required, multiple=o.kind == "paths")
+    elif o.kind == "choice":
+        kw.update(type=click.Choice(o.choices), default=o.default, show_default=True)
+    else:
+        kw.update(type={"int": int, "float": float, "text": str}[o.kind], default=o.default,
+                  show_default=o.default is not None)
+    return click.option(o.cli_flag, o.name, **kw)
+
+
+write_options = stack(
+    click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+                 help="Output directory; it appears complete or not at all."),
+    click.option("--shard-size", default="5GB", show_default=True, help="Largest new output shard."),
+    click.option("--threads", type=int, default=None, help="Worker threads (default: all cores)."),
+    click.option("--device", type=click.Choice(api.DEVICES), default="auto", show_default=True,
+                 help="Where blends run: auto uses a CUDA GPU when there is one."),
+    click.option("--gpu-memory", default="256MB", show_default=True,
+                 help="Most GPU memory the CUDA backend may use (staging buffers of all inputs)."),
+    click.option("--link", type=click.Choice(api.LINK_MODES), default="auto", show_default=True,
+                 help="How input shards the merge leaves unchanged are reused whole: auto = a copy-on-write "
+                      "reflink where the filesystem supports it, else a kernel-side copy; reflink; copy; "
+                      "hard or symlink only when asked for: those share the input's bytes, so a later "
+                      "in-place change to one file changes the other."),
+    click.option("--force", is_flag=True, help="Replace an existing output directory."),
+    click.option("--sync", is_flag=True, help="fsync the output before publishing it (durable across a power loss)."),
+    click.option("--checksum", type=click.Choice(api.CHECKSUMS), default="blake3", show_default=True,
+                 help="Per-shard checksum recorded for `verify`; blake3 is the default, sha256 costs about 3x "
+                      "its CPU time."),
+    click.option("--dry-run", is_flag=True, help="Validate and plan the layout, write nothing."),
+    recipe_options,
+)
+
+
+def _write_kwargs(kw: dict[str, Any], progress: Callable[[int, int], None] | None,
+                  config: Path | None) -> dict[str, Any]:
+    return {"other_inputs": [config] if config is not None else [],
+            "shard_size": kw.pop("shard_size"), "threads": kw.pop("threads"), "device": kw.pop("device"),
+            "max_gpu_bytes": kw.pop("gpu_memory"), "link": kw.pop("link"), "force": kw.pop("force"),
+            "dry_run": kw.pop("dry_run"), "sync": kw.pop("sync"), "checksum": kw.pop("checksum"),
+            "progress": progress}
+
+
+def _method_values(m: Method, kw: dict[str, Any]) -> dict[str, Any]:
+    """The method's options out of ``kw``, repeated flags as lists."""
+    return {o.name: (list(v) if isinstance(v := kw.pop(o.name), tuple) else v) for o in m.options}
+
+
+def method_command(m: Method) -> click.Command:
+    """The command of merge method ``m``: its declared options, then the write options."""
+    @click.pass_context
+    def command(ctx: click.Context, **kw: Any) -> None:
+        if kw.pop("dump_config"):
+            dump_config(ctx)
+            return
+        options = _method_values(m, kw)
+        config = kw.pop("config")
+        out = kw.pop("out")
+        with progress_bar() as progress:
+            result = api.run(m.name, out, options, **_write_kwargs(kw, progress, config))
+        click.echo(result.summary(out))
+
+    command.__doc__ = m.summary
+    return click.command(m.command)(stack(*map(click_option, m.options), write_options)(command))
+
+
+def plan_command() -> click.Command:
+    swap = api.METHODS["layer_swap"]
+
+    @click.pass_context
+    def plan(ctx: click.Context, as_json: bool, **kw: Any) -> None:
+        """Print the layer map (layer → source and weights); reads headers only, no tensor data."""
+        if kw.pop("dump_config"):
+            dump_config(ctx)
+            return
+        kw.pop("config")
+        result = api.plan_swap(_method_values(swap, kw))
+        click.echo(json.dumps(result.to_json(), indent=2) if as_json else api.render_plan(result))
+
+    options = stack(*map(click_option, swap.options),
+                    click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON, for tools."),
+                    recipe_options)
+    return click.command("plan")(options(plan))
+
+
+@click.command("verify")
+@click.argument("out", type=click.Path(path_type=Path))
+def verify_command(out: Path) -> None:
+    """Check OUT's headers, index, sizes and per-file checksums (blake3 or sha256) against its recipe."""
+    click.echo(api.verify(out).summary())
+
+
+@click.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("layerswap-demo"),
+              show_default=True, help="Where the synthetic trio and the merged model go.")
+def demo(workdir: Path) -> None:
+    """Make a small synthetic base/task/language trio, show the plan, merge it, check the bytes."""
+    from ..demo import run_demo
+    run_demo(workdir, echo=click.echo)
+
+
+def add_commands(group: click.Group) -> None:
+    """Every command, the merge methods in registry order (``plan`` first: it shows a swap)."""
+    group.add_command(plan_command())
+    for method in api.METHODS.values():
+        group.add_command(method_command(method))
+    group.add_command(verify_command)
+    group.add_command(demo)

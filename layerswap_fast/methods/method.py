@@ -1,0 +1,113 @@
+"""What a merge method declares: its options once, which inputs it reads, how it plans.
+
+From one :class:`Method`, the API checks a call's options, the CLI builds the command and its
+flags, ``--config`` checks a file's values, and the recipe records what rebuilds the output. A
+method is a planner: it turns tensor specs and options into a :class:`~layerswap_fast.plan.MergePlan`
+and never touches a file; the numbers it needs from the data (magnitude weights) come through the
+:class:`PlanInputs` it is given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import ConfigError
+from ..plan import MergePlan, SpecLike
+
+Kind = Literal["path", "paths", "int", "float", "choice", "text"]
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: its name in recipes and configs, its type, default and help.
+
+    ``flag`` is the command-line flag when it is not ``--name`` with dashes; ``api`` the keyword of
+    the public API function when it differs (``models`` for ``--model``). ``role``: the option names
+    input checkpoints (``path``/``paths`` kinds), which the output must never touch."""
+
+    name: str
+    kind: Kind
+    help: str
+    default: Any = None
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    flag: str | None = None
+    api: str | None = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def api_name(self) -> str:
+        return self.api or self.name
+
+    def record(self, value: Any) -> Any:
+        """The value as a recipe stores it: paths as text."""
+        if value is None:
+            return None
+        if self.kind == "path":
+            return str(value)
+        if self.kind == "paths":
+            return [str(p) for p in _as_list(value)]
+        return value
+
+
+def _as_list(paths: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+#: per-role weights of the magnitude-adjusted average (∝ 1 / average row MAV against the base)
+MagnitudeWeights = Callable[[Sequence[str]], list[float]]
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a planner sees of its inputs: tensor specs by role, the layer count they agree on, and
+    the magnitude weights of any roles (computed against the base only when asked for)."""
+
+    specs: Mapping[str, Sequence[SpecLike]]
+    num_layers: int
+    magnitude: MagnitudeWeights
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method: ``name`` is the recipe's method, ``command`` the CLI command.
+
+    ``inputs(options)`` maps roles to checkpoint paths (in output order: the first role's side
+    files go with the output); ``plan(inputs, options)`` builds the plan; ``record(options,
+    plan)`` adds to or replaces the recipe's recorded options where the plan resolved them
+    (``layers="0-2"`` → ``"0,1,2"``); ``extra(plan)`` adds method-specific recipe entries."""
+
+    name: str
+    command: str
+    summary: str
+    options: tuple[Option, ...]
+    inputs: Callable[[Mapping[str, Any]], dict[str, PathLike]]
+    plan: Callable[[PlanInputs, Mapping[str, Any]], MergePlan]
+    record: Callable[[Mapping[str, Any], MergePlan], Mapping[str, Any]] = field(default=lambda options, plan: {})
+    extra: Callable[[MergePlan], Mapping[str, Any]] = field(default=lambda plan: {})
+    #: inputs whose layer counts must agree (a soup of any models needs none)
+    counts_layers: bool = True
+
+    def option(self, name: str) -> Option:
+        return next(o for o in self.options if o.name == name)
+
+    def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option's value: given, else its default; an unknown one is an error. (Whether the
+        inputs are enough is the planner's to say, in its own words.)"""
+        known = {o.name for o in self.options}
+        for name in given:
+            if name not in known:
+                raise ConfigError(f"{self.command} has no option {name!r}")
+        return {o.name: given.get(o.name, o.default) for o in self.options}
+
+    def recorded(self, values: Mapping[str, Any], plan: MergePlan) -> dict[str, Any]:
+        """The options that rebuild the output, as the recipe stores them."""
+        record = {o.name: o.record(values[o.name]) for o in self.options}
+        return {**record, **self.record(values, plan)}
