@@ -194,7 +194,7 @@ class TestErrorsWriteNothing:
     def test_existing_output_needs_force(self, trio: dict[str, Path], tmp_path: Path) -> None:
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "keep.txt").write_text("mine")
-        self.check(trio, tmp_path, ls.OutputError, "already exists; pass --force", out=tmp_path / "out")
+        self.check(trio, tmp_path, ls.OutputError, "already exists; pass force", out=tmp_path / "out")
         ls.merge(trio["task"], trio["language"], tmp_path / "out", force=True)
         assert not (tmp_path / "out" / "keep.txt").exists()
         assert_merged(tmp_path / "out", trio)

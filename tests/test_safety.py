@@ -248,7 +248,7 @@ def test_an_output_made_by_another_run_just_before_the_rename_is_kept(trio: dict
         return real(src, dst, flags)
 
     monkeypatch.setattr(output, "rename", competing_run_first)
-    with pytest.raises(ls.OutputError, match="appeared during the merge; pass --force to replace it"):
+    with pytest.raises(ls.OutputError, match="appeared during the merge; pass force to replace it"):
         ls.merge(trio["task"], trio["language"], out)
     assert out.is_dir() and not list(out.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

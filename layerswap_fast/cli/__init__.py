@@ -27,9 +27,10 @@ class _Group(click.Group):
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             rv = super().main(*args, **kwargs)
-        except (LayerswapError, CoreError, click.ClickException) as e:
-            message = e.format_message() if isinstance(e, click.ClickException) else str(e)
-            _error_line(message)
+        except LayerswapError as e:
+            _error_line(e.render(_flag))
+        except (CoreError, click.ClickException) as e:
+            _error_line(e.format_message() if isinstance(e, click.ClickException) else str(e))
         except OSError as e:  # a path the OS refuses, wherever it was met: the API cleaned up already
             _error_line(f"{e.filename!r}: {e.strerror or e}" if e.filename is not None else str(e))
         except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort):
@@ -44,6 +45,14 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:  # before click turns it into Abort with a stray blank line
             raise _Interrupted from None
+
+
+def _flag(name: str) -> str:
+    """The flag of the option an API error names."""
+    from .. import api
+
+    declared = {o.name: o.cli_flag for m in api.METHODS.values() for o in (*m.options, *api.WRITE_OPTIONS)}
+    return declared.get(name, "--" + name.replace("_", "-"))
 
 
 def _error_line(message: str) -> None:

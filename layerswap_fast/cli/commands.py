@@ -29,47 +29,26 @@ def stack(*options: Decorator) -> Decorator:
 def click_option(o: Option) -> Decorator:
     """The flag of a declared option: its type, default and help as declared."""
     kw: dict[str, Any] = {"help": o.help}
-    if o.kind in ("path", "paths"):
+    flags = (o.short, o.cli_flag) if o.short else (o.cli_flag,)
+    if o.kind == "flag":
+        kw.update(is_flag=True)
+    elif o.kind in ("path", "paths"):
         kw.update(type=click.Path(path_type=Path), required=o.required, multiple=o.kind == "paths")
     elif o.kind == "choice":
         kw.update(type=click.Choice(o.choices), default=o.default, show_default=True)
     else:
         kw.update(type={"int": int, "float": float, "text": str}[o.kind], default=o.default,
                   show_default=o.default is not None)
-    return click.option(o.cli_flag, o.name, **kw)
+    return click.option(*flags, o.name, **kw)
 
 
-write_options = stack(
-    click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-                 help="Output directory; it appears complete or not at all."),
-    click.option("--shard-size", default="5GB", show_default=True, help="Largest new output shard."),
-    click.option("--threads", type=int, default=None, help="Worker threads (default: all cores)."),
-    click.option("--device", type=click.Choice(api.DEVICES), default="auto", show_default=True,
-                 help="Where blends run: auto uses a CUDA GPU when there is one."),
-    click.option("--gpu-memory", default="256MB", show_default=True,
-                 help="Most GPU memory the CUDA backend may use (staging buffers of all inputs)."),
-    click.option("--link", type=click.Choice(api.LINK_MODES), default="auto", show_default=True,
-                 help="How input shards the merge leaves unchanged are reused whole: auto = a copy-on-write "
-                      "reflink where the filesystem supports it, else a kernel-side copy; reflink; copy; "
-                      "hard or symlink only when asked for: those share the input's bytes, so a later "
-                      "in-place change to one file changes the other."),
-    click.option("--force", is_flag=True, help="Replace an existing output directory."),
-    click.option("--sync", is_flag=True, help="fsync the output before publishing it (durable across a power loss)."),
-    click.option("--checksum", type=click.Choice(api.CHECKSUMS), default="blake3", show_default=True,
-                 help="Per-shard checksum recorded for `verify`; blake3 is the default, sha256 costs about 3x "
-                      "its CPU time."),
-    click.option("--dry-run", is_flag=True, help="Validate and plan the layout, write nothing."),
-    recipe_options,
-)
+write_options = stack(*map(click_option, api.WRITE_OPTIONS), recipe_options)
 
 
 def _write_kwargs(kw: dict[str, Any], progress: Callable[[int, int], None] | None,
                   config: Path | None) -> dict[str, Any]:
-    return {"other_inputs": [config] if config is not None else [],
-            "shard_size": kw.pop("shard_size"), "threads": kw.pop("threads"), "device": kw.pop("device"),
-            "max_gpu_bytes": kw.pop("gpu_memory"), "link": kw.pop("link"), "force": kw.pop("force"),
-            "dry_run": kw.pop("dry_run"), "sync": kw.pop("sync"), "checksum": kw.pop("checksum"),
-            "progress": progress}
+    given = {o.api_name: kw.pop(o.name) for o in api.WRITE_OPTIONS if o.name != "out"}
+    return {**given, "other_inputs": [config] if config is not None else [], "progress": progress}
 
 
 def _method_values(m: Method, kw: dict[str, Any]) -> dict[str, Any]:
@@ -108,9 +87,7 @@ def plan_command() -> click.Command:
         result = api.plan_swap(_method_values(swap, kw))
         click.echo(json.dumps(result.to_json(), indent=2) if as_json else api.render_plan(result))
 
-    options = stack(*map(click_option, swap.options),
-                    click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON, for tools."),
-                    recipe_options)
+    options = stack(*map(click_option, api.command_options("plan")), recipe_options)
     return click.command("plan")(options(plan))
 
 

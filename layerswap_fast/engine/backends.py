@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import _core
-from ..errors import ConfigError
+from ..errors import ConfigError, param
 
 DEVICES = ("auto", "cpu", "cuda")
 InputRange = tuple[_core.InputFile, int]  # a file and the byte offset of a tensor in it
@@ -73,5 +73,5 @@ def make_backend(device: str, threads: int | None, max_gpu_bytes: int | None = N
         from .cuda import CudaBackend
         return CudaBackend(device="cuda", **({"max_gpu_bytes": max_gpu_bytes} if max_gpu_bytes else {}))
     if device == "cuda":
-        raise ConfigError("--device cuda was asked for but no CUDA device (or no torch/triton) is available")
+        raise ConfigError(f"{param('device')} cuda was asked for but no CUDA device (or no torch/triton) is available")
     return CpuBackend(threads=threads or 0)

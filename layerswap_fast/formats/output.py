@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import _core
-from ..errors import OutputError
+from ..errors import OutputError, param
 from .layout import ReusedShard
 from .writeback import copy_whole_file
 
@@ -65,7 +65,7 @@ def check_output(out: Path, guarded: Mapping[Path, str], force: bool, needed_byt
                 raise OutputError(f"{clash}; choose another directory")
     if os.path.lexists(out):
         if not force:
-            raise OutputError(f"output {out} already exists; pass --force to replace it")
+            raise OutputError(f"output {out} already exists; pass {param('force')} to replace it")
         if not out.is_dir():
             raise OutputError(f"output {out} exists and is not a directory")
         real, cwd = Path(os.path.realpath(out)), Path.cwd()
@@ -221,7 +221,7 @@ def publish(tmp: Path, out: Path, force: bool, sync: bool = False) -> None:
         elif not rename(tmp, out, _RENAME_NOREPLACE):
             rename(tmp, out)
     except FileExistsError:
-        raise OutputError(f"output {out} appeared during the merge; pass --force to replace it") from None
+        raise OutputError(f"output {out} appeared during the merge; pass {param('force')} to replace it") from None
     except OSError as e:
         raise OutputError(f"cannot publish {out}: {e.strerror}") from None
     fsync_path(out.parent)

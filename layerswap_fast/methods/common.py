@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from ..dtypes import normalize_dtype
-from ..errors import ConfigError
+from ..errors import ConfigError, param
 from ..plan import SpecLike, check_same_tensors, describe_role
 from .method import Option
 
@@ -66,7 +66,7 @@ def base_and_models(options: Mapping[str, object]) -> dict[str, object]:
     models = options["model"]
     models = [models] if isinstance(models, str) or not isinstance(models, Sequence) else list(models)
     if not models:
-        raise ConfigError("give at least one --model")
+        raise ConfigError(f"give at least one {param('model')}")
     return {BASE: options["base"], **{model_role(i): p for i, p in enumerate(models)}}
 
 

@@ -16,18 +16,20 @@ from typing import Any, Literal
 
 from ..errors import ConfigError
 from ..plan import MergePlan, SpecLike
+from ..safe_read import Bool, Choice, Float, Int, List, Nullable, Schema, Str
 
-Kind = Literal["path", "paths", "int", "float", "choice", "text"]
+Kind = Literal["path", "paths", "int", "float", "choice", "text", "flag"]
 PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a method: its name in recipes and configs, its type, default and help.
+    """One option: its name in recipes and configs, its type, default and help.
 
-    ``flag`` is the command-line flag when it is not ``--name`` with dashes; ``api`` the keyword of
-    the public API function when it differs (``models`` for ``--model``). ``role``: the option names
-    input checkpoints (``path``/``paths`` kinds), which the output must never touch."""
+    ``flag`` is the command-line flag when it is not ``--name`` with dashes (``short`` a one-letter
+    one besides); ``api`` the keyword of the public API when it differs (``models`` for
+    ``--model``). ``recorded``: whether the recipe keeps it, i.e. whether it can change the output's
+    bytes. ``path`` and ``paths`` options name files the output must never touch."""
 
     name: str
     kind: Kind
@@ -37,6 +39,8 @@ class Option:
     choices: tuple[str, ...] = ()
     flag: str | None = None
     api: str | None = None
+    short: str | None = None
+    recorded: bool = True
 
     @property
     def cli_flag(self) -> str:
@@ -45,6 +49,21 @@ class Option:
     @property
     def api_name(self) -> str:
         return self.api or self.name
+
+    @property
+    def alias(self) -> str:
+        """The flag's own name as a config key may spell it (``lambda`` for ``lam``)."""
+        return self.cli_flag.lstrip("-").replace("-", "_")
+
+    def schema(self) -> Schema:
+        """The type a config value must have: an ``int`` option takes an integer (not 2.7, not
+        true), a ``float`` one a finite number, a ``choice`` one of its choices, a flag true or
+        false, ``paths`` a list of text; null only where the default is None."""
+        base: Schema = {"flag": Bool(), "int": Int(), "float": Float(), "choice": Choice(self.choices)}.get(
+            self.kind, Str())
+        if self.kind == "paths":
+            base = List(Str())
+        return Nullable(base) if self.default is None and not self.required and self.kind != "flag" else base
 
     def record(self, value: Any) -> Any:
         """The value as a recipe stores it: paths as text."""
@@ -109,5 +128,5 @@ class Method:
 
     def recorded(self, values: Mapping[str, Any], plan: MergePlan) -> dict[str, Any]:
         """The options that rebuild the output, as the recipe stores them."""
-        record = {o.name: o.record(values[o.name]) for o in self.options}
+        record = {o.name: o.record(values[o.name]) for o in self.options if o.recorded}
         return {**record, **self.record(values, plan)}

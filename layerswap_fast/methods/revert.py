@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, param
 from ..plan import MergePlan, SpecLike, Term, make_recipe
 from ..plan.layers import classify
 from .common import BASE, base_and_models, check_all, check_finite, dtypes_of, model_role
@@ -45,13 +45,13 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
 
 def _check(config: RevertConfig, num_layers: int) -> None:
     if config.row_threshold is not None and config.row_fraction is not None:
-        raise ConfigError("give --row-threshold or --row-fraction, not both")
+        raise ConfigError(f"give {param('row_threshold')} or {param('row_fraction')}, not both")
     if config.row_threshold is not None:
         check_finite(config.row_threshold, "row threshold")
     if config.row_fraction is not None and not 0.0 <= check_finite(config.row_fraction, "row fraction") <= 1.0:
         raise ConfigError(f"row fraction must be between 0 and 1, got {config.row_fraction}")
     if not config.layers and config.row_threshold is None and config.row_fraction is None:
-        raise ConfigError("nothing to revert: give --layers, --row-threshold or --row-fraction")
+        raise ConfigError(f"nothing to revert: give {param('layers')}, {param('row_threshold')} or {param('row_fraction')}")
     for layer in config.layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
             raise ConfigError(f"layer {layer!r} to revert is outside the model's layers 0-{num_layers - 1}")

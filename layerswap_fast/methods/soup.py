@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, param
 from ..plan import MergePlan, Term, make_recipe
 from ..plan.layers import classify
 from .common import check_all, dtype_option, dtypes_of, model_role, normalize_weights, output_dtype
@@ -44,13 +44,13 @@ def parse_weights(weights: str | Sequence[float]) -> str | list[float]:
     try:
         return [float(w) for w in weights.split(",")]
     except ValueError:
-        raise ConfigError(f"--weights must be uniform, magnitude or numbers like 0.3,0.7, got {weights!r}") from None
+        raise ConfigError(f"{param('weights')} must be uniform, magnitude or numbers like 0.3,0.7, got {weights!r}") from None
 
 
 def _inputs(options: Mapping[str, Any]) -> dict[str, PathLike]:
     models = list(options["model"])
     if len(models) < 1:
-        raise ConfigError("a soup needs at least one --model")
+        raise ConfigError(f"a soup needs at least one {param('model')}")
     return {model_role(i): p for i, p in enumerate(models)}
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ..errors import ConfigError, MismatchError
+from ..errors import ConfigError, MismatchError, param
 from ..plan import LayerRow, MergePlan, SpecLike, Term, check_same_tensors, describe_role, make_recipe
 from ..plan.layers import classify
 from .common import dtype_option, normalize_weights, output_dtype
@@ -59,7 +59,7 @@ class SwapConfig:
         if self.non_layer not in NON_LAYER:
             raise ConfigError(f"non-layer must be one of {', '.join(NON_LAYER)}, got {self.non_layer!r}")
         if "magnitude" in (self.transition_weights, self.non_layer) and self.magnitude_weights is None:
-            raise ConfigError("magnitude weights need the experts' average MAVs: pass --base (or --stats)")
+            raise ConfigError(f"magnitude weights need the experts' average MAVs: pass {param('base')} (or {param('stats')})")
         needed = sum(counts.values())
         if needed > num_layers:
             raise ConfigError(
