@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._core import __version__
 from .formats.checkpoint import Checkpoint, open_checkpoint
 from .engine.backends import DEVICES, Backend, make_backend
 from .engine.execute import MergeStats, execute

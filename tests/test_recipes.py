@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 import layerswap_fast as ls
 from layerswap_fast.analysis import analyze
 from layerswap_fast.cli import main
-from layerswap_fast.engine.execute import RECIPE_NAME
+from layerswap_fast.formats.checkpoint import RECIPE_NAME
 from support import assert_same_shards, make_llama_trio
 
 L = 12  # enough layers for every swap below and the same swap with any one count at its default

@@ -56,7 +56,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from .. import __version__, _core
+from .. import _core
+from .._core import __version__
 from ..formats.writeback import hash_file
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..dtypes import FLOAT_DTYPES

@@ -71,7 +71,7 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
         roles = (0, 1)
     if not paths:
         raise ConfigError("give at least one --expert (or --language-expert and --task-expert)")
-    from ..analysis import analyze as run_analysis
+    from .. import analyze as run_analysis
     from .progress import progress_bar as _progress_bar
 
     with _progress_bar("analyzing") as progress:
@@ -100,7 +100,7 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
     click.echo(f"wrote {out}/: mav.csv, summary.json, heatmap.png" + (", rows/" if rows else ""))
     if suggest and roles is not None:
         names = list(stats.experts)
-        from ..analysis import suggest_swap
+        from .. import suggest_swap
 
         s = suggest_swap(stats, names[roles[0]], names[roles[1]], stats.num_layers)
         click.echo("suggested swap:")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _core
-from ..formats.checkpoint import INDEX_NAME, Checkpoint, TensorSpec
+from ..formats.checkpoint import INDEX_NAME, RECIPE_NAME, Checkpoint, TensorSpec
 from ..errors import OutputError
 from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes
 from ..formats.output import LINK_MODES, publish, reuse_shard, staging_directory
@@ -32,7 +32,6 @@ from . import ops
 from .backends import Backend
 from .ops import OPS
 
-RECIPE_NAME = "layerswap_recipe.json"
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
 

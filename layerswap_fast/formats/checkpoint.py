@@ -24,6 +24,8 @@ from ..safe_read import Map, Str, parse_json, read_json, show_path
 from .side_files import NAMES as SIDE_FILE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
+#: written beside every output: what made it, and every file's size and checksum (see verify)
+RECIPE_NAME = "layerswap_recipe.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "consolidated.00.pth")
 _CONVERT_HINT = ("pickle checkpoints are never unpickled; convert it to safetensors first, "
                  "e.g. load it once with transformers and call save_pretrained(safe_serialization=True)")

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import open_checkpoint
-from ..engine.execute import RECIPE_NAME
+from .checkpoint import RECIPE_NAME, open_checkpoint
 from ..errors import CheckpointError, LayerswapError
 from ..safe_read import Choice, Int, List, Map, Str, read_json
 from .writeback import CHECKSUMS, hash_file
