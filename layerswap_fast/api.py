@@ -19,6 +19,7 @@ from ._core import __version__
 from .formats.checkpoint import Checkpoint, open_checkpoint
 from .engine.backends import DEVICES, Backend, make_backend
 from .engine.execute import MergeStats, execute
+from .dtypes import TORCH_NAMES
 from .errors import ConfigError, MismatchError, param
 from .plan.layers import count_layers
 from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
@@ -41,7 +42,6 @@ __all__ = ["METHODS", "Method", "Option", "DEVICES", "LINK_MODES", "CHECKSUMS", 
 log = logging.getLogger("layerswap_fast")
 PathLike = str | os.PathLike[str]
 Paths = PathLike | Sequence[PathLike]
-_TORCH_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 @dataclass
@@ -186,17 +186,17 @@ def _layer_count(checkpoints: Mapping[str, Checkpoint]) -> int:
     return counts[first]
 
 
-def reusable_shards(plan: MergePlan, experts: Mapping[str, Checkpoint]) -> list[ReusableShard]:
+def reusable_shards(plan: MergePlan, inputs: Mapping[str, Checkpoint]) -> list[ReusableShard]:
     """Input shards the output can take whole (every tensor copied from that same input)."""
     candidates = {role: [ReusableShard(role, sh.path, tuple(t.name for t in sh.tensors), sh.size,
                                        sum(t.nbytes for t in sh.tensors)) for sh in ckpt.shards]
-                  for role, ckpt in experts.items()}
+                  for role, ckpt in inputs.items()}
     return find_reusable(plan.tensors, candidates)
 
 
 def _copied_from(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> int | None:
     """Where in its input file a copied tensor's bytes are (the layout aligns to it)."""
-    return inputs[recipe.terms[0].expert].specs[recipe.name].offset if recipe.op == "copy" else None
+    return inputs[recipe.terms[0].role].specs[recipe.name].offset if recipe.op == "copy" else None
 
 
 def _recipe(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], options: Mapping[str, Any],
@@ -237,7 +237,7 @@ def _write(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out:
     clean_stale_partials(out_path, log.warning)
     backend = write.blender or make_backend(write.device, write.threads, parse_size(write.max_gpu_bytes))
     try:
-        overrides = {"torch_dtype": _TORCH_DTYPE[plan.dtype]} if plan.dtype else {}
+        overrides = {"torch_dtype": TORCH_NAMES[plan.dtype]} if plan.dtype else {}
         stats = execute(shards, inputs, out_path, backend=backend, recipe=recipe, side_files=side_files,
                         config_overrides=overrides, force=write.force, link=write.link,
                         threads=write.threads or 0, sync=write.sync, checksum=write.checksum,

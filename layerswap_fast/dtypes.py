@@ -15,6 +15,9 @@ DTYPE_SIZES: dict[str, int] = {
 #: dtypes the blend and row-MAV kernels read and write
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 
+#: each float dtype's name in config.json (``torch_dtype``) and in torch
+TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
 _ALIASES = {
     "bf16": "BF16", "bfloat16": "BF16",
     "f16": "F16", "fp16": "F16", "float16": "F16", "half": "F16",
@@ -22,10 +25,15 @@ _ALIASES = {
 }
 
 
+def canonical_dtype(name: str) -> str:
+    """A user-facing dtype name (``bfloat16``, ``fp16``, ``F32`` ...) in safetensors' spelling."""
+    key = str(name).strip()
+    return _ALIASES.get(key.lower(), key.upper())
+
+
 def normalize_dtype(name: str) -> str:
-    """Map a user-facing dtype name (``bfloat16``, ``fp16``, ``F32`` ...) to a kernel dtype."""
-    key = name.strip()
-    canonical = _ALIASES.get(key.lower(), key.upper())
+    """Map a user-facing dtype name to a kernel dtype (one of :data:`FLOAT_DTYPES`)."""
+    canonical = canonical_dtype(name)
     if canonical not in FLOAT_DTYPES:
         raise UnsupportedDtypeError(
             f"unsupported output dtype {name!r}: choose one of bf16, f16, f32")

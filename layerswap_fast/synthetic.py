@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dtypes import TORCH_NAMES, canonical_dtype
 from .units import parse_size
 
 __all__ = [
@@ -102,13 +103,10 @@ NORM_WEAK_STD = 0.01
 
 #: safetensors dtype name -> (numpy storage dtype, config.json dtype)
 DTYPES: dict[str, tuple[np.dtype, str]] = {
-    "BF16": (np.dtype(np.uint16), "bfloat16"),
-    "F16": (np.dtype(np.float16), "float16"),
-    "F32": (np.dtype(np.float32), "float32"),
+    "BF16": (np.dtype(np.uint16), TORCH_NAMES["BF16"]),
+    "F16": (np.dtype(np.float16), TORCH_NAMES["F16"]),
+    "F32": (np.dtype(np.float32), TORCH_NAMES["F32"]),
 }
-_DTYPE_ALIASES = {"bf16": "BF16", "bfloat16": "BF16", "f16": "F16", "fp16": "F16",
-                  "float16": "F16", "half": "F16", "f32": "F32", "fp32": "F32", "float32": "F32",
-                  "float": "F32"}
 
 #: elements per write: 8M (16 MB in bf16, 32 MB in F32)
 WINDOW = 1 << 23
@@ -131,8 +129,7 @@ _NORM_STREAM = 0x4E4F524D  # "NORM"
 # small helpers
 
 def _normalize_dtype(dtype: str) -> str:
-    key = str(dtype).strip()
-    name = _DTYPE_ALIASES.get(key.lower(), key.upper())
+    name = canonical_dtype(dtype)
     if name not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     return name

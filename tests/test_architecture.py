@@ -155,7 +155,7 @@ def _linear(alpha_default: float = 0.5) -> Method:
         first, a = check_all(inp.specs), options["alpha"]
         terms = (Term("model.0", a), Term("model.1", 1.0 - a))
         recipes = tuple(make_recipe(s, classify(s.name).layer, terms, s.dtype, dtypes_of(inp.specs)) for s in first)
-        return MergePlan(0, None, None, (), terms, recipes, method="linear")
+        return MergePlan(0, None, None, (), (), recipes, method="linear")
 
     return Method(name="linear", command="linear", summary="alpha·first + (1 − alpha)·second.",
                   options=(Option("model", "paths", "A model (twice).", required=True),

@@ -29,7 +29,7 @@ def llama_specs(num_layers: int, dtype: str = "BF16", tie: bool = False) -> list
 
 
 def sources(row) -> dict[str, float]:
-    return {t.expert: t.weight for t in row.terms}
+    return {t.role: t.weight for t in row.terms}
 
 
 def test_default_plan_for_32_layers_follows_the_paper() -> None:
@@ -91,16 +91,16 @@ def test_tensor_recipes_follow_the_layer_map() -> None:
     by_name = {t.name: t for t in plan.tensors}
     assert [t.name for t in plan.tensors] == [s.name for s in specs]  # task expert's order
     q0 = by_name["model.layers.0.self_attn.q_proj.weight"]
-    assert (q0.op, q0.layer, [(t.expert, t.weight) for t in q0.terms]) == ("copy", 0, [("language", 1.0)])
+    assert (q0.op, q0.layer, [(t.role, t.weight) for t in q0.terms]) == ("copy", 0, [("language", 1.0)])
     assert by_name["model.layers.5.mlp.down_proj.weight"].op == "blend"
-    assert by_name["model.layers.7.mlp.down_proj.weight"].terms[0].expert == "task"
+    assert by_name["model.layers.7.mlp.down_proj.weight"].terms[0].role == "task"
     assert by_name["model.layers.9.input_layernorm.weight"].op == "blend"  # upper transition
-    assert by_name["model.layers.10.input_layernorm.weight"].terms[0].expert == "language"
-    assert by_name["model.layers.11.input_layernorm.weight"].terms[0].expert == "language"
+    assert by_name["model.layers.10.input_layernorm.weight"].terms[0].role == "language"
+    assert by_name["model.layers.11.input_layernorm.weight"].terms[0].role == "language"
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         t = by_name[name]
         assert t.layer is None and t.op == "blend"
-        assert {x.expert: x.weight for x in t.terms} == {"task": 0.5, "language": 0.5}
+        assert {x.role: x.weight for x in t.terms} == {"task": 0.5, "language": 0.5}
     assert plan.counts() == {"tensors": 51, "copy": 40, "blend": 11}
 
 
@@ -109,7 +109,7 @@ def test_non_layer_can_come_from_one_expert(non_layer: str, expert: str) -> None
     specs = llama_specs(12)
     plan = build_swap_plan(specs, specs, 12, SwapConfig(non_layer=non_layer))  # type: ignore[arg-type]
     head = next(t for t in plan.tensors if t.name == "lm_head.weight")
-    assert head.op == "copy" and head.terms[0].expert == expert
+    assert head.op == "copy" and head.terms[0].role == expert
 
 
 def test_dtype_override_turns_copies_into_conversions() -> None:
@@ -164,3 +164,9 @@ def test_render_and_json_describe_the_same_plan() -> None:
     assert data["layers"][5] == {"layer": 5, "zone": "lower transition",
                                  "sources": [{"expert": "task", "weight": 0.5}, {"expert": "language", "weight": 0.5}]}
     assert data["non_layer"]["tensors"] == ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+
+
+def test_a_terms_role_is_still_readable_as_expert() -> None:
+    """Scripts written when every role was called an expert keep working."""
+    from layerswap_fast import Term
+    assert Term("base", 1.0).expert == Term("base", 1.0).role == "base"

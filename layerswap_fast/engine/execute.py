@@ -23,7 +23,7 @@ from .. import _core
 from ..formats.checkpoint import INDEX_NAME, RECIPE_NAME, Checkpoint, TensorSpec
 from ..errors import OutputError
 from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes
-from ..formats.output import LINK_MODES, publish, reuse_shard, staging_directory
+from ..formats.output import publish, reuse_shard, staging_directory
 from ..formats.side_files import SideFile, copy_side_files
 from ..formats.writeback import ShardFinisher, cached_hash, hash_file, needs_throttle
 from ..plan import TensorRecipe
@@ -74,9 +74,9 @@ class MergeStats:
 class _ShardFiller:
     """Writes one shard's tensors: coalesced byte copies and streamed blends."""
 
-    def __init__(self, experts: Mapping[str, Checkpoint], backend: Backend, progress: Callable[[int], None],
+    def __init__(self, inputs: Mapping[str, Checkpoint], backend: Backend, progress: Callable[[int], None],
                  threads: int = 0):
-        self.experts = experts
+        self.inputs = inputs
         self.backend = backend
         self.progress = progress
         self.threads = threads
@@ -87,8 +87,8 @@ class _ShardFiller:
         self.advance(end)
         self.progress(nbytes)
 
-    def source(self, expert: str, name: str) -> TensorSpec:
-        return self.experts[expert].specs[name]
+    def source(self, role: str, name: str) -> TensorSpec:
+        return self.inputs[role].specs[name]
 
     def fill(self, writer: _core.ShardWriter, shard: ShardLayout, advance: Callable[[int], None]) -> None:
         """Write the shard in file order, telling ``advance`` how far the file is complete."""
@@ -100,9 +100,9 @@ class _ShardFiller:
         for placed in shard.tensors:
             recipe, dst = placed.recipe, shard.data_start + placed.begin
             if recipe.op == "copy":
-                expert = recipe.terms[0].expert
-                spec = self.source(expert, recipe.name)
-                src = self.experts[expert].input_file(spec.file)
+                role = recipe.terms[0].role
+                spec = self.source(role, recipe.name)
+                src = self.inputs[role].input_file(spec.file)
                 if run is not None and src is source and run[0] + run[2] == spec.offset and run[1] + run[2] == dst:
                     run[2] += placed.nbytes
                     continue
@@ -125,8 +125,8 @@ class _ShardFiller:
             self.progress(n)
 
     def _compute(self, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int) -> None:
-        specs = [self.source(t.expert, recipe.name) for t in recipe.terms]
-        inputs = [(self.experts[t.expert].input_file(s.file), s.offset) for t, s in zip(recipe.terms, specs)]
+        specs = [self.source(t.role, recipe.name) for t in recipe.terms]
+        inputs = [(self.inputs[t.role].input_file(s.file), s.offset) for t, s in zip(recipe.terms, specs)]
         if recipe.op not in OPS:
             raise ValueError(f"unknown op {recipe.op!r}")
         OPS[recipe.op](self.context, writer, recipe, specs, inputs, dst)
@@ -187,7 +187,7 @@ def _finishing(throttle: bool, checksum: str) -> Iterator[_Finishing]:
 
 def execute(
     shards: Sequence[OutputShard],
-    experts: Mapping[str, Checkpoint],
+    inputs: Mapping[str, Checkpoint],
     out: Path,
     *,
     backend: Backend,
@@ -211,12 +211,10 @@ def execute(
     the kernel writes it back in its own time (a large output is still written back as it goes:
     see :mod:`layerswap_fast.writeback`).
     """
-    if link not in LINK_MODES:
-        raise OutputError(f"link mode must be one of {', '.join(LINK_MODES)}, got {link!r}")
     start = time.perf_counter()
     new = [s for s in shards if isinstance(s, ShardLayout)]
     total = sum(s.file_size for s in new)
-    filler = _ShardFiller(experts, backend, (lambda n: progress(n, total)) if progress else (lambda n: None),
+    filler = _ShardFiller(inputs, backend, (lambda n: progress(n, total)) if progress else (lambda n: None),
                           threads)
     methods: dict[str, int] = {}
     with staging_directory(out) as tmp, _finishing(needs_throttle(needed_bytes(shards, link)), checksum) as finishing:
@@ -224,7 +222,7 @@ def execute(
         for shard in shards:
             with _writing(tmp, shard.filename, shard.file_size):
                 if isinstance(shard, ReusedShard):
-                    how = _reuse(shard, tmp, out, link, experts[shard.reuse.expert], finishing.throttle)
+                    how = _reuse(shard, tmp, out, link, inputs[shard.reuse.role], finishing.throttle)
                     methods[how] = methods.get(how, 0) + 1
                     # the bytes actually published; a linked file is the input, whose digest is cached
                     hasher = cached_hash if how in ("hard link", "symlink") else hash_file
@@ -233,12 +231,12 @@ def execute(
                 else:
                     digests[shard.filename] = _done(_write_shard(tmp, shard, filler, finishing))
         digest = {name: future.result() for name, future in digests.items()}
-        for ckpt in experts.values():  # a changed input may have fed us mixed bytes: refuse the output
+        for ckpt in inputs.values():  # a changed input may have fed us mixed bytes: refuse the output
             ckpt.check_unchanged("merge")
         files = _write_side_files(tmp, shards, side_files, config_overrides or {}, checksum)
         full_recipe = dict(recipe, checksum=checksum, shards=[
             {"file": s.filename, "size": s.file_size, checksum: digest[s.filename]} for s in shards],
-            reused_shards=[{"shard": s.filename, "from": str(s.reuse.source), "expert": s.reuse.expert,
+            reused_shards=[{"shard": s.filename, "from": str(s.reuse.source), "expert": s.reuse.role,
                             checksum: digest[s.filename]} for s in shards if isinstance(s, ReusedShard)],
             files=files)
         text = json.dumps(full_recipe, indent=2) + "\n"

@@ -236,10 +236,6 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.specs)
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.nbytes for s in self.specs.values())
-
     def fingerprint(self) -> str:
         """sha256 over every shard's name, size and header: cheap, and changes with any re-save."""
         h = hashlib.sha256()

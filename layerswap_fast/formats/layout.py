@@ -102,7 +102,7 @@ class ReusableShard:
     """An input shard every tensor of which the output takes unchanged from that same input: the
     output can use the whole file (linked or cloned) instead of writing it again."""
 
-    expert: str
+    role: str
     source: Path
     names: tuple[str, ...]
     size: int
@@ -138,11 +138,11 @@ def needed_bytes(shards: Sequence[OutputShard], link: str) -> int:
 
 
 def find_reusable(recipes: Sequence[TensorRecipe],
-                  shards_by_expert: Mapping[str, Sequence[ReusableShard]]) -> list[ReusableShard]:
-    """The input shards whose every tensor is a ``copy`` from that shard's own expert."""
-    copied_from = {r.name: r.terms[0].expert for r in recipes if r.op == "copy"}
-    return [shard for expert, shards in shards_by_expert.items() for shard in shards
-            if shard.names and all(copied_from.get(n) == expert for n in shard.names)]
+                  shards_by_role: Mapping[str, Sequence[ReusableShard]]) -> list[ReusableShard]:
+    """The input shards whose every tensor is a ``copy`` from that shard's own input."""
+    copied_from = {r.name: r.terms[0].role for r in recipes if r.op == "copy"}
+    return [shard for role, shards in shards_by_role.items() for shard in shards
+            if shard.names and all(copied_from.get(n) == role for n in shard.names)]
 
 
 def _segments(recipes: Sequence[TensorRecipe],

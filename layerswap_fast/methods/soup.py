@@ -32,7 +32,7 @@ def build_soup_plan(members: Mapping[str, Sequence[Any]], weights: Sequence[floa
     dtypes = dtypes_of(members)
     terms = [Term(role, w) for role, w in zip(members, norm) if w != 0.0]
     recipes = tuple(make_recipe(s, classify(s.name).layer, terms, dtype or s.dtype, dtypes) for s in first)
-    return MergePlan(0, SoupConfig(norm), dtype, (), tuple(terms), recipes, method="soup")
+    return MergePlan(0, SoupConfig(norm), dtype, (), (), recipes, method="soup")
 
 
 def parse_weights(weights: str | Sequence[float]) -> str | list[float]:

@@ -120,7 +120,7 @@ Groups = Mapping[str, Sequence[tuple[str, float]]]
 def expand_groups(terms: Sequence[Term], groups: Groups) -> tuple[Term, ...]:
     """Replace each group term (``task``, ``language``) by its members, weights multiplied: a soup
     of each group, swapped in the same pass."""
-    return tuple(Term(member, t.weight * w) for t in terms for member, w in groups[t.expert])
+    return tuple(Term(member, t.weight * w) for t in terms for member, w in groups[t.role])
 
 
 def build_swap_plan(
@@ -160,15 +160,15 @@ def build_swap_plan(
             raise MismatchError(f"tensor {spec.name!r} is in layer {layer} of a {num_layers}-layer model")
         terms = expand_groups(non_layer if layer is None else rows[layer].terms, groups)
         recipes.append(make_recipe(spec, layer, terms, dtype or spec.dtype, dtypes))
-    return MergePlan(num_layers, config, dtype, rows, non_layer, tuple(recipes))
+    return MergePlan(num_layers, config, dtype, rows, non_layer, tuple(recipes), method="layer_swap")
 
 
 def render_plan(plan: MergePlan) -> str:
     """The layer map as text: layer → zone and sources, then the non-layer tensors."""
     def fmt(terms: Sequence[Term]) -> str:
         if len(terms) == 1:
-            return f"{terms[0].expert} expert"
-        return " + ".join(f"{t.weight:.4g}×{t.expert}" for t in terms)
+            return f"{terms[0].role} expert"
+        return " + ".join(f"{t.weight:.4g}×{t.role}" for t in terms)
 
     c = plan.config
     lines = [f"layer swap of a {plan.num_layers}-layer model: bottom {c.bottom}, top {c.top}, "
@@ -238,9 +238,9 @@ def _plan(inputs: PlanInputs, options: Mapping[str, Any]) -> MergePlan:
 
 def _extra(plan: MergePlan) -> dict[str, Any]:
     return {"num_layers": plan.num_layers,
-            "layers": [{"layer": r.layer, "zone": r.zone, "sources": {t.expert: t.weight for t in r.terms}}
+            "layers": [{"layer": r.layer, "zone": r.zone, "sources": {t.role: t.weight for t in r.terms}}
                        for r in plan.layers],
-            "non_layer": {t.expert: t.weight for t in plan.non_layer}}
+            "non_layer": {t.role: t.weight for t in plan.non_layer}}
 
 
 METHOD = Method(

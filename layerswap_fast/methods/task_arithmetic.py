@@ -33,7 +33,7 @@ def build_task_arithmetic_plan(base: Sequence[SpecLike], experts: Mapping[str, S
         1.0 - len(experts) * lam, f"the base's weight 1 - {len(experts)}·lambda"))]
     terms = [t for t in terms if t.weight != 0.0]
     recipes = tuple(make_recipe(s, classify(s.name).layer, terms, dtype or s.dtype, dtypes) for s in first)
-    return MergePlan(0, TaskArithmeticConfig(lam), dtype, (), tuple(terms), recipes, method="task_arithmetic")
+    return MergePlan(0, TaskArithmeticConfig(lam), dtype, (), (), recipes, method="task_arithmetic")
 
 
 def _plan(inputs: PlanInputs, options: Mapping[str, Any]) -> MergePlan:

@@ -47,7 +47,7 @@ def build_ties_plan(base: Sequence[SpecLike], experts: Mapping[str, Sequence[Spe
         params = (("keep", kept_per_model(density, numel)), ("lambda", lam))
         recipes.append(make_recipe(s, classify(s.name).layer, terms, dtype or dtypes[BASE][s.name], dtypes,
                                    op="ties", params=params))
-    return MergePlan(0, TiesConfig(density, lam), dtype, (), tuple(terms), tuple(recipes), method="ties")
+    return MergePlan(0, TiesConfig(density, lam), dtype, (), (), tuple(recipes), method="ties")
 
 
 def _plan(inputs: PlanInputs, options: Mapping[str, Any]) -> MergePlan:

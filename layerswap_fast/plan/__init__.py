@@ -23,10 +23,16 @@ class SpecLike(Protocol):
 
 @dataclass(frozen=True)
 class Term:
-    """One input of a recipe: this expert's tensor of the same name, times ``weight``."""
+    """One input of a recipe: the tensor of the same name in the input ``role`` (``task``,
+    ``model.1``, ``base`` ...), times ``weight``."""
 
-    expert: str
+    role: str
     weight: float
+
+    @property
+    def expert(self) -> str:
+        """The same as :attr:`role` (its name before the base and models were roles too)."""
+        return self.role
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ class MergePlan:
 
 
 def _terms_json(terms: Sequence[Term]) -> list[dict[str, Any]]:
-    return [{"expert": t.expert, "weight": t.weight} for t in terms]
+    return [{"expert": t.role, "weight": t.weight} for t in terms]
 
 
 def check_same_tensors(reference: tuple[str, Sequence[SpecLike]], other: tuple[str, Sequence[SpecLike]]) -> None:
@@ -132,10 +138,10 @@ def make_recipe(spec: SpecLike, layer: int | None, terms: Sequence[Term], out_dt
     """A recipe for ``spec``: a byte copy when ``terms`` is one input taken whole in the output
     dtype, else ``op`` (default ``blend``), whose inputs must all be float tensors."""
     terms = tuple(terms)
-    if op is None and len(terms) == 1 and terms[0].weight == 1.0 and dtypes[terms[0].expert][spec.name] == out_dtype:
+    if op is None and len(terms) == 1 and terms[0].weight == 1.0 and dtypes[terms[0].role][spec.name] == out_dtype:
         return TensorRecipe(spec.name, out_dtype, tuple(spec.shape), layer, "copy", terms)
     for term in terms:
-        require_float(dtypes[term.expert][spec.name], spec.name)
+        require_float(dtypes[term.role][spec.name], spec.name)
     require_float(out_dtype, spec.name)
     return TensorRecipe(spec.name, out_dtype, tuple(spec.shape), layer, op or "blend", terms, params)
 

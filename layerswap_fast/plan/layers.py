@@ -17,7 +17,6 @@ from typing import Any
 from ..errors import CheckpointError, MismatchError
 from ..safe_read import Int, Map, Nullable, show_value
 
-KINDS = ("q", "k", "v", "o", "gate", "up", "down", "norm", "embed", "lm_head", "other")
 #: the parameter kinds of the paper's Figure 2, in its column order
 FIGURE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
