@@ -27,7 +27,7 @@ from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusa
 from .formats.output import LINK_MODES, guarded_paths, check_output, clean_stale_partials, output_location
 from .formats.side_files import find_side_files, side_bytes
 from .formats.verify import verify
-from .formats.writeback import CHECKSUMS
+from .formats.writeback import CHECKSUMS, DEFAULT_CHECKSUM
 from .methods import METHODS, Method, Option, PlanInputs
 from .methods.common import BASE
 from .methods.swap import SOUP_WEIGHTS, SwapConfig, render_plan
@@ -79,7 +79,7 @@ class WriteOptions:
     blender: Backend | None = None
     progress: Callable[[int, int], None] | None = None
     sync: bool = False
-    checksum: str = "blake3"
+    checksum: str = DEFAULT_CHECKSUM
     #: files the command read besides its checkpoints (a ``--config`` file): never written or removed
     other_inputs: Sequence[PathLike] = ()
 
@@ -103,7 +103,7 @@ WRITE_OPTIONS: tuple[Option, ...] = (
     Option("sync", "flag", "fsync the output before publishing it (durable across a power loss).", default=False,
            recorded=False),
     Option("checksum", "choice", "Per-file checksum recorded for `verify`: blake3, or sha256 at about 3x its "
-           "CPU time.", default=CHECKSUMS[0], choices=CHECKSUMS, recorded=False),
+           "CPU time.", default=DEFAULT_CHECKSUM, choices=CHECKSUMS, recorded=False),
     Option("dry_run", "flag", "Validate and plan the layout, write nothing.", default=False, recorded=False),
 )
 #: what only the command line may set: rebuilding a shared recipe or config must not choose where
@@ -349,7 +349,7 @@ def merge(
     blender: Backend | None = None,
     progress: Callable[[int, int], None] | None = None,
     sync: bool = False,
-    checksum: str = "blake3",
+    checksum: str = DEFAULT_CHECKSUM,
     other_inputs: Sequence[PathLike] = (),
 ) -> MergeResult:
     """Layer-swap ``language_expert`` into ``task_expert`` and write the result to ``out``.

@@ -25,7 +25,7 @@ from ..errors import OutputError
 from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes
 from ..formats.output import publish, reuse_shard, staging_directory
 from ..formats.side_files import SideFile, copy_side_files
-from ..formats.writeback import ShardFinisher, cached_hash, hash_file, needs_throttle
+from ..formats.writeback import DEFAULT_CHECKSUM, ShardFinisher, cached_hash, hash_file, needs_throttle
 from ..plan import TensorRecipe
 from ..units import format_bytes
 from . import ops
@@ -198,7 +198,7 @@ def execute(
     link: str = "auto",
     threads: int = 0,
     sync: bool = False,
-    checksum: str = "blake3",
+    checksum: str = DEFAULT_CHECKSUM,
     progress: Progress | None = None,
 ) -> MergeStats:
     """Write ``shards`` (with the index, side files and recipe) to ``out``, atomically.

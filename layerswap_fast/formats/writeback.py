@@ -34,7 +34,9 @@ from .. import _core
 
 _BLOCK = 8 << 20
 _DEFAULT_MAX_DIRTY = 256 << 20  # worst case ~3x this dirty: the window, the unhashed lag, a piece in flight
+#: the checksums an output can record, the default first
 CHECKSUMS = ("blake3", "sha256")
+DEFAULT_CHECKSUM = CHECKSUMS[0]
 
 
 def new_hasher(algorithm: str) -> Any:
@@ -96,7 +98,7 @@ class ShardFinisher:
     """Hashes (and, throttled, writes back) one output shard right behind its writer."""
 
     def __init__(self, writer: _core.ShardWriter, path: Path, pool: ThreadPoolExecutor, stop: threading.Event,
-                 throttle: bool, checksum: str = "blake3", max_dirty: int = _DEFAULT_MAX_DIRTY) -> None:
+                 throttle: bool, checksum: str = DEFAULT_CHECKSUM, max_dirty: int = _DEFAULT_MAX_DIRTY) -> None:
         self.writer, self.pool, self.stop = writer, pool, stop
         self.throttle, self.max_dirty = throttle, max_dirty
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -180,7 +182,7 @@ def _cache_dir() -> Path:
     return Path(root) / "layerswap-fast" / "checksums"
 
 
-def hash_file(path: Path, algorithm: str = "blake3", stop: threading.Event | None = None) -> str:
+def hash_file(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Event | None = None) -> str:
     """Checksum of a file, read in blocks (the hashers release the GIL); ``stop`` aborts it early."""
     h = new_hasher(algorithm)
     with open(path, "rb", buffering=0) as f:
@@ -191,7 +193,7 @@ def hash_file(path: Path, algorithm: str = "blake3", stop: threading.Event | Non
     return h.hexdigest()
 
 
-def cached_hash(path: Path, algorithm: str = "blake3", stop: threading.Event | None = None) -> str:
+def cached_hash(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Event | None = None) -> str:
     """Checksum of an input file, remembered per (algorithm, device, inode, size, mtime):
     unchanged inputs are hashed once across merges."""
     st = os.stat(path)
