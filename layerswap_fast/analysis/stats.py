@@ -127,9 +127,6 @@ class DeltaStats:
     def average_mav(self, name: str) -> float:
         return self.expert(name).average_mav
 
-    def average_mavs(self) -> dict[str, float]:
-        return {n: e.average_mav for n, e in self.experts.items()}
-
     def magnitude_weights(self, names: Sequence[str] | None = None) -> dict[str, float]:
         """Each expert (all, or ``names``) weighted by 1 / its average MAV, normalised to sum 1
         (:func:`magnitude_weights`). ConfigError when an expert equals the base."""

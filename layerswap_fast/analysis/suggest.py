@@ -15,64 +15,24 @@ unblended in the middle.
 from __future__ import annotations
 
 import math
-import os
-import shlex
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..methods.swap import SwapConfig
 from .stats import DeltaStats
-
-PathLike = str | os.PathLike[str]
 
 #: a layer "stands out" in an expert when its delta profile is this many times the expert's mean
 STANDOUT = 1.2
 
 
-@dataclass(frozen=True)
-class Suggestion:
-    """A layer-swap configuration read off the statistics (the rule: module docstring)."""
+class Suggestion(NamedTuple):
+    """A layer swap read off the statistics, and the two lines of reasoning behind it."""
 
-    bottom: int
-    top: int
-    lower_transition: int
-    upper_transition: int
-    num_layers: int
+    config: SwapConfig
     reasons: tuple[str, str]
-    language_expert: str
-    task_expert: str
-    language_path: str | None = None
-    task_path: str | None = None
-    language_profile: tuple[float, ...] = ()
-    task_profile: tuple[float, ...] = ()
-
-    @property
-    def kept(self) -> range:
-        """The task expert's unblended middle layers."""
-        return range(self.bottom + self.lower_transition,
-                     self.num_layers - self.top - self.upper_transition)
-
-    def options(self) -> list[str]:
-        return ["--bottom", str(self.bottom), "--top", str(self.top),
-                "--lower-transition", str(self.lower_transition),
-                "--upper-transition", str(self.upper_transition)]
-
-    def command(self, out: PathLike = "merged", *, task_path: PathLike | None = None,
-                language_path: PathLike | None = None) -> str:
-        """The ``layerswap-fast merge ...`` command line (shell-quoted) that applies it."""
-        task = str(task_path or self.task_path or self.task_expert)
-        language = str(language_path or self.language_path or self.language_expert)
-        argv = ["layerswap-fast", "merge", "--task-expert", task, "--language-expert", language,
-                "-o", str(out), *self.options()]
-        return shlex.join(argv)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"bottom": self.bottom, "top": self.top, "lower_transition": self.lower_transition,
-                "upper_transition": self.upper_transition, "num_layers": self.num_layers,
-                "language_expert": self.language_expert, "task_expert": self.task_expert,
-                "reasons": list(self.reasons)}
 
 
 @dataclass(frozen=True)
@@ -177,7 +137,8 @@ def _reasons(b: _Blocks, rl: np.ndarray, rt: np.ndarray) -> tuple[str, str]:
 
 def suggest_swap(stats: DeltaStats, language_expert_name: str, task_expert_name: str,
                  num_layers: int | None = None) -> Suggestion:
-    """Suggest ``bottom``, ``top`` and transition sizes from where each expert's deltas sit.
+    """The layer-swap configuration (``bottom``, ``top``, transition sizes; the other settings
+    left at their defaults) that the statistics suggest, and its two lines of reasoning.
 
     The rule (also in the module docstring): per layer, each expert's delta profile (the mean of
     the heatmap row) divided by its mean over all layers; a layer is language-dominated when the
@@ -194,11 +155,10 @@ def suggest_swap(stats: DeltaStats, language_expert_name: str, task_expert_name:
     lang, task = stats.expert(language_expert_name), stats.expert(task_expert_name)
     if L < 1:
         raise ConfigError("the model has no layers to swap")
-    pl, pt = stats.layer_profile(lang.name), stats.layer_profile(task.name)
-    rl, rt = _relative(pl), _relative(pt)
+    rl, rt = _relative(stats.layer_profile(lang.name)), _relative(stats.layer_profile(task.name))
     b = _blocks((rl >= STANDOUT) & (rl > rt), L)
-    return Suggestion(b.bottom, b.top, b.lower, b.upper, L, _reasons(b, rl, rt), lang.name, task.name,
-                      lang.source.path, task.source.path, tuple(map(float, pl)), tuple(map(float, pt)))
+    config = SwapConfig(bottom=b.bottom, top=b.top, lower_transition=b.lower, upper_transition=b.upper)
+    return Suggestion(config, _reasons(b, rl, rt))
 
 
 __all__ = ["suggest_swap", "Suggestion", "STANDOUT"]
