@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
-from .. import __version__
+from .._core import __version__
 from ..errors import ConfigError
 from ..formats.writeback import hash_file
 from ..plan.layers import MAX_LAYERS
