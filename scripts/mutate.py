@@ -174,8 +174,8 @@ MUTANTS: list[Mutant] = [
       'safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)', "safe = message",
       "tests/test_bad_input.py"),
     # ------------------------------------------------------------ analysis
-    M("magnitude-weights-not-inverted", "analysis", "layerswap_fast/analysis.py",
-      "inv = {n: 1.0 / a for n, a in avgs.items()}", "inv = dict(avgs)", "tests/test_analysis.py"),
+    M("magnitude-weights-not-inverted", "analysis", "layerswap_fast/analysis/stats.py",
+      "inv = {n: 1.0 / a for n, a in average_mavs.items()}", "inv = dict(average_mavs)", "tests/test_analysis.py"),
     # ------------------------------------------------------------ C++ kernels and I/O
     M("pwrite-retry-resends-from-the-start", "core I/O", "csrc/io.cpp",
       "ssize_t r = ::pwrite(fd, p + done, req,", "ssize_t r = ::pwrite(fd, p, req,", "tests/test_core.py"),

@@ -79,7 +79,7 @@ def test_magnitude_analysis_runs_on_the_merges_device_and_threads(family, tmp_pa
                                                                   merge_kind: str) -> None:
     """``--device cpu`` (or a thread count) given to a merge also holds for the row-MAV analysis
     its magnitude weights need: a GPU must not be picked for it behind the user's back."""
-    import layerswap_fast.analysis as analysis
+    import layerswap_fast.analysis.weights as analysis  # where magnitude weights run their analysis
     seen = []
     real_analyze = analysis.analyze
 

@@ -21,7 +21,7 @@ import numpy as np
 from ..plan.layers import FIGURE_KINDS
 
 if TYPE_CHECKING:
-    from ..analysis import DeltaStats
+    from .stats import DeltaStats
 
 COLORBAR_LABEL = "mean row MAV |expert − base|"
 CMAP = "viridis"

@@ -7,15 +7,30 @@ prints as ``error: ...`` with exit status 2.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ..api import DEVICES
 from ..errors import ConfigError
+from ..api import SwapConfig
+
+if TYPE_CHECKING:
+    from .. import DeltaStats
 
 # analysis (numpy, matplotlib) is imported when the command runs, so `merge` starts fast
 _PATH = click.Path(path_type=Path)
+
+
+def merge_command(config: SwapConfig, task_expert: str, language_expert: str, out: str = "merged") -> str:
+    """The ``layerswap-fast merge ...`` command line (shell-quoted) that applies ``config``'s layer counts."""
+    argv = ["layerswap-fast", "merge", "--task-expert", task_expert, "--language-expert", language_expert,
+            "-o", out, "--bottom", str(config.bottom), "--top", str(config.top),
+            "--lower-transition", str(config.lower_transition),
+            "--upper-transition", str(config.upper_transition)]
+    return shlex.join(argv)
 
 
 def _gb(n: int) -> str:
@@ -99,12 +114,18 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
         click.echo("(magnitude weights are undefined: an expert does not differ from the base)")
     click.echo(f"wrote {out}/: mav.csv, summary.json, heatmap.png" + (", rows/" if rows else ""))
     if suggest and roles is not None:
-        names = list(stats.experts)
-        from .. import suggest_swap
+        _echo_suggestion(stats, *roles)
 
-        s = suggest_swap(stats, names[roles[0]], names[roles[1]], stats.num_layers)
-        click.echo("suggested swap:")
-        for line in s.reasons:
-            click.echo(f"  {line}")
-        click.echo(s.command("merged"))
+
+def _echo_suggestion(stats: DeltaStats, language_index: int, task_index: int) -> None:
+    from .. import suggest_swap
+
+    experts = list(stats.experts.values())
+    language, task = experts[language_index], experts[task_index]
+    config, reasons = suggest_swap(stats, language.name, task.name, stats.num_layers)
+    click.echo("suggested swap:")
+    for line in reasons:
+        click.echo(f"  {line}")
+    # the analysed paths, resolved: the command works from any directory
+    click.echo(merge_command(config, task.source.path or task.name, language.source.path or language.name))
 

@@ -224,8 +224,8 @@ def _swap_weights(config: SwapConfig, soup_weights: str, roles: dict[str, list[s
         weighted[group] = list(zip(members, normalize_weights(raw)))
     if needs and "magnitude" in (config.transition_weights, config.non_layer):
         # a group's weight is its members' magnitude weights, averaged by their soup weights
-        t, l = (sum(w * mavw[m] for m, w in weighted[g]) for g in (TASK, LANGUAGE))
-        config = replace(config, magnitude_weights=(t / (t + l), l / (t + l)))
+        task_w, language_w = normalize_weights([sum(w * mavw[m] for m, w in weighted[g]) for g in (TASK, LANGUAGE)])
+        config = replace(config, magnitude_weights=(task_w, language_w))
     return config, weighted
 
 

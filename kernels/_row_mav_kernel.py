@@ -1,10 +1,12 @@
-"""Row MAV (the paper's Section 3.2): row-wise mean |expert - base|, for one or several experts
-against one base, reading the base once per MAX_EXPERTS experts. A 1-D tensor is one row.
+"""The row-MAV kernel that :mod:`.row_mav` and :mod:`.row_abs_diff_sums` share: per row, the sum
+(or the mean) of |expert - base| for up to MAX_EXPERTS experts against one base, reading the base
+once. A 1-D tensor is one row.
 
 Numerics: both operands converted to float32, subtracted, absolute value, summed per row in
 float32 (each lane of a [BLOCK_R, BLOCK_C] tile accumulates at most MAX_SEG_ITERS column steps,
-then a tree reduction), divided by ``cols``. Rows so long that they are cut into several
-segments (few rows, many columns) have their float32 segment sums added in float64. With more
+then a tree reduction) and, when the caller asks for means of one-segment rows, divided by
+``cols`` in the kernel. Rows so long that they are cut into several segments (few rows, many
+columns) come back as one float32 sum per segment, for the caller to add in float64. With more
 than two experts the tile is smaller, so results agree with one-expert calls to well within the
 1e-6 relative contract rather than bit for bit.
 
@@ -12,9 +14,6 @@ Memory-bound design: grid = (row blocks, column segments); each program walks it
 coalesced [BLOCK_R, BLOCK_C] steps, loading each tile of the base once and the matching tile of
 each expert (separate pointers: each expert may have its own dtype and row stride), and writes
 one float32 per row and expert.
-
-:func:`row_abs_diff_sums` is the building block of the streaming GPU backend: float64 row sums
-(not means) of |expert - base|, so that chunks of a tensor can be accumulated in float64.
 """
 
 from __future__ import annotations
@@ -25,16 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    RowTile,
-    as_rows,
-    check_dtype,
-    kernel_view,
-    launch_guard,
-    load_f32,
-    row_stride,
-    row_tile,
-)
+from ._common import RowTile, as_rows, check_dtype, kernel_view, launch_guard, load_f32, row_stride
 
 MAX_EXPERTS = 4
 
@@ -98,7 +88,7 @@ def _row_mav_many_kernel(
         tl.store(o + 3 * plane, s, mask=rmask)
 
 
-def _check(experts: Sequence[torch.Tensor], base: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def check_inputs(experts: Sequence[torch.Tensor], base: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     experts = list(experts)
     if not experts:
         raise ValueError("row_mav_many: need at least one expert")
@@ -115,7 +105,7 @@ def _check(experts: Sequence[torch.Tensor], base: torch.Tensor) -> tuple[list[to
     return e2s, b2
 
 
-def _launch(e2s: list[torch.Tensor], b2: torch.Tensor, tile: RowTile, final: bool) -> torch.Tensor:
+def launch(e2s: list[torch.Tensor], b2: torch.Tensor, tile: RowTile, final: bool) -> torch.Tensor:
     """[len(e2s), nseg, rows] float32 (segment sums, or means when ``final``)."""
     rows, cols = b2.shape
     out = torch.empty((len(e2s), tile.nseg, rows), dtype=torch.float32, device=b2.device)
@@ -135,58 +125,4 @@ def _launch(e2s: list[torch.Tensor], b2: torch.Tensor, tile: RowTile, final: boo
     return out
 
 
-def row_mav_many(
-    experts: Sequence[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    block_r: int | None = None,
-    block_c: int | None = None,
-    seg_iters: int | None = None,
-    num_warps: int | None = None,
-) -> torch.Tensor:
-    """float32[len(experts), rows]: ``row_mav(e, base)`` for every expert ``e``, reading the base
-    once per MAX_EXPERTS experts. Same shapes/dtypes rules as :func:`row_mav`."""
-    e2s, b2 = _check(experts, base)
-    rows, cols = b2.shape
-    if rows == 0:
-        return torch.empty((len(e2s), 0), dtype=torch.float32, device=base.device)
-    if cols == 0:
-        return torch.full((len(e2s), rows), float("nan"), dtype=torch.float32, device=base.device)
-    tile = row_tile(rows, cols, experts=min(len(e2s), MAX_EXPERTS), block_c=block_c, block_r=block_r,
-                    seg_iters=seg_iters, num_warps=num_warps)
-    final = tile.nseg == 1
-    out = _launch(e2s, b2, tile, final)
-    if final:
-        return out[:, 0]
-    return (out.sum(dim=1, dtype=torch.float64) / cols).to(torch.float32)
-
-
-def row_mav(expert: torch.Tensor, base: torch.Tensor, **tiling: int | None) -> torch.Tensor:
-    """float32[rows]: mean |expert - base| per row. ``expert`` and ``base`` have the same shape
-    (2-D, or 1-D = one row), dtypes bf16/f16/f32 (they may differ), on the same device. Keyword
-    arguments (block_r, block_c, seg_iters, num_warps) override the tiling heuristic."""
-    return row_mav_many([expert], base, **tiling)[0]
-
-
-def row_abs_diff_sums(
-    experts: Sequence[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    block_r: int | None = None,
-    block_c: int | None = None,
-    seg_iters: int | None = None,
-    num_warps: int | None = None,
-) -> torch.Tensor:
-    """float64[len(experts), rows]: per-row sum of |expert - base| (float32 within a segment of
-    a row, float64 across segments). Used to stream a tensor in chunks: the caller adds the
-    chunks' sums in float64 and divides by the full row length at the end."""
-    e2s, b2 = _check(experts, base)
-    rows, cols = b2.shape
-    if rows == 0 or cols == 0:
-        return torch.zeros((len(e2s), rows), dtype=torch.float64, device=base.device)
-    tile = row_tile(rows, cols, experts=min(len(e2s), MAX_EXPERTS), block_c=block_c, block_r=block_r,
-                    seg_iters=seg_iters, num_warps=num_warps)
-    out = _launch(e2s, b2, tile, final=False)
-    if tile.nseg == 1:
-        return out[:, 0].to(torch.float64)
-    return out.sum(dim=1, dtype=torch.float64)
+__all__ = ["MAX_EXPERTS", "check_inputs", "launch"]

@@ -1,0 +1,246 @@
+"""The analysis pass: validate the inputs, then one streaming pass of row MAVs over every tensor.
+
+Per tensor, one ``row_mav_file`` call of the device's :class:`~layerswap_fast.engine.backends.Backend`
+reads the base once and every expert once, in chunks, so memory does not grow with the model.
+Everything is validated before any data is read or anything written: every expert has the base's
+tensor names and shapes and layer count. 0-element tensors and tensors of non-float dtypes are
+skipped and listed in :attr:`DeltaStats.skipped`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import _core
+from ..dtypes import FLOAT_DTYPES
+from ..engine.backends import DEVICES, Backend, make_backend
+from ..errors import CheckpointError, ConfigError, MismatchError
+from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..formats.output import check_output, guarded_paths, output_location, publish, staging_directory
+from ..plan.layers import classify, count_layers
+from .files import ROWS_DIR, NpySink, RowFiles, write_stats
+from .stats import DeltaStats, ExpertStats, InputRef, TensorStat, check_expert_name
+
+PathLike = str | os.PathLike[str]
+Progress = Callable[[int, int], None]  # (bytes just read, total bytes to read)
+RowSink = Callable[[str, str, np.ndarray], None]  # (expert, tensor, row MAVs)
+
+
+def input_ref(ckpt: Checkpoint) -> InputRef:
+    return InputRef(str(Path(ckpt.path).resolve()), ckpt.fingerprint(), ckpt.content_sample())
+
+
+def _default_name(path: Path) -> str:
+    p = Path(os.path.abspath(path))
+    if p.is_file() or p.suffix == ".safetensors":
+        p = p.parent
+    # a Hugging Face cache snapshot (models--org--name/snapshots/<hash>): the model's name
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return p.parent.parent.name.split("--")[-1] or "expert"
+    return p.name or "expert"
+
+
+def expert_names(experts: Sequence[PathLike] | Mapping[str, PathLike]) -> list[tuple[str, Path]]:
+    """(name, path) per expert: the mapping's keys, else the directory names made unique
+    (``task``, ``task-2``, ...)."""
+    if isinstance(experts, (str, os.PathLike)):
+        experts = [experts]
+    if isinstance(experts, Mapping):
+        out = []
+        for name, path in experts.items():
+            check_expert_name(name)
+            out.append((name, Path(path)))
+        return out
+    paths = [Path(p) for p in experts]
+    used: set[str] = set()
+    out = []
+    for p in paths:
+        stem = _default_name(p)
+        name, k = stem, 2
+        while name in used:
+            name, k = f"{stem}-{k}", k + 1
+        used.add(name)
+        out.append((name, p))
+    return out
+
+
+def _validate(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> int:
+    """Names, shapes and layer counts agree with the base; returns the layer count."""
+    num_layers = count_layers(base.names, base.config, f"base {base.path}")
+    base_names = base.specs
+    for name, ckpt in experts.items():
+        where = f"expert {name!r} ({ckpt.path})"
+        for tensor, spec in base_names.items():
+            other = ckpt.specs.get(tensor)
+            if other is None:
+                raise MismatchError(f"{where} has no tensor {tensor!r}, which the base has")
+            if other.shape != spec.shape:
+                raise MismatchError(f"tensor {tensor!r} has shape {list(other.shape)} in {where} "
+                                    f"but {list(spec.shape)} in the base")
+        for tensor in ckpt.specs:
+            if tensor not in base_names:
+                raise MismatchError(f"{where} has tensor {tensor!r}, which the base lacks")
+        n = count_layers(ckpt.names, ckpt.config, where)
+        if n != num_layers:
+            raise MismatchError(f"{where} has {n} layers but the base has {num_layers}")
+    return num_layers
+
+
+def analyze(
+    base: PathLike,
+    experts: Sequence[PathLike] | Mapping[str, PathLike],
+    out_dir: PathLike | None = None,
+    *,
+    rows: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    backend: Backend | None = None,
+) -> DeltaStats:
+    """Row-MAV statistics of ``experts`` against ``base``, in one streaming pass.
+
+    ``experts``: paths (named after their directories, made unique: ``task``, ``task-2``) or a
+    mapping name → path. Everything is validated (names, shapes, layer counts, the output
+    location) before any tensor data is read. With ``out_dir``, writes ``mav.csv``,
+    ``summary.json``, ``heatmap.png`` (and ``rows/`` when ``rows``) into a staging directory that
+    is renamed into place at the end, so ``out_dir`` appears complete or not at all; an existing
+    ``out_dir`` is replaced only with ``force``. Without ``out_dir``, ``rows`` keeps the row MAVs
+    in memory (:meth:`DeltaStats.row_mavs`). ``device``: ``auto`` (a CUDA GPU when present),
+    ``cpu`` (the C++ core, ``threads`` workers, default all cores) or ``cuda``.
+    ``progress(n, total)`` is called after each tensor with the bytes it read. ``backend`` (for
+    tests) replaces the device's backend: anything with the ``row_mav_file`` method of
+    :class:`~layerswap_fast.engine.backends.Backend`; the caller closes it.
+    """
+    named = expert_names(experts)
+    if not named:
+        raise ConfigError("analyze needs at least one expert")
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    opened: list[Checkpoint] = []
+    try:
+        base_ckpt = open_checkpoint(base)
+        opened.append(base_ckpt)
+        ckpts: dict[str, Checkpoint] = {}
+        for name, path in named:
+            ckpts[name] = open_checkpoint(path)
+            opened.append(ckpts[name])
+        num_layers = _validate(base_ckpt, ckpts)
+        out_path = output_location(out_dir) if out_dir is not None else None
+        if out_path is not None:
+            check_output(out_path, guarded_paths(opened, []), force, 0)
+            # the heatmap needs matplotlib (~1 s to import): import it while the pass runs
+            threading.Thread(target=_preload_matplotlib, name="lsf-preload", daemon=True).start()
+        owned = backend is None
+        engine = make_backend(device, threads) if backend is None else backend
+        try:
+            if out_path is None:
+                return _in_memory(base_ckpt, ckpts, num_layers, engine, rows, progress)
+            return _to_directory(base_ckpt, ckpts, num_layers, engine, rows, progress, out_path, force)
+        finally:
+            if owned:
+                engine.close()
+    finally:
+        for c in opened:
+            c.close()
+
+
+def _in_memory(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, engine: Backend,
+               rows: bool, progress: Progress | None) -> DeltaStats:
+    kept: dict[tuple[str, str], np.ndarray] = {}
+    stats = _run(base, experts, num_layers, engine,
+                 (lambda e, t, r: kept.__setitem__((e, t), r)) if rows else None, progress)
+    stats._rows = kept
+    return stats
+
+
+def _to_directory(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, engine: Backend,
+                  rows: bool, progress: Progress | None, out_path: Path, force: bool) -> DeltaStats:
+    with staging_directory(out_path) as tmp:
+        sink = NpySink(tmp / ROWS_DIR, list(experts)) if rows else None
+        stats = _run(base, experts, num_layers, engine, sink, progress)
+        stats.rows_saved = rows
+        write_stats(stats, tmp)
+        publish(tmp, out_path, force)
+    stats.out_dir = out_path
+    if rows:
+        stats._rows = RowFiles(out_path / ROWS_DIR)
+    return stats
+
+
+def _preload_matplotlib() -> None:
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+    except Exception:  # noqa: BLE001 - the real import in render_heatmap reports any problem
+        pass
+
+
+@dataclass
+class _Item:
+    tensor: str
+    rows: int
+    cols: int
+    nbytes: int
+
+
+def _plan(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> tuple[list[_Item], list[tuple[str, str]]]:
+    todo, skipped = [], []
+    for name, spec in base.specs.items():
+        dtypes = [spec.dtype] + [c.specs[name].dtype for c in experts.values()]
+        bad = [d for d in dtypes if d not in FLOAT_DTYPES]
+        if bad:
+            skipped.append((name, f"dtype {bad[0]} (row MAV reads {', '.join(FLOAT_DTYPES)})"))
+            continue
+        if spec.numel == 0:
+            skipped.append((name, f"no elements (shape {list(spec.shape)})"))
+            continue
+        rows = spec.shape[0] if len(spec.shape) >= 2 else 1
+        todo.append(_Item(name, rows, spec.numel // rows,
+                          spec.nbytes + sum(c.specs[name].nbytes for c in experts.values())))
+    return todo, skipped
+
+
+def _run(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, engine: Backend,
+         sink: RowSink | None, progress: Progress | None) -> DeltaStats:
+    start = time.perf_counter()
+    todo, skipped = _plan(base, experts)
+    total = sum(item.nbytes for item in todo)
+    names = list(experts)
+    per_expert: dict[str, list[TensorStat]] = {n: [] for n in names}
+    for item in todo:
+        bspec = base.specs[item.tensor]
+        especs = [experts[n].specs[item.tensor] for n in names]
+        try:
+            result = engine.row_mav_file(
+                [(experts[n].input_file(s.file), s.offset) for n, s in zip(names, especs)],
+                [s.dtype for s in especs],
+                (base.input_file(bspec.file), bspec.offset), bspec.dtype, item.rows, item.cols)
+        except _core.CoreError as e:
+            raise CheckpointError(f"reading tensor {item.tensor!r}: {e}") from None
+        result = np.asarray(result, dtype=np.float64).reshape(len(names), item.rows)
+        info = classify(item.tensor)
+        for i, n in enumerate(names):
+            r = result[i]
+            per_expert[n].append(TensorStat(item.tensor, info.layer, info.kind, item.rows,
+                                            float(r.mean()), float(r.max())))
+            if sink is not None:
+                sink(n, item.tensor, r.copy())
+        if progress is not None:
+            progress(item.nbytes, total)
+    for ckpt in [base, *experts.values()]:
+        ckpt.check_unchanged("analysis")
+    return DeltaStats(
+        experts={n: ExpertStats(n, per_expert[n], input_ref(experts[n])) for n in names},
+        num_layers=num_layers, base=input_ref(base), skipped=skipped,
+        seconds=time.perf_counter() - start, bytes_read=total)
+
+
+__all__ = ["analyze", "expert_names", "input_ref", "Progress"]
