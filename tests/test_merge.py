@@ -264,7 +264,8 @@ def test_a_shard_replaced_after_its_header_was_read_is_caught(tmp_path: Path,
     shard = sorted(trio["task"].glob("*.safetensors"))[0]
     impostor = tmp_path / "impostor"
     impostor.write_bytes(shard.read_bytes()[::-1])
-    real_open = ls.api.open_checkpoint
+    import layerswap_fast.writing as writing  # where a merge opens its inputs
+    real_open = writing.open_checkpoint
 
     def open_then_replace(path):
         opened = real_open(path)
@@ -272,7 +273,7 @@ def test_a_shard_replaced_after_its_header_was_read_is_caught(tmp_path: Path,
             os.replace(impostor, shard)
         return opened
 
-    monkeypatch.setattr(ls.api, "open_checkpoint", open_then_replace)
+    monkeypatch.setattr(writing, "open_checkpoint", open_then_replace)
     with pytest.raises(ls.CheckpointError, match=f"input changed during the merge: .*{shard.name}.* was replaced"):
         ls.merge(trio["task"], trio["language"], tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,164 @@
+"""From a method and its options to a written model: open the inputs, plan, lay out, check, execute.
+
+Every method's output goes through here (``api.run``); the method itself only plans.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ._core import __version__
+from .dtypes import TORCH_NAMES
+from .engine.backends import make_backend
+from .engine.execute import MergeStats, execute
+from .errors import ConfigError, MismatchError, param
+from .formats.checkpoint import Checkpoint, open_checkpoint
+from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
+                             needed_bytes)
+from .formats.output import LINK_MODES, check_output, clean_stale_partials, guarded_paths, output_location
+from .formats.side_files import find_side_files, side_bytes
+from .formats.writeback import CHECKSUMS
+from .methods import Method, PlanInputs
+from .options import WriteOptions
+from .plan import MergePlan, TensorRecipe, describe_role
+from .plan.layers import count_layers
+from .units import format_bytes, parse_size
+
+log = logging.getLogger("layerswap_fast")
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class MergeResult:
+    """What a merge did: the plan, the shard layout and (unless a dry run) the stats."""
+
+    plan: MergePlan
+    shards: list[OutputShard]
+    stats: MergeStats | None
+    recipe: dict[str, Any]
+
+    def summary(self, out: PathLike) -> str:
+        """One line: what was written (or, for a dry run, what would be)."""
+        if self.stats is not None:
+            return self.stats.summary()
+        reused = [s for s in self.shards if isinstance(s, ReusedShard)]
+        written = sum(s.file_size for s in self.shards if not isinstance(s, ReusedShard))
+        n = self.plan.counts()
+        return (f"dry run: would write {len(self.shards)} shards to {out}: {format_bytes(written)} new, "
+                f"{len(reused)} input shards reused ({format_bytes(sum(s.file_size for s in reused))}); "
+                f"{n['copy']} tensors copied, {n['tensors'] - n['copy']} computed")
+
+
+def _layer_count(checkpoints: Mapping[str, Checkpoint]) -> int:
+    counts = {role: count_layers(c.names, c.config, f"{describe_role(role)} {c.path}") for role, c in checkpoints.items()}
+    first = next(iter(counts))
+    for role, n in counts.items():
+        if n != counts[first]:
+            raise MismatchError(f"the {describe_role(first)} has {counts[first]} layers but the {describe_role(role)} has {n}")
+    return counts[first]
+
+
+def reusable_shards(plan: MergePlan, inputs: Mapping[str, Checkpoint]) -> list[ReusableShard]:
+    """Input shards the output can take whole (every tensor copied from that same input)."""
+    candidates = {role: [ReusableShard(role, sh.path, tuple(t.name for t in sh.tensors), sh.size,
+                                       sum(t.nbytes for t in sh.tensors)) for sh in ckpt.shards]
+                  for role, ckpt in inputs.items()}
+    return find_reusable(plan.tensors, candidates)
+
+
+def _copied_from(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> int | None:
+    """Where in its input file a copied tensor's bytes are (the layout aligns to it)."""
+    return inputs[recipe.terms[0].role].specs[recipe.name].offset if recipe.op == "copy" else None
+
+
+def _recipe(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], options: Mapping[str, Any],
+            extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to rebuild the output: tool, command and options, inputs, plan summary."""
+    recipe: dict[str, Any] = {
+        "tool": "layerswap-fast", "version": __version__, "method": plan.method, "command": command,
+        "options": {k: v for k, v in options.items() if v is not None},
+        "inputs": {role: {"path": str(Path(c.path).resolve()), "fingerprint": c.fingerprint(),
+                          "content_sample": c.content_sample()} for role, c in inputs.items()},
+        "config": asdict(plan.config) if plan.config is not None else None,
+        "dtype": plan.dtype,
+    }
+    return {**recipe, **(extra or {})}
+
+
+def write_plan(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out: PathLike,
+           options: Mapping[str, Any], write: WriteOptions, side_source: Checkpoint,
+           extra: Mapping[str, Any] | None = None, other_inputs: Sequence[PathLike | None] = ()) -> MergeResult:
+    """Lay out, check and (unless a dry run) execute a plan over opened inputs."""
+    if write.link not in LINK_MODES:
+        raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {write.link!r}")
+    if write.checksum not in CHECKSUMS:
+        raise ConfigError(f"checksum must be one of {', '.join(CHECKSUMS)}, got {write.checksum!r}")
+    size_limit = parse_size(write.shard_size)
+    out_path = output_location(out)
+    # only what decides the bytes: thread count, device and link mode never change them
+    recipe = _recipe(command, plan, inputs, {**options, "shard_size": str(write.shard_size)}, extra)
+    metadata = {"format": "pt", "layerswap_fast": json.dumps(recipe, separators=(",", ":"), sort_keys=True)}
+    shards = layout_shards(plan.tensors, size_limit, metadata, reusable_shards(plan, inputs),
+                           source_offset=lambda r: _copied_from(r, inputs))
+    side_files = find_side_files(side_source.directory)
+    guarded = guarded_paths(inputs.values(), [*other_inputs, *write.other_inputs])
+    check_output(out_path, guarded, write.force, needed_bytes(shards, write.link) + side_bytes(side_files)
+                 + _small_files_bytes(recipe, shards, len(side_files)))
+    if write.dry_run:
+        return MergeResult(plan, shards, None, recipe)
+    clean_stale_partials(out_path, log.warning)
+    backend = write.blender or make_backend(write.device, write.threads, parse_size(write.max_gpu_bytes))
+    try:
+        overrides = {"torch_dtype": TORCH_NAMES[plan.dtype]} if plan.dtype else {}
+        stats = execute(shards, inputs, out_path, backend=backend, recipe=recipe, side_files=side_files,
+                        config_overrides=overrides, force=write.force, link=write.link,
+                        threads=write.threads or 0, sync=write.sync, checksum=write.checksum,
+                        progress=write.progress)
+    finally:
+        if write.blender is None:
+            backend.close()
+    return MergeResult(plan, shards, stats, recipe)
+
+
+def _small_files_bytes(recipe: Mapping[str, Any], shards: Sequence[OutputShard], side_files: int) -> int:
+    """An upper bound of the index and the recipe: the index exactly, the recipe as known now and
+    a generous entry per shard (name, size, checksum, source), and a block per file for rounding."""
+    index = len(json.dumps(index_json(shards), indent=2)) + 1
+    entries = sum(512 + (len(str(s.reuse.source)) if isinstance(s, ReusedShard) else 0) for s in shards)
+    return index + len(json.dumps(recipe, indent=2)) + 2 * entries + 4096 * (len(shards) + side_files + 3)
+
+
+def open_all(stack: ExitStack, roles: Mapping[str, PathLike]) -> dict[str, Checkpoint]:
+    return {role: stack.enter_context(open_checkpoint(path)) for role, path in roles.items()}
+
+
+def _magnitude(base: PathLike | None, experts: Sequence[PathLike], stats: PathLike | None, device: str = "auto",
+               threads: int | None = None) -> list[float]:
+    """Magnitude-adjusted weights (∝ 1 / average row MAV against the base), normalised; an analysis
+    they need runs on the merge's ``device`` and ``threads``."""
+    if base is None:
+        raise ConfigError(f"magnitude weights need the base model: pass {param('base')} (and optionally {param('stats')} DIR)")
+    from .analysis import magnitude_weights_for
+    return list(magnitude_weights_for(base, experts, stats_dir=stats, device=device, threads=threads))
+
+
+def plan_method(stack: ExitStack, method: Method, options: Mapping[str, Any], device: str = "auto",
+          threads: int | None = None) -> tuple[MergePlan, dict[str, Checkpoint]]:
+    """Open the method's inputs and plan: headers only, except the row-MAV analysis that
+    magnitude weights need when no ``stats`` are given."""
+    paths = method.inputs(options)
+    inputs = open_all(stack, paths)
+    num_layers = _layer_count(inputs) if method.counts_layers else 0
+
+    def magnitude(roles: Sequence[str]) -> list[float]:
+        return _magnitude(options.get("base"), [paths[r] for r in roles], options.get("stats"), device, threads)
+
+    specs = {role: list(c.specs.values()) for role, c in inputs.items()}
+    return method.plan(PlanInputs(specs, num_layers, magnitude), options), inputs
