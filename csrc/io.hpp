@@ -47,6 +47,14 @@ class FdUse {
   int fd_;
 };
 
+class InputFile;
+
+// Where a tensor's elements start: a byte offset into an input file.
+struct FileSlice {
+  InputFile* file;
+  uint64_t offset;
+};
+
 class InputFile {
  public:
   explicit InputFile(const std::string& path);

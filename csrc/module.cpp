@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "chunk_reader.hpp"
 #include "common.hpp"
 #include "io.hpp"
 #include "kernel_util.hpp"

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #endif
 
+#include "chunk_reader.hpp"
 #include "kernel_util.hpp"
 #include "numerics.hpp"
 
@@ -751,53 +752,27 @@ class MemChunks : public Chunks {
   uint64_t osz_;
 };
 
-struct FileJob {
-  FileSlice base;
-  int base_fd;
-  DType bdt;
-  const std::vector<FileSlice>* ex;
-  std::vector<int> fds;
-  const std::vector<DType>* edt;
-  ShardWriter* out;
-  int out_fd;
-  uint64_t out_offset;
-  DType odt;
-  uint64_t chunk;
-};
-
+// Reads only the experts flagged in `use` (the base always).
 class FileChunks : public Chunks {
  public:
-  FileChunks(const FileJob& j, const std::vector<char>& use, bool with_out) : j_(j), use_(use) {
-    const size_t n = j.ex->size();
-    const char* what = "ties_file chunk buffers";
-    bbuf_ = alloc_array<unsigned char>(j.chunk * dtype_size(j.bdt), what);
-    base = bbuf_.get();
-    bufs_.resize(n);
-    ex.assign(n, nullptr);
-    for (size_t e = 0; e < n; ++e) {
-      if (!use_[e]) continue;
-      bufs_[e] = alloc_array<unsigned char>(j.chunk * dtype_size((*j.edt)[e]), what);
-      ex[e] = bufs_[e].get();
-    }
-    if (with_out) obuf_ = alloc_array<unsigned char>(j.chunk * dtype_size(j.odt), what);
+  FileChunks(const StreamFiles& f, uint64_t chunk, const std::vector<char>& use, bool with_out)
+      : r_(f, chunk, with_out, &with_base(use)) {
+    base = r_.in()[0];
+    ex.assign(r_.in() + 1, r_.in() + f.size());
   }
-  void load(uint64_t e0, uint64_t m) override {
-    read_elems(j_.base, j_.base_fd, j_.bdt, e0, m, bbuf_.get());
-    for (size_t e = 0; e < ex.size(); ++e)
-      if (use_[e]) read_elems((*j_.ex)[e], j_.fds[e], (*j_.edt)[e], e0, m, bufs_[e].get());
-  }
-  unsigned char* out_begin(uint64_t) override { return obuf_.get(); }
-  void out_end(uint64_t e0, uint64_t m) override {
-    const uint64_t osz = dtype_size(j_.odt);
-    j_.out->pwrite_exact(j_.out_fd, j_.out_offset + e0 * osz, obuf_.get(), m * osz);
-  }
+  void load(uint64_t e0, uint64_t m) override { r_.load(e0, m); }
+  unsigned char* out_begin(uint64_t) override { return r_.out(); }
+  void out_end(uint64_t e0, uint64_t m) override { r_.store(e0, m); }
 
  private:
-  const FileJob& j_;
+  // use_ is built before r_, which reads it in its constructor only.
+  const std::vector<char>& with_base(const std::vector<char>& use) {
+    use_.assign(1, 1);
+    use_.insert(use_.end(), use.begin(), use.end());
+    return use_;
+  }
   std::vector<char> use_;
-  Array<unsigned char> bbuf_;
-  std::vector<Array<unsigned char>> bufs_;
-  Array<unsigned char> obuf_;
+  ChunkReader r_;
 };
 
 // ---- the passes --------------------------------------------------------------------------------
@@ -1255,20 +1230,22 @@ bool exact_tau(const Job& job, const Bracket& br, size_t e, uint64_t keep,
 
 // Write again the recorded elements whose output differs between the guessed and exact
 // thresholds, as runs of consecutive positions.
-uint64_t patch_records(const Job& job, const FileJob& fj, const Records& r, const Thresholds& guess,
+uint64_t patch_records(const Job& job, const StreamFiles& files, const Records& r,
+                       const Thresholds& guess,
                        const Thresholds& exact, float lam) {
   const size_t n = job.edt.size();
   const uint64_t nr = r.pos.size();
   if (nr == 0) return 0;
-  const size_t osz = dtype_size(fj.odt);
+  const DType odt = files.out_dtype();
+  const size_t osz = dtype_size(odt);
   std::vector<const unsigned char*> ex;
   for (size_t e = 0; e < n; ++e) ex.push_back(r.raw[1 + e].data());
   std::vector<unsigned char> was(nr * osz), now(nr * osz);
   Scratch sc(n);
   ties_range(r.raw[0].data(), job.bdt, n, ex.data(), job.edt.data(), guess.thr.data(), lam,
-             was.data(), fj.odt, static_cast<size_t>(nr), sc);
+             was.data(), odt, static_cast<size_t>(nr), sc);
   ties_range(r.raw[0].data(), job.bdt, n, ex.data(), job.edt.data(), exact.thr.data(), lam,
-             now.data(), fj.odt, static_cast<size_t>(nr), sc);
+             now.data(), odt, static_cast<size_t>(nr), sc);
   auto differs = [&](uint64_t i) { return std::memcmp(&was[i * osz], &now[i * osz], osz) != 0; };
   uint64_t patched = 0;
   for (uint64_t i = 0; i < nr;) {
@@ -1278,7 +1255,7 @@ uint64_t patch_records(const Job& job, const FileJob& fj, const Records& r, cons
     }
     uint64_t j = i + 1;
     while (j < nr && r.pos[j] == r.pos[j - 1] + 1 && differs(j)) ++j;
-    fj.out->pwrite_exact(fj.out_fd, fj.out_offset + r.pos[i] * osz, &now[i * osz], (j - i) * osz);
+    files.write(r.pos[i], &now[i * osz], j - i);
     patched += j - i;
     i = j;
   }
@@ -1286,7 +1263,7 @@ uint64_t patch_records(const Job& job, const FileJob& fj, const Records& r, cons
 }
 
 // ties_file in one pass when it can; false when the exact passes must (re)write the output.
-bool ties_one_pass(const Job& job, const FileJob& fj, uint64_t keep, float lam,
+bool ties_one_pass(const Job& job, const StreamFiles& files, uint64_t keep, float lam,
                    uint64_t record_budget) {
   const size_t n = job.edt.size();
   const Bracket br = sample_bracket(job, keep);
@@ -1294,7 +1271,7 @@ bool ties_one_pass(const Job& job, const FileJob& fj, uint64_t keep, float lam,
   for (DType d : job.edt) rec_bytes += dtype_size(d);
   const Thresholds guess = make_thresholds(br.guess);
   std::vector<Records> recs;
-  if (!guessed_pass(job, br, guess, lam, fj.odt, record_budget / rec_bytes, &recs)) {
+  if (!guessed_pass(job, br, guess, lam, files.out_dtype(), record_budget / rec_bytes, &recs)) {
     g_stats.fallback_budget += 1;
     return false;
   }
@@ -1315,14 +1292,14 @@ bool ties_one_pass(const Job& job, const FileJob& fj, uint64_t keep, float lam,
   g_stats.records += nrec;
   if (heavy_flips) {
     recs.clear();
-    merge_pass(job, exact, lam, fj.odt);
+    merge_pass(job, exact, lam, files.out_dtype());
     g_stats.rewritten += 1;
     return true;
   }
   std::atomic<uint64_t> patched{0};
   run_pool(resolve_threads(job.threads, recs.size()), recs.size(), [&](TaskQueue& q) {
     uint64_t t;
-    while (q.pop(&t)) patched += patch_records(job, fj, recs[t], guess, exact, lam);
+    while (q.pop(&t)) patched += patch_records(job, files, recs[t], guess, exact, lam);
   });
   g_stats.one_pass += 1;
   g_stats.patched += patched.load();
@@ -1373,22 +1350,21 @@ void ties_file_run(const FileSlice& base, DType base_dt, const std::vector<FileS
   check_slice(base, numel, base_dt, "ties_file: base");
   check_slices(ex, ex_dt, numel, "ties_file: experts");
   check_out_slice(out, out_offset, numel, out_dt, "ties_file");
-  const HeldFds held(&base, ex, &out, "ties_file");
-  FileJob fj{base, held.base_fd, base_dt, &ex, held.fds, &ex_dt, &out, held.out_fd, out_offset,
-             out_dt, 0};
+  const StreamFiles files("ties_file", &base, base_dt, ex, ex_dt, &out, out_offset, out_dt);
   if (numel == 0) return;
   uint64_t elem_bytes = dtype_size(base_dt) + dtype_size(out_dt);
   for (DType d : ex_dt) elem_bytes += dtype_size(d);
   uint64_t cap = kBlk;
   while (cap * 2 * elem_bytes <= kChunkBytes) cap *= 2;
-  fj.chunk = std::min({chunk_elems, numel, cap});
+  const uint64_t chunk = std::min({chunk_elems, numel, cap});
 
-  Job job{base_dt, ex_dt, numel, fj.chunk, threads, nullptr};
-  job.make = [&fj](const std::vector<char>& use, bool with_out) -> std::unique_ptr<Chunks> {
-    return std::unique_ptr<Chunks>(new FileChunks(fj, use, with_out));
+  Job job{base_dt, ex_dt, numel, chunk, threads, nullptr};
+  job.make = [&files, chunk](const std::vector<char>& use,
+                             bool with_out) -> std::unique_ptr<Chunks> {
+    return std::unique_ptr<Chunks>(new FileChunks(files, chunk, use, with_out));
   };
   if (numel >= kOnePassMin && keep > 0 && keep < numel && record_budget > 0 &&
-      ties_one_pass(job, fj, keep, lam, record_budget))
+      ties_one_pass(job, files, keep, lam, record_budget))
     return;
   Thresholds th = select_thresholds(job, keep);
   merge_pass(job, th, lam, out_dt);
