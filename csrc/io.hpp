@@ -112,7 +112,6 @@ class ShardWriter {
   // is written; with drop, then evict those clean pages from the page cache (posix_fadvise).
   void writeback(uint64_t off, uint64_t n, bool wait, bool drop);
   void close(bool sync);
-  void rename(const std::string& new_path);
   void abort() noexcept;
 
  private:
