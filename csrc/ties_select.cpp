@@ -272,6 +272,145 @@ Thresholds make_thresholds(const std::vector<uint32_t>& tau_bits) {
   return r;
 }
 
+namespace {
+
+// Where the selection stands after pass 1, per expert: the bin (top 16 bits) tau lies in, the
+// rank of tau within that bin, tau itself where pass 1 settled it, and the experts pass 2 must
+// settle.
+struct Selection {
+  std::vector<uint32_t> tau_bits, hi;
+  std::vector<uint64_t> k_in;
+  std::vector<size_t> pending;
+};
+
+uint64_t pass_tasks(const Job& job) { return (job.numel + job.task - 1) / job.task; }
+
+// Pass 1 on nthreads threads, thread slot i counting into hl[i]; how many slots ran (and so
+// cleared their counts). The per-thread resources of every pass are allocated on the calling
+// thread (from BufPool).
+size_t count_hi(const Job& job, size_t nthreads, const std::vector<std::unique_ptr<HiLocal>>& hl) {
+  const size_t n = job.edt.size();
+  const uint64_t numel = job.numel;
+  const uint64_t task = job.task;
+  const std::vector<char> use(n, 1);
+  std::vector<std::unique_ptr<Chunks>> chs;
+  std::vector<std::unique_ptr<Scratch>> scs;
+  for (size_t i = 0; i < nthreads; ++i) {
+    chs.push_back(job.make(use, false));
+    scs.emplace_back(new Scratch(0, n));
+  }
+  std::atomic<size_t> slots{0};
+  run_pool(nthreads, pass_tasks(job), [&](TaskQueue& q) {
+    const size_t slot = slots.fetch_add(1);
+    HiLocal& h = *hl[slot];
+    Chunks& ch = *chs[slot];
+    h.clear();
+    uint64_t t;
+    while (q.pop(&t)) {
+      const uint64_t e0 = t * task;
+      const uint64_t m = std::min(task, numel - e0);
+      ch.load(e0, m);
+      hist_hi_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), static_cast<size_t>(m), h,
+                    *scs[slot]);
+    }
+  });
+  return std::min(slots.load(), nthreads);
+}
+
+// Expert e's bin from the counts of the first `used` slots of hl, folded over the bins they
+// touched.
+void settle_hi(const std::vector<std::unique_ptr<HiLocal>>& hl, size_t used, size_t e,
+               uint64_t keep, Selection* sel) {
+  uint32_t lo = kHiBins, top = 0;
+  for (size_t i = 0; i < used; ++i) {
+    lo = std::min(lo, hl[i]->range_lo(e));
+    top = std::max(top, hl[i]->range_hi(e));
+  }
+  if (lo > top) lo = top = 1;  // every |d| in bin 0
+  std::vector<HiBin> total(top - lo + 2, HiBin{0, 0});  // bin 0, then bins [lo, top]
+  for (size_t i = 0; i < used; ++i) hl[i]->fold_into(e, &total[0], &total[1], lo);
+  uint32_t sel_i = 0;
+  select_bin(total.size(), [&](size_t b) { return total[b].cnt; }, keep, &sel_i, &sel->k_in[e]);
+  const HiBin bin = total[sel_i];
+  sel->hi[e] = sel_i == 0 ? 0 : sel_i - 1 + lo;
+  if (sel->k_in[e] > bin.cnt - bin.lo_zero) {
+    sel->tau_bits[e] = sel->hi[e] << 16;  // the k_in-th largest of the bin has low bits 0
+  } else {
+    sel->pending.push_back(e);
+  }
+}
+
+// Pass 1: the pass-1 keys counted per thread, then each expert's bin.
+Selection select_hi(const Job& job, uint64_t keep, size_t nthreads) {
+  const size_t n = job.edt.size();
+  Selection sel{std::vector<uint32_t>(n, 0), std::vector<uint32_t>(n, 0),
+                std::vector<uint64_t>(n, 0), {}};
+  const uint64_t per_slot = static_cast<uint64_t>(n) * kSub * kKeys;
+  auto counts = alloc_array<uint32_t>(nthreads * per_slot, "ties histograms");
+  std::vector<std::unique_ptr<HiLocal>> hl;
+  for (size_t i = 0; i < nthreads; ++i) hl.emplace_back(new HiLocal(n, counts.get() + i * per_slot));
+  const size_t used = count_hi(job, nthreads, hl);
+  for (size_t e = 0; e < n; ++e) settle_hi(hl, used, e, keep, &sel);
+  return sel;
+}
+
+// Pass 2: low 16 bits of the elements in the selected bin, for the experts still open.
+void select_lo(const Job& job, size_t nthreads, Selection* sel) {
+  const size_t n = job.edt.size();
+  const uint64_t numel = job.numel;
+  const uint64_t task = job.task;
+  const std::vector<size_t>& pending = sel->pending;
+  const size_t np = pending.size();
+  const uint64_t per_slot = static_cast<uint64_t>(np) * kLoBins;
+  auto hist = alloc_array<uint64_t>(nthreads * per_slot, "ties histograms");
+  std::fill(hist.get(), hist.get() + nthreads * per_slot, uint64_t{0});
+  std::vector<char> use(n, 0);
+  std::vector<DType> pdt;
+  std::vector<uint32_t> phi;
+  for (size_t e : pending) {
+    use[e] = 1;
+    pdt.push_back(job.edt[e]);
+    phi.push_back(sel->hi[e]);
+  }
+  std::vector<std::unique_ptr<Chunks>> chs;
+  std::vector<std::unique_ptr<Scratch>> scs;
+  for (size_t i = 0; i < nthreads; ++i) {
+    chs.push_back(job.make(use, false));
+    scs.emplace_back(new Scratch(0));
+  }
+  std::atomic<size_t> slots{0};
+  run_pool(nthreads, pass_tasks(job), [&](TaskQueue& q) {
+    const size_t slot = slots.fetch_add(1);
+    uint64_t* h = hist.get() + slot * per_slot;
+    Chunks& ch = *chs[slot];
+    std::vector<const unsigned char*> ptrs(np);
+    uint64_t t;
+    while (q.pop(&t)) {
+      const uint64_t e0 = t * task;
+      const uint64_t m = std::min(task, numel - e0);
+      ch.load(e0, m);
+      for (size_t i = 0; i < np; ++i) ptrs[i] = ch.ex[pending[i]];
+      hist_lo_range(ch.base, job.bdt, np, ptrs.data(), pdt.data(), phi.data(),
+                    static_cast<size_t>(m), h, *scs[slot]);
+    }
+  });
+  uint64_t* total = hist.get();
+  for (size_t slot = 1; slot < nthreads; ++slot) {
+    const uint64_t* h = hist.get() + slot * per_slot;
+    for (uint64_t b = 0; b < per_slot; ++b) total[b] += h[b];
+  }
+  for (size_t i = 0; i < np; ++i) {
+    const size_t e = pending[i];
+    const uint64_t* h = total + i * kLoBins;
+    uint32_t lo = 0;
+    uint64_t unused = 0;
+    select_bin(kLoBins, [&](size_t b) { return h[b]; }, sel->k_in[e], &lo, &unused);
+    sel->tau_bits[e] = (sel->hi[e] << 16) | lo;
+  }
+}
+
+}  // namespace
+
 Thresholds select_thresholds(const Job& job, uint64_t keep) {
   const size_t n = job.edt.size();
   Thresholds r;
@@ -285,119 +424,10 @@ Thresholds select_thresholds(const Job& job, uint64_t keep) {
     r.thr.assign(n, 0);
     return r;
   }
-  const uint64_t numel = job.numel;
-  const uint64_t task = job.task;
-  const uint64_t ntasks = (numel + task - 1) / task;
-  const size_t nthreads = resolve_threads(job.threads, ntasks);
-
-  // Pass 1: pass-1 keys counted per thread, then folded over the bins they touched. The
-  // per-thread resources of every pass are allocated here, on the calling thread (from BufPool).
-  std::vector<uint32_t> tau_bits(n, 0);
-  std::vector<uint32_t> hi(n, 0);
-  std::vector<uint64_t> k_in(n, 0);
-  std::vector<size_t> pending;
-  {
-    const std::vector<char> use(n, 1);
-    const uint64_t per_slot = static_cast<uint64_t>(n) * kSub * kKeys;
-    auto counts = alloc_array<uint32_t>(nthreads * per_slot, "ties histograms");
-    std::vector<std::unique_ptr<HiLocal>> hl;
-    std::vector<std::unique_ptr<Chunks>> chs;
-    std::vector<std::unique_ptr<Scratch>> scs;
-    for (size_t i = 0; i < nthreads; ++i) {
-      hl.emplace_back(new HiLocal(n, counts.get() + i * per_slot));
-      chs.push_back(job.make(use, false));
-      scs.emplace_back(new Scratch(0, n));
-    }
-    std::atomic<size_t> slots{0};
-    run_pool(nthreads, ntasks, [&](TaskQueue& q) {
-      const size_t slot = slots.fetch_add(1);
-      HiLocal& h = *hl[slot];
-      Chunks& ch = *chs[slot];
-      h.clear();
-      uint64_t t;
-      while (q.pop(&t)) {
-        const uint64_t e0 = t * task;
-        const uint64_t m = std::min(task, numel - e0);
-        ch.load(e0, m);
-        hist_hi_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), static_cast<size_t>(m),
-                      h, *scs[slot]);
-      }
-    });
-    const size_t used = std::min(slots.load(), nthreads);  // slots whose counts were cleared
-    std::vector<HiBin> total;  // bin 0, then bins [lo, top]
-    for (size_t e = 0; e < n; ++e) {
-      uint32_t lo = kHiBins, top = 0;
-      for (size_t i = 0; i < used; ++i) {
-        lo = std::min(lo, hl[i]->range_lo(e));
-        top = std::max(top, hl[i]->range_hi(e));
-      }
-      if (lo > top) lo = top = 1;  // every |d| in bin 0
-      total.assign(top - lo + 2, HiBin{0, 0});
-      for (size_t i = 0; i < used; ++i) hl[i]->fold_into(e, &total[0], &total[1], lo);
-      uint32_t sel_i = 0;
-      select_bin(total.size(), [&](size_t b) { return total[b].cnt; }, keep, &sel_i, &k_in[e]);
-      const HiBin sel = total[sel_i];
-      hi[e] = sel_i == 0 ? 0 : sel_i - 1 + lo;
-      if (k_in[e] > sel.cnt - sel.lo_zero) {
-        tau_bits[e] = hi[e] << 16;  // the k_in-th largest of the bin has low bits 0
-      } else {
-        pending.push_back(e);
-      }
-    }
-  }
-
-  // Pass 2: low 16 bits of the elements in the selected bin, for the experts still open.
-  if (!pending.empty()) {
-    const size_t np = pending.size();
-    const uint64_t per_slot = static_cast<uint64_t>(np) * kLoBins;
-    auto hist = alloc_array<uint64_t>(nthreads * per_slot, "ties histograms");
-    std::fill(hist.get(), hist.get() + nthreads * per_slot, uint64_t{0});
-    std::vector<char> use(n, 0);
-    std::vector<DType> pdt;
-    std::vector<uint32_t> phi;
-    for (size_t e : pending) {
-      use[e] = 1;
-      pdt.push_back(job.edt[e]);
-      phi.push_back(hi[e]);
-    }
-    std::vector<std::unique_ptr<Chunks>> chs;
-    std::vector<std::unique_ptr<Scratch>> scs;
-    for (size_t i = 0; i < nthreads; ++i) {
-      chs.push_back(job.make(use, false));
-      scs.emplace_back(new Scratch(0));
-    }
-    std::atomic<size_t> slots{0};
-    run_pool(nthreads, ntasks, [&](TaskQueue& q) {
-      const size_t slot = slots.fetch_add(1);
-      uint64_t* h = hist.get() + slot * per_slot;
-      Chunks& ch = *chs[slot];
-      std::vector<const unsigned char*> ptrs(np);
-      uint64_t t;
-      while (q.pop(&t)) {
-        const uint64_t e0 = t * task;
-        const uint64_t m = std::min(task, numel - e0);
-        ch.load(e0, m);
-        for (size_t i = 0; i < np; ++i) ptrs[i] = ch.ex[pending[i]];
-        hist_lo_range(ch.base, job.bdt, np, ptrs.data(), pdt.data(), phi.data(),
-                      static_cast<size_t>(m), h, *scs[slot]);
-      }
-    });
-    uint64_t* total = hist.get();
-    for (size_t slot = 1; slot < nthreads; ++slot) {
-      const uint64_t* h = hist.get() + slot * per_slot;
-      for (uint64_t b = 0; b < per_slot; ++b) total[b] += h[b];
-    }
-    for (size_t i = 0; i < np; ++i) {
-      const size_t e = pending[i];
-      const uint64_t* h = total + i * kLoBins;
-      uint32_t lo = 0;
-      uint64_t unused = 0;
-      select_bin(kLoBins, [&](size_t b) { return h[b]; }, k_in[e], &lo, &unused);
-      tau_bits[e] = (hi[e] << 16) | lo;
-    }
-  }
-
-  return make_thresholds(tau_bits);
+  const size_t nthreads = pass_threads(job);
+  Selection sel = select_hi(job, keep, nthreads);
+  if (!sel.pending.empty()) select_lo(job, nthreads, &sel);
+  return make_thresholds(sel.tau_bits);
 }
 
 }  // namespace ties_detail
