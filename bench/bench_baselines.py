@@ -1,6 +1,7 @@
 """The baselines on the 1b shape: time and peak RSS of every command beside a plain copy.
 
     python bench/bench_baselines.py [--runs 3]
+    python bench/bench_baselines.py --runs 7 --only ties,ties-exact   # the one-pass TIES bracket on/off
 
 Uses the `1b` trio (base, task, language) and one more expert of the same base (`task2`), so the
 multi-expert commands have three experts. Interleaved rounds, warm cache; each output is deleted
@@ -20,6 +21,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import find_cli, machine_info, round_order, run_timed, shard_bytes, sync, trio_in_child  # noqa: E402
+
+
+# The CLI with every ties_file call on the exact passes (record_budget=0: no one-pass bracket), to
+# measure what the bracket buys end to end.
+EXACT_TIES_CLI = ("import functools, sys; from layerswap_fast import _core; "
+                  "_core.ties_file = functools.partial(_core.ties_file, record_budget=0); "
+                  "from layerswap_fast.cli import run; sys.exit(run())")
 
 
 def ensure_extra_expert(workdir: Path) -> Path:
@@ -50,12 +58,14 @@ def main() -> None:
         "task-arithmetic": lambda o: [cli, "task-arithmetic", "--base", str(base), *models, "--lambda", "0.5",
                                       "-o", str(o)],
         "ties": lambda o: [cli, "ties", "--base", str(base), *models, "--density", "0.2", "-o", str(o)],
+        "ties-exact": lambda o: [sys.executable, "-c", EXACT_TIES_CLI, "ties", "--base", str(base), *models,
+                                 "--density", "0.2", "-o", str(o)],
         "revert-layers": lambda o: [cli, "revert", "--base", str(base), "--model", str(task), "--layers", "0-4",
                                     "-o", str(o)],
         "revert-rows": lambda o: [cli, "revert", "--base", str(base), "--model", str(task), "--row-fraction", "0.2",
                                   "-o", str(o)],
     }
-    methods = args.only.split(",") if args.only else list(commands)
+    methods = args.only.split(",") if args.only else [m for m in commands if m != "ties-exact"]
     subprocess.run(["bash", "-c", " ".join(f'cat "{p}"/*.safetensors' for p in (base, *experts)) + " > /dev/null"])
     nbytes = shard_bytes(task)
     results: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}

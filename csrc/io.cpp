@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdio>
 #include <memory>
 #include <new>
 #include <vector>
@@ -324,20 +323,6 @@ void ShardWriter::close(bool sync) {
     }
   }
   if (::close(fd) != 0 && errno != EINTR) fail_os(errno, "closing " + q(path_));
-}
-
-void ShardWriter::rename(const std::string& new_path) {
-  if (new_path.find('\0') != std::string::npos)
-    fail("renaming " + q(path_) + ": new path contains a NUL byte");
-  {
-    std::lock_guard<std::mutex> g(state_m_);
-    if (state_ == State::Open)
-      fail("renaming " + q(path_) + ": the file is still open (close() it first)");
-    if (state_ == State::Aborted) fail("renaming " + q(path_) + ": the file was aborted");
-  }
-  if (::rename(path_.c_str(), new_path.c_str()) != 0)
-    fail_os(errno, "renaming " + q(path_) + " to " + q(new_path));
-  path_ = new_path;
 }
 
 void ShardWriter::abort() noexcept {

@@ -47,6 +47,14 @@ class FdUse {
   int fd_;
 };
 
+class InputFile;
+
+// Where a tensor's elements start: a byte offset into an input file.
+struct FileSlice {
+  InputFile* file;
+  uint64_t offset;
+};
+
 class InputFile {
  public:
   explicit InputFile(const std::string& path);
@@ -104,7 +112,6 @@ class ShardWriter {
   // is written; with drop, then evict those clean pages from the page cache (posix_fadvise).
   void writeback(uint64_t off, uint64_t n, bool wait, bool drop);
   void close(bool sync);
-  void rename(const std::string& new_path);
   void abort() noexcept;
 
  private:

@@ -1,5 +1,5 @@
-// Helpers shared by the kernels (kernels.cpp, ties.cpp): element access by dtype, the per-call
-// thread pool, pooled scratch buffers, and the checks, descriptors and reads of file slices.
+// Helpers shared by the kernels (kernels.cpp, ties*.cpp, chunk_reader.cpp): element access by
+// dtype, the per-call thread pool and pooled scratch buffers.
 #pragma once
 
 #include <atomic>
@@ -17,7 +17,6 @@
 #include <vector>
 
 #include "common.hpp"
-#include "kernels.hpp"
 #include "numerics.hpp"
 
 #define LSF_INLINE inline __attribute__((always_inline))
@@ -230,68 +229,6 @@ Array<T> alloc_array(uint64_t n, const char* what) {
   } catch (const std::bad_alloc&) {
     fail_nomem(bytes, what);
   }
-}
-
-// ---- file slices ---------------------------------------------------------------------------------
-
-// CoreErr unless numel elements of dt at s fit inside s's file.
-inline void check_slice(const FileSlice& s, uint64_t numel, DType dt, const std::string& role) {
-  uint64_t bytes;
-  if (!mul_ok(numel, dtype_size(dt), &bytes))
-    fail(role + ": " + std::to_string(numel) + " elements of " + dtype_name(dt) +
-         " overflow a 64-bit size");
-  if (!range_ok(s.offset, bytes, s.file->size()))
-    fail(role + ": " + std::to_string(numel) + " elements of " + dtype_name(dt) + " (" +
-         std::to_string(bytes) + " bytes) at offset " + std::to_string(s.offset) +
-         " run past the end of " + show(s.file->path()) + " (" + std::to_string(s.file->size()) +
-         " bytes)");
-}
-
-// check_slice for each slice; role "f: inputs" names slice i "f: inputs[i]".
-inline void check_slices(const std::vector<FileSlice>& s, const std::vector<DType>& dt,
-                         uint64_t numel, const std::string& role) {
-  for (size_t i = 0; i < s.size(); ++i)
-    check_slice(s[i], numel, dt[i], role + "[" + std::to_string(i) + "]");
-}
-
-// CoreErr unless numel elements of dt at off fit inside out; fn names the calling kernel.
-inline void check_out_slice(const ShardWriter& out, uint64_t off, uint64_t numel, DType dt,
-                            const std::string& fn) {
-  uint64_t bytes;
-  if (!mul_ok(numel, dtype_size(dt), &bytes))
-    fail(fn + ": numel " + std::to_string(numel) + " overflows a 64-bit size");
-  out.check_range(off, bytes, (fn + ": writing").c_str());
-}
-
-// The descriptors of a file kernel's base (optional), inputs and output (optional), held for the
-// whole run: close() elsewhere then waits for us, so no fd is closed (and its number reused) under
-// a running pread or pwrite. Taken in that order, so the first closed file is the one the error
-// names.
-class HeldFds {
- public:
-  HeldFds(const FileSlice* base, const std::vector<FileSlice>& in, ShardWriter* out,
-          const std::string& fn) {
-    const std::string reading = fn + ": reading";
-    if (base) base_fd = hold(base->file->holder(), base->file->path(), reading);
-    for (const FileSlice& s : in) fds.push_back(hold(s.file->holder(), s.file->path(), reading));
-    if (out) out_fd = hold(out->holder(), out->path(), fn + ": writing");
-  }
-  int base_fd = -1;
-  std::vector<int> fds;  // one per input
-  int out_fd = -1;
-
- private:
-  int hold(FdHolder& h, const std::string& path, const std::string& what) {
-    uses_.push_back(std::make_unique<FdUse>(h, path, what.c_str()));
-    return uses_.back()->fd();
-  }
-  std::vector<std::unique_ptr<FdUse>> uses_;
-};
-
-// Elements [e0, e0 + m) of s, of dtype dt, into buf through fd (held by a HeldFds).
-inline void read_elems(const FileSlice& s, int fd, DType dt, uint64_t e0, uint64_t m, void* buf) {
-  const uint64_t sz = dtype_size(dt);
-  s.file->pread_exact(fd, s.offset + e0 * sz, buf, m * sz);
 }
 
 }  // namespace lsf

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "chunk_reader.hpp"
 #include "kernel_util.hpp"
 #include "numerics.hpp"
 
@@ -178,31 +179,22 @@ void blend_file_run(const std::vector<FileSlice>& in, const std::vector<DType>& 
   if (chunk_elems == 0) fail("blend_file: chunk_elems must be >= 1");
   check_slices(in, in_dt, numel, "blend_file: inputs");
   check_out_slice(out, out_offset, numel, out_dt, "blend_file");
-  const HeldFds held(nullptr, in, &out, "blend_file");
+  const StreamFiles files("blend_file", nullptr, DType::F32, in, in_dt, &out, out_offset, out_dt);
   if (numel == 0) return;
 
   const uint64_t chunk = std::min(chunk_elems, numel);
   const uint64_t ntasks = (numel + chunk - 1) / chunk;
   const size_t nthreads = resolve_threads(threads, ntasks);
-  const size_t osz = dtype_size(out_dt);
 
   run_pool(nthreads, ntasks, [&](TaskQueue& q) {
-    std::vector<Array<unsigned char>> bufs(n);
-    std::vector<const unsigned char*> ptrs(n);
-    for (size_t i = 0; i < n; ++i) {
-      bufs[i] = alloc_array<unsigned char>(chunk * dtype_size(in_dt[i]), "blend_file chunk buffers");
-      ptrs[i] = bufs[i].get();
-    }
-    auto obuf = alloc_array<unsigned char>(chunk * osz, "blend_file chunk buffers");
+    ChunkReader r(files, chunk, true);
     uint64_t t;
     while (q.pop(&t)) {
       const uint64_t e0 = t * chunk;
       const uint64_t m = std::min(chunk, numel - e0);
-      for (size_t i = 0; i < n; ++i)
-        read_elems(in[i], held.fds[i], in_dt[i], e0, m, bufs[i].get());
-      blend_range(n, ptrs.data(), in_dt.data(), w.data(), obuf.get(), out_dt,
-                  static_cast<size_t>(m));
-      out.pwrite_exact(held.out_fd, out_offset + e0 * osz, obuf.get(), m * osz);
+      r.load(e0, m);
+      blend_range(n, r.in(), in_dt.data(), w.data(), r.out(), out_dt, static_cast<size_t>(m));
+      r.store(e0, m);
     }
   });
 }
@@ -285,7 +277,7 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
          ") overflows a 64-bit size");
   check_slice(base, numel, base_dt, "row_mav_file: base");
   check_slices(ex, ex_dt, numel, "row_mav_file: experts");
-  const HeldFds held(&base, ex, nullptr, "row_mav_file");
+  const StreamFiles files("row_mav_file", &base, base_dt, ex, ex_dt);
   if (n == 0) return;
 
   // Whole rows per task when a row fits in a chunk; otherwise one row per task, streamed in
@@ -300,19 +292,9 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
   const size_t nthreads = resolve_threads(threads, ntasks);
 
   run_pool(nthreads, ntasks, [&](TaskQueue& q) {
-    const uint64_t buf_elems = std::min(piece, numel);
-    const char* what = "row_mav_file chunk buffers";
-    auto bbuf = alloc_array<unsigned char>(buf_elems * dtype_size(base_dt), what);
-    std::vector<Array<unsigned char>> bufs(n);
-    std::vector<const unsigned char*> ptrs(n);
-    for (size_t e = 0; e < n; ++e) {
-      bufs[e] = alloc_array<unsigned char>(buf_elems * dtype_size(ex_dt[e]), what);
-      ptrs[e] = bufs[e].get();
-    }
-    auto load = [&](uint64_t e0, uint64_t m) {
-      read_elems(base, held.base_fd, base_dt, e0, m, bbuf.get());
-      for (size_t e = 0; e < n; ++e) read_elems(ex[e], held.fds[e], ex_dt[e], e0, m, bufs[e].get());
-    };
+    ChunkReader r(files, std::min(piece, numel), false);
+    const unsigned char* bbuf = r.in()[0];  // the base, then the experts
+    const unsigned char* const* ptrs = r.in() + 1;
     RowMav mav(base_dt, ex_dt, rows, cols, out);
 
     uint64_t t;
@@ -320,17 +302,17 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
       if (whole_rows) {
         const uint64_t r0 = t * rows_per_task;
         const uint64_t r1 = std::min(rows, r0 + rows_per_task);
-        load(r0 * cols, (r1 - r0) * cols);
-        mav.whole_rows(bbuf.get(), ptrs.data(), r0, r0, r1);
+        r.load(r0 * cols, (r1 - r0) * cols);
+        mav.whole_rows(bbuf, ptrs, r0, r0, r1);
       } else {
-        const uint64_t r = t;
+        const uint64_t row = t;
         mav.start_row();
         for (uint64_t c0 = 0; c0 < cols; c0 += piece) {
           const uint64_t m = std::min(piece, cols - c0);
-          load(r * cols + c0, m);
-          mav.add(bbuf.get(), ptrs.data(), m);
+          r.load(row * cols + c0, m);
+          mav.add(bbuf, ptrs, m);
         }
-        mav.end_row(r);
+        mav.end_row(row);
       }
     }
   });

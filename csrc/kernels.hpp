@@ -27,11 +27,6 @@ void mav_segment(const unsigned char* base, DType base_dt, size_t n_experts,
 
 // ---- drivers (validated inputs, multi-threaded) ------------------------------------------------
 
-struct FileSlice {
-  InputFile* file;
-  uint64_t offset;
-};
-
 void blend_buffers_run(const std::vector<const unsigned char*>& in,
                        const std::vector<DType>& in_dt, const std::vector<float>& w,
                        unsigned char* out, DType out_dt, uint64_t numel, int64_t threads);

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "chunk_reader.hpp"
 #include "common.hpp"
 #include "io.hpp"
 #include "kernel_util.hpp"
@@ -619,14 +620,6 @@ PYBIND11_MODULE(_core, m) {
             w.close(sync);
           },
           py::arg("sync") = true)
-      .def(
-          "rename",
-          [](lsf::ShardWriter& w, py::handle new_path) {
-            std::string p = to_path(new_path);
-            py::gil_scoped_release nogil;
-            w.rename(p);
-          },
-          py::arg("new_path"))
       .def("abort",
            [](lsf::ShardWriter& w) {
              py::gil_scoped_release nogil;

@@ -71,8 +71,6 @@ class ShardWriter:
         (posix_fadvise DONTNEED, advice only). Bounds-checked."""
     def close(self, sync: bool = True) -> None:
         """fsync (when ``sync``) and close. Idempotent."""
-    def rename(self, new_path: str) -> None:
-        """Rename the (closed) file; ``path`` becomes ``new_path``."""
     def abort(self) -> None:
         """Close and unlink the file. Idempotent; never raises."""
     def __enter__(self) -> ShardWriter: ...

@@ -199,10 +199,10 @@ MUTANTS: list[Mutant] = [
     M("row-mav-without-abs", "core kernels", "csrc/kernels.cpp",
       "d[j] = std::fabs(Elem<D>::load(p, j) - b[j]);", "d[j] = Elem<D>::load(p, j) - b[j];",
       "tests/test_core.py"),
-    M("ties-trim-drops-ties-at-the-threshold", "core kernels", "csrc/ties.cpp",
+    M("ties-trim-drops-ties-at-the-threshold", "core kernels", "csrc/ties_merge.cpp",
       "const uint32_t keep = 0u - static_cast<uint32_t>((db & kAbsMask) >= thr);",
       "const uint32_t keep = 0u - static_cast<uint32_t>((db & kAbsMask) > thr);", "tests/test_ties_core.py"),
-    M("ties-sum-instead-of-mean", "core kernels", "csrc/ties.cpp",
+    M("ties-sum-instead-of-mean", "core kernels", "csrc/ties_merge.cpp",
       "const int32_t c = cnt[j] > 0 ? cnt[j] : 1;", "const int32_t c = 1;", "tests/test_ties_core.py"),
 ]
 

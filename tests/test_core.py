@@ -579,7 +579,7 @@ def test_check_unchanged_detects_replace(tmp_path):
 
 # ---- ShardWriter ---------------------------------------------------------------------------------
 
-def test_shard_writer_write_close_rename(tmp_path):
+def test_shard_writer_write_close(tmp_path):
     dst = tmp_path / "out.tmp"
     w = core.ShardWriter(str(dst), 16)
     assert w.path == str(dst) and w.size == 16
@@ -594,16 +594,12 @@ def test_shard_writer_write_close_rename(tmp_path):
         w.write(-1, b"a")
     with pytest.raises(CoreError, match="outside the file"):
         w.write(2 ** 64 - 1, b"a")
-    with pytest.raises(CoreError, match="still open"):
-        w.rename(str(tmp_path / "final"))
     w.close()
     w.close(sync=False)  # idempotent
     with pytest.raises(CoreError, match="is closed"):
         w.write(0, b"a")
-    w.rename(tmp_path / "final")
-    assert w.path == str(tmp_path / "final")
-    assert not dst.exists()
-    assert (tmp_path / "final").read_bytes() == b"abcd" + bytes(8) + b"wxyz"
+    assert w.path == str(dst)
+    assert dst.read_bytes() == b"abcd" + bytes(8) + b"wxyz"
 
 
 def _umask() -> int:
@@ -648,8 +644,8 @@ def test_shard_writer_abort_and_context_manager(tmp_path):
     assert not dst.exists()
     w.abort()  # idempotent
     w.close()  # no-op after abort
-    with pytest.raises(CoreError, match="aborted"):
-        w.rename(str(tmp_path / "b"))
+    with pytest.raises(CoreError, match="is closed"):
+        w.write(0, b"z")
 
     with pytest.raises(ValueError):
         with core.ShardWriter(str(dst), 10) as w:

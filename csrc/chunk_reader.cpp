@@ -1,0 +1,82 @@
+#include "chunk_reader.hpp"
+
+namespace lsf {
+
+void check_slice(const FileSlice& s, uint64_t numel, DType dt, const std::string& role) {
+  uint64_t bytes;
+  if (!mul_ok(numel, dtype_size(dt), &bytes))
+    fail(role + ": " + std::to_string(numel) + " elements of " + dtype_name(dt) +
+         " overflow a 64-bit size");
+  if (!range_ok(s.offset, bytes, s.file->size()))
+    fail(role + ": " + std::to_string(numel) + " elements of " + dtype_name(dt) + " (" +
+         std::to_string(bytes) + " bytes) at offset " + std::to_string(s.offset) +
+         " run past the end of " + show(s.file->path()) + " (" + std::to_string(s.file->size()) +
+         " bytes)");
+}
+
+void check_slices(const std::vector<FileSlice>& s, const std::vector<DType>& dt, uint64_t numel,
+                  const std::string& role) {
+  for (size_t i = 0; i < s.size(); ++i)
+    check_slice(s[i], numel, dt[i], role + "[" + std::to_string(i) + "]");
+}
+
+void check_out_slice(const ShardWriter& out, uint64_t off, uint64_t numel, DType dt,
+                     const std::string& fn) {
+  uint64_t bytes;
+  if (!mul_ok(numel, dtype_size(dt), &bytes))
+    fail(fn + ": numel " + std::to_string(numel) + " overflows a 64-bit size");
+  out.check_range(off, bytes, (fn + ": writing").c_str());
+}
+
+// ---- StreamFiles ---------------------------------------------------------------------------------
+
+StreamFiles::StreamFiles(const std::string& fn, const FileSlice* base, DType base_dt,
+                         const std::vector<FileSlice>& in, const std::vector<DType>& in_dt,
+                         ShardWriter* out, uint64_t out_offset, DType out_dt)
+    : buffers_(fn + " chunk buffers"), out_(out), out_offset_(out_offset), out_dt_(out_dt) {
+  if (base) {
+    in_.push_back(*base);
+    dt_.push_back(base_dt);
+  }
+  in_.insert(in_.end(), in.begin(), in.end());
+  dt_.insert(dt_.end(), in_dt.begin(), in_dt.end());
+  const std::string reading = fn + ": reading";
+  for (const FileSlice& s : in_) fds_.push_back(hold(s.file->holder(), s.file->path(), reading));
+  if (out) out_fd_ = hold(out->holder(), out->path(), fn + ": writing");
+}
+
+int StreamFiles::hold(FdHolder& h, const std::string& path, const std::string& what) {
+  uses_.push_back(std::make_unique<FdUse>(h, path, what.c_str()));
+  return uses_.back()->fd();
+}
+
+void StreamFiles::read(size_t i, uint64_t e0, uint64_t m, void* buf) const {
+  const uint64_t sz = dtype_size(dt_[i]);
+  in_[i].file->pread_exact(fds_[i], in_[i].offset + e0 * sz, buf, m * sz);
+}
+
+void StreamFiles::write(uint64_t e0, const void* buf, uint64_t m) const {
+  const uint64_t sz = dtype_size(out_dt_);
+  out_->pwrite_exact(out_fd_, out_offset_ + e0 * sz, buf, m * sz);
+}
+
+// ---- ChunkReader ---------------------------------------------------------------------------------
+
+ChunkReader::ChunkReader(const StreamFiles& f, uint64_t chunk, bool with_out,
+                         const std::vector<char>* use)
+    : f_(f), bufs_(f.size()), ptrs_(f.size(), nullptr) {
+  const char* what = f.buffers_name().c_str();
+  for (size_t i = 0; i < f.size(); ++i) {
+    if (use && !(*use)[i]) continue;
+    bufs_[i] = alloc_array<unsigned char>(chunk * dtype_size(f.dtype(i)), what);
+    ptrs_[i] = bufs_[i].get();
+  }
+  if (with_out) obuf_ = alloc_array<unsigned char>(chunk * dtype_size(f.out_dtype()), what);
+}
+
+void ChunkReader::load(uint64_t e0, uint64_t m) {
+  for (size_t i = 0; i < bufs_.size(); ++i)
+    if (bufs_[i]) f_.read(i, e0, m, bufs_[i].get());
+}
+
+}  // namespace lsf
