@@ -146,7 +146,7 @@ def _magnitude(base: PathLike | None, experts: Sequence[PathLike], stats: PathLi
     if base is None:
         raise ConfigError(f"magnitude weights need the base model: pass {param('base')} (and optionally {param('stats')} DIR)")
     from .analysis import magnitude_weights_for
-    return list(magnitude_weights_for(base, experts, stats_dir=stats, device=device, threads=threads))
+    return magnitude_weights_for(base, experts, stats_dir=stats, device=device, threads=threads)
 
 
 def plan_method(stack: ExitStack, method: Method, options: Mapping[str, Any], device: str = "auto",

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..api import DEVICES
+from ..api import DEVICES, SwapConfig
 from ..errors import ConfigError
-from ..api import SwapConfig
 
 if TYPE_CHECKING:
     from .. import DeltaStats

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from ..dtypes import normalize_dtype
 from ..errors import ConfigError, param
 from ..plan import SpecLike, check_same_tensors, describe_role
-from .method import Option
+from .method import Option, as_list
 
 BASE = "base"
 
@@ -63,8 +63,7 @@ def normalize_weights(weights: Sequence[float]) -> tuple[float, ...]:
 
 def base_and_models(options: Mapping[str, object]) -> dict[str, object]:
     """Roles of the methods that read a base and fine-tuned models."""
-    models = options["model"]
-    models = [models] if isinstance(models, str) or not isinstance(models, Sequence) else list(models)
+    models = as_list(options["model"])  # type: ignore[arg-type]
     if not models:
         raise ConfigError(f"give at least one {param('model')}")
     return {BASE: options["base"], **{model_role(i): p for i, p in enumerate(models)}}

@@ -72,11 +72,12 @@ class Option:
         if self.kind == "path":
             return str(value)
         if self.kind == "paths":
-            return [str(p) for p in _as_list(value)]
+            return [str(p) for p in as_list(value)]
         return value
 
 
-def _as_list(paths: PathLike | Sequence[PathLike]) -> list[PathLike]:
+def as_list(paths: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    """One path or several, as a list."""
     return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
@@ -113,9 +114,6 @@ class Method:
     extra: Callable[[MergePlan], Mapping[str, Any]] = field(default=lambda plan: {})
     #: inputs whose layer counts must agree (a soup of any models needs none)
     counts_layers: bool = True
-
-    def option(self, name: str) -> Option:
-        return next(o for o in self.options if o.name == name)
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every option's value: given, else its default; an unknown one is an error. (Whether the

@@ -16,7 +16,7 @@ from ..errors import ConfigError, MismatchError, param
 from ..plan import LayerRow, MergePlan, SpecLike, Term, check_same_tensors, describe_role, make_recipe
 from ..plan.layers import classify
 from .common import dtype_option, normalize_weights, output_dtype
-from .method import Method, Option, PathLike, PlanInputs, _as_list
+from .method import Method, Option, PathLike, PlanInputs, as_list
 
 TASK = "task"
 LANGUAGE = "language"
@@ -190,7 +190,7 @@ SOUP_WEIGHTS = ("uniform", "magnitude")
 
 def groups(options: Mapping[str, Any]) -> dict[str, list[str]]:
     """The input roles of each group: ``task``/``language`` for one expert each, else numbered."""
-    tasks, languages = _as_list(options["task_expert"]), _as_list(options["language_expert"])
+    tasks, languages = as_list(options["task_expert"]), as_list(options["language_expert"])
     if not tasks or not languages:
         raise ConfigError("a layer swap needs at least one task expert and one language expert")
     if len(tasks) == 1 and len(languages) == 1:
@@ -202,7 +202,7 @@ def _inputs(options: Mapping[str, Any]) -> dict[str, PathLike]:
     if options["soup_weights"] not in SOUP_WEIGHTS:
         raise ConfigError(f"soup weights must be one of {', '.join(SOUP_WEIGHTS)}, got {options['soup_weights']!r}")
     roles = groups(options)
-    paths = _as_list(options["task_expert"]) + _as_list(options["language_expert"])
+    paths = as_list(options["task_expert"]) + as_list(options["language_expert"])
     return dict(zip(roles[TASK] + roles[LANGUAGE], paths))
 
 

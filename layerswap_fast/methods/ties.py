@@ -7,6 +7,7 @@ deltas that agree with it, and add λ times that to the base.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,10 +42,7 @@ def build_ties_plan(base: Sequence[SpecLike], experts: Mapping[str, Sequence[Spe
     terms = [Term(BASE, 1.0)] + [Term(role, 1.0) for role in experts]
     recipes = []
     for s in first:
-        numel = 1
-        for d in s.shape:
-            numel *= d
-        params = (("keep", kept_per_model(density, numel)), ("lambda", lam))
+        params = (("keep", kept_per_model(density, math.prod(s.shape))), ("lambda", lam))
         recipes.append(make_recipe(s, classify(s.name).layer, terms, dtype or dtypes[BASE][s.name], dtypes,
                                    op="ties", params=params))
     return MergePlan(0, TiesConfig(density, lam), dtype, (), (), tuple(recipes), method="ties")
