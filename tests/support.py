@@ -5,6 +5,7 @@ through the package's own kernels or its C++ core)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -253,3 +254,33 @@ def assert_merged(out: Path, trio: dict[str, Path], dtype: torch.dtype | None = 
         want = swap_ref(t, lang[name], w_t, w_l, dtype or t.dtype)
         assert merged[name].dtype == want.dtype, name
         assert raw_bytes(merged[name]) == raw_bytes(want), name
+
+
+def average_mav(expert: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+    """The paper's average MAV: the mean of row MAVs over all rows of all parameters."""
+    return torch.cat([row_mav_ref(e, base[name]) for name, e in expert.items()]).mean().item()
+
+
+def ties_reference(base: torch.Tensor, experts: list[torch.Tensor], density: float, lam: float) -> torch.Tensor:
+    """TIES from its definition (Yadav et al. 2023): trim, elect, disjoint mean. Tie rule: every
+    delta whose magnitude equals the k-th largest is kept."""
+    b = base.float().flatten()
+    k = int(density * b.numel())
+    trimmed = []
+    for e in experts:
+        d = e.float().flatten() - b
+        a = d.abs()
+        tau = (a.kthvalue(a.numel() - k + 1).values if 0 < k < a.numel()
+               else torch.tensor(math.inf) if k == 0 else torch.tensor(0.0))
+        trimmed.append(torch.where(a >= tau, d, torch.zeros_like(d)))
+    s = trimmed[0].clone()
+    for t in trimmed[1:]:
+        s = s + t
+    gamma = torch.sign(s)
+    num, cnt = torch.zeros_like(b), torch.zeros_like(b)
+    for t in trimmed:
+        agree = (torch.sign(t) == gamma) & (t != 0)
+        num = num + torch.where(agree, t, torch.zeros_like(t))
+        cnt = cnt + agree.float()
+    mean = torch.where(cnt > 0, num / cnt.clamp(min=1), torch.zeros_like(num))
+    return (b + lam * mean).to(base.dtype).reshape(base.shape)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,8 @@ from safetensors.torch import save_file
 import layerswap_fast as ls
 import layerswap_fast._core
 from layerswap_fast.cli import main
-from support import (assert_same_shards, blend_ref, expected_weights, layer_of, load_tensors, make_llama_trio, raw_bytes,
-                     row_mav_ref, snapshot)
+from support import (assert_same_shards, average_mav, blend_ref, expected_weights, layer_of, load_tensors, make_llama_trio,
+                     raw_bytes, row_mav_ref, snapshot, ties_reference)
 
 L = 12
 ROLES = ("base", "task", "language", "task2", "language2")
@@ -45,11 +44,6 @@ def test_soup(family, tensors, tmp_path: Path, weights, expect) -> None:
     ls.soup([family[m] for m in models], tmp_path / "out", weights=weights)
     assert_all(tmp_path / "out", {n: blend_ref([tensors[m][n] for m in models], expect, t.dtype)
                                   for n, t in tensors["task"].items()})
-
-
-def average_mav(expert: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
-    """The paper's average MAV: the mean of row MAVs over all rows of all parameters."""
-    return torch.cat([row_mav_ref(e, base[name]) for name, e in expert.items()]).mean().item()
 
 
 def test_magnitude_soup(family, tensors, tmp_path: Path) -> None:
@@ -142,31 +136,6 @@ def test_task_arithmetic(family, tensors, tmp_path: Path) -> None:
         definition = (b.float() + lam * sum((x.float() - b.float() for x in xs), torch.zeros_like(b.float()))).to(b.dtype)
         ulp = (merged[name].view(torch.int16).int() - definition.view(torch.int16).int()).abs()
         assert ulp.max().item() <= 1, name
-
-
-def ties_reference(base: torch.Tensor, experts: list[torch.Tensor], density: float, lam: float) -> torch.Tensor:
-    """TIES from its definition (Yadav et al. 2023): trim, elect, disjoint mean. Tie rule: every
-    delta whose magnitude equals the k-th largest is kept."""
-    b = base.float().flatten()
-    k = int(density * b.numel())
-    trimmed = []
-    for e in experts:
-        d = e.float().flatten() - b
-        a = d.abs()
-        tau = (torch.topk(a, k).values[-1] if 0 < k < a.numel()
-               else torch.tensor(math.inf) if k == 0 else torch.tensor(0.0))
-        trimmed.append(torch.where(a >= tau, d, torch.zeros_like(d)))
-    s = trimmed[0].clone()
-    for t in trimmed[1:]:
-        s = s + t
-    gamma = torch.sign(s)
-    num, cnt = torch.zeros_like(b), torch.zeros_like(b)
-    for t in trimmed:
-        agree = (torch.sign(t) == gamma) & (t != 0)
-        num = num + torch.where(agree, t, torch.zeros_like(t))
-        cnt = cnt + agree.float()
-    mean = torch.where(cnt > 0, num / cnt.clamp(min=1), torch.zeros_like(num))
-    return (b + lam * mean).to(base.dtype).reshape(base.shape)
 
 
 def test_ties(family, tensors, tmp_path: Path) -> None:
