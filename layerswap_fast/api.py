@@ -52,7 +52,7 @@ def run(method: str, out: PathLike, options: Mapping[str, Any], **write: Any) ->
         recorded = m.recorded(values, plan)
         side_source = next(c for role, c in inputs.items() if role != BASE)
         read = [values[o.name] for o in m.options if o.kind == "path"]  # a base, statistics: never written
-        return write_plan(m.command, plan, inputs, out, recorded, settings, side_source, m.extra(plan), read)
+        return write_plan(m, plan, inputs, out, recorded, settings, side_source, m.extra(plan), read)
 
 
 def plan_merge(task_expert: Paths, language_expert: Paths, config: SwapConfig | None = None, *,

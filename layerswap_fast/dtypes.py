@@ -15,6 +15,12 @@ DTYPE_SIZES: dict[str, int] = {
 #: dtypes the blend and row-MAV kernels read and write
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 
+#: what every kernel computes in: inputs are widened to float32 (exactly) before any arithmetic
+COMPUTE_DTYPE = "F32"
+
+#: unit roundoff of each float dtype: storing a value in it moves the value by at most this fraction
+UNIT_ROUNDOFF = {"BF16": 2.0 ** -8, "F16": 2.0 ** -11, "F32": 2.0 ** -24}
+
 #: each float dtype's name in config.json (``torch_dtype``) and in torch
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 

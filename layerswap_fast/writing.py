@@ -22,6 +22,7 @@ from .errors import ConfigError, MismatchError, param
 from .formats.checkpoint import Checkpoint, open_checkpoint
 from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
                              needed_bytes)
+from .formats.model_card import CardInput, local_name, render_card
 from .formats.output import LINK_MODES, check_output, clean_stale_partials, guarded_paths, output_location
 from .formats.side_files import find_side_files, side_bytes
 from .formats.writeback import CHECKSUMS
@@ -92,10 +93,19 @@ def _recipe(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], opt
     return {**recipe, **(extra or {})}
 
 
-def write_plan(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out: PathLike,
+def _card(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint], options: Mapping[str, Any]) -> str:
+    """The model card. The one place that reads the inputs' hub ids, which not every Checkpoint has yet."""
+    named = [CardInput(describe_role(role), local_name(c.directory), getattr(c, "hub_id", None),
+                       getattr(c, "revision", None)) for role, c in inputs.items()]
+    return render_card(plan.method, method.command, __version__, named, method.card_section(options, plan))
+
+
+def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint], out: PathLike,
            options: Mapping[str, Any], write: WriteOptions, side_source: Checkpoint,
            extra: Mapping[str, Any] | None = None, other_inputs: Sequence[PathLike | None] = ()) -> MergeResult:
-    """Lay out, check and (unless a dry run) execute a plan over opened inputs."""
+    """Lay out, check and (unless a dry run) execute a plan over opened inputs; ``options`` are
+    the method's as recorded."""
+    command = method.command
     if write.link not in LINK_MODES:
         raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {write.link!r}")
     if write.checksum not in CHECKSUMS:
@@ -108,9 +118,10 @@ def write_plan(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], 
     shards = layout_shards(plan.tensors, size_limit, metadata, reusable_shards(plan, inputs),
                            source_offset=lambda r: _copied_from(r, inputs))
     side_files = find_side_files(side_source.directory)
+    card = _card(method, plan, inputs, options)
     guarded = guarded_paths(inputs.values(), [*other_inputs, *write.other_inputs])
     check_output(out_path, guarded, write.force, needed_bytes(shards, write.link) + side_bytes(side_files)
-                 + _small_files_bytes(recipe, shards, len(side_files)))
+                 + _small_files_bytes(recipe, shards, len(side_files), card))
     if write.dry_run:
         return MergeResult(plan, shards, None, recipe)
     clean_stale_partials(out_path, log.warning)
@@ -120,19 +131,21 @@ def write_plan(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], 
         stats = execute(shards, inputs, out_path, backend=backend, recipe=recipe, side_files=side_files,
                         config_overrides=overrides, force=write.force, link=write.link,
                         threads=write.threads or 0, sync=write.sync, checksum=write.checksum,
-                        progress=write.progress)
+                        progress=write.progress, card=card)
     finally:
         if write.blender is None:
             backend.close()
     return MergeResult(plan, shards, stats, recipe)
 
 
-def _small_files_bytes(recipe: Mapping[str, Any], shards: Sequence[OutputShard], side_files: int) -> int:
-    """An upper bound of the index and the recipe: the index exactly, the recipe as known now and
-    a generous entry per shard (name, size, checksum, source), and a block per file for rounding."""
+def _small_files_bytes(recipe: Mapping[str, Any], shards: Sequence[OutputShard], side_files: int, card: str) -> int:
+    """An upper bound of the index, the model card and the recipe: the index and the card exactly,
+    the recipe as known now and a generous entry per shard (name, size, checksum, source), and a
+    block per file for rounding."""
     index = len(json.dumps(index_json(shards), indent=2)) + 1
     entries = sum(512 + (len(str(s.reuse.source)) if isinstance(s, ReusedShard) else 0) for s in shards)
-    return index + len(json.dumps(recipe, indent=2)) + 2 * entries + 4096 * (len(shards) + side_files + 3)
+    small = index + len(card.encode("utf-8")) + len(json.dumps(recipe, indent=2)) + 2 * entries
+    return small + 4096 * (len(shards) + side_files + 4)
 
 
 def open_all(stack: ExitStack, roles: Mapping[str, PathLike]) -> dict[str, Checkpoint]:

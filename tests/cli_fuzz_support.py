@@ -34,6 +34,7 @@ NUM_LAYERS = 10
 HIDDEN, INTER, VOCAB = 8, 16, 16
 INDEX = "model.safetensors.index.json"
 RECIPE = "layerswap_recipe.json"
+CARD = "README.md"
 #: the shards of every prepared checkpoint: whole layer blocks first, so that a merge can reuse
 #: the language expert's bottom shard as it is (exercising --link), non-layer tensors last
 SHARD_NAMES = ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
@@ -306,8 +307,12 @@ def _check_model(out: Path, aux_source: Path | None, finite: bool = True) -> lis
     except Exception as e:  # noqa: BLE001
         return [f"invalid output: verify refuses what the command wrote: {e}"]
     problems = []
+    card = (out / CARD).read_text(encoding="utf-8")
+    for where in {out.resolve().parent, *([aux_source.resolve().parent] if aux_source is not None else [])}:
+        if str(where) in card:
+            problems.append(f"the model card leaks the local path {where}")
     for p in out.iterdir():
-        if p.name in (INDEX, RECIPE) or p.name.endswith(".safetensors"):
+        if p.name in (INDEX, RECIPE, CARD) or p.name.endswith(".safetensors"):
             continue
         # a side file may be a link (the Hugging Face cache uses them), but only to a regular
         # file inside the source checkpoint

@@ -2,8 +2,8 @@
 
 ``mav.csv`` (:data:`CSV_COLUMNS`, one line per expert and tensor, the layer empty for non-layer
 tensors), ``heatmap.png``, ``rows/<expert>/<tensor>.npy`` (float64 row MAVs, optional) and, written
-last, ``summary.json``: inputs with paths and fingerprints, average MAVs, magnitude weights,
-skipped tensors and the checksums of the other files, so that a truncated or edited directory is
+last, ``summary.json``: inputs with paths, fingerprints and the dtypes compared (and the one the
+comparison computed in), average MAVs, magnitude weights, skipped tensors and the checksums of the other files, so that a truncated or edited directory is
 refused instead of silently giving other weights.
 """
 
@@ -22,6 +22,7 @@ from urllib.parse import quote, unquote
 import numpy as np
 
 from .._core import __version__
+from ..dtypes import COMPUTE_DTYPE
 from ..errors import ConfigError
 from ..formats.writeback import hash_file
 from ..plan.layers import MAX_LAYERS
@@ -97,9 +98,11 @@ def summary_json(stats: DeltaStats) -> dict[str, Any]:
         "tool": "layerswap-fast",
         "version": __version__,
         "num_layers": stats.num_layers,
-        "base": stats.base.to_json(),
+        # the dtypes compared: an expert in another dtype than the base carries rounding in its MAVs
+        "computed_in": COMPUTE_DTYPE,
+        "base": {**stats.base.to_json(), "dtypes": stats.base_dtypes},
         "experts": [
-            {"name": e.name, **e.source.to_json(), "average_mav": _json_float(e.average_mav),
+            {"name": e.name, **e.source.to_json(), "dtypes": e.dtypes, "average_mav": _json_float(e.average_mav),
              "total_rows": e.total_rows, "tensors": len(e.tensors),
              "magnitude_weight": None if weights is None else weights[e.name]}
             for e in stats.experts.values()],
@@ -135,7 +138,8 @@ def write_stats(stats: DeltaStats, directory: PathLike) -> None:
     (d / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
-_REF = {"path": Nullable(Str()), "fingerprint": Nullable(Str()), "content_sample": Nullable(Str())}
+_REF = {"path": Nullable(Str()), "fingerprint": Nullable(Str()), "content_sample": Nullable(Str()),
+        "dtypes": Map(values=Int(0))}
 #: the keys of ``summary.json`` that :func:`load_stats` reads (``format`` and its version first)
 SUMMARY_SCHEMA = Map({
     "num_layers": Int(0, MAX_LAYERS), "base": Map(_REF),
@@ -219,8 +223,10 @@ def load_stats(out_dir: PathLike) -> DeltaStats:
         if rows_saved:
             _check_row_files(d / ROWS_DIR, tensors)
         return DeltaStats(
-            experts={n: ExpertStats(n, tensors[n], InputRef.from_json(e)) for n, e in zip(order, experts_json)},
+            experts={n: ExpertStats(n, tensors[n], InputRef.from_json(e), e.get("dtypes", {}))
+                     for n, e in zip(order, experts_json)},
             num_layers=int(summary["num_layers"]), base=InputRef.from_json(summary["base"]),
+            base_dtypes=summary["base"].get("dtypes", {}),
             skipped=[(s["tensor"], s["reason"]) for s in summary.get("skipped", [])],
             seconds=float(summary.get("seconds", 0.0)), bytes_read=int(summary.get("bytes_read", 0)),
             out_dir=d, rows_saved=rows_saved, _rows=RowFiles(d / ROWS_DIR) if rows_saved else {})

@@ -4,14 +4,18 @@ Per tensor, one ``row_mav_file`` call of the device's :class:`~layerswap_fast.en
 reads the base once and every expert once, in chunks, so memory does not grow with the model.
 Everything is validated before any data is read or anything written: every expert has the base's
 tensor names and shapes and layer count. 0-element tensors and tensors of non-float dtypes are
-skipped and listed in :attr:`DeltaStats.skipped`.
+skipped and listed in :attr:`DeltaStats.skipped`. An expert stored in another dtype than the base
+gets one logged note per run (:func:`dtype_note`): its MAVs carry the coarser dtype's rounding.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _core
-from ..dtypes import FLOAT_DTYPES
+from ..dtypes import COMPUTE_DTYPE, FLOAT_DTYPES, TORCH_NAMES, UNIT_ROUNDOFF
 from ..engine.backends import DEVICES, Backend, make_backend
 from ..errors import CheckpointError, ConfigError, MismatchError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
@@ -28,6 +32,7 @@ from ..plan.layers import classify, count_layers
 from .files import ROWS_DIR, NpySink, RowFiles, write_stats
 from .stats import DeltaStats, ExpertStats, InputRef, TensorStat, check_expert_name
 
+log = logging.getLogger("layerswap_fast")
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]  # (bytes just read, total bytes to read)
 RowSink = Callable[[str, str, np.ndarray], None]  # (expert, tensor, row MAVs)
@@ -208,11 +213,37 @@ def _plan(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> tuple[list[_It
     return todo, skipped
 
 
+def _dtypes(ckpt: Checkpoint, todo: Sequence[_Item]) -> dict[str, int]:
+    return dict(Counter(ckpt.specs[item.tensor].dtype for item in todo))
+
+
+def dtype_note(base: Checkpoint, experts: Mapping[str, Checkpoint], tensors: Sequence[str]) -> str | None:
+    """One line for the user when an expert stores ``tensors`` in another dtype than the base: its
+    row MAVs then hold the rounding of the coarser dtype besides what fine-tuning changed."""
+    said, coarser = [], set()
+    for name, ckpt in experts.items():
+        pairs = Counter((ckpt.specs[t].dtype, base.specs[t].dtype) for t in tensors
+                        if ckpt.specs[t].dtype != base.specs[t].dtype)
+        for (mine, theirs), n in sorted(pairs.items()):
+            said.append(f"expert {name!r} is {mine} where the base is {theirs} ({n} tensors)")
+            coarser.add(max(mine, theirs, key=lambda d: UNIT_ROUNDOFF[d]))
+    if not said:
+        return None
+    floors = ", ".join(f"{d}: 2^{int(math.log2(UNIT_ROUNDOFF[d]))} ≈ {UNIT_ROUNDOFF[d]:.1e} of each weight's magnitude"
+                       for d in sorted(coarser, key=lambda d: -UNIT_ROUNDOFF[d]))
+    return (f"the inputs differ in dtype: {'; '.join(said)}. The row MAVs compare them in "
+            f"{TORCH_NAMES[COMPUTE_DTYPE]} ({COMPUTE_DTYPE}), so values below the rounding of the coarser "
+            f"dtype ({floors}) are noise, not fine-tuning")
+
+
 def _run(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, engine: Backend,
          sink: RowSink | None, progress: Progress | None) -> DeltaStats:
     start = time.perf_counter()
     todo, skipped = _plan(base, experts)
     total = sum(item.nbytes for item in todo)
+    note = dtype_note(base, experts, [item.tensor for item in todo])
+    if note is not None:
+        log.warning(note)
     names = list(experts)
     per_expert: dict[str, list[TensorStat]] = {n: [] for n in names}
     for item in todo:
@@ -238,8 +269,8 @@ def _run(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, e
     for ckpt in [base, *experts.values()]:
         ckpt.check_unchanged("analysis")
     return DeltaStats(
-        experts={n: ExpertStats(n, per_expert[n], input_ref(experts[n])) for n in names},
-        num_layers=num_layers, base=input_ref(base), skipped=skipped,
+        experts={n: ExpertStats(n, per_expert[n], input_ref(experts[n]), _dtypes(experts[n], todo)) for n in names},
+        num_layers=num_layers, base=input_ref(base), base_dtypes=_dtypes(base, todo), skipped=skipped,
         seconds=time.perf_counter() - start, bytes_read=total)
 
 

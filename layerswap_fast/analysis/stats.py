@@ -84,6 +84,8 @@ class ExpertStats:
     name: str
     tensors: list[TensorStat]
     source: InputRef = field(default_factory=InputRef)
+    #: how many of the analysed tensors the expert stores in each dtype
+    dtypes: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_rows(self) -> int:
@@ -106,6 +108,8 @@ class DeltaStats:
     experts: dict[str, ExpertStats]
     num_layers: int
     base: InputRef = field(default_factory=InputRef)
+    #: how many of the analysed tensors the base stores in each dtype
+    base_dtypes: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     bytes_read: int = 0

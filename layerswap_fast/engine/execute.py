@@ -23,6 +23,7 @@ from .. import _core
 from ..formats.checkpoint import INDEX_NAME, RECIPE_NAME, Checkpoint, TensorSpec
 from ..errors import OutputError
 from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes
+from ..formats.model_card import CARD_NAME
 from ..formats.output import publish, reuse_shard, staging_directory
 from ..formats.side_files import SideFile, copy_side_files
 from ..formats.writeback import DEFAULT_CHECKSUM, ShardFinisher, cached_hash, hash_file, needs_throttle
@@ -200,8 +201,9 @@ def execute(
     sync: bool = False,
     checksum: str = DEFAULT_CHECKSUM,
     progress: Progress | None = None,
+    card: str | None = None,
 ) -> MergeStats:
-    """Write ``shards`` (with the index, side files and recipe) to ``out``, atomically.
+    """Write ``shards`` (with the index, the model ``card``, side files and recipe) to ``out``, atomically.
 
     The recipe written beside the weights records the size and ``checksum`` (blake3 or sha256) of
     every other file of the output; ``verify`` checks them. Every input file is checked at the
@@ -233,7 +235,7 @@ def execute(
         digest = {name: future.result() for name, future in digests.items()}
         for ckpt in inputs.values():  # a changed input may have fed us mixed bytes: refuse the output
             ckpt.check_unchanged("merge")
-        files = _write_side_files(tmp, shards, side_files, config_overrides or {}, checksum)
+        files = _write_side_files(tmp, shards, side_files, config_overrides or {}, checksum, card)
         full_recipe = dict(recipe, checksum=checksum, shards=[
             {"file": s.filename, "size": s.file_size, checksum: digest[s.filename]} for s in shards],
             reused_shards=[{"shard": s.filename, "from": str(s.reuse.source), "expert": s.reuse.role,
@@ -267,14 +269,19 @@ def _reuse(shard: ReusedShard, tmp: Path, out: Path, link: str, ckpt: Checkpoint
 
 
 def _write_side_files(tmp: Path, shards: Sequence[OutputShard], side_files: Sequence[SideFile],
-                      config_overrides: Mapping[str, Any], checksum: str) -> list[dict[str, Any]]:
-    """The index and the side files, each with its size and checksum for the recipe."""
-    index = json.dumps(index_json(shards), indent=2) + "\n"
-    with _writing(tmp, INDEX_NAME, len(index)):
-        (tmp / INDEX_NAME).write_text(index, encoding="utf-8")
+                      config_overrides: Mapping[str, Any], checksum: str,
+                      card: str | None = None) -> list[dict[str, Any]]:
+    """The index, the model card and the side files, each with its size and checksum for the recipe."""
+    texts = {INDEX_NAME: json.dumps(index_json(shards), indent=2) + "\n"}
+    if card is not None:
+        texts[CARD_NAME] = card
+    for name, text in texts.items():
+        data = text.encode("utf-8")
+        with _writing(tmp, name, len(data)):
+            (tmp / name).write_bytes(data)
     with _writing(tmp, "the side files", sum(f.size for f in side_files)):
         copy_side_files(list(side_files), tmp, config_overrides)
     return [{"file": name, "size": (tmp / name).stat().st_size, checksum: hash_file(tmp / name, checksum)}
-            for name in [INDEX_NAME, *(f.name for f in side_files)]]
+            for name in [*texts, *(f.name for f in side_files)]]
 
 

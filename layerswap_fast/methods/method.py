@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from ..formats.model_card import local_name, options_list
 from ..plan import MergePlan, SpecLike
 from ..safe_read import Bool, Choice, Float, Int, List, Nullable, Schema, Str
 
@@ -95,6 +96,16 @@ class PlanInputs:
     magnitude: MagnitudeWeights
 
 
+#: a method's account of a merge for its model card (Markdown), from the plan and the options as
+#: the card shows them (:meth:`Method.card_options`)
+Describe = Callable[[MergePlan, Mapping[str, Any]], str]
+
+
+def describe_options(plan: MergePlan, shown: Mapping[str, Any]) -> str:
+    """The account a method gives unless it says more: its options."""
+    return options_list(shown)
+
+
 @dataclass(frozen=True)
 class Method:
     """A merge method: ``name`` is the recipe's method, ``command`` the CLI command.
@@ -102,7 +113,9 @@ class Method:
     ``inputs(options)`` maps roles to checkpoint paths (in output order: the first role's side
     files go with the output); ``plan(inputs, options)`` builds the plan; ``record(options,
     plan)`` adds to or replaces the recipe's recorded options where the plan resolved them
-    (``layers="0-2"`` → ``"0,1,2"``); ``extra(plan)`` adds method-specific recipe entries."""
+    (``layers="0-2"`` → ``"0,1,2"``); ``extra(plan)`` adds method-specific recipe entries;
+    ``describe(plan, shown)`` is the model card's account of what was computed (the layer map, the
+    soup's weights), by default the options alone."""
 
     name: str
     command: str
@@ -114,6 +127,7 @@ class Method:
     extra: Callable[[MergePlan], Mapping[str, Any]] = field(default=lambda plan: {})
     #: inputs whose layer counts must agree (a soup of any models needs none)
     counts_layers: bool = True
+    describe: Describe = describe_options
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every option's value: given, else its default; an unknown one is an error. (Whether the
@@ -128,3 +142,20 @@ class Method:
         """The options that rebuild the output, as the recipe stores them."""
         record = {o.name: o.record(values[o.name]) for o in self.options if o.recorded}
         return {**record, **self.record(values, plan)}
+
+    def card_options(self, recorded: Mapping[str, Any]) -> dict[str, Any]:
+        """The recorded options as a card shows them: without the inputs (required paths, which
+        the card lists by role), any other path (statistics, a base for weights) by name alone."""
+        shown = {}
+        for o in self.options:
+            value = recorded.get(o.name)
+            if o.kind in ("path", "paths") and value is not None:
+                if o.required:
+                    continue
+                value = [local_name(p) for p in as_list(value)] if o.kind == "paths" else local_name(value)
+            shown[o.name] = value
+        return shown
+
+    def card_section(self, recorded: Mapping[str, Any], plan: MergePlan) -> str:
+        """The model card's account of the merge (:attr:`describe`)."""
+        return self.describe(plan, self.card_options(recorded))

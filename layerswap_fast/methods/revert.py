@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, param
+from ..formats.model_card import options_list
 from ..plan import MergePlan, SpecLike, Term, make_recipe
 from ..plan.layers import classify
 from .common import BASE, base_and_models, check_all, check_finite, dtypes_of, model_role
@@ -108,6 +109,19 @@ def _record(options: Mapping[str, Any], plan: MergePlan) -> dict[str, Any]:
     return {"layers": ",".join(map(str, chosen)) if chosen else None}
 
 
+def _describe(plan: MergePlan, shown: Mapping[str, Any]) -> str:
+    c = plan.config
+    said = [f"layers {', '.join(map(str, c.layers))} are the base's"] if c.layers else []
+    where = "in every other tensor" if c.layers else "in every tensor"
+    if c.row_threshold is not None:
+        said.append(f"{where}, the rows whose row MAV against the base is below {c.row_threshold:g} are the base's")
+    if c.row_fraction is not None:
+        said.append(f"{where}, the {c.row_fraction:g} fraction of rows that changed least (smallest row MAV) "
+                    f"are the base's")
+    return (f"Fine-tuning updates reverted to the base (Bandarkar et al., 2025, Section 3.3): "
+            f"{'; '.join(said)}; everything else is the model's.\n\nOptions:\n\n{options_list(shown)}")
+
+
 METHOD = Method(
     name="revert", command="revert", summary="Send fine-tuning updates back to the base (paper, Section 3.3).",
     options=(
@@ -117,4 +131,5 @@ METHOD = Method(
         Option("row_threshold", "float", "Rows whose row MAV is below this go back to the base."),
         Option("row_fraction", "float", "This fraction of each tensor's rows, the least changed, go back to the base."),
     ),
-    inputs=lambda options: base_and_models({**options, "model": [options["model"]]}), plan=_plan, record=_record)
+    inputs=lambda options: base_and_models({**options, "model": [options["model"]]}), plan=_plan, record=_record,
+    describe=_describe)

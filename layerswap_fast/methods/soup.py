@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, param
-from ..plan import MergePlan, Term, make_recipe
+from ..formats.model_card import options_list
+from ..plan import MergePlan, Term, describe_role, make_recipe
 from ..plan.layers import classify
 from .common import check_all, dtype_option, dtypes_of, model_role, normalize_weights, output_dtype
 from .method import Method, Option, PlanInputs, PathLike
@@ -71,6 +72,12 @@ def _record(options: Mapping[str, Any], plan: MergePlan) -> dict[str, Any]:
     return {"weights": weights if isinstance(weights, str) else ",".join(map(str, weights))}
 
 
+def _describe(plan: MergePlan, shown: Mapping[str, Any]) -> str:
+    weights = ", ".join(f"{describe_role(model_role(i))} {w:.6g}" for i, w in enumerate(plan.config.weights))
+    return (f"A model soup (Wortsman et al., 2022): every tensor is Σ wᵢ·modelᵢ, computed in float32, "
+            f"with the weights normalised to sum 1: {weights}.\n\nOptions:\n\n{options_list(shown)}")
+
+
 METHOD = Method(
     name="soup", command="soup", summary="A model soup: the weighted average of several models.",
     options=(
@@ -81,4 +88,4 @@ METHOD = Method(
         Option("stats", "path", "An earlier `analyze` output to reuse."),
         dtype_option("first model"),
     ),
-    inputs=_inputs, plan=_plan, record=_record, counts_layers=False)
+    inputs=_inputs, plan=_plan, record=_record, counts_layers=False, describe=_describe)

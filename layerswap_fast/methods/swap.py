@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ..errors import ConfigError, MismatchError, param
+from ..formats.model_card import code_block, options_list
 from ..plan import LayerRow, MergePlan, SpecLike, Term, check_same_tensors, describe_role, make_recipe
 from ..plan.layers import classify
 from .common import dtype_option, normalize_weights, output_dtype
@@ -243,6 +244,13 @@ def _extra(plan: MergePlan) -> dict[str, Any]:
             "non_layer": {t.role: t.weight for t in plan.non_layer}}
 
 
+def _describe(plan: MergePlan, shown: Mapping[str, Any]) -> str:
+    return ("The language expert's bottom and top layers replace the task expert's, the layers between "
+            "the blocks are blended, the middle stays the task expert's (Bandarkar et al., 2025, "
+            "arXiv 2410.01335). The layer map (`layerswap-fast plan`):\n\n"
+            + code_block(render_plan(plan)) + "\n\nOptions:\n\n" + options_list(shown))
+
+
 METHOD = Method(
     name="layer_swap", command="merge",
     summary="Layer-swap LANGUAGE-EXPERT into TASK-EXPERT and write the merged checkpoint. With several "
@@ -268,4 +276,4 @@ METHOD = Method(
                "recomputing."),
         dtype_option("task expert"),
     ),
-    inputs=_inputs, plan=_plan, extra=_extra)
+    inputs=_inputs, plan=_plan, extra=_extra, describe=_describe)

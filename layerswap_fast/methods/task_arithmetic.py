@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..formats.model_card import options_list
 from ..plan import MergePlan, SpecLike, Term, make_recipe
 from ..plan.layers import classify
 from .common import BASE, BASE_AND_MODELS, base_and_models, check_all, check_finite, dtypes_of, output_dtype
@@ -41,6 +42,12 @@ def _plan(inputs: PlanInputs, options: Mapping[str, Any]) -> MergePlan:
     return build_task_arithmetic_plan(specs.pop(BASE), specs, options["lam"], output_dtype(options))
 
 
+def _describe(plan: MergePlan, shown: Mapping[str, Any]) -> str:
+    return (f"Task arithmetic (Ilharco et al., 2023): every tensor is base + λ·Σ(modelᵢ − base) with "
+            f"λ = {plan.config.lam:g}, computed in float32 as the blend Σ λ·modelᵢ + (1 − nλ)·base."
+            f"\n\nOptions:\n\n{options_list(shown)}")
+
+
 METHOD = Method(
     name="task_arithmetic", command="task-arithmetic", summary="Task arithmetic: base + λ·Σ(modelᵢ − base).",
-    options=BASE_AND_MODELS, inputs=base_and_models, plan=_plan)
+    options=BASE_AND_MODELS, inputs=base_and_models, plan=_plan, describe=_describe)

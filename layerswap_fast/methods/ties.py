@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..formats.model_card import options_list
 from ..plan import MergePlan, SpecLike, Term, make_recipe
 from ..plan.layers import classify
 from .common import BASE, BASE_AND_MODELS, base_and_models, check_all, check_finite, dtypes_of, output_dtype
@@ -53,6 +54,15 @@ def _plan(inputs: PlanInputs, options: Mapping[str, Any]) -> MergePlan:
     return build_ties_plan(specs.pop(BASE), specs, options["density"], options["lam"], output_dtype(options))
 
 
+def _describe(plan: MergePlan, shown: Mapping[str, Any]) -> str:
+    c = plan.config
+    return (f"TIES-merging (Yadav et al., 2023), per tensor: each model's delta against the base keeps its "
+            f"top {c.density:g} fraction by magnitude (density; values tied at the threshold are all kept), "
+            f"each element's sign is elected by the summed trimmed deltas, the deltas that agree with it are "
+            f"averaged, and λ = {c.lam:g} times that average is added to the base."
+            f"\n\nOptions:\n\n{options_list(shown)}")
+
+
 METHOD = Method(
     name="ties", command="ties",
     summary="TIES-merging: trim each delta, elect signs, average the agreeing deltas, add to the base.",
@@ -60,4 +70,4 @@ METHOD = Method(
              Option("density", "float", "Fraction of each delta kept, by magnitude (values tied at the threshold "
                     "are all kept).", default=0.2),
              BASE_AND_MODELS[3]),
-    inputs=base_and_models, plan=_plan)
+    inputs=base_and_models, plan=_plan, describe=_describe)
