@@ -84,12 +84,17 @@ def _recipe(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], opt
     recipe: dict[str, Any] = {
         "tool": "layerswap-fast", "version": __version__, "method": plan.method, "command": command,
         "options": {k: v for k, v in options.items() if v is not None},
-        "inputs": {role: {"path": str(Path(c.path).resolve()), "fingerprint": c.fingerprint(),
+        "inputs": {role: {"path": str(Path(c.path).resolve()), **_hub_ref(c), "fingerprint": c.fingerprint(),
                           "content_sample": c.content_sample()} for role, c in inputs.items()},
         "config": asdict(plan.config) if plan.config is not None else None,
         "dtype": plan.dtype,
     }
     return {**recipe, **(extra or {})}
+
+
+def _hub_ref(c: Checkpoint) -> dict[str, str]:
+    """Where a model named by its hub id came from: the snapshot path alone would not tell."""
+    return {} if c.hub_id is None or c.revision is None else {"hub_id": c.hub_id, "revision": c.revision}
 
 
 def write_plan(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], out: PathLike,
