@@ -26,6 +26,7 @@ from click.testing import CliRunner, Result
 
 import layerswap_fast as ls
 from layerswap_fast import synthetic
+from layerswap_fast.analysis import analyze, load_stats
 from layerswap_fast.cli import main
 from layerswap_fast.errors import CheckpointError
 from layerswap_fast.formats.checkpoint import RECIPE_NAME, open_checkpoint
@@ -270,7 +271,7 @@ def test_hub_ids_leave_huggingface_hub_unimported_for_local_paths(src: dict[str,
     assert (p.returncode, p.stdout) == (0, "False\n"), p.stderr
 
 
-# ------------------------------------------------------------------------------- recipes, side files
+# ------------------------------------------------------------------------------- recipes, analyze, side files
 
 def test_a_recipe_rebuilds_its_revision_after_main_moves(src: dict[str, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,6 +286,19 @@ def test_a_recipe_rebuilds_its_revision_after_main_moves(src: dict[str, Path], t
     assert tensors(rebuilt) == tensors(first)
     assert recipe(rebuilt)["inputs"] == recipe(first)["inputs"]
     assert recipe(rebuilt)["inputs"]["task"]["revision"] == MAIN
+
+
+def test_analyze_reads_hub_ids_and_records_their_revisions(cache: Path, src: dict[str, Path], tmp_path: Path) -> None:
+    r = succeeds("analyze", "--base", "org/base", "--language-expert", "org/lang", "--task-expert", f"org/task@{OLD}",
+                 "-o", str(tmp_path / "stats"), "--suggest", "--device", "cpu")
+    stats = load_stats(tmp_path / "stats")
+    ref = analyze(src["base"], {"lang": src["language"], "task": src["task2"]}, device="cpu")
+    assert {n: e.average_mav for n, e in stats.experts.items()} == {n: e.average_mav for n, e in ref.experts.items()}
+    assert (stats.base.hub_id, stats.base.revision) == ("org/base", MAIN)
+    assert (stats.experts["task"].source.hub_id, stats.experts["task"].source.revision) == ("org/task", OLD)
+    summary = json.loads((tmp_path / "stats" / "summary.json").read_text())
+    assert summary["experts"][0]["hub_id"] == "org/lang" and summary["experts"][1]["revision"] == OLD
+    assert f"--task-expert org/task@{OLD} --language-expert org/lang@{MAIN}" in r.output
 
 
 def test_side_files_come_from_a_snapshot_of_links(cache: Path, src: dict[str, Path], tmp_path: Path) -> None:

@@ -135,7 +135,8 @@ def write_stats(stats: DeltaStats, directory: PathLike) -> None:
     (d / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
-_REF = {"path": Nullable(Str()), "fingerprint": Nullable(Str()), "content_sample": Nullable(Str())}
+_REF = {"path": Nullable(Str()), "fingerprint": Nullable(Str()), "content_sample": Nullable(Str()),
+        "hub_id": Nullable(Str()), "revision": Nullable(Str())}
 #: the keys of ``summary.json`` that :func:`load_stats` reads (``format`` and its version first)
 SUMMARY_SCHEMA = Map({
     "num_layers": Int(0, MAX_LAYERS), "base": Map(_REF),
