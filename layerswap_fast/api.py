@@ -15,11 +15,13 @@ from typing import Any
 
 from .engine.backends import DEVICES, Backend
 from .errors import ConfigError
+from .formats.hub import pinned
 from .formats.output import LINK_MODES
 from .formats.verify import verify
 from .formats.writeback import CHECKSUMS, DEFAULT_CHECKSUM
 from .methods import METHODS, Method, Option
 from .methods.common import BASE
+from .methods.method import as_list
 from .methods.swap import SOUP_WEIGHTS, SwapConfig, render_plan
 from .options import WRITE_OPTIONS, WriteOptions, command_options, read_config, recipe_yaml
 from .plan import MergePlan
@@ -45,7 +47,7 @@ def run(method: str, out: PathLike, options: Mapping[str, Any], **write: Any) ->
     if method not in METHODS:
         raise ConfigError(f"unknown merge method {method!r}: choose one of {', '.join(METHODS)}")
     m = METHODS[method]
-    values = m.resolve(options)
+    values = _pin_hub_ids(m, m.resolve(options))
     settings = WriteOptions(**write)
     with ExitStack() as stack:
         plan, inputs = plan_method(stack, m, values, settings.device, settings.threads)
@@ -53,6 +55,20 @@ def run(method: str, out: PathLike, options: Mapping[str, Any], **write: Any) ->
         side_source = next(c for role, c in inputs.items() if role != BASE)
         read = [values[o.name] for o in m.options if o.kind == "path"]  # a base, statistics: never written
         return write_plan(m, plan, inputs, out, recorded, settings, side_source, m.extra(plan), read)
+
+
+def _pin_hub_ids(m: Method, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Hub ids of cached models as ``org/name@<commit>``: every reader of a model (the plan, a
+    magnitude analysis) and the recipe then name one snapshot, which a rebuild finds again after
+    the cache's ``main`` has moved."""
+    result = dict(values)
+    for o in m.options:
+        value = values[o.name]
+        if value is not None and o.kind == "path":
+            result[o.name] = pinned(value)
+        elif value is not None and o.kind == "paths":
+            result[o.name] = [pinned(p) for p in as_list(value)]
+    return result
 
 
 def plan_merge(task_expert: Paths, language_expert: Paths, config: SwapConfig | None = None, *,

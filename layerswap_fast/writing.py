@@ -85,7 +85,7 @@ def _recipe(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], opt
     recipe: dict[str, Any] = {
         "tool": "layerswap-fast", "version": __version__, "method": plan.method, "command": command,
         "options": {k: v for k, v in options.items() if v is not None},
-        "inputs": {role: {"path": str(Path(c.path).resolve()), "fingerprint": c.fingerprint(),
+        "inputs": {role: {"path": str(Path(c.path).resolve()), **_hub_ref(c), "fingerprint": c.fingerprint(),
                           "content_sample": c.content_sample()} for role, c in inputs.items()},
         "config": asdict(plan.config) if plan.config is not None else None,
         "dtype": plan.dtype,
@@ -93,10 +93,14 @@ def _recipe(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], opt
     return {**recipe, **(extra or {})}
 
 
+def _hub_ref(c: Checkpoint) -> dict[str, str]:
+    """Where a model named by its hub id came from: the snapshot path alone would not tell."""
+    return {} if c.hub_id is None or c.revision is None else {"hub_id": c.hub_id, "revision": c.revision}
+
+
 def _card(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint], options: Mapping[str, Any]) -> str:
-    """The model card. The one place that reads the inputs' hub ids, which not every Checkpoint has yet."""
-    named = [CardInput(describe_role(role), local_name(c.directory), getattr(c, "hub_id", None),
-                       getattr(c, "revision", None)) for role, c in inputs.items()]
+    """The model card: every input by its hub id where it has one, else by its directory name."""
+    named = [CardInput(describe_role(role), local_name(c.directory), c.hub_id, c.revision) for role, c in inputs.items()]
     return render_card(plan.method, method.command, __version__, named, method.card_section(options, plan))
 
 

@@ -139,7 +139,7 @@ def write_stats(stats: DeltaStats, directory: PathLike) -> None:
 
 
 _REF = {"path": Nullable(Str()), "fingerprint": Nullable(Str()), "content_sample": Nullable(Str()),
-        "dtypes": Map(values=Int(0))}
+        "dtypes": Map(values=Int(0)), "hub_id": Nullable(Str()), "revision": Nullable(Str())}
 #: the keys of ``summary.json`` that :func:`load_stats` reads (``format`` and its version first)
 SUMMARY_SCHEMA = Map({
     "num_layers": Int(0, MAX_LAYERS), "base": Map(_REF),

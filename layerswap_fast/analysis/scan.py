@@ -27,6 +27,7 @@ from ..dtypes import COMPUTE_DTYPE, FLOAT_DTYPES, TORCH_NAMES, UNIT_ROUNDOFF
 from ..engine.backends import DEVICES, Backend, make_backend
 from ..errors import CheckpointError, ConfigError, MismatchError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..formats.hub import parse_hub_id
 from ..formats.output import check_output, guarded_paths, output_location, publish, staging_directory
 from ..plan.layers import classify, count_layers
 from .files import ROWS_DIR, NpySink, RowFiles, write_stats
@@ -39,10 +40,14 @@ RowSink = Callable[[str, str, np.ndarray], None]  # (expert, tensor, row MAVs)
 
 
 def input_ref(ckpt: Checkpoint) -> InputRef:
-    return InputRef(str(Path(ckpt.path).resolve()), ckpt.fingerprint(), ckpt.content_sample())
+    return InputRef(str(Path(ckpt.path).resolve()), ckpt.fingerprint(), ckpt.content_sample(), ckpt.hub_id,
+                    ckpt.revision)
 
 
 def _default_name(path: Path) -> str:
+    hub = None if os.path.lexists(path) else parse_hub_id(str(path))
+    if hub is not None:  # org/name@revision: the model's name, as for its snapshot below
+        return hub[0].rpartition("/")[2]
     p = Path(os.path.abspath(path))
     if p.is_file() or p.suffix == ".safetensors":
         p = p.parent

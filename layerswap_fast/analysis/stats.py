@@ -63,18 +63,27 @@ class TensorStat:
 @dataclass(frozen=True)
 class InputRef:
     """Where a checkpoint was and how to recognise it again: the header fingerprint (identical for
-    checkpoints saved from the same architecture) and a hash of bytes sampled from its data."""
+    checkpoints saved from the same architecture) and a hash of bytes sampled from its data; for a
+    model named by its hub id, that id and the commit it resolved to."""
 
     path: str | None = None
     fingerprint: str | None = None
     sample: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "fingerprint": self.fingerprint, "content_sample": self.sample}
+        hub = {"hub_id": self.hub_id, "revision": self.revision} if self.hub_id is not None else {}
+        return {"path": self.path, **hub, "fingerprint": self.fingerprint, "content_sample": self.sample}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> InputRef:
-        return cls(d.get("path"), d.get("fingerprint"), d.get("content_sample"))
+        return cls(d.get("path"), d.get("fingerprint"), d.get("content_sample"), d.get("hub_id"), d.get("revision"))
+
+    @property
+    def argument(self) -> str | None:
+        """What names this checkpoint on a command line: ``org/name@<commit>`` or its path."""
+        return f"{self.hub_id}@{self.revision}" if self.hub_id is not None else self.path
 
 
 @dataclass

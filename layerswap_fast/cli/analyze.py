@@ -125,6 +125,6 @@ def _echo_suggestion(stats: DeltaStats, language_index: int, task_index: int) ->
     click.echo("suggested swap:")
     for line in reasons:
         click.echo(f"  {line}")
-    # the analysed paths, resolved: the command works from any directory
-    click.echo(merge_command(config, task.source.path or task.name, language.source.path or language.name))
+    # the analysed paths, resolved (hub ids at their commits): the command works from any directory
+    click.echo(merge_command(config, task.source.argument or task.name, language.source.argument or language.name))
 

@@ -1,7 +1,8 @@
 """Open safetensors checkpoints by their headers alone, validating them strictly.
 
 A checkpoint is a directory holding ``model.safetensors.index.json`` and its shards, a directory
-holding one ``*.safetensors`` file, or a single ``.safetensors`` file. Opening one reads only the
+holding one ``*.safetensors`` file, or a single ``.safetensors`` file; or a Hugging Face hub id
+(``org/name[@revision]``) of a model in the local cache, which names its snapshot directory. Opening one reads only the
 headers; the result is a table of :class:`TensorSpec` (where every tensor's bytes live). Tensor
 data is read lazily, in chunks, through the C++ core.
 """
@@ -21,6 +22,7 @@ from ..dtypes import DTYPE_SIZES
 from ..errors import CheckpointError
 from ..plan.layers import CONFIG_SCHEMA
 from ..safe_read import Map, Str, parse_json, read_json, show_path
+from .hub import find_snapshot
 from .side_files import NAMES as SIDE_FILE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -195,7 +197,11 @@ class Checkpoint:
     """A validated checkpoint: tensor specs in file order, its config, and lazy data access."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        snapshot = find_snapshot(path)
+        self.path = Path(path) if snapshot is None else snapshot.path
+        #: ``org/name`` and the commit it resolved to, for a hub id; None for a local path
+        self.hub_id: str | None = None if snapshot is None else snapshot.hub_id
+        self.revision: str | None = None if snapshot is None else snapshot.revision
         self.directory, shard_paths, weight_map = _find_weight_files(self.path)
         self._files: dict[Path, _core.InputFile] = {}
         self._stamps: dict[Path, tuple[int, ...]] = {}
