@@ -239,6 +239,26 @@ def test_neither_a_path_nor_a_hub_id_is_a_missing_path(given: str, cache: Path, 
     assert (r.exit_code, r.stderr) == (2, f"error: checkpoint {Path(given)} does not exist\n")
 
 
+def test_an_incomplete_snapshot_is_one_line(src: dict[str, Path], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted download: the cached tree listing names a file the snapshot lacks."""
+    pytest.importorskip("huggingface_hub._tree_cache")  # the listing is huggingface_hub 1.x and later
+    cache = tmp_path / "hub"
+    snapshot = _add_snapshot(cache, "org/partial", src["task"], MAIN, ("main",))
+    files = {f.name: {"size": f.stat().st_size, "blob_id": "0" * 40} for f in snapshot.iterdir()}
+    (cache / "models--org--partial" / "trees").mkdir()
+    (cache / "models--org--partial" / "trees" / f"{MAIN}.json").write_text(
+        json.dumps({"format_version": 1, "files": files}))
+    next(snapshot.glob("*.safetensors")).unlink()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    r = invoke("merge", "--task-expert", "org/partial", "--language-expert", src["language"].as_posix(),
+               "-o", str(tmp_path / "out"))
+    assert (r.exit_code, r.stderr) == (2, f"error: checkpoint org/partial is not a local path, and its snapshot in "
+                                          f"the Hugging Face cache {cache} is incomplete; fetch it with: "
+                                          f"hf download org/partial\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_console_command_reports_a_missing_model(cache: Path, tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "layerswap_fast.cli", "merge", "--task-expert", "org/none@main",
