@@ -25,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, find_cli, machine_info, run_timed  # noqa: E402
 
+sys.path.insert(0, str(REPO / "scripts"))
+import real_models  # noqa: E402  (light: torch only inside its build and loss functions)
+
 SCRIPT = REPO / "scripts" / "real_models.py"
 
 #: name → arguments (less -o); {base}, {task}, {language} are the trio's directories
@@ -61,9 +64,7 @@ def cli() -> list[str]:
 def trio(family: str) -> dict[str, Path]:
     """Build (once per machine) in a child, so this process stays small for the RSS figures."""
     subprocess.run([sys.executable, str(SCRIPT), "--family", family], check=True, stdout=subprocess.DEVNULL)
-    root = Path(subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); "
-                                f"import real_models; print(real_models.cache_root())"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    root = real_models.cache_root()
     return {role: root / family / role for role in ("base", "task", "language")}
 
 

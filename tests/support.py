@@ -284,3 +284,18 @@ def ties_reference(base: torch.Tensor, experts: list[torch.Tensor], density: flo
         cnt = cnt + agree.float()
     mean = torch.where(cnt > 0, num / cnt.clamp(min=1), torch.zeros_like(num))
     return (b + lam * mean).to(base.dtype).reshape(base.shape)
+
+
+def shards_without_metadata(out: Path) -> dict[str, tuple[dict, bytes]]:
+    """What a loader sees of ``out``: per shard file, its header without ``__metadata__`` and its
+    data. The metadata holds a copy of the recipe (input paths, options), which differs whenever
+    its record does, even when the tensors do not."""
+    shards = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        raw = shard.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        header.pop("__metadata__", None)
+        shards[shard.name] = (header, raw[8 + n:])
+    assert shards, f"no shards in {out}"
+    return shards

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from layerswap_fast.analysis import analyze, load_stats
 from layerswap_fast.cli import main
 from layerswap_fast.errors import CheckpointError
 from layerswap_fast.formats.checkpoint import RECIPE_NAME, open_checkpoint
+from support import shards_without_metadata
 
 MAIN = "1" * 40  # refs/main of every model
 OLD = "0" * 39 + "a"  # a second, older snapshot of org/task (other weights), reachable by commit or tag v0
@@ -110,18 +110,7 @@ def succeeds(*args: str) -> Result:
     return r
 
 
-def tensors(out: Path) -> dict[str, tuple[dict[str, Any], bytes]]:
-    """Per shard: its header without ``__metadata__`` (which holds the recipe and so the input
-    paths) and its data."""
-    shards = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        raw = shard.read_bytes()
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
-        header.pop("__metadata__", None)
-        shards[shard.name] = (header, raw[8 + n:])
-    assert shards, f"no shards in {out}"
-    return shards
+tensors = shards_without_metadata
 
 
 def recipe(out: Path) -> dict[str, Any]:

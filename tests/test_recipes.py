@@ -13,7 +13,6 @@ comparison catches.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import layerswap_fast as ls
 from layerswap_fast.analysis import analyze
 from layerswap_fast.cli import main
 from layerswap_fast.formats.checkpoint import RECIPE_NAME
-from support import assert_same_shards, make_llama_trio
+from support import assert_same_shards, make_llama_trio, shards_without_metadata
 
 L = 12  # enough layers for every swap below and the same swap with any one count at its default
 ROLES = ("base", "task", "language", "task2", "language2")
@@ -135,19 +134,7 @@ def succeeds(args: list[str]) -> None:
     assert r.exit_code == 0, (args, r.output)
 
 
-def model(out: Path) -> dict[str, tuple[dict[str, Any], bytes]]:
-    """What a loader sees of ``out``: per shard file, its header without ``__metadata__`` and its
-    data. The metadata is left out because it holds a copy of the recipe, which differs whenever
-    the options do: comparing it would count an option as mattering when only its record changed."""
-    shards: dict[str, tuple[dict[str, Any], bytes]] = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        raw = shard.read_bytes()
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
-        header.pop("__metadata__", None)
-        shards[shard.name] = (header, raw[8 + n:])
-    assert shards, f"no shards in {out}"
-    return shards
+model = shards_without_metadata
 
 
 def recorded_options(out: Path) -> dict[str, Any]:
