@@ -18,8 +18,10 @@ from ._core import __version__
 from .dtypes import TORCH_NAMES
 from .engine.backends import make_backend
 from .engine.execute import MergeStats, execute
-from .errors import ConfigError, MismatchError, param
+from .errors import CheckpointError, ConfigError, MismatchError, param
+from .formats.adapter import Adapter, base_model_of, check_against_base, is_adapter
 from .formats.checkpoint import Checkpoint, open_checkpoint
+from .formats.hub import find_snapshot
 from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
                              needed_bytes)
 from .formats.model_card import CardInput, local_name, render_card
@@ -27,9 +29,11 @@ from .formats.output import LINK_MODES, check_output, clean_stale_partials, guar
 from .formats.side_files import find_side_files, side_bytes
 from .formats.writeback import CHECKSUMS
 from .methods import Method, PlanInputs
+from .methods.common import BASE
 from .options import WriteOptions
 from .plan import MergePlan, TensorRecipe, describe_role
 from .plan.layers import count_layers
+from .plan.lowrank import apply_adapters
 from .units import format_bytes, parse_size
 
 log = logging.getLogger("layerswap_fast")
@@ -153,7 +157,56 @@ def _small_files_bytes(recipe: Mapping[str, Any], shards: Sequence[OutputShard],
 
 
 def open_all(stack: ExitStack, roles: Mapping[str, PathLike]) -> dict[str, Checkpoint]:
-    return {role: stack.enter_context(open_checkpoint(path)) for role, path in roles.items()}
+    """Each role's checkpoint, or LoRA adapter (an :class:`Adapter`, a checkpoint too)."""
+    return {role: stack.enter_context(Adapter(path) if is_adapter(path) else open_checkpoint(path))
+            for role, path in roles.items()}
+
+
+def with_adapter_base(method: Method, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with the base an adapter among the inputs names (``base_model_name_or_path``)
+    as the ``base`` when none is given and that model is here: a local path or a cached hub id."""
+    result = dict(options)
+    if "base" not in result or result["base"] is not None:
+        return result
+    for path in method.inputs({**result, "base": None}).values():
+        named = None if path is None else base_model_of(path)
+        if named is not None and (os.path.isdir(named) or _cached(named)):
+            result["base"] = named
+            break
+    return result
+
+
+def _cached(hub_id: str) -> bool:
+    try:
+        return find_snapshot(hub_id) is not None
+    except CheckpointError:
+        return False
+
+
+def side_source(inputs: Mapping[str, Checkpoint]) -> Checkpoint:
+    """Whose side files (config, tokenizer) go with the output: the first full model among the
+    merged inputs, else the base (adapters carry no config)."""
+    full = [c for role, c in inputs.items() if not isinstance(c, Adapter)]
+    merged = [c for role, c in inputs.items() if role != BASE and not isinstance(c, Adapter)]
+    return (merged or full)[0]
+
+
+def _open_adapter_base(stack: ExitStack, inputs: dict[str, Checkpoint], adapters: Mapping[str, Adapter],
+                       options: Mapping[str, Any]) -> Checkpoint:
+    """The model the adapters apply to, opened into ``inputs`` as the base role; each adapter
+    checked against its shapes."""
+    if BASE not in inputs:
+        if options.get("base") is None:
+            role, adapter = next(iter(adapters.items()))
+            raise ConfigError(f"the {describe_role(role)} {adapter.path} is a LoRA adapter: pass {param('base')}, "
+                              f"the model it was trained on")
+        inputs[BASE] = stack.enter_context(open_checkpoint(options["base"]))
+    base = inputs[BASE]
+    if isinstance(base, Adapter):
+        raise ConfigError(f"the base {base.path} is a LoRA adapter: the base must be a full model")
+    for role, adapter in adapters.items():
+        check_against_base(adapter, list(base.specs.values()), describe_role(role))
+    return base
 
 
 def _magnitude(base: PathLike | None, experts: Sequence[PathLike], stats: PathLike | None, device: str = "auto",
@@ -172,10 +225,25 @@ def plan_method(stack: ExitStack, method: Method, options: Mapping[str, Any], de
     magnitude weights need when no ``stats`` are given."""
     paths = method.inputs(options)
     inputs = open_all(stack, paths)
-    num_layers = _layer_count(inputs) if method.counts_layers else 0
+    adapters = {role: c for role, c in inputs.items() if isinstance(c, Adapter)}
+    full = {role: c for role, c in inputs.items() if role not in adapters}
+    specs = {role: list(c.specs.values()) for role, c in full.items()}
+    if adapters:  # the method plans as if each adapter were the model it makes of the base
+        base = _open_adapter_base(stack, inputs, adapters, options)
+        full[BASE], specs[BASE] = base, list(base.specs.values())
+        for role, adapter in adapters.items():
+            specs[role] = [adapter.specs[s.name] if s.name in adapter.lora.replaced else s
+                           for s in base.specs.values()]
+    num_layers = _layer_count(full) if method.counts_layers else 0
 
     def magnitude(roles: Sequence[str]) -> list[float]:
+        if any(r in adapters for r in roles):
+            raise ConfigError("magnitude weights of LoRA adapters are not supported yet: give the weights, "
+                              "or use uniform ones")
         return _magnitude(options.get("base"), [paths[r] for r in roles], options.get("stats"), device, threads)
 
-    specs = {role: list(c.specs.values()) for role, c in inputs.items()}
-    return method.plan(PlanInputs(specs, num_layers, magnitude), options), inputs
+    plan = method.plan(PlanInputs({r: specs[r] for r in paths}, num_layers, magnitude), options)
+    if adapters:
+        dtypes = {role: {s.name: s.dtype for s in role_specs} for role, role_specs in specs.items()}
+        plan = apply_adapters(plan, {r: a.lora for r, a in adapters.items()}, BASE, dtypes)
+    return plan, inputs

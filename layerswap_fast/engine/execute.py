@@ -126,8 +126,11 @@ class _ShardFiller:
             self.progress(n)
 
     def _compute(self, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int) -> None:
-        specs = [self.source(t.role, recipe.name) for t in recipe.terms]
-        inputs = [(self.inputs[t.role].input_file(s.file), s.offset) for t, s in zip(recipe.terms, specs)]
+        # a term reads its input's tensor of the recipe's name; a LoRA factor its adapter's A and B
+        wanted = [(t.role, recipe.name) for t in recipe.terms]
+        wanted += [(f.role, name) for f in recipe.factors for name in (f.a, f.b)]
+        specs = [self.source(role, name) for role, name in wanted]
+        inputs = [(self.inputs[role].input_file(s.file), s.offset) for (role, _), s in zip(wanted, specs)]
         if recipe.op not in OPS:
             raise ValueError(f"unknown op {recipe.op!r}")
         OPS[recipe.op](self.context, writer, recipe, specs, inputs, dst)

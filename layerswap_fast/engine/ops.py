@@ -95,9 +95,50 @@ def rows_to_revert(mav: Any, params: dict[str, float]) -> Any:
     return revert
 
 
+def blend_lowrank(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                  inputs: Sequence[InputRange], dst: int) -> None:
+    """The blend of the terms plus Σ weight × B·A of the LoRA factors (after the terms, A and B of
+    each), all in float32 and rounded once into the output dtype. Row chunks: memory holds the
+    factors, which are small, and one chunk of rows, never a whole ΔW."""
+    import numpy as np  # only adapters need it; a plain merge starts faster without
+
+    n = len(recipe.terms)
+    rows, cols = recipe.shape
+    factors = [(f, _as_float32(specs[n + 2 * i], inputs[n + 2 * i]), _as_float32(specs[n + 2 * i + 1],
+                                                                                inputs[n + 2 * i + 1]))
+               for i, f in enumerate(recipe.factors)]
+    in_sizes = [DTYPE_SIZES[s.dtype] for s in specs[:n]]
+    out_size = DTYPE_SIZES[recipe.dtype]
+    step = max(1, PIECE_BYTES // (4 * max(cols, 1)))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        raw = [f.read(off + r0 * cols * size, (r1 - r0) * cols * size) for (f, off), size in zip(inputs[:n], in_sizes)]
+        acc = np.empty((r1 - r0, cols), dtype=np.float32)
+        _core.blend_buffers(raw, [s.dtype for s in specs[:n]], [t.weight for t in recipe.terms], acc, "F32",
+                            ctx.threads)
+        for f, a, b in factors:
+            product = a[:, r0:r1].T @ b.T if f.transposed else b[r0:r1] @ a
+            product *= np.float32(f.weight)
+            acc += product
+        out = bytearray((r1 - r0) * cols * out_size)
+        _core.blend_buffers([acc], ["F32"], [1.0], out, recipe.dtype, ctx.threads)
+        writer.write(dst + r0 * cols * out_size, out)
+        ctx.advance(dst + r1 * cols * out_size, len(out))
+
+
+def _as_float32(spec: TensorSpec, source: InputRange) -> Any:
+    """A whole (small) tensor as a float32 matrix: LoRA factors are read once per output tensor."""
+    import numpy as np
+
+    f, offset = source
+    values = np.empty(spec.shape, dtype=np.float32)
+    _core.blend_buffers([f.read(offset, spec.nbytes)], [spec.dtype], [1.0], values, "F32")
+    return values
+
+
 def _done(ctx: OpContext, recipe: TensorRecipe, numel: int, dst: int) -> None:
     nbytes = numel * DTYPE_SIZES[recipe.dtype]
     ctx.advance(dst + nbytes, nbytes)
 
 
-OPS: dict[str, Op] = {"blend": blend, "ties": ties, "revert_rows": revert_rows}
+OPS: dict[str, Op] = {"blend": blend, "blend_lowrank": blend_lowrank, "ties": ties, "revert_rows": revert_rows}

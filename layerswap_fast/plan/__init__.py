@@ -36,6 +36,18 @@ class Term:
 
 
 @dataclass(frozen=True)
+class Factor:
+    """A low-rank input of a recipe: ``weight`` × B·A (or its transpose) from the factors named
+    ``a`` and ``b`` of the LoRA adapter in ``role``; ``weight`` includes the adapter's scale."""
+
+    role: str
+    a: str
+    b: str
+    weight: float
+    transposed: bool
+
+
+@dataclass(frozen=True)
 class LayerRow:
     """One row of the layer map: which zone a layer falls in and how it is made."""
 
@@ -53,7 +65,8 @@ class TensorRecipe:
     """How one output tensor is made from the same-named tensors of the inputs in ``terms``.
 
     ``copy``: the bytes of ``terms[0]``'s tensor, unchanged. ``blend``: sum of weight × float32
-    value, rounded into ``dtype``. ``ties``: TIES-merging of the deltas of ``terms[1:]`` against
+    value, rounded into ``dtype``. ``blend_lowrank``: the blend plus Σ weight × B·A of the LoRA
+    ``factors``, in float32, rounded once. ``ties``: TIES-merging of the deltas of ``terms[1:]`` against
     the base ``terms[0]``, keeping ``keep`` deltas per model, scaled by ``lambda``. ``revert_rows``:
     rows of ``terms[1]`` go back to the base ``terms[0]`` where their row MAV against it is below
     ``threshold``, or the ``count`` rows of smallest row MAV. ``params`` holds those numbers.
@@ -66,6 +79,7 @@ class TensorRecipe:
     op: Op
     terms: tuple[Term, ...]
     params: tuple[tuple[str, float], ...] = ()
+    factors: tuple[Factor, ...] = ()
 
     def param(self, key: str) -> float:
         return dict(self.params)[key]
@@ -99,7 +113,9 @@ class MergePlan:
                 "tensors": [t.name for t in self.tensors if t.layer is None],
             },
             "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "layer": t.layer,
-                         "op": t.op, "sources": _terms_json(t.terms), **dict(t.params)} for t in self.tensors],
+                         "op": t.op, "sources": _terms_json(t.terms), **dict(t.params),
+                         **({"factors": [asdict(f) for f in t.factors]} if t.factors else {})}
+                        for t in self.tensors],
             "counts": self.counts(),
         }
 

@@ -1,0 +1,330 @@
+"""LoRA adapters (PEFT) as inputs: every writing command takes an adapter directory wherever it
+takes a model, and writes the full model the adapters make of their base.
+
+The adapters are made by PEFT itself on a tiny Llama, with B initialised non-zero. The reference
+is float64 from the definitions (ΔW = s·B·A, s = alpha / r or alpha / √r, r and alpha per module
+from rank_pattern / alpha_pattern), read with safetensors and json, never through the package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from support import expected_weights, layer_of, load_tensors, make_llama_trio, raw_bytes, snapshot
+
+import layerswap_fast as lf
+from layerswap_fast.errors import LayerswapError
+
+peft = pytest.importorskip("peft")
+
+NUM_LAYERS = 10
+PREFIX = "base_model.model."
+
+
+def make_adapter(base: Path, out: Path, seed: int, *, dtype: torch.dtype = torch.float32, **lora) -> Path:
+    """A PEFT LoRA adapter of ``base`` with random, non-zero factors, saved by PEFT."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # PEFT's advice on tied embeddings and its own deprecations
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora))
+        with torch.no_grad():
+            for name, p in wrapped.named_parameters():
+                if "lora_" in name:
+                    p.mul_(0.05)
+        wrapped.to(dtype).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A bf16 base with tied embeddings, a full task expert, and three adapters of the base: a
+    task adapter (rank 4, attention and MLP, a rank_pattern and an alpha_pattern), a language
+    adapter (rank 8, rsLoRA, bf16 factors, the embedding too) and a language adapter on layers
+    0-2 and 8-9 only."""
+    root = tmp_path_factory.mktemp("adapters")
+    paths = make_llama_trio(root, num_layers=NUM_LAYERS, tie=True, roles=("base", "task"))
+    paths["task_lora"] = make_adapter(
+        paths["base"], root / "task_lora", 1, r=4, lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"layers.3.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3})
+    paths["language_lora"] = make_adapter(
+        paths["base"], root / "language_lora", 2, dtype=torch.bfloat16, r=8, lora_alpha=4, use_rslora=True,
+        target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"])
+    paths["partial_lora"] = make_adapter(
+        paths["base"], root / "partial_lora", 3, r=2, lora_alpha=2, target_modules=["o_proj"],
+        layers_to_transform=[0, 1, 2, 8, 9])
+    return paths
+
+
+# ------------------------------------------------------------------------------- the reference
+
+def _pattern(patterns: dict, module: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """ΔW in float64 for every module of the adapter, keyed by the base tensor's name."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_tensors(adapter)
+    deltas = {}
+    for key, a in tensors.items():
+        m = re.fullmatch(re.escape(PREFIX) + r"(.+)\.lora_(embedding_)?A(\.weight)?", key)
+        if not m:
+            continue
+        module, embedding = m[1], m[2] is not None
+        b = tensors[key.replace("lora_embedding_A", "lora_embedding_B").replace("lora_A", "lora_B")]
+        r = a.shape[0]
+        alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        delta = scale * (b.double() @ a.double())
+        deltas[module + ".weight"] = delta.T if embedding else delta
+    return deltas
+
+
+def full_reference(base: dict[str, torch.Tensor], parts: list[tuple[float, dict[str, torch.Tensor] | None, Path | None]],
+                   name: str) -> torch.Tensor:
+    """Σ w·(expert) in float64, where an expert is a full model's tensors or base + ΔW of an adapter."""
+    total = torch.zeros(base[name].shape, dtype=torch.float64)
+    for w, full, adapter in parts:
+        if full is not None:
+            total += w * full[name].double()
+        else:
+            total += w * (base[name].double() + _DELTAS[adapter].get(name, 0.0))
+    return total
+
+
+_DELTAS: dict[Path, dict[str, torch.Tensor]] = {}
+
+
+def deltas_of(*adapters: Path) -> None:
+    for a in adapters:
+        _DELTAS.setdefault(a, lora_deltas(a))
+
+
+def ulps(got: torch.Tensor, want64: torch.Tensor) -> int:
+    """Largest distance in units of the last place of ``got``'s dtype between ``got`` and the
+    float64 ``want64`` rounded to that dtype (on a monotone integer line of the bit patterns)."""
+    want = want64.to(got.dtype)
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[got.dtype]
+
+    def line(t: torch.Tensor) -> torch.Tensor:
+        i = t.view(bits).long()
+        sign_bit = 1 << (8 * t.element_size() - 1)
+        return torch.where(i < 0, -(i + sign_bit), i)
+
+    return int((line(got) - line(want)).abs().max()) if got.numel() else 0
+
+
+def assert_lora_merge(out: Path, base_dir: Path, weights, *, changed_by=None) -> None:
+    """Every output tensor within one ulp of the float64 reference; a tensor no adapter changes
+    (and no full expert) is the base's, byte for byte."""
+    base, merged = load_tensors(base_dir), load_tensors(out)
+    assert set(merged) == set(base)  # tied embeddings stay tied: no lm_head appears
+    for name, t in merged.items():
+        parts = weights(name)
+        want = full_reference(base, parts, name)
+        touched = any(full is not None or name in _DELTAS[a] for _, full, a in parts if w_nonzero(_))
+        if not touched:
+            assert raw_bytes(t) == raw_bytes(base[name]), name
+        assert t.dtype == base[name].dtype, name
+        assert ulps(t, want) <= 1, name
+
+
+def w_nonzero(w: float) -> bool:
+    return w != 0.0
+
+
+# ------------------------------------------------------------------------------- full outputs
+
+def test_swap_of_two_adapters(trio, tmp_path):
+    deltas_of(trio["task_lora"], trio["language_lora"])
+    out = tmp_path / "out"
+    lf.merge(trio["task_lora"], trio["language_lora"], out, lf.SwapConfig(lower_transition=2, upper_transition=1),
+             base=trio["base"])
+
+    def weights(name):
+        w_t, w_l = expected_weights(layer_of(name), NUM_LAYERS, lt=2, ut=1)
+        return [(w_t, None, trio["task_lora"]), (w_l, None, trio["language_lora"])]
+
+    assert_lora_merge(out, trio["base"], weights)
+    merged, base = load_tensors(out), load_tensors(trio["base"])
+    # the transition layer holds both products; a swapped layer only the language expert's
+    name = "model.layers.5.self_attn.q_proj.weight"
+    assert raw_bytes(merged[name]) != raw_bytes(base[name])
+    recipe = json.loads((out / "layerswap_recipe.json").read_text())
+    assert set(recipe["inputs"]) == {"task", "language", "base"}
+
+
+def test_mixed_full_task_expert_and_language_adapter(trio, tmp_path):
+    deltas_of(trio["language_lora"])
+    out = tmp_path / "out"
+    lf.merge(trio["task"], trio["language_lora"], out, base=trio["base"])
+    task = load_tensors(trio["task"])
+
+    def weights(name):
+        w_t, w_l = expected_weights(layer_of(name), NUM_LAYERS)
+        return [(w_t, task, None), (w_l, None, trio["language_lora"])]
+
+    assert_lora_merge(out, trio["base"], weights)
+    # a kept layer is the full task expert's tensor, byte for byte
+    name = "model.layers.6.mlp.up_proj.weight"
+    assert raw_bytes(load_tensors(out)[name]) == raw_bytes(task[name])
+
+
+def test_adapter_on_some_layers_only(trio, tmp_path):
+    deltas_of(trio["task_lora"], trio["partial_lora"])
+    out = tmp_path / "out"
+    lf.merge(trio["task_lora"], trio["partial_lora"], out, base=trio["base"])
+
+    def weights(name):
+        w_t, w_l = expected_weights(layer_of(name), NUM_LAYERS)
+        return [(w_t, None, trio["task_lora"]), (w_l, None, trio["partial_lora"])]
+
+    assert_lora_merge(out, trio["base"], weights)
+
+
+def test_soup_and_task_arithmetic_of_adapters(trio, tmp_path):
+    deltas_of(trio["task_lora"], trio["language_lora"])
+    lf.soup([trio["task_lora"], trio["language_lora"]], tmp_path / "soup", base=trio["base"])
+    assert_lora_merge(tmp_path / "soup", trio["base"],
+                      lambda n: [(0.5, None, trio["task_lora"]), (0.5, None, trio["language_lora"])])
+    lf.task_arithmetic(trio["base"], [trio["task_lora"], trio["language_lora"]], tmp_path / "ta", lam=0.7)
+    base = load_tensors(trio["base"])
+    merged = load_tensors(tmp_path / "ta")
+    for name, t in merged.items():
+        want = base[name].double() + 0.7 * sum(_DELTAS[a].get(name, 0.0)
+                                               for a in (trio["task_lora"], trio["language_lora"]))
+        assert ulps(t, torch.as_tensor(want)) <= 1, name
+
+
+def test_revert_layers_of_an_adapter(trio, tmp_path):
+    deltas_of(trio["task_lora"])
+    lf.revert(trio["base"], trio["task_lora"], tmp_path / "out", layers="0-4")
+    base = load_tensors(trio["base"])
+
+    def weights(name):
+        reverted = layer_of(name) is not None and layer_of(name) < 5
+        return [(1.0, base, None)] if reverted else [(1.0, None, trio["task_lora"])]
+
+    assert_lora_merge(tmp_path / "out", trio["base"], weights)
+
+
+def test_transformers_loads_the_output_and_generates(trio, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "out"
+    lf.merge(trio["task_lora"], trio["language_lora"], out, base=trio["base"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.tie_word_embeddings
+    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert ids.shape == (1, 7)
+
+
+def test_peft_merge_and_unload_agrees(trio, tmp_path):
+    """PEFT's own merge (W += s·B·A in the base's dtype) against ours (float32 sum, one rounding):
+    both within one bf16 ulp of the float64 value, so at most two ulps apart."""
+    from transformers import AutoModelForCausalLM
+    deltas_of(trio["task_lora"])
+    lf.task_arithmetic(trio["base"], [trio["task_lora"]], tmp_path / "ours")
+    model = AutoModelForCausalLM.from_pretrained(trio["base"], dtype=torch.bfloat16)
+    theirs = peft.PeftModel.from_pretrained(model, trio["task_lora"]).merge_and_unload().state_dict()
+    ours, base = load_tensors(tmp_path / "ours"), load_tensors(trio["base"])
+    worst_ours = worst_theirs = 0
+    for name, t in ours.items():
+        want = base[name].double() + _DELTAS[trio["task_lora"]].get(name, 0.0)
+        worst_ours = max(worst_ours, ulps(t, torch.as_tensor(want)))
+        worst_theirs = max(worst_theirs, ulps(theirs[name].contiguous(), torch.as_tensor(want)))
+    assert worst_ours <= 1
+    assert worst_theirs <= 2  # PEFT rounds ΔW into bf16 before adding it: a second rounding
+
+
+def test_base_from_the_adapter_config(trio, tmp_path):
+    """With no base given, the model the adapter names (here, the local directory it was made
+    from) is the base, and the recipe records it."""
+    config = json.loads((trio["task_lora"] / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == trio["base"]
+    out = tmp_path / "out"
+    lf.merge(trio["task_lora"], trio["language_lora"], out)
+    recipe = json.loads((out / "layerswap_recipe.json").read_text())
+    assert Path(recipe["options"]["base"]) == trio["base"]
+
+
+# ------------------------------------------------------------------------------- refusals
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "layerswap_fast.cli", *map(str, args)], capture_output=True,
+                          text=True)
+
+
+def _refused(args, tmp_path, *needles):
+    before = snapshot(tmp_path)
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_ties_refuses_an_adapter(trio, tmp_path):
+    _refused(["ties", "--base", trio["base"], "--model", trio["task_lora"], "--model", trio["task"], "-o",
+              tmp_path / "out"], tmp_path, "ties needs every model's full weights", "LoRA adapter")
+
+
+def test_row_revert_refuses_an_adapter(trio, tmp_path):
+    _refused(["revert", "--base", trio["base"], "--model", trio["task_lora"], "--row-fraction", "0.5", "-o",
+              tmp_path / "out"], tmp_path, "full weights")
+
+
+def test_adapter_of_another_base(trio, tmp_path):
+    other = make_llama_trio(tmp_path / "other", num_layers=NUM_LAYERS, tie=True, hidden=48, roles=("base",))
+    _refused(["merge", "--task-expert", trio["task_lora"], "--language-expert", trio["language_lora"], "--base",
+              other["base"], "-o", tmp_path / "out"], tmp_path, "was trained on another base",
+             "'model.layers.0.mlp.down_proj.weight' is [48, 96] in the base but [32, 64] in the adapter")
+
+
+def _edited_adapter(source: Path, to: Path, **changes) -> Path:
+    to.mkdir()
+    for f in source.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    config = json.loads((to / "adapter_config.json").read_text())
+    (to / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return to
+
+
+def test_adapter_without_a_base(trio, tmp_path):
+    """Neither --base nor a base the adapters name that is here (a hub id not in the cache)."""
+    task = _edited_adapter(trio["task_lora"], tmp_path / "t", base_model_name_or_path=None)
+    lang = _edited_adapter(trio["language_lora"], tmp_path / "l", base_model_name_or_path="nobody/nothing")
+    _refused(["merge", "--task-expert", task, "--language-expert", lang, "-o", tmp_path / "out"], tmp_path,
+             "is a LoRA adapter: pass --base")
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("use_dora", True, "DoRA"), ("lora_bias", True, "lora_bias"), ("peft_type", "IA3", "only LORA"),
+    ("r", "four", "r must be an integer")])
+def test_unsupported_adapter_configs(trio, tmp_path, key, value, needle):
+    adapter = _edited_adapter(trio["task_lora"], tmp_path / "odd", **{key: value})
+    _refused(["merge", "--task-expert", adapter, "--language-expert", trio["language_lora"], "--base",
+              trio["base"], "-o", tmp_path / "out"], tmp_path, needle)
+
+
+def test_cli_merge_of_adapters(trio, tmp_path):
+    result = _cli("merge", "--task-expert", trio["task_lora"], "--language-expert", trio["language_lora"], "--base",
+                  trio["base"], "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert _cli("verify", tmp_path / "out").returncode == 0
