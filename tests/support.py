@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
+
+LORA_PREFIX = "base_model.model."
 
 
 def make_llama_trio(root: Path, *, num_layers: int = 12, tie: bool = False, dtype: torch.dtype = torch.bfloat16,
@@ -299,3 +303,62 @@ def shards_without_metadata(out: Path) -> dict[str, tuple[dict, bytes]]:
         shards[shard.name] = (header, raw[8 + n:])
     assert shards, f"no shards in {out}"
     return shards
+
+
+# ------------------------------------------------------------------------------- LoRA adapters
+
+def make_adapter(base: Path, out: Path, seed: int, *, dtype: torch.dtype = torch.float32, **lora) -> Path:
+    """A PEFT LoRA adapter of ``base`` with random, non-zero factors, saved by PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # PEFT's advice on tied embeddings and its own deprecations
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        wrapped = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+        with torch.no_grad():
+            for name, p in wrapped.named_parameters():
+                if "lora_" in name:
+                    p.mul_(0.05)
+        wrapped.to(dtype).save_pretrained(out)
+    return out
+
+
+def _pattern(patterns: dict, module: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """ΔW in float64 for every module of the adapter, keyed by the base tensor's name."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_tensors(adapter)
+    deltas = {}
+    for key, a in tensors.items():
+        m = re.fullmatch(re.escape(LORA_PREFIX) + r"(.+)\.lora_(embedding_)?A(\.weight)?", key)
+        if not m:
+            continue
+        module, embedding = m[1], m[2] is not None
+        b = tensors[key.replace("lora_embedding_A", "lora_embedding_B").replace("lora_A", "lora_B")]
+        r = a.shape[0]
+        alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        delta = scale * (b.double() @ a.double())
+        deltas[module + ".weight"] = delta.T if embedding else delta
+    return deltas
+
+
+def ulps(got: torch.Tensor, want64: torch.Tensor) -> int:
+    """Largest distance in units of the last place of ``got``'s dtype between ``got`` and the
+    float64 ``want64`` rounded to that dtype (on a monotone integer line of the bit patterns)."""
+    want = want64.to(got.dtype)
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[got.dtype]
+
+    def line(t: torch.Tensor) -> torch.Tensor:
+        i = t.view(bits).long()
+        sign_bit = 1 << (8 * t.element_size() - 1)
+        return torch.where(i < 0, -(i + sign_bit), i)
+
+    return int((line(got) - line(want)).abs().max()) if got.numel() else 0

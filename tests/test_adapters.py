@@ -9,41 +9,21 @@ from rank_pattern / alpha_pattern), read with safetensors and json, never throug
 from __future__ import annotations
 
 import json
-import math
-import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from support import expected_weights, layer_of, load_tensors, make_llama_trio, raw_bytes, snapshot
+from support import (expected_weights, layer_of, load_tensors, lora_deltas, make_adapter, make_llama_trio, raw_bytes,
+                     snapshot, ulps)
 
 import layerswap_fast as lf
-from layerswap_fast.errors import LayerswapError
 
 peft = pytest.importorskip("peft")
 
 NUM_LAYERS = 10
-PREFIX = "base_model.model."
-
-
-def make_adapter(base: Path, out: Path, seed: int, *, dtype: torch.dtype = torch.float32, **lora) -> Path:
-    """A PEFT LoRA adapter of ``base`` with random, non-zero factors, saved by PEFT."""
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():  # PEFT's advice on tied embeddings and its own deprecations
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        wrapped = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora))
-        with torch.no_grad():
-            for name, p in wrapped.named_parameters():
-                if "lora_" in name:
-                    p.mul_(0.05)
-        wrapped.to(dtype).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -69,32 +49,6 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------- the reference
 
-def _pattern(patterns: dict, module: str, default):
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """ΔW in float64 for every module of the adapter, keyed by the base tensor's name."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    tensors = load_tensors(adapter)
-    deltas = {}
-    for key, a in tensors.items():
-        m = re.fullmatch(re.escape(PREFIX) + r"(.+)\.lora_(embedding_)?A(\.weight)?", key)
-        if not m:
-            continue
-        module, embedding = m[1], m[2] is not None
-        b = tensors[key.replace("lora_embedding_A", "lora_embedding_B").replace("lora_A", "lora_B")]
-        r = a.shape[0]
-        alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        delta = scale * (b.double() @ a.double())
-        deltas[module + ".weight"] = delta.T if embedding else delta
-    return deltas
-
-
 def full_reference(base: dict[str, torch.Tensor], parts: list[tuple[float, dict[str, torch.Tensor] | None, Path | None]],
                    name: str) -> torch.Tensor:
     """Σ w·(expert) in float64, where an expert is a full model's tensors or base + ΔW of an adapter."""
@@ -113,20 +67,6 @@ _DELTAS: dict[Path, dict[str, torch.Tensor]] = {}
 def deltas_of(*adapters: Path) -> None:
     for a in adapters:
         _DELTAS.setdefault(a, lora_deltas(a))
-
-
-def ulps(got: torch.Tensor, want64: torch.Tensor) -> int:
-    """Largest distance in units of the last place of ``got``'s dtype between ``got`` and the
-    float64 ``want64`` rounded to that dtype (on a monotone integer line of the bit patterns)."""
-    want = want64.to(got.dtype)
-    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[got.dtype]
-
-    def line(t: torch.Tensor) -> torch.Tensor:
-        i = t.view(bits).long()
-        sign_bit = 1 << (8 * t.element_size() - 1)
-        return torch.where(i < 0, -(i + sign_bit), i)
-
-    return int((line(got) - line(want)).abs().max()) if got.numel() else 0
 
 
 def assert_lora_merge(out: Path, base_dir: Path, weights, *, changed_by=None) -> None:
