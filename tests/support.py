@@ -4,6 +4,7 @@ through the package's own kernels or its C++ core)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -362,3 +363,27 @@ def ulps(got: torch.Tensor, want64: torch.Tensor) -> int:
         return torch.where(i < 0, -(i + sign_bit), i)
 
     return int((line(got) - line(want)).abs().max()) if got.numel() else 0
+
+
+# ------------------------------------------------------------------------------- a Hugging Face cache
+
+def add_hub_snapshot(cache: Path, repo: str, source: Path, commit: str, refs: tuple[str, ...] = ()) -> Path:
+    """``source``'s files as huggingface_hub caches them: blobs by hash, links in the snapshot."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    for f in sorted(source.iterdir()):
+        data = f.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (root / "blobs" / blob).write_bytes(data)
+        (snapshot / f.name).symlink_to(Path("..", "..", "blobs", blob))
+    for ref in refs:
+        set_hub_ref(cache, repo, ref, commit)
+    return snapshot
+
+
+def set_hub_ref(cache: Path, repo: str, ref: str, commit: str) -> None:
+    path = cache / ("models--" + repo.replace("/", "--")) / "refs" / ref
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(commit)  # no newline, as huggingface_hub writes it

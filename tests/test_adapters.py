@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import (expected_weights, layer_of, load_tensors, lora_deltas, make_adapter, make_llama_trio, raw_bytes,
-                     snapshot, ulps)
+from support import (add_hub_snapshot, expected_weights, layer_of, load_tensors, lora_deltas, make_adapter, make_llama_trio, raw_bytes,
+                     shards_without_metadata, snapshot, ulps)
 
 import layerswap_fast as lf
 
@@ -268,3 +268,24 @@ def test_cli_merge_of_adapters(trio, tmp_path):
                   trio["base"], "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert _cli("verify", tmp_path / "out").returncode == 0
+
+
+# ------------------------------------------------------------------------------- hub ids
+
+def test_adapters_and_their_base_by_hub_id(trio, tmp_path, monkeypatch):
+    """Adapters named by hub id, each naming its base by hub id: the base comes from the cache,
+    with no --base, and the output is the merge of the same directories; the recipe pins all three."""
+    cache = tmp_path / "hub"
+    commit = "2" * 40
+    add_hub_snapshot(cache, "org/base", trio["base"], commit, ("main",))
+    for repo, role in (("org/task-lora", "task_lora"), ("org/lang-lora", "language_lora")):
+        edited = _edited_adapter(trio[role], tmp_path / role, base_model_name_or_path="org/base")
+        add_hub_snapshot(cache, repo, edited, commit, ("main",))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    lf.merge("org/task-lora", "org/lang-lora", tmp_path / "hub_out")
+    lf.merge(trio["task_lora"], trio["language_lora"], tmp_path / "local_out", base=trio["base"])
+    assert shards_without_metadata(tmp_path / "hub_out") == shards_without_metadata(tmp_path / "local_out")
+    recipe = json.loads((tmp_path / "hub_out" / "layerswap_recipe.json").read_text())
+    assert recipe["options"]["base"] == f"org/base@{commit}"
+    assert {role: (i.get("hub_id"), i.get("revision")) for role, i in recipe["inputs"].items()} == {
+        "task": ("org/task-lora", commit), "language": ("org/lang-lora", commit), "base": ("org/base", commit)}

@@ -10,7 +10,6 @@ that raise, so that a request, even one that would fail, fails the test.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,40 +28,18 @@ from layerswap_fast.analysis import analyze, load_stats
 from layerswap_fast.cli import main
 from layerswap_fast.errors import CheckpointError
 from layerswap_fast.formats.checkpoint import RECIPE_NAME, open_checkpoint
-from support import shards_without_metadata
+from support import add_hub_snapshot, set_hub_ref, shards_without_metadata
 
 MAIN = "1" * 40  # refs/main of every model
 OLD = "0" * 39 + "a"  # a second, older snapshot of org/task (other weights), reachable by commit or tag v0
 TOKENIZER = b'{"version": "1.0", "model": {"type": "stub"}}\n'
 
 
-def _add_snapshot(cache: Path, repo: str, source: Path, commit: str, refs: tuple[str, ...] = ()) -> Path:
-    """``source``'s files as huggingface_hub caches them: blobs by hash, links in the snapshot."""
-    root = cache / ("models--" + repo.replace("/", "--"))
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (root / "blobs").mkdir(exist_ok=True)
-    for f in sorted(source.iterdir()):
-        data = f.read_bytes()
-        blob = hashlib.sha256(data).hexdigest()
-        (root / "blobs" / blob).write_bytes(data)
-        (snapshot / f.name).symlink_to(Path("..", "..", "blobs", blob))
-    for ref in refs:
-        set_ref(cache, repo, ref, commit)
-    return snapshot
-
-
-def set_ref(cache: Path, repo: str, ref: str, commit: str) -> None:
-    path = cache / ("models--" + repo.replace("/", "--")) / "refs" / ref
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(commit)  # no newline, as huggingface_hub writes it
-
-
 def build_cache(cache: Path, src: dict[str, Path]) -> Path:
-    _add_snapshot(cache, "org/base", src["base"], MAIN, ("main",))
-    _add_snapshot(cache, "org/task", src["task"], MAIN, ("main",))
-    _add_snapshot(cache, "org/task", src["task2"], OLD, ("v0",))
-    _add_snapshot(cache, "org/lang", src["language"], MAIN, ("main",))
+    add_hub_snapshot(cache, "org/base", src["base"], MAIN, ("main",))
+    add_hub_snapshot(cache, "org/task", src["task"], MAIN, ("main",))
+    add_hub_snapshot(cache, "org/task", src["task2"], OLD, ("v0",))
+    add_hub_snapshot(cache, "org/lang", src["language"], MAIN, ("main",))
     return cache
 
 
@@ -233,7 +210,7 @@ def test_an_incomplete_snapshot_is_one_line(src: dict[str, Path], tmp_path: Path
     """An interrupted download: the cached tree listing names a file the snapshot lacks."""
     pytest.importorskip("huggingface_hub._tree_cache")  # the listing is huggingface_hub 1.x and later
     cache = tmp_path / "hub"
-    snapshot = _add_snapshot(cache, "org/partial", src["task"], MAIN, ("main",))
+    snapshot = add_hub_snapshot(cache, "org/partial", src["task"], MAIN, ("main",))
     files = {f.name: {"size": f.stat().st_size, "blob_id": "0" * 40} for f in snapshot.iterdir()}
     (cache / "models--org--partial" / "trees").mkdir()
     (cache / "models--org--partial" / "trees" / f"{MAIN}.json").write_text(
@@ -288,7 +265,7 @@ def test_a_recipe_rebuilds_its_revision_after_main_moves(src: dict[str, Path], t
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     first, again, rebuilt = tmp_path / "first", tmp_path / "again", tmp_path / "rebuilt"
     succeeds("merge", "--task-expert", "org/task", "--language-expert", "org/lang", "-o", str(first))
-    set_ref(cache, "org/task", "main", OLD)
+    set_hub_ref(cache, "org/task", "main", OLD)
     succeeds("merge", "--task-expert", "org/task", "--language-expert", "org/lang", "-o", str(again))
     assert tensors(again) != tensors(first)  # main has moved: the id alone now names other weights
     succeeds("merge", "--config", str(first / RECIPE_NAME), "-o", str(rebuilt))
