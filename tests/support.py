@@ -347,7 +347,7 @@ def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
         alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         delta = scale * (b.double() @ a.double())
-        deltas[module + ".weight"] = delta.T if embedding else delta
+        deltas[module + ".weight"] = delta.T if embedding or config.get("fan_in_fan_out") else delta
     return deltas
 
 

@@ -289,3 +289,65 @@ def test_adapters_and_their_base_by_hub_id(trio, tmp_path, monkeypatch):
     assert recipe["options"]["base"] == f"org/base@{commit}"
     assert {role: (i.get("hub_id"), i.get("revision")) for role, i in recipe["inputs"].items()} == {
         "task": ("org/task-lora", commit), "language": ("org/lang-lora", commit), "base": ("org/base", commit)}
+
+
+def test_fan_in_fan_out_adapters_of_gpt2(tmp_path):
+    """GPT-2 stores its projections as [in, out] (Conv1D): PEFT's fan_in_fan_out adapters update
+    them by (B·A)ᵀ."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=8, n_head=4)
+    GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    task = make_adapter(tmp_path / "base", tmp_path / "t", 1, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                        fan_in_fan_out=True)
+    lang = make_adapter(tmp_path / "base", tmp_path / "l", 2, r=2, lora_alpha=2, target_modules=["c_proj"],
+                        fan_in_fan_out=True)
+    assert json.loads((task / "adapter_config.json").read_text())["fan_in_fan_out"]
+    deltas_of(task, lang)
+    lf.merge(task, lang, tmp_path / "out", lf.SwapConfig(bottom=3, top=2), base=tmp_path / "base")
+
+    def weights(name):
+        layer = int(name.split(".")[2]) if name.startswith("transformer.h.") else None
+        w_t, w_l = expected_weights(layer, 8, bottom=3, top=2)
+        return [(w_t, None, task), (w_l, None, lang)]
+
+    assert_lora_merge(tmp_path / "out", tmp_path / "base", weights)
+
+
+def _adapter_with_tensors(trio, to: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+    to.mkdir()
+    (to / "adapter_config.json").write_bytes((trio["task_lora"] / "adapter_config.json").read_bytes())
+    save_file(tensors, str(to / "adapter_model.safetensors"))
+    return to
+
+
+@pytest.mark.parametrize("tensors, needle", [
+    ({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)}, "does not start with"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)},
+     "has lora_A but not its partner"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 3)}, "do not multiply"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 32),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 3)},
+     "has rank 3 but its config says 4"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.zeros(32)},
+     "no LoRA factor this tool knows"),
+    ({"base_model.model.model.layers.0.self_attn.nope.lora_A.weight": torch.zeros(4, 32),
+      "base_model.model.model.layers.0.self_attn.nope.lora_B.weight": torch.zeros(32, 4)},
+     "changes 'model.layers.0.self_attn.nope.weight', which the base does not have"),
+])
+def test_malformed_adapters(trio, tmp_path, tensors, needle):
+    adapter = _adapter_with_tensors(trio, tmp_path / "bad", tensors)
+    _refused(["merge", "--task-expert", adapter, "--language-expert", trio["language_lora"], "--base",
+              trio["base"], "-o", tmp_path / "out"], tmp_path, needle)
+
+
+def test_an_adapter_without_safetensors_weights(trio, tmp_path):
+    adapter = tmp_path / "pickled"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_bytes((trio["task_lora"] / "adapter_config.json").read_bytes())
+    (adapter / "adapter_model.bin").write_bytes(b"\x80\x04not unpickled")
+    _refused(["merge", "--task-expert", adapter, "--language-expert", trio["language_lora"], "--base",
+              trio["base"], "-o", tmp_path / "out"], tmp_path, "the adapter has no adapter_model.safetensors",
+             "adapter_model.bin is a pickle")

@@ -88,6 +88,10 @@ class Adapter(Checkpoint):
         if directory is None:
             raise CheckpointError(f"{path}: no {CONFIG_NAME}: not a PEFT adapter")
         config = _read_config(directory)
+        if not os.path.lexists(directory / WEIGHTS_NAME):
+            pickled = " (adapter_model.bin is a pickle, which is never unpickled: save the adapter again with " \
+                      "safe_serialization=True)" if os.path.lexists(directory / "adapter_model.bin") else ""
+            raise CheckpointError(f"{directory}: the adapter has no {WEIGHTS_NAME}{pickled}")
         super().__init__(directory / WEIGHTS_NAME)
         self.path = directory
         snapshot = find_snapshot(path)
