@@ -15,16 +15,14 @@ from typing import Any
 
 from .engine.backends import DEVICES, Backend
 from .errors import ConfigError
-from .formats.hub import pinned
 from .formats.output import LINK_MODES
 from .formats.verify import verify
 from .formats.writeback import CHECKSUMS, DEFAULT_CHECKSUM
 from .methods import METHODS, Method, Option
-from .methods.method import as_list
 from .methods.swap import SOUP_WEIGHTS, SwapConfig, render_plan
 from .options import WRITE_OPTIONS, WriteOptions, command_options, read_config, recipe_yaml
 from .plan import MergePlan
-from .writing import MergeResult, plan_method, side_source, with_adapter_base, write_plan
+from .writing import MergeResult, plan_method, resolve, side_source, write_plan
 
 #: the command line needs nothing below the API: what it uses is named here
 __all__ = ["METHODS", "Method", "Option", "DEVICES", "LINK_MODES", "CHECKSUMS", "SOUP_WEIGHTS", "WRITE_OPTIONS",
@@ -46,27 +44,13 @@ def run(method: str, out: PathLike, options: Mapping[str, Any], **write: Any) ->
     if method not in METHODS:
         raise ConfigError(f"unknown merge method {method!r}: choose one of {', '.join(METHODS)}")
     m = METHODS[method]
-    values = _pin_hub_ids(m, with_adapter_base(m, m.resolve(options)))
+    values = resolve(m, options)
     settings = WriteOptions(**write)
     with ExitStack() as stack:
         plan, inputs = plan_method(stack, m, values, settings.device, settings.threads)
         recorded = m.recorded(values, plan)
         read = [values[o.name] for o in m.options if o.kind == "path"]  # a base, statistics: never written
         return write_plan(m, plan, inputs, out, recorded, settings, side_source(inputs), m.extra(plan), read)
-
-
-def _pin_hub_ids(m: Method, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Hub ids of cached models as ``org/name@<commit>``: every reader of a model (the plan, a
-    magnitude analysis) and the recipe then name one snapshot, which a rebuild finds again after
-    the cache's ``main`` has moved."""
-    result = dict(values)
-    for o in m.options:
-        value = values[o.name]
-        if value is not None and o.kind == "path":
-            result[o.name] = pinned(value)
-        elif value is not None and o.kind == "paths":
-            result[o.name] = [pinned(p) for p in as_list(value)]
-    return result
 
 
 def plan_merge(task_expert: Paths, language_expert: Paths, config: SwapConfig | None = None, *,
@@ -81,7 +65,7 @@ def plan_swap(options: Mapping[str, Any]) -> MergePlan:
     """:func:`plan_merge` with the swap's options by their recipe names (``bottom``, ``top`` ...)."""
     swap = METHODS["layer_swap"]
     with ExitStack() as stack:
-        return plan_method(stack, swap, with_adapter_base(swap, swap.resolve(options)))[0]
+        return plan_method(stack, swap, resolve(swap, options))[0]
 
 
 def _swap_options(task_expert: Paths, language_expert: Paths, config: SwapConfig | None, dtype: str | None,

@@ -21,7 +21,7 @@ from .engine.execute import MergeStats, execute
 from .errors import CheckpointError, ConfigError, MismatchError, param
 from .formats.adapter import Adapter, base_model_of, check_against_base, is_adapter
 from .formats.checkpoint import Checkpoint, open_checkpoint
-from .formats.hub import find_snapshot
+from .formats.hub import find_snapshot, pinned
 from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
                              needed_bytes)
 from .formats.model_card import CardInput, local_name, render_card
@@ -30,6 +30,7 @@ from .formats.side_files import find_side_files, side_bytes
 from .formats.writeback import CHECKSUMS
 from .methods import Method, PlanInputs
 from .methods.common import BASE
+from .methods.method import as_list
 from .options import WriteOptions
 from .plan import MergePlan, TensorRecipe, describe_role
 from .plan.layers import count_layers
@@ -160,6 +161,26 @@ def open_all(stack: ExitStack, roles: Mapping[str, PathLike]) -> dict[str, Check
     """Each role's checkpoint, or LoRA adapter (an :class:`Adapter`, a checkpoint too)."""
     return {role: stack.enter_context(Adapter(path) if is_adapter(path) else open_checkpoint(path))
             for role, path in roles.items()}
+
+
+def resolve(method: Method, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option's value (given or default), the base that adapters name filled in, hub ids
+    pinned: what a merge plans from and its recipe records."""
+    return _pin_hub_ids(method, with_adapter_base(method, method.resolve(options)))
+
+
+def _pin_hub_ids(m: Method, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Hub ids of cached models as ``org/name@<commit>``: every reader of a model (the plan, a
+    magnitude analysis) and the recipe then name one snapshot, which a rebuild finds again after
+    the cache's ``main`` has moved."""
+    result = dict(values)
+    for o in m.options:
+        value = values[o.name]
+        if value is not None and o.kind == "path":
+            result[o.name] = pinned(value)
+        elif value is not None and o.kind == "paths":
+            result[o.name] = [pinned(p) for p in as_list(value)]
+    return result
 
 
 def with_adapter_base(method: Method, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -115,6 +115,16 @@ class _ShardFiller:
                 self._compute(writer, recipe, dst)
         self._flush_copy(writer, source, run)
 
+    def write_tensor(self, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int) -> None:
+        """One tensor alone at ``dst``: a byte copy or its op (:meth:`fill` does the same for a
+        whole shard, coalescing copies)."""
+        if recipe.op == "copy":
+            spec = self.source(recipe.terms[0].role, recipe.name)
+            self._flush_copy(writer, self.inputs[recipe.terms[0].role].input_file(spec.file),
+                             [spec.offset, dst, spec.nbytes])
+        else:
+            self._compute(writer, recipe, dst)
+
     def _flush_copy(self, writer: _core.ShardWriter, src: _core.InputFile | None, run: list[int] | None) -> None:
         if run is None or src is None:
             return
