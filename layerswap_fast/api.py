@@ -58,7 +58,7 @@ def plan_merge(task_expert: Paths, language_expert: Paths, config: SwapConfig | 
                stats: PathLike | None = None) -> MergePlan:
     """Plan a layer swap from the checkpoints' headers (no tensor data is read, except the
     row-MAV analysis that ``magnitude`` weights need when no ``stats`` are given)."""
-    return plan_swap(_swap_options(task_expert, language_expert, config, dtype, soup_weights, base, stats))
+    return plan_swap(swap_options(task_expert, language_expert, config, dtype, soup_weights, base, stats))
 
 
 def plan_swap(options: Mapping[str, Any]) -> MergePlan:
@@ -68,7 +68,7 @@ def plan_swap(options: Mapping[str, Any]) -> MergePlan:
         return plan_method(stack, swap, resolve(swap, options))[0]
 
 
-def _swap_options(task_expert: Paths, language_expert: Paths, config: SwapConfig | None, dtype: str | None,
+def swap_options(task_expert: Paths, language_expert: Paths, config: SwapConfig | None, dtype: str | None,
                   soup_weights: str, base: PathLike | None, stats: PathLike | None) -> dict[str, Any]:
     c = config or SwapConfig()
     return {"task_expert": task_expert, "language_expert": language_expert, "bottom": c.bottom, "top": c.top,
@@ -109,7 +109,7 @@ def merge(
     are ∝ 1 / average row MAV against ``base``, from an earlier ``analyze`` in ``stats`` when given.
     The other keywords are the :class:`WriteOptions`, as for every method.
     """
-    options = _swap_options(task_expert, language_expert, config, dtype, soup_weights, base, stats)
+    options = swap_options(task_expert, language_expert, config, dtype, soup_weights, base, stats)
     return run("layer_swap", out, options, **vars(WriteOptions(
         shard_size, threads, device, force, dry_run, link, max_gpu_bytes, blender, progress, sync, checksum,
         other_inputs)))

@@ -41,7 +41,7 @@ def iter_merged(method: str, options: Mapping[str, Any], *, framework: str = "au
     """
     if method not in METHODS:
         raise ConfigError(f"unknown merge method {method!r}: choose one of {', '.join(METHODS)}")
-    torch = _framework(framework)
+    torch = framework_module(framework)
     if torch is None and (device is not None or pin_memory):
         raise ConfigError("device and pin_memory need torch tensors (framework='torch')")
     m = METHODS[method]
@@ -51,10 +51,10 @@ def iter_merged(method: str, options: Mapping[str, Any], *, framework: str = "au
         backend = make_backend(compute, threads)
         stack.callback(backend.close)
         for recipe, view in merged_buffers(plan.tensors, inputs, backend, threads or 0):
-            yield recipe.name, _as_tensor(view, recipe.dtype, recipe.shape, torch, device, pin_memory)
+            yield recipe.name, as_tensor(view, recipe.dtype, recipe.shape, torch, device, pin_memory)
 
 
-def _framework(name: str) -> Any:
+def framework_module(name: str) -> Any:
     """The torch module for ``torch`` (or ``auto`` when it is installed), else None."""
     if name not in FRAMEWORKS:
         raise ConfigError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {name!r}")
@@ -69,8 +69,9 @@ def _framework(name: str) -> Any:
     return torch
 
 
-def _as_tensor(view: memoryview, dtype: str, shape: tuple[int, ...], torch: Any, device: str | None,
-               pin_memory: bool) -> Any:
+def as_tensor(view: memoryview, dtype: str, shape: tuple[int, ...], torch: Any, device: str | None = None,
+              pin_memory: bool = False) -> Any:
+    """The bytes as a tensor of ``torch`` (the module), or a numpy array when ``torch`` is None."""
     import numpy as np
 
     if torch is None:

@@ -1,0 +1,106 @@
+"""``SwapSession``: a loaded model kept equal to the on-disk merge of the last configuration,
+rewriting only what changes."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import layerswap_fast as lf
+from layerswap_fast.errors import ConfigError
+from support import layer_of, load_tensors, make_adapter, make_llama_trio, raw_bytes
+
+NUM_LAYERS = 12
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("session")
+    paths = make_llama_trio(root, num_layers=NUM_LAYERS, tie=True)
+    paths["adapter"] = make_adapter(paths["base"], root / "adapter", 3, r=4, lora_alpha=4,
+                                    target_modules=["q_proj", "up_proj", "embed_tokens"])
+    return paths
+
+
+def _random_config(rng: random.Random) -> lf.SwapConfig:
+    bottom, top = rng.randint(0, 5), rng.randint(0, 3)
+    lt, ut = rng.randint(0, 2), rng.randint(0, 2)
+    return lf.SwapConfig(bottom=bottom, top=top, lower_transition=lt, upper_transition=ut,
+                         transition_weights=rng.choice(["uniform", "ramp"]),
+                         non_layer=rng.choice(["average", "task", "language"]))
+
+
+def _assert_state_is_merge(state: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> None:
+    assert set(merged) <= set(state)
+    for name, tensor in merged.items():
+        assert raw_bytes(state[name]) == raw_bytes(tensor), name
+
+
+@pytest.mark.parametrize("language", ["language", "adapter"])
+def test_a_random_walk_equals_a_fresh_merge_after_every_step(trio, tmp_path, language):
+    session = lf.SwapSession(trio["task"], trio[language], base=trio["base"])
+    rng = random.Random(7)
+    for step in range(6):
+        config = _random_config(rng)
+        report = session.apply(config)
+        out = tmp_path / f"step{step}"
+        lf.merge(trio["task"], trio[language], out, config, base=trio["base"])
+        _assert_state_is_merge(session.tensors, load_tensors(out))
+        assert len(report.changed) == len(set(report.changed))
+
+
+def test_moving_bottom_rewrites_two_layers(trio):
+    session = lf.SwapSession(trio["task"], trio["language"])
+    first = session.apply(lf.SwapConfig(bottom=5))
+    assert len(first.changed) == len(load_tensors(trio["task"]))  # the first apply writes everything
+    moved = session.apply({"bottom": 4})
+    assert {layer_of(n) for n in moved.changed} == {4, 5}
+    per_layer = sum(1 for n in load_tensors(trio["task"]) if layer_of(n) == 4)
+    assert len(moved.changed) == 2 * per_layer
+    assert session.apply({"bottom": 4}).changed == ()
+
+
+def test_a_transformers_model_is_updated_in_place(trio, tmp_path):
+    """Parameters are copied into, never replaced: the model's storage stays where it was, and
+    its logits are those of the written merge (the tied lm_head follows the embedding)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(trio["base"])
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+    session = lf.SwapSession(trio["task"], trio["adapter"], model, base=trio["base"])
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    for config in (lf.SwapConfig(), lf.SwapConfig(bottom=3, top=1, transition_weights="ramp")):
+        session.apply(config)
+        lf.merge(trio["task"], trio["adapter"], tmp_path / f"b{config.bottom}", config, base=trio["base"])
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / f"b{config.bottom}")
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers
+
+
+def test_a_load_weights_hook_receives_the_changes(trio):
+    class Consumer:
+        def __init__(self) -> None:
+            self.received: dict[str, torch.Tensor] = {}
+
+        def load_weights(self, weights):
+            for name, tensor in weights:
+                self.received[name] = tensor.clone()
+
+    consumer = Consumer()
+    session = lf.SwapSession(trio["task"], trio["language"], consumer)
+    session.apply(lf.SwapConfig(bottom=5))
+    consumer.received.clear()
+    report = session.apply(lf.SwapConfig(bottom=6))
+    assert sorted(consumer.received) == sorted(report.changed)
+
+
+def test_bad_sessions_are_one_line(trio):
+    with pytest.raises(ConfigError, match="unknown swap option 'bottm'"):
+        lf.SwapSession(trio["task"], trio["language"]).apply({"bottm": 3})
+    with pytest.raises(ConfigError, match="must be a torch module or have a load_weights"):
+        lf.SwapSession(trio["task"], trio["language"], object())
+    with pytest.raises(ConfigError, match="the swap needs"):
+        lf.SwapSession(trio["task"], trio["language"]).apply({"bottom": 11})
