@@ -19,10 +19,11 @@ from .methods.swap import SwapConfig, render_plan
 from .plan import MergePlan, TensorRecipe, Term
 from .session import ApplyReport, SwapSession
 from .streaming import iter_merged
+from .sweeps import Candidate, sweep
 from .formats.verify import VerifyError, VerifyReport, verify
 
 __all__ = [
-    "__version__", "run", "iter_merged", "SwapSession", "ApplyReport", "merge", "soup", "task_arithmetic", "ties", "revert", "plan_merge", "MergeResult", "SwapConfig",
+    "__version__", "run", "iter_merged", "SwapSession", "ApplyReport", "sweep", "Candidate", "merge", "soup", "task_arithmetic", "ties", "revert", "plan_merge", "MergeResult", "SwapConfig",
     "MergePlan", "TensorRecipe", "Term", "render_plan", "open_checkpoint", "Checkpoint",
     "TensorSpec", "LayerswapError", "CheckpointError", "ConfigError", "MismatchError",
     "OutputError", "UnsupportedDtypeError", "verify", "VerifyError", "VerifyReport",

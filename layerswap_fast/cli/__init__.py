@@ -108,9 +108,11 @@ def run() -> None:
 def _register() -> None:
     from .analyze import analyze
     from .commands import add_commands
+    from .sweep import sweep
 
     add_commands(main)
     main.add_command(analyze)
+    main.add_command(sweep)
 
 
 _register()

@@ -1,0 +1,144 @@
+"""``sweep``: every candidate equals its own ``merge`` and verifies; a tensor computed for one
+candidate is copied, not computed, for the next; a re-run skips what is complete; bad specs are
+one line with nothing written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import layerswap_fast as lf
+from support import make_llama_trio, shards_without_metadata, snapshot
+
+NUM_LAYERS = 10
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sweep")
+    return make_llama_trio(root, num_layers=NUM_LAYERS, roles=("base", "math-1", "math-2", "swh-1", "swh-2"))
+
+
+def _spec(experts, tmp_path: Path, **extra) -> Path:
+    spec = {"task_experts": [str(experts["math-1"]), str(experts["math-2"])],
+            "language_experts": [str(experts["swh-1"]), str(experts["swh-2"])],
+            "grid": {"bottom": [3, 4], "transition_weights": ["uniform", "ramp"]}, **extra}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "layerswap_fast.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_every_candidate_is_its_own_merge(experts, tmp_path):
+    out = tmp_path / "sweep"
+    found = lf.sweep(_spec(experts, tmp_path), out)
+    assert len(found) == 2 * 2 * 2 * 2 and all(c.status == "built" for c in found)
+    manifest = json.loads((out / "sweep.json").read_text())["candidates"]
+    assert [c["name"] for c in manifest] == [c.name for c in found]
+    assert manifest[0]["name"] == "math-1__swh-1__bottom-3_transition_weights-uniform"
+    for row in manifest:
+        options = row["options"]
+        lf.verify(row["path"])
+        reference = tmp_path / "ref" / row["name"]
+        lf.merge(options["task_expert"], options["language_expert"], reference,
+                 lf.SwapConfig(bottom=options["bottom"], transition_weights=options["transition_weights"]))
+        assert shards_without_metadata(Path(row["path"])) == shards_without_metadata(reference), row["name"]
+        recipe = json.loads((Path(row["path"]) / "layerswap_recipe.json").read_text())
+        assert recipe["options"] == options
+
+
+def test_each_distinct_tensor_is_computed_once(experts, tmp_path):
+    """Across the sweep, the tensors computed equal the distinct computed recipes (a transition
+    layer of one pair under one weighting is made once, whatever else varies)."""
+    found = lf.sweep(_spec(experts, tmp_path), tmp_path / "sweep")
+    distinct = set()
+    for c in found:
+        plan = lf.plan_merge(c.options["task_expert"], c.options["language_expert"],
+                             lf.SwapConfig(bottom=c.options["bottom"],
+                                           transition_weights=c.options["transition_weights"]))
+        distinct |= {(c.options["task_expert"], c.options["language_expert"], t.name, t.terms)
+                     for t in plan.tensors if t.op != "copy"}
+    assert sum(c.computed for c in found) == len(distinct)
+    assert sum(c.shared for c in found) > 0
+    # the second weighting of the first pair shares the non-layer averages with the first
+    assert found[1].shared > 0 and found[0].shared == 0
+
+
+def test_a_rerun_skips_complete_candidates_and_rebuilds_a_damaged_one(experts, tmp_path):
+    spec, out = _spec(experts, tmp_path), tmp_path / "sweep"
+    first = lf.sweep(spec, out)
+    damaged = out / first[2].name
+    shard = sorted(damaged.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    again = lf.sweep(spec, out)
+    assert [c.status for c in again] == ["complete", "complete", "built"] + ["complete"] * (len(again) - 3)
+    lf.verify(damaged)
+    assert shards_without_metadata(damaged) == shards_without_metadata(out / first[2].name)
+
+
+def test_explicit_pairs_soups_and_a_single_value_grid(experts, tmp_path):
+    spec = _spec(experts, tmp_path, pairs=[[[str(experts["math-1"]), str(experts["math-2"])], str(experts["swh-2"])]],
+                 grid={"bottom": 4, "top": [1, 2]})
+    found = lf.sweep(spec, tmp_path / "sweep")
+    assert [c.name for c in found] == ["math-1+math-2__swh-2__top-1", "math-1+math-2__swh-2__top-2"]
+    lf.merge([experts["math-1"], experts["math-2"]], experts["swh-2"], tmp_path / "ref", lf.SwapConfig(bottom=4, top=2))
+    assert shards_without_metadata(tmp_path / "sweep" / found[1].name) == shards_without_metadata(tmp_path / "ref")
+
+
+def test_the_command_and_its_csv(experts, tmp_path):
+    out = tmp_path / "sweep"
+    result = _cli("sweep", _spec(experts, tmp_path), "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 16 and result.stdout.startswith("built")
+    rows = list(csv.DictReader((out / "sweep.csv").read_text().splitlines()))
+    assert len(rows) == 16 and {"name", "status", "bytes_new", "bottom", "transition_weights"} <= set(rows[0])
+    assert _cli("verify", out / rows[5]["name"]).returncode == 0
+
+
+def test_a_dry_run_writes_nothing(experts, tmp_path):
+    spec = _spec(experts, tmp_path)
+    before = snapshot(tmp_path)
+    result = _cli("sweep", spec, "-o", tmp_path / "sweep", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 16 and result.stdout.startswith("planned")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"grid": {"bottm": [3]}}, "grid.bottm is no swap option a sweep can vary"),
+    ({"grid": {"bottom": ["three"]}}, "grid.bottom[0] must be an integer"),
+    ({"grid": {"bottom": []}}, "grid.bottom is empty"),
+    ({"task_experts": []}, "task_experts must be a list"),
+    ({"pairs": [["a"]]}, "pairs[0] must be a list"),
+    ({"surprise": 1}, "unknown key surprise"),
+    ({"task_experts": [3]}, "task_experts[0] must be a path or a list of paths"),
+])
+def test_bad_specs_are_one_line(experts, tmp_path, change, needle):
+    spec = _spec(experts, tmp_path, **change)
+    before = snapshot(tmp_path)
+    result = _cli("sweep", spec, "-o", tmp_path / "sweep")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_a_failed_candidate_is_reported_and_the_others_finish(experts, tmp_path):
+    spec = _spec(experts, tmp_path, grid={"bottom": [3, 9]})
+    result = _cli("sweep", spec, "-o", tmp_path / "sweep")
+    assert result.returncode == 2
+    assert "4 of 8 candidates failed" in result.stderr and "the swap needs" in result.stderr
+    manifest = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["candidates"]
+    assert [c["status"] for c in manifest] == ["built", "failed"] * 4
+    assert all("the swap needs" in c["error"] for c in manifest if c["status"] == "failed")
