@@ -19,7 +19,7 @@ from .formats.output import LINK_MODES
 from .formats.verify import verify
 from .formats.writeback import CHECKSUMS, DEFAULT_CHECKSUM
 from .methods import METHODS, Method, Option
-from .methods.swap import SOUP_WEIGHTS, SwapConfig, render_plan
+from .methods.swap import SOUP_WEIGHTS, SwapConfig, render_plan, swap_options
 from .options import WRITE_OPTIONS, WriteOptions, command_options, read_config, recipe_yaml
 from .plan import MergePlan
 from .sweeps import Candidate, sweep
@@ -67,15 +67,6 @@ def plan_swap(options: Mapping[str, Any]) -> MergePlan:
     swap = METHODS["layer_swap"]
     with ExitStack() as stack:
         return plan_method(stack, swap, resolve(swap, options))[0]
-
-
-def swap_options(task_expert: Paths, language_expert: Paths, config: SwapConfig | None, dtype: str | None,
-                  soup_weights: str, base: PathLike | None, stats: PathLike | None) -> dict[str, Any]:
-    c = config or SwapConfig()
-    return {"task_expert": task_expert, "language_expert": language_expert, "bottom": c.bottom, "top": c.top,
-            "lower_transition": c.lower_transition, "upper_transition": c.upper_transition,
-            "transition_weights": c.transition_weights, "non_layer": c.non_layer, "soup_weights": soup_weights,
-            "base": base, "stats": stats, "dtype": dtype}
 
 
 def merge(

@@ -10,22 +10,24 @@ calls is the on-disk merge of the last configuration.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .api import PathLike, Paths, swap_options
 from .engine.backends import make_backend
 from .engine.memory import merged_buffers
 from .errors import ConfigError
 from .methods import METHODS
-from .methods.swap import SwapConfig
+from .methods.swap import SwapConfig, swap_options
 from .plan import TensorRecipe
 from .streaming import as_tensor, framework_module
 from .writing import plan_method, resolve
 
+PathLike = str | os.PathLike[str]
+Paths = PathLike | Sequence[PathLike]
 #: what ``apply`` hands each changed tensor to when the model is no transformers module
 LoadWeights = Callable[[Iterable[tuple[str, Any]]], Any]
 

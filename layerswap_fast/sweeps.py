@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, LayerswapError
+from .evaluation import Evaluator, load_evaluator
+from .formats.adapter import is_adapter
 from .formats.checkpoint import RECIPE_NAME, Checkpoint, open_checkpoint
 from .formats.model_card import local_name
 from .formats.layout import ReusedShard
@@ -171,12 +173,21 @@ Report = Callable[[Candidate], None]
 
 def sweep(spec: PathLike | Mapping[str, Any], out: PathLike, *, link: str = "auto", threads: int | None = None,
           device: str = "auto", dry_run: bool = False, checksum: str | None = None,
+          evaluate: str | Evaluator | None = None, in_memory: bool = False,
           report: Report | None = None) -> list[Candidate]:
     """Build every candidate of ``spec`` (a spec file, or its parsed content) under ``out``; see
-    the module's text. A candidate that fails is reported (status ``failed``, its error) and the
-    others go on. Returns the candidates as ``sweep.json`` lists them."""
+    the module's text. ``evaluate`` (a function, or ``module:function`` / ``perplexity:FILE``) is
+    called with each candidate's directory, or with ``in_memory`` with a model that a
+    :class:`SwapSession` keeps equal to the candidate (nothing but the manifest is written); its
+    dict goes into the candidate's ``metrics``. A candidate that fails is reported (status
+    ``failed``, its error) and the others go on. Returns the candidates as ``sweep.json`` lists them."""
     found = read_spec(spec) if isinstance(spec, (str, os.PathLike)) else candidates(spec)
+    evaluator = load_evaluator(evaluate) if isinstance(evaluate, str) else evaluate
     root = Path(out)
+    if in_memory:
+        if evaluator is None:
+            raise ConfigError("an in-memory sweep writes no candidates: it needs an evaluator")
+        return _in_memory(found, root, evaluator, threads, device, report)
     made: dict[RecipeKey, Path] = {}
     with ExitStack() as earlier:
         opened: dict[Path, Checkpoint] = {}
@@ -190,6 +201,8 @@ def sweep(spec: PathLike | Mapping[str, Any], out: PathLike, *, link: str = "aut
             candidate.path = root / candidate.name
             try:
                 _build(candidate, made, output_of, link, threads, device, dry_run, checksum)
+                if evaluator is not None and not dry_run:
+                    _evaluate(candidate, evaluator, candidate.path)
             except LayerswapError as e:
                 candidate.status, candidate.error = "failed", str(e)
             if not dry_run:
@@ -227,6 +240,57 @@ def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callabl
     candidate.seconds = time.perf_counter() - start
     if not dry_run:
         candidate.checksum = hashlib.sha256((candidate.path / RECIPE_NAME).read_bytes()).hexdigest()
+
+
+def _evaluate(candidate: Candidate, evaluator: Evaluator, target: Any) -> None:
+    """The evaluator's metrics into the candidate; whatever it raises fails this candidate only."""
+    try:
+        candidate.metrics = dict(evaluator(target))
+    except Exception as e:  # noqa: BLE001  (a user's function: any failure is its candidate's)
+        candidate.status, candidate.error = "failed", f"evaluation: {type(e).__name__}: {e}"
+
+
+def _in_memory(found: list[Candidate], root: Path, evaluator: Evaluator, threads: int | None, device: str,
+               report: Report | None) -> list[Candidate]:
+    """Each candidate applied to one loaded model by a session per expert pair, then evaluated."""
+    from .session import SwapSession
+    model, session, pair = None, None, None
+    for candidate in found:
+        start = time.perf_counter()
+        o = candidate.options
+        try:
+            if (o["task_expert"], o["language_expert"]) != pair:
+                pair = (o["task_expert"], o["language_expert"])
+                model = model or _load_model(o)
+                session = SwapSession(*pair, model, dtype=o["dtype"], soup_weights=o["soup_weights"], base=o["base"],
+                                      stats=o["stats"], compute=device, threads=threads)
+            assert session is not None
+            changed = session.apply({k: o[k] for k in _SESSION_KEYS})
+            candidate.status, candidate.shared = "evaluated", 0
+            candidate.computed = len(changed.changed)
+            _evaluate(candidate, evaluator, model)
+        except LayerswapError as e:
+            candidate.status, candidate.error = "failed", str(e)
+        candidate.seconds = time.perf_counter() - start
+        write_manifest(root, found)
+        if report is not None:
+            report(candidate)
+    return found
+
+
+_SESSION_KEYS = ("bottom", "top", "lower_transition", "upper_transition", "transition_weights", "non_layer")
+
+
+def _load_model(options: Mapping[str, Any]) -> Any:
+    """The model an in-memory sweep updates: loaded once from the first task expert (or, for an
+    adapter, its base)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    first = as_list(options["task_expert"])[0]
+    source = options["base"] if is_adapter(first) else first
+    # float32 holds every merge dtype exactly, and evaluates as a written candidate loaded in float32
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
 
 
 def _key(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> RecipeKey:

@@ -142,3 +142,66 @@ def test_a_failed_candidate_is_reported_and_the_others_finish(experts, tmp_path)
     manifest = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["candidates"]
     assert [c["status"] for c in manifest] == ["built", "failed"] * 4
     assert all("the swap needs" in c["error"] for c in manifest if c["status"] == "failed")
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+def _char_tokenizer(directory: Path) -> None:
+    """A character-level tokenizer saved beside a model (the tiny Llamas have a 96-token vocabulary)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {chr(32 + i): i for i in range(95)} | {"[UNK]": 95}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]")),
+                                        unk_token="[UNK]")
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def talking(experts, tmp_path_factory):
+    """The experts with a tokenizer, and a held-out text."""
+    for name in ("math-1", "swh-1", "swh-2"):
+        _char_tokenizer(experts[name])
+    text = tmp_path_factory.mktemp("text") / "heldout.txt"
+    text.write_text("def merge(a, b):\n    return a + b\n" * 40)
+    return text
+
+
+def test_perplexity_in_memory_equals_perplexity_of_the_written_candidates(experts, talking, tmp_path):
+    spec = _spec(experts, tmp_path, task_experts=[str(experts["math-1"])], grid={"bottom": [3, 4]})
+    written = lf.sweep(spec, tmp_path / "disk", evaluate=f"perplexity:{talking}")
+    memory = lf.sweep(spec, tmp_path / "memory", evaluate=f"perplexity:{talking}", in_memory=True)
+    assert [c.status for c in written] == ["built"] * 4 and [c.status for c in memory] == ["evaluated"] * 4
+    for a, b in zip(written, memory):
+        assert a.metrics == b.metrics and a.metrics["loss"] > 0, a.name
+    assert len({c.metrics["loss"] for c in written}) == 4  # the candidates differ
+    assert sorted(p.name for p in (tmp_path / "memory").iterdir()) == ["sweep.csv", "sweep.json"]
+    # the built-in loss against a plain transformers computation over the same windows
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(written[0].path)
+    ids = tokenizer(talking.read_text(), add_special_tokens=False)["input_ids"]
+    rows = torch.tensor(ids[:len(ids) // 128 * 128]).view(-1, 128)[:32]
+    model = AutoModelForCausalLM.from_pretrained(written[0].path, dtype=torch.float32)
+    with torch.no_grad():
+        losses = [float(model(input_ids=rows[i:i + 1], labels=rows[i:i + 1]).loss) for i in range(len(rows))]
+    assert written[0].metrics["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_a_user_function_and_a_failing_one(experts, tmp_path, monkeypatch):
+    (tmp_path / "myeval.py").write_text(
+        "from pathlib import Path\n"
+        "def size(path):\n    return {'files': len(list(Path(path).iterdir()))}\n"
+        "def broken(path):\n    raise RuntimeError('no metric today')\n")
+    monkeypatch.chdir(tmp_path)
+    spec = _spec(experts, tmp_path, task_experts=[str(experts["math-1"])], language_experts=[str(experts["swh-1"])],
+                 grid={"bottom": [3, 4]})
+    result = _cli("sweep", spec, "-o", tmp_path / "a", "--eval", "myeval:size")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "a" / "sweep.json").read_text())["candidates"]
+    assert all(r["metrics"]["files"] == len(list(Path(r["path"]).iterdir())) for r in rows)
+    result = _cli("sweep", spec, "-o", tmp_path / "b", "--eval", "myeval:broken")
+    assert result.returncode == 2 and "evaluation: RuntimeError: no metric today" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = _cli("sweep", spec, "-o", tmp_path / "c", "--eval", "myeval:missing")
+    assert result.returncode == 2 and "myeval has no function 'missing'" in result.stderr
+    assert not (tmp_path / "c").exists()

@@ -12,8 +12,10 @@ def _line(c: Candidate) -> None:
     if c.status == "failed":
         click.echo(f"failed    {c.name}: {c.error}")
         return
+    metrics = "".join(f"; {k} {v}" for k, v in c.metrics.items())
     click.echo(f"{c.status:<9} {c.name}: {c.computed} tensors computed, {c.shared} shared with earlier "
-               f"candidates; {c.bytes_new / 1e6:.1f} MB new, {c.bytes_reused / 1e6:.1f} MB reused; {c.seconds:.2f} s")
+               f"candidates; {c.bytes_new / 1e6:.1f} MB new, {c.bytes_reused / 1e6:.1f} MB reused; "
+               f"{c.seconds:.2f} s{metrics}")
 
 
 @click.command("sweep")
@@ -25,10 +27,17 @@ def _line(c: Candidate) -> None:
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where blends run: auto uses a CUDA GPU when there is one.")
 @click.option("--dry-run", is_flag=True, help="Print the candidates and what each would write; write nothing.")
-def sweep(spec: str, out: str, link: str, threads: int | None, device: str, dry_run: bool) -> None:
+@click.option("--eval", "evaluate", default=None, metavar="MODULE:FUNCTION|perplexity:FILE",
+              help="Evaluate each candidate: a function of its directory (or, with --in-memory, of the model) "
+                   "returning a dict of metrics, or the held-out loss of a text file.")
+@click.option("--in-memory", is_flag=True,
+              help="Write no candidates: one loaded model is kept equal to each in turn and evaluated.")
+def sweep(spec: str, out: str, link: str, threads: int | None, device: str, dry_run: bool, evaluate: str | None,
+          in_memory: bool) -> None:
     """Layer swaps of many expert pairs under a grid of swap options (a YAML spec), each candidate
     in its own directory; a tensor computed for one candidate is copied, not computed, for the next."""
-    found = run_sweep(spec, out, link=link, threads=threads, device=device, dry_run=dry_run, report=_line)
+    found = run_sweep(spec, out, link=link, threads=threads, device=device, dry_run=dry_run, evaluate=evaluate,
+                      in_memory=in_memory, report=_line)
     failed = [c for c in found if c.status == "failed"]
     if failed:
         raise ConfigError(f"{len(failed)} of {len(found)} candidates failed (first: {failed[0].name}: "

@@ -277,3 +277,13 @@ METHOD = Method(
         dtype_option("task expert"),
     ),
     inputs=_inputs, plan=_plan, extra=_extra, describe=_describe)
+
+
+def swap_options(task_expert: Any, language_expert: Any, config: SwapConfig | None, dtype: str | None,
+                  soup_weights: str, base: Any, stats: Any) -> dict[str, Any]:
+    """The swap's options by their recipe names, from a :class:`SwapConfig` and the rest."""
+    c = config or SwapConfig()
+    return {"task_expert": task_expert, "language_expert": language_expert, "bottom": c.bottom, "top": c.top,
+            "lower_transition": c.lower_transition, "upper_transition": c.upper_transition,
+            "transition_weights": c.transition_weights, "non_layer": c.non_layer, "soup_weights": soup_weights,
+            "base": base, "stats": stats, "dtype": dtype}
