@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from layerswap_fast.evaluation import mean_loss, token_windows
+
 #: bump when anything below changes what a build produces
 BUILD = 1
 ROLES = ("base", "task", "language")
@@ -150,14 +152,6 @@ def _convert(gguf: Path, dest: Path) -> None:
 
 # ------------------------------------------------------------------------------- fine-tunes
 
-def _windows(tokenizer: Any, text: str, count: int | None = None) -> Any:
-    """The text as consecutive SEQ-token rows (the first ``count`` of them)."""
-    import torch
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    rows = len(ids) // SEQ if count is None else min(count, len(ids) // SEQ)
-    return torch.tensor(ids[:rows * SEQ]).view(rows, SEQ)
-
-
 def _fine_tune(base: Path, dest: Path, text: str, family: Family, seed: int) -> list[float]:
     """A short full fine-tune of ``base`` on ``text`` (float32, AdamW, seeded batches); saved in
     bf16 with the base's side files. Returns the training losses."""
@@ -169,7 +163,7 @@ def _fine_tune(base: Path, dest: Path, text: str, family: Family, seed: int) -> 
     kwargs = {"attn_implementation": family.attn} if family.attn else {}
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **kwargs)
     model.train()
-    rows = _windows(tokenizer, text)
+    rows = token_windows(tokenizer, text, seq=SEQ)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=family.lr, weight_decay=0.0)
     losses = []
@@ -189,17 +183,14 @@ def _fine_tune(base: Path, dest: Path, text: str, family: Family, seed: int) -> 
 
 
 def heldout_loss(model_dir: Path, text: str, rows: int = 32, batch: int = 8) -> float:
-    """Mean next-token loss of the model over the first ``rows`` SEQ-token windows of ``text``."""
+    """Mean next-token loss of the model over the first ``rows`` SEQ-token windows of ``text``
+    (the package's own held-out loss, which ``sweep --eval perplexity:FILE`` reports too)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    data = _windows(tokenizer, text, rows)
-    with torch.no_grad():
-        losses = [float(model(input_ids=data[i:i + batch], labels=data[i:i + batch]).loss) * len(data[i:i + batch])
-                  for i in range(0, len(data), batch)]
-    return sum(losses) / len(data)
+    return mean_loss(model, token_windows(tokenizer, text, rows, seq=SEQ), batch)
 
 
 # --------------------------------------------------------------------------------- the build
