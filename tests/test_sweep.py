@@ -205,3 +205,33 @@ def test_a_user_function_and_a_failing_one(experts, tmp_path, monkeypatch):
     result = _cli("sweep", spec, "-o", tmp_path / "c", "--eval", "myeval:missing")
     assert result.returncode == 2 and "myeval has no function 'missing'" in result.stderr
     assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance for these tests only: two CPUs, loopback, stopped afterwards."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _without_timings(manifest: dict) -> list[dict]:
+    return [{k: v for k, v in c.items() if k != "seconds"} for c in manifest["candidates"]]
+
+
+def test_a_ray_run_gives_the_local_manifest(experts, tmp_path, local_ray):
+    spec = _spec(experts, tmp_path, grid={"bottom": [3, 4, 9]})  # bottom 9 fails: reported, the others finish
+    out = tmp_path / "sweep"
+    lf.sweep(spec, out)
+    local = json.loads((out / "sweep.json").read_text())
+    out.rename(tmp_path / "local")
+    found = lf.sweep(spec, out, ray="local")
+    assert _without_timings(json.loads((out / "sweep.json").read_text())) == _without_timings(local)
+    assert [c.status for c in found].count("failed") == 4 and sum(c.shared for c in found) > 0
+    for c in found:
+        if c.status == "built":
+            lf.verify(c.path)

@@ -32,12 +32,15 @@ def _line(c: Candidate) -> None:
                    "returning a dict of metrics, or the held-out loss of a text file.")
 @click.option("--in-memory", is_flag=True,
               help="Write no candidates: one loaded model is kept equal to each in turn and evaluated.")
+@click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run the candidates as Ray tasks: on the cluster at ADDRESS, or a local instance when none "
+                   "is given. Every node must see the inputs and -o at the same paths.")
 def sweep(spec: str, out: str, link: str, threads: int | None, device: str, dry_run: bool, evaluate: str | None,
-          in_memory: bool) -> None:
+          in_memory: bool, ray: str | None) -> None:
     """Layer swaps of many expert pairs under a grid of swap options (a YAML spec), each candidate
     in its own directory; a tensor computed for one candidate is copied, not computed, for the next."""
     found = run_sweep(spec, out, link=link, threads=threads, device=device, dry_run=dry_run, evaluate=evaluate,
-                      in_memory=in_memory, report=_line)
+                      in_memory=in_memory, ray=ray, report=_line)
     failed = [c for c in found if c.status == "failed"]
     if failed:
         raise ConfigError(f"{len(failed)} of {len(found)} candidates failed (first: {failed[0].name}: "

@@ -1,0 +1,195 @@
+"""Building one sweep candidate: an ordinary merge whose tensors computed by earlier candidates
+are copied from their outputs; and the manifest (``sweep.json``, ``sweep.csv``)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import LayerswapError
+from .evaluation import Evaluator
+from .formats.checkpoint import RECIPE_NAME, Checkpoint, open_checkpoint
+from .formats.layout import ReusedShard
+from .formats.verify import verify
+from .options import WriteOptions
+from .plan import MergePlan, TensorRecipe, Term
+from .sweep_spec import SWAP, Candidate
+from .writing import MergeResult, plan_method, resolve, side_source, write_plan
+
+#: a computed tensor's identity across candidates: its name, dtype, shape, op, numbers, and each
+#: input by the file it comes from
+RecipeKey = tuple[Any, ...]
+MANIFEST_JSON, MANIFEST_CSV = "sweep.json", "sweep.csv"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How every candidate of a sweep is written and evaluated."""
+
+    link: str
+    threads: int | None
+    device: str
+    dry_run: bool
+    checksum: str | None
+    evaluator: Evaluator | None
+
+
+@contextmanager
+def earlier_outputs() -> Iterator[Callable[[Path], Checkpoint]]:
+    """``output_of(path)``: an earlier candidate's output, opened once, closed at the end."""
+    with ExitStack() as stack:
+        opened: dict[Path, Checkpoint] = {}
+
+        def output_of(path: Path) -> Checkpoint:
+            if path not in opened:
+                opened[path] = stack.enter_context(open_checkpoint(path))
+            return opened[path]
+
+        yield output_of
+
+
+def build_one(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callable[[Path], Checkpoint],
+              settings: Settings) -> Candidate:
+    """Build (and evaluate) one candidate; its failure is its own, recorded in it."""
+    try:
+        _build(candidate, made, output_of, settings.link, settings.threads, settings.device, settings.dry_run,
+               settings.checksum)
+        if settings.evaluator is not None and not settings.dry_run:
+            evaluate_candidate(candidate, settings.evaluator, candidate.path)
+    except LayerswapError as e:
+        candidate.status, candidate.error = "failed", str(e)
+    return candidate
+
+
+def recipe_keys(candidate: Candidate, device: str = "auto") -> list[RecipeKey]:
+    """The keys of the tensors the candidate computes (headers only)."""
+    with ExitStack() as stack:
+        plan, inputs = plan_method(stack, SWAP, resolve(SWAP, candidate.options), device)
+        return [_key(r, inputs) for r in plan.tensors if r.op != "copy"]
+
+
+def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callable[[Path], Checkpoint], link: str,
+           threads: int | None, device: str, dry_run: bool, checksum: str | None) -> None:
+    """Plan the candidate; unless it is complete from an earlier run, write it (or, in a dry run,
+    lay it out), taking what earlier candidates computed from their outputs."""
+    assert candidate.path is not None
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        values = resolve(SWAP, candidate.options)
+        plan, inputs = plan_method(stack, SWAP, values, device, threads)
+        keys = {r.name: _key(r, inputs) for r in plan.tensors if r.op != "copy"}
+        shared = sum(1 for key in keys.values() if key in made)
+        recorded = SWAP.recorded(values, plan)
+        candidate.recorded = {k: v for k, v in {**recorded, "shard_size": candidate.shard_size}.items()
+                              if v is not None}
+        complete = not dry_run and _complete(candidate.path, candidate.recorded)
+        if not complete:
+            plan_now, sources = (plan, {}) if dry_run else _share(plan, keys, made, output_of)
+            settings = WriteOptions(candidate.shard_size, threads, device, force=_ours(candidate.path),
+                                    dry_run=dry_run, link=link, **({"checksum": checksum} if checksum else {}))
+            result = write_plan(SWAP, plan_now, {**inputs, **sources}, candidate.path, recorded, settings,
+                                side_source(inputs), SWAP.extra(plan), [values["base"], values["stats"]])
+            _account(candidate, result, shared, len(keys))
+        for key in keys.values():
+            made.setdefault(key, candidate.path)
+    candidate.status = "planned" if dry_run else ("complete" if complete else "built")
+    candidate.seconds = time.perf_counter() - start
+    if not dry_run:
+        candidate.checksum = hashlib.sha256((candidate.path / RECIPE_NAME).read_bytes()).hexdigest()
+
+
+def evaluate_candidate(candidate: Candidate, evaluator: Evaluator, target: Any) -> None:
+    """The evaluator's metrics into the candidate; whatever it raises fails this candidate only."""
+    try:
+        candidate.metrics = dict(evaluator(target))
+    except Exception as e:  # noqa: BLE001  (a user's function: any failure is its candidate's)
+        candidate.status, candidate.error = "failed", f"evaluation: {type(e).__name__}: {e}"
+
+
+def _key(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> RecipeKey:
+    source = {role: str(Path(c.path).resolve()) for role, c in inputs.items()}
+    return (recipe.name, recipe.dtype, recipe.shape, recipe.op, recipe.params,
+            tuple((source[t.role], t.weight) for t in recipe.terms),
+            tuple((source[f.role], f.a, f.b, f.weight, f.transposed) for f in recipe.factors))
+
+
+def _share(plan: MergePlan, keys: Mapping[str, RecipeKey], made: Mapping[RecipeKey, Path],
+           output_of: Callable[[Path], Checkpoint]) -> tuple[MergePlan, dict[str, Checkpoint]]:
+    """``plan`` with every tensor an earlier candidate computed turned into a copy from its output."""
+    roles: dict[Path, str] = {}
+    tensors = []
+    for recipe in plan.tensors:
+        earlier = made.get(keys[recipe.name]) if recipe.name in keys else None
+        if earlier is None:
+            tensors.append(recipe)
+            continue
+        role = roles.setdefault(earlier, f"sweep.{len(roles)}")
+        tensors.append(replace(recipe, op="copy", terms=(Term(role, 1.0),), params=(), factors=()))
+    return replace(plan, tensors=tuple(tensors)), {role: output_of(path) for path, role in roles.items()}
+
+
+def _account(candidate: Candidate, result: MergeResult, shared: int, computed: int) -> None:
+    candidate.bytes_new = sum(s.file_size for s in result.shards if not isinstance(s, ReusedShard))
+    candidate.bytes_reused = sum(s.file_size for s in result.shards if isinstance(s, ReusedShard))
+    candidate.shared, candidate.computed = shared, computed - shared
+
+
+def _complete(path: Path, options: Mapping[str, Any]) -> bool:
+    """Whether a candidate's directory is there from an earlier run, made with these options,
+    and verifies."""
+    try:
+        recipe = json.loads((path / RECIPE_NAME).read_text(encoding="utf-8"))
+        if not isinstance(recipe, dict) or recipe.get("options") != json.loads(json.dumps(options)):
+            return False
+        verify(path)
+    except (OSError, ValueError, LayerswapError):
+        return False
+    return True
+
+
+def _ours(path: Path) -> bool:
+    """An existing candidate directory that an earlier run wrote (it has a recipe) may be replaced;
+    anything else in its place is left for the output check to refuse."""
+    return (path / RECIPE_NAME).is_file()
+
+
+# ------------------------------------------------------------------------------- the manifest
+
+CSV_COLUMNS = ("name", "status", "path", "bytes_new", "bytes_reused", "seconds", "tensors_computed",
+               "tensors_shared", "checksum", "error")
+
+
+def write_manifest(root: Path, found: Sequence[Candidate]) -> None:
+    """``sweep.json`` (every candidate with its options and metrics) and ``sweep.csv`` (one row
+    each, options and metrics flattened), each replaced atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [c.row() for c in found]
+    _replace(root / MANIFEST_JSON, json.dumps({"candidates": rows}, indent=2) + "\n")
+    option_keys = sorted({k for r in rows for k in r["options"]})
+    metric_keys = sorted({k for r in rows for k in r["metrics"]})
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow([*CSV_COLUMNS, *option_keys, *metric_keys])
+    for r in rows:
+        writer.writerow([r[c] for c in CSV_COLUMNS] + [_cell(r["options"].get(k)) for k in option_keys]
+                        + [_cell(r["metrics"].get(k)) for k in metric_keys])
+    _replace(root / MANIFEST_CSV, text.getvalue())
+
+
+def _cell(value: Any) -> Any:
+    return "+".join(map(str, value)) if isinstance(value, list) else value
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
