@@ -1,0 +1,169 @@
+"""The paper's search at scale: a sweep against separate merges, and a SwapSession against a reload.
+
+    python bench/bench_sweep.py [--shape 1b] [--layers N] [--tasks 3] [--languages 3]
+                                [--separate 6] [--shard-size 500MB] [--workdir DIR] [--xfs-gb 0]
+
+Part 1: ``layerswap-fast sweep`` over T task × L language experts (synthetic) × 6 swap
+configurations (bottom 4/5/6 × top 1/2), beside ``--separate`` of the same candidates built by
+separate ``merge`` runs, their time and bytes extrapolated to all candidates (said so in the
+output): wall seconds, peak RSS, bytes the filesystem gave out (``statvfs`` before and after, so
+reflinked extents count as shared). With ``--xfs-gb N`` everything lives on an XFS filesystem with
+reflink made in a loop file of N GB (needs root and mkfs.xfs): whole shards are then reflinked.
+
+Part 2: ``SwapSession.apply`` between neighbouring configurations (bottom 5 -> 4 -> 5 ...) on a
+transformers model, beside loading the merged model from disk with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DEFAULT_WORKDIR, find_cli, machine_info, run_timed, sync  # noqa: E402
+
+GRID = {"bottom": [4, 5, 6], "top": [1, 2]}
+
+
+def used_bytes(path: Path) -> int:
+    sync()
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def make_experts(root: Path, shape: str, layers: int | None, tasks: int, languages: int, shard_size: str) -> None:
+    """The base and experts, generated in a child (the timing parent stays small)."""
+    names = [f"task-{i + 1}" for i in range(tasks)] + [f"lang-{i + 1}" for i in range(languages)]
+    if all((root / n / "model.safetensors.index.json").exists() for n in ["base", *names]):
+        return
+    code = ("import sys; from layerswap_fast import synthetic; "
+            f"synthetic.make_trio({str(root)!r}, {shape!r}, shard_size={shard_size!r}, num_layers={layers!r}, "
+            f"experts={tuple(names)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def xfs_mount(workdir: Path, gigabytes: int) -> Path:
+    image, mount = workdir / "xfs.img", workdir / "xfs"
+    mount.mkdir(parents=True, exist_ok=True)
+    if not os.path.ismount(mount):
+        with open(image, "wb") as f:
+            f.truncate(gigabytes * 10**9)
+        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    return mount
+
+
+def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, shard_size: str) -> dict:
+    spec = {"task_experts": [str(root / f"task-{i + 1}") for i in range(tasks)],
+            "language_experts": [str(root / f"lang-{i + 1}") for i in range(languages)],
+            "grid": GRID, "shard_size": shard_size}
+    (root / "spec.json").write_text(json.dumps(spec))  # JSON is YAML
+    out = root / "sweep"
+    shutil.rmtree(out, ignore_errors=True)
+    before = used_bytes(root)
+    timed = run_timed([cli, "sweep", str(root / "spec.json"), "-o", str(out)])
+    if timed.returncode:
+        sys.exit(timed.stderr)
+    swept = used_bytes(root) - before
+    rows = json.loads((out / "sweep.json").read_text())["candidates"]
+    picks = [rows[round(i * (len(rows) - 1) / max(1, separate - 1))] for i in range(separate)]
+    seconds, written = [], 0
+    for row in picks:
+        o, dest = row["options"], root / "separate" / row["name"]
+        shutil.rmtree(dest, ignore_errors=True)
+        before = used_bytes(root)
+        cmd = [cli, "merge", "--task-expert", o["task_expert"][0], "--language-expert", o["language_expert"][0],
+               "--bottom", str(o["bottom"]), "--top", str(o["top"]), "--shard-size", shard_size, "-o", str(dest)]
+        t = run_timed(cmd)
+        if t.returncode:
+            sys.exit(t.stderr)
+        seconds.append(t.seconds)
+        written += used_bytes(root) - before
+    shutil.rmtree(root / "separate", ignore_errors=True)
+    scale = len(rows) / len(picks)
+    return {"candidates": len(rows), "sweep_s": timed.seconds, "sweep_rss_mb": timed.peak_rss_mb,
+            "sweep_bytes": swept, "separate_timed": len(picks), "separate_s_extrapolated": sum(seconds) * scale,
+            "separate_bytes_extrapolated": written * scale,
+            "computed": sum(r["tensors_computed"] for r in rows), "shared": sum(r["tensors_shared"] for r in rows)}
+
+
+SESSION_CODE = r"""
+import json, sys, time, statistics, torch
+import layerswap_fast as ls
+from transformers import AutoModelForCausalLM
+task, lang, merged, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+loads = []
+for _ in range(rounds):
+    t = time.perf_counter(); model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16)
+    loads.append(time.perf_counter() - t)
+session = ls.SwapSession(task, lang, model)
+session.apply({"bottom": 5})
+applies = []
+for i in range(rounds * 2):
+    report = session.apply({"bottom": 4 if i % 2 == 0 else 5})
+    applies.append(report.seconds)
+print(json.dumps({"load_s": statistics.median(loads), "apply_s": statistics.median(applies),
+                  "apply_tensors": len(report.changed), "apply_mb": report.bytes / 1e6}))
+"""
+
+
+def part_session(root: Path, rounds: int) -> dict:
+    merged = root / "merged-b5"
+    if not (merged / "layerswap_recipe.json").exists():
+        subprocess.run([find_cli() or "layerswap-fast", "merge", "--task-expert", str(root / "task-1"),
+                        "--language-expert", str(root / "lang-1"), "-o", str(merged), "--force"], check=True)
+    out = subprocess.run([sys.executable, "-c", SESSION_CODE, str(root / "task-1"), str(root / "lang-1"), str(merged),
+                          str(rounds)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="1b")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--tasks", type=int, default=3)
+    ap.add_argument("--languages", type=int, default=3)
+    ap.add_argument("--separate", type=int, default=6)
+    ap.add_argument("--shard-size", default="500MB")
+    ap.add_argument("--session-rounds", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "sweep")
+    ap.add_argument("--xfs-gb", type=int, default=0)
+    args = ap.parse_args()
+    cli = find_cli()
+    if cli is None:
+        sys.exit("layerswap-fast is not installed")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    root = xfs_mount(args.workdir, args.xfs_gb) if args.xfs_gb else args.workdir
+    root = root / f"{args.shape}-{args.layers or 'all'}l"
+    root.mkdir(exist_ok=True)
+    make_experts(root, args.shape, args.layers, args.tasks, args.languages, args.shard_size)
+    print("machine:", json.dumps(machine_info(root)))
+    s = part_sweep(cli, root, args.tasks, args.languages, args.separate, args.shard_size)
+    print(f"\n{s['candidates']} candidates ({args.tasks} task × {args.languages} language experts × 6 configs, "
+          f"{args.shape}{'' if args.layers is None else f' with {args.layers} layers'}, shards {args.shard_size}); "
+          f"separate merges: {s['separate_timed']} timed, extrapolated to {s['candidates']}\n")
+    print("| | seconds | GB written | peak RSS MB |\n|---|---:|---:|---:|")
+    print(f"| sweep | {s['sweep_s']:.1f} | {s['sweep_bytes'] / 1e9:.2f} | {s['sweep_rss_mb']:.0f} |")
+    print(f"| {s['candidates']} separate merges (extrapolated) | {s['separate_s_extrapolated']:.1f} | "
+          f"{s['separate_bytes_extrapolated'] / 1e9:.2f} | |")
+    print(f"\nratios: time {s['sweep_s'] / s['separate_s_extrapolated']:.2f}, bytes "
+          f"{s['sweep_bytes'] / max(1, s['separate_bytes_extrapolated']):.2f}; tensors computed {s['computed']}, "
+          f"shared {s['shared']}")
+    p = part_session(root, args.session_rounds)
+    print(f"\nSwapSession.apply bottom 5 <-> 4: {p['apply_s']:.3f} s ({p['apply_tensors']} tensors, "
+          f"{p['apply_mb']:.0f} MB); from_pretrained of the merge: {p['load_s']:.3f} s; ratio "
+          f"{p['apply_s'] / p['load_s']:.3f}")
+    print(json.dumps({"sweep": s, "session": p, "args": {k: str(v) for k, v in vars(args).items()}}))
+
+
+if __name__ == "__main__":
+    main()
