@@ -257,10 +257,7 @@ def plan_method(stack: ExitStack, method: Method, options: Mapping[str, Any], de
                            for s in base.specs.values()]
     num_layers = _layer_count(full) if method.counts_layers else 0
 
-    def magnitude(roles: Sequence[str]) -> list[float]:
-        if any(r in adapters for r in roles):
-            raise ConfigError("magnitude weights of LoRA adapters are not supported yet: give the weights, "
-                              "or use uniform ones")
+    def magnitude(roles: Sequence[str]) -> list[float]:  # adapters too: the analysis forms s·B·A
         return _magnitude(options.get("base"), [paths[r] for r in roles], options.get("stats"), device, threads)
 
     plan = method.plan(PlanInputs({r: specs[r] for r in paths}, num_layers, magnitude), options)

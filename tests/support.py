@@ -387,3 +387,26 @@ def set_hub_ref(cache: Path, repo: str, ref: str, commit: str) -> None:
     path = cache / ("models--" + repo.replace("/", "--")) / "refs" / ref
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(commit)  # no newline, as huggingface_hub writes it
+
+
+# ------------------------------------------------------------------------------- LoRA row-MAV bounds
+
+def lora_abs_products(adapter: Path) -> dict[str, tuple[int, torch.Tensor]]:
+    """Per module of the adapter (keyed by the base tensor's name): its rank r and, in float64 and
+    in ΔW's orientation, ``s·|B|·|A|``, the magnitude that bounds the rounding of a float32
+    ``s·B·A``: each element of it is within ``(r + 2)·2⁻²⁴`` times the same element of this."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_tensors(adapter)
+    out = {}
+    for key, a in tensors.items():
+        m = re.fullmatch(re.escape(LORA_PREFIX) + r"(.+)\.lora_(embedding_)?A(\.weight)?", key)
+        if not m:
+            continue
+        module, embedding = m[1], m[2] is not None
+        b = tensors[key.replace("lora_embedding_A", "lora_embedding_B").replace("lora_A", "lora_B")]
+        r = a.shape[0]
+        alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        product = scale * (b.double().abs() @ a.double().abs())
+        out[module + ".weight"] = (r, product.T if embedding else product)
+    return out

@@ -3,8 +3,9 @@
 ``mav.csv`` (:data:`CSV_COLUMNS`, one line per expert and tensor, the layer empty for non-layer
 tensors), ``heatmap.png``, ``rows/<expert>/<tensor>.npy`` (float64 row MAVs, optional) and, written
 last, ``summary.json``: inputs with paths, fingerprints and the dtypes compared (and the one the
-comparison computed in), average MAVs, magnitude weights, skipped tensors and the checksums of the other files, so that a truncated or edited directory is
-refused instead of silently giving other weights.
+comparison computed in), for a LoRA adapter what it does to the analysed tensors, average MAVs,
+magnitude weights, skipped tensors and the checksums of the other files, so that a truncated or
+edited directory is refused instead of silently giving other weights.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def summary_json(stats: DeltaStats) -> dict[str, Any]:
         "computed_in": COMPUTE_DTYPE,
         "base": {**stats.base.to_json(), "dtypes": stats.base_dtypes},
         "experts": [
-            {"name": e.name, **e.source.to_json(), "dtypes": e.dtypes, "average_mav": _json_float(e.average_mav),
+            {"name": e.name, **e.source.to_json(), "dtypes": e.dtypes, "adapter": e.adapter,
+             "average_mav": _json_float(e.average_mav),
              "total_rows": e.total_rows, "tensors": len(e.tensors),
              "magnitude_weight": None if weights is None else weights[e.name]}
             for e in stats.experts.values()],
@@ -143,7 +145,8 @@ _REF = {"path": Nullable(Str()), "fingerprint": Nullable(Str()), "content_sample
 #: the keys of ``summary.json`` that :func:`load_stats` reads (``format`` and its version first)
 SUMMARY_SCHEMA = Map({
     "num_layers": Int(0, MAX_LAYERS), "base": Map(_REF),
-    "experts": List(Map({"name": Str(), "tensors": Int(0), **_REF}, required=("name", "tensors"))),
+    "experts": List(Map({"name": Str(), "tensors": Int(0), "adapter": Nullable(Map(values=Int(0))), **_REF},
+                        required=("name", "tensors"))),
     "files": Map({MAV_CSV: Str(), HEATMAP_PNG: Str()}, required=(MAV_CSV, HEATMAP_PNG)),
     "csv_lines": Int(0), "rows": Bool(), "seconds": Float(), "bytes_read": Int(0),
     "skipped": List(Map({"tensor": Str(), "reason": Str()}, required=("tensor", "reason"))),
@@ -223,7 +226,7 @@ def load_stats(out_dir: PathLike) -> DeltaStats:
         if rows_saved:
             _check_row_files(d / ROWS_DIR, tensors)
         return DeltaStats(
-            experts={n: ExpertStats(n, tensors[n], InputRef.from_json(e), e.get("dtypes", {}))
+            experts={n: ExpertStats(n, tensors[n], InputRef.from_json(e), e.get("dtypes", {}), e.get("adapter"))
                      for n, e in zip(order, experts_json)},
             num_layers=int(summary["num_layers"]), base=InputRef.from_json(summary["base"]),
             base_dtypes=summary["base"].get("dtypes", {}),

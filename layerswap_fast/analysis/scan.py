@@ -6,6 +6,11 @@ Everything is validated before any data is read or anything written: every exper
 tensor names and shapes and layer count. 0-element tensors and tensors of non-float dtypes are
 skipped and listed in :attr:`DeltaStats.skipped`. An expert stored in another dtype than the base
 gets one logged note per run (:func:`dtype_note`): its MAVs carry the coarser dtype's rounding.
+
+An expert may be a PEFT LoRA adapter (a directory with ``adapter_config.json``): it stands for the
+model base + s·B·A it makes, and :mod:`.lowrank` says what each of its tensors is and forms the row
+MAVs of the low-rank updates; tensors it saves whole go through the backend with the full
+experts', tensors it leaves alone have row MAVs 0. The base must be a full model.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from .. import _core
 from ..dtypes import COMPUTE_DTYPE, FLOAT_DTYPES, TORCH_NAMES, UNIT_ROUNDOFF
 from ..engine.backends import DEVICES, Backend, make_backend
 from ..errors import CheckpointError, ConfigError, MismatchError
+from ..formats.adapter import Adapter, base_model_of, check_against_base, is_adapter
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.hub import parse_hub_id
 from ..formats.output import check_output, guarded_paths, output_location, publish, staging_directory
 from ..plan.layers import classify, count_layers
+from . import lowrank
 from .files import ROWS_DIR, NpySink, RowFiles, write_stats
 from .stats import DeltaStats, ExpertStats, InputRef, TensorStat, check_expert_name
 
@@ -42,6 +49,30 @@ RowSink = Callable[[str, str, np.ndarray], None]  # (expert, tensor, row MAVs)
 def input_ref(ckpt: Checkpoint) -> InputRef:
     return InputRef(str(Path(ckpt.path).resolve()), ckpt.fingerprint(), ckpt.content_sample(), ckpt.hub_id,
                     ckpt.revision)
+
+
+def open_expert(path: PathLike) -> Checkpoint:
+    """An expert: a full checkpoint, or a LoRA adapter (an :class:`Adapter`, a checkpoint too)."""
+    return Adapter(path) if is_adapter(path) else open_checkpoint(path)
+
+
+def open_base(path: PathLike) -> Checkpoint:
+    """The base, which must be a full model: ConfigError for a LoRA adapter."""
+    if is_adapter(path):
+        named = base_model_of(path)
+        hint = f" (this adapter was trained on {named})" if named else ""
+        raise ConfigError(f"the base {path} is a LoRA adapter: the base must be a full model, the one the "
+                          f"experts were trained from{hint}")
+    return open_checkpoint(path)
+
+
+def adapter_counts(expert: Checkpoint, tensors: Sequence[str]) -> dict[str, int] | None:
+    """For an adapter, how many of ``tensors`` it updates by s·B·A (``low_rank``), saves whole
+    (``replaced``) and leaves to the base (``untouched``); None for a full expert."""
+    if not isinstance(expert, Adapter):
+        return None
+    kinds = Counter(lowrank.how(expert, t) for t in tensors)
+    return {"low_rank": kinds[lowrank.LOWRANK], "replaced": kinds[lowrank.WHOLE], "untouched": kinds[lowrank.UNTOUCHED]}
 
 
 def _default_name(path: Path) -> str:
@@ -87,6 +118,9 @@ def _validate(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> int:
     base_names = base.specs
     for name, ckpt in experts.items():
         where = f"expert {name!r} ({ckpt.path})"
+        if isinstance(ckpt, Adapter):  # the model it makes has the base's names and layers
+            check_against_base(ckpt, list(base_names.values()), f"expert {name!r}")
+            continue
         for tensor, spec in base_names.items():
             other = ckpt.specs.get(tensor)
             if other is None:
@@ -118,7 +152,8 @@ def analyze(
     """Row-MAV statistics of ``experts`` against ``base``, in one streaming pass.
 
     ``experts``: paths (named after their directories, made unique: ``task``, ``task-2``) or a
-    mapping name → path. Everything is validated (names, shapes, layer counts, the output
+    mapping name → path; an expert may be a LoRA adapter of ``base`` (see :mod:`.lowrank`), the
+    base must be a full model. Everything is validated (names, shapes, layer counts, the output
     location) before any tensor data is read. With ``out_dir``, writes ``mav.csv``,
     ``summary.json``, ``heatmap.png`` (and ``rows/`` when ``rows``) into a staging directory that
     is renamed into place at the end, so ``out_dir`` appears complete or not at all; an existing
@@ -136,11 +171,11 @@ def analyze(
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     opened: list[Checkpoint] = []
     try:
-        base_ckpt = open_checkpoint(base)
+        base_ckpt = open_base(base)
         opened.append(base_ckpt)
         ckpts: dict[str, Checkpoint] = {}
         for name, path in named:
-            ckpts[name] = open_checkpoint(path)
+            ckpts[name] = open_expert(path)
             opened.append(ckpts[name])
         num_layers = _validate(base_ckpt, ckpts)
         out_path = output_location(out_dir) if out_dir is not None else None
@@ -204,7 +239,7 @@ class _Item:
 def _plan(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> tuple[list[_Item], list[tuple[str, str]]]:
     todo, skipped = [], []
     for name, spec in base.specs.items():
-        dtypes = [spec.dtype] + [c.specs[name].dtype for c in experts.values()]
+        dtypes = [spec.dtype] + [d for c in experts.values() for d in lowrank.read_dtypes(c, name)]
         bad = [d for d in dtypes if d not in FLOAT_DTYPES]
         if bad:
             skipped.append((name, f"dtype {bad[0]} (row MAV reads {', '.join(FLOAT_DTYPES)})"))
@@ -213,22 +248,27 @@ def _plan(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> tuple[list[_It
             skipped.append((name, f"no elements (shape {list(spec.shape)})"))
             continue
         rows = spec.shape[0] if len(spec.shape) >= 2 else 1
-        todo.append(_Item(name, rows, spec.numel // rows,
-                          spec.nbytes + sum(c.specs[name].nbytes for c in experts.values())))
+        backend_reads_base = any(lowrank.how(c, name) == lowrank.WHOLE for c in experts.values())
+        todo.append(_Item(name, rows, spec.numel // rows, (spec.nbytes if backend_reads_base else 0)
+                          + sum(lowrank.bytes_read(c, name, spec.nbytes) for c in experts.values())))
     return todo, skipped
 
 
-def _dtypes(ckpt: Checkpoint, todo: Sequence[_Item]) -> dict[str, int]:
-    return dict(Counter(ckpt.specs[item.tensor].dtype for item in todo))
+def _dtypes(ckpt: Checkpoint, todo: Sequence[_Item], base: Checkpoint) -> dict[str, int]:
+    """How many analysed tensors ``ckpt`` keeps in each dtype (an adapter: see
+    :func:`.lowrank.stored_dtype`)."""
+    return dict(Counter(lowrank.stored_dtype(ckpt, item.tensor, base.specs[item.tensor].dtype) for item in todo))
 
 
 def dtype_note(base: Checkpoint, experts: Mapping[str, Checkpoint], tensors: Sequence[str]) -> str | None:
     """One line for the user when an expert stores ``tensors`` in another dtype than the base: its
-    row MAVs then hold the rounding of the coarser dtype besides what fine-tuning changed."""
+    row MAVs then hold the rounding of the coarser dtype besides what fine-tuning changed. Only
+    tensors stored whole count (an adapter's too): a low-rank update is the change itself, whatever
+    the dtype of its factors, and is not a difference of rounded weights."""
     said, coarser = [], set()
     for name, ckpt in experts.items():
         pairs = Counter((ckpt.specs[t].dtype, base.specs[t].dtype) for t in tensors
-                        if ckpt.specs[t].dtype != base.specs[t].dtype)
+                        if lowrank.saved(ckpt, t) and ckpt.specs[t].dtype != base.specs[t].dtype)
         for (mine, theirs), n in sorted(pairs.items()):
             said.append(f"expert {name!r} is {mine} where the base is {theirs} ({n} tensors)")
             coarser.add(max(mine, theirs, key=lambda d: UNIT_ROUNDOFF[d]))
@@ -251,17 +291,12 @@ def _run(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, e
         log.warning(note)
     names = list(experts)
     per_expert: dict[str, list[TensorStat]] = {n: [] for n in names}
+    threads = getattr(engine, "threads", 0) or 0  # the CPU backend's workers, for an adapter's differences
     for item in todo:
-        bspec = base.specs[item.tensor]
-        especs = [experts[n].specs[item.tensor] for n in names]
         try:
-            result = engine.row_mav_file(
-                [(experts[n].input_file(s.file), s.offset) for n, s in zip(names, especs)],
-                [s.dtype for s in especs],
-                (base.input_file(bspec.file), bspec.offset), bspec.dtype, item.rows, item.cols)
+            result = _row_mavs(base, experts, item, engine, threads)
         except _core.CoreError as e:
             raise CheckpointError(f"reading tensor {item.tensor!r}: {e}") from None
-        result = np.asarray(result, dtype=np.float64).reshape(len(names), item.rows)
         info = classify(item.tensor)
         for i, n in enumerate(names):
             r = result[i]
@@ -273,10 +308,37 @@ def _run(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, e
             progress(item.nbytes, total)
     for ckpt in [base, *experts.values()]:
         ckpt.check_unchanged("analysis")
+    analysed = [item.tensor for item in todo]
     return DeltaStats(
-        experts={n: ExpertStats(n, per_expert[n], input_ref(experts[n]), _dtypes(experts[n], todo)) for n in names},
-        num_layers=num_layers, base=input_ref(base), base_dtypes=_dtypes(base, todo), skipped=skipped,
+        experts={n: ExpertStats(n, per_expert[n], input_ref(experts[n]), _dtypes(experts[n], todo, base),
+                                adapter_counts(experts[n], analysed)) for n in names},
+        num_layers=num_layers, base=input_ref(base), base_dtypes=_dtypes(base, todo, base), skipped=skipped,
         seconds=time.perf_counter() - start, bytes_read=total)
+
+
+def _row_mavs(base: Checkpoint, experts: Mapping[str, Checkpoint], item: _Item, engine: Backend,
+              threads: int) -> np.ndarray:
+    """float64 (experts, rows): the row MAVs of one tensor for every expert. Experts that store it
+    whole go through the backend together (the base read once for all of them); low-rank updates
+    are formed by :func:`.lowrank.delta_row_mavs`; an untouched tensor's row MAVs are 0."""
+    names = list(experts)
+    result = np.zeros((len(names), item.rows), dtype=np.float64)
+    kinds = [lowrank.how(experts[n], item.tensor) for n in names]
+    whole = [i for i, k in enumerate(kinds) if k == lowrank.WHOLE]
+    if whole:
+        bspec = base.specs[item.tensor]
+        especs = [experts[names[i]].specs[item.tensor] for i in whole]
+        got = engine.row_mav_file(
+            [(experts[names[i]].input_file(s.file), s.offset) for i, s in zip(whole, especs)],
+            [s.dtype for s in especs],
+            (base.input_file(bspec.file), bspec.offset), bspec.dtype, item.rows, item.cols)
+        result[whole] = np.asarray(got, dtype=np.float64).reshape(len(whole), item.rows)
+    for i, kind in enumerate(kinds):
+        if kind == lowrank.LOWRANK:
+            adapter = experts[names[i]]
+            assert isinstance(adapter, Adapter)
+            result[i] = lowrank.delta_row_mavs(adapter, item.tensor, base, item.rows, item.cols, threads=threads)
+    return result
 
 
 __all__ = ["analyze", "expert_names", "input_ref", "Progress"]

@@ -95,6 +95,13 @@ class ExpertStats:
     source: InputRef = field(default_factory=InputRef)
     #: how many of the analysed tensors the expert stores in each dtype
     dtypes: dict[str, int] = field(default_factory=dict)
+    #: for a LoRA adapter, how many analysed tensors it updates by s·B·A (``low_rank``), saves
+    #: whole (``replaced``) and leaves to the base (``untouched``, row MAVs 0); None: a full model
+    adapter: dict[str, int] | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter is not None
 
     @property
     def total_rows(self) -> int:

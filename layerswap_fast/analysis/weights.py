@@ -7,9 +7,8 @@ import os
 from collections.abc import Sequence
 
 from ..errors import ConfigError
-from ..formats.checkpoint import open_checkpoint
 from .files import StatsError, load_stats
-from .scan import PathLike, analyze, input_ref
+from .scan import PathLike, analyze, input_ref, open_base, open_expert
 from .stats import DeltaStats, InputRef, sum_to_one
 
 
@@ -38,7 +37,8 @@ def _match(ref: InputRef, stats: DeltaStats, what: str) -> str:
 def magnitude_weights_for(base: PathLike | None, experts: Sequence[PathLike],
                           stats_dir: PathLike | None = None, *, device: str = "auto",
                           threads: int | None = None) -> list[float]:
-    """The paper's magnitude weights (∝ 1 / average MAV, summing to 1) of ``experts``, in order.
+    """The paper's magnitude weights (∝ 1 / average MAV, summing to 1) of ``experts``, in order;
+    an expert may be a LoRA adapter of ``base`` (its average MAV is that of s·B·A).
 
     From ``stats_dir`` (an ``analyze`` output) when given: each expert is found there by its
     path (and must be unchanged) or by its content; ``base``, when given, must be the analysed
@@ -54,14 +54,14 @@ def magnitude_weights_for(base: PathLike | None, experts: Sequence[PathLike],
         return list(stats.magnitude_weights().values())
     stats = load_stats(stats_dir)
     if base is not None:
-        with open_checkpoint(base) as b:
+        with open_base(base) as b:
             ref = input_ref(b)
         if (ref.fingerprint, ref.sample) != (stats.base.fingerprint, stats.base.sample):
             raise StatsError(f"the statistics in {stats_dir} were computed against the base "
                              f"{stats.base.path}, not {base}")
     names = []
     for p in paths:
-        with open_checkpoint(p) as c:
+        with open_expert(p) as c:
             names.append(_match(input_ref(c), stats, "expert"))
     by_name = stats.magnitude_weights(list(dict.fromkeys(names)))  # ConfigError for a zero MAV
     # the same expert given twice counts twice, as in the computed case

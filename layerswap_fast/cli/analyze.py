@@ -23,9 +23,12 @@ if TYPE_CHECKING:
 _PATH = click.Path(path_type=Path)
 
 
-def merge_command(config: SwapConfig, task_expert: str, language_expert: str, out: str = "merged") -> str:
-    """The ``layerswap-fast merge ...`` command line (shell-quoted) that applies ``config``'s layer counts."""
+def merge_command(config: SwapConfig, task_expert: str, language_expert: str, out: str = "merged",
+                  base: str | None = None) -> str:
+    """The ``layerswap-fast merge ...`` command line (shell-quoted) that applies ``config``'s layer
+    counts; with ``base`` (needed when an expert is a LoRA adapter), ``--base`` too."""
     argv = ["layerswap-fast", "merge", "--task-expert", task_expert, "--language-expert", language_expert,
+            *(["--base", base] if base is not None else []),
             "-o", out, "--bottom", str(config.bottom), "--top", str(config.top),
             "--lower-transition", str(config.lower_transition),
             "--upper-transition", str(config.upper_transition)]
@@ -37,9 +40,11 @@ def _gb(n: int) -> str:
 
 
 @click.command("analyze")
-@click.option("--base", required=True, type=_PATH, help="The pretrained model the experts were fine-tuned from.")
+@click.option("--base", required=True, type=_PATH,
+              help="The pretrained model the experts were fine-tuned from (a full model, not an adapter).")
 @click.option("--expert", "experts", multiple=True, type=_PATH,
-              help="An expert checkpoint (repeat for several); named after its directory.")
+              help="An expert checkpoint or PEFT LoRA adapter directory (repeat for several); named after "
+                   "its directory.")
 @click.option("--language-expert", type=_PATH, default=None,
               help="The language expert (the donor of bottom/top layers); analysed like --expert and "
                    "used by --suggest.")
@@ -65,6 +70,11 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
     magnitude weight per expert) and OUTPUT/heatmap.png (the paper's Figure 2), and prints each
     expert's average MAV and magnitude weight. With --suggest, also two lines of reasoning and the
     `layerswap-fast merge` command line they lead to.
+
+    An expert may be a PEFT LoRA adapter of BASE: it stands for BASE + s·B·A, so its row MAVs are
+    those of s·B·A (formed in row chunks), those of tensors it saves whole are measured as usual,
+    and those of tensors it leaves alone are 0. Full experts and adapters can be analysed side by
+    side.
 
     \b
     Examples:
@@ -109,6 +119,10 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
     for name, e in stats.experts.items():
         w = f"{weights[name]:.4f}" if weights is not None else "n/a"
         click.echo(f"{name:<{width}}  {e.average_mav:>12.6g}  {w:>16}")
+    for name, e in stats.experts.items():
+        if e.adapter is not None:
+            click.echo(f"{name} is a LoRA adapter: {e.adapter['low_rank']} tensors updated by s·B·A, "
+                       f"{e.adapter['replaced']} saved whole, {e.adapter['untouched']} left to the base (row MAV 0)")
     if weights is None:
         click.echo("(magnitude weights are undefined: an expert does not differ from the base)")
     click.echo(f"wrote {out}/: mav.csv, summary.json, heatmap.png" + (", rows/" if rows else ""))
@@ -125,6 +139,9 @@ def _echo_suggestion(stats: DeltaStats, language_index: int, task_index: int) ->
     click.echo("suggested swap:")
     for line in reasons:
         click.echo(f"  {line}")
-    # the analysed paths, resolved (hub ids at their commits): the command works from any directory
-    click.echo(merge_command(config, task.source.argument or task.name, language.source.argument or language.name))
+    # the analysed paths, resolved (hub ids at their commits): the command works from any directory;
+    # an adapter needs its base, which the analysis had
+    base = stats.base.argument if language.is_adapter or task.is_adapter else None
+    click.echo(merge_command(config, task.source.argument or task.name, language.source.argument or language.name,
+                             base=base))
 
