@@ -30,12 +30,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_WORKDIR, find_cli, machine_info, run_timed, sync  # noqa: E402
 
 GRID = {"bottom": [4, 5, 6], "top": [1, 2]}
+EXCLUSIVE_FS = False  # set when everything lives on the bench's own XFS
 
 
 def used_bytes(path: Path) -> int:
+    """Bytes the filesystem has given out: on the bench's own XFS (nothing else writes there) its
+    used blocks, so shared extents count once; elsewhere the blocks of the files under ``path``
+    (each inode once), since other processes write to a shared disk."""
     sync()
-    st = os.statvfs(path)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
+    if EXCLUSIVE_FS:
+        st = os.statvfs(path)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+    seen, total = set(), 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
 
 
 def make_experts(root: Path, shape: str, layers: int | None, tasks: int, languages: int, shard_size: str) -> None:
@@ -46,7 +59,7 @@ def make_experts(root: Path, shape: str, layers: int | None, tasks: int, languag
     code = ("import sys; from layerswap_fast import synthetic; "
             f"synthetic.make_trio({str(root)!r}, {shape!r}, shard_size={shard_size!r}, num_layers={layers!r}, "
             f"experts={tuple(names)!r})")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
 
 
 def xfs_mount(workdir: Path, gigabytes: int) -> Path:
@@ -119,8 +132,9 @@ def part_session(root: Path, rounds: int) -> dict:
     if not (merged / "layerswap_recipe.json").exists():
         subprocess.run([find_cli() or "layerswap-fast", "merge", "--task-expert", str(root / "task-1"),
                         "--language-expert", str(root / "lang-1"), "-o", str(merged), "--force"], check=True)
+    # not from the repository: its top-level kernels/ would shadow the `kernels` package transformers imports
     out = subprocess.run([sys.executable, "-c", SESSION_CODE, str(root / "task-1"), str(root / "lang-1"), str(merged),
-                          str(rounds)], capture_output=True, text=True)
+                          str(rounds)], capture_output=True, text=True, cwd=root)
     if out.returncode:
         sys.exit(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -142,6 +156,8 @@ def main() -> None:
     if cli is None:
         sys.exit("layerswap-fast is not installed")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    global EXCLUSIVE_FS
+    EXCLUSIVE_FS = bool(args.xfs_gb)
     root = xfs_mount(args.workdir, args.xfs_gb) if args.xfs_gb else args.workdir
     root = root / f"{args.shape}-{args.layers or 'all'}l"
     root.mkdir(exist_ok=True)
