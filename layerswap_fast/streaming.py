@@ -44,6 +44,8 @@ def iter_merged(method: str, options: Mapping[str, Any], *, framework: str = "au
     torch = framework_module(framework)
     if torch is None and (device is not None or pin_memory):
         raise ConfigError("device and pin_memory need torch tensors (framework='torch')")
+    if pin_memory and not torch.cuda.is_available():
+        raise ConfigError("pin_memory needs a CUDA device: page-locked memory only speeds up copies to one")
     m = METHODS[method]
     values = resolve(m, options)
     with ExitStack() as stack:

@@ -113,3 +113,15 @@ def test_bad_calls_are_one_line(trio):
         next(lf.iter_merged("layer_swap", options, framework="jax"))
     with pytest.raises(ConfigError, match="device and pin_memory need torch tensors"):
         next(lf.iter_merged("layer_swap", options, framework="numpy", device="cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="pin_memory needs a CUDA device"):
+            next(lf.iter_merged("layer_swap", options, pin_memory=True))
+
+
+def test_tensors_moved_to_a_device(trio):
+    """``device=`` moves each tensor (here the CPU, the one device every machine has; a GPU run
+    is the device check in bench/)."""
+    options = {"task_expert": trio["task"], "language_expert": trio["language"]}
+    plain = dict(lf.iter_merged("layer_swap", options))
+    for name, tensor in lf.iter_merged("layer_swap", options, device="cpu"):
+        assert tensor.device.type == "cpu" and torch.equal(tensor, plain[name]), name
