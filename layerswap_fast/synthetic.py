@@ -27,6 +27,12 @@ window (two numpy ops). The next model's pools are built on a background thread 
 model is written. No tensor is ever held whole: the 8b embedding (1 GB) is written in windows of
 :data:`WINDOW` elements. Generating the 8b trio needs about 250 MB of RSS.
 
+**LoRA adapters** of a synthetic base (:func:`write_adapter`, :func:`make_lora_trio`) are PEFT
+adapter directories whose updates ΔW = s·B·A follow the same pattern: the adapter called
+``task...`` or ``lang...`` moves each module as strongly as the full expert of that name does
+(:func:`lora_delta_std`), with factors drawn so that every element of s·B·A has that standard
+deviation whatever the rank, alpha and rsLoRA setting.
+
 Pure Python and numpy: no torch, no C++ extension.
 """
 
@@ -42,7 +48,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from math import ceil, prod
+from math import ceil, prod, sqrt
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +60,8 @@ __all__ = [
     "ModelShape", "SHAPES", "make_trio", "write_model", "tensor_layout", "delta_level",
     "language_layers", "task_layers", "float32_to_bfloat16", "bfloat16_to_float32", "pool_size",
     "parse_size", "delta_pool_size", "STRONG_STD", "WEAK_STD", "BASE_STD", "NORM_STD", "NORM_STRONG_STD",
-    "NORM_WEAK_STD", "DTYPES", "GENERATOR_VERSION",
+    "NORM_WEAK_STD", "DTYPES", "GENERATOR_VERSION", "LINEAR_MODULES", "OUTER_MODULES", "LoraModule",
+    "lora_modules", "lora_delta_std", "lora_factors", "write_adapter", "make_lora_trio",
 ]
 
 
@@ -662,4 +669,234 @@ def make_trio(out_dir: str | os.PathLike, shape: str | ModelShape = "tiny", *, d
                        if k + 1 < len(roles) else None)
             paths[role] = _write_checkpoint(out / role, spec, role, sources)
             del sources
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters
+
+#: every linear module of a Llama layer: what PEFT's ``target_modules="all-linear"`` picks there
+LINEAR_MODULES = _ATTN + _MLP
+#: the non-layer modules an adapter may target as well
+OUTER_MODULES = ("embed_tokens", "lm_head")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_LORA_PREFIX = "base_model.model."
+_LORA_STREAM = 0x4C4F5241  # "LORA"
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One module an adapter updates: its name in the model (``model.layers.3.self_attn.q_proj``),
+    the weight's shape [out, in], its rank, alpha and scale, and whether it is an embedding
+    (whose factors PEFT stores transposed: ``lora_embedding_A`` [r, vocab], ``lora_embedding_B``
+    [dim, r])."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    alpha: float
+    scale: float
+    embedding: bool
+
+    @property
+    def factor_names(self) -> tuple[str, str]:
+        if self.embedding:
+            return _LORA_PREFIX + self.name + ".lora_embedding_A", _LORA_PREFIX + self.name + ".lora_embedding_B"
+        return _LORA_PREFIX + self.name + ".lora_A.weight", _LORA_PREFIX + self.name + ".lora_B.weight"
+
+    @property
+    def factor_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(A, B) as stored: [r, in] and [out, r]; for an embedding [r, vocab] and [dim, r]."""
+        rows, cols = self.shape
+        if self.embedding:
+            return (self.rank, rows), (cols, self.rank)
+        return (self.rank, cols), (rows, self.rank)
+
+
+def _lora_pattern(patterns: dict | None, module: str):
+    """The value of the first key of ``patterns`` that matches the end of ``module`` after a dot,
+    as PEFT's ``get_pattern_key`` finds it; None when none does."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def _layer_index(module: str) -> int | None:
+    m = re.match(r"model\.layers\.(\d+)\.", module)
+    return None if m is None else int(m.group(1))
+
+
+def lora_modules(shape: str | ModelShape = "tiny", *, rank: int = 16, alpha: float | None = None,
+                 target_modules: Sequence[str] | None = None, use_rslora: bool = False,
+                 rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+                 layers: Sequence[int] | None = None, num_layers: int | None = None,
+                 tie_embeddings: bool | None = None) -> list[LoraModule]:
+    """The modules an adapter with these settings updates, in state-dict order, each with its
+    rank, alpha and scale as PEFT computes them: r and alpha from the first matching key of
+    ``rank_pattern`` / ``alpha_pattern``, else ``rank`` / ``alpha`` (default ``2 × rank``); scale
+    alpha / r, or alpha / √r with ``use_rslora``. A module is targeted when its last name
+    component is in ``target_modules`` (default :data:`LINEAR_MODULES`; :data:`OUTER_MODULES` may
+    be added) and, for a layer module, its layer is in ``layers`` (default all)."""
+    mshape = _shape(shape)
+    n_layers = mshape.num_layers if num_layers is None else int(num_layers)
+    tie = mshape.tie_embeddings if tie_embeddings is None else bool(tie_embeddings)
+    targets = tuple(LINEAR_MODULES if target_modules is None else target_modules)
+    unknown = [t for t in targets if t not in LINEAR_MODULES + OUTER_MODULES]
+    if unknown or not targets:
+        raise ValueError(f"target modules must be among {', '.join(LINEAR_MODULES + OUTER_MODULES)}; got {targets}")
+    if tie and "lm_head" in targets:
+        raise ValueError("lm_head is tied to embed_tokens in this model: target embed_tokens instead")
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    chosen = None if layers is None else {int(i) for i in layers}
+    if chosen is not None and not chosen <= set(range(n_layers)):
+        raise ValueError(f"layers {sorted(chosen - set(range(n_layers)))} are not layers of a {n_layers}-layer model")
+    default_alpha = 2 * rank if alpha is None else alpha
+    out = []
+    for name, tshape in tensor_layout(mshape, n_layers, tie):
+        if len(tshape) != 2:
+            continue
+        module = name[:-len(".weight")]
+        if module.rsplit(".", 1)[-1] not in targets:
+            continue
+        layer = _layer_index(module)
+        if chosen is not None and layer is not None and layer not in chosen:
+            continue
+        r = _lora_pattern(rank_pattern, module) or rank
+        a = _lora_pattern(alpha_pattern, module)
+        a = default_alpha if a is None else a
+        scale = a / sqrt(r) if use_rslora else a / r
+        out.append(LoraModule(module, (tshape[0], tshape[1]), int(r), a, float(scale),
+                              module.endswith("embed_tokens")))
+    return out
+
+
+def lora_delta_std(role: str, module: str, num_layers: int) -> float:
+    """The standard deviation of the elements of ΔW = s·B·A that :func:`write_adapter` gives
+    ``module`` of an adapter called ``role``: :data:`STRONG_STD` where :func:`delta_level` says the
+    full expert of that name moves the weight strongly, else :data:`WEAK_STD`."""
+    return STRONG_STD if delta_level(role, module + ".weight", num_layers) == "strong" else WEAK_STD
+
+
+def lora_factors(module: LoraModule, role: str, num_layers: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 factors (A, B) of ``module`` in their stored shapes, before rounding to the
+    adapter's dtype: A is N(0, 1/r) and B is N(0, (std / s)²), so each element of s·B·A has
+    standard deviation ``std`` = :func:`lora_delta_std`. A function of (seed, role, module name,
+    shape, rank and scale) only: the other modules and targets change nothing."""
+    std = lora_delta_std(role, module.name, num_layers)
+    gen = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+        [seed, _LORA_STREAM, _stream(role), zlib.crc32(module.name.encode())])))
+    (a_shape, b_shape) = module.factor_shapes
+    a = gen.standard_normal(a_shape, dtype=np.float32)
+    a *= np.float32(1 / sqrt(module.rank))
+    b = gen.standard_normal(b_shape, dtype=np.float32)
+    b *= np.float32(std / module.scale)
+    return a, b
+
+
+def _to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    return float32_to_bfloat16(x) if dtype == "BF16" else x.astype(DTYPES[dtype][0])
+
+
+def write_adapter(path: str | os.PathLike, shape: str | ModelShape = "tiny", *, role: str = "task",
+                  rank: int = 16, alpha: float | None = None, target_modules: Sequence[str] | None = None,
+                  use_rslora: bool = False, rank_pattern: dict[str, int] | None = None,
+                  alpha_pattern: dict[str, float] | None = None, layers: Sequence[int] | None = None,
+                  dtype: str = "F32", seed: int = 0, num_layers: int | None = None,
+                  tie_embeddings: bool | None = None, base_model_name_or_path: str | None = None) -> Path:
+    """Write a PEFT LoRA adapter of the synthetic base of ``shape`` (as :func:`write_model` makes
+    it with the same ``num_layers`` and ``tie_embeddings``): ``adapter_config.json`` and
+    ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight`` [r, in] and
+    ``lora_B.weight`` [out, r] (``lora_embedding_A``/``_B`` for ``embed_tokens``), in ``dtype``
+    (F32 by default, as PEFT keeps adapter weights; BF16 and F16 too).
+
+    ``role`` (a name starting with ``task`` or ``lang``) gives the delta pattern of the full
+    expert of that name (:func:`delta_level`): a language adapter's update is ten times larger on
+    the attention of the bottom and top layers than elsewhere, a task adapter's on the second
+    half of the layers (attention and MLP). See :func:`lora_modules` for the modules, ranks and
+    scales and :func:`lora_factors` for the values. ``layers`` is written as PEFT's
+    ``layers_to_transform``. The directory is built beside ``path`` and renamed into place; an
+    existing ``path`` is replaced when it is an adapter or empty, else refused.
+    """
+    _pattern(role)
+    mshape = _shape(shape)
+    n_layers = mshape.num_layers if num_layers is None else int(num_layers)
+    tie = mshape.tie_embeddings if tie_embeddings is None else bool(tie_embeddings)
+    dtype = _normalize_dtype(dtype)
+    modules = lora_modules(mshape, rank=rank, alpha=alpha, target_modules=target_modules, use_rslora=use_rslora,
+                           rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, layers=layers,
+                           num_layers=n_layers, tie_embeddings=tie)
+    if not modules:
+        raise ValueError("these settings target no module of the model")
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (path / ADAPTER_CONFIG).exists():
+        raise FileExistsError(f"{path} exists and is not an adapter; refusing to replace it")
+    itemsize = DTYPES[dtype][0].itemsize
+    entries, used = [], 0
+    for m in modules:
+        for fname, fshape in zip(m.factor_names, m.factor_shapes):
+            nbytes = prod(fshape) * itemsize
+            entries.append(json.dumps(fname) + ":" + json.dumps(
+                {"dtype": dtype, "shape": list(fshape), "data_offsets": [used, used + nbytes]}, separators=(",", ":")))
+            used += nbytes
+    header = ('{"__metadata__":{"format":"pt"},' + ",".join(entries) + "}").encode()
+    header += b" " * (-len(header) % 8)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "r": int(rank), "lora_alpha": 2 * rank if alpha is None else alpha,
+        "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in modules}),
+        "use_rslora": bool(use_rslora), "rank_pattern": dict(rank_pattern or {}),
+        "alpha_pattern": dict(alpha_pattern or {}), "layers_to_transform": None if layers is None else sorted(layers),
+        "layers_pattern": None, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        with open(tmp / ADAPTER_WEIGHTS, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for m in modules:
+                for factor in lora_factors(m, role, n_layers, seed):
+                    f.write(_to_dtype(factor, dtype).tobytes())
+            if f.tell() != 8 + len(header) + used:  # pragma: no cover - an internal invariant
+                raise AssertionError(f"{ADAPTER_WEIGHTS}: wrote {f.tell()} bytes, expected {8 + len(header) + used}")
+        _write_json(tmp / ADAPTER_CONFIG, config)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def make_lora_trio(out_dir: str | os.PathLike, shape: str | ModelShape = "tiny", *, rank: int = 16,
+                   alpha: float | None = None, target_modules: Sequence[str] | None = None,
+                   use_rslora: bool = False, dtype: str = "BF16", adapter_dtype: str = "F32",
+                   shard_size: int | str = 5 * 10**9, seed: int = 0, num_layers: int | None = None,
+                   tie_embeddings: bool | None = None, with_base: bool = True,
+                   experts: Sequence[str] = ("task", "language")) -> dict[str, Path]:
+    """A synthetic base (``out_dir/base``, the same bytes as :func:`make_trio`'s) and a LoRA
+    adapter of it per expert name (``out_dir/task``, ``out_dir/language``), base first; each
+    adapter's ``base_model_name_or_path`` is the base's absolute path, so the adapters merge
+    without ``--base`` while the trio stays where it is."""
+    out = Path(out_dir)
+    experts = tuple(experts)
+    if len(set(experts)) != len(experts) or "base" in experts:
+        raise ValueError(f"expert names must be distinct and not 'base': {experts}")
+    for name in experts:
+        _pattern(name)
+    paths: dict[str, Path] = {}
+    if with_base:
+        paths["base"] = write_model(out / "base", shape, dtype=dtype, shard_size=shard_size, seed=seed,
+                                    num_layers=num_layers, tie_embeddings=tie_embeddings)
+    for name in experts:
+        paths[name] = write_adapter(out / name, shape, role=name, rank=rank, alpha=alpha,
+                                    target_modules=target_modules, use_rslora=use_rslora, dtype=adapter_dtype,
+                                    seed=seed, num_layers=num_layers, tie_embeddings=tie_embeddings,
+                                    base_model_name_or_path=str((out / "base").resolve()))
     return paths
