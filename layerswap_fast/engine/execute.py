@@ -215,11 +215,15 @@ def execute(
     checksum: str = DEFAULT_CHECKSUM,
     progress: Progress | None = None,
     card: str | None = None,
+    index: bool = True,
+    texts: Mapping[str, str] | None = None,
 ) -> MergeStats:
     """Write ``shards`` (with the index, the model ``card``, side files and recipe) to ``out``, atomically.
 
     The recipe written beside the weights records the size and ``checksum`` (blake3 or sha256) of
-    every other file of the output; ``verify`` checks them. Every input file is checked at the
+    every other file of the output; ``verify`` checks them. ``index``: whether to write
+    ``model.safetensors.index.json`` (a PEFT adapter has none); ``texts``: more small files by
+    name (an adapter's ``adapter_config.json``), recorded like the card. Every input file is checked at the
     end: one that changed while the merge read it (size, inode, modification or change time)
     fails the merge, nothing published.
     ``sync`` makes the output durable (fsync) before it is published; without it, as with ``cp``,
@@ -248,7 +252,7 @@ def execute(
         digest = {name: future.result() for name, future in digests.items()}
         for ckpt in inputs.values():  # a changed input may have fed us mixed bytes: refuse the output
             ckpt.check_unchanged("merge")
-        files = _write_side_files(tmp, shards, side_files, config_overrides or {}, checksum, card)
+        files = _write_side_files(tmp, shards, side_files, config_overrides or {}, checksum, card, index, texts)
         full_recipe = dict(recipe, checksum=checksum, shards=[
             {"file": s.filename, "size": s.file_size, checksum: digest[s.filename]} for s in shards],
             reused_shards=[{"shard": s.filename, "from": str(s.reuse.source), "expert": s.reuse.role,
@@ -283,11 +287,14 @@ def _reuse(shard: ReusedShard, tmp: Path, out: Path, link: str, ckpt: Checkpoint
 
 def _write_side_files(tmp: Path, shards: Sequence[OutputShard], side_files: Sequence[SideFile],
                       config_overrides: Mapping[str, Any], checksum: str,
-                      card: str | None = None) -> list[dict[str, Any]]:
-    """The index, the model card and the side files, each with its size and checksum for the recipe."""
-    texts = {INDEX_NAME: json.dumps(index_json(shards), indent=2) + "\n"}
+                      card: str | None = None, index: bool = True,
+                      more: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The index, the model card, ``more`` small files and the side files, each with its size and
+    checksum for the recipe."""
+    texts = {INDEX_NAME: json.dumps(index_json(shards), indent=2) + "\n"} if index else {}
     if card is not None:
         texts[CARD_NAME] = card
+    texts.update(more or {})
     for name, text in texts.items():
         data = text.encode("utf-8")
         with _writing(tmp, name, len(data)):

@@ -189,6 +189,49 @@ def _product_operands(factor: Any, a_spec: TensorSpec, a_src: InputRange, b_spec
     return b, a
 
 
+def stack_rows(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+               inputs: Sequence[InputRange], dst: int) -> None:
+    """The terms' matrices one below the other, each times its weight: block i is
+    ``weight_i × float32(x_i)``, rounded once into the output dtype (the A factor of a merged LoRA
+    adapter, A = [w₁s₁·A₁; w₂s₂·A₂; ...]). A block is a blend of one input, so it goes in pieces."""
+    out_size = DTYPE_SIZES[recipe.dtype]
+    step = max(1, PIECE_BYTES // out_size)
+    for term, spec, (f, offset) in zip(recipe.terms, specs, inputs):
+        in_size = DTYPE_SIZES[spec.dtype]
+        for start in range(0, spec.numel, step):
+            n = min(step, spec.numel - start)
+            ctx.backend.blend_file([(f, offset + start * in_size)], [spec.dtype], [term.weight], writer,
+                                   dst + start * out_size, recipe.dtype, n)
+            ctx.advance(dst + (start + n) * out_size, n * out_size)
+        dst += spec.numel * out_size
+
+
+def join_columns(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                 inputs: Sequence[InputRange], dst: int) -> None:
+    """The terms' matrices side by side: row j is ``[w₁·x₁[j], w₂·x₂[j], ...]``, each value
+    ``weight × float32(x)`` rounded into the output dtype, so weight 1 into a dtype as wide as the
+    input's is exact (the B factor of a merged LoRA adapter, B = [B₁, B₂, ...]). Row chunks:
+    memory holds one chunk of every input."""
+    import numpy as np  # only adapter outputs need it
+
+    out_size = DTYPE_SIZES[recipe.dtype]
+    rows = recipe.shape[0]
+    widths = [spec.numel // rows if rows else 0 for spec in specs]
+    step = max(1, PIECE_BYTES // max(1, recipe.shape[1] * out_size))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        blocks = []
+        for term, spec, (f, offset), width in zip(recipe.terms, specs, inputs, widths):
+            in_size = DTYPE_SIZES[spec.dtype]
+            raw = f.read(offset + r0 * width * in_size, (r1 - r0) * width * in_size)
+            block = np.empty((r1 - r0, width * out_size), dtype=np.uint8)
+            _core.blend_buffers([raw], [spec.dtype], [term.weight], block, recipe.dtype, ctx.threads)
+            blocks.append(block)
+        out = np.concatenate(blocks, axis=1) if blocks else np.empty((r1 - r0, 0), dtype=np.uint8)
+        writer.write(dst + r0 * recipe.shape[1] * out_size, out.tobytes())
+        ctx.advance(dst + r1 * recipe.shape[1] * out_size, out.nbytes)
+
+
 def _as_float32(spec: TensorSpec, source: InputRange) -> Any:
     """A whole (small) tensor as a float32 matrix: LoRA factors are read once per output tensor."""
     import numpy as np
@@ -249,4 +292,5 @@ def _done(ctx: OpContext, recipe: TensorRecipe, numel: int, dst: int) -> None:
     ctx.advance(dst + nbytes, nbytes)
 
 
-OPS: dict[str, Op] = {"blend": blend, "blend_lowrank": blend_lowrank, "ties": ties, "revert_rows": revert_rows}
+OPS: dict[str, Op] = {"blend": blend, "blend_lowrank": blend_lowrank, "ties": ties, "revert_rows": revert_rows,
+                      "stack_rows": stack_rows, "join_columns": join_columns}

@@ -69,7 +69,9 @@ class TensorRecipe:
     ``factors``, in float32, rounded once. ``ties``: TIES-merging of the deltas of ``terms[1:]`` against
     the base ``terms[0]``, keeping ``keep`` deltas per model, scaled by ``lambda``. ``revert_rows``:
     rows of ``terms[1]`` go back to the base ``terms[0]`` where their row MAV against it is below
-    ``threshold``, or the ``count`` rows of smallest row MAV. ``params`` holds those numbers.
+    ``threshold``, or the ``count`` rows of smallest row MAV. ``stack_rows``: the terms' matrices
+    one below the other, each weight × float32 value rounded into ``dtype``; ``join_columns``: the
+    same side by side (the A and B factors of a merged LoRA adapter). ``params`` holds those numbers.
     """
 
     name: str
