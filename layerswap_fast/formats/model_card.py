@@ -81,23 +81,25 @@ def options_list(options: Mapping[str, Any]) -> str:
     return "\n".join(lines) if lines else "No options beyond the defaults."
 
 
-def front_matter(inputs: Sequence[CardInput]) -> str:
+def front_matter(inputs: Sequence[CardInput], library: str = "transformers") -> str:
     """The YAML metadata the Hub reads: the inputs with hub ids as ``base_model`` (and the merge
-    relation, so the Hub lists this model among their merges), the tags and the library."""
+    relation, so the Hub lists this model among their merges), the tags and the library that
+    loads it (``peft`` for an adapter)."""
     import yaml  # only a merge that writes a card needs it: keep it out of start-up
 
     hub_ids = list(dict.fromkeys(i.hub_id for i in inputs if i.hub_id))
     meta: dict[str, Any] = {"base_model": hub_ids, "base_model_relation": "merge"} if hub_ids else {}
-    meta.update(tags=list(TAGS), library_name="transformers")
+    meta.update(tags=list(TAGS), library_name=library)
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def render_card(method: str, command: str, version: str, inputs: Sequence[CardInput], account: str) -> str:
+def render_card(method: str, command: str, version: str, inputs: Sequence[CardInput], account: str,
+                library: str = "transformers") -> str:
     """The whole card: front matter, title, inputs, ``account`` (Markdown: what ``method``
     computed, with its options), and how to rebuild the output and check it."""
     names = " + ".join(dict.fromkeys(i.name for i in inputs))
     return "\n".join([
-        front_matter(inputs),
+        front_matter(inputs, library),
         f"# {names}: {method.replace('_', ' ')}",
         "",
         f"Merged with layerswap-fast {version} (`layerswap-fast {command}`), method {code(method)}.",
