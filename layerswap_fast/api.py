@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
+from .adapter_writing import write_adapter
 from .engine.backends import DEVICES, Backend
 from .errors import ConfigError
 from .formats.output import LINK_MODES
@@ -47,6 +48,8 @@ def run(method: str, out: PathLike, options: Mapping[str, Any], **write: Any) ->
     m = METHODS[method]
     values = resolve(m, options)
     settings = WriteOptions(**write)
+    if values.get("as_adapter"):
+        return write_adapter(m, values, out, settings)
     with ExitStack() as stack:
         plan, inputs = plan_method(stack, m, values, settings.device, settings.threads)
         recorded = m.recorded(values, plan)

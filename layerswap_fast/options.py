@@ -130,5 +130,5 @@ def recipe_yaml(command: str, values: Mapping[str, Any]) -> str:
         return [plain(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, os.PathLike) else v
 
     options = {o.name: plain(values[o.name]) for o in command_options(command)
-               if o.recorded and values.get(o.name) not in (None, ())}
+               if o.recorded and values.get(o.name) not in (None, ()) and o.record(values[o.name]) is not None}
     return yaml.safe_dump({"command": command, "options": options}, sort_keys=False)

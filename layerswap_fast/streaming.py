@@ -48,6 +48,8 @@ def iter_merged(method: str, options: Mapping[str, Any], *, framework: str = "au
         raise ConfigError("pin_memory needs a CUDA device: page-locked memory only speeds up copies to one")
     m = METHODS[method]
     values = resolve(m, options)
+    if values.get("as_adapter"):
+        raise ConfigError("iter_merged yields a full model's tensors; as_adapter writes an adapter: use run()")
     with ExitStack() as stack:
         plan, inputs = plan_method(stack, m, values, compute, threads)
         backend = make_backend(compute, threads)

@@ -241,9 +241,11 @@ def _magnitude(base: PathLike | None, experts: Sequence[PathLike], stats: PathLi
 
 
 def plan_method(stack: ExitStack, method: Method, options: Mapping[str, Any], device: str = "auto",
-          threads: int | None = None) -> tuple[MergePlan, dict[str, Checkpoint]]:
+          threads: int | None = None, factors: bool = True) -> tuple[MergePlan, dict[str, Checkpoint]]:
     """Open the method's inputs and plan: headers only, except the row-MAV analysis that
-    magnitude weights need when no ``stats`` are given."""
+    magnitude weights need when no ``stats`` are given. With ``factors`` false, adapters' terms
+    stay as planned (each adapter standing for the model it makes), for a caller that turns them
+    into something else than base terms plus factors (an adapter output)."""
     paths = method.inputs(options)
     inputs = open_all(stack, paths)
     adapters = {role: c for role, c in inputs.items() if isinstance(c, Adapter)}
@@ -261,7 +263,7 @@ def plan_method(stack: ExitStack, method: Method, options: Mapping[str, Any], de
         return _magnitude(options.get("base"), [paths[r] for r in roles], options.get("stats"), device, threads)
 
     plan = method.plan(PlanInputs({r: specs[r] for r in paths}, num_layers, magnitude), options)
-    if adapters:
+    if adapters and factors:
         dtypes = {role: {s.name: s.dtype for s in role_specs} for role, role_specs in specs.items()}
         plan = apply_adapters(plan, {r: a.lora for r, a in adapters.items()}, BASE, dtypes)
     return plan, inputs

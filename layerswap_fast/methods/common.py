@@ -78,9 +78,16 @@ def output_dtype(options: Mapping[str, object]) -> str | None:
     return normalize_dtype(str(dtype)) if dtype else None
 
 
+#: write the merge as one PEFT LoRA adapter of the base (every merged model an adapter of it)
+AS_ADAPTER = Option("as_adapter", "flag", "Write a PEFT LoRA adapter of the base instead of a full model (every "
+                    "merged model must be a LoRA adapter of one base): a module taken whole from one adapter keeps "
+                    "its factors byte for byte, a mixed one gets the exact concatenation of the scaled factors. "
+                    "--dtype is then the factors' dtype.", default=False)
+
 BASE_AND_MODELS = (
     Option("base", "path", "The model the others were fine-tuned from.", required=True),
     Option("model", "paths", "A fine-tuned model (repeat).", required=True, api="models"),
     Option("lam", "float", "Scale of the merged delta.", default=1.0, flag="--lambda"),
     dtype_option("first model"),
+    AS_ADAPTER,
 )

@@ -67,8 +67,9 @@ class Option:
         return Nullable(base) if self.default is None and not self.required and self.kind != "flag" else base
 
     def record(self, value: Any) -> Any:
-        """The value as a recipe stores it: paths as text."""
-        if value is None:
+        """The value as a recipe stores it: paths as text; a flag only when it is set (a recipe
+        then says what was asked for, and an unset flag adds nothing to recipes made before it)."""
+        if value is None or (self.kind == "flag" and not value):
             return None
         if self.kind == "path":
             return str(value)
@@ -149,6 +150,8 @@ class Method:
         shown = {}
         for o in self.options:
             value = recorded.get(o.name)
+            if o.kind == "flag" and not value:  # a flag not given (recipes leave it out)
+                continue
             if o.kind in ("path", "paths") and value is not None:
                 if o.required:
                     continue

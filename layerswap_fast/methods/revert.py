@@ -16,7 +16,7 @@ from ..errors import ConfigError, param
 from ..formats.model_card import options_list
 from ..plan import MergePlan, SpecLike, Term, make_recipe
 from ..plan.layers import classify
-from .common import BASE, base_and_models, check_all, check_finite, dtypes_of, model_role
+from .common import AS_ADAPTER, BASE, base_and_models, check_all, check_finite, dtypes_of, model_role
 from .method import Method, Option, PlanInputs
 
 MODEL = model_role(0)
@@ -130,6 +130,7 @@ METHOD = Method(
         Option("layers", "text", "Whole layers back to the base, e.g. 0-4,30-31."),
         Option("row_threshold", "float", "Rows whose row MAV is below this go back to the base."),
         Option("row_fraction", "float", "This fraction of each tensor's rows, the least changed, go back to the base."),
+        AS_ADAPTER,
     ),
     inputs=lambda options: base_and_models({**options, "model": [options["model"]]}), plan=_plan, record=_record,
     describe=_describe)

@@ -14,7 +14,7 @@ from ..errors import ConfigError, param
 from ..formats.model_card import options_list
 from ..plan import MergePlan, Term, describe_role, make_recipe
 from ..plan.layers import classify
-from .common import check_all, dtype_option, dtypes_of, model_role, normalize_weights, output_dtype
+from .common import AS_ADAPTER, check_all, dtype_option, dtypes_of, model_role, normalize_weights, output_dtype
 from .method import Method, Option, PlanInputs, PathLike
 
 
@@ -87,5 +87,6 @@ METHOD = Method(
         Option("base", "path", "Base model, for --weights magnitude."),
         Option("stats", "path", "An earlier `analyze` output to reuse."),
         dtype_option("first model"),
+        AS_ADAPTER,
     ),
     inputs=_inputs, plan=_plan, record=_record, counts_layers=False, describe=_describe)

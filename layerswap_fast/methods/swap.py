@@ -16,7 +16,7 @@ from ..errors import ConfigError, MismatchError, param
 from ..formats.model_card import code_block, options_list
 from ..plan import LayerRow, MergePlan, SpecLike, Term, check_same_tensors, describe_role, make_recipe
 from ..plan.layers import classify
-from .common import dtype_option, normalize_weights, output_dtype
+from .common import AS_ADAPTER, dtype_option, normalize_weights, output_dtype
 from .method import Method, Option, PathLike, PlanInputs, as_list
 
 TASK = "task"
@@ -275,6 +275,7 @@ METHOD = Method(
         Option("stats", "path", "Reuse an earlier `analyze` output directory for magnitude weights instead of "
                "recomputing."),
         dtype_option("task expert"),
+        AS_ADAPTER,
     ),
     inputs=_inputs, plan=_plan, extra=_extra, describe=_describe)
 

@@ -16,7 +16,8 @@ from ..errors import ConfigError
 from ..formats.model_card import options_list
 from ..plan import MergePlan, SpecLike, Term, make_recipe
 from ..plan.layers import classify
-from .common import BASE, BASE_AND_MODELS, base_and_models, check_all, check_finite, dtypes_of, output_dtype
+from .common import (AS_ADAPTER, BASE, BASE_AND_MODELS, base_and_models, check_all, check_finite, dtypes_of,
+                     output_dtype)
 from .method import Method, Option, PlanInputs
 
 
@@ -69,5 +70,5 @@ METHOD = Method(
     options=(*BASE_AND_MODELS[:3],
              Option("density", "float", "Fraction of each delta kept, by magnitude (values tied at the threshold "
                     "are all kept).", default=0.2),
-             BASE_AND_MODELS[3]),
+             BASE_AND_MODELS[3], AS_ADAPTER),
     inputs=base_and_models, plan=_plan, describe=_describe)
