@@ -117,8 +117,9 @@ def _adapters_of_one_base(inputs: Mapping[str, Checkpoint]) -> dict[str, Adapter
 
 
 def _same_model(a: str, b: str) -> bool:
-    """Whether two base names are one model: the same text, the same directory here, or local
-    checkpoints with identical headers (a copy)."""
+    """Whether two base names are one model: the same text, the same directory here, or two
+    checkpoints here with the same headers and the same bytes where sampled (a copy: different
+    models of one architecture have the same headers, so the headers alone cannot tell)."""
     if a == b:
         return True
     paths = [_local(a), _local(b)]
@@ -128,7 +129,7 @@ def _same_model(a: str, b: str) -> bool:
         return True
     try:
         with open_checkpoint(paths[0]) as x, open_checkpoint(paths[1]) as y:  # type: ignore[arg-type]
-            return x.fingerprint() == y.fingerprint()
+            return x.content_sample() == y.content_sample()
     except CheckpointError:
         return False
 
@@ -238,9 +239,10 @@ def _card(method: Method, plan: MergePlan, result: AdapterPlan, inputs: Mapping[
     copied = sum(not m.concatenated for m in result.modules)
     account = (f"Written as a PEFT LoRA adapter of the base (`--as-adapter`): load it with "
                f"`PeftModel.from_pretrained(base_model, this_directory)`. {len(result.modules)} modules: {copied} "
-               f"keep one adapter's factors byte for byte (their scale is the merge's weight times that adapter's "
-               f"scale), {len(result.modules) - copied} mixed from several are the exact concatenation "
-               f"A = [w₁s₁·A₁; w₂s₂·A₂; ...], B = [B₁, B₂, ...] with scale 1, each folded block computed in float32 "
+               f"keep one adapter's factors, byte for byte in their own dtype (their scale is the merge's weight "
+               f"times that adapter's scale), {len(result.modules) - copied} mixed from several are the exact "
+               f"concatenation A = [w₁s₁·A₁; w₂s₂·A₂; ...], B = [B₁, B₂, ...] with scale 1, each folded block "
+               f"computed in float32 "
                f"and rounded once into A's dtype. Each module's rank and scale are in `adapter_config.json` "
                f"(`rank_pattern`, `alpha_pattern`).\n\n")
     return render_card(plan.method, method.command, __version__, named,

@@ -99,9 +99,9 @@ def adapter_plan(tensors: Sequence[TensorRecipe], adapters: Mapping[str, Adapter
         if carried is not None:
             role, stored = carried
             if (BASE_LAYER in stored) != bool(factors):
-                what = ("the base layer of a LoRA module, which this merge does not adapt" if BASE_LAYER in stored
-                        else "whole (modules_to_save), and this merge also adds LoRA factors to it")
-                raise ConfigError(f"{param('as_adapter')}: the {describe_role(role)} saves {recipe.name!r} {what}; "
+                what = ("as the base layer of its LoRA module, which this merge does not adapt" if BASE_LAYER in stored
+                        else "whole (modules_to_save) and this merge also adds LoRA factors to it")
+                raise ConfigError(f"{param('as_adapter')}: the {describe_role(role)} saves {recipe.name!r} {what}: "
                                   f"a PEFT adapter cannot hold that: write a full model instead")
             spec = adapters[role].specs[stored]
             out.append(_take(stored, role, spec, recipe.layer, dtype))
