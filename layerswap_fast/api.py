@@ -94,6 +94,7 @@ def merge(
     sync: bool = False,
     checksum: str = DEFAULT_CHECKSUM,
     other_inputs: Sequence[PathLike] = (),
+    as_adapter: bool = False,
 ) -> MergeResult:
     """Layer-swap ``language_expert`` into ``task_expert`` and write the result to ``out``.
 
@@ -102,9 +103,11 @@ def merge(
     uniform or magnitude) and swapped in the same streaming pass, with no intermediate model
     written. ``magnitude`` weights (``config.transition_weights``/``non_layer``, ``soup_weights``)
     are ∝ 1 / average row MAV against ``base``, from an earlier ``analyze`` in ``stats`` when given.
-    The other keywords are the :class:`WriteOptions`, as for every method.
+    ``as_adapter``: the experts are LoRA adapters of one base, and the swap is written as one
+    PEFT adapter of it. The other keywords are the :class:`WriteOptions`, as for every method.
     """
-    options = swap_options(task_expert, language_expert, config, dtype, soup_weights, base, stats)
+    options = {**swap_options(task_expert, language_expert, config, dtype, soup_weights, base, stats),
+               "as_adapter": as_adapter}
     return run("layer_swap", out, options, **vars(WriteOptions(
         shard_size, threads, device, force, dry_run, link, max_gpu_bytes, blender, progress, sync, checksum,
         other_inputs)))
@@ -112,32 +115,36 @@ def merge(
 
 def soup(models: Sequence[PathLike], out: PathLike, *, weights: str | Sequence[float] = "uniform",
          base: PathLike | None = None, stats: PathLike | None = None, dtype: str | None = None,
-         **write: Any) -> MergeResult:
+         as_adapter: bool = False, **write: Any) -> MergeResult:
     """A model soup: Σ wᵢ·modelᵢ with weights ``uniform``, ``magnitude`` (∝ 1 / average row MAV
-    against ``base``) or given (normalised to sum 1)."""
-    return run("soup", out, {"model": models, "weights": weights, "base": base, "stats": stats, "dtype": dtype},
-               **write)
+    against ``base``) or given (normalised to sum 1); ``as_adapter``: of LoRA adapters, written as one."""
+    return run("soup", out, {"model": models, "weights": weights, "base": base, "stats": stats, "dtype": dtype,
+                             "as_adapter": as_adapter}, **write)
 
 
 def task_arithmetic(base: PathLike, models: Sequence[PathLike], out: PathLike, *, lam: float = 1.0,
-                    dtype: str | None = None, **write: Any) -> MergeResult:
-    """base + λ·Σ(modelᵢ − base) (Ilharco et al., 2023)."""
-    return run("task_arithmetic", out, {"base": base, "model": models, "lam": lam, "dtype": dtype}, **write)
+                    dtype: str | None = None, as_adapter: bool = False, **write: Any) -> MergeResult:
+    """base + λ·Σ(modelᵢ − base) (Ilharco et al., 2023); ``as_adapter``: of LoRA adapters, written as one."""
+    return run("task_arithmetic", out, {"base": base, "model": models, "lam": lam, "dtype": dtype,
+                                        "as_adapter": as_adapter}, **write)
 
 
 def ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *, density: float = 0.2, lam: float = 1.0,
-         dtype: str | None = None, **write: Any) -> MergeResult:
+         dtype: str | None = None, as_adapter: bool = False, **write: Any) -> MergeResult:
     """TIES-merging (Yadav et al., 2023): per tensor, keep each delta's top ``density`` fraction by
     magnitude (exact threshold; values tied at it are all kept), elect each element's sign by the
-    summed trimmed deltas, average the trimmed deltas that agree, add λ times that to the base."""
-    return run("ties", out, {"base": base, "model": models, "density": density, "lam": lam, "dtype": dtype},
-               **write)
+    summed trimmed deltas, average the trimmed deltas that agree, add λ times that to the base.
+    (``as_adapter`` is refused: no adapter holds TIES' result.)"""
+    return run("ties", out, {"base": base, "model": models, "density": density, "lam": lam, "dtype": dtype,
+                             "as_adapter": as_adapter}, **write)
 
 
 def revert(base: PathLike, model: PathLike, out: PathLike, *, layers: str | Sequence[int] | None = None,
-           row_threshold: float | None = None, row_fraction: float | None = None, **write: Any) -> MergeResult:
+           row_threshold: float | None = None, row_fraction: float | None = None, as_adapter: bool = False,
+           **write: Any) -> MergeResult:
     """Send fine-tuning updates back to the base (paper, Section 3.3): whole ``layers``
     (``"0-4,30-31"``), rows whose row MAV is below ``row_threshold``, or the ``row_fraction`` of
-    each tensor's rows that changed least (equal MAVs: lower row index first)."""
+    each tensor's rows that changed least (equal MAVs: lower row index first). ``as_adapter``: the
+    model is a LoRA adapter, written back as one without the reverted layers (rows are refused)."""
     return run("revert", out, {"base": base, "model": model, "layers": layers, "row_threshold": row_threshold,
-                               "row_fraction": row_fraction}, **write)
+                               "row_fraction": row_fraction, "as_adapter": as_adapter}, **write)
