@@ -410,3 +410,27 @@ def lora_abs_products(adapter: Path) -> dict[str, tuple[int, torch.Tensor]]:
         product = scale * (b.double().abs() @ a.double().abs())
         out[module + ".weight"] = (r, product.T if embedding else product)
     return out
+
+
+# ------------------------------------------------------------------------------- the command line
+
+def run_cli(*args) -> "subprocess.CompletedProcess[str]":
+    """``python -m layerswap_fast.cli ARGS`` in a child process (exit status and stderr as a user sees them)."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "layerswap_fast.cli", *map(str, args)], capture_output=True,
+                          text=True)
+
+
+def refused(args, root: Path, *needles: str) -> str:
+    """The command ``args`` fails with exit status 2 and one line ``error: ...`` holding every
+    needle, and writes, changes or removes nothing below ``root``; the line is returned."""
+    before = fs_state(root)
+    result = run_cli(*args)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert fs_state(root) == before
+    return lines[0]
