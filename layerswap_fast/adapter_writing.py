@@ -145,11 +145,12 @@ def _local(name: str) -> Path | None:
 
 
 def _base_name(adapters: Mapping[str, Adapter], base: Checkpoint) -> dict[str, str | None]:
-    """What the output's config names as its base: the name the adapters give (they agree), else
-    the base's hub id and revision, else the base's path."""
+    """What the output's config names as its base: the name the adapters give (they agree; with
+    the revision read from the cache when that name is the base's hub id), else the base's hub id
+    and revision, else the base's path."""
     named = [a.lora.base_model for a in adapters.values() if a.lora.base_model]
     if named:
-        return {"base_model": named[0], "revision": None}
+        return {"base_model": named[0], "revision": base.revision if named[0] == base.hub_id else None}
     if base.hub_id is not None:
         return {"base_model": base.hub_id, "revision": base.revision}
     return {"base_model": str(base.path), "revision": None}

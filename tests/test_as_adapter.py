@@ -631,3 +631,21 @@ def test_what_has_no_adapter_form(recipe, needle):
                         {"base_model.model.n.weight": spec, "n.lora_A.weight": spec, "n.lora_B.weight": spec})}
     with pytest.raises(ConfigError, match=re.escape(needle)):
         adapter_plan([recipe], sides, "base")
+
+
+def test_adapters_and_base_by_hub_id(trio, tmp_path, monkeypatch):
+    """Adapters and their base named by hub id (the cache only): the output names the same base,
+    at the revision the cache resolved, and holds the same tensors as from local directories."""
+    from support import add_hub_snapshot
+    cache, commit = tmp_path / "hub", "3" * 40
+    add_hub_snapshot(cache, "org/base", trio["base"], commit, ("main",))
+    for repo, role in (("org/task-lora", "task_lora"), ("org/lang-lora", "language_lora")):
+        edited = edited_config(trio[role], tmp_path / role, base_model_name_or_path="org/base")
+        add_hub_snapshot(cache, repo, edited, commit, ("main",))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    lf.merge("org/task-lora", "org/lang-lora", tmp_path / "hub_out", as_adapter=True)
+    swap(trio, tmp_path / "local_out", bottom=5, top=2, lower_transition=1, upper_transition=1)
+    config = config_of(tmp_path / "hub_out")
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/base", commit)
+    hub, local = load_tensors(tmp_path / "hub_out"), load_tensors(tmp_path / "local_out")
+    assert hub.keys() == local.keys() and all(raw_bytes(hub[n]) == raw_bytes(local[n]) for n in hub)
