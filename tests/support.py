@@ -422,15 +422,17 @@ def run_cli(*args) -> "subprocess.CompletedProcess[str]":
                           text=True)
 
 
-def refused(args, root: Path, *needles: str) -> str:
+def refused(args, root: Path, *needles: str, inputs: tuple[Path, ...] = ()) -> str:
     """The command ``args`` fails with exit status 2 and one line ``error: ...`` holding every
-    needle, and writes, changes or removes nothing below ``root``; the line is returned."""
-    before = fs_state(root)
+    needle, and writes, changes or removes nothing below ``root`` or the ``inputs`` directories;
+    the line is returned."""
+    roots = (root, *inputs)
+    before = [fs_state(r) for r in roots]
     result = run_cli(*args)
     assert result.returncode == 2, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
-    assert fs_state(root) == before
+    assert [fs_state(r) for r in roots] == before
     return lines[0]

@@ -81,6 +81,11 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+def inputs(trio: dict[str, Path]) -> tuple[Path, ...]:
+    """Where the fixture's inputs live: a refusal must leave them as they were."""
+    return (trio["base"].parent,)
+
+
 def edit_tensor(adapter: Path, name: str, change) -> None:
     """Rewrite one tensor of an adapter's weights file (safetensors, by hand)."""
     from safetensors.torch import load_file, save_file
@@ -135,14 +140,14 @@ def assert_factors(out: Path, parts_of) -> dict[str, int]:
     product), rank their sum, scale 1; none: the module is absent. Returns how many of each."""
     out_config, out_factors = config_of(out), factors(out)
     assert out_config["use_rslora"] is False and out_config["peft_type"] == "LORA"
-    inputs = {}
+    opened = {}
     counts = {"copied": 0, "concatenated": 0}
     modules = {m for _, adapter in parts_of(None) for m in factors(adapter)}
     for module in sorted(modules):
         parts = []
         for w, adapter in parts_of(module):
-            if w != 0.0 and module in inputs.setdefault(adapter, factors(adapter)):
-                a, b, _, _ = inputs[adapter][module]
+            if w != 0.0 and module in opened.setdefault(adapter, factors(adapter)):
+                a, b, _, _ = opened[adapter][module]
                 parts.append((w * scale_of(config_of(adapter), module, a.shape[0]), a, b))
         if not parts:
             assert module not in out_factors, module
@@ -526,12 +531,13 @@ def test_force_replaces_an_output_whole(trio, tmp_path):
 def test_ties_refuses(trio, tmp_path):
     refused(["ties", "--base", trio["base"], "--model", trio["task_lora"], "--model", trio["language_lora"],
              "--as-adapter", "-o", tmp_path / "out"], tmp_path, "--as-adapter: ties needs every model's full delta",
-            "TIES trims", "write a full model")
+            "TIES trims", "write a full model", inputs=inputs(trio))
 
 
 def test_row_revert_refuses(trio, tmp_path):
     refused(["revert", "--base", trio["base"], "--model", trio["task_lora"], "--row-fraction", "0.5", "--as-adapter",
-             "-o", tmp_path / "out"], tmp_path, "revert needs every model's full delta", "single rows")
+             "-o", tmp_path / "out"], tmp_path, "revert needs every model's full delta", "single rows",
+             inputs=inputs(trio))
 
 
 def test_layer_revert_drops_the_layers(trio, tmp_path):
@@ -544,15 +550,15 @@ def test_layer_revert_drops_the_layers(trio, tmp_path):
 
 def test_reverting_everything_refuses(trio, tmp_path):
     refused(["revert", "--base", trio["base"], "--model", trio["task_lora"], "--layers", f"0-{NUM_LAYERS - 1}",
-             "--as-adapter", "-o", tmp_path / "out"], tmp_path, "leaves the base unchanged")
+             "--as-adapter", "-o", tmp_path / "out"], tmp_path, "leaves the base unchanged", inputs=inputs(trio))
 
 
 def test_a_full_model_among_the_inputs_refuses(trio, tmp_path):
     refused(["merge", "--task-expert", trio["task"], "--language-expert", trio["language_lora"], "--base",
              trio["base"], "--as-adapter", "-o", tmp_path / "out"], tmp_path,
-            "every merged model must be a LoRA adapter", "the task expert", "is a full model")
+            "every merged model must be a LoRA adapter", "the task expert", "is a full model", inputs=inputs(trio))
     refused(["soup", "--model", trio["task"], "--model", trio["task"], "--as-adapter", "-o", tmp_path / "out"],
-            tmp_path, "model 1", "is a full model")
+            tmp_path, "model 1", "is a full model", inputs=inputs(trio))
 
 
 def test_adapters_of_different_bases_refuse(trio, tmp_path):
@@ -562,7 +568,7 @@ def test_adapters_of_different_bases_refuse(trio, tmp_path):
     stranger = edited_config(trio["language_lora"], tmp_path / "stranger", base_model_name_or_path=str(other))
     refused(["merge", "--task-expert", trio["task_lora"], "--language-expert", stranger, "--base", trio["base"],
              "--as-adapter", "-o", tmp_path / "out"], tmp_path, "--as-adapter needs adapters of one base",
-            "the language expert", str(other))
+            "the language expert", str(other), inputs=inputs(trio))
     # the same base named two ways (a path and a copy of the directory) is one base
     copy = tmp_path / "base_copy"
     copy.mkdir()
@@ -579,7 +585,7 @@ def test_blending_a_saved_tensor_refuses(trio, tmp_path):
     refused(["merge", "--task-expert", trio["task_lora"], "--language-expert", trio["norm_lora"], "--base",
              trio["base"], "--as-adapter", "-o", tmp_path / "out"], tmp_path,
             "the language expert saves 'model.norm.weight' whole", "blends it with the base",
-            "write a full model instead")
+            "write a full model instead", inputs=inputs(trio))
 
 
 def test_fan_in_fan_out_disagreement_refuses(trio, tmp_path):
@@ -589,7 +595,7 @@ def test_fan_in_fan_out_disagreement_refuses(trio, tmp_path):
     flipped = edited_config(square, tmp_path / "flipped", fan_in_fan_out=True)
     refused(["merge", "--task-expert", trio["task_lora"], "--language-expert", flipped, "--base", trio["base"],
              "--as-adapter", "-o", tmp_path / "out"], tmp_path, "the language expert sets fan_in_fan_out",
-            "the task expert does not")
+            "the task expert does not", inputs=inputs(trio))
 
 
 def test_iter_merged_refuses(trio):
