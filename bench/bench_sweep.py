@@ -159,7 +159,7 @@ def main() -> None:
     global EXCLUSIVE_FS
     EXCLUSIVE_FS = bool(args.xfs_gb)
     root = xfs_mount(args.workdir, args.xfs_gb) if args.xfs_gb else args.workdir
-    root = root / f"{args.shape}-{args.layers or 'all'}l"
+    root = root / (args.shape if args.layers is None else f"{args.shape}-{args.layers}l")
     root.mkdir(exist_ok=True)
     make_experts(root, args.shape, args.layers, args.tasks, args.languages, args.shard_size)
     print("machine:", json.dumps(machine_info(root)))
