@@ -46,6 +46,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import ceil, prod, sqrt
@@ -564,15 +565,29 @@ def _check_target(path: Path) -> None:
         raise FileExistsError(f"{path} exists and is not a checkpoint; refusing to replace it")
 
 
+@contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """A directory to write beside ``path``, renamed into place (replacing ``path``) when the body
+    succeeds and removed when it fails: a model appears whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _write_checkpoint(path: Path, spec: _ModelSpec, role: str, sources: dict[str | None, _Source]) -> Path:
     """Write the model directory beside ``path``, then rename it into place."""
     layout = tensor_layout(spec.shape, spec.layers, spec.tie)
     windows = _windows(tensor_layout(spec.shape, spec.layers, False), spec.pool, spec.seed)
     itemsize = DTYPES[spec.dtype][0].itemsize
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-    try:
+    with _staged(path) as tmp:
         shards = _shard_plan(layout, spec.dtype, spec.shard_size)
         weight_map: dict[str, str] = {}
         total = 0
@@ -606,12 +621,6 @@ def _write_checkpoint(path: Path, spec: _ModelSpec, role: str, sources: dict[str
             "clean_up_tokenization_spaces": False,
             "comment": "stub written by layerswap_fast.synthetic; not a working tokenizer",
         })
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -852,10 +861,7 @@ def write_adapter(path: str | os.PathLike, shape: str | ModelShape = "tiny", *, 
         "layers_pattern": None, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with _staged(path) as tmp:
         with open(tmp / ADAPTER_WEIGHTS, "wb") as f:
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
@@ -865,12 +871,6 @@ def write_adapter(path: str | os.PathLike, shape: str | ModelShape = "tiny", *, 
             if f.tell() != 8 + len(header) + used:  # pragma: no cover - an internal invariant
                 raise AssertionError(f"{ADAPTER_WEIGHTS}: wrote {f.tell()} bytes, expected {8 + len(header) + used}")
         _write_json(tmp / ADAPTER_CONFIG, config)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import struct
 import threading
 import warnings
@@ -332,11 +333,12 @@ def _pattern(patterns: dict, module: str, default):
     return default
 
 
-def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """ΔW in float64 for every module of the adapter, keyed by the base tensor's name."""
+def lora_factors(adapter: Path):
+    """Each module of the adapter as (base tensor name, rank, scale, B, A, transposed), read from its
+    files by the definitions (s = alpha / r, or alpha / √r with rsLoRA; alpha per module from
+    alpha_pattern; ΔW = s·B·A, transposed for embeddings and fan_in_fan_out layers)."""
     config = json.loads((adapter / "adapter_config.json").read_text())
     tensors = load_tensors(adapter)
-    deltas = {}
     for key, a in tensors.items():
         m = re.fullmatch(re.escape(LORA_PREFIX) + r"(.+)\.lora_(embedding_)?A(\.weight)?", key)
         if not m:
@@ -346,8 +348,15 @@ def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
         r = a.shape[0]
         alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        yield module + ".weight", r, scale, b, a, embedding or bool(config.get("fan_in_fan_out"))
+
+
+def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """ΔW in float64 for every module of the adapter, keyed by the base tensor's name."""
+    deltas = {}
+    for name, _, scale, b, a, transposed in lora_factors(adapter):
         delta = scale * (b.double() @ a.double())
-        deltas[module + ".weight"] = delta.T if embedding or config.get("fan_in_fan_out") else delta
+        deltas[name] = delta.T if transposed else delta
     return deltas
 
 
@@ -395,20 +404,10 @@ def lora_abs_products(adapter: Path) -> dict[str, tuple[int, torch.Tensor]]:
     """Per module of the adapter (keyed by the base tensor's name): its rank r and, in float64 and
     in ΔW's orientation, ``s·|B|·|A|``, the magnitude that bounds the rounding of a float32
     ``s·B·A``: each element of it is within ``(r + 2)·2⁻²⁴`` times the same element of this."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    tensors = load_tensors(adapter)
     out = {}
-    for key, a in tensors.items():
-        m = re.fullmatch(re.escape(LORA_PREFIX) + r"(.+)\.lora_(embedding_)?A(\.weight)?", key)
-        if not m:
-            continue
-        module, embedding = m[1], m[2] is not None
-        b = tensors[key.replace("lora_embedding_A", "lora_embedding_B").replace("lora_A", "lora_B")]
-        r = a.shape[0]
-        alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    for name, r, scale, b, a, transposed in lora_factors(adapter):
         product = scale * (b.double().abs() @ a.double().abs())
-        out[module + ".weight"] = (r, product.T if embedding else product)
+        out[name] = (r, product.T if transposed else product)
     return out
 
 
@@ -436,3 +435,22 @@ def refused(args, root: Path, *needles: str, inputs: tuple[Path, ...] = ()) -> s
         assert needle in lines[0], (needle, lines[0])
     assert [fs_state(r) for r in roots] == before
     return lines[0]
+
+
+def make_adapter_trio(root: Path, num_layers: int) -> dict[str, Path]:
+    """A bf16 base with tied embeddings, a full task expert, and three PEFT adapters of the base: a
+    task adapter (rank 4, float32, attention and MLP, a rank_pattern and an alpha_pattern), a
+    language adapter (rank 8, rsLoRA, bf16 factors, the embedding too, which PEFT saves beside its
+    factors as the embedding's base layer) and an adapter on layers 0-2 and the last two only."""
+    paths = make_llama_trio(root, num_layers=num_layers, tie=True, roles=("base", "task"))
+    paths["task_lora"] = make_adapter(
+        paths["base"], root / "task_lora", 1, r=4, lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"layers.3.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3})
+    paths["language_lora"] = make_adapter(
+        paths["base"], root / "language_lora", 2, dtype=torch.bfloat16, r=8, lora_alpha=4, use_rslora=True,
+        target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"])
+    paths["partial_lora"] = make_adapter(
+        paths["base"], root / "partial_lora", 3, r=2, lora_alpha=2, target_modules=["o_proj"],
+        layers_to_transform=[0, 1, 2, num_layers - 2, num_layers - 1])
+    return paths

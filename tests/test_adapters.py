@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import (add_hub_snapshot, expected_weights, layer_of, load_tensors, lora_deltas, make_adapter, make_llama_trio, raw_bytes,
+from support import (add_hub_snapshot, expected_weights, make_adapter_trio, layer_of, load_tensors, lora_deltas, make_adapter, make_llama_trio, raw_bytes,
                      shards_without_metadata, snapshot, ulps)
 
 import layerswap_fast as lf
@@ -32,19 +32,7 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     task adapter (rank 4, attention and MLP, a rank_pattern and an alpha_pattern), a language
     adapter (rank 8, rsLoRA, bf16 factors, the embedding too) and a language adapter on layers
     0-2 and 8-9 only."""
-    root = tmp_path_factory.mktemp("adapters")
-    paths = make_llama_trio(root, num_layers=NUM_LAYERS, tie=True, roles=("base", "task"))
-    paths["task_lora"] = make_adapter(
-        paths["base"], root / "task_lora", 1, r=4, lora_alpha=8,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        rank_pattern={"layers.3.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3})
-    paths["language_lora"] = make_adapter(
-        paths["base"], root / "language_lora", 2, dtype=torch.bfloat16, r=8, lora_alpha=4, use_rslora=True,
-        target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"])
-    paths["partial_lora"] = make_adapter(
-        paths["base"], root / "partial_lora", 3, r=2, lora_alpha=2, target_modules=["o_proj"],
-        layers_to_transform=[0, 1, 2, 8, 9])
-    return paths
+    return make_adapter_trio(tmp_path_factory.mktemp("adapters"), NUM_LAYERS)
 
 
 # ------------------------------------------------------------------------------- the reference

@@ -39,7 +39,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import (expected_weights, layer_of, load_tensors, lora_deltas, make_adapter, make_llama_trio, raw_bytes,
+from support import (expected_weights, layer_of, load_tensors, lora_deltas, make_adapter, make_adapter_trio,
+                     make_llama_trio, raw_bytes,
                      refused, run_cli, ulps)
 
 import layerswap_fast as lf
@@ -64,17 +65,7 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     as the embedding's base layer), an adapter on layers 0-2 and 8-9 only (rank 2), and one that
     saves the final norm whole (modules_to_save), changed so that it is not the base's."""
     root = tmp_path_factory.mktemp("as_adapter")
-    paths = make_llama_trio(root, num_layers=NUM_LAYERS, tie=True, roles=("base", "task"))
-    paths["task_lora"] = make_adapter(
-        paths["base"], root / "task_lora", 1, r=4, lora_alpha=8,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        rank_pattern={"layers.3.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3})
-    paths["language_lora"] = make_adapter(
-        paths["base"], root / "language_lora", 2, dtype=torch.bfloat16, r=8, lora_alpha=4, use_rslora=True,
-        target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"])
-    paths["partial_lora"] = make_adapter(
-        paths["base"], root / "partial_lora", 3, r=2, lora_alpha=2, target_modules=["o_proj"],
-        layers_to_transform=[0, 1, 2, 8, 9])
+    paths = make_adapter_trio(root, NUM_LAYERS)
     paths["norm_lora"] = make_adapter(paths["base"], root / "norm_lora", 4, r=2, lora_alpha=4,
                                       target_modules=["q_proj"], modules_to_save=["model.norm"])
     edit_tensor(paths["norm_lora"], PREFIX + "model.norm.weight", lambda t: t * 1.5)
