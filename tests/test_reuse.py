@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import blake3
 import json
+import math
 import os
 from pathlib import Path
 
@@ -141,3 +142,47 @@ def _reflink_supported(directory: Path) -> bool:
 def test_no_reuse_when_every_shard_needs_work(trio: dict[str, Path], tmp_path: Path) -> None:
     ls.merge(trio["task"], trio["language"], tmp_path / "out", dtype="f32")
     assert reused_of(tmp_path / "out") == []
+
+
+def _shared_bytes(files: list[Path]) -> int:
+    """Bytes of the files' extents that the filesystem marks shared (``filefrag -v``)."""
+    import re
+    import shutil
+    import subprocess
+    if shutil.which("filefrag") is None:
+        pytest.skip("filefrag is not installed (e2fsprogs): shared extents cannot be measured")
+    shared = 0
+    for f in files:
+        out = subprocess.run(["filefrag", "-v", "-b4096", str(f)], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            m = re.match(r"\s*\d+:\s+\d+\.\.\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+):", line)
+            if m and "shared" in line:
+                shared += int(m[1]) * 4096
+    return shared
+
+
+def test_copied_tensors_share_extents_with_their_inputs(xfs: Path) -> None:
+    """Inside a new shard (one that mixes copied and computed tensors), every whole block of a
+    copied tensor is a clone of its input's: a copy starts with the bytes up to the input's next
+    block boundary, so the rest starts on one in both files."""
+    paths = make_llama_trio(xfs, num_layers=L, hidden=256, shard="100MB")
+    result = ls.merge(paths["task"], paths["language"], xfs / "out")
+    assert result.stats is not None and not result.stats.reused  # one shard: nothing reused whole
+    assert_merged(xfs / "out", paths)
+    ls.verify(xfs / "out")
+    copied = [t for t in result.plan.tensors if t.op == "copy"]
+    copied_bytes = sum(math.prod(t.shape) * 2 for t in copied)  # bf16
+    shared = _shared_bytes(sorted((xfs / "out").glob("*.safetensors")))
+    # whole blocks only: at most a block at each end of each run of adjacent copies is copied
+    assert copied_bytes - 2 * 4096 * len(copied) <= shared <= copied_bytes + 4096
+
+
+@pytest.mark.parametrize("src, dst, n, pieces", [
+    (4096, 8192, 10, [(0, 10)]),                              # aligned: one piece
+    (100, 4196, 5000, [(0, 3996), (3996, 1004)]),             # same phase: up to the block boundary first
+    (100, 4200, 5000, [(0, 5000)]),                           # different phases: no clone possible
+    (4000, 4000, 50, [(0, 50)]),                              # inside one block
+])
+def test_copy_pieces_start_on_block_boundaries(src, dst, n, pieces) -> None:
+    from layerswap_fast.engine.execute import copy_pieces
+    assert list(copy_pieces(src, dst, n)) == pieces

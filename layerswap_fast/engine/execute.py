@@ -129,8 +129,7 @@ class _ShardFiller:
         if run is None or src is None:
             return
         src_offset, dst_offset, nbytes = run
-        for start in range(0, nbytes, ops.PIECE_BYTES):
-            n = min(ops.PIECE_BYTES, nbytes - start)
+        for start, n in copy_pieces(src_offset, dst_offset, nbytes):
             writer.copy_range(src, src_offset + start, dst_offset + start, n)
             self.advance(dst_offset + start + n)
             self.progress(n)
@@ -144,6 +143,27 @@ class _ShardFiller:
         if recipe.op not in OPS:
             raise ValueError(f"unknown op {recipe.op!r}")
         OPS[recipe.op](self.context, writer, recipe, specs, inputs, dst)
+
+
+#: the block size by which filesystems that share extents (XFS, btrfs) clone ranges
+CLONE_BLOCK = 4096
+
+
+def copy_pieces(src_offset: int, dst_offset: int, nbytes: int) -> Iterator[tuple[int, int]]:
+    """(start, length) pieces of a copy, at most ``PIECE_BYTES`` each. When source and destination
+    sit at the same offset within a block (the layout keeps copied tensors so), the first piece
+    ends on a block boundary: every later piece then starts on one in both files, and
+    ``copy_file_range`` on a filesystem that shares extents clones its whole blocks instead of
+    copying them (the kernel tries a clone first and refuses one that starts mid-block)."""
+    head = (-src_offset) % CLONE_BLOCK if (src_offset - dst_offset) % CLONE_BLOCK == 0 else 0
+    start = 0
+    if 0 < head < nbytes:
+        yield 0, head
+        start = head
+    while start < nbytes:
+        n = min(ops.PIECE_BYTES, nbytes - start)
+        yield start, n
+        start += n
 
 
 @contextmanager
