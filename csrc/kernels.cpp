@@ -108,8 +108,10 @@ LSF_INLINE void pass_store(unsigned char* __restrict out, const float* __restric
 // multiply-adds over k = 0, 1, ..., r - 1 starting from +0 (acc = fma(B[i][k], A[k][j], acc)).
 // fma rounds once, so the AVX2 and the portable form give the same bits on every CPU.
 
-constexpr size_t kLrRows = 4;    // rows of a product tile (register block of the AVX2 form)
-constexpr size_t kLrCols = 512;  // columns of a product tile
+constexpr size_t kLrRows = 4;    // rows of the AVX2 form's register block
+constexpr size_t kLrBlockRows = 32;  // rows of a product tile
+constexpr size_t kLrCols = 128;  // columns of a product tile: r x 128 floats of A (8 KiB at
+                                 // rank 16) stay in L1 while every row of the tile uses them
 
 std::atomic<bool> g_lowrank_simd{true};
 
@@ -125,49 +127,41 @@ void lowrank_tile_portable(const float* B, size_t r, const float* A, size_t lda,
 
 #if defined(__x86_64__) || defined(__i386__)
 #define LSF_HAVE_AVX2_TILE 1
+// R rows x 16 columns per step, 2R accumulators in registers.
+template <size_t R>
+__attribute__((target("avx2,fma"), always_inline)) inline size_t lowrank_rows_avx2(
+    const float* B, size_t r, const float* A, size_t lda, size_t w, float* P, size_t ldp) {
+  size_t j = 0;
+  for (; j + 16 <= w; j += 16) {
+    __m256 c0[R], c1[R];
+    for (size_t i = 0; i < R; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+    for (size_t k = 0; k < r; ++k) {
+      const __m256 a0 = _mm256_loadu_ps(A + k * lda + j);
+      const __m256 a1 = _mm256_loadu_ps(A + k * lda + j + 8);
+      for (size_t i = 0; i < R; ++i) {
+        const __m256 b = _mm256_broadcast_ss(B + i * r + k);
+        c0[i] = _mm256_fmadd_ps(b, a0, c0[i]);
+        c1[i] = _mm256_fmadd_ps(b, a1, c1[i]);
+      }
+    }
+    for (size_t i = 0; i < R; ++i) {
+      _mm256_storeu_ps(P + i * ldp + j, c0[i]);
+      _mm256_storeu_ps(P + i * ldp + j + 8, c1[i]);
+    }
+  }
+  return j;
+}
+
 __attribute__((target("avx2,fma"))) void lowrank_tile_avx2(const float* B, size_t r,
                                                             const float* A, size_t lda, size_t R,
                                                             size_t w, float* P, size_t ldp) {
-  size_t j = 0;
-  if (R == 4) {
-    for (; j + 16 <= w; j += 16) {
-      __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-      __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-      __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-      __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-      for (size_t k = 0; k < r; ++k) {
-        const __m256 a0 = _mm256_loadu_ps(A + k * lda + j);
-        const __m256 a1 = _mm256_loadu_ps(A + k * lda + j + 8);
-        __m256 b = _mm256_broadcast_ss(B + 0 * r + k);
-        c00 = _mm256_fmadd_ps(b, a0, c00);
-        c01 = _mm256_fmadd_ps(b, a1, c01);
-        b = _mm256_broadcast_ss(B + 1 * r + k);
-        c10 = _mm256_fmadd_ps(b, a0, c10);
-        c11 = _mm256_fmadd_ps(b, a1, c11);
-        b = _mm256_broadcast_ss(B + 2 * r + k);
-        c20 = _mm256_fmadd_ps(b, a0, c20);
-        c21 = _mm256_fmadd_ps(b, a1, c21);
-        b = _mm256_broadcast_ss(B + 3 * r + k);
-        c30 = _mm256_fmadd_ps(b, a0, c30);
-        c31 = _mm256_fmadd_ps(b, a1, c31);
-      }
-      _mm256_storeu_ps(P + 0 * ldp + j, c00);
-      _mm256_storeu_ps(P + 0 * ldp + j + 8, c01);
-      _mm256_storeu_ps(P + 1 * ldp + j, c10);
-      _mm256_storeu_ps(P + 1 * ldp + j + 8, c11);
-      _mm256_storeu_ps(P + 2 * ldp + j, c20);
-      _mm256_storeu_ps(P + 2 * ldp + j + 8, c21);
-      _mm256_storeu_ps(P + 3 * ldp + j, c30);
-      _mm256_storeu_ps(P + 3 * ldp + j + 8, c31);
-    }
+  size_t j;
+  switch (R) {
+    case 4: j = lowrank_rows_avx2<4>(B, r, A, lda, w, P, ldp); break;
+    case 3: j = lowrank_rows_avx2<3>(B, r, A, lda, w, P, ldp); break;
+    case 2: j = lowrank_rows_avx2<2>(B, r, A, lda, w, P, ldp); break;
+    default: j = lowrank_rows_avx2<1>(B, r, A, lda, w, P, ldp); break;
   }
-  for (; j + 8 <= w; j += 8)
-    for (size_t i = 0; i < R; ++i) {
-      __m256 c = _mm256_setzero_ps();
-      for (size_t k = 0; k < r; ++k)
-        c = _mm256_fmadd_ps(_mm256_broadcast_ss(B + i * r + k), _mm256_loadu_ps(A + k * lda + j), c);
-      _mm256_storeu_ps(P + i * ldp + j, c);
-    }
   for (; j < w; ++j)
     for (size_t i = 0; i < R; ++i) {
       float acc = 0.f;
@@ -199,7 +193,7 @@ void set_lowrank_simd_enabled(bool enabled) { g_lowrank_simd.store(enabled); }
 
 // For each of rows [0, R) of a row group: out = round(sum_t w_t x_t + sum_f c_f P_f), w columns.
 // in[t] / out point at the group's first element of this tile, rows `stride` elements apart;
-// P holds n_f tiles of kLrRows x kLrCols floats.
+// P holds n_f tiles of kLrBlockRows x kLrCols floats.
 LSF_CLONES
 void lowrank_blend_tile(size_t n_inputs, const unsigned char* const* in, const DType* in_dt,
                         const float* w, size_t n_f, const float* P, const float* c,
@@ -217,7 +211,7 @@ void lowrank_blend_tile(size_t n_inputs, const unsigned char* const* in, const D
       }
     }
     for (size_t f = 0; f < n_f; ++f)
-      pass_add<DType::F32>(acc, reinterpret_cast<const unsigned char*>(P + (f * kLrRows + i) * kLrCols),
+      pass_add<DType::F32>(acc, reinterpret_cast<const unsigned char*>(P + (f * kLrBlockRows + i) * kLrCols),
                            c[f], width);
     unsigned char* o = out + i * stride * osz;
     LSF_DTYPE_DISPATCH(out_dt, DO, pass_store<DO>(o, acc, width));
@@ -470,17 +464,42 @@ void blend_lowrank_file_run(const std::vector<FileSlice>& in, const std::vector<
   const StreamFiles files("blend_lowrank_file", nullptr, DType::F32, in, in_dt, &out, out_offset,
                           out_dt);
 
-  // Tasks of whole rows, about chunk_elems elements; an element's bytes never depend on the task.
-  const uint64_t rows_per_task = std::min(rows, std::max<uint64_t>(1, chunk_elems / cols));
+  // Tasks of whole rows, about chunk_elems elements, in whole register blocks of rows where
+  // possible; an element's bytes never depend on the task.
+  uint64_t rows_per_task = std::max<uint64_t>(1, chunk_elems / cols);
+  rows_per_task = std::min(rows, (rows_per_task + kLrRows - 1) / kLrRows * kLrRows);
   const uint64_t ntasks = (rows + rows_per_task - 1) / rows_per_task;
   const size_t nthreads = resolve_threads(threads, ntasks);
   const size_t n_f = factors.size();
   std::vector<float> c(n_f);
   for (size_t f = 0; f < n_f; ++f) c[f] = factors[f].weight;
 
+  // Each factor's A, packed tile by tile (r x kLrCols floats per tile, rows kLrCols apart): the
+  // rows of A itself lie cols floats apart, which for cols a multiple of 1024 puts all of a
+  // tile's rows in one L1 set.
+  const uint64_t ntiles = (cols + kLrCols - 1) / kLrCols;
+  std::vector<Array<float>> packed;
+  for (size_t f = 0; f < n_f; ++f) {
+    const LowRankFactor& fa = factors[f];
+    uint64_t count;
+    if (!mul_ok(fa.rank, ntiles * kLrCols, &count))
+      fail("blend_lowrank_file: factors[" + std::to_string(f) + "] rank x cols overflows");
+    packed.push_back(alloc_array<float>(count, "blend_lowrank_file packed factors"));
+    float* dst = packed.back().get();
+    for (uint64_t tl = 0; tl < ntiles; ++tl) {
+      const uint64_t j0 = tl * kLrCols;
+      const uint64_t width = std::min<uint64_t>(kLrCols, cols - j0);
+      for (uint64_t k = 0; k < fa.rank; ++k) {
+        float* d = dst + (tl * fa.rank + k) * kLrCols;
+        std::memcpy(d, fa.a + k * cols + j0, width * sizeof(float));
+        std::fill(d + width, d + kLrCols, 0.f);
+      }
+    }
+  }
+
   run_pool(nthreads, ntasks, [&](TaskQueue& q) {
     ChunkReader r(files, rows_per_task * cols, true);
-    Array<float> P = alloc_array<float>(std::max<size_t>(1, n_f) * kLrRows * kLrCols,
+    Array<float> P = alloc_array<float>(std::max<size_t>(1, n_f) * kLrBlockRows * kLrCols,
                                         "blend_lowrank_file product tiles");
     std::vector<const unsigned char*> ptrs(n);
     uint64_t t;
@@ -488,19 +507,22 @@ void blend_lowrank_file_run(const std::vector<FileSlice>& in, const std::vector<
       const uint64_t r0 = t * rows_per_task;
       const uint64_t m = std::min(rows_per_task, rows - r0);
       r.load(r0 * cols, m * cols);
-      for (uint64_t g = 0; g < m; g += kLrRows) {
-        const size_t R = static_cast<size_t>(std::min<uint64_t>(kLrRows, m - g));
+      for (uint64_t g0 = 0; g0 < m; g0 += kLrBlockRows) {
+        const size_t RB = static_cast<size_t>(std::min<uint64_t>(kLrBlockRows, m - g0));
         for (uint64_t j0 = 0; j0 < cols; j0 += kLrCols) {
           const size_t width = static_cast<size_t>(std::min<uint64_t>(kLrCols, cols - j0));
           for (size_t f = 0; f < n_f; ++f) {
             const LowRankFactor& fa = factors[f];
-            lowrank_tile(fa.b + (r0 + g) * fa.rank, fa.rank, fa.a + j0, cols, R, width,
-                         P.get() + f * kLrRows * kLrCols, kLrCols);
+            float* Pf = P.get() + f * kLrBlockRows * kLrCols;
+            for (size_t g = 0; g < RB; g += kLrRows)
+              lowrank_tile(fa.b + (r0 + g0 + g) * fa.rank, fa.rank,
+                           packed[f].get() + j0 / kLrCols * fa.rank * kLrCols, kLrCols,
+                           std::min(kLrRows, RB - g), width, Pf + g * kLrCols, kLrCols);
           }
-          const uint64_t e = g * cols + j0;  // element offset inside the chunk
+          const uint64_t e = g0 * cols + j0;  // element offset inside the chunk
           for (size_t i = 0; i < n; ++i) ptrs[i] = r.in()[i] + e * dtype_size(in_dt[i]);
           lowrank_blend_tile(n, ptrs.data(), in_dt.data(), w.data(), n_f, P.get(), c.data(),
-                             r.out() + e * dtype_size(out_dt), out_dt, R, width,
+                             r.out() + e * dtype_size(out_dt), out_dt, RB, width,
                              static_cast<size_t>(cols));
         }
       }

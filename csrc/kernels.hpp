@@ -46,7 +46,7 @@ struct LowRankFactor {
 // out = round_out(sum_t w[t] * float32(x_t) + sum_f weight_f * P_f) for a rows x cols matrix, the
 // x_t streamed from files like blend_file_run. P_f[i][j] = fma chain over k ascending from +0 of
 // B_f[i][k] * A_f[k][j]; every other product rounded to float32 and added in order (terms, then
-// factors). Tasks of max(1, chunk_elems / cols) rows. The factors' sizes must have been checked
+// factors). Tasks of max(1, chunk_elems / cols) rows rounded up to a multiple of 4. The factors' sizes must have been checked
 // by the caller.
 void blend_lowrank_file_run(const std::vector<FileSlice>& in, const std::vector<DType>& in_dt,
                             const std::vector<float>& w, const std::vector<LowRankFactor>& factors,

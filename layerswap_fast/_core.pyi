@@ -137,7 +137,8 @@ def blend_lowrank_file(
     product is rounded to float32 before it is added, the terms first in input order, then the
     factors in order, and the float32 sum is rounded once into ``out_dtype``. Byte-identical for
     every ``threads`` (<= 0: all cores) and ``chunk_elems``: rows are shared out in blocks of
-    ``max(1, chunk_elems // cols)`` rows, each element computed alone. Memory: the factors (the
+    ``max(1, chunk_elems // cols)`` rows rounded up to a multiple of 4, each element computed
+    alone. Memory: the factors (the
     caller's) plus per worker one block of every input and of the output. Sizes and bounds are
     checked (CoreError)."""
 
