@@ -710,7 +710,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("blend_lowrank_file", &blend_lowrank_file_py, py::arg("inputs"), py::arg("input_dtypes"),
         py::arg("weights"), py::arg("factors"), py::arg("factor_weights"), py::arg("out"),
         py::arg("out_offset"), py::arg("out_dtype"), py::arg("rows"), py::arg("cols"),
-        py::arg("chunk_elems") = 1 << 16, py::arg("threads") = 0);
+        py::arg("chunk_elems") = 1 << 18, py::arg("threads") = 0);
   m.def("row_mav_buffers", &row_mav_buffers_py, py::arg("experts"), py::arg("expert_dtypes"),
         py::arg("base"), py::arg("base_dtype"), py::arg("rows"), py::arg("cols"),
         py::arg("threads") = 0);

@@ -123,7 +123,7 @@ def blend_lowrank_file(
     out_dtype: str,
     rows: int,
     cols: int,
-    chunk_elems: int = 1 << 16,
+    chunk_elems: int = 1 << 18,
     threads: int = 0,
 ) -> None:
     """A ``rows`` x ``cols`` matrix: round_to_out_dtype(sum_t w_t * float32(x_t) + sum_f c_f * P_f),
