@@ -1,7 +1,10 @@
 #include "kernels.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+
+#include <immintrin.h>
 
 #include "chunk_reader.hpp"
 #include "kernel_util.hpp"
@@ -94,7 +97,127 @@ LSF_INLINE double add_block_sums(const float* __restrict d, size_t m, double acc
   return acc;
 }
 
+template <DType D>
+LSF_INLINE void pass_store(unsigned char* __restrict out, const float* __restrict acc, size_t m) {
+  for (size_t j = 0; j < m; ++j) Elem<D>::store(out, j, acc[j]);
+}
+
+// ---- low-rank products -------------------------------------------------------------------------
+//
+// P[i][j] = sum_k B[i][k] * A[k][j] for R rows and w columns: each element a chain of fused
+// multiply-adds over k = 0, 1, ..., r - 1 starting from +0 (acc = fma(B[i][k], A[k][j], acc)).
+// fma rounds once, so the AVX2 and the portable form give the same bits on every CPU.
+
+constexpr size_t kLrRows = 4;    // rows of the AVX2 form's register block
+constexpr size_t kLrBlockRows = 32;  // rows of a product tile
+constexpr size_t kLrCols = 128;  // columns of a product tile: r x 128 floats of A (8 KiB at
+                                 // rank 16) stay in L1 while every row of the tile uses them
+
+std::atomic<bool> g_lowrank_simd{true};
+
+void lowrank_tile_portable(const float* B, size_t r, const float* A, size_t lda, size_t R,
+                           size_t w, float* P, size_t ldp) {
+  for (size_t i = 0; i < R; ++i)
+    for (size_t j = 0; j < w; ++j) {
+      float acc = 0.f;
+      for (size_t k = 0; k < r; ++k) acc = std::fma(B[i * r + k], A[k * lda + j], acc);
+      P[i * ldp + j] = acc;
+    }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define LSF_HAVE_AVX2_TILE 1
+// R rows x 16 columns per step, 2R accumulators in registers.
+template <size_t R>
+__attribute__((target("avx2,fma"), always_inline)) inline size_t lowrank_rows_avx2(
+    const float* B, size_t r, const float* A, size_t lda, size_t w, float* P, size_t ldp) {
+  size_t j = 0;
+  for (; j + 16 <= w; j += 16) {
+    __m256 c0[R], c1[R];
+    for (size_t i = 0; i < R; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+    for (size_t k = 0; k < r; ++k) {
+      const __m256 a0 = _mm256_loadu_ps(A + k * lda + j);
+      const __m256 a1 = _mm256_loadu_ps(A + k * lda + j + 8);
+      for (size_t i = 0; i < R; ++i) {
+        const __m256 b = _mm256_broadcast_ss(B + i * r + k);
+        c0[i] = _mm256_fmadd_ps(b, a0, c0[i]);
+        c1[i] = _mm256_fmadd_ps(b, a1, c1[i]);
+      }
+    }
+    for (size_t i = 0; i < R; ++i) {
+      _mm256_storeu_ps(P + i * ldp + j, c0[i]);
+      _mm256_storeu_ps(P + i * ldp + j + 8, c1[i]);
+    }
+  }
+  return j;
+}
+
+__attribute__((target("avx2,fma"))) void lowrank_tile_avx2(const float* B, size_t r,
+                                                            const float* A, size_t lda, size_t R,
+                                                            size_t w, float* P, size_t ldp) {
+  size_t j;
+  switch (R) {
+    case 4: j = lowrank_rows_avx2<4>(B, r, A, lda, w, P, ldp); break;
+    case 3: j = lowrank_rows_avx2<3>(B, r, A, lda, w, P, ldp); break;
+    case 2: j = lowrank_rows_avx2<2>(B, r, A, lda, w, P, ldp); break;
+    default: j = lowrank_rows_avx2<1>(B, r, A, lda, w, P, ldp); break;
+  }
+  for (; j < w; ++j)
+    for (size_t i = 0; i < R; ++i) {
+      float acc = 0.f;
+      for (size_t k = 0; k < r; ++k) acc = std::fma(B[i * r + k], A[k * lda + j], acc);
+      P[i * ldp + j] = acc;
+    }
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+void lowrank_tile(const float* B, size_t r, const float* A, size_t lda, size_t R, size_t w,
+                  float* P, size_t ldp) {
+#ifdef LSF_HAVE_AVX2_TILE
+  if (g_lowrank_simd.load(std::memory_order_relaxed) && cpu_has_avx2_fma()) {
+    lowrank_tile_avx2(B, r, A, lda, R, w, P, ldp);
+    return;
+  }
+#endif
+  lowrank_tile_portable(B, r, A, lda, R, w, P, ldp);
+}
+
 }  // namespace
+
+void set_lowrank_simd_enabled(bool enabled) { g_lowrank_simd.store(enabled); }
+
+// For each of rows [0, R) of a row group: out = round(sum_t w_t x_t + sum_f c_f P_f), w columns.
+// in[t] / out point at the group's first element of this tile, rows `stride` elements apart;
+// P holds n_f tiles of kLrBlockRows x kLrCols floats.
+LSF_CLONES
+void lowrank_blend_tile(size_t n_inputs, const unsigned char* const* in, const DType* in_dt,
+                        const float* w, size_t n_f, const float* P, const float* c,
+                        unsigned char* out, DType out_dt, size_t R, size_t width, size_t stride) {
+  alignas(64) float acc[kLrCols];
+  const size_t osz = dtype_size(out_dt);
+  for (size_t i = 0; i < R; ++i) {
+    for (size_t t = 0; t < n_inputs; ++t) {
+      const unsigned char* p = in[t] + i * stride * dtype_size(in_dt[t]);
+      const float wt = w[t];
+      if (t == 0) {
+        LSF_DTYPE_DISPATCH(in_dt[t], DI, pass_first<DI>(acc, p, wt, width));
+      } else {
+        LSF_DTYPE_DISPATCH(in_dt[t], DI, pass_add<DI>(acc, p, wt, width));
+      }
+    }
+    for (size_t f = 0; f < n_f; ++f)
+      pass_add<DType::F32>(acc, reinterpret_cast<const unsigned char*>(P + (f * kLrBlockRows + i) * kLrCols),
+                           c[f], width);
+    unsigned char* o = out + i * stride * osz;
+    LSF_DTYPE_DISPATCH(out_dt, DO, pass_store<DO>(o, acc, width));
+  }
+}
+
 
 // ---- building blocks ---------------------------------------------------------------------------
 
@@ -314,6 +437,96 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
         }
         mav.end_row(row);
       }
+    }
+  });
+}
+
+}  // namespace lsf
+
+namespace lsf {
+
+void blend_lowrank_file_run(const std::vector<FileSlice>& in, const std::vector<DType>& in_dt,
+                            const std::vector<float>& w, const std::vector<LowRankFactor>& factors,
+                            ShardWriter& out, uint64_t out_offset, DType out_dt, uint64_t rows,
+                            uint64_t cols, uint64_t chunk_elems, int64_t threads) {
+  const size_t n = in.size();
+  if (n == 0) fail("blend_lowrank_file: at least one input is required");
+  if (chunk_elems == 0) fail("blend_lowrank_file: chunk_elems must be >= 1");
+  if (rows == 0 || cols == 0) fail("blend_lowrank_file: rows and cols must be >= 1");
+  uint64_t numel;
+  if (!mul_ok(rows, cols, &numel))
+    fail("blend_lowrank_file: rows x cols overflows a 64-bit size");
+  check_slices(in, in_dt, numel, "blend_lowrank_file: inputs");
+  check_out_slice(out, out_offset, numel, out_dt, "blend_lowrank_file");
+  for (size_t f = 0; f < factors.size(); ++f)
+    if (factors[f].rank == 0 || !factors[f].b || !factors[f].a)
+      fail("blend_lowrank_file: factors[" + std::to_string(f) + "] has rank 0");
+  const StreamFiles files("blend_lowrank_file", nullptr, DType::F32, in, in_dt, &out, out_offset,
+                          out_dt);
+
+  // Tasks of whole rows, about chunk_elems elements, in whole register blocks of rows where
+  // possible; an element's bytes never depend on the task.
+  uint64_t rows_per_task = std::max<uint64_t>(1, chunk_elems / cols);
+  rows_per_task = std::min(rows, (rows_per_task + kLrRows - 1) / kLrRows * kLrRows);
+  const uint64_t ntasks = (rows + rows_per_task - 1) / rows_per_task;
+  const size_t nthreads = resolve_threads(threads, ntasks);
+  const size_t n_f = factors.size();
+  std::vector<float> c(n_f);
+  for (size_t f = 0; f < n_f; ++f) c[f] = factors[f].weight;
+
+  // Each factor's A, packed tile by tile (r x kLrCols floats per tile, rows kLrCols apart): the
+  // rows of A itself lie cols floats apart, which for cols a multiple of 1024 puts all of a
+  // tile's rows in one L1 set.
+  const uint64_t ntiles = (cols + kLrCols - 1) / kLrCols;
+  std::vector<Array<float>> packed;
+  for (size_t f = 0; f < n_f; ++f) {
+    const LowRankFactor& fa = factors[f];
+    uint64_t count;
+    if (!mul_ok(fa.rank, ntiles * kLrCols, &count))
+      fail("blend_lowrank_file: factors[" + std::to_string(f) + "] rank x cols overflows");
+    packed.push_back(alloc_array<float>(count, "blend_lowrank_file packed factors"));
+    float* dst = packed.back().get();
+    for (uint64_t tl = 0; tl < ntiles; ++tl) {
+      const uint64_t j0 = tl * kLrCols;
+      const uint64_t width = std::min<uint64_t>(kLrCols, cols - j0);
+      for (uint64_t k = 0; k < fa.rank; ++k) {
+        float* d = dst + (tl * fa.rank + k) * kLrCols;
+        std::memcpy(d, fa.a + k * cols + j0, width * sizeof(float));
+        std::fill(d + width, d + kLrCols, 0.f);
+      }
+    }
+  }
+
+  run_pool(nthreads, ntasks, [&](TaskQueue& q) {
+    ChunkReader r(files, rows_per_task * cols, true);
+    Array<float> P = alloc_array<float>(std::max<size_t>(1, n_f) * kLrBlockRows * kLrCols,
+                                        "blend_lowrank_file product tiles");
+    std::vector<const unsigned char*> ptrs(n);
+    uint64_t t;
+    while (q.pop(&t)) {
+      const uint64_t r0 = t * rows_per_task;
+      const uint64_t m = std::min(rows_per_task, rows - r0);
+      r.load(r0 * cols, m * cols);
+      for (uint64_t g0 = 0; g0 < m; g0 += kLrBlockRows) {
+        const size_t RB = static_cast<size_t>(std::min<uint64_t>(kLrBlockRows, m - g0));
+        for (uint64_t j0 = 0; j0 < cols; j0 += kLrCols) {
+          const size_t width = static_cast<size_t>(std::min<uint64_t>(kLrCols, cols - j0));
+          for (size_t f = 0; f < n_f; ++f) {
+            const LowRankFactor& fa = factors[f];
+            float* Pf = P.get() + f * kLrBlockRows * kLrCols;
+            for (size_t g = 0; g < RB; g += kLrRows)
+              lowrank_tile(fa.b + (r0 + g0 + g) * fa.rank, fa.rank,
+                           packed[f].get() + j0 / kLrCols * fa.rank * kLrCols, kLrCols,
+                           std::min(kLrRows, RB - g), width, Pf + g * kLrCols, kLrCols);
+          }
+          const uint64_t e = g0 * cols + j0;  // element offset inside the chunk
+          for (size_t i = 0; i < n; ++i) ptrs[i] = r.in()[i] + e * dtype_size(in_dt[i]);
+          lowrank_blend_tile(n, ptrs.data(), in_dt.data(), w.data(), n_f, P.get(), c.data(),
+                             r.out() + e * dtype_size(out_dt), out_dt, RB, width,
+                             static_cast<size_t>(cols));
+        }
+      }
+      r.store(r0 * cols, m * cols);
     }
   });
 }

@@ -302,6 +302,69 @@ void check_len(const BufView& v, DType d, uint64_t numel, const std::string& rol
          " need " + (fits ? std::to_string(want) : std::string("more")));
 }
 
+// factors: a sequence of (B, A) float32 C-contiguous buffers, B rows x r and A r x cols (r >= 1
+// taken from B's length); weights one float per factor.
+void blend_lowrank_file_py(py::handle inputs, py::handle input_dtypes, py::handle weights,
+                           py::handle factors, py::handle factor_weights,
+                           std::shared_ptr<lsf::ShardWriter> out, py::handle out_offset,
+                           py::handle out_dtype, py::handle rows, py::handle cols,
+                           py::handle chunk_elems, py::handle threads) {
+  if (!out) throw py::type_error("out must be a ShardWriter");
+  Slices in = to_slices(inputs, "inputs");
+  const size_t n = in.slices.size();
+  if (n == 0) fail("blend_lowrank_file: at least one input is required");
+  auto dts = to_kernel_dtypes(input_dtypes, "input_dtypes", n, "inputs");
+  auto w = to_weights(weights, n);
+  DType odt = lsf::parse_kernel_dtype(to_string_arg(out_dtype, "out_dtype"), "out_dtype");
+  uint64_t ooff = to_u64(out_offset, "out_offset");
+  uint64_t r = to_u64(rows, "rows"), c = to_u64(cols, "cols");
+  int64_t chunk = to_i64(chunk_elems, "chunk_elems");
+  if (chunk <= 0)
+    fail("blend_lowrank_file: chunk_elems must be >= 1 (got " + std::to_string(chunk) + ")");
+  int64_t nthreads = to_i64(threads, "threads");
+  uint64_t numel;
+  check_dims(r, c, &numel, "blend_lowrank_file");
+
+  auto pairs = to_items(factors, "factors");
+  auto fw_items = to_items(factor_weights, "factor_weights");
+  if (fw_items.size() != pairs.size())
+    fail("factor_weights has " + std::to_string(fw_items.size()) + " entries but factors has " +
+         std::to_string(pairs.size()));
+  std::vector<std::unique_ptr<BufView>> views;
+  std::vector<lsf::LowRankFactor> fs;
+  for (size_t f = 0; f < pairs.size(); ++f) {
+    const std::string role = "factors[" + std::to_string(f) + "]";
+    auto ba = to_items(pairs[f], role.c_str());
+    if (ba.size() != 2) throw py::type_error(role + " must be a (B, A) pair of buffers");
+    views.emplace_back(new BufView(ba[0], false, role + "[0] (B)"));
+    const BufView& bv = *views.back();
+    views.emplace_back(new BufView(ba[1], false, role + "[1] (A)"));
+    const BufView& av = *views.back();
+    // r from B: rows x r float32
+    if (bv.len() == 0 || bv.len() % 4 != 0 || (bv.len() / 4) % r != 0)
+      fail("blend_lowrank_file: " + role + "[0] (B) has " + std::to_string(bv.len()) +
+           " bytes, not rows (" + std::to_string(r) + ") x rank >= 1 float32 values");
+    const uint64_t rank = bv.len() / 4 / r;
+    uint64_t a_elems;
+    if (!lsf::mul_ok(rank, c, &a_elems))
+      fail("blend_lowrank_file: " + role + " rank x cols overflows a 64-bit size");
+    check_len(av, DType::F32, a_elems, role + "[1] (A)", "blend_lowrank_file",
+              std::to_string(rank) + " x " + std::to_string(c));
+    for (const BufView* v : {&bv, &av})
+      if (reinterpret_cast<uintptr_t>(v->data()) % alignof(float) != 0)
+        fail("blend_lowrank_file: " + role + (v == &bv ? "[0] (B)" : "[1] (A)") +
+             " is not aligned to 4 bytes (float32)");
+    double d = PyFloat_AsDouble(fw_items[f].ptr());
+    if (d == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+    fs.push_back(lsf::LowRankFactor{reinterpret_cast<const float*>(bv.data()),
+                                    reinterpret_cast<const float*>(av.data()), rank,
+                                    static_cast<float>(d)});
+  }
+  py::gil_scoped_release nogil;
+  lsf::blend_lowrank_file_run(in.slices, dts, w, fs, *out, ooff, odt, r, c,
+                              static_cast<uint64_t>(chunk), nthreads);
+}
+
 py::array_t<double> row_mav_buffers_py(py::handle experts, py::handle expert_dtypes,
                                        py::handle base, py::handle base_dtype, py::handle rows,
                                        py::handle cols, py::handle threads) {
@@ -644,6 +707,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("blend_file", &blend_file_py, py::arg("inputs"), py::arg("input_dtypes"),
         py::arg("weights"), py::arg("out"), py::arg("out_offset"), py::arg("out_dtype"),
         py::arg("numel"), py::arg("chunk_elems") = 1 << 20, py::arg("threads") = 0);
+  m.def("blend_lowrank_file", &blend_lowrank_file_py, py::arg("inputs"), py::arg("input_dtypes"),
+        py::arg("weights"), py::arg("factors"), py::arg("factor_weights"), py::arg("out"),
+        py::arg("out_offset"), py::arg("out_dtype"), py::arg("rows"), py::arg("cols"),
+        py::arg("chunk_elems") = 1 << 18, py::arg("threads") = 0);
   m.def("row_mav_buffers", &row_mav_buffers_py, py::arg("experts"), py::arg("expert_dtypes"),
         py::arg("base"), py::arg("base_dtype"), py::arg("rows"), py::arg("cols"),
         py::arg("threads") = 0);
@@ -679,6 +746,10 @@ PYBIND11_MODULE(_core, m) {
       "_set_max_io_bytes", [](uint64_t n) { lsf::set_max_io_bytes(n); }, py::arg("n"),
       "Testing hook: at most n bytes per read, write or copy call (0: the default), so that "
       "every call comes back short and the retry loops run.");
+  m.def(
+      "_set_lowrank_simd_enabled", [](bool enabled) { lsf::set_lowrank_simd_enabled(enabled); },
+      py::arg("enabled"),
+      "Testing hook: False makes blend_lowrank_file's products take their portable form, not AVX2.");
   m.def(
       "_set_ties_simd_enabled", [](bool enabled) { lsf::set_ties_simd_enabled(enabled); },
       py::arg("enabled"),

@@ -112,6 +112,36 @@ def blend_file(
     blended and written (pwrite) to ``out`` at ``out_offset``. Memory is
     O(chunk_elems × (inputs + 1) × threads), independent of ``numel``. Bounds-checked."""
 
+def blend_lowrank_file(
+    inputs: Sequence[tuple[InputFile, int]],
+    input_dtypes: Sequence[str],
+    weights: Sequence[float],
+    factors: Sequence[tuple[Buffer, Buffer]],
+    factor_weights: Sequence[float],
+    out: ShardWriter,
+    out_offset: int,
+    out_dtype: str,
+    rows: int,
+    cols: int,
+    chunk_elems: int = 1 << 18,
+    threads: int = 0,
+) -> None:
+    """A ``rows`` x ``cols`` matrix: round_to_out_dtype(sum_t w_t * float32(x_t) + sum_f c_f * P_f),
+    the x_t read from files as in :func:`blend_file` (``rows * cols`` elements at each (file,
+    absolute offset)), written to ``out`` at ``out_offset``.
+
+    ``factors[f]`` is ``(B, A)``: float32, C-contiguous, B ``rows`` x r_f and A r_f x ``cols``
+    (r_f >= 1, taken from B's length); ``c_f = float32(factor_weights[f])``. Each
+    ``P_f[i, j] = sum_k B[i, k] * A[k, j]`` is a chain of fused multiply-adds over k = 0 .. r_f - 1
+    starting from +0 (each step rounded once, so every CPU gives the same bits); every other
+    product is rounded to float32 before it is added, the terms first in input order, then the
+    factors in order, and the float32 sum is rounded once into ``out_dtype``. Byte-identical for
+    every ``threads`` (<= 0: all cores) and ``chunk_elems``: rows are shared out in blocks of
+    ``max(1, chunk_elems // cols)`` rows rounded up to a multiple of 4, each element computed
+    alone. Memory: the factors (the
+    caller's) plus per worker one block of every input and of the output. Sizes and bounds are
+    checked (CoreError)."""
+
 def row_mav_buffers(
     experts: Sequence[Buffer],
     expert_dtypes: Sequence[str],
@@ -253,3 +283,8 @@ def _set_max_io_bytes(n: int) -> None:
 def _set_ties_simd_enabled(enabled: bool) -> None:
     """Testing hook (process-wide): ``False`` makes the TIES merge loop for BF16 take its portable
     form instead of the AVX-512 one (used only where the CPU has it); both give the same bytes."""
+
+def _set_lowrank_simd_enabled(enabled: bool) -> None:
+    """Testing hook (process-wide): ``False`` makes :func:`blend_lowrank_file` form its products
+    the portable way instead of with AVX2/FMA (used only where the CPU has them); both give the
+    same bytes."""

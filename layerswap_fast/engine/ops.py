@@ -7,10 +7,7 @@ there). A new op is its kernel, its binding and one entry in :data:`OPS`.
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,8 +95,9 @@ def rows_to_revert(mav: Any, params: dict[str, float]) -> Any:
     return revert
 
 
-#: rows of a LoRA product go in blocks of about this many elements: a block's products (float32)
-#: and its inputs stay in a core's L2 cache from the GEMM to the blend that adds them up
+#: rows of a LoRA product go in blocks of about this many elements, a pread and a pwrite each
+#: (512 KiB writes of bf16 cost the page cache ~5% less CPU than 128 KiB ones, measured on a
+#: 5632 x 2048 tensor); the products are formed tile by tile in L1 whatever the block
 LOWRANK_BLOCK_ELEMS = 1 << 18
 
 
@@ -109,71 +107,33 @@ def blend_lowrank(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecip
     each), all in float32 and rounded once into the output dtype. Memory holds the factors, which
     are small, and per worker one block of rows, never a whole ΔW.
 
-    Each block of rows is read (pread), its products B[rows]·A computed by a float32 GEMM into
-    scratch buffers, and the terms and products summed and rounded by one ``blend_buffers`` call
-    (``Σ fl(wᵢ·xᵢ) + Σ fl(w_f·P_f)`` in that order, no FMA: the same sum the terms' blend and
-    then ``acc += w_f·P_f`` make), then written (pwrite). Blocks are shared out among
-    ``ctx.threads`` workers (0: every core) with numpy's BLAS pinned to one thread meanwhile (see
-    :mod:`.blas`); each piece of :data:`PIECE_BYTES` of output is complete before the next begins,
-    so the write-behind and the progress bar follow piece by piece."""
-    import numpy as np  # only adapters need it; a plain merge starts faster without
-
-    from .blas import single_threaded
-
+    One fused kernel of the core (:func:`_core.blend_lowrank_file`) reads each block of rows
+    (pread), forms the products B[rows]·A tile by tile (each element a chain of fused
+    multiply-adds over the rank), adds ``Σ fl(wᵢ·xᵢ) + Σ fl(w_f·P_f)`` in that order and rounds
+    once, then writes the block (pwrite), on ``ctx.threads`` workers (0: every core) without the
+    GIL. Each element is computed alone, so the bytes do not depend on the thread count. The
+    output goes in pieces of :data:`PIECE_BYTES`, each complete before the next begins, so the
+    write-behind and the progress bar follow piece by piece."""
     n = len(recipe.terms)
     rows, cols = recipe.shape
     if rows == 0 or cols == 0:
         return
     pairs = [_product_operands(f, specs[n + 2 * i], inputs[n + 2 * i], specs[n + 2 * i + 1], inputs[n + 2 * i + 1])
              for i, f in enumerate(recipe.factors)]
-    dtypes = [s.dtype for s in specs[:n]] + ["F32"] * len(pairs)
-    weights = [t.weight for t in recipe.terms] + [f.weight for f in recipe.factors]
-    in_sizes = [DTYPE_SIZES[s.dtype] for s in specs[:n]]
+    dtypes = [s.dtype for s in specs[:n]]
+    weights = [t.weight for t in recipe.terms]
+    factor_weights = [f.weight for f in recipe.factors]
+    in_sizes = [DTYPE_SIZES[d] for d in dtypes]
     out_size = DTYPE_SIZES[recipe.dtype]
     piece = max(1, min(rows, PIECE_BYTES // (out_size * cols)))
-
-    def run(r0: int, r1: int, block: int) -> None:
-        """Rows [r0, r1) in blocks of ``block`` rows, on this thread's scratch buffers."""
-        m = min(block, r1 - r0)
-        raws = [_scratch(("in", i), m * cols * size) for i, size in enumerate(in_sizes)]
-        prods = [_scratch(("product", j), m * cols * 4).view(np.float32) for j in range(len(pairs))]
-        out = _scratch("out", m * cols * out_size)
-        for b0 in range(r0, r1, block):
-            k = min(block, r1 - b0) * cols
-            views = []
-            for (f, off), size, raw in zip(inputs[:n], in_sizes, raws):
-                f.read_into(off + b0 * cols * size, raw[:k * size].data)
-                views.append(raw[:k * size])
-            for (left, right), prod in zip(pairs, prods):
-                np.matmul(left[b0:b0 + k // cols], right, out=prod[:k].reshape(k // cols, cols))
-                views.append(prod[:k])
-            _core.blend_buffers(views, dtypes, weights, out[:k * out_size], recipe.dtype, 1)
-            writer.write(dst + b0 * cols * out_size, out[:k * out_size].data)
-
-    with single_threaded() as pinned:
-        # a BLAS we cannot pin threads each GEMM itself: one worker, larger blocks
-        workers = _workers(ctx.threads) if pinned else 1
-        block = max(1, (LOWRANK_BLOCK_ELEMS if pinned else 4 * LOWRANK_BLOCK_ELEMS) // cols)
-        for p0 in range(0, rows, piece):
-            p1 = min(rows, p0 + piece)
-            blocks = range(p0, p1, block)
-            if workers == 1 or len(blocks) == 1:
-                run(p0, p1, block)
-            else:
-                # worker k takes blocks k, k + W, ...: neighbouring blocks at once, so the file
-                # is read and written nearly in order
-                futures = [_pool(workers).submit(_run_strided, run, blocks, k, workers, p1, block)
-                           for k in range(min(workers, len(blocks)))]
-                wait(futures)  # every worker done with the writer before an error propagates
-                for future in futures:
-                    future.result()
-            ctx.advance(dst + p1 * cols * out_size, (p1 - p0) * cols * out_size)
-
-
-def _run_strided(run: Callable[[int, int, int], None], blocks: range, k: int, workers: int, end: int,
-                 block: int) -> None:
-    for b0 in blocks[k::workers]:
-        run(b0, min(end, b0 + block), block)
+    for p0 in range(0, rows, piece):
+        p1 = min(rows, p0 + piece)
+        pieces = [(f, off + p0 * cols * size) for (f, off), size in zip(inputs[:n], in_sizes)]
+        factors = [(left[p0:p1], right) for left, right in pairs]
+        _core.blend_lowrank_file(pieces, dtypes, weights, factors, factor_weights, writer,
+                                 dst + p0 * cols * out_size, recipe.dtype, p1 - p0, cols,
+                                 chunk_elems=LOWRANK_BLOCK_ELEMS, threads=ctx.threads)
+        ctx.advance(dst + p1 * cols * out_size, (p1 - p0) * cols * out_size)
 
 
 def _product_operands(factor: Any, a_spec: TensorSpec, a_src: InputRange, b_spec: TensorSpec,
@@ -240,51 +200,6 @@ def _as_float32(spec: TensorSpec, source: InputRange) -> Any:
     values = np.empty(spec.shape, dtype=np.float32)
     _core.blend_buffers([f.read(offset, spec.nbytes)], [spec.dtype], [1.0], values, "F32")
     return values
-
-
-_local = threading.local()
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
-
-def _scratch(key: object, nbytes: int) -> Any:
-    """A uint8 buffer of ``nbytes`` for this thread, reused from call to call: fresh buffers
-    of every block would cost a page fault per 4 KB (seconds of system time on a 1b model)."""
-    import numpy as np
-
-    buffers = _local.__dict__.setdefault("buffers", {})
-    buf = buffers.get(key)
-    if buf is None or len(buf) < nbytes:
-        buf = buffers[key] = np.empty(max(nbytes, 1), dtype=np.uint8)
-    return buf[:nbytes]
-
-
-def _workers(threads: int) -> int:
-    if threads > 0:
-        return threads
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """One pool per worker count, for the life of the process (its threads keep their scratch)."""
-    with _pools_lock:
-        if workers not in _pools:
-            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="layerswap-lowrank")
-        return _pools[workers]
-
-
-def _forget_pools() -> None:
-    """In a forked child the pools' threads do not exist: start afresh."""
-    global _pools_lock
-    _pools.clear()
-    _pools_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _done(ctx: OpContext, recipe: TensorRecipe, numel: int, dst: int) -> None:
