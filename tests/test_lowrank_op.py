@@ -8,14 +8,13 @@ References come from the definitions (``support.lora_deltas``), not from the pac
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from layerswap_fast import _core
 from layerswap_fast import synthetic as syn
-from layerswap_fast.engine import blas, ops
+from layerswap_fast.engine import ops
 
 torch = pytest.importorskip("torch")
 from support import expected_weights, layer_of, load_tensors, lora_deltas, raw_bytes, ulps  # noqa: E402
@@ -75,25 +74,3 @@ def test_workers_blocks_and_pieces_do_not_change_the_bytes(trio, tmp_path, small
             assert ulps(t, want) <= 1, name
         else:  # float32 sums of float32 products: a few roundings at the inputs' magnitude
             assert float((t.double() - want).abs().max()) <= 8 * 2**-24 * float(base[name].abs().max()), name
-
-
-def _probe(setter) -> int:
-    old = setter(1)
-    setter(old)
-    return old
-
-
-def test_blas_is_pinned_to_one_thread_only_while_an_op_runs():
-    setter = blas._openblas_setter()
-    if setter is None:
-        pytest.skip("numpy's BLAS is not an OpenBLAS whose thread count can be set")
-    old = setter(3)
-    try:
-        with blas.single_threaded() as pinned:
-            assert pinned and _probe(setter) == 1
-            with blas.single_threaded():
-                assert _probe(setter) == 1
-            assert _probe(setter) == 1  # the outer use still holds it
-        assert _probe(setter) == 3
-    finally:
-        setter(old)
