@@ -59,8 +59,9 @@ WRITE_OPTIONS: tuple[Option, ...] = (
     Option("force", "flag", "Replace an existing output directory.", default=False, recorded=False),
     Option("sync", "flag", "fsync the output before publishing it (durable across a power loss).", default=False,
            recorded=False),
-    Option("checksum", "choice", "Per-file checksum recorded for `verify`: blake3, or sha256 at about 3x its "
-           "CPU time.", default=DEFAULT_CHECKSUM, choices=CHECKSUMS, recorded=False),
+    Option("checksum", "choice", "Per-file checksum recorded for `verify`: blake3, sha256 at about 3x its "
+           "CPU time, or none (sizes only: the bare copy speed; verify then cannot check the bytes).",
+           default=DEFAULT_CHECKSUM, choices=CHECKSUMS, recorded=False),
     Option("dry_run", "flag", "Validate and plan the layout, write nothing.", default=False, recorded=False),
 )
 #: what only the command line may set: rebuilding a shared recipe or config must not choose where

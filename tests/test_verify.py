@@ -74,3 +74,30 @@ def test_missing_pieces(merged: Path, tmp_path: Path) -> None:
         ls.verify(merged)
     with pytest.raises(ls.VerifyError, match="is not a directory"):
         ls.verify(tmp_path / "nothing")
+
+
+def test_checksum_none_records_sizes_and_verify_says_so(tmp_path: Path) -> None:
+    """``--checksum none``: the same bytes, a recipe with sizes and no digests; verify checks the
+    structure and sizes, says no checksum was recorded, catches a size change and, by design, not
+    a changed byte."""
+    from layerswap_fast import synthetic
+
+    trio = synthetic.make_trio(tmp_path / "trio", "tiny")
+    hashed = ls.merge(trio["task"], trio["language"], tmp_path / "hashed")
+    bare = ls.merge(trio["task"], trio["language"], tmp_path / "bare", checksum="none")
+    assert hashed.stats is not None and bare.stats is not None
+    recipe = json.loads((tmp_path / "bare" / "layerswap_recipe.json").read_text())
+    assert recipe["checksum"] == "none"
+    assert all(set(e) == {"file", "size"} for e in recipe["shards"] + recipe["files"])
+    for shard in sorted((tmp_path / "hashed").glob("*.safetensors")):
+        assert (tmp_path / "bare" / shard.name).read_bytes() == shard.read_bytes()
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "bare")])
+    assert result.exit_code == 0 and "no checksum was recorded" in result.output
+    shard = sorted((tmp_path / "bare").glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    ls.verify(tmp_path / "bare")  # a changed byte of the same size: nothing recorded can tell
+    shard.write_bytes(bytes(data) + b"\0")
+    with pytest.raises(ls.VerifyError, match="bytes"):
+        ls.verify(tmp_path / "bare")

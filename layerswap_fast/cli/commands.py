@@ -94,7 +94,8 @@ def plan_command() -> click.Command:
 @click.command("verify")
 @click.argument("out", type=click.Path(path_type=Path))
 def verify_command(out: Path) -> None:
-    """Check OUT's headers, index, sizes and per-file checksums (blake3 or sha256) against its recipe."""
+    """Check OUT's headers, index, sizes and per-file checksums (blake3 or sha256; sizes only when
+    it was written with --checksum none) against its recipe."""
     click.echo(api.verify(out).summary())
 
 

@@ -26,7 +26,7 @@ from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, 
 from ..formats.model_card import CARD_NAME
 from ..formats.output import publish, reuse_shard, staging_directory
 from ..formats.side_files import SideFile, copy_side_files
-from ..formats.writeback import DEFAULT_CHECKSUM, ShardFinisher, cached_hash, hash_file, needs_throttle
+from ..formats.writeback import DEFAULT_CHECKSUM, ShardFinisher, cached_hash, digest_entry, hash_file, needs_throttle
 from ..plan import TensorRecipe
 from ..units import format_bytes
 from . import ops
@@ -274,9 +274,11 @@ def execute(
             ckpt.check_unchanged("merge")
         files = _write_side_files(tmp, shards, side_files, config_overrides or {}, checksum, card, index, texts)
         full_recipe = dict(recipe, checksum=checksum, shards=[
-            {"file": s.filename, "size": s.file_size, checksum: digest[s.filename]} for s in shards],
+            {"file": s.filename, "size": s.file_size, **digest_entry(checksum, digest[s.filename])}
+            for s in shards],
             reused_shards=[{"shard": s.filename, "from": str(s.reuse.source), "expert": s.reuse.role,
-                            checksum: digest[s.filename]} for s in shards if isinstance(s, ReusedShard)],
+                            **digest_entry(checksum, digest[s.filename])}
+                           for s in shards if isinstance(s, ReusedShard)],
             files=files)
         text = json.dumps(full_recipe, indent=2) + "\n"
         with _writing(tmp, RECIPE_NAME, len(text)):
@@ -321,7 +323,8 @@ def _write_side_files(tmp: Path, shards: Sequence[OutputShard], side_files: Sequ
             (tmp / name).write_bytes(data)
     with _writing(tmp, "the side files", sum(f.size for f in side_files)):
         copy_side_files(list(side_files), tmp, config_overrides)
-    return [{"file": name, "size": (tmp / name).stat().st_size, checksum: hash_file(tmp / name, checksum)}
+    return [{"file": name, "size": (tmp / name).stat().st_size,
+             **digest_entry(checksum, hash_file(tmp / name, checksum))}
             for name in [*texts, *(f.name for f in side_files)]]
 
 

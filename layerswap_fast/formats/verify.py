@@ -18,7 +18,7 @@ from typing import Any
 from .checkpoint import RECIPE_NAME, open_checkpoint
 from ..errors import CheckpointError, LayerswapError
 from ..safe_read import Choice, Int, List, Map, Str, read_json
-from .writeback import CHECKSUMS, hash_file
+from .writeback import CHECKSUMS, NO_CHECKSUM, hash_file
 
 #: recipe keys written after the shards, so absent from the copy inside each shard's metadata
 _WRITTEN_AFTER = ("checksum", "shards", "reused_shards", "files")
@@ -34,8 +34,13 @@ class VerifyReport:
     shards: int
     tensors: int
     bytes: int
+    checksum: str = "blake3"
 
     def summary(self) -> str:
+        if self.checksum == NO_CHECKSUM:
+            return (f"ok: {self.path}: {self.shards} shards, {self.tensors} tensors, {self.bytes / 1e9:.2f} GB, "
+                    f"every file's size, the headers and the index match the recipe; no checksum was recorded "
+                    f"(--checksum none), so the bytes themselves were not checked")
         return (f"ok: {self.path}: {self.shards} shards, {self.tensors} tensors, {self.bytes / 1e9:.2f} GB, "
                 f"every file's size and checksum, the headers and the index match the recipe")
 
@@ -47,7 +52,8 @@ def _load_recipe(out: Path) -> tuple[dict[str, Any], str]:
         raise VerifyError(f"{out}: no {RECIPE_NAME}; not a complete layerswap-fast output")
     recipe = read_json(path, Map({"checksum": Choice(CHECKSUMS)}, required=("checksum",)), error=VerifyError)
     algorithm = recipe["checksum"]
-    entry = Map({"file": Str(), "size": Int(0), algorithm: Str()}, required=("file", "size", algorithm))
+    hashed = () if algorithm == NO_CHECKSUM else (algorithm,)
+    entry = Map({"file": Str(), "size": Int(0), **{a: Str() for a in hashed}}, required=("file", "size", *hashed))
     Map({"shards": List(entry), "files": List(entry), "reused_shards": List(Map({"shard": Str()}, required=("shard",)))},
         required=("shards", "files", "reused_shards")).check(recipe, str(path), error=VerifyError)
     for key in ("shards", "files"):
@@ -63,7 +69,7 @@ def _check_file(path: Path, entry: dict[str, Any], algorithm: str) -> None:
     size = path.stat().st_size
     if size != entry["size"]:
         raise VerifyError(f"{path}: {size} bytes, the recipe recorded {entry['size']}")
-    if hash_file(path, algorithm) != entry[algorithm]:
+    if algorithm != NO_CHECKSUM and hash_file(path, algorithm) != entry[algorithm]:
         raise VerifyError(f"{path}: {algorithm} checksum differs from the recipe's; the file was changed or corrupted")
 
 
@@ -95,7 +101,7 @@ def verify(out: str | os.PathLike[str]) -> VerifyReport:
         for name, entry in recorded.items():
             _check_file(out / name, entry, algorithm)
         _check_metadata_copies(ckpt, recipe, where)
-        return VerifyReport(out, len(shards), len(ckpt.specs), sum(e["size"] for e in shards))
+        return VerifyReport(out, len(shards), len(ckpt.specs), sum(e["size"] for e in shards), algorithm)
 
 
 def _check_metadata_copies(ckpt: Any, recipe: dict[str, Any], where: Path) -> None:

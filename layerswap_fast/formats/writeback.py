@@ -34,9 +34,21 @@ from .. import _core
 
 _BLOCK = 8 << 20
 _DEFAULT_MAX_DIRTY = 256 << 20  # worst case ~3x this dirty: the window, the unhashed lag, a piece in flight
-#: the checksums an output can record, the default first
-CHECKSUMS = ("blake3", "sha256")
+#: the checksums an output can record, the default first; ``none`` records sizes only, for the bare
+#: copy speed (``verify`` then checks structure and sizes, and says that no checksum was recorded)
+CHECKSUMS = ("blake3", "sha256", "none")
 DEFAULT_CHECKSUM = CHECKSUMS[0]
+NO_CHECKSUM = "none"
+
+
+class _NoHash:
+    """The hasher of ``none``: takes bytes, keeps nothing."""
+
+    def update(self, data: Any) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
 
 
 def new_hasher(algorithm: str) -> Any:
@@ -45,7 +57,14 @@ def new_hasher(algorithm: str) -> Any:
         return blake3.blake3()
     if algorithm == "sha256":
         return hashlib.sha256()
+    if algorithm == NO_CHECKSUM:
+        return _NoHash()
     raise ValueError(f"unknown checksum {algorithm!r}")
+
+
+def digest_entry(algorithm: str, digest: str) -> dict[str, str]:
+    """A file's checksum as a recipe entry records it: nothing under ``none``."""
+    return {} if algorithm == NO_CHECKSUM else {algorithm: digest}
 
 
 class Cancelled(Exception):
@@ -125,7 +144,10 @@ class ShardFinisher:
         start = self.hashed
         if upto <= start:
             return
-        self._hash_mapped(upto)
+        if isinstance(self.sha, _NoHash):  # nothing to read back
+            self.hashed = upto
+        else:
+            self._hash_mapped(upto)
         if self.throttle:
             self.dirty.written(self.writer, start, upto)
 
@@ -185,6 +207,8 @@ def _cache_dir() -> Path:
 def hash_file(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Event | None = None) -> str:
     """Checksum of a file, read in blocks (the hashers release the GIL); ``stop`` aborts it early."""
     h = new_hasher(algorithm)
+    if isinstance(h, _NoHash):
+        return ""
     with open(path, "rb", buffering=0) as f:
         while block := f.read(_BLOCK):
             if stop is not None and stop.is_set():
@@ -196,6 +220,8 @@ def hash_file(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Eve
 def cached_hash(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Event | None = None) -> str:
     """Checksum of an input file, remembered per (algorithm, device, inode, size, mtime):
     unchanged inputs are hashed once across merges."""
+    if algorithm == NO_CHECKSUM:
+        return ""
     st = os.stat(path)
     key = _cache_dir() / f"{algorithm}-{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
     try:
