@@ -74,7 +74,7 @@ def recipe_keys(candidate: Candidate, device: str = "auto") -> list[RecipeKey]:
     """The keys of the tensors the candidate computes (headers only)."""
     with ExitStack() as stack:
         plan, inputs = plan_method(stack, SWAP, resolve(SWAP, candidate.options), device)
-        return [_key(r, inputs) for r in plan.tensors if r.op != "copy"]
+        return list(_keys(plan, inputs).values())
 
 
 def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callable[[Path], Checkpoint], link: str,
@@ -86,7 +86,7 @@ def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callabl
     with ExitStack() as stack:
         values = resolve(SWAP, candidate.options)
         plan, inputs = plan_method(stack, SWAP, values, device, threads)
-        keys = {r.name: _key(r, inputs) for r in plan.tensors if r.op != "copy"}
+        keys = _keys(plan, inputs)
         shared = sum(1 for key in keys.values() if key in made)
         recorded = SWAP.recorded(values, plan)
         candidate.recorded = {k: v for k, v in {**recorded, "shard_size": candidate.shard_size}.items()
@@ -115,8 +115,13 @@ def evaluate_candidate(candidate: Candidate, evaluator: Evaluator, target: Any) 
         candidate.status, candidate.error = "failed", f"evaluation: {type(e).__name__}: {e}"
 
 
-def _key(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> RecipeKey:
+def _keys(plan: MergePlan, inputs: Mapping[str, Checkpoint]) -> dict[str, RecipeKey]:
+    """The key of every tensor the plan computes, by name (copies have none)."""
     source = {role: str(Path(c.path).resolve()) for role, c in inputs.items()}
+    return {r.name: _key(r, source) for r in plan.tensors if r.op != "copy"}
+
+
+def _key(recipe: TensorRecipe, source: Mapping[str, str]) -> RecipeKey:
     return (recipe.name, recipe.dtype, recipe.shape, recipe.op, recipe.params,
             tuple((source[t.role], t.weight) for t in recipe.terms),
             tuple((source[f.role], f.a, f.b, f.weight, f.transposed) for f in recipe.factors))

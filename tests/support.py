@@ -454,3 +454,13 @@ def make_adapter_trio(root: Path, num_layers: int) -> dict[str, Path]:
         paths["base"], root / "partial_lora", 3, r=2, lora_alpha=2, target_modules=["o_proj"],
         layers_to_transform=[0, 1, 2, num_layers - 2, num_layers - 1])
     return paths
+
+
+def edited_adapter(source: Path, to: Path, **changes) -> Path:
+    """A copy of the adapter ``source`` at ``to`` whose adapter_config.json has ``changes``."""
+    to.mkdir()
+    for f in source.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    config = json.loads((to / "adapter_config.json").read_text())
+    (to / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return to

@@ -9,15 +9,14 @@ from rank_pattern / alpha_pattern), read with safetensors and json, never throug
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from support import (add_hub_snapshot, expected_weights, make_adapter_trio, layer_of, load_tensors, lora_deltas, make_adapter, make_llama_trio, raw_bytes,
-                     shards_without_metadata, snapshot, ulps)
+from support import (add_hub_snapshot, edited_adapter, expected_weights, layer_of, load_tensors, lora_deltas,
+                     make_adapter, make_adapter_trio, make_llama_trio, raw_bytes, refused, run_cli,
+                     shards_without_metadata, ulps)
 
 import layerswap_fast as lf
 
@@ -192,53 +191,28 @@ def test_base_from_the_adapter_config(trio, tmp_path):
 
 # ------------------------------------------------------------------------------- refusals
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "layerswap_fast.cli", *map(str, args)], capture_output=True,
-                          text=True)
-
-
-def _refused(args, tmp_path, *needles):
-    before = snapshot(tmp_path)
-    result = _cli(*args)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert snapshot(tmp_path) == before
-
-
 def test_ties_refuses_an_adapter(trio, tmp_path):
-    _refused(["ties", "--base", trio["base"], "--model", trio["task_lora"], "--model", trio["task"], "-o",
+    refused(["ties", "--base", trio["base"], "--model", trio["task_lora"], "--model", trio["task"], "-o",
               tmp_path / "out"], tmp_path, "ties needs every model's full weights", "LoRA adapter")
 
 
 def test_row_revert_refuses_an_adapter(trio, tmp_path):
-    _refused(["revert", "--base", trio["base"], "--model", trio["task_lora"], "--row-fraction", "0.5", "-o",
+    refused(["revert", "--base", trio["base"], "--model", trio["task_lora"], "--row-fraction", "0.5", "-o",
               tmp_path / "out"], tmp_path, "full weights")
 
 
 def test_adapter_of_another_base(trio, tmp_path):
     other = make_llama_trio(tmp_path / "other", num_layers=NUM_LAYERS, tie=True, hidden=48, roles=("base",))
-    _refused(["merge", "--task-expert", trio["task_lora"], "--language-expert", trio["language_lora"], "--base",
+    refused(["merge", "--task-expert", trio["task_lora"], "--language-expert", trio["language_lora"], "--base",
               other["base"], "-o", tmp_path / "out"], tmp_path, "was trained on another base",
              "'model.layers.0.mlp.down_proj.weight' is [48, 96] in the base but [32, 64] in the adapter")
 
 
-def _edited_adapter(source: Path, to: Path, **changes) -> Path:
-    to.mkdir()
-    for f in source.iterdir():
-        (to / f.name).write_bytes(f.read_bytes())
-    config = json.loads((to / "adapter_config.json").read_text())
-    (to / "adapter_config.json").write_text(json.dumps({**config, **changes}))
-    return to
-
-
 def test_adapter_without_a_base(trio, tmp_path):
     """Neither --base nor a base the adapters name that is here (a hub id not in the cache)."""
-    task = _edited_adapter(trio["task_lora"], tmp_path / "t", base_model_name_or_path=None)
-    lang = _edited_adapter(trio["language_lora"], tmp_path / "l", base_model_name_or_path="nobody/nothing")
-    _refused(["merge", "--task-expert", task, "--language-expert", lang, "-o", tmp_path / "out"], tmp_path,
+    task = edited_adapter(trio["task_lora"], tmp_path / "t", base_model_name_or_path=None)
+    lang = edited_adapter(trio["language_lora"], tmp_path / "l", base_model_name_or_path="nobody/nothing")
+    refused(["merge", "--task-expert", task, "--language-expert", lang, "-o", tmp_path / "out"], tmp_path,
              "is a LoRA adapter: pass --base")
 
 
@@ -246,16 +220,16 @@ def test_adapter_without_a_base(trio, tmp_path):
     ("use_dora", True, "DoRA"), ("lora_bias", True, "lora_bias"), ("peft_type", "IA3", "only LORA"),
     ("r", "four", "r must be an integer")])
 def test_unsupported_adapter_configs(trio, tmp_path, key, value, needle):
-    adapter = _edited_adapter(trio["task_lora"], tmp_path / "odd", **{key: value})
-    _refused(["merge", "--task-expert", adapter, "--language-expert", trio["language_lora"], "--base",
+    adapter = edited_adapter(trio["task_lora"], tmp_path / "odd", **{key: value})
+    refused(["merge", "--task-expert", adapter, "--language-expert", trio["language_lora"], "--base",
               trio["base"], "-o", tmp_path / "out"], tmp_path, needle)
 
 
 def test_cli_merge_of_adapters(trio, tmp_path):
-    result = _cli("merge", "--task-expert", trio["task_lora"], "--language-expert", trio["language_lora"], "--base",
+    result = run_cli("merge", "--task-expert", trio["task_lora"], "--language-expert", trio["language_lora"], "--base",
                   trio["base"], "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    assert _cli("verify", tmp_path / "out").returncode == 0
+    assert run_cli("verify", tmp_path / "out").returncode == 0
 
 
 # ------------------------------------------------------------------------------- hub ids
@@ -267,7 +241,7 @@ def test_adapters_and_their_base_by_hub_id(trio, tmp_path, monkeypatch):
     commit = "2" * 40
     add_hub_snapshot(cache, "org/base", trio["base"], commit, ("main",))
     for repo, role in (("org/task-lora", "task_lora"), ("org/lang-lora", "language_lora")):
-        edited = _edited_adapter(trio[role], tmp_path / role, base_model_name_or_path="org/base")
+        edited = edited_adapter(trio[role], tmp_path / role, base_model_name_or_path="org/base")
         add_hub_snapshot(cache, repo, edited, commit, ("main",))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     lf.merge("org/task-lora", "org/lang-lora", tmp_path / "hub_out")
@@ -327,7 +301,7 @@ def _adapter_with_tensors(trio, to: Path, tensors: dict[str, torch.Tensor]) -> P
 ])
 def test_malformed_adapters(trio, tmp_path, tensors, needle):
     adapter = _adapter_with_tensors(trio, tmp_path / "bad", tensors)
-    _refused(["merge", "--task-expert", adapter, "--language-expert", trio["language_lora"], "--base",
+    refused(["merge", "--task-expert", adapter, "--language-expert", trio["language_lora"], "--base",
               trio["base"], "-o", tmp_path / "out"], tmp_path, needle)
 
 
@@ -336,6 +310,6 @@ def test_an_adapter_without_safetensors_weights(trio, tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_bytes((trio["task_lora"] / "adapter_config.json").read_bytes())
     (adapter / "adapter_model.bin").write_bytes(b"\x80\x04not unpickled")
-    _refused(["merge", "--task-expert", adapter, "--language-expert", trio["language_lora"], "--base",
+    refused(["merge", "--task-expert", adapter, "--language-expert", trio["language_lora"], "--base",
               trio["base"], "-o", tmp_path / "out"], tmp_path, "the adapter has no adapter_model.safetensors",
              "adapter_model.bin is a pickle")

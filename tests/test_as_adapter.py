@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import (expected_weights, layer_of, load_tensors, lora_deltas, make_adapter, make_adapter_trio,
+from support import (edited_adapter, expected_weights, layer_of, load_tensors, lora_deltas, make_adapter, make_adapter_trio,
                      make_llama_trio, raw_bytes,
                      refused, run_cli, ulps)
 
@@ -84,15 +84,6 @@ def edit_tensor(adapter: Path, name: str, change) -> None:
     assert name in tensors, sorted(tensors)
     tensors[name] = change(tensors[name]).contiguous()
     save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
-def edited_config(source: Path, to: Path, **changes) -> Path:
-    to.mkdir()
-    for f in source.iterdir():
-        (to / f.name).write_bytes(f.read_bytes())
-    config = json.loads((to / "adapter_config.json").read_text())
-    (to / "adapter_config.json").write_text(json.dumps({**config, **changes}))
-    return to
 
 
 # ------------------------------------------------------------------------------- reading adapters
@@ -429,7 +420,7 @@ def test_a_saved_copy_of_the_base_is_left_out(trio, tmp_path):
 def test_a_changed_saved_embedding_taken_whole_is_carried(trio, tmp_path):
     """An embedding's saved base layer that differs from the base's (a resized or trained one) is
     carried, under its base_layer name, when the swap takes it whole (--non-layer language)."""
-    changed = edited_config(trio["language_lora"], tmp_path / "changed")
+    changed = edited_adapter(trio["language_lora"], tmp_path / "changed")
     name = PREFIX + "model.embed_tokens.base_layer.weight"
     edit_tensor(changed, name, lambda t: t + 0.125)
     out = tmp_path / "out"
@@ -556,7 +547,7 @@ def test_adapters_of_different_bases_refuse(trio, tmp_path):
     """An adapter naming another base (here: a model of the same shapes, another checkpoint) is
     refused even with --base given: the output would be an adapter of neither."""
     other = make_llama_trio(tmp_path / "other", num_layers=NUM_LAYERS, tie=True, seed=5, roles=("base",))["base"]
-    stranger = edited_config(trio["language_lora"], tmp_path / "stranger", base_model_name_or_path=str(other))
+    stranger = edited_adapter(trio["language_lora"], tmp_path / "stranger", base_model_name_or_path=str(other))
     refused(["merge", "--task-expert", trio["task_lora"], "--language-expert", stranger, "--base", trio["base"],
              "--as-adapter", "-o", tmp_path / "out"], tmp_path, "--as-adapter needs adapters of one base",
             "the language expert", str(other), inputs=inputs(trio))
@@ -565,7 +556,7 @@ def test_adapters_of_different_bases_refuse(trio, tmp_path):
     copy.mkdir()
     for f in trio["base"].iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
-    alias = edited_config(trio["language_lora"], tmp_path / "alias", base_model_name_or_path=str(copy))
+    alias = edited_adapter(trio["language_lora"], tmp_path / "alias", base_model_name_or_path=str(copy))
     lf.merge(trio["task_lora"], alias, tmp_path / "ok", base=trio["base"], as_adapter=True)
     assert config_of(tmp_path / "ok")["base_model_name_or_path"] == str(trio["base"])
 
@@ -583,7 +574,7 @@ def test_fan_in_fan_out_disagreement_refuses(trio, tmp_path):
     """One adapter says fan_in_fan_out, the other not (square modules only, so both pass the base's
     shapes): one adapter config cannot say both."""
     square = make_adapter(trio["base"], tmp_path / "square", 5, r=2, lora_alpha=2, target_modules=["q_proj"])
-    flipped = edited_config(square, tmp_path / "flipped", fan_in_fan_out=True)
+    flipped = edited_adapter(square, tmp_path / "flipped", fan_in_fan_out=True)
     refused(["merge", "--task-expert", trio["task_lora"], "--language-expert", flipped, "--base", trio["base"],
              "--as-adapter", "-o", tmp_path / "out"], tmp_path, "the language expert sets fan_in_fan_out",
             "the task expert does not", inputs=inputs(trio))
@@ -637,7 +628,7 @@ def test_adapters_and_base_by_hub_id(trio, tmp_path, monkeypatch):
     cache, commit = tmp_path / "hub", "3" * 40
     add_hub_snapshot(cache, "org/base", trio["base"], commit, ("main",))
     for repo, role in (("org/task-lora", "task_lora"), ("org/lang-lora", "language_lora")):
-        edited = edited_config(trio[role], tmp_path / role, base_model_name_or_path="org/base")
+        edited = edited_adapter(trio[role], tmp_path / role, base_model_name_or_path="org/base")
         add_hub_snapshot(cache, repo, edited, commit, ("main",))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     lf.merge("org/task-lora", "org/lang-lora", tmp_path / "hub_out", as_adapter=True)

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 import layerswap_fast as lf
-from support import make_llama_trio, shards_without_metadata, snapshot
+from support import make_llama_trio, run_cli, shards_without_metadata, snapshot
 
 NUM_LAYERS = 10
 
@@ -32,10 +30,6 @@ def _spec(experts, tmp_path: Path, **extra) -> Path:
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "layerswap_fast.cli", *map(str, args)], capture_output=True, text=True)
 
 
 def test_every_candidate_is_its_own_merge(experts, tmp_path):
@@ -98,18 +92,18 @@ def test_explicit_pairs_soups_and_a_single_value_grid(experts, tmp_path):
 
 def test_the_command_and_its_csv(experts, tmp_path):
     out = tmp_path / "sweep"
-    result = _cli("sweep", _spec(experts, tmp_path), "-o", out)
+    result = run_cli("sweep", _spec(experts, tmp_path), "-o", out)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 16 and result.stdout.startswith("built")
     rows = list(csv.DictReader((out / "sweep.csv").read_text().splitlines()))
     assert len(rows) == 16 and {"name", "status", "bytes_new", "bottom", "transition_weights"} <= set(rows[0])
-    assert _cli("verify", out / rows[5]["name"]).returncode == 0
+    assert run_cli("verify", out / rows[5]["name"]).returncode == 0
 
 
 def test_a_dry_run_writes_nothing(experts, tmp_path):
     spec = _spec(experts, tmp_path)
     before = snapshot(tmp_path)
-    result = _cli("sweep", spec, "-o", tmp_path / "sweep", "--dry-run")
+    result = run_cli("sweep", spec, "-o", tmp_path / "sweep", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 16 and result.stdout.startswith("planned")
     assert snapshot(tmp_path) == before
@@ -127,7 +121,7 @@ def test_a_dry_run_writes_nothing(experts, tmp_path):
 def test_bad_specs_are_one_line(experts, tmp_path, change, needle):
     spec = _spec(experts, tmp_path, **change)
     before = snapshot(tmp_path)
-    result = _cli("sweep", spec, "-o", tmp_path / "sweep")
+    result = run_cli("sweep", spec, "-o", tmp_path / "sweep")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
@@ -136,7 +130,7 @@ def test_bad_specs_are_one_line(experts, tmp_path, change, needle):
 
 def test_a_failed_candidate_is_reported_and_the_others_finish(experts, tmp_path):
     spec = _spec(experts, tmp_path, grid={"bottom": [3, 9]})
-    result = _cli("sweep", spec, "-o", tmp_path / "sweep")
+    result = run_cli("sweep", spec, "-o", tmp_path / "sweep")
     assert result.returncode == 2
     assert "4 of 8 candidates failed" in result.stderr and "the swap needs" in result.stderr
     manifest = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["candidates"]
@@ -195,14 +189,14 @@ def test_a_user_function_and_a_failing_one(experts, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = _spec(experts, tmp_path, task_experts=[str(experts["math-1"])], language_experts=[str(experts["swh-1"])],
                  grid={"bottom": [3, 4]})
-    result = _cli("sweep", spec, "-o", tmp_path / "a", "--eval", "myeval:size")
+    result = run_cli("sweep", spec, "-o", tmp_path / "a", "--eval", "myeval:size")
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "a" / "sweep.json").read_text())["candidates"]
     assert all(r["metrics"]["files"] == len(list(Path(r["path"]).iterdir())) for r in rows)
-    result = _cli("sweep", spec, "-o", tmp_path / "b", "--eval", "myeval:broken")
+    result = run_cli("sweep", spec, "-o", tmp_path / "b", "--eval", "myeval:broken")
     assert result.returncode == 2 and "evaluation: RuntimeError: no metric today" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    result = _cli("sweep", spec, "-o", tmp_path / "c", "--eval", "myeval:missing")
+    result = run_cli("sweep", spec, "-o", tmp_path / "c", "--eval", "myeval:missing")
     assert result.returncode == 2 and "myeval has no function 'missing'" in result.stderr
     assert not (tmp_path / "c").exists()
 

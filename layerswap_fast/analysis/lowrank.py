@@ -28,12 +28,11 @@ factors (tests/test_analyze_adapters.py), the errors themselves below 3e-7.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .. import _core
-from ..dtypes import DTYPE_SIZES, FLOAT_DTYPES
+from ..dtypes import DTYPE_SIZES
+from ..engine import ops
 from ..formats.adapter import Adapter
 from ..formats.checkpoint import Checkpoint, TensorSpec
 from ..plan.lowrank import Delta
@@ -100,11 +99,8 @@ def bytes_read(expert: Checkpoint, tensor: str, base_nbytes: int) -> int:
 
 
 def read_float32(ckpt: Checkpoint, spec: TensorSpec) -> np.ndarray:
-    """A whole (small) tensor as a float32 array of its shape (exact from BF16, F16, F32)."""
-    values = np.empty(spec.shape, dtype=np.float32)
-    _core.blend_buffers([ckpt.input_file(spec.file).read(spec.offset, spec.nbytes)], [spec.dtype], [1.0], values,
-                        "F32")
-    return values
+    """A whole (small) tensor of ``ckpt`` as a float32 array of its shape, read as the merge reads it."""
+    return ops.read_float32(spec, (ckpt.input_file(spec.file), spec.offset))
 
 
 def _rows(ckpt: Checkpoint, spec: TensorSpec, r0: int, r1: int, cols: int) -> bytes:

@@ -143,7 +143,7 @@ def _product_operands(factor: Any, a_spec: TensorSpec, a_src: InputRange, b_spec
     ``fan_in_fan_out``)."""
     import numpy as np
 
-    a, b = _as_float32(a_spec, a_src), _as_float32(b_spec, b_src)
+    a, b = read_float32(a_spec, a_src), read_float32(b_spec, b_src)
     if factor.transposed:
         return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
     return b, a
@@ -192,8 +192,9 @@ def join_columns(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
         ctx.advance(dst + r1 * recipe.shape[1] * out_size, out.nbytes)
 
 
-def _as_float32(spec: TensorSpec, source: InputRange) -> Any:
-    """A whole (small) tensor as a float32 matrix: LoRA factors are read once per output tensor."""
+def read_float32(spec: TensorSpec, source: InputRange) -> Any:
+    """A whole (small) tensor as a float32 array of its shape, exact from BF16, F16 and F32: LoRA
+    factors are read once per output tensor."""
     import numpy as np
 
     f, offset = source

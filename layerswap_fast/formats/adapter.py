@@ -27,7 +27,7 @@ from ..errors import CheckpointError, MismatchError
 from ..plan.lowrank import Delta
 from ..safe_read import Bool, Float, Int, List, Map, Nullable, Str, read_json
 from .checkpoint import Checkpoint, TensorSpec
-from .hub import find_snapshot
+from .hub import HubSnapshot, find_snapshot
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -62,12 +62,18 @@ class LoraTable:
     base_model: str | None
 
 
+def _locate(path: str | os.PathLike[str]) -> tuple[Path | None, HubSnapshot | None]:
+    """The adapter's directory (None when ``path`` is not an adapter) and the cached snapshot a
+    hub id named."""
+    snapshot = find_snapshot(path)
+    directory = Path(path) if snapshot is None else snapshot.path
+    return (directory if (directory / CONFIG_NAME).is_file() else None), snapshot
+
+
 def adapter_directory(path: str | os.PathLike[str]) -> Path | None:
     """The directory of the adapter at ``path`` (local, or a cached hub id); None when ``path``
     is not an adapter."""
-    snapshot = find_snapshot(path)
-    directory = Path(path) if snapshot is None else snapshot.path
-    return directory if (directory / CONFIG_NAME).is_file() else None
+    return _locate(path)[0]
 
 
 def is_adapter(path: str | os.PathLike[str]) -> bool:
@@ -84,7 +90,7 @@ class Adapter(Checkpoint):
     """An opened adapter: its tensors as a checkpoint, and :attr:`lora`, what it does to a base."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        directory = adapter_directory(path)
+        directory, snapshot = _locate(path)
         if directory is None:
             raise CheckpointError(f"{path}: no {CONFIG_NAME}: not a PEFT adapter")
         config = _read_config(directory)
@@ -94,7 +100,6 @@ class Adapter(Checkpoint):
             raise CheckpointError(f"{directory}: the adapter has no {WEIGHTS_NAME}{pickled}")
         super().__init__(directory / WEIGHTS_NAME)
         self.path = directory
-        snapshot = find_snapshot(path)
         if snapshot is not None:
             self.hub_id, self.revision = snapshot.hub_id, snapshot.revision
         try:
