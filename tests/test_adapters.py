@@ -150,10 +150,25 @@ def test_revert_layers_of_an_adapter(trio, tmp_path):
     assert_lora_merge(tmp_path / "out", trio["base"], weights)
 
 
-def test_transformers_loads_the_output_and_generates(trio, tmp_path):
+FULL_OUTPUTS = {
+    "swap of adapters": ("layer_swap", lambda p: {"task_expert": p["task_lora"], "language_expert": p["language_lora"],
+                                                  "base": p["base"]}),
+    "swap of a full expert and an adapter": ("layer_swap", lambda p: {"task_expert": p["task"],
+                                                                      "language_expert": p["language_lora"],
+                                                                      "base": p["base"]}),
+    "soup": ("soup", lambda p: {"model": [p["task_lora"], p["language_lora"]], "base": p["base"]}),
+    "task arithmetic": ("task_arithmetic", lambda p: {"base": p["base"], "model": [p["task_lora"], p["partial_lora"]],
+                                                      "lam": 0.7}),
+    "revert of layers": ("revert", lambda p: {"base": p["base"], "model": p["task_lora"], "layers": "0-4"}),
+}
+
+
+@pytest.mark.parametrize("case", FULL_OUTPUTS)
+def test_transformers_loads_the_output_and_generates(trio, tmp_path, case):
     from transformers import AutoModelForCausalLM
+    method, options = FULL_OUTPUTS[case]
     out = tmp_path / "out"
-    lf.merge(trio["task_lora"], trio["language_lora"], out, base=trio["base"])
+    lf.run(method, out, options(trio))
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.tie_word_embeddings
     ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
