@@ -18,12 +18,13 @@ from typing import Any
 from .errors import LayerswapError
 from .evaluation import Evaluator
 from .formats.checkpoint import RECIPE_NAME, Checkpoint, open_checkpoint
-from .formats.layout import ReusedShard
+from .formats.layout import ReusedShard, ShardLayout
 from .formats.verify import verify
 from .options import WriteOptions
 from .plan import MergePlan, TensorRecipe, Term
 from .sweep_spec import SWAP, Candidate
-from .writing import MergeResult, plan_method, resolve, side_source, write_plan
+from .units import parse_size
+from .writing import MergeResult, plan_layout, plan_method, resolve, side_source, write_plan
 
 #: a computed tensor's identity across candidates: its name, dtype, shape, op, numbers, and each
 #: input by the file it comes from
@@ -71,10 +72,11 @@ def build_one(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Call
 
 
 def recipe_keys(candidate: Candidate, device: str = "auto") -> list[RecipeKey]:
-    """The keys of the tensors the candidate computes (headers only)."""
+    """The keys of the tensors the candidate computes and of the shards it writes (headers only)."""
     with ExitStack() as stack:
         plan, inputs = plan_method(stack, SWAP, resolve(SWAP, candidate.options), device)
-        return list(_keys(plan, inputs).values())
+        keys = _keys(plan, inputs)
+        return [*_computed(plan, keys).values(), *(k for _, k in _shard_keys(plan, inputs, keys, candidate))]
 
 
 def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callable[[Path], Checkpoint], link: str,
@@ -87,19 +89,21 @@ def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callabl
         values = resolve(SWAP, candidate.options)
         plan, inputs = plan_method(stack, SWAP, values, device, threads)
         keys = _keys(plan, inputs)
-        shared = sum(1 for key in keys.values() if key in made)
+        computed = _computed(plan, keys)
+        shards = _shard_keys(plan, inputs, keys, candidate)
+        shared = sum(1 for key in computed.values() if key in made)
         recorded = SWAP.recorded(values, plan)
         candidate.recorded = {k: v for k, v in {**recorded, "shard_size": candidate.shard_size}.items()
                               if v is not None}
         complete = not dry_run and _complete(candidate.path, candidate.recorded)
         if not complete:
-            plan_now, sources = (plan, {}) if dry_run else _share(plan, keys, made, output_of)
+            plan_now, sources = (plan, {}) if dry_run else _share(plan, computed, shards, made, output_of)
             settings = WriteOptions(candidate.shard_size, threads, device, force=_ours(candidate.path),
                                     dry_run=dry_run, link=link, **({"checksum": checksum} if checksum else {}))
             result = write_plan(SWAP, plan_now, {**inputs, **sources}, candidate.path, recorded, settings,
                                 side_source(inputs), SWAP.extra(plan), [values["base"], values["stats"]])
-            _account(candidate, result, shared, len(keys))
-        for key in keys.values():
+            _account(candidate, result, shared, len(computed))
+        for key in [*computed.values(), *(k for _, k in shards)]:
             made.setdefault(key, candidate.path)
     candidate.status = "planned" if dry_run else ("complete" if complete else "built")
     candidate.seconds = time.perf_counter() - start
@@ -116,9 +120,27 @@ def evaluate_candidate(candidate: Candidate, evaluator: Evaluator, target: Any) 
 
 
 def _keys(plan: MergePlan, inputs: Mapping[str, Checkpoint]) -> dict[str, RecipeKey]:
-    """The key of every tensor the plan computes, by name (copies have none)."""
+    """The key of every tensor of the plan, by name."""
     source = {role: str(Path(c.path).resolve()) for role, c in inputs.items()}
-    return {r.name: _key(r, source) for r in plan.tensors if r.op != "copy"}
+    return {r.name: _key(r, source) for r in plan.tensors}
+
+
+def _computed(plan: MergePlan, keys: Mapping[str, RecipeKey]) -> dict[str, RecipeKey]:
+    """The keys of the tensors the plan computes (not copies), by name."""
+    return {r.name: keys[r.name] for r in plan.tensors if r.op != "copy"}
+
+
+def _shard_keys(plan: MergePlan, inputs: Mapping[str, Checkpoint], keys: Mapping[str, RecipeKey],
+                candidate: Candidate) -> list[tuple[tuple[str, ...], RecipeKey]]:
+    """Each new shard the candidate writes, as its tensors' names and a key: the keys of its
+    tensors in order. Two candidates' shards with one key hold the same tensor bytes at the same
+    offsets (the layout depends on the tensors alone), so one can be the other's file."""
+    result = []
+    for shard in plan_layout(plan, inputs, parse_size(candidate.shard_size), {}):
+        if isinstance(shard, ShardLayout) and shard.tensors:
+            names = tuple(t.recipe.name for t in shard.tensors)
+            result.append((names, ("shard", *(keys[n] for n in names))))
+    return result
 
 
 def _key(recipe: TensorRecipe, source: Mapping[str, str]) -> RecipeKey:
@@ -127,13 +149,24 @@ def _key(recipe: TensorRecipe, source: Mapping[str, str]) -> RecipeKey:
             tuple((source[f.role], f.a, f.b, f.weight, f.transposed) for f in recipe.factors))
 
 
-def _share(plan: MergePlan, keys: Mapping[str, RecipeKey], made: Mapping[RecipeKey, Path],
-           output_of: Callable[[Path], Checkpoint]) -> tuple[MergePlan, dict[str, Checkpoint]]:
-    """``plan`` with every tensor an earlier candidate computed turned into a copy from its output."""
+def _share(plan: MergePlan, computed: Mapping[str, RecipeKey], shards: Sequence[tuple[tuple[str, ...], RecipeKey]],
+           made: Mapping[RecipeKey, Path], output_of: Callable[[Path], Checkpoint]
+           ) -> tuple[MergePlan, dict[str, Checkpoint]]:
+    """``plan`` with every tensor an earlier candidate computed, and every tensor of a shard an
+    earlier candidate wrote, turned into a copy from that candidate's output: a shard whose every
+    tensor is copied from one output is then that output's file, reused whole as an input's is."""
+    source: dict[str, Path] = {}
+    for names, key in shards:
+        earlier = made.get(key)
+        if earlier is not None and any(tuple(t.name for t in sh.tensors) == names for sh in output_of(earlier).shards):
+            source.update(dict.fromkeys(names, earlier))
+    for name, key in computed.items():
+        if name not in source and key in made:
+            source[name] = made[key]
     roles: dict[Path, str] = {}
     tensors = []
     for recipe in plan.tensors:
-        earlier = made.get(keys[recipe.name]) if recipe.name in keys else None
+        earlier = source.get(recipe.name)
         if earlier is None:
             tensors.append(recipe)
             continue

@@ -79,6 +79,15 @@ def reusable_shards(plan: MergePlan, inputs: Mapping[str, Checkpoint]) -> list[R
     return find_reusable(plan.tensors, candidates)
 
 
+def plan_layout(plan: MergePlan, inputs: Mapping[str, Checkpoint], shard_size: int,
+                metadata: Mapping[str, str]) -> list[OutputShard]:
+    """The output's shards: input shards reused whole, new ones of at most ``shard_size`` with each
+    copied tensor at its source's offset within a page (which tensors go together depends on the
+    plan, the inputs and the size only, not on the metadata)."""
+    return layout_shards(plan.tensors, shard_size, metadata, reusable_shards(plan, inputs),
+                         source_offset=lambda r: _copied_from(r, inputs))
+
+
 def _copied_from(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> int | None:
     """Where in its input file a copied tensor's bytes are (the layout aligns to it)."""
     return inputs[recipe.terms[0].role].specs[recipe.name].offset if recipe.op == "copy" else None
@@ -124,8 +133,7 @@ def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint]
     # only what decides the bytes: thread count, device and link mode never change them
     recipe = _recipe(command, plan, inputs, {**options, "shard_size": str(write.shard_size)}, extra)
     metadata = {"format": "pt", "layerswap_fast": json.dumps(recipe, separators=(",", ":"), sort_keys=True)}
-    shards = layout_shards(plan.tensors, size_limit, metadata, reusable_shards(plan, inputs),
-                           source_offset=lambda r: _copied_from(r, inputs))
+    shards = plan_layout(plan, inputs, size_limit, metadata)
     side_files = find_side_files(side_source.directory)
     card = _card(method, plan, inputs, options)
     guarded = guarded_paths(inputs.values(), [*other_inputs, *write.other_inputs])

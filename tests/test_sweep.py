@@ -67,6 +67,26 @@ def test_each_distinct_tensor_is_computed_once(experts, tmp_path):
     assert found[1].shared > 0 and found[0].shared == 0
 
 
+def test_a_shard_an_earlier_candidate_wrote_is_reused_whole(experts, tmp_path):
+    """With a shard per tensor, a candidate that differs from the one before in a few layers takes
+    every other shard whole from that candidate's output (its recipe says from where), and still
+    equals its own merge tensor for tensor and verifies."""
+    spec = _spec(experts, tmp_path, grid={"bottom": [3, 4]}, shard_size="1KB",
+                 pairs=[[str(experts["math-1"]), str(experts["swh-1"])]])
+    out = tmp_path / "sweep"
+    first, second = lf.sweep(spec, out)
+    recipe = json.loads((second.path / "layerswap_recipe.json").read_text())
+    from_first = [r for r in recipe["reused_shards"] if Path(r["from"]).parent == first.path]
+    own = lf.plan_merge(experts["math-1"], experts["swh-1"], lf.SwapConfig(bottom=4))
+    earlier = lf.plan_merge(experts["math-1"], experts["swh-1"], lf.SwapConfig(bottom=3))
+    same = {t.name for t, e in zip(own.tensors, earlier.tensors) if t == e and t.op != "copy"}
+    assert same and len(from_first) >= len(same)
+    assert second.bytes_reused > first.bytes_reused
+    lf.verify(second.path)
+    lf.merge(experts["math-1"], experts["swh-1"], tmp_path / "ref", lf.SwapConfig(bottom=4), shard_size="1KB")
+    assert shards_without_metadata(second.path) == shards_without_metadata(tmp_path / "ref")
+
+
 def test_a_rerun_skips_complete_candidates_and_rebuilds_a_damaged_one(experts, tmp_path):
     spec, out = _spec(experts, tmp_path), tmp_path / "sweep"
     first = lf.sweep(spec, out)

@@ -26,7 +26,8 @@ from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, 
 from ..formats.model_card import CARD_NAME
 from ..formats.output import publish, reuse_shard, staging_directory
 from ..formats.side_files import SideFile, copy_side_files
-from ..formats.writeback import DEFAULT_CHECKSUM, ShardFinisher, cached_hash, digest_entry, hash_file, needs_throttle
+from ..formats.writeback import (DEFAULT_CHECKSUM, ShardFinisher, cached_hash, digest_entry, hash_file, needs_throttle,
+                                 remember_hash)
 from ..plan import TensorRecipe
 from ..units import format_bytes
 from . import ops
@@ -263,9 +264,9 @@ def execute(
                 if isinstance(shard, ReusedShard):
                     how = _reuse(shard, tmp, out, link, inputs[shard.reuse.role], finishing.throttle)
                     methods[how] = methods.get(how, 0) + 1
-                    # the bytes actually published; a linked file is the input, whose digest is cached
-                    hasher = cached_hash if how in ("hard link", "symlink") else hash_file
-                    digests[shard.filename] = finishing.inputs.submit(hasher, tmp / shard.filename, checksum,
+                    # the input's bytes, whose digest is cached: a clone or copy of it holds the same
+                    # bytes unless the input changed during the run, which the check below refuses
+                    digests[shard.filename] = finishing.inputs.submit(cached_hash, shard.reuse.source, checksum,
                                                                      finishing.stop)
                 else:
                     digests[shard.filename] = _done(_write_shard(tmp, shard, filler, finishing))
@@ -284,6 +285,8 @@ def execute(
         with _writing(tmp, RECIPE_NAME, len(text)):
             (tmp / RECIPE_NAME).write_text(text, encoding="utf-8")
         publish(tmp, out, force, sync)
+        for s in new:
+            remember_hash(out / s.filename, checksum, digest[s.filename])
     copied_new = sum(t.recipe.op == "copy" for s in new for t in s.tensors)
     reused = [s for s in shards if isinstance(s, ReusedShard)]
     return MergeStats(out, total, time.perf_counter() - start, peak_rss_bytes(), len(shards),

@@ -217,13 +217,17 @@ def hash_file(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Eve
     return h.hexdigest()
 
 
+def _cache_key(path: Path, algorithm: str) -> Path:
+    st = os.stat(path)
+    return _cache_dir() / f"{algorithm}-{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+
+
 def cached_hash(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Event | None = None) -> str:
     """Checksum of an input file, remembered per (algorithm, device, inode, size, mtime):
     unchanged inputs are hashed once across merges."""
     if algorithm == NO_CHECKSUM:
         return ""
-    st = os.stat(path)
-    key = _cache_dir() / f"{algorithm}-{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+    key = _cache_key(path, algorithm)
     try:
         digest = key.read_text().strip()
         if len(digest) == 64:
@@ -231,6 +235,18 @@ def cached_hash(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.E
     except OSError:
         pass
     digest = hash_file(path, algorithm, stop)
+    _store(key, digest)
+    return digest
+
+
+def remember_hash(path: Path, algorithm: str, digest: str) -> None:
+    """Record the checksum of a file just written, as :func:`cached_hash` would after reading it:
+    an output that later feeds another merge (or a sweep's next candidate) is not read again."""
+    if algorithm != NO_CHECKSUM and len(digest) == 64:
+        _store(_cache_key(path, algorithm), digest)
+
+
+def _store(key: Path, digest: str) -> None:
     try:
         key.parent.mkdir(parents=True, exist_ok=True)
         tmp = key.with_suffix(f".{os.getpid()}.tmp")
@@ -238,4 +254,3 @@ def cached_hash(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.E
         os.replace(tmp, key)
     except OSError:
         pass  # a read-only home: no cache, same result
-    return digest
