@@ -119,14 +119,17 @@ for _ in range(rounds):
     # transformers may map the file lazily: touch one element per 4 KiB page so every weight is read
     touched = sum(float(p.detach().reshape(-1)[::2048].float().sum()) for p in model.parameters())
     loads.append(time.perf_counter() - t)
-session = ls.SwapSession(task, lang, model)
-session.apply({"bottom": 5})
-applies = []
-for i in range(rounds * 2):
-    report = session.apply({"bottom": 4 if i % 2 == 0 else 5})
-    applies.append(report.seconds)
-print(json.dumps({"load_s": statistics.median(loads), "apply_s": statistics.median(applies),
-                  "apply_tensors": len(report.changed), "apply_mb": report.bytes / 1e6}))
+result = {"load_s": statistics.median(loads)}
+for resident in (False, True):
+    session = ls.SwapSession(task, lang, model, resident=resident)
+    session.apply({"bottom": 5})
+    applies = []
+    for i in range(rounds * 2):
+        report = session.apply({"bottom": 4 if i % 2 == 0 else 5})
+        applies.append(report.seconds)
+    result["apply_resident_s" if resident else "apply_s"] = statistics.median(applies)
+    result["noop_apply_s"] = session.apply({"bottom": 5}).seconds
+print(json.dumps({**result, "apply_tensors": len(report.changed), "apply_mb": report.bytes / 1e6}))
 """
 
 
@@ -154,7 +157,9 @@ def main() -> None:
     ap.add_argument("--session-rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "sweep")
     ap.add_argument("--xfs-gb", type=int, default=0)
+    ap.add_argument("--parts", default="sweep,session", help="which parts to run: sweep, session or both")
     args = ap.parse_args()
+    parts = args.parts.split(",")
     cli = find_cli()
     if cli is None:
         sys.exit("layerswap-fast is not installed")
@@ -166,21 +171,27 @@ def main() -> None:
     root.mkdir(exist_ok=True)
     make_experts(root, args.shape, args.layers, args.tasks, args.languages, args.shard_size)
     print("machine:", json.dumps(machine_info(root)))
-    s = part_sweep(cli, root, args.tasks, args.languages, args.separate, args.shard_size)
-    print(f"\n{s['candidates']} candidates ({args.tasks} task × {args.languages} language experts × 6 configs, "
-          f"{args.shape}{'' if args.layers is None else f' with {args.layers} layers'}, shards {args.shard_size}); "
-          f"separate merges: {s['separate_timed']} timed, extrapolated to {s['candidates']}\n")
-    print("| | seconds | GB written | peak RSS MB |\n|---|---:|---:|---:|")
-    print(f"| sweep | {s['sweep_s']:.1f} | {s['sweep_bytes'] / 1e9:.2f} | {s['sweep_rss_mb']:.0f} |")
-    print(f"| {s['candidates']} separate merges (extrapolated) | {s['separate_s_extrapolated']:.1f} | "
-          f"{s['separate_bytes_extrapolated'] / 1e9:.2f} | |")
-    print(f"\nratios: time {s['sweep_s'] / s['separate_s_extrapolated']:.2f}, bytes "
-          f"{s['sweep_bytes'] / max(1, s['separate_bytes_extrapolated']):.2f}; tensors computed {s['computed']}, "
-          f"shared {s['shared']}")
-    p = part_session(root, args.session_rounds)
-    print(f"\nSwapSession.apply bottom 5 <-> 4: {p['apply_s']:.3f} s ({p['apply_tensors']} tensors, "
-          f"{p['apply_mb']:.0f} MB); from_pretrained of the merge: {p['load_s']:.3f} s; ratio "
-          f"{p['apply_s'] / p['load_s']:.3f}")
+    s: dict = {}
+    if "sweep" in parts:
+        s = part_sweep(cli, root, args.tasks, args.languages, args.separate, args.shard_size)
+        print(f"\n{s['candidates']} candidates ({args.tasks} task × {args.languages} language experts × 6 configs, "
+              f"{args.shape}{'' if args.layers is None else f' with {args.layers} layers'}, shards {args.shard_size}); "
+              f"separate merges: {s['separate_timed']} timed, extrapolated to {s['candidates']}\n")
+        print("| | seconds | GB written | peak RSS MB |\n|---|---:|---:|---:|")
+        print(f"| sweep | {s['sweep_s']:.1f} | {s['sweep_bytes'] / 1e9:.2f} | {s['sweep_rss_mb']:.0f} |")
+        print(f"| {s['candidates']} separate merges (extrapolated) | {s['separate_s_extrapolated']:.1f} | "
+              f"{s['separate_bytes_extrapolated'] / 1e9:.2f} | |")
+        print(f"\nratios: time {s['sweep_s'] / s['separate_s_extrapolated']:.2f}, bytes "
+              f"{s['sweep_bytes'] / max(1, s['separate_bytes_extrapolated']):.2f}; tensors computed {s['computed']}, "
+              f"shared {s['shared']}")
+    p: dict = {}
+    if "session" in parts:
+        p = part_session(root, args.session_rounds)
+        print(f"\nSwapSession.apply bottom 5 <-> 4 ({p['apply_tensors']} tensors, {p['apply_mb']:.0f} MB): "
+              f"{p['apply_s']:.3f} s from the files, {p['apply_resident_s']:.3f} s with resident expert layers "
+              f"(an apply that changes nothing: {p['noop_apply_s']:.3f} s); from_pretrained of the merge, every page "
+              f"read: {p['load_s']:.3f} s; ratios {p['apply_s'] / p['load_s']:.3f} and "
+              f"{p['apply_resident_s'] / p['load_s']:.3f}")
     print(json.dumps({"sweep": s, "session": p, "args": {k: str(v) for k, v in vars(args).items()}}))
 
 

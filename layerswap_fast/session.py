@@ -17,8 +17,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .engine.backends import make_backend
-from .engine.memory import merged_buffers
+import numpy as np
+
+from .dtypes import TORCH_NAMES
+from .engine.backends import CpuBackend, make_backend
+from .engine.memory import DirectFiller, available_memory, merged_buffers
+from .formats.checkpoint import Checkpoint
+from .formats.layout import tensor_nbytes
 from .errors import ConfigError
 from .methods import METHODS
 from .methods.swap import SwapConfig, swap_options
@@ -51,14 +56,18 @@ class SwapSession:
     model), or None, when the session keeps the tensors itself (:attr:`tensors`).
 
     ``device`` is where the session's own tensors live (model=None); ``compute`` where the
-    arithmetic runs. The other keywords are :func:`layerswap_fast.merge`'s.
+    arithmetic runs. ``resident``: keep the experts' tensors in host memory once read, so an
+    ``apply`` reads no file (True: up to half the memory available now; a number: that many bytes).
+    The other keywords are :func:`layerswap_fast.merge`'s.
     """
 
     def __init__(self, task_expert: Paths, language_expert: Paths, model: Any = None, *, device: str | None = None,
                  dtype: str | None = None, soup_weights: str = "uniform", base: PathLike | None = None,
-                 stats: PathLike | None = None, compute: str = "auto", threads: int | None = None) -> None:
+                 stats: PathLike | None = None, compute: str = "auto", threads: int | None = None,
+                 resident: bool | int = False) -> None:
         self._fixed = {"task_expert": task_expert, "language_expert": language_expert, "dtype": dtype,
                        "soup_weights": soup_weights, "base": base, "stats": stats}
+        self._direct = DirectFiller(threads or 0, _resident_bytes(resident))
         self._torch = framework_module("torch" if model is not None or device is not None else "auto")
         self._target = _target(model)
         self.model = model
@@ -68,6 +77,20 @@ class SwapSession:
         #: the current tensors by name, when the session holds them (model=None)
         self.tensors: dict[str, Any] = {}
         self.config: SwapConfig | None = None
+        #: the experts, opened by the first apply and read as they were then until close()
+        self._opened = ExitStack()
+        self._inputs: dict[str, Checkpoint] | None = None
+
+    def close(self) -> None:
+        """Close the experts' files (a later ``apply`` opens them again)."""
+        self._opened.close()
+        self._inputs = None
+
+    def __enter__(self) -> SwapSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def apply(self, config: SwapConfig | Mapping[str, Any] | None = None) -> ApplyReport:
         """Make the model the swap of ``config`` (a :class:`SwapConfig` or its fields by name),
@@ -77,17 +100,38 @@ class SwapSession:
         swap = METHODS["layer_swap"]
         options = swap_options(config=config, **self._fixed)
         with ExitStack() as stack:
-            plan, inputs = plan_method(stack, swap, resolve(swap, options), self.compute, self.threads)
+            plan, inputs = plan_method(self._opened, swap, resolve(swap, options), self.compute, self.threads,
+                                       opened=self._inputs)
+            self._inputs = inputs
             changed = [r for r in plan.tensors if self.recipes.get(r.name) != r]
             backend = make_backend(self.compute, self.threads)
             stack.callback(backend.close)
-            nbytes = 0
-            for recipe, view in merged_buffers(changed, inputs, backend, self.threads or 0):
+            on_cpu = isinstance(backend, CpuBackend)
+            rest = []
+            for recipe in changed:
+                if on_cpu and self._direct.can_fill(recipe):
+                    self._fill(recipe, inputs)
+                else:
+                    rest.append(recipe)
+            for recipe, view in merged_buffers(rest, inputs, backend, self.threads or 0):
                 self._place(recipe.name, as_tensor(view, recipe.dtype, recipe.shape, self._torch))
                 self.recipes[recipe.name] = recipe
-                nbytes += len(view)
         self.config = config
-        return ApplyReport(tuple(r.name for r in changed), nbytes, time.perf_counter() - start)
+        return ApplyReport(tuple(r.name for r in changed), sum(tensor_nbytes(r) for r in changed),
+                           time.perf_counter() - start)
+
+    def _fill(self, recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> None:
+        """A copy or a CPU blend made straight into the model's parameter where it holds the
+        recipe's dtype in contiguous host memory, else into a buffer of its own."""
+        parameter = None if self._target is None else self._target.get(recipe.name)
+        view = _host_bytes(parameter, recipe, self._torch)
+        if view is not None:
+            self._direct.fill(recipe, inputs, view)
+        else:
+            data = np.empty(tensor_nbytes(recipe), dtype=np.uint8)
+            self._direct.fill(recipe, inputs, data)
+            self._place(recipe.name, as_tensor(memoryview(data), recipe.dtype, recipe.shape, self._torch))
+        self.recipes[recipe.name] = recipe
 
     def _place(self, name: str, tensor: Any) -> None:
         if self._target is not None:
@@ -103,6 +147,24 @@ class SwapSession:
             self.model.load_weights([(name, tensor)])
         else:
             self.tensors[name] = tensor if self.device is None else tensor.to(self.device)
+
+
+def _host_bytes(parameter: Any, recipe: TensorRecipe, torch: Any) -> Any:
+    """The parameter's own bytes as a writable uint8 array, when it is contiguous in host memory,
+    has the recipe's dtype and shape, and autograd does not need to see the write; else None."""
+    if parameter is None or torch is None or recipe.dtype not in TORCH_NAMES or tensor_nbytes(recipe) == 0:
+        return None
+    if (parameter.device.type != "cpu" or not parameter.is_contiguous()
+            or parameter.dtype != getattr(torch, TORCH_NAMES[recipe.dtype])
+            or tuple(parameter.shape) != tuple(recipe.shape)):
+        return None
+    return parameter.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+def _resident_bytes(resident: bool | int) -> int:
+    if resident is True:
+        return available_memory() // 2
+    return int(resident or 0)
 
 
 def _target(model: Any) -> dict[str, Any] | None:

@@ -249,13 +249,15 @@ def _magnitude(base: PathLike | None, experts: Sequence[PathLike], stats: PathLi
 
 
 def plan_method(stack: ExitStack, method: Method, options: Mapping[str, Any], device: str = "auto",
-          threads: int | None = None, factors: bool = True) -> tuple[MergePlan, dict[str, Checkpoint]]:
-    """Open the method's inputs and plan: headers only, except the row-MAV analysis that
-    magnitude weights need when no ``stats`` are given. With ``factors`` false, adapters' terms
-    stay as planned (each adapter standing for the model it makes), for a caller that turns them
-    into something else than base terms plus factors (an adapter output)."""
+          threads: int | None = None, factors: bool = True,
+          opened: Mapping[str, Checkpoint] | None = None) -> tuple[MergePlan, dict[str, Checkpoint]]:
+    """Open the method's inputs (unless ``opened`` holds them from an earlier call with the same
+    inputs) and plan: headers only, except the row-MAV analysis that magnitude weights need when
+    no ``stats`` are given. With ``factors`` false, adapters' terms stay as planned (each adapter
+    standing for the model it makes), for a caller that turns them into something else than base
+    terms plus factors (an adapter output)."""
     paths = method.inputs(options)
-    inputs = open_all(stack, paths)
+    inputs = dict(opened) if opened is not None else open_all(stack, paths)
     adapters = {role: c for role, c in inputs.items() if isinstance(c, Adapter)}
     full = {role: c for role, c in inputs.items() if role not in adapters}
     specs = {role: list(c.specs.values()) for role, c in full.items()}

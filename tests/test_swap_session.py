@@ -80,6 +80,43 @@ def test_a_transformers_model_is_updated_in_place(trio, tmp_path):
     assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers
 
 
+def test_a_bf16_model_is_written_in_place_and_resident_layers_are_read_once(trio, tmp_path, monkeypatch):
+    """A model holding the merge's dtype gets each copy and blend made straight into its
+    parameters; with ``resident``, the experts' tensors are read from their files once, and a walk
+    back and forth reads nothing more, and still equals the written merge at every step."""
+    from transformers import AutoModelForCausalLM
+    from layerswap_fast.formats.checkpoint import Checkpoint
+    model = AutoModelForCausalLM.from_pretrained(trio["base"], dtype=torch.bfloat16)
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+    reads = []
+    real = Checkpoint.input_file
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def read_into(self, offset, out):
+            reads.append(offset)
+            self.f.read_into(offset, out)
+
+    merged = {}
+    for bottom in (4, 5):
+        lf.merge(trio["task"], trio["language"], tmp_path / f"b{bottom}", lf.SwapConfig(bottom=bottom))
+        merged[bottom] = load_tensors(tmp_path / f"b{bottom}")
+    monkeypatch.setattr(Checkpoint, "input_file", lambda self, path: Counting(real(self, path)))
+    session = lf.SwapSession(trio["task"], trio["language"], model, resident=True)
+    for step, bottom in enumerate([5, 4, 5, 4, 5]):
+        session.apply({"bottom": bottom})
+        if step == 1:
+            first_reads = len(reads)
+        _assert_state_is_merge(model.state_dict(), merged[bottom])
+    assert first_reads and len(reads) == first_reads
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers
+
+
 def test_a_load_weights_hook_receives_the_changes(trio):
     class Consumer:
         def __init__(self) -> None:

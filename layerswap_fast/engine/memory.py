@@ -10,14 +10,18 @@ handed over plus the chunk buffers of the op that made it, and the bytes cannot 
 from __future__ import annotations
 
 import mmap
+from concurrent.futures import ThreadPoolExecutor
 import os
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .. import _core
-from ..formats.checkpoint import Checkpoint
+from ..formats.checkpoint import Checkpoint, TensorSpec
 from ..formats.layout import tensor_nbytes
 from ..plan import TensorRecipe
 from .backends import Backend
@@ -53,3 +57,79 @@ def merged_buffers(recipes: Sequence[TensorRecipe], inputs: Mapping[str, Checkpo
             path.unlink(missing_ok=True)
         yield recipe, memoryview(mapping)
 
+
+
+class DirectFiller:
+    """Copies and blends made on the CPU straight into a caller's buffer (a loaded model's
+    parameter), with the bytes :func:`merged_buffers` gives: a copy is read into it, a blend is the
+    core's ``blend_buffers``, the arithmetic of the ``blend_file`` a merge runs. With ``resident``
+    bytes to spare, every input tensor read stays in memory for the next call (a sweep that moves
+    ``bottom`` back and forth reads each expert layer once)."""
+
+    def __init__(self, threads: int = 0, resident: int = 0) -> None:
+        self.threads = threads
+        self.resident = resident
+        self._kept: dict[tuple[str, int, int], Any] = {}
+
+    @staticmethod
+    def can_fill(recipe: TensorRecipe) -> bool:
+        return recipe.op in ("copy", "blend") and not recipe.factors
+
+    def fill(self, recipe: TensorRecipe, inputs: Mapping[str, Checkpoint], out: Any) -> None:
+        """Write ``recipe``'s bytes into ``out`` (a writable uint8 array of exactly its size)."""
+        specs = [inputs[t.role].specs[recipe.name] for t in recipe.terms]
+        files = [inputs[t.role].input_file(s.file) for t, s in zip(recipe.terms, specs)]
+        if recipe.op == "copy":
+            kept = self._kept.get((files[0].path, specs[0].offset, specs[0].nbytes))
+            if kept is None:
+                files[0].read_into(specs[0].offset, out)
+                self._keep(files[0], specs[0], out)
+            else:
+                _copy(out, kept, self.threads)
+            return
+        sources = [self._read(f, s) for f, s in zip(files, specs)]
+        _core.blend_buffers(sources, [s.dtype for s in specs], [t.weight for t in recipe.terms], out, recipe.dtype,
+                            self.threads)
+
+    def _read(self, f: _core.InputFile, spec: TensorSpec) -> Any:
+        kept = self._kept.get((f.path, spec.offset, spec.nbytes))
+        if kept is not None:
+            return kept
+        data = np.empty(spec.nbytes, dtype=np.uint8)
+        f.read_into(spec.offset, data)
+        self._keep(f, spec, data)
+        return data
+
+    def _keep(self, f: _core.InputFile, spec: TensorSpec, data: Any) -> None:
+        if spec.nbytes <= self.resident:
+            self._kept[(f.path, spec.offset, spec.nbytes)] = np.array(data, dtype=np.uint8, copy=True).reshape(-1)
+            self.resident -= spec.nbytes
+
+
+def available_memory() -> int:
+    """Bytes the kernel could give without swapping (``MemAvailable``), or the free pages' bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+#: below this a copy is not worth splitting across threads
+_SPLIT_BYTES = 8 << 20
+
+
+def _copy(out: Any, data: Any, threads: int) -> None:
+    """``out[:] = data`` in one piece per thread (numpy releases the GIL while it copies)."""
+    n = threads if threads > 0 else (os.cpu_count() or 1)
+    if n == 1 or len(data) < _SPLIT_BYTES:
+        np.copyto(out, data)
+        return
+    step = -(-len(data) // n)
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda i: np.copyto(out[i:i + step], data[i:i + step]), range(0, len(data), step)))
