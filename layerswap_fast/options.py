@@ -53,9 +53,10 @@ WRITE_OPTIONS: tuple[Option, ...] = (
     Option("gpu_memory", "text", "Most GPU memory the CUDA backend may use (staging buffers of all inputs).",
            default="256MB", api="max_gpu_bytes", recorded=False),
     Option("link", "choice", "How input shards the merge leaves unchanged are reused whole: auto = a copy-on-write "
-           "reflink where the filesystem supports it, else a kernel-side copy; reflink; copy; hard or symlink "
-           "only when asked for: those share the input's bytes, so a later in-place change to one file changes "
-           "the other.", default="auto", choices=LINK_MODES, recorded=False),
+           "reflink where the filesystem supports it, else a kernel-side copy (and copied tensors clone their "
+           "whole blocks where the filesystem can); reflink; copy = new storage for every byte, nothing cloned; "
+           "hard or symlink only when asked for: those share the input's bytes, so a later in-place change to one "
+           "file changes the other.", default="auto", choices=LINK_MODES, recorded=False),
     Option("force", "flag", "Replace an existing output directory.", default=False, recorded=False),
     Option("sync", "flag", "fsync the output before publishing it (durable across a power loss).", default=False,
            recorded=False),

@@ -177,6 +177,77 @@ def test_copied_tensors_share_extents_with_their_inputs(xfs: Path) -> None:
     assert copied_bytes - 2 * 4096 * len(copied) <= shared <= copied_bytes + 4096
 
 
+def _new_shards(out: Path) -> list[Path]:
+    reused = {r["shard"] for r in reused_of(out)}
+    return [f for f in sorted(out.glob("*.safetensors")) if f.name not in reused]
+
+
+def _tensor_bytes(result, op_is_copy: bool) -> int:
+    reused = {n for s in result.shards if isinstance(s, ls.formats.layout.ReusedShard) for n in s.names}
+    return sum(math.prod(t.shape) * 2 for t in result.plan.tensors
+               if (t.op == "copy") == op_is_copy and t.name not in reused)
+
+
+def test_the_recipe_and_summary_account_computed_copied_and_cloned_bytes(xfs: Path) -> None:
+    """On a filesystem that clones, the recipe's ``bytes`` say what was computed (the plan's
+    computed tensors), cloned (what filefrag finds shared in the new shards) and copied (the rest
+    of the copied tensors); the summary line says so and that clones were on."""
+    paths = make_llama_trio(xfs, num_layers=L, hidden=256, shard="2MB")
+    result = ls.merge(paths["task"], paths["language"], xfs / "out")
+    made = json.loads((xfs / "out" / "layerswap_recipe.json").read_text())["bytes"]
+    assert made["computed"] == _tensor_bytes(result, False) > 0
+    assert made["copied"] + made["cloned"] == _tensor_bytes(result, True)
+    assert made["reused"] == sum(s.data_size for s in result.shards if isinstance(s, ls.formats.layout.ReusedShard))
+    # filefrag counts whole blocks: a clone that ends at an input's end shares its partial last block
+    inputs = len(list(paths["task"].glob("*.safetensors"))) + len(list(paths["language"].glob("*.safetensors")))
+    assert 0 <= _shared_bytes(_new_shards(xfs / "out")) - made["cloned"] < 4096 * inputs and made["cloned"] > 0
+    assert "cloned (clones on)" in result.stats.summary()
+    ls.verify(xfs / "out")
+
+
+def test_link_copy_shares_nothing_and_gives_the_same_bytes(xfs: Path) -> None:
+    paths = make_llama_trio(xfs, num_layers=L, hidden=256, shard="2MB")
+    result = ls.merge(paths["task"], paths["language"], xfs / "copy", link="copy")
+    ls.merge(paths["task"], paths["language"], xfs / "auto")
+    assert _shared_bytes(sorted((xfs / "copy").glob("*.safetensors"))) == 0
+    made = json.loads((xfs / "copy" / "layerswap_recipe.json").read_text())["bytes"]
+    assert made["cloned"] == 0 and made["copied"] == _tensor_bytes(result, True)
+    assert "clones off" in result.stats.summary()
+    assert_same_shards(xfs / "copy", xfs / "auto")
+    ls.verify(xfs / "copy")
+
+
+def test_where_nothing_can_be_cloned_everything_copied_is_copied(trio: dict[str, Path], tmp_path: Path) -> None:
+    """On a filesystem without clones (or from another one), the same bytes, nothing counted cloned."""
+    if _reflink_supported(tmp_path):
+        pytest.skip("the temporary directory's filesystem clones: this is the fallback's test")
+    result = ls.merge(trio["task"], trio["language"], tmp_path / "out")
+    made = json.loads((tmp_path / "out" / "layerswap_recipe.json").read_text())["bytes"]
+    assert made["cloned"] == 0 and made["copied"] == _tensor_bytes(result, True)
+    assert "clones off" in result.stats.summary()
+    assert_merged(tmp_path / "out", trio)
+
+
+def test_an_input_changed_during_a_cloning_merge_fails_it(xfs: Path) -> None:
+    """Clones are taken of the input as it is when cloned: a change of the input during the merge
+    is still caught at the end, and nothing is published."""
+    paths = make_llama_trio(xfs, num_layers=L, hidden=256, shard="2MB")
+    victim = sorted(paths["task"].glob("*.safetensors"))[-1]
+    done = []
+
+    def change(n: int, total: int) -> None:
+        if not done:
+            data = bytearray(victim.read_bytes())
+            data[-1] ^= 0xFF
+            with open(victim, "r+b") as f:
+                f.write(data)
+            done.append(True)
+
+    with pytest.raises(ls.CheckpointError, match="input changed during the merge"):
+        ls.merge(paths["task"], paths["language"], xfs / "out", progress=change)
+    assert not (xfs / "out").exists()
+
+
 @pytest.mark.parametrize("src, dst, n, pieces", [
     (4096, 8192, 10, [(0, 10)]),                              # aligned: one piece
     (100, 4196, 5000, [(0, 3996), (3996, 1004)]),             # same phase: up to the block boundary first

@@ -9,25 +9,26 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import resource
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import _core
 from ..formats.checkpoint import INDEX_NAME, RECIPE_NAME, Checkpoint, TensorSpec
 from ..errors import OutputError
-from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes
+from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, needed_bytes, tensor_nbytes
 from ..formats.model_card import CARD_NAME
-from ..formats.output import publish, reuse_shard, staging_directory
+from ..formats.output import clone_block, publish, reuse_shard, staging_directory
 from ..formats.side_files import SideFile, copy_side_files
 from ..formats.writeback import (DEFAULT_CHECKSUM, ShardFinisher, cached_hash, digest_entry, hash_file, needs_throttle,
-                                 remember_hash)
+                                 plain_copy, remember_hash)
 from ..plan import TensorRecipe
 from ..units import format_bytes
 from . import ops
@@ -53,6 +54,9 @@ class MergeStats:
     blended: int
     bytes_reused: int = 0
     reused: dict[str, int] | None = None  # link method -> number of whole input shards reused
+    #: tensor bytes computed, copied, cloned and reused in whole shards (the recipe's "bytes")
+    made: dict[str, int] | None = None
+    clones: bool = False  # whether copies could share the inputs' extents
 
     @property
     def bytes_total(self) -> int:
@@ -68,22 +72,30 @@ class MergeStats:
         if self.reused:
             how = ", ".join(f"{n} by {method}" for method, n in sorted(self.reused.items()))
             reused = f", {format_bytes(self.bytes_reused)} in {sum(self.reused.values())} reused input shards: {how}"
+        made = ""
+        if self.made:
+            m = self.made
+            made = (f"; tensor bytes {format_bytes(m['computed'])} computed, {format_bytes(m['copied'])} copied, "
+                    f"{format_bytes(m['cloned'])} cloned (clones {'on' if self.clones else 'off'})")
         return (f"wrote {self.out}: {self.shards} shards, {format_bytes(self.bytes_total)} in {self.seconds:.2f} s "
                 f"({self.gb_per_s:.2f} GB/s; {format_bytes(self.bytes_written)} new{reused}), {self.copied} tensors "
-                f"copied, {self.blended} computed, peak RSS {self.peak_rss_bytes / 2**20:.0f} MB")
+                f"copied, {self.blended} computed{made}, peak RSS {self.peak_rss_bytes / 2**20:.0f} MB")
 
 
 class _ShardFiller:
     """Writes one shard's tensors: coalesced byte copies and streamed blends."""
 
     def __init__(self, inputs: Mapping[str, Checkpoint], backend: Backend, progress: Callable[[int], None],
-                 threads: int = 0):
+                 threads: int = 0, clones: Clones | None = None):
         self.inputs = inputs
         self.backend = backend
         self.progress = progress
         self.threads = threads
         self.advance: Callable[[int], None] = lambda n: None
         self.context = ops.OpContext(backend, threads, self._advance)
+        self.clones = clones or Clones(None, True)
+        #: bytes of new tensors by how they were made: computed, copied, cloned
+        self.made = {"computed": 0, "copied": 0, "cloned": 0}
 
     def _advance(self, end: int, nbytes: int) -> None:
         self.advance(end)
@@ -130,8 +142,16 @@ class _ShardFiller:
         if run is None or src is None:
             return
         src_offset, dst_offset, nbytes = run
-        for start, n in copy_pieces(src_offset, dst_offset, nbytes):
-            writer.copy_range(src, src_offset + start, dst_offset + start, n)
+        block = self.clones.block_for(src.path)
+        for start, n in copy_pieces(src_offset, dst_offset, nbytes, block or CLONE_BLOCK):
+            if self.clones.allowed:
+                writer.copy_range(src, src_offset + start, dst_offset + start, n)
+            else:
+                plain_copy(writer, src, src_offset + start, dst_offset + start, n)
+            cloned = shared_bytes(src_offset + start, dst_offset + start, n, block if self.clones.allowed else None,
+                                  src.size)
+            self.made["cloned"] += cloned
+            self.made["copied"] += n - cloned
             self.advance(dst_offset + start + n)
             self.progress(n)
 
@@ -144,19 +164,55 @@ class _ShardFiller:
         if recipe.op not in OPS:
             raise ValueError(f"unknown op {recipe.op!r}")
         OPS[recipe.op](self.context, writer, recipe, specs, inputs, dst)
+        self.made["computed"] += tensor_nbytes(recipe)
+
+
+@dataclass
+class Clones:
+    """Whether copies may share the inputs' extents: ``block`` is the output filesystem's clone
+    block size (None where it cannot clone), ``allowed`` false for ``--link copy``. A source on
+    another filesystem is always copied."""
+
+    block: int | None
+    allowed: bool
+    _devices: dict[str, bool] = field(default_factory=dict)
+    out_device: int = -1
+
+    def block_for(self, source: str) -> int | None:
+        if self.block is None:
+            return None
+        if source not in self._devices:
+            try:
+                self._devices[source] = os.stat(source).st_dev == self.out_device
+            except OSError:
+                self._devices[source] = False
+        return self.block if self._devices[source] else None
+
+    @classmethod
+    def probe(cls, directory: Path, link: str) -> Clones:
+        return cls(clone_block(directory), link != "copy", out_device=os.stat(directory).st_dev)
+
+
+def shared_bytes(src_offset: int, dst_offset: int, nbytes: int, block: int | None, src_size: int) -> int:
+    """Of a kernel copy, the bytes a filesystem with clone blocks of ``block`` bytes clones: the
+    whole blocks of a range that starts on a block boundary in both files, and its partial last
+    block too when the range ends at the source's end (the kernel's rule for remapping)."""
+    if block is None or src_offset % block or dst_offset % block:
+        return 0
+    return nbytes if src_offset + nbytes == src_size else nbytes - nbytes % block
 
 
 #: the block size by which filesystems that share extents (XFS, btrfs) clone ranges
 CLONE_BLOCK = 4096
 
 
-def copy_pieces(src_offset: int, dst_offset: int, nbytes: int) -> Iterator[tuple[int, int]]:
+def copy_pieces(src_offset: int, dst_offset: int, nbytes: int, block: int = CLONE_BLOCK) -> Iterator[tuple[int, int]]:
     """(start, length) pieces of a copy, at most ``PIECE_BYTES`` each. When source and destination
     sit at the same offset within a block (the layout keeps copied tensors so), the first piece
     ends on a block boundary: every later piece then starts on one in both files, and
     ``copy_file_range`` on a filesystem that shares extents clones its whole blocks instead of
     copying them (the kernel tries a clone first and refuses one that starts mid-block)."""
-    head = (-src_offset) % CLONE_BLOCK if (src_offset - dst_offset) % CLONE_BLOCK == 0 else 0
+    head = (-src_offset) % block if (src_offset - dst_offset) % block == 0 else 0
     start = 0
     if 0 < head < nbytes:
         yield 0, head
@@ -258,6 +314,7 @@ def execute(
                           threads)
     methods: dict[str, int] = {}
     with staging_directory(out) as tmp, _finishing(needs_throttle(needed_bytes(shards, link)), checksum) as finishing:
+        filler.clones = Clones.probe(tmp, link)
         digests: dict[str, Future[str]] = {}
         for shard in shards:
             with _writing(tmp, shard.filename, shard.file_size):
@@ -280,7 +337,7 @@ def execute(
             reused_shards=[{"shard": s.filename, "from": str(s.reuse.source), "expert": s.reuse.role,
                             **digest_entry(checksum, digest[s.filename])}
                            for s in shards if isinstance(s, ReusedShard)],
-            files=files)
+            files=files, bytes=_bytes_made(filler, shards))
         text = json.dumps(full_recipe, indent=2) + "\n"
         with _writing(tmp, RECIPE_NAME, len(text)):
             (tmp / RECIPE_NAME).write_text(text, encoding="utf-8")
@@ -292,7 +349,15 @@ def execute(
     return MergeStats(out, total, time.perf_counter() - start, peak_rss_bytes(), len(shards),
                       copied_new + sum(len(s.names) for s in reused),
                       sum(len(s.tensors) for s in new) - copied_new,
-                      bytes_reused=sum(s.file_size for s in reused), reused=methods)
+                      bytes_reused=sum(s.file_size for s in reused), reused=methods,
+                      made=full_recipe["bytes"], clones=filler.clones.block is not None and filler.clones.allowed)
+
+
+def _bytes_made(filler: _ShardFiller, shards: Sequence[OutputShard]) -> dict[str, int]:
+    """The output's tensor bytes by how they were placed: computed, copied (new storage), cloned
+    (blocks shared with an input), and in whole input shards reused (linked or cloned)."""
+    reused = sum(s.data_size for s in shards if isinstance(s, ReusedShard))
+    return {**filler.made, "reused": reused}
 
 
 def _done(value: str) -> Future[str]:

@@ -251,6 +251,22 @@ def _reflink(src: Path, dest: Path) -> bool:
     return True
 
 
+def clone_block(directory: Path) -> int | None:
+    """The block size by which files in ``directory`` can share extents (a scratch file there is
+    cloned once to find out), or None where its filesystem cannot clone."""
+    probe = directory / f".layerswap-clone-probe-{os.getpid()}"
+    clone = probe.with_name(probe.name + "-clone")
+    try:
+        probe.write_bytes(b"\0" * 4096)
+        shared = _reflink(probe, clone)
+        return os.statvfs(directory).f_bsize if shared else None
+    except OSError:
+        return None
+    finally:
+        for path in (probe, clone):
+            path.unlink(missing_ok=True)
+
+
 def reuse_shard(shard: ReusedShard, dest: Path, final_dir: Path, mode: str, source: _core.InputFile,
                 throttle: bool = False) -> str:
     """Make ``dest`` the reused input file by ``mode``; returns the method that was used."""
@@ -271,7 +287,8 @@ def reuse_shard(shard: ReusedShard, dest: Path, final_dir: Path, mode: str, sour
         _relative_symlink(src, dest, final_dir)
         return "symlink"
     with _core.ShardWriter(str(dest), shard.file_size) as writer:
-        copy_whole_file(writer, source, shard.file_size, throttle)
+        # --link copy asks for storage of the output's own: no extents shared with the input
+        copy_whole_file(writer, source, shard.file_size, throttle, clone=mode != "copy")
         writer.close(sync=False)
     return "copy"
 

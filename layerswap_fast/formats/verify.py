@@ -21,7 +21,7 @@ from ..safe_read import Choice, Int, List, Map, Str, read_json
 from .writeback import CHECKSUMS, NO_CHECKSUM, hash_file
 
 #: recipe keys written after the shards, so absent from the copy inside each shard's metadata
-_WRITTEN_AFTER = ("checksum", "shards", "reused_shards", "files")
+_WRITTEN_AFTER = ("checksum", "shards", "reused_shards", "files", "bytes")
 
 
 class VerifyError(LayerswapError):

@@ -187,13 +187,32 @@ class ShardFinisher:
             self.fd = -1
 
 
+#: bytes a plain copy moves through memory at a time
+_PLAIN_PIECE = 32 << 20
+
+
+def plain_copy(writer: _core.ShardWriter, source: _core.InputFile, src_offset: int, dst_offset: int,
+               nbytes: int) -> None:
+    """Copy bytes through memory (read, then write): new storage for every byte, where a kernel
+    copy (``copy_range``) on a filesystem that shares extents would clone whole blocks instead."""
+    buffer = bytearray(min(nbytes, _PLAIN_PIECE))
+    for start in range(0, nbytes, len(buffer) or 1):
+        view = memoryview(buffer)[:min(len(buffer), nbytes - start)]
+        source.read_into(src_offset + start, view)
+        writer.write(dst_offset + start, view)
+
+
 def copy_whole_file(writer: _core.ShardWriter, source: _core.InputFile, size: int, throttle: bool,
-                    max_dirty: int = _DEFAULT_MAX_DIRTY, piece: int = 256 << 20) -> None:
-    """Kernel-side copy of a whole input file; throttled, written back and dropped as it goes."""
+                    max_dirty: int = _DEFAULT_MAX_DIRTY, piece: int = 256 << 20, clone: bool = True) -> None:
+    """Kernel-side copy of a whole input file (``clone`` false: through memory, so that nothing is
+    shared with it); throttled, written back and dropped as it goes."""
     dirty = _DirtyWindow(max_dirty)
     for start in range(0, size, piece):
         n = min(piece, size - start)
-        writer.copy_range(source, start, start, n)
+        if clone:
+            writer.copy_range(source, start, start, n)
+        else:
+            plain_copy(writer, source, start, start, n)
         if throttle:
             dirty.written(writer, start, start + n)
     if throttle:
