@@ -1,13 +1,13 @@
 """Time the default layer-swap merge against a plain copy of the task expert's shards.
 
-    python bench/bench_merge.py --shape 1b [--runs 3] [--workdir bench/out] [--shard-size 5GB]
+    python bench/bench_merge.py --shape 1b [--runs 3] [--workdir bench/out] [--shard-size 5GB] [--xfs-gb N]
                                 [--layers N] [--dtype BF16] [--threads N] [--keep]
                                 [--methods copy,merge] [--merge-arg=--device=cpu ...]
 
 Makes the synthetic task and language experts if needed (``bench/make_trio.py`` does the same
 with a base), then runs, interleaved, ``--runs`` rounds of
 
-  copy   ``cp`` of the task expert's shard files into a fresh directory (the plain file copy);
+  copy   ``cp --reflink=never`` of the task expert's shard files into a fresh directory (a plain data copy);
   merge  ``layerswap-fast merge --task-expert T --language-expert L -o OUT --force`` (defaults).
 
 Each run is a child process preceded by a ``sync`` (so one run's dirty pages do not bill the next)
@@ -31,19 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # no numpy here: this process spawns the timed children, which inherit its peak RSS (common.py)
 from common import (DEFAULT_WORKDIR, find_cli, machine_info, parse_size, run_timed,  # noqa: E402
-                    shard_bytes, sync, trio_dirname)
+                    shard_bytes, sync, trio_dirname, used_bytes, xfs_mount)
 
 HERE = Path(__file__).resolve().parent
 
 
 def _copy_cmd(task: Path, out: Path) -> list[str]:
+    """A plain data copy: ``cp`` of coreutils 9 would reflink on a filesystem that can."""
     shards = sorted(str(p) for p in task.glob("*.safetensors"))
-    return ["cp", *shards, str(out) + "/"]
+    return ["cp", "--reflink=never", *shards, str(out) + "/"]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="1b", help="tiny, 1b, 8b or 70b-slice")
+    ap.add_argument("--xfs-gb", type=int, default=0,
+                    help="work on an XFS with reflink made in a loop file of this many GB under --workdir "
+                         "(needs root and mkfs.xfs): copied tensors are then cloned, and new storage is measured")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     ap.add_argument("--shard-size", default="5GB", help="shard size of the trio and of the merge")
@@ -72,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     workdir = args.workdir.resolve()
+    if args.xfs_gb:
+        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = xfs_mount(workdir, args.xfs_gb)
     trio_name = trio_dirname(args.shape, args.layers, args.dtype)
     info = machine_info(workdir if workdir.exists() else workdir.parent)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -119,18 +126,20 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cmd = merge_cmd(out)
             sync()
+            before = used_bytes(workdir)
             timed = run_timed(cmd)
+            new_bytes = used_bytes(workdir) - before
             nbytes = shard_bytes(out) if out.exists() else 0
             line = (timed.stdout.strip().splitlines() or [""])[-1]
             print(f"run {run} {method:5s}: {timed.seconds:7.2f} s  {nbytes / 1e9 / timed.seconds:6.2f} GB/s  "
-                  f"peak RSS {timed.peak_rss_mb:7.1f} MB  exit {timed.returncode}"
-                  + (f"  | {line}" if line else ""), flush=True)
+                  f"new storage {new_bytes / 1e9:6.3f} GB  peak RSS {timed.peak_rss_mb:7.1f} MB  "
+                  f"exit {timed.returncode}" + (f"  | {line}" if line else ""), flush=True)
             if timed.returncode != 0:
                 failed.append(method)
                 print(f"  {method} failed: {' '.join(cmd)}\n  " +
                       "\n  ".join((timed.stderr or timed.stdout).strip().splitlines()[-10:]), file=sys.stderr)
             else:
-                results[method].append({"seconds": timed.seconds, "bytes": nbytes,
+                results[method].append({"seconds": timed.seconds, "bytes": nbytes, "new_bytes": new_bytes,
                                         "peak_rss_mb": timed.peak_rss_mb})
             if not (args.keep and run == args.runs):
                 shutil.rmtree(out, ignore_errors=True)
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "machine": info}
     print()
     print(f"{'method':8s} {'runs':>4s} {'median s':>9s} {'min s':>8s} {'max s':>8s} "
-          f"{'GB/s':>7s} {'peak RSS MB':>12s}")
+          f"{'GB/s':>7s} {'new GB':>7s} {'new %':>6s} {'peak RSS MB':>12s}")
     medians: dict[str, float] = {}
     for method, rows in results.items():
         if not rows:
@@ -152,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(secs)
         nbytes = int(statistics.median(r["bytes"] for r in rows))
         rss = max(r["peak_rss_mb"] for r in rows)
+        new_bytes = int(statistics.median(r["new_bytes"] for r in rows))
         medians[method] = med
         summary[method] = {"median_s": round(med, 3), "min_s": round(min(secs), 3),
                            "max_s": round(max(secs), 3), "gb_per_s": round(nbytes / 1e9 / med, 3),
-                           "peak_rss_mb": round(rss, 1), "output_bytes": nbytes,
+                           "peak_rss_mb": round(rss, 1), "output_bytes": nbytes, "new_bytes": new_bytes,
                            "seconds": [round(s, 3) for s in secs]}
         print(f"{method:8s} {len(rows):4d} {med:9.2f} {min(secs):8.2f} {max(secs):8.2f} "
-              f"{nbytes / 1e9 / med:7.2f} {rss:12.1f}")
+              f"{nbytes / 1e9 / med:7.2f} {new_bytes / 1e9:7.3f} {100 * new_bytes / max(1, nbytes):6.1f} {rss:12.1f}")
     if "copy" in medians and "merge" in medians:
         ratio = medians["merge"] / medians["copy"]
         summary["ratio_merge_over_copy"] = round(ratio, 3)

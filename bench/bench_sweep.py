@@ -19,37 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_WORKDIR, find_cli, machine_info, run_timed, sync  # noqa: E402
+from common import DEFAULT_WORKDIR, find_cli, machine_info, run_timed, used_bytes, xfs_mount  # noqa: E402
 
 GRID = {"bottom": [4, 5, 6], "top": [1, 2]}
-EXCLUSIVE_FS = False  # set when everything lives on the bench's own XFS
-
-
-def used_bytes(path: Path) -> int:
-    """Bytes the filesystem has given out: on the bench's own XFS (nothing else writes there) its
-    used blocks, so shared extents count once; elsewhere the blocks of the files under ``path``
-    (each inode once), since other processes write to a shared disk."""
-    sync()
-    if EXCLUSIVE_FS:
-        st = os.statvfs(path)
-        return (st.f_blocks - st.f_bfree) * st.f_frsize
-    seen, total = set(), 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-    return total
 
 
 def make_experts(root: Path, shape: str, layers: int | None, tasks: int, languages: int, shard_size: str) -> None:
@@ -61,17 +40,6 @@ def make_experts(root: Path, shape: str, layers: int | None, tasks: int, languag
             f"synthetic.make_trio({str(root)!r}, {shape!r}, shard_size={shard_size!r}, num_layers={layers!r}, "
             f"experts={tuple(names)!r})")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
-
-
-def xfs_mount(workdir: Path, gigabytes: int) -> Path:
-    image, mount = workdir / "xfs.img", workdir / "xfs"
-    mount.mkdir(parents=True, exist_ok=True)
-    if not os.path.ismount(mount):
-        with open(image, "wb") as f:
-            f.truncate(gigabytes * 10**9)
-        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
-        subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
-    return mount
 
 
 def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, shard_size: str) -> dict:
@@ -164,8 +132,6 @@ def main() -> None:
     if cli is None:
         sys.exit("layerswap-fast is not installed")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    global EXCLUSIVE_FS
-    EXCLUSIVE_FS = bool(args.xfs_gb)
     root = xfs_mount(args.workdir, args.xfs_gb) if args.xfs_gb else args.workdir
     root = root / (args.shape if args.layers is None else f"{args.shape}-{args.layers}l")
     root.mkdir(exist_ok=True)

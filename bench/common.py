@@ -262,3 +262,52 @@ def find_cli() -> str | None:
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     return shutil.which("layerswap-fast")
+
+
+def used_bytes(path: Path) -> int:
+    """Bytes the filesystem has given out: on a bench's own XFS (:func:`xfs_mount`: nothing else
+    writes there) its used blocks, so shared extents count once; elsewhere the blocks of the files
+    under ``path`` (each inode once), since other processes write to a shared disk."""
+    sync()
+    if _on_bench_xfs(path):
+        # XFS frees a deleted file's extents in the background: wait until the count settles
+        used = -1
+        for _ in range(50):
+            st = os.statvfs(path)
+            now = (st.f_blocks - st.f_bfree) * st.f_frsize
+            if now == used:
+                break
+            used = now
+            time.sleep(0.1)
+            sync()
+        return used
+    seen, total = set(), 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+_BENCH_XFS: set[Path] = set()
+
+
+def _on_bench_xfs(path: Path) -> bool:
+    resolved = Path(path).resolve()
+    return any(resolved == m or m in resolved.parents for m in _BENCH_XFS)
+
+
+def xfs_mount(workdir: Path, gigabytes: int) -> Path:
+    """An XFS filesystem with reflink in a sparse loop file of ``gigabytes`` GB under ``workdir``,
+    mounted at ``workdir/xfs`` (made once; needs root and mkfs.xfs)."""
+    image, mount = workdir / "xfs.img", workdir / "xfs"
+    mount.mkdir(parents=True, exist_ok=True)
+    if not os.path.ismount(mount):
+        with open(image, "wb") as f:
+            f.truncate(gigabytes * 10**9)
+        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    _BENCH_XFS.add(mount.resolve())
+    return mount

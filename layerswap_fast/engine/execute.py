@@ -92,6 +92,8 @@ class _ShardFiller:
         self.progress = progress
         self.threads = threads
         self.advance: Callable[[int], None] = lambda n: None
+        #: told of each copy (dst offset, bytes, input path, src offset) before ``advance`` covers it
+        self.copied: Callable[[int, int, str, int], None] = lambda d, n, p, s: None
         self.context = ops.OpContext(backend, threads, self._advance)
         self.clones = clones or Clones(None, True)
         #: bytes of new tensors by how they were made: computed, copied, cloned
@@ -148,6 +150,7 @@ class _ShardFiller:
                 writer.copy_range(src, src_offset + start, dst_offset + start, n)
             else:
                 plain_copy(writer, src, src_offset + start, dst_offset + start, n)
+            self.copied(dst_offset + start, n, src.path, src_offset + start)
             cloned = shared_bytes(src_offset + start, dst_offset + start, n, block if self.clones.allowed else None,
                                   src.size)
             self.made["cloned"] += cloned
@@ -254,6 +257,7 @@ def _write_shard(tmp: Path, shard: ShardLayout, filler: _ShardFiller, finishing:
         finisher = ShardFinisher(writer, path, finishing.outputs, finishing.stop, finishing.throttle,
                                  finishing.checksum)
         try:
+            filler.copied = finisher.copied
             filler.fill(writer, shard, finisher.advance)
             digest = finisher.finish(shard.file_size)
         finally:

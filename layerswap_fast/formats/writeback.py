@@ -126,6 +126,16 @@ class ShardFinisher:
         self.hashed = 0    # bytes [0, hashed) are in the checksum
         self.dirty = _DirtyWindow(max_dirty)  # used when throttled
         self.pending: list[Future[None]] = []
+        #: ranges of the file copied from inputs, in file order: (start, end, input path, its offset)
+        self.copies: list[tuple[int, int, str, int]] = []
+        self._inputs: dict[str, int] = {}
+
+    def copied(self, dst_offset: int, nbytes: int, source: str, src_offset: int) -> None:
+        """Bytes [dst_offset, +nbytes) are a copy of ``source`` from ``src_offset``: they are hashed
+        from the input, whose pages the cache holds, not from the output, whose cloned blocks it
+        does not (the end-of-run check refuses an input that changed meanwhile)."""
+        if nbytes:
+            self.copies.append((dst_offset, dst_offset + nbytes, source, src_offset))
 
     def advance(self, upto: int) -> None:
         """The file is complete up to ``upto``: hash the new bytes in the background. Blocks the
@@ -161,15 +171,29 @@ class ShardFinisher:
         while self.hashed < upto:
             if self.stop.is_set():
                 raise Cancelled
-            base = self.hashed - self.hashed % mmap.ALLOCATIONGRANULARITY
-            end = min(base + _BLOCK, upto)
-            mapped = mmap.mmap(self.fd, end - base, prot=mmap.PROT_READ, offset=base)
+            fd, at, end = self._source(upto)
+            base = at - at % mmap.ALLOCATIONGRANULARITY
+            stop = min(end, self.hashed + _BLOCK - (at - base))
+            mapped = mmap.mmap(fd, at - base + stop - self.hashed, prot=mmap.PROT_READ, offset=base)
             try:
-                with memoryview(mapped) as view, view[self.hashed - base:] as fresh:
+                with memoryview(mapped) as view, view[at - base:] as fresh:
                     self.sha.update(fresh)
             finally:
                 mapped.close()
-            self.hashed = end
+            self.hashed = stop
+
+    def _source(self, upto: int) -> tuple[int, int, int]:
+        """Where the bytes from ``hashed`` are read: (fd, offset in that file, end in the output)."""
+        while self.copies and self.copies[0][1] <= self.hashed:
+            self.copies.pop(0)
+        if self.copies:
+            start, end, path, src_offset = self.copies[0]
+            if start <= self.hashed:
+                if path not in self._inputs:
+                    self._inputs[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                return self._inputs[path], src_offset + self.hashed - start, min(end, upto)
+            upto = min(upto, start)
+        return self.fd, self.hashed, upto
 
     def finish(self, size: int) -> str:
         """Wait for the rest; the file's checksum (hex)."""
@@ -185,6 +209,9 @@ class ShardFinisher:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for fd in self._inputs.values():
+            os.close(fd)
+        self._inputs.clear()
 
 
 #: bytes a plain copy moves through memory at a time
