@@ -2,6 +2,7 @@
 
     python bench/bench_sweep.py [--shape 1b] [--layers N] [--tasks 3] [--languages 3]
                                 [--separate 6] [--shard-size 500MB] [--workdir DIR] [--xfs-gb 0]
+                                [--parts sweep,session] [--mergekit PATH] [--mergekit-runs 2]
 
 Part 1: ``layerswap-fast sweep`` over T task × L language experts (synthetic) × 6 swap
 configurations (bottom 4/5/6 × top 1/2), beside ``--separate`` of the same candidates built by
@@ -9,10 +10,14 @@ separate ``merge`` runs, their time and bytes extrapolated to all candidates (sa
 output): wall seconds, peak RSS, bytes the filesystem gave out (``statvfs`` before and after, so
 reflinked extents count as shared). With ``--xfs-gb N`` everything lives on an XFS filesystem with
 reflink made in a loop file of N GB (needs root and mkfs.xfs): whole shards are then reflinked.
+Where a ``mergekit-yaml`` is found (``--mergekit``, next to this Python, or in
+``bench/.venv-mergekit``), it builds the first ``--mergekit-runs`` candidates as the equivalent
+linear merge over slices, timed and extrapolated.
 
 Part 2: ``SwapSession.apply`` between neighbouring configurations (bottom 5 -> 4 -> 5 ...) on a
 transformers model, beside loading the merged model from disk with ``from_pretrained`` and reading
-every page of its weights (transformers may map the file lazily; warm page cache).
+every page of its weights (transformers may map the file lazily; warm page cache): once reading
+the changed tensors from the experts' files, once with the experts' tensors resident in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 from common import DEFAULT_WORKDIR, find_cli, machine_info, run_timed, used_bytes, xfs_mount  # noqa: E402
 
@@ -40,6 +46,29 @@ def make_experts(root: Path, shape: str, layers: int | None, tasks: int, languag
             f"synthetic.make_trio({str(root)!r}, {shape!r}, shard_size={shard_size!r}, num_layers={layers!r}, "
             f"experts={tuple(names)!r})")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def part_mergekit(mergekit: Path, root: Path, rows: list[dict], runs: int) -> dict:
+    """mergekit-yaml on the first ``runs`` candidates, each as the equivalent linear merge over
+    slices (``compare.mergekit_config``), extrapolated to every candidate."""
+    from compare import mergekit_config
+    seconds, rss = [], 0.0
+    num_layers = json.loads((root / "task-1" / "config.json").read_text())["num_hidden_layers"]
+    for row in rows[:runs]:
+        o = row["options"]
+        config = root / "mergekit.yml"
+        config.write_text(mergekit_config(Path(o["task_expert"][0]), Path(o["language_expert"][0]), num_layers,
+                                          o["bottom"], o["top"]))
+        out = root / "mergekit-out"
+        shutil.rmtree(out, ignore_errors=True)
+        t = run_timed([str(mergekit), str(config), str(out), "--no-copy-tokenizer"])
+        if t.returncode:
+            sys.exit(t.stderr)
+        seconds.append(t.seconds)
+        rss = max(rss, t.peak_rss_mb)
+        shutil.rmtree(out, ignore_errors=True)
+    return {"mergekit_timed": len(seconds), "mergekit_s_each": seconds,
+            "mergekit_s_extrapolated": sum(seconds) * len(rows) / len(seconds), "mergekit_rss_mb": rss}
 
 
 def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, shard_size: str) -> dict:
@@ -70,7 +99,7 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
         written += used_bytes(root) - before
     shutil.rmtree(root / "separate", ignore_errors=True)
     scale = len(rows) / len(picks)
-    return {"candidates": len(rows), "sweep_s": timed.seconds, "sweep_rss_mb": timed.peak_rss_mb,
+    return {"rows": rows, "candidates": len(rows), "sweep_s": timed.seconds, "sweep_rss_mb": timed.peak_rss_mb,
             "sweep_bytes": swept, "separate_timed": len(picks), "separate_s_extrapolated": sum(seconds) * scale,
             "separate_bytes_extrapolated": written * scale,
             "computed": sum(r["tensors_computed"] for r in rows), "shared": sum(r["tensors_shared"] for r in rows)}
@@ -126,6 +155,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "sweep")
     ap.add_argument("--xfs-gb", type=int, default=0)
     ap.add_argument("--parts", default="sweep,session", help="which parts to run: sweep, session or both")
+    ap.add_argument("--mergekit", type=Path, default=None,
+                    help="mergekit-yaml to time beside the sweep (default: the one next to this Python, if any)")
+    ap.add_argument("--mergekit-runs", type=int, default=2, help="candidates mergekit builds (extrapolated)")
     args = ap.parse_args()
     parts = args.parts.split(",")
     cli = find_cli()
@@ -147,9 +179,17 @@ def main() -> None:
         print(f"| sweep | {s['sweep_s']:.1f} | {s['sweep_bytes'] / 1e9:.2f} | {s['sweep_rss_mb']:.0f} |")
         print(f"| {s['candidates']} separate merges (extrapolated) | {s['separate_s_extrapolated']:.1f} | "
               f"{s['separate_bytes_extrapolated'] / 1e9:.2f} | |")
+        mergekit = args.mergekit or next((m for m in (Path(sys.executable).parent / "mergekit-yaml",
+                                                      HERE / ".venv-mergekit" / "bin" / "mergekit-yaml")
+                                          if m.exists()), None)
+        if mergekit is not None and args.mergekit_runs > 0:
+            s.update(part_mergekit(mergekit, root, s["rows"], args.mergekit_runs))
+            print(f"| {s['candidates']} mergekit-yaml runs ({s['mergekit_timed']} timed, extrapolated) | "
+                  f"{s['mergekit_s_extrapolated']:.1f} | | {s['mergekit_rss_mb']:.0f} |")
         print(f"\nratios: time {s['sweep_s'] / s['separate_s_extrapolated']:.2f}, bytes "
               f"{s['sweep_bytes'] / max(1, s['separate_bytes_extrapolated']):.2f}; tensors computed {s['computed']}, "
               f"shared {s['shared']}")
+        s.pop("rows")
     p: dict = {}
     if "session" in parts:
         p = part_session(root, args.session_rounds)
