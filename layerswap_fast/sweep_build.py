@@ -102,7 +102,8 @@ def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callabl
                                     dry_run=dry_run, link=link, **({"checksum": checksum} if checksum else {}))
             result = write_plan(SWAP, plan_now, {**inputs, **sources}, candidate.path, recorded, settings,
                                 side_source(inputs), SWAP.extra(plan), [values["base"], values["stats"]])
-            _account(candidate, result, shared, len(computed))
+            earlier = {names for names, key in shards if key in made} if dry_run else set()
+            _account(candidate, result, shared, len(computed), earlier)
         for key in [*computed.values(), *(k for _, k in shards)]:
             made.setdefault(key, candidate.path)
     candidate.status = "planned" if dry_run else ("complete" if complete else "built")
@@ -175,9 +176,14 @@ def _share(plan: MergePlan, computed: Mapping[str, RecipeKey], shards: Sequence[
     return replace(plan, tensors=tuple(tensors)), {role: output_of(path) for path, role in roles.items()}
 
 
-def _account(candidate: Candidate, result: MergeResult, shared: int, computed: int) -> None:
-    candidate.bytes_new = sum(s.file_size for s in result.shards if not isinstance(s, ReusedShard))
-    candidate.bytes_reused = sum(s.file_size for s in result.shards if isinstance(s, ReusedShard))
+def _account(candidate: Candidate, result: MergeResult, shared: int, computed: int,
+             earlier: set[tuple[str, ...]]) -> None:
+    """Bytes new and reused; in a dry run, a shard an earlier candidate would write (``earlier``,
+    by its tensors' names) counts as reused, as the run would reuse it."""
+    def reused(s: Any) -> bool:
+        return isinstance(s, ReusedShard) or tuple(t.recipe.name for t in s.tensors) in earlier
+    candidate.bytes_new = sum(s.file_size for s in result.shards if not reused(s))
+    candidate.bytes_reused = sum(s.file_size for s in result.shards if reused(s))
     candidate.shared, candidate.computed = shared, computed - shared
 
 

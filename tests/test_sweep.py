@@ -83,6 +83,13 @@ def test_a_shard_an_earlier_candidate_wrote_is_reused_whole(experts, tmp_path):
     assert same and len(from_first) >= len(same)
     assert second.bytes_reused > first.bytes_reused
     lf.verify(second.path)
+    # a dry run counts the same shards as reused (their sizes differ by the headers: a reused shard
+    # keeps its source's, which records the earlier candidate's options)
+    planned = lf.sweep(spec, tmp_path / "dry", dry_run=True)
+    assert planned[0].bytes_reused == first.bytes_reused
+    reused = len(recipe["reused_shards"])
+    assert abs(planned[1].bytes_reused - second.bytes_reused) <= 1024 * reused
+    assert abs(planned[1].bytes_new - second.bytes_new) <= 1024 * reused
     lf.merge(experts["math-1"], experts["swh-1"], tmp_path / "ref", lf.SwapConfig(bottom=4), shard_size="1KB")
     assert shards_without_metadata(second.path) == shards_without_metadata(tmp_path / "ref")
 
