@@ -2,7 +2,7 @@
 
     python bench/bench_sweep.py [--shape 1b] [--layers N] [--tasks 3] [--languages 3]
                                 [--separate 6] [--shard-size 500MB] [--workdir DIR] [--xfs-gb 0]
-                                [--parts sweep,session] [--mergekit PATH] [--mergekit-runs 2]
+                                [--parts sweep,session] [--link auto] [--mergekit PATH] [--mergekit-runs 2]
 
 Part 1: ``layerswap-fast sweep`` over T task × L language experts (synthetic) × 6 swap
 configurations (bottom 4/5/6 × top 1/2), beside ``--separate`` of the same candidates built by
@@ -71,7 +71,8 @@ def part_mergekit(mergekit: Path, root: Path, rows: list[dict], runs: int) -> di
             "mergekit_s_extrapolated": sum(seconds) * len(rows) / len(seconds), "mergekit_rss_mb": rss}
 
 
-def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, shard_size: str) -> dict:
+def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, shard_size: str,
+               link: str = "auto") -> dict:
     spec = {"task_experts": [str(root / f"task-{i + 1}") for i in range(tasks)],
             "language_experts": [str(root / f"lang-{i + 1}") for i in range(languages)],
             "grid": GRID, "shard_size": shard_size}
@@ -79,7 +80,7 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
     out = root / "sweep"
     shutil.rmtree(out, ignore_errors=True)
     before = used_bytes(root)
-    timed = run_timed([cli, "sweep", str(root / "spec.json"), "-o", str(out)])
+    timed = run_timed([cli, "sweep", str(root / "spec.json"), "-o", str(out), "--link", link])
     if timed.returncode:
         sys.exit(timed.stderr)
     swept = used_bytes(root) - before
@@ -91,7 +92,8 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
         shutil.rmtree(dest, ignore_errors=True)
         before = used_bytes(root)
         cmd = [cli, "merge", "--task-expert", o["task_expert"][0], "--language-expert", o["language_expert"][0],
-               "--bottom", str(o["bottom"]), "--top", str(o["top"]), "--shard-size", shard_size, "-o", str(dest)]
+               "--bottom", str(o["bottom"]), "--top", str(o["top"]), "--shard-size", shard_size, "-o", str(dest),
+               "--link", link]
         t = run_timed(cmd)
         if t.returncode:
             sys.exit(t.stderr)
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "sweep")
     ap.add_argument("--xfs-gb", type=int, default=0)
     ap.add_argument("--parts", default="sweep,session", help="which parts to run: sweep, session or both")
+    ap.add_argument("--link", default="auto", help="--link of the sweep and of the separate merges")
     ap.add_argument("--mergekit", type=Path, default=None,
                     help="mergekit-yaml to time beside the sweep (default: the one next to this Python, if any)")
     ap.add_argument("--mergekit-runs", type=int, default=2, help="candidates mergekit builds (extrapolated)")
@@ -171,7 +174,7 @@ def main() -> None:
     print("machine:", json.dumps(machine_info(root)))
     s: dict = {}
     if "sweep" in parts:
-        s = part_sweep(cli, root, args.tasks, args.languages, args.separate, args.shard_size)
+        s = part_sweep(cli, root, args.tasks, args.languages, args.separate, args.shard_size, args.link)
         print(f"\n{s['candidates']} candidates ({args.tasks} task × {args.languages} language experts × 6 configs, "
               f"{args.shape}{'' if args.layers is None else f' with {args.layers} layers'}, shards {args.shard_size}); "
               f"separate merges: {s['separate_timed']} timed, extrapolated to {s['candidates']}\n")
