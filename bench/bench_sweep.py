@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--mergekit-runs", type=int, default=2, help="candidates mergekit builds (extrapolated)")
     args = ap.parse_args()
     parts = args.parts.split(",")
+    args.workdir = args.workdir.resolve()  # the session's child runs elsewhere
     cli = find_cli()
     if cli is None:
         sys.exit("layerswap-fast is not installed")
