@@ -93,6 +93,7 @@ def merge(
     progress: Callable[[int, int], None] | None = None,
     sync: bool = False,
     checksum: str = DEFAULT_CHECKSUM,
+    io: str = "auto",
     other_inputs: Sequence[PathLike] = (),
     as_adapter: bool = False,
 ) -> MergeResult:
@@ -110,7 +111,7 @@ def merge(
                "as_adapter": as_adapter}
     return run("layer_swap", out, options, **vars(WriteOptions(
         shard_size, threads, device, force, dry_run, link, max_gpu_bytes, blender, progress, sync, checksum,
-        other_inputs)))
+        io, other_inputs)))
 
 
 def soup(models: Sequence[PathLike], out: PathLike, *, weights: str | Sequence[float] = "uniform",

@@ -263,3 +263,112 @@ def test_the_handler_comes_back_after_another_replaced_it(tmp_path: Path) -> Non
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("CoreError: input changed during the merge") == 3
     assert p.stdout.endswith("alive\n")
+
+
+# ---- the commands ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mapped")
+    paths = make_llama_trio(root, num_layers=12, shard="10MB", hidden=64)
+    paths["adapter"] = make_adapter(paths["base"], root / "adapter", 1, r=4, lora_alpha=8,
+                                    target_modules=["q_proj", "v_proj", "up_proj"])
+    return paths
+
+
+CLI = """
+import sys
+from layerswap_fast import _core
+from layerswap_fast.cli import main
+_core._set_fault_hook({after}, {victim!r}, {size}, {replace!r})
+sys.argv = ["layerswap-fast", *{args!r}]
+main()
+"""
+
+
+def cli_with_hook(args: list[str], victim: Path, after: int, size: int = 0,
+                  replace: Path | None = None) -> subprocess.CompletedProcess[str]:
+    code = CLI.format(after=after, victim=str(victim), size=size, replace=None if replace is None else str(replace),
+                      args=[str(a) for a in args])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    return dst
+
+
+def commands(m: dict[str, Path], victim: Path, out: Path) -> dict[str, list]:
+    return {
+        "merge": ["merge", "--task-expert", m["task"], "--language-expert", victim, "-o", out, "--link", "copy"],
+        "analyze": ["analyze", "--base", m["base"], "--expert", m["task"], "--expert", victim, "-o", out],
+        "ties": ["ties", "--base", m["base"], "--model", m["task"], "--model", victim, "-o", out],
+        "lora": ["merge", "--task-expert", victim, "--language-expert", m["adapter"], "--base", m["base"], "-o", out,
+                 "--link", "copy"],
+    }
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("command", ["merge", "analyze", "ties", "lora"])
+def test_cli_input_truncated_mid_kernel(models: dict[str, Path], tmp_path: Path, command: str, threads: str) -> None:
+    victim = copy_model(models["language" if command != "lora" else "task"], tmp_path / "victim")
+    (shard,) = victim.glob("*.safetensors")
+    args = commands(models, victim, tmp_path / "out")[command] + ["--threads", threads]
+    p = cli_with_hook(args, shard, after=3)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert truncated_message(shard) in lines[0], lines[0]
+    assert lines[0].endswith("bytes when opened, 0 now)")  # met by a kernel reading the mapping
+    assert os.path.getsize(shard) == 0
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["victim"]  # nothing written, nothing left
+
+
+def test_cli_input_replaced_mid_kernel(models: dict[str, Path], tmp_path: Path) -> None:
+    victim = copy_model(models["language"], tmp_path / "victim")
+    (shard,) = victim.glob("*.safetensors")
+    replacement = tmp_path / "replacement"
+    replacement.write_bytes(shard.read_bytes())  # the same bytes, another file
+    p = cli_with_hook(commands(models, victim, tmp_path / "out")["merge"], shard, after=3, replace=replacement)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: input changed during the merge: "), p.stderr
+    assert "replaced" in lines[0]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["victim"]
+
+
+def test_api_input_truncated_mid_kernel(models: dict[str, Path], tmp_path: Path) -> None:
+    import layerswap_fast as ls
+    victim = copy_model(models["language"], tmp_path / "victim")
+    (shard,) = victim.glob("*.safetensors")
+    core._set_fault_hook(3, str(shard), 0)
+    with pytest.raises(ls.LayerswapError, match=truncated_message(shard)):
+        ls.merge(models["task"], victim, tmp_path / "out", link="copy")
+    copy_model(models["language"], tmp_path / "victim2")
+    (shard2,) = (tmp_path / "victim2").glob("*.safetensors")
+    core._set_fault_hook(2, str(shard2), 0)
+    with pytest.raises(ls.LayerswapError, match=truncated_message(shard2)):
+        ls.analyze(models["base"], [models["task"], tmp_path / "victim2"])
+
+
+@pytest.mark.parametrize("command", ["merge", "ties", "lora"])
+def test_io_choice_changes_no_byte(models: dict[str, Path], tmp_path: Path, command: str) -> None:
+    outs = []
+    for io in ("mmap", "pread"):
+        out = tmp_path / io
+        args = commands(models, models["language"] if command != "lora" else models["task"], out)[command]
+        p = cli_with_hook([*args, "--io", io], tmp_path / "nothing", after=1 << 62)
+        assert p.returncode == 0, p.stderr
+        outs.append(out)
+        assert '"io"' not in (out / "layerswap_recipe.json").read_text()  # not recorded: it changes no byte
+    for a in sorted(outs[0].iterdir()):
+        assert a.read_bytes() == (outs[1] / a.name).read_bytes(), a.name
+
+
+def test_analyze_io_choice(models: dict[str, Path], tmp_path: Path) -> None:
+    import layerswap_fast as ls
+    a, b = (ls.analyze(models["base"], [models["task"]], io=io, rows=True) for io in ("mmap", "pread"))
+    names = [t.tensor for t in a.expert("task").tensors]
+    assert names and all(np.array_equal(a.row_mavs("task", n), b.row_mavs("task", n)) for n in names)
+    with pytest.raises(ls.ConfigError, match="io must be one of auto, mmap, pread"):
+        ls.analyze(models["base"], [models["task"]], io="mapped")
