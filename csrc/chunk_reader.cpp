@@ -90,6 +90,9 @@ void StreamFiles::write(uint64_t e0, const void* buf, uint64_t m) const {
 namespace {
 
 const uintptr_t kPage = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+// Chunks smaller than this (TIES' sample blocks) are read at scattered places: the range after
+// one is not the next one read, so it is not worth a system call.
+constexpr uint64_t kMinWillNeed = 64 << 10;
 
 // madvise over the whole pages that [p, p + n) touches, clipped to the mapping's end; advice
 // only, so failures are ignored.
@@ -137,7 +140,7 @@ void ChunkReader::load(uint64_t e0, uint64_t m) {
       const uint64_t sz = dtype_size(f_.dtype(i));
       ptrs_[i] = base + e0 * sz;
       held_[i] = m * sz;
-      advise(ptrs_[i] + held_[i], held_[i], f_.map_end(i), MADV_WILLNEED);
+      if (held_[i] >= kMinWillNeed) advise(ptrs_[i] + held_[i], held_[i], f_.map_end(i), MADV_WILLNEED);
     } else {
       f_.read(i, e0, m, bufs_[i].get());
     }
