@@ -16,6 +16,7 @@ from typing import Any
 from .adapter_writing import write_adapter
 from .engine.backends import DEVICES, Backend
 from .errors import ConfigError
+from .formats.checkpoint import IO_MODES
 from .formats.output import LINK_MODES
 from .formats.verify import verify
 from .formats.writeback import CHECKSUMS, DEFAULT_CHECKSUM
@@ -27,7 +28,7 @@ from .sweeps import Candidate, sweep
 from .writing import MergeResult, plan_method, resolve, side_source, write_plan
 
 #: the command line needs nothing below the API: what it uses is named here
-__all__ = ["METHODS", "Method", "Option", "DEVICES", "LINK_MODES", "CHECKSUMS", "SOUP_WEIGHTS", "WRITE_OPTIONS",
+__all__ = ["METHODS", "Method", "Option", "DEVICES", "LINK_MODES", "CHECKSUMS", "IO_MODES", "SOUP_WEIGHTS", "WRITE_OPTIONS",
            "MergeResult", "WriteOptions", "SwapConfig", "run", "plan_merge", "plan_swap", "merge", "soup",
            "task_arithmetic", "ties", "revert", "render_plan", "verify", "read_config", "recipe_yaml",
            "command_options", "sweep", "Candidate"]

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..api import DEVICES, SwapConfig
+from ..api import DEVICES, IO_MODES, SwapConfig
 from ..errors import ConfigError
-from ..formats.checkpoint import IO_MODES
 
 if TYPE_CHECKING:
     from .. import DeltaStats
