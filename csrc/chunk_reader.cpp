@@ -53,6 +53,7 @@ StreamFiles::StreamFiles(const std::string& fn, const FileSlice* base, DType bas
     // Read only now that we hold the file: set_io and close wait for us before they unmap.
     const unsigned char* m = s.file->map();
     maps_.push_back(m ? m + s.offset : nullptr);
+    map_begins_.push_back(m);
     map_ends_.push_back(m ? m + s.file->size() : nullptr);
     any_mapped |= m != nullptr;
   }
@@ -94,14 +95,23 @@ const uintptr_t kPage = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
 // one is not the next one read, so it is not worth a system call.
 constexpr uint64_t kMinWillNeed = 64 << 10;
 
-// madvise over the whole pages that [p, p + n) touches, clipped to the mapping's end; advice
-// only, so failures are ignored.
-void advise(const unsigned char* p, uint64_t n, const unsigned char* end, int advice) {
+// The page cache holds large folios (up to 2 MiB, as readahead of a sequential mapping makes
+// them) and a fault maps a whole folio, which may reach past the chunk that faulted: pages are
+// dropped from our page tables in blocks this large, or they would stay mapped at every edge of a
+// tensor.
+constexpr uintptr_t kDropBlock = 2 << 20;
+
+// madvise over [p, p + n) widened to multiples of `align` (a power of two, at least a page) and
+// clipped to the mapping [begin, end); advice only, so failures are ignored.
+void advise(const unsigned char* p, uint64_t n, const unsigned char* begin, const unsigned char* end,
+            uintptr_t align, int advice) {
   if (n == 0 || p >= end) return;
-  const auto a = reinterpret_cast<uintptr_t>(p) & ~(kPage - 1);
+  uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~(align - 1);
   uintptr_t b = reinterpret_cast<uintptr_t>(p) + std::min<uint64_t>(n, static_cast<uint64_t>(end - p));
-  b = (b + kPage - 1) & ~(kPage - 1);
-  (void)::madvise(reinterpret_cast<void*>(a), b - a, advice);
+  b = (b + align - 1) & ~(align - 1);
+  a = std::max(a, reinterpret_cast<uintptr_t>(begin));  // begin is page-aligned
+  b = std::min(b, (reinterpret_cast<uintptr_t>(end) + kPage - 1) & ~(kPage - 1));
+  if (b > a) (void)::madvise(reinterpret_cast<void*>(a), b - a, advice);
 }
 
 }  // namespace
@@ -123,11 +133,11 @@ ChunkReader::~ChunkReader() {
   for (size_t i = 0; i < held_.size(); ++i) release(i);
 }
 
-// Neighbouring chunks may share a page with this one; dropping it from our page tables under
-// another thread's reads only costs that thread a minor fault.
+// Neighbouring chunks may share a drop block with this one; dropping it from our page tables
+// under another thread's reads only costs that thread a minor fault.
 void ChunkReader::release(size_t i) {
   if (held_[i] == 0) return;
-  advise(ptrs_[i], held_[i], f_.map_end(i), MADV_DONTNEED);
+  advise(ptrs_[i], held_[i], f_.map_begin(i), f_.map_end(i), kDropBlock, MADV_DONTNEED);
   held_[i] = 0;
 }
 
@@ -140,7 +150,8 @@ void ChunkReader::load(uint64_t e0, uint64_t m) {
       const uint64_t sz = dtype_size(f_.dtype(i));
       ptrs_[i] = base + e0 * sz;
       held_[i] = m * sz;
-      if (held_[i] >= kMinWillNeed) advise(ptrs_[i] + held_[i], held_[i], f_.map_end(i), MADV_WILLNEED);
+      if (held_[i] >= kMinWillNeed)
+        advise(ptrs_[i] + held_[i], held_[i], f_.map_begin(i), f_.map_end(i), kPage, MADV_WILLNEED);
     } else {
       f_.read(i, e0, m, bufs_[i].get());
     }

@@ -52,7 +52,8 @@ class StreamFiles {
   void write(uint64_t e0, const void* buf, uint64_t m) const;
   // Input i's first element in its file's mapping, or null when it is read with pread.
   const unsigned char* mapped(size_t i) const { return maps_[i]; }
-  // The end of input i's mapping (valid when mapped(i)).
+  // The start and end of the mapping of input i's file (valid when mapped(i)).
+  const unsigned char* map_begin(size_t i) const { return map_begins_[i]; }
   const unsigned char* map_end(size_t i) const { return map_ends_[i]; }
   // CoreErr if a mapped input's file now ends before the input's numel elements. A kernel calls
   // it after its last read: a file cut inside the page that held the input's last bytes reads as
@@ -69,7 +70,7 @@ class StreamFiles {
   uint64_t out_offset_;
   DType out_dt_;
   std::vector<int> fds_;  // one per input
-  std::vector<const unsigned char*> maps_, map_ends_;
+  std::vector<const unsigned char*> maps_, map_begins_, map_ends_;
   int out_fd_ = -1;
   std::vector<std::unique_ptr<FdUse>> uses_;
 };
