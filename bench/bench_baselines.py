@@ -5,7 +5,8 @@
     python bench/bench_baselines.py --only copy,soup,ties --io mmap,pread   # both read paths, same rounds
 
 Uses the `1b` trio (base, task, language; ``--shape`` for another) and one more expert of the same
-base (`task2`), so the multi-expert commands have three experts. With ``--io``, every command but
+base (`task2`), so the multi-expert commands have three experts (``soup-2``: the task and language experts only, as
+issue 20's soup of two). With ``--io``, every command but
 the copy runs once per read path in each round (``ties[pread]``, ...). Interleaved rounds, warm cache; each output is deleted
 right after it is measured.
 """
@@ -59,6 +60,7 @@ def main() -> None:
     commands = {
         "copy": lambda o: ["bash", "-c", f'mkdir -p "{o}" && cp "{task}"/*.safetensors "{o}"/'],
         "soup": lambda o: [cli, "soup", *models, "-o", str(o)],
+        "soup-2": lambda o: [cli, "soup", "--model", str(task), "--model", str(lang), "-o", str(o)],
         "soup-then-swap": lambda o: [cli, "merge", "--task-expert", str(task), "--task-expert", str(task2),
                                      "--language-expert", str(lang), "-o", str(o)],
         "task-arithmetic": lambda o: [cli, "task-arithmetic", "--base", str(base), *models, "--lambda", "0.5",
