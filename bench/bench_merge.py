@@ -3,12 +3,15 @@
     python bench/bench_merge.py --shape 1b [--runs 3] [--workdir bench/out] [--shard-size 5GB] [--xfs-gb N]
                                 [--layers N] [--dtype BF16] [--threads N] [--keep]
                                 [--methods copy,merge] [--merge-arg=--device=cpu ...]
+                                [--io mmap,pread]
 
 Makes the synthetic task and language experts if needed (``bench/make_trio.py`` does the same
 with a base), then runs, interleaved, ``--runs`` rounds of
 
   copy   ``cp --reflink=never`` of the task expert's shard files into a fresh directory (a plain data copy);
-  merge  ``layerswap-fast merge --task-expert T --language-expert L -o OUT --force`` (defaults).
+  merge  ``layerswap-fast merge --task-expert T --language-expert L -o OUT --force`` (defaults);
+         with ``--io mmap,pread``, one merge per read path in every round (``merge[mmap]``,
+         ``merge[pread]``), so both are compared in the same interleaved run.
 
 Each run is a child process preceded by a ``sync`` (so one run's dirty pages do not bill the next)
 and timed by wall clock; its peak RSS comes from ``wait4``. Both experts are read once before
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="copy,merge", help="comma-separated subset of copy,merge")
     ap.add_argument("--merge-arg", action="append", default=[],
                     help="extra argument for the merge command (repeatable), e.g. --merge-arg=--device=cpu")
+    ap.add_argument("--io", default=None,
+                    help="comma-separated read paths of the merge (auto, mmap, pread): one merge each per round")
     ap.add_argument("--keep", action="store_true", help="keep the last round's outputs")
     ap.add_argument("--no-warm", action="store_true",
                     help="skip reading the inputs once before the timed runs")
@@ -66,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in ("copy", "merge") for m in methods):
         ap.error("--methods takes copy, merge or both")
+    ios = [x.strip() for x in args.io.split(",") if x.strip()] if args.io else []
+    if any(x not in ("auto", "mmap", "pread") for x in ios):
+        ap.error("--io takes auto, mmap, pread or a comma-separated list of them")
+    if ios and "merge" in methods:
+        methods = [v for m in methods for v in ([m] if m != "merge" else [f"merge[{x}]" for x in ios])]
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     shard_size = parse_size(args.shard_size)
@@ -101,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"task expert: {task} ({input_bytes / 1e9:.2f} GB in "
           f"{len(list(task.glob('*.safetensors')))} shards); language expert: {language}")
 
-    def merge_cmd(out: Path) -> list[str]:
+    def merge_cmd(out: Path, method: str) -> list[str]:
         assert cli is not None
         cmd = [cli, "merge", "--task-expert", str(task), "--language-expert", str(language),
                "-o", str(out), "--force", "--shard-size", str(shard_size)]
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
+        if method.startswith("merge["):
+            cmd += ["--io", method[len("merge["):-1]]
         return cmd + list(args.merge_arg)
 
     if not args.no_warm:
@@ -118,20 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     for run in range(1, args.runs + 1):
         for method in methods:
-            out = workdir / f"{trio_name}.out-{method}"
+            out = workdir / f"{trio_name}.out-{method.replace('[', '-').rstrip(']')}"
             shutil.rmtree(out, ignore_errors=True)
             if method == "copy":
                 out.mkdir(parents=True)
                 cmd = _copy_cmd(task, out)
             else:
-                cmd = merge_cmd(out)
+                cmd = merge_cmd(out, method)
             sync()
             before = used_bytes(workdir)
             timed = run_timed(cmd)
             new_bytes = used_bytes(workdir) - before
             nbytes = shard_bytes(out) if out.exists() else 0
             line = (timed.stdout.strip().splitlines() or [""])[-1]
-            print(f"run {run} {method:5s}: {timed.seconds:7.2f} s  {nbytes / 1e9 / timed.seconds:6.2f} GB/s  "
+            print(f"run {run} {method:12s}: {timed.seconds:7.2f} s  {nbytes / 1e9 / timed.seconds:6.2f} GB/s  "
                   f"new storage {new_bytes / 1e9:6.3f} GB  peak RSS {timed.peak_rss_mb:7.1f} MB  "
                   f"exit {timed.returncode}" + (f"  | {line}" if line else ""), flush=True)
             if timed.returncode != 0:
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "shard_size": shard_size, "rss_floor_mb": round(floor, 1),
                                   "machine": info}
     print()
-    print(f"{'method':8s} {'runs':>4s} {'median s':>9s} {'min s':>8s} {'max s':>8s} "
+    print(f"{'method':12s} {'runs':>4s} {'median s':>9s} {'min s':>8s} {'max s':>8s} "
           f"{'GB/s':>7s} {'new GB':>7s} {'new %':>6s} {'peak RSS MB':>12s}")
     medians: dict[str, float] = {}
     for method, rows in results.items():
@@ -167,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                            "max_s": round(max(secs), 3), "gb_per_s": round(nbytes / 1e9 / med, 3),
                            "peak_rss_mb": round(rss, 1), "output_bytes": nbytes, "new_bytes": new_bytes,
                            "seconds": [round(s, 3) for s in secs]}
-        print(f"{method:8s} {len(rows):4d} {med:9.2f} {min(secs):8.2f} {max(secs):8.2f} "
+        print(f"{method:12s} {len(rows):4d} {med:9.2f} {min(secs):8.2f} {max(secs):8.2f} "
               f"{nbytes / 1e9 / med:7.2f} {new_bytes / 1e9:7.3f} {100 * new_bytes / max(1, nbytes):6.1f} {rss:12.1f}")
-    if "copy" in medians and "merge" in medians:
-        ratio = medians["merge"] / medians["copy"]
-        summary["ratio_merge_over_copy"] = round(ratio, 3)
-        print(f"merge / copy (medians): {ratio:.2f}x")
+    for method in medians:
+        if method.startswith("merge") and "copy" in medians:
+            ratio = medians[method] / medians["copy"]
+            key = "ratio_merge_over_copy" + (method[5:].replace("[", "_").rstrip("]") if method != "merge" else "")
+            summary[key] = round(ratio, 3)
+            print(f"{method} / copy (medians): {ratio:.2f}x")
     if failed:
         summary["failed"] = sorted(set(failed))
     print(json.dumps(summary))

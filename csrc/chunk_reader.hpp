@@ -1,6 +1,9 @@
-// Streaming of file kernels (blend, row MAV, TIES): the checks of the file slices, the descriptors
-// held for a call, and per-thread buffers that read chunks of the inputs and write chunks of the
-// output through the I/O layer. No Python here; everything throws lsf::CoreErr.
+// Streaming of file kernels (blend, row MAV, TIES, the LoRA blend): the checks of the file slices,
+// the descriptors held for a call, and per-thread chunks of the inputs (pointers straight into an
+// input's mapping, or buffers read with pread) and of the output (a buffer written with pwrite).
+// No Python here; everything throws lsf::CoreErr.
+//
+// A kernel may read a chunk of a mapped input only inside lsf::recoverable (mapped.hpp).
 #pragma once
 
 #include <cstdint>
@@ -47,6 +50,15 @@ class StreamFiles {
   void read(size_t i, uint64_t e0, uint64_t m, void* buf) const;
   // m elements of the output dtype from buf to the output, starting at element e0.
   void write(uint64_t e0, const void* buf, uint64_t m) const;
+  // Input i's first element in its file's mapping, or null when it is read with pread.
+  const unsigned char* mapped(size_t i) const { return maps_[i]; }
+  // The start and end of the mapping of input i's file (valid when mapped(i)).
+  const unsigned char* map_begin(size_t i) const { return map_begins_[i]; }
+  const unsigned char* map_end(size_t i) const { return map_ends_[i]; }
+  // CoreErr if a mapped input's file now ends before the input's numel elements. A kernel calls
+  // it after its last read: a file cut inside the page that held the input's last bytes reads as
+  // zeros past the cut instead of faulting.
+  void check_mapped_inputs(uint64_t numel) const;
 
  private:
   int hold(FdHolder& h, const std::string& path, const std::string& what);
@@ -58,29 +70,45 @@ class StreamFiles {
   uint64_t out_offset_;
   DType out_dt_;
   std::vector<int> fds_;  // one per input
+  std::vector<const unsigned char*> maps_, map_begins_, map_ends_;
   int out_fd_ = -1;
   std::vector<std::unique_ptr<FdUse>> uses_;
 };
 
-// One thread's buffers for chunks of at most `chunk` elements: one per input of a StreamFiles
-// (only for the inputs flagged in `use`, when given) and, with with_out, one for the output.
+// One thread's chunks of at most `chunk` elements of the inputs of a StreamFiles (only those
+// flagged in `use`, when given): a buffer per input read with pread, a pointer into the mapping
+// of each mapped one; and, with with_out, a buffer for the output.
+//
+// Mapped chunks are advised to the kernel: the next chunk's range of each input as will-need
+// (readahead before we fault on it) and, once the reader moves on, the last one's as don't-need,
+// which drops its pages from our page tables (they stay in the page cache, clean and unmapped,
+// as after a pread) so that a long run over mapped inputs does not grow the RSS.
 class ChunkReader {
  public:
   ChunkReader(const StreamFiles& f, uint64_t chunk, bool with_out,
               const std::vector<char>* use = nullptr);
+  ~ChunkReader();
+  ChunkReader(const ChunkReader&) = delete;
+  ChunkReader& operator=(const ChunkReader&) = delete;
 
-  // Read elements [e0, e0 + m) of every input read into its buffer, in input order.
+  // Make elements [e0, e0 + m) of every input read available through in(), in input order:
+  // pread into its buffer, or a pointer into its mapping. Read them only inside lsf::recoverable.
   void load(uint64_t e0, uint64_t m);
-  // The buffer of each input, null for those not read.
+  // Each input's chunk from the last load, null for those not read. The pointers change with
+  // every load.
   const unsigned char* const* in() const { return ptrs_.data(); }
   unsigned char* out() { return obuf_.get(); }
   // Write the first m elements of the output buffer to the output at element e0.
   void store(uint64_t e0, uint64_t m) const { f_.write(e0, obuf_.get(), m); }
 
  private:
+  void release(size_t i);
+
   const StreamFiles& f_;
+  std::vector<char> read_;  // which inputs are read
   std::vector<Array<unsigned char>> bufs_;
   std::vector<const unsigned char*> ptrs_;
+  std::vector<uint64_t> held_;  // bytes of each mapped input's last chunk (from ptrs_)
   Array<unsigned char> obuf_;
 };
 

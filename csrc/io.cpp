@@ -1,6 +1,7 @@
 #include "io.hpp"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -43,7 +44,7 @@ void check_file_range(const std::string& path, uint64_t size, uint64_t off, uint
 // A read of n bytes at off found the end of the file after `done` bytes.
 [[noreturn]] void fail_truncated(const std::string& path, uint64_t size, uint64_t off, uint64_t n,
                                  uint64_t done) {
-  fail(q(path) + " was truncated while in use: expected " + std::to_string(n) +
+  fail("input changed during the merge: " + q(path) + " was truncated while in use: expected " + std::to_string(n) +
        " bytes at offset " + std::to_string(off) + " but the file ends at " +
        std::to_string(off + done) + " (it had " + std::to_string(size) + " bytes when opened)");
 }
@@ -85,7 +86,7 @@ FdUse::~FdUse() { h_->release(); }
 
 // ---- InputFile ---------------------------------------------------------------------------------
 
-InputFile::InputFile(const std::string& path) : path_(path) {
+InputFile::InputFile(const std::string& path, IoMode io) : path_(path) {
   if (path.find('\0') != std::string::npos) fail("opening " + q(path) + ": path contains a NUL byte");
   int fd;
   do {
@@ -105,10 +106,57 @@ InputFile::InputFile(const std::string& path) : path_(path) {
   size_ = static_cast<uint64_t>(st.st_size);
   dev_ = st.st_dev;
   ino_ = st.st_ino;
+  map_locked(fd, io);  // nobody else can see this file yet
   fd_.set(fd);
 }
 
-InputFile::~InputFile() { close_quietly(fd_.take()); }
+InputFile::~InputFile() { close(); }
+
+void InputFile::map_locked(int fd, IoMode io) {
+  if (map_ || size_ == 0 || resolve_io_mode(io, fd) != IoMode::Mmap) return;
+  if (size_ > static_cast<uint64_t>(SIZE_MAX)) return;
+  void* p = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) return;  // e.g. out of address space: pread still works
+  if (!register_mapping(p, size_, this)) {
+    ::munmap(p, static_cast<size_t>(size_));
+    return;
+  }
+  // Advice only. The kernels read each input front to back once per pass: a larger readahead
+  // window on faults, and pages that need not stay mapped (ChunkReader also drops its chunks'
+  // pages from our page tables behind it, so mapped inputs do not pile up in the RSS).
+  (void)::madvise(p, static_cast<size_t>(size_), MADV_SEQUENTIAL);
+  map_ = static_cast<const unsigned char*>(p);
+}
+
+void InputFile::unmap_locked() {
+  if (!map_) return;
+  unregister_mapping(map_);
+  ::munmap(const_cast<unsigned char*>(map_), static_cast<size_t>(size_));
+  map_ = nullptr;
+}
+
+void InputFile::set_io(IoMode io) {
+  bool closed = false;
+  fd_.exclusive([&](int fd) {
+    if (fd < 0) {
+      closed = true;
+    } else if (io == IoMode::Pread) {
+      unmap_locked();
+    } else {
+      map_locked(fd, io);
+    }
+  });
+  if (closed) fail("setting the read path of " + q(path_) + ": the file is closed");
+}
+
+int64_t InputFile::current_size() {
+  int fd = fd_.acquire();
+  if (fd < 0) return -1;
+  struct stat st;
+  const int rc = ::fstat(fd, &st);
+  fd_.release();
+  return rc == 0 ? static_cast<int64_t>(st.st_size) : -1;
+}
 
 void InputFile::check_range(uint64_t off, uint64_t n, const char* what) const {
   check_file_range(path_, size_, off, n, what);
@@ -170,7 +218,11 @@ void InputFile::check_unchanged() {
     fail(q(path_) + " was replaced while in use: the path now names another file");
 }
 
-void InputFile::close() { close_quietly(fd_.take()); }
+void InputFile::close() {
+  const int fd = fd_.take();  // no kernel reads the mapping any more
+  unmap_locked();
+  close_quietly(fd);
+}
 
 // ---- ShardWriter -------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-// Input shards (pread only, never mmap) and output shards (O_EXCL, preallocated, pwrite and
-// copy_file_range). No Python here; everything throws lsf::CoreErr.
+// Input shards (read with pread, or mapped read-only for the kernels: see mapped.hpp) and output
+// shards (O_EXCL, preallocated, pwrite and copy_file_range). No Python here; everything throws
+// lsf::CoreErr.
 #pragma once
 
 #include <sys/types.h>
@@ -10,6 +11,7 @@
 #include <string>
 
 #include "common.hpp"
+#include "mapped.hpp"
 
 namespace lsf {
 
@@ -25,6 +27,13 @@ class FdHolder {
   void release();
   // Wait for all users, then hand back the fd (or -1) and mark the holder closed.
   int take();
+  // Wait for all users, then run fn(fd) (fd -1 when closed) with no new user let in meanwhile.
+  template <class F>
+  void exclusive(F&& fn) {
+    std::unique_lock<std::mutex> g(m_);
+    cv_.wait(g, [this] { return users_ == 0; });
+    fn(fd_);
+  }
 
  private:
   std::mutex m_;
@@ -57,7 +66,8 @@ struct FileSlice {
 
 class InputFile {
  public:
-  explicit InputFile(const std::string& path);
+  // Auto maps the file unless it lies on a network or FUSE filesystem (see resolve_io_mode).
+  explicit InputFile(const std::string& path, IoMode io = IoMode::Auto);
   ~InputFile();
   InputFile(const InputFile&) = delete;
   InputFile& operator=(const InputFile&) = delete;
@@ -78,12 +88,28 @@ class InputFile {
   void check_unchanged();
   void close();
 
+  // Mmap or Pread: how the kernels read this file now.
+  IoMode io() const { return map_ ? IoMode::Mmap : IoMode::Pread; }
+  // Map (Mmap, or Auto where that resolves to it) or unmap (Pread) the file, once no kernel uses
+  // it. A file that cannot be mapped (empty, the mapping registry full, mmap refused) stays on
+  // pread. CoreErr when closed.
+  void set_io(IoMode io);
+  // The read-only mapping of the whole file (size() bytes), or null. Only stable while the caller
+  // holds a use of holder().
+  const unsigned char* map() const { return map_; }
+  // The file's size now (fstat), or -1 when that cannot be known (closed, fstat failed).
+  int64_t current_size();
+
  private:
+  void map_locked(int fd, IoMode io);
+  void unmap_locked();
+
   std::string path_;
   uint64_t size_ = 0;
   dev_t dev_ = 0;
   ino_t ino_ = 0;
   FdHolder fd_;
+  const unsigned char* map_ = nullptr;  // changed only with no user of fd_ (exclusive / take)
 };
 
 // Global switch for tests: false forces copy_range onto the pread/pwrite fallback.

@@ -8,6 +8,7 @@
 
 #include "chunk_reader.hpp"
 #include "kernel_util.hpp"
+#include "mapped.hpp"
 #include "numerics.hpp"
 
 namespace lsf {
@@ -316,10 +317,13 @@ void blend_file_run(const std::vector<FileSlice>& in, const std::vector<DType>& 
       const uint64_t e0 = t * chunk;
       const uint64_t m = std::min(chunk, numel - e0);
       r.load(e0, m);
-      blend_range(n, r.in(), in_dt.data(), w.data(), r.out(), out_dt, static_cast<size_t>(m));
+      const unsigned char* const* in = r.in();
+      unsigned char* o = r.out();
+      recoverable([&] { blend_range(n, in, in_dt.data(), w.data(), o, out_dt, static_cast<size_t>(m)); });
       r.store(e0, m);
     }
   });
+  files.check_mapped_inputs(numel);
 }
 
 namespace {
@@ -416,8 +420,7 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
 
   run_pool(nthreads, ntasks, [&](TaskQueue& q) {
     ChunkReader r(files, std::min(piece, numel), false);
-    const unsigned char* bbuf = r.in()[0];  // the base, then the experts
-    const unsigned char* const* ptrs = r.in() + 1;
+    const unsigned char* const* in = r.in();  // the base, then the experts
     RowMav mav(base_dt, ex_dt, rows, cols, out);
 
     uint64_t t;
@@ -426,19 +429,20 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
         const uint64_t r0 = t * rows_per_task;
         const uint64_t r1 = std::min(rows, r0 + rows_per_task);
         r.load(r0 * cols, (r1 - r0) * cols);
-        mav.whole_rows(bbuf, ptrs, r0, r0, r1);
+        recoverable([&] { mav.whole_rows(in[0], in + 1, r0, r0, r1); });
       } else {
         const uint64_t row = t;
         mav.start_row();
         for (uint64_t c0 = 0; c0 < cols; c0 += piece) {
           const uint64_t m = std::min(piece, cols - c0);
           r.load(row * cols + c0, m);
-          mav.add(bbuf, ptrs, m);
+          recoverable([&] { mav.add(in[0], in + 1, m); });
         }
         mav.end_row(row);
       }
     }
   });
+  files.check_mapped_inputs(numel);
 }
 
 }  // namespace lsf
@@ -507,28 +511,31 @@ void blend_lowrank_file_run(const std::vector<FileSlice>& in, const std::vector<
       const uint64_t r0 = t * rows_per_task;
       const uint64_t m = std::min(rows_per_task, rows - r0);
       r.load(r0 * cols, m * cols);
-      for (uint64_t g0 = 0; g0 < m; g0 += kLrBlockRows) {
-        const size_t RB = static_cast<size_t>(std::min<uint64_t>(kLrBlockRows, m - g0));
-        for (uint64_t j0 = 0; j0 < cols; j0 += kLrCols) {
-          const size_t width = static_cast<size_t>(std::min<uint64_t>(kLrCols, cols - j0));
-          for (size_t f = 0; f < n_f; ++f) {
-            const LowRankFactor& fa = factors[f];
-            float* Pf = P.get() + f * kLrBlockRows * kLrCols;
-            for (size_t g = 0; g < RB; g += kLrRows)
-              lowrank_tile(fa.b + (r0 + g0 + g) * fa.rank, fa.rank,
-                           packed[f].get() + j0 / kLrCols * fa.rank * kLrCols, kLrCols,
-                           std::min(kLrRows, RB - g), width, Pf + g * kLrCols, kLrCols);
+      recoverable([&] {
+        for (uint64_t g0 = 0; g0 < m; g0 += kLrBlockRows) {
+          const size_t RB = static_cast<size_t>(std::min<uint64_t>(kLrBlockRows, m - g0));
+          for (uint64_t j0 = 0; j0 < cols; j0 += kLrCols) {
+            const size_t width = static_cast<size_t>(std::min<uint64_t>(kLrCols, cols - j0));
+            for (size_t f = 0; f < n_f; ++f) {
+              const LowRankFactor& fa = factors[f];
+              float* Pf = P.get() + f * kLrBlockRows * kLrCols;
+              for (size_t g = 0; g < RB; g += kLrRows)
+                lowrank_tile(fa.b + (r0 + g0 + g) * fa.rank, fa.rank,
+                             packed[f].get() + j0 / kLrCols * fa.rank * kLrCols, kLrCols,
+                             std::min(kLrRows, RB - g), width, Pf + g * kLrCols, kLrCols);
+            }
+            const uint64_t e = g0 * cols + j0;  // element offset inside the chunk
+            for (size_t i = 0; i < n; ++i) ptrs[i] = r.in()[i] + e * dtype_size(in_dt[i]);
+            lowrank_blend_tile(n, ptrs.data(), in_dt.data(), w.data(), n_f, P.get(), c.data(),
+                               r.out() + e * dtype_size(out_dt), out_dt, RB, width,
+                               static_cast<size_t>(cols));
           }
-          const uint64_t e = g0 * cols + j0;  // element offset inside the chunk
-          for (size_t i = 0; i < n; ++i) ptrs[i] = r.in()[i] + e * dtype_size(in_dt[i]);
-          lowrank_blend_tile(n, ptrs.data(), in_dt.data(), w.data(), n_f, P.get(), c.data(),
-                             r.out() + e * dtype_size(out_dt), out_dt, RB, width,
-                             static_cast<size_t>(cols));
         }
-      }
+      });
       r.store(r0 * cols, m * cols);
     }
   });
+  files.check_mapped_inputs(numel);
 }
 
 }  // namespace lsf

@@ -17,6 +17,7 @@
 #include "io.hpp"
 #include "kernel_util.hpp"
 #include "kernels.hpp"
+#include "mapped.hpp"
 #include "ties.hpp"
 
 namespace py = pybind11;
@@ -565,13 +566,23 @@ PYBIND11_MODULE(_core, m) {
 
   // ---- InputFile ----
   py::class_<lsf::InputFile, std::shared_ptr<lsf::InputFile>>(m, "InputFile")
-      .def(py::init([](py::handle path) {
+      .def(py::init([](py::handle path, py::handle io) {
              std::string p = to_path(path);
+             const lsf::IoMode mode = lsf::parse_io_mode(to_string_arg(io, "io"));
              py::gil_scoped_release nogil;
-             return std::make_shared<lsf::InputFile>(p);
+             return std::make_shared<lsf::InputFile>(p, mode);
            }),
-           py::arg("path"))
+           py::arg("path"), py::arg("io") = "auto")
       .def_property_readonly("path", [](lsf::InputFile& f) { return path_to_str(f.path()); })
+      .def_property_readonly("io", [](lsf::InputFile& f) { return lsf::io_mode_name(f.io()); })
+      .def(
+          "set_io",
+          [](lsf::InputFile& f, py::handle io) {
+            const lsf::IoMode mode = lsf::parse_io_mode(to_string_arg(io, "io"));
+            py::gil_scoped_release nogil;
+            f.set_io(mode);
+          },
+          py::arg("io"))
       .def_property_readonly("size", [](lsf::InputFile& f) { return f.size(); })
       .def("read_header",
            [](lsf::InputFile& f) {
@@ -746,6 +757,19 @@ PYBIND11_MODULE(_core, m) {
       "_set_max_io_bytes", [](uint64_t n) { lsf::set_max_io_bytes(n); }, py::arg("n"),
       "Testing hook: at most n bytes per read, write or copy call (0: the default), so that "
       "every call comes back short and the retry loops run.");
+  m.def(
+      "_set_fault_hook",
+      [](uint64_t after, py::handle path, uint64_t size, py::handle replace_with) {
+        lsf::set_fault_hook(after, to_path(path), size,
+                            replace_with.is_none() ? std::string() : to_path(replace_with));
+      },
+      py::arg("after"), py::arg("path"), py::arg("size") = 0, py::arg("replace_with") = py::none(),
+      "Testing hook: once `after` more chunks of file kernels have been prepared (over all "
+      "threads), the next one first truncates `path` to `size` bytes, or renames `replace_with` "
+      "over it.");
+  m.def(
+      "_clear_fault_hook", []() { lsf::clear_fault_hook(); },
+      "Testing hook: disarm _set_fault_hook if it has not fired.");
   m.def(
       "_set_lowrank_simd_enabled", [](bool enabled) { lsf::set_lowrank_simd_enabled(enabled); },
       py::arg("enabled"),

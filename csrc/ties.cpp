@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "chunk_reader.hpp"
+#include "mapped.hpp"
 #include "ties_internal.hpp"
 
 namespace lsf {
@@ -51,10 +52,13 @@ class FileChunks : public Chunks {
  public:
   FileChunks(const StreamFiles& f, uint64_t chunk, const std::vector<char>& use, bool with_out)
       : r_(f, chunk, with_out, &with_base(use)) {
-    base = r_.in()[0];
-    ex.assign(r_.in() + 1, r_.in() + f.size());
+    ex.assign(f.size() - 1, nullptr);
   }
-  void load(uint64_t e0, uint64_t m) override { r_.load(e0, m); }
+  void load(uint64_t e0, uint64_t m) override {
+    r_.load(e0, m);  // mapped inputs: new pointers every time
+    base = r_.in()[0];
+    for (size_t e = 0; e < ex.size(); ++e) ex[e] = r_.in()[1 + e];
+  }
   unsigned char* out_begin(uint64_t) override { return r_.out(); }
   void out_end(uint64_t e0, uint64_t m) override { r_.store(e0, m); }
 
@@ -126,9 +130,11 @@ void ties_file_run(const FileSlice& base, DType base_dt, const std::vector<FileS
                              bool with_out) -> std::unique_ptr<Chunks> {
     return std::unique_ptr<Chunks>(new FileChunks(files, chunk, use, with_out));
   };
-  if (ties_one_pass(job, files, keep, lam, record_budget)) return;
-  Thresholds th = select_thresholds(job, keep);
-  merge_pass(job, th, lam, out_dt);
+  if (!ties_one_pass(job, files, keep, lam, record_budget)) {
+    Thresholds th = select_thresholds(job, keep);
+    merge_pass(job, th, lam, out_dt);
+  }
+  files.check_mapped_inputs(numel);
 }
 
 }  // namespace lsf

@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "mapped.hpp"
 #include "ties.hpp"
 #include "ties_internal.hpp"
 
@@ -103,9 +104,12 @@ Bracket sample_bracket(const Job& job, uint64_t keep) {
     for (uint64_t o = 0; o < kSampleBlk; o += piece) {
       const uint64_t m = std::min(piece, kSampleBlk - o);
       ch->load(b0 + o, m);
-      for (size_t e = 0; e < n; ++e)
-        abs_bits_range(ch->base, job.bdt, ch->ex[e], job.edt[e], static_cast<size_t>(m),
-                       keys[e].data() + i * kSampleBlk + o, sc);
+      const Chunks& c = *ch;
+      recoverable([&] {
+        for (size_t e = 0; e < n; ++e)
+          abs_bits_range(c.base, job.bdt, c.ex[e], job.edt[e], static_cast<size_t>(m),
+                         keys[e].data() + i * kSampleBlk + o, sc);
+      });
     }
   }
   const double q = static_cast<double>(keep) / static_cast<double>(numel);
@@ -154,17 +158,25 @@ void collect(const uint8_t* flags, uint64_t m, uint64_t e0, const Chunks& ch, co
   for (size_t i = 0; i < idx.size(); ++i) rec.pos[old + i] = e0 + idx[i];
   for (size_t in = 0; in <= job.edt.size(); ++in) {
     const DType dt = in == 0 ? job.bdt : job.edt[in - 1];
-    const unsigned char* src = in == 0 ? ch.base : ch.ex[in - 1];
     std::vector<unsigned char>& dst = rec.raw[in];
     const size_t sz = dtype_size(dt);
     dst.resize((old + idx.size()) * sz);
-    unsigned char* d = dst.data() + old * sz;
-    if (sz == 2) {
-      for (size_t i = 0; i < idx.size(); ++i) std::memcpy(d + 2 * i, src + 2 * idx[i], 2);
-    } else {
-      for (size_t i = 0; i < idx.size(); ++i) std::memcpy(d + 4 * i, src + 4 * idx[i], 4);
-    }
   }
+  // The inputs may be mapped: only plain copies from here on (see mapped.hpp).
+  const uint32_t* ix = idx.data();
+  const size_t ni = idx.size();
+  recoverable([&] {
+    for (size_t in = 0; in <= job.edt.size(); ++in) {
+      const unsigned char* src = in == 0 ? ch.base : ch.ex[in - 1];
+      const size_t sz = dtype_size(in == 0 ? job.bdt : job.edt[in - 1]);
+      unsigned char* d = rec.raw[in].data() + old * sz;
+      if (sz == 2) {
+        for (size_t i = 0; i < ni; ++i) std::memcpy(d + 2 * i, src + 2 * ix[i], 2);
+      } else {
+        for (size_t i = 0; i < ni; ++i) std::memcpy(d + 4 * i, src + 4 * ix[i], 4);
+      }
+    }
+  });
 }
 
 // The output under the guessed thresholds, with the counts taken and the elements to check

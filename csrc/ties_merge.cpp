@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #endif
 
+#include "mapped.hpp"
 #include "numerics.hpp"
 #include "ties.hpp"
 #include "ties_internal.hpp"
@@ -458,8 +459,11 @@ void merge_pass(const Job& job, const Thresholds& th, float lam, DType odt,
       const BracketSide* sides = bracket ? bracket->sides[slot].data() : nullptr;
       uint8_t* flags = bracket ? bracket->flags[slot].get() : nullptr;
       if (flags) std::memset(flags + m, 0, 8);
-      ties_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), th.thr.data(), lam, o, odt,
-                 static_cast<size_t>(m), *scs[slot], sides, flags);
+      Scratch& sc = *scs[slot];
+      recoverable([&] {
+        ties_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), th.thr.data(), lam, o, odt,
+                   static_cast<size_t>(m), sc, sides, flags);
+      });
       ch.out_end(e0, m);
       if (after && !after(slot, e0, m, ch)) {
         q.stop();

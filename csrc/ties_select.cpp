@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "mapped.hpp"
 #include "numerics.hpp"
 #include "ties_internal.hpp"
 
@@ -310,8 +311,11 @@ size_t count_hi(const Job& job, size_t nthreads, const std::vector<std::unique_p
       const uint64_t e0 = t * task;
       const uint64_t m = std::min(task, numel - e0);
       ch.load(e0, m);
-      hist_hi_range(ch.base, job.bdt, n, ch.ex.data(), job.edt.data(), static_cast<size_t>(m), h,
-                    *scs[slot]);
+      const unsigned char* const* ex = ch.ex.data();
+      Scratch& sc = *scs[slot];
+      recoverable([&] {
+        hist_hi_range(ch.base, job.bdt, n, ex, job.edt.data(), static_cast<size_t>(m), h, sc);
+      });
     }
   });
   return std::min(slots.load(), nthreads);
@@ -390,8 +394,11 @@ void select_lo(const Job& job, size_t nthreads, Selection* sel) {
       const uint64_t m = std::min(task, numel - e0);
       ch.load(e0, m);
       for (size_t i = 0; i < np; ++i) ptrs[i] = ch.ex[pending[i]];
-      hist_lo_range(ch.base, job.bdt, np, ptrs.data(), pdt.data(), phi.data(),
-                    static_cast<size_t>(m), h, *scs[slot]);
+      Scratch& sc = *scs[slot];
+      recoverable([&] {
+        hist_lo_range(ch.base, job.bdt, np, ptrs.data(), pdt.data(), phi.data(),
+                      static_cast<size_t>(m), h, sc);
+      });
     }
   });
   uint64_t* total = hist.get();

@@ -2,8 +2,11 @@
 
 Every function that reads or writes file data or runs a kernel releases the GIL. No function may
 crash the interpreter on bad input: malformed files, short files and out-of-range requests raise
-:class:`CoreError` (files are read with ``pread``, never ``mmap``, so a file truncated while in use
-gives an error, not SIGBUS).
+:class:`CoreError`. The file kernels read an input either with ``pread`` or straight from a
+read-only mapping (:attr:`InputFile.io`); a mapped file truncated while a kernel reads it gives a
+CoreError too ("input changed during the merge: FILE was truncated while in use ..."), not a SIGBUS:
+the core installs one process-wide SIGBUS handler for faults inside its own mappings and hands
+every other SIGBUS to the handler it found (which it puts back on top of, should another replace it).
 
 dtype names are the safetensors ones. ``blend`` and ``row_mav`` accept ``"BF16"``, ``"F16"`` and
 ``"F32"``; anything else raises :class:`CoreError` naming the dtype.
@@ -28,10 +31,20 @@ class CoreError(OSError):
 class InputFile:
     """One input shard, open read-only. Offsets are absolute positions in the file."""
 
-    def __init__(self, path: str) -> None:
-        """Open ``path`` read-only and record its size, device and inode."""
+    def __init__(self, path: str, io: str = "auto") -> None:
+        """Open ``path`` read-only and record its size, device and inode. ``io``: how the file
+        kernels read it: ``"mmap"`` (a read-only mapping of the whole file), ``"pread"``, or
+        ``"auto"``: mmap unless the file lies on a network or FUSE filesystem (statfs f_type: NFS,
+        SMB/CIFS, FUSE, 9p, Ceph, Lustre, ...). Anything else: CoreError."""
     @property
     def path(self) -> str: ...
+    @property
+    def io(self) -> str:
+        """``"mmap"`` or ``"pread"``: how the file kernels read the file now. An empty file, or one
+        that could not be mapped (no address space, 4096 files mapped already), reads with pread."""
+    def set_io(self, io: str) -> None:
+        """Map or unmap the file (``io`` as for the constructor), once no kernel reads it; CoreError
+        when closed. ``read``, ``read_header`` and ``read_into`` always use pread."""
     @property
     def size(self) -> int:
         """The file size when it was opened; every read is bounds-checked against it."""
@@ -288,3 +301,12 @@ def _set_lowrank_simd_enabled(enabled: bool) -> None:
     """Testing hook (process-wide): ``False`` makes :func:`blend_lowrank_file` form its products
     the portable way instead of with AVX2/FMA (used only where the CPU has them); both give the
     same bytes."""
+
+def _set_fault_hook(after: int, path: str, size: int = 0, replace_with: str | None = None) -> None:
+    """Testing hook (process-wide, fires once): once ``after`` more chunks of the file kernels have
+    been prepared (over all threads), the thread preparing the next one first truncates ``path`` to
+    ``size`` bytes, or with ``replace_with`` renames that file over ``path``, and then reads its
+    chunk: a fault lands inside a running kernel, deterministically."""
+
+def _clear_fault_hook() -> None:
+    """Testing hook: disarm :func:`_set_fault_hook` if it has not fired."""

@@ -29,7 +29,7 @@ from .engine.execute import execute
 from .errors import CheckpointError, ConfigError, param
 from .formats.adapter import Adapter, LoraTable
 from .formats.adapter_output import CONFIG_NAME, WEIGHTS_NAME, config_text, peft_config, same_values, task_type
-from .formats.checkpoint import Checkpoint, TensorSpec, open_checkpoint
+from .formats.checkpoint import IO_MODES, Checkpoint, TensorSpec, open_checkpoint
 from .formats.hub import find_snapshot
 from .formats.layout import layout_shards, needed_bytes
 from .formats.model_card import CardInput, local_name, render_card
@@ -203,6 +203,8 @@ def _write(method: Method, plan: MergePlan, result: AdapterPlan, inputs: Mapping
         raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {write.link!r}")
     if write.checksum not in CHECKSUMS:
         raise ConfigError(f"checksum must be one of {', '.join(CHECKSUMS)}, got {write.checksum!r}")
+    if write.io not in IO_MODES:
+        raise ConfigError(f"io must be one of {', '.join(IO_MODES)}, got {write.io!r}")
     parse_size(write.shard_size)  # checked and recorded, though an adapter is one file
     out_path = output_location(out)
     summary = {"base_model": config["base_model_name_or_path"], "modules": len(result.modules),
@@ -225,7 +227,7 @@ def _write(method: Method, plan: MergePlan, result: AdapterPlan, inputs: Mapping
     backend = write.blender or make_backend(write.device, write.threads, parse_size(write.max_gpu_bytes))
     try:
         stats = execute(shards, inputs, out_path, backend=backend, recipe=recipe, force=write.force,
-                        link=write.link, threads=write.threads or 0, sync=write.sync, checksum=write.checksum,
+                        link=write.link, threads=write.threads or 0, sync=write.sync, checksum=write.checksum, io=write.io,
                         progress=write.progress, card=card, index=False, texts=texts)
     finally:
         if write.blender is None:

@@ -16,6 +16,7 @@ from typing import Any
 from .adapter_writing import write_adapter
 from .engine.backends import DEVICES, Backend
 from .errors import ConfigError
+from .formats.checkpoint import IO_MODES
 from .formats.output import LINK_MODES
 from .formats.verify import verify
 from .formats.writeback import CHECKSUMS, DEFAULT_CHECKSUM
@@ -27,7 +28,7 @@ from .sweeps import Candidate, sweep
 from .writing import MergeResult, plan_method, resolve, side_source, write_plan
 
 #: the command line needs nothing below the API: what it uses is named here
-__all__ = ["METHODS", "Method", "Option", "DEVICES", "LINK_MODES", "CHECKSUMS", "SOUP_WEIGHTS", "WRITE_OPTIONS",
+__all__ = ["METHODS", "Method", "Option", "DEVICES", "LINK_MODES", "CHECKSUMS", "IO_MODES", "SOUP_WEIGHTS", "WRITE_OPTIONS",
            "MergeResult", "WriteOptions", "SwapConfig", "run", "plan_merge", "plan_swap", "merge", "soup",
            "task_arithmetic", "ties", "revert", "render_plan", "verify", "read_config", "recipe_yaml",
            "command_options", "sweep", "Candidate"]
@@ -93,6 +94,7 @@ def merge(
     progress: Callable[[int, int], None] | None = None,
     sync: bool = False,
     checksum: str = DEFAULT_CHECKSUM,
+    io: str = "auto",
     other_inputs: Sequence[PathLike] = (),
     as_adapter: bool = False,
 ) -> MergeResult:
@@ -110,7 +112,7 @@ def merge(
                "as_adapter": as_adapter}
     return run("layer_swap", out, options, **vars(WriteOptions(
         shard_size, threads, device, force, dry_run, link, max_gpu_bytes, blender, progress, sync, checksum,
-        other_inputs)))
+        io, other_inputs)))
 
 
 def soup(models: Sequence[PathLike], out: PathLike, *, weights: str | Sequence[float] = "uniform",

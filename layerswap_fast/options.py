@@ -14,6 +14,7 @@ from typing import Any
 
 from .engine.backends import DEVICES, Backend
 from .errors import ConfigError, param
+from .formats.checkpoint import IO_MODES
 from .formats.output import LINK_MODES
 from .formats.writeback import CHECKSUMS, DEFAULT_CHECKSUM
 from .methods import METHODS, Option
@@ -37,6 +38,7 @@ class WriteOptions:
     progress: Callable[[int, int], None] | None = None
     sync: bool = False
     checksum: str = DEFAULT_CHECKSUM
+    io: str = "auto"
     #: files the command read besides its checkpoints (a ``--config`` file): never written or removed
     other_inputs: Sequence[PathLike] = ()
 
@@ -63,6 +65,10 @@ WRITE_OPTIONS: tuple[Option, ...] = (
     Option("checksum", "choice", "Per-file checksum recorded for `verify`: blake3, sha256 at about 3x its "
            "CPU time, or none (sizes only: the bare copy speed; verify then cannot check the bytes).",
            default=DEFAULT_CHECKSUM, choices=CHECKSUMS, recorded=False),
+    Option("io", "choice", "How input shards are read: mmap (straight from a read-only mapping, no copy), "
+           "pread (into buffers), or auto: mmap except on network and FUSE filesystems (NFS, SMB, FUSE, 9p, "
+           "Ceph, Lustre, ...), where mapped reads are far slower.", default="auto", choices=IO_MODES,
+           recorded=False),
     Option("dry_run", "flag", "Validate and plan the layout, write nothing.", default=False, recorded=False),
 )
 #: what only the command line may set: rebuilding a shared recipe or config must not choose where

@@ -20,7 +20,7 @@ from .engine.backends import make_backend
 from .engine.execute import MergeStats, execute
 from .errors import CheckpointError, ConfigError, MismatchError, param
 from .formats.adapter import Adapter, base_model_of, check_against_base, is_adapter
-from .formats.checkpoint import Checkpoint, open_checkpoint
+from .formats.checkpoint import IO_MODES, Checkpoint, open_checkpoint
 from .formats.hub import find_snapshot, pinned
 from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
                              needed_bytes)
@@ -128,6 +128,8 @@ def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint]
         raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {write.link!r}")
     if write.checksum not in CHECKSUMS:
         raise ConfigError(f"checksum must be one of {', '.join(CHECKSUMS)}, got {write.checksum!r}")
+    if write.io not in IO_MODES:
+        raise ConfigError(f"io must be one of {', '.join(IO_MODES)}, got {write.io!r}")
     size_limit = parse_size(write.shard_size)
     out_path = output_location(out)
     # only what decides the bytes: thread count, device and link mode never change them
@@ -147,7 +149,7 @@ def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint]
         overrides = {"torch_dtype": TORCH_NAMES[plan.dtype]} if plan.dtype else {}
         stats = execute(shards, inputs, out_path, backend=backend, recipe=recipe, side_files=side_files,
                         config_overrides=overrides, force=write.force, link=write.link,
-                        threads=write.threads or 0, sync=write.sync, checksum=write.checksum,
+                        threads=write.threads or 0, sync=write.sync, checksum=write.checksum, io=write.io,
                         progress=write.progress, card=card)
     finally:
         if write.blender is None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
@@ -741,3 +742,114 @@ def test_core_blend_checks_its_arguments(lengths: list[int], out_len: int, dtype
         _core.blend_buffers(inputs, dtypes, weights, out, out_dtype)
     except (_core.CoreError, TypeError, ValueError):
         pass
+
+
+# ---------------------------------------------------------------------- the mapped reader (issue 20)
+# The kernels read a mapped input straight from its mapping and a pread one through buffers. Over
+# random slices, chunkings, threads and a file cut at a random length after it was opened, both
+# paths must agree: the same bytes (those a numpy reference computes from the file), or both a
+# CoreError; a cut never crashes the process.
+
+_KERNEL_DTYPES = {"F32": np.float32, "F16": np.float16}
+_DATA_BYTES = 1 << 16
+
+
+def _data_file(tmp_path_factory: pytest.TempPathFactory, seed: int) -> tuple[Path, bytes]:
+    # finite values only: a NaN's payload is not part of the contract
+    data = np.random.default_rng(seed).uniform(-4, 4, _DATA_BYTES // 4).astype(np.float32).tobytes()
+    path = tmp_path_factory.mktemp("mapped") / "in.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def _both_paths(path: Path, cut: int | None, run: Callable[[_core.InputFile], Any]) -> list[Any]:
+    """run(file) once per read path, the file cut to ``cut`` bytes after it was opened (and whole
+    again before the next): its result, or "error" for a CoreError."""
+    whole = path.read_bytes()
+    outcomes = []
+    for io in ("mmap", "pread"):
+        path.write_bytes(whole)
+        with _core.InputFile(str(path), io=io) as f:
+            assert f.io == io
+            if cut is not None:
+                os.truncate(path, cut)
+            try:
+                outcomes.append(run(f))
+            except _core.CoreError:
+                outcomes.append("error")
+    path.write_bytes(whole)
+    return outcomes
+
+
+def _slice(data: bytes, cut: int | None, offset: int, dtype: str, numel: int) -> np.ndarray | None:
+    """numel elements at offset as float32; None where the kernel must refuse: the slice runs past
+    the file as opened, or a byte of it past the cut."""
+    nbytes = numel * np.dtype(_KERNEL_DTYPES[dtype]).itemsize
+    if offset + nbytes > len(data) or (nbytes > 0 and cut is not None and offset + nbytes > cut):
+        return None
+    return np.frombuffer(data, _KERNEL_DTYPES[dtype], numel, offset if numel else 0).astype(np.float32)
+
+
+@fuzz
+@given(seed=st.integers(0, 3), numel=st.integers(0, 3000), chunk=st.integers(1, 4000), threads=st.integers(1, 2),
+       inputs=st.lists(st.tuples(st.integers(0, _DATA_BYTES), st.sampled_from(list(_KERNEL_DTYPES))), min_size=1,
+                       max_size=3),
+       cut=st.none() | st.integers(0, _DATA_BYTES))
+def test_mapped_blend_agrees_with_pread(tmp_path_factory: pytest.TempPathFactory, seed: int, numel: int, chunk: int,
+                                        threads: int, inputs: list[tuple[int, str]], cut: int | None) -> None:
+    path, data = _data_file(tmp_path_factory, seed)
+    weights = [0.5, -0.25, 1.0][:len(inputs)]
+    out_path = path.with_name("out")
+
+    def run(f: _core.InputFile) -> bytes:
+        out_path.unlink(missing_ok=True)
+        with _core.ShardWriter(str(out_path), 4 * numel) as w:
+            _core.blend_file([(f, o) for o, _ in inputs], [d for _, d in inputs], weights, w, 0, "F32", numel,
+                             chunk_elems=chunk, threads=threads)
+            w.close(sync=False)
+        return out_path.read_bytes()
+
+    mapped, pread = _both_paths(path, cut, run)
+    event(f"outcome: {'error' if pread == 'error' else 'bytes'}")
+    assert mapped == pread
+    xs = [_slice(data, cut, o, d, numel) for o, d in inputs]
+    if any(x is None for x in xs):
+        assert pread == "error"
+        return
+    with np.errstate(all="ignore"):  # infinities in the F16 views
+        acc = np.float32(weights[0]) * xs[0]
+        for wt, x in zip(weights[1:], xs[1:]):
+            acc = acc + np.float32(wt) * x
+    assert pread != "error"
+    # F16 views of the data hold NaNs, whose payloads are not part of the contract
+    assert np.array_equal(np.frombuffer(pread, np.float32), acc, equal_nan=True)
+
+
+#: offsets of whole float32 values: misaligned views of the data reach float32's overflow, where
+#: the kernel's float32 block sums and the float64 reference part ways
+_aligned = st.integers(0, _DATA_BYTES // 4).map(lambda i: 4 * i)
+
+
+@fuzz
+@given(seed=st.integers(0, 3), rows=st.integers(1, 40), cols=st.integers(1, 300), chunk=st.integers(1, 2000),
+       threads=st.integers(1, 2), base=_aligned, experts=st.lists(_aligned, min_size=1, max_size=2),
+       cut=st.none() | st.integers(0, _DATA_BYTES))
+def test_mapped_row_mav_agrees_with_pread(tmp_path_factory: pytest.TempPathFactory, seed: int, rows: int, cols: int,
+                                          chunk: int, threads: int, base: int, experts: list[int],
+                                          cut: int | None) -> None:
+    path, data = _data_file(tmp_path_factory, seed)
+
+    def run(f: _core.InputFile) -> bytes:
+        return _core.row_mav_file([(f, o) for o in experts], ["F32"] * len(experts), (f, base), "F32", rows, cols,
+                                  chunk_elems=chunk, threads=threads).tobytes()
+
+    mapped, pread = _both_paths(path, cut, run)
+    assert mapped == pread
+    b = _slice(data, cut, base, "F32", rows * cols)
+    es = [_slice(data, cut, o, "F32", rows * cols) for o in experts]
+    if b is None or any(e is None for e in es):
+        assert pread == "error"
+        return
+    got = np.frombuffer(pread, np.float64).reshape(len(experts), rows)
+    want = np.stack([np.abs(e.astype(np.float64) - b).reshape(rows, cols).mean(axis=1) for e in es])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)

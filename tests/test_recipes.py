@@ -43,6 +43,7 @@ NOT_RECORDED: dict[str, str] = {
     "link": "how unchanged input shards are reused (reflink, copy, hard or symbolic link): the same bytes",
     "sync": "fsync before publishing: durability, not content",
     "checksum": "the algorithm of the checksums in the recipe file itself; the shards do not carry it",
+    "io": "how the kernels read the inputs (mapped or pread): the same bytes either way",
     "config": "the recipe being read: its options are recorded in its place",
     "dump_config": "prints the recipe and writes no model",
 }

@@ -32,7 +32,7 @@ from ..dtypes import COMPUTE_DTYPE, FLOAT_DTYPES, TORCH_NAMES, UNIT_ROUNDOFF
 from ..engine.backends import DEVICES, Backend, make_backend
 from ..errors import CheckpointError, ConfigError, MismatchError
 from ..formats.adapter import Adapter, base_model_of, check_against_base, is_adapter
-from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..formats.checkpoint import IO_MODES, Checkpoint, open_checkpoint
 from ..formats.hub import parse_hub_id
 from ..formats.output import check_output, guarded_paths, output_location, publish, staging_directory
 from ..plan.layers import classify, count_layers
@@ -148,6 +148,7 @@ def analyze(
     force: bool = False,
     progress: Progress | None = None,
     backend: Backend | None = None,
+    io: str = "auto",
 ) -> DeltaStats:
     """Row-MAV statistics of ``experts`` against ``base``, in one streaming pass.
 
@@ -162,13 +163,16 @@ def analyze(
     ``cpu`` (the C++ core, ``threads`` workers, default all cores) or ``cuda``.
     ``progress(n, total)`` is called after each tensor with the bytes it read. ``backend`` (for
     tests) replaces the device's backend: anything with the ``row_mav_file`` method of
-    :class:`~layerswap_fast.engine.backends.Backend`; the caller closes it.
+    :class:`~layerswap_fast.engine.backends.Backend`; the caller closes it. ``io``: how the
+    shards are read (:data:`~layerswap_fast.formats.checkpoint.IO_MODES`).
     """
     named = expert_names(experts)
     if not named:
         raise ConfigError("analyze needs at least one expert")
     if device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if io not in IO_MODES:
+        raise ConfigError(f"io must be one of {', '.join(IO_MODES)}, got {io!r}")
     opened: list[Checkpoint] = []
     try:
         base_ckpt = open_base(base)
@@ -178,6 +182,8 @@ def analyze(
             ckpts[name] = open_expert(path)
             opened.append(ckpts[name])
         num_layers = _validate(base_ckpt, ckpts)
+        for c in opened:
+            c.set_io(io)
         out_path = output_location(out_dir) if out_dir is not None else None
         if out_path is not None:
             check_output(out_path, guarded_paths(opened, []), force, 0)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..api import DEVICES, SwapConfig
+from ..api import DEVICES, IO_MODES, SwapConfig
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -61,8 +61,11 @@ def _gb(n: int) -> str:
               help="Where the row MAVs are computed: auto uses a CUDA GPU when there is one.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU worker threads (default: all cores).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--io", type=click.Choice(IO_MODES), default="auto", show_default=True,
+              help="How input shards are read: mmap (straight from a read-only mapping, no copy), pread "
+                   "(into buffers), or auto: mmap except on network and FUSE filesystems.")
 def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None, task_expert: Path | None,
-            out: Path, rows: bool, suggest: bool, device: str, threads: int | None, force: bool) -> None:
+            out: Path, rows: bool, suggest: bool, device: str, threads: int | None, force: bool, io: str) -> None:
     """Measure how far each expert moved from BASE: the row MAV (mean |expert - base| per row) of
     every parameter, as in Section 3.2 of the layer-swapping paper.
 
@@ -100,7 +103,7 @@ def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None,
 
     with _progress_bar("analyzing") as progress:
         stats = run_analysis(base, paths, out, rows=rows, device=device, threads=threads, force=force,
-                             progress=progress)
+                             progress=progress, io=io)
     gbps = stats.bytes_read / stats.seconds / 1e9 if stats.seconds > 0 else float("inf")
     n_tensors = len(next(iter(stats.experts.values())).tensors)
     click.echo(f"analyzed {len(stats.experts)} expert(s) against {base}: {n_tensors} tensors, "

@@ -294,6 +294,7 @@ def execute(
     threads: int = 0,
     sync: bool = False,
     checksum: str = DEFAULT_CHECKSUM,
+    io: str = "auto",
     progress: Progress | None = None,
     card: str | None = None,
     index: bool = True,
@@ -307,11 +308,14 @@ def execute(
     name (an adapter's ``adapter_config.json``), recorded like the card. Every input file is checked at the
     end: one that changed while the merge read it (size, inode, modification or change time)
     fails the merge, nothing published.
+    ``io``: how the kernels read the inputs (see :data:`~layerswap_fast.formats.checkpoint.IO_MODES`).
     ``sync`` makes the output durable (fsync) before it is published; without it, as with ``cp``,
     the kernel writes it back in its own time (a large output is still written back as it goes:
     see :mod:`layerswap_fast.writeback`).
     """
     start = time.perf_counter()
+    for ckpt in inputs.values():
+        ckpt.set_io(io)
     new = [s for s in shards if isinstance(s, ShardLayout)]
     total = sum(s.file_size for s in new)
     filler = _ShardFiller(inputs, backend, (lambda n: progress(n, total)) if progress else (lambda n: None),

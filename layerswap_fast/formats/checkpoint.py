@@ -26,6 +26,11 @@ from .hub import find_snapshot
 from .side_files import NAMES as SIDE_FILE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
+#: how the kernels read input shards: ``mmap`` straight from a read-only mapping (no copy; a file
+#: truncated under it is an error, not a crash), ``pread`` into buffers, or ``auto``: mmap except on
+#: network and FUSE filesystems, where faulting a mapping in page by page is far slower than reads
+IO_MODES = ("auto", "mmap", "pread")
+
 #: written beside every output: what made it, and every file's size and checksum (see verify)
 RECIPE_NAME = "layerswap_recipe.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "consolidated.00.pth")
@@ -204,6 +209,7 @@ class Checkpoint:
         self.revision: str | None = None if snapshot is None else snapshot.revision
         self.directory, shard_paths, weight_map = _find_weight_files(self.path)
         self._files: dict[Path, _core.InputFile] = {}
+        self._io = "auto"
         self._stamps: dict[Path, tuple[int, ...]] = {}
         try:
             self.shards: tuple[ShardHeader, ...] = tuple(self._open_shards(shard_paths))
@@ -300,13 +306,25 @@ class Checkpoint:
                 found.setdefault(Path(os.path.realpath(path)), f"the file {path} of the input {self.path}")
         return found
 
+    def set_io(self, io: str) -> None:
+        """How the kernels read this checkpoint's shards from now on: one of :data:`IO_MODES`
+        (the bytes are the same either way)."""
+        if io not in IO_MODES:
+            raise ValueError(f"io must be one of {', '.join(IO_MODES)}, got {io!r}")
+        self._io = io
+        for f in self._files.values():
+            try:
+                f.set_io(io)
+            except _core.CoreError as e:
+                raise CheckpointError(str(e)) from None
+
     def input_file(self, path: Path) -> _core.InputFile:
         """The read handle of one shard: the one its header was read through, kept open until
         :meth:`close` (reopened after that)."""
         f = self._files.get(path)
         if f is None:
             try:
-                f = self._files[path] = _core.InputFile(str(path))
+                f = self._files[path] = _core.InputFile(str(path), io=self._io)
             except _core.CoreError as e:
                 raise CheckpointError(str(e)) from None
         return f
