@@ -110,8 +110,10 @@ def demo(workdir: Path) -> None:
 
 def add_commands(group: click.Group) -> None:
     """Every command, the merge methods in registry order (``plan`` first: it shows a swap)."""
+    from .mergekit import mergekit_yaml
+
     group.add_command(plan_command())
-    for method in api.METHODS.values():
-        group.add_command(method_command(method))
+    for method in api.METHODS.values():  # mergekit's takes its own command line (CONFIG OUT), as mergekit's
+        group.add_command(mergekit_yaml if method.name == "mergekit" else method_command(method))
     group.add_command(verify_command)
     group.add_command(demo)

@@ -1,0 +1,209 @@
+"""The ops of mergekit 0.1.5's methods, step for step, so that the bytes equal its output.
+
+Each op computes in the recipe's ``compute_dtype`` with torch's rounding
+(:mod:`.torch_rounding`) and streams the tensor in chunks of :data:`CHUNK` elements: memory holds
+one chunk of every input, never a whole tensor. A selection by magnitude (TIES' top k,
+breadcrumbs' band) finds its exact thresholds in two streaming histogram passes over the float32
+bit patterns of |delta| (for non-negative floats their order), then keeps ranks in input order.
+Ranks among equal magnitudes are mergekit's ``argsort``, whose order among ties torch does not
+define; ours is the lower index first, so outputs can differ from mergekit's only at elements whose
+|delta| equals a threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import _core
+from ..dtypes import DTYPE_SIZES
+from ..formats.checkpoint import TensorSpec
+from ..plan import TensorRecipe
+from .backends import InputRange
+from .torch_rounding import encode, fma, round_to, scalar_in, sum_rounded, to_float32
+
+if TYPE_CHECKING:  # ops runs these lazily; a runtime import back would be a cycle
+    from .ops import OpContext
+
+#: elements per chunk: a few MB of float64 scratch per input
+CHUNK = 1 << 20
+#: mergekit's consensus methods by the number a recipe holds
+CONSENSUS = {0: None, 1: "sum", 2: "count"}
+
+
+class _Reader:
+    """Chunks of a recipe's inputs, each rounded into the compute dtype (mergekit casts on load)."""
+
+    def __init__(self, recipe: TensorRecipe, specs: Sequence[TensorSpec], inputs: Sequence[InputRange]):
+        self.specs, self.inputs, self.dtype = specs, inputs, recipe.compute_dtype
+        self.numel = specs[0].numel
+
+    def read(self, i: int, start: int, n: int) -> np.ndarray:
+        (f, offset), spec = self.inputs[i], self.specs[i]
+        size = DTYPE_SIZES[spec.dtype]
+        return round_to(to_float32(f.read(offset + start * size, n * size), spec.dtype), self.dtype)
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        for start in range(0, self.numel, CHUNK):
+            yield start, min(CHUNK, self.numel - start)
+
+
+def _write(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int, start: int,
+           values: np.ndarray) -> None:
+    size = DTYPE_SIZES[recipe.dtype]
+    writer.write(dst + start * size, encode(round_to(values, recipe.dtype), recipe.dtype))
+    ctx.advance(dst + (start + len(values)) * size, len(values) * size)
+
+
+def mk_linear(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+              inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``linear``: Σ wᵢ·xᵢ by fused multiply-adds in float32, divided by the float32
+    sum of the weights when ``normalize``, rounded into the compute dtype."""
+    reader = _Reader(recipe, specs, inputs)
+    weights = [np.float32(t.weight) for t in recipe.terms]
+    divisor = sum_rounded([np.array([w]) for w in weights], None)[0] if recipe.param("normalize") else None
+    for start, n in reader.chunks():
+        acc = np.zeros(n, dtype=np.float32)
+        for i, w in enumerate(weights):
+            acc = fma(acc, w, reader.read(i, start, n))
+        if divisor is not None:
+            acc = acc / divisor
+        _write(ctx, writer, recipe, dst, start, round_to(acc, recipe.compute_dtype))
+
+
+def mk_passthrough(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                   inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``passthrough``: the one input in the compute dtype, times ``scale`` if given."""
+    reader = _Reader(recipe, specs, inputs)
+    scale = dict(recipe.params).get("scale")
+    for start, n in reader.chunks():
+        x = reader.read(0, start, n)
+        if scale is not None:
+            x = round_to(x * np.float32(scale), recipe.compute_dtype)
+        _write(ctx, writer, recipe, dst, start, x)
+
+
+def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+             inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's generalized task arithmetic (task_arithmetic, ties, breadcrumbs...): base
+    ``terms[0]``, models ``terms[1:]`` weighted by their term weights. Each delta keeps the
+    descending magnitude ranks ``[lo.i, hi.i)`` when given, is weighted, and the deltas are summed
+    (only those agreeing with the elected sign under a consensus), divided by the summed weights
+    when ``normalize``, scaled by ``lambda`` and added to the base."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    params = dict(recipe.params)
+    models = range(1, len(recipe.terms))
+
+    def deltas(start: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        base = reader.read(0, start, n)
+        return base, [round_to(reader.read(i, start, n) - base, c) for i in models]
+
+    ranges = [(int(params[f"lo.{i}"]), int(params[f"hi.{i}"])) if f"lo.{i}" in params else None for i in models]
+    keep = _RankSelection(ranges, lambda: (deltas(s, n)[1] for s, n in reader.chunks()))
+    weights = [scalar_in(recipe.terms[i].weight, c) for i in models]
+    consensus = CONSENSUS[int(params.get("consensus", 0))]
+    for start, n in reader.chunks():
+        base, ds = deltas(start, n)
+        ds = [round_to(d * mask.astype(np.float32) * w, c)
+              for d, mask, w in zip(ds, keep.masks(ds), weights)]
+        mixed, divisor = _mix(ds, weights, consensus, c)
+        if params.get("normalize"):
+            mixed = round_to(mixed / divisor, c)
+        if params.get("lambda", 1.0) != 1.0:
+            mixed = round_to(mixed * np.float32(params["lambda"]), c)
+        _write(ctx, writer, recipe, dst, start, round_to(base + mixed, c))
+
+
+def _mix(ds: list[np.ndarray], weights: list[np.float32], consensus: str | None,
+         c: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The summed deltas and the divisor ``normalize`` uses (mergekit's ``get_mask`` and sums)."""
+    n = len(ds[0])
+    if consensus is None:
+        divisor = sum_rounded([np.full(1, w) for w in weights], c)
+        return sum_rounded(ds, c), np.where(np.abs(divisor) < 1e-8, np.float32(1), divisor)
+    signs = [np.sign(d) for d in ds]
+    elect = sum_rounded(ds, c) if consensus == "sum" else sum_rounded(signs, c)
+    majority = np.where(elect >= 0, np.float32(1), np.float32(-1))
+    agree = [(s == majority).astype(np.float32) for s in signs]  # multiplied, as torch does: -0.0 stays
+    mixed = sum_rounded([d * a for d, a in zip(ds, agree)], c)
+    divisor = sum_rounded([w * a for w, a in zip(weights, agree)], c)
+    return mixed, np.where(divisor == 0, np.float32(1), divisor) if n else divisor
+
+
+class _RankSelection:
+    """Per model, the elements whose rank by descending |delta| lies in ``[lo, hi)`` (None: all).
+
+    Thresholds come from :func:`_rank_keys` over ``stream`` (the deltas, chunk by chunk); then
+    :meth:`masks`, called on the chunks in order, counts equal magnitudes across chunks so that the
+    lower index ranks first."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int] | None], stream: Callable[[], Iterator[list[np.ndarray]]]):
+        self.ranges = ranges
+        wanted = [sorted({lo, hi - 1}) if r is not None and r[1] > r[0] else [] for r in ranges
+                  for lo, hi in [r or (0, 0)]]
+        self.keys = _rank_keys(stream, wanted) if any(wanted) else [[] for _ in ranges]
+        self.seen: list[dict[int, int]] = [{} for _ in ranges]
+
+    def masks(self, ds: list[np.ndarray]) -> list[np.ndarray]:
+        return [self._mask(i, d) for i, d in enumerate(ds)]
+
+    def _mask(self, i: int, d: np.ndarray) -> np.ndarray:
+        r = self.ranges[i]
+        if r is None:
+            return np.ones(len(d), dtype=bool)
+        lo, hi = r
+        if hi <= lo:
+            return np.zeros(len(d), dtype=bool)
+        key = np.abs(d).view(np.uint32)
+        (top, _), (bottom, _) = self.keys[i][0], self.keys[i][-1]
+        keep = (key > bottom) & (key < top)
+        for value, greater in dict(self.keys[i]).items():
+            equal = key == value
+            rank = greater + self.seen[i].get(value, 0) + np.cumsum(equal) - 1
+            keep |= equal & (rank >= lo) & (rank < hi)
+            self.seen[i][value] = self.seen[i].get(value, 0) + int(equal.sum())
+        return keep
+
+
+def _rank_keys(stream: Callable[[], Iterator[list[np.ndarray]]],
+               wanted: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:
+    """For each model and each wanted rank r (descending |delta|): the float32 bit pattern of the
+    magnitude at rank r and how many magnitudes exceed it. Two passes: a histogram of the high 16
+    bits, then of the low 16 bits inside the bucket each rank falls in."""
+    high = [np.zeros(1 << 16, dtype=np.int64) for _ in wanted]
+    for ds in stream():
+        for i, d in enumerate(ds):
+            if wanted[i]:
+                high[i] += np.bincount(np.abs(d).view(np.uint32) >> 16, minlength=1 << 16)
+    buckets = [[_locate(h, r) for r in ranks] for h, ranks in zip(high, wanted)]
+    low = [[np.zeros(1 << 16, dtype=np.int64) for _ in ranks] for ranks in wanted]
+    for ds in stream():
+        for i, d in enumerate(ds):
+            key = np.abs(d).view(np.uint32)
+            for j, (bucket, _, _) in enumerate(buckets[i]):
+                inside = key[(key >> 16) == bucket] & np.uint32(0xFFFF)
+                low[i][j] += np.bincount(inside, minlength=1 << 16)
+    result = []
+    for i, ranks in enumerate(wanted):
+        found = []
+        for j, r in enumerate(ranks):
+            bucket, above, rest = buckets[i][j]
+            value, greater, _ = _locate(low[i][j], rest)
+            found.append(((bucket << 16) | value, above + greater))
+        result.append(found)
+    return result
+
+
+def _locate(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
+    """The bin holding descending rank ``rank``, how many counts lie in higher bins, and the rank
+    within the bin."""
+    from_top = np.cumsum(hist[::-1])
+    index = int(np.searchsorted(from_top, rank, side="right"))
+    above = int(from_top[index - 1]) if index else 0
+    return len(hist) - 1 - index, above, rank - above
+
+
+MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta}

@@ -1,0 +1,248 @@
+"""mergekit 0.1.5's merges from its YAML config, planned tensor by tensor as mergekit plans them.
+
+The plan follows mergekit's ``MergePlanner``: the tensors before the layers (embeddings) take the
+first slice's sources, the layers each slice's in turn (renumbered from 0, so slices may stack more
+layers than any input has), the tensors after the layers (final norm, lm_head) the last slice's.
+Parameters resolve per tensor with mergekit's precedence (the source's own, the slice's, the
+config's), per-model ones by the input tensor's name, shared ones by the output's; a gradient
+takes ``t = i/(L−1)`` at the i-th of a slice's L layers (1 when L is 1) and 0 outside the layers.
+Each recipe names one of the ``mk_*`` ops, which compute what mergekit computes in its dtype
+(``dtype``, else the inputs' promoted dtype), then round into ``out_dtype``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError, MismatchError
+from ..formats.model_card import options_list
+from ..plan import MergePlan, SpecLike, TensorRecipe, Term
+from ..plan.layers import classify, renumber
+from .common import BASE, model_role
+from .method import Method, Option, PathLike, PlanInputs
+from .mergekit_config import MergekitConfig, OutputSlice, Param, Source, parse_config, resolve
+
+
+@dataclass(frozen=True)
+class MergekitMethod:
+    """One of mergekit's methods as we plan it: its op, its parameters, and for the generalized
+    task arithmetic family its consensus (0 none, 1 sum) and sparsification."""
+
+    name: str
+    op: str
+    params: tuple[Param, ...]
+    uses_base: bool = False
+    consensus: int = 0
+    sparsify: str | None = None
+
+
+def _task_arithmetic(name: str, consensus: int, sparsify: str | None, normalize: bool,
+                     more: tuple[Param, ...] = ()) -> MergekitMethod:
+    params = (Param("int8_mask", bool, "shared", False), Param("normalize", bool, "shared", normalize),
+              Param("rescale", bool, "shared", False), Param("lambda", float, "shared", 1.0),
+              Param("weight", float, "non_base", required=True), Param("density", float, "non_base", 1.0), *more)
+    return MergekitMethod(name, "mk_delta", params, True, consensus, sparsify)
+
+
+GAMMA = Param("gamma", float, "non_base", 0.01)
+MERGEKIT_METHODS = {m.name: m for m in (
+    MergekitMethod("linear", "mk_linear", (Param("weight", float, "input", required=True),
+                                           Param("normalize", bool, "shared", True))),
+    MergekitMethod("passthrough", "mk_passthrough", (Param("scale", float, "input"),)),
+    _task_arithmetic("task_arithmetic", 0, None, False),
+    _task_arithmetic("ties", 1, "magnitude", True),
+    _task_arithmetic("breadcrumbs", 0, "magnitude_outliers", False, (GAMMA,)),
+    _task_arithmetic("breadcrumbs_ties", 1, "magnitude_outliers", False, (GAMMA,)),
+)}
+
+
+def config_roles(config: MergekitConfig) -> dict[str, str]:
+    """Each model the config names → its input role: the base ``base``, the others ``model.i``."""
+    roles = {}
+    for name in config.referenced():
+        roles[name] = BASE if name == config.base_model else model_role(len(roles) - (BASE in roles.values()))
+    return roles
+
+
+def _inputs(options: Mapping[str, Any]) -> dict[str, PathLike]:
+    config = parse_config(options["yaml"])
+    if config.merge_method not in MERGEKIT_METHODS:
+        raise ConfigError(f"merge_method {config.merge_method!r} is not supported; supported: "
+                          f"{', '.join(MERGEKIT_METHODS)}")
+    return {role: path for path, role in config_roles(config).items()}
+
+
+def _plan(inputs: PlanInputs, options: Mapping[str, Any]) -> MergePlan:
+    config = parse_config(options["yaml"])
+    return MergekitPlanner(config, config_roles(config), inputs.specs).plan()
+
+
+class MergekitPlanner:
+    """Turns a config and the inputs' tensor specs (by role) into a plan."""
+
+    def __init__(self, config: MergekitConfig, roles: Mapping[str, str], specs: Mapping[str, Sequence[SpecLike]]):
+        self.config, self.roles = config, roles
+        self.method = MERGEKIT_METHODS[config.merge_method]
+        self.specs = {role: {s.name: s for s in role_specs} for role, role_specs in specs.items()}
+        self.recipes: list[TensorRecipe] = []
+
+    def slices(self) -> tuple[OutputSlice, ...]:
+        c = self.config
+        if c.slices is not None:
+            return c.slices
+        assert c.models is not None
+        sources = list(c.models)
+        if c.base_model and all(s.model != c.base_model for s in sources):
+            sources.append(Source(c.base_model, None, {}))
+        return (OutputSlice(tuple(sources), None, {}),)
+
+    def layers_of(self, model: str) -> dict[int, list[str]]:
+        by_layer: dict[int, list[str]] = {}
+        for name in self.specs[self.roles[model]]:
+            layer = classify(name).layer
+            if layer is not None:
+                by_layer.setdefault(layer, []).append(name)
+        return by_layer
+
+    def plan(self) -> MergePlan:
+        slices = self.slices()
+        first, last = slices[0], slices[-1]
+        outside = [n for n in self.specs[self.roles[first.sources[0].model]] if classify(n).layer is None]
+        before = [n for n in outside if classify(n).kind == "embed"]
+        for name in before:
+            self.tensor(name, [(s, name) for s in first.sources], first, 0.0)
+        layer = 0
+        for out in slices:
+            layer = self.plan_slice(out, layer)
+        for name in outside:
+            if name not in before:
+                self.tensor(name, [(s, name) for s in last.sources], last, 0.0)
+        changes = (("num_hidden_layers", layer),) if self.config.slices is not None else ()
+        dtype = self.config.out_dtype or self.config.dtype
+        return MergePlan(layer, self.config, dtype, (), (), tuple(self.recipes), method="mergekit",
+                         config_changes=changes)
+
+    def plan_slice(self, out: OutputSlice, layer: int) -> int:
+        ranges = []
+        for s in out.sources:
+            have = self.layers_of(s.model)
+            start, end = s.layer_range or (0, len(have))
+            if end > len(have):
+                raise ConfigError(f"layer_range [{start}, {end}] of {s.model} is beyond its {len(have)} layers")
+            ranges.append((start, end))
+        count = ranges[0][1] - ranges[0][0]
+        if any(end - start != count for start, end in ranges):
+            raise ConfigError("all sources of a slice must have the same number of layers")
+        first_layers = self.layers_of(out.sources[0].model)
+        for i in range(count):
+            t = i / (count - 1) if count > 1 else 1.0
+            for name in first_layers[ranges[0][0] + i]:
+                inputs = [(s, renumber(name, start + i)) for s, (start, _) in zip(out.sources, ranges)]
+                self.tensor(renumber(name, layer), inputs, out, t)
+            layer += 1
+        return layer
+
+    def tensor(self, out_name: str, inputs: Sequence[tuple[Source, str]], out: OutputSlice, t: float) -> None:
+        specs = []
+        for source, name in inputs:
+            spec = self.specs[self.roles[source.model]].get(name)
+            if spec is None:
+                raise MismatchError(f"tensor {name!r} is not in {source.model}")
+            specs.append(spec)
+        shapes = {tuple(s.shape) for s in specs}
+        if len(shapes) > 1:
+            raise MismatchError(f"tensor {out_name!r}: the inputs' shapes differ: {sorted(shapes)}")
+        self.recipes.append(self.recipe(out_name, inputs, specs, out, t))
+
+    def recipe(self, out_name: str, inputs: Sequence[tuple[Source, str]], specs: Sequence[SpecLike],
+               out: OutputSlice, t: float) -> TensorRecipe:
+        m, c = self.method, self.config
+        compute = c.dtype or _promoted([s.dtype for s in specs])
+        dtype = c.out_dtype or compute
+        shape = tuple(specs[0].shape)
+        layer = classify(out_name).layer
+        shared = {p.name: resolve(p, [out.parameters, c.parameters], out_name, t)
+                  for p in m.params if p.scope == "shared"}
+        base = (out.base_model or c.base_model) if m.uses_base else None
+        models = [(source, name, spec) for (source, name), spec in zip(inputs, specs)]
+        if m.uses_base:
+            if base is None or all(s.model != base for s, _, _ in models):
+                raise ConfigError(f"merge_method {m.name} needs a base_model among its inputs")
+            models = [x for x in models if x[0].model == base][:1] + [x for x in models if x[0].model != base]
+        per_model = [self.per_model(source, name, out, t, source.model == base) for source, name, _ in models]
+
+        def term(source: Source, name: str, weight: float) -> Term:
+            return Term(self.roles[source.model], weight, None if name == out_name else name)
+
+        if m.op == "mk_passthrough":
+            if len(models) != 1:
+                raise ConfigError("passthrough takes exactly one input per slice")
+            scale = per_model[0]["scale"]
+            (source, name, spec) = models[0]
+            if scale is None and spec.dtype == compute == dtype:
+                return TensorRecipe(out_name, dtype, shape, layer, "copy", (term(source, name, 1.0),))
+            params = (("scale", scale),) if scale is not None else ()
+            return TensorRecipe(out_name, dtype, shape, layer, "mk_passthrough", (term(source, name, 1.0),), params,
+                                compute_dtype=compute)
+        if m.op == "mk_linear":
+            terms = tuple(term(s, n, p["weight"]) for (s, n, _), p in zip(models, per_model))
+            return TensorRecipe(out_name, dtype, shape, layer, "mk_linear", terms,
+                                (("normalize", float(shared["normalize"])),), compute_dtype=compute)
+        if shared["rescale"]:
+            raise ConfigError(f"merge_method {m.name}: rescale: true is not supported")
+        numel = 1
+        for d in shape:
+            numel *= d
+        terms = [term(models[0][0], models[0][1], 1.0)]
+        params: list[tuple[str, float]] = [("lambda", shared["lambda"]), ("normalize", float(shared["normalize"])),
+                                           ("consensus", float(m.consensus))]
+        for i, ((source, name, _), p) in enumerate(zip(models[1:], per_model[1:]), start=1):
+            terms.append(term(source, name, p["weight"]))
+            kept = kept_ranks(m.sparsify, p, numel)
+            if kept is not None:
+                params += [(f"lo.{i}", float(kept[0])), (f"hi.{i}", float(kept[1]))]
+        return TensorRecipe(out_name, dtype, shape, layer, "mk_delta", tuple(terms), tuple(params),
+                            compute_dtype=compute)
+
+    def per_model(self, source: Source, name: str, out: OutputSlice, t: float, is_base: bool) -> dict[str, Any]:
+        scopes = [s.parameters for s in out.sources if s.model == source.model] + [out.parameters,
+                                                                                    self.config.parameters]
+        return {p.name: resolve(p, scopes, name, t) for p in self.method.params
+                if p.scope == "input" or (p.scope == "non_base" and not is_base)}
+
+
+def kept_ranks(sparsify: str | None, p: Mapping[str, Any], numel: int) -> tuple[int, int] | None:
+    """The ranks by descending |delta| a model's delta keeps, ``[lo, hi)`` (None: all), as
+    mergekit's ``magnitude`` (top ``max(1, int(density·numel))``) and ``magnitude_outliers``
+    (the top ``int(gamma·numel)`` dropped, then the smallest down to ``int(density·numel)``)."""
+    density = p["density"]
+    if sparsify is None or density >= 1:
+        return None
+    if sparsify == "magnitude":
+        if density <= 0 or numel == 0:
+            return (0, 0)
+        return (0, max(1, int(density * numel)))
+    target, top = int(density * numel), int(p["gamma"] * numel)
+    bottom = max(0, numel - target - top)
+    end = min(numel, bottom + target)
+    return (numel - end, numel - bottom)
+
+
+def _promoted(dtypes: Sequence[str]) -> str:
+    """torch.promote_types over the inputs' dtypes: equal ones stay, BF16 with F16 gives F32."""
+    return dtypes[0] if len(set(dtypes)) == 1 else "F32"
+
+
+def _describe(plan: MergePlan, shown: Mapping[str, Any]) -> str:
+    c = plan.config
+    return (f"A mergekit merge (merge_method: {c.merge_method}), computed as mergekit 0.1.5 computes it, from "
+            f"this config:\n\n```yaml\n{str(shown.get('yaml', '')).rstrip()}\n```\n\n{options_list({})}")
+
+
+METHOD = Method(
+    name="mergekit", command="mergekit-yaml",
+    summary="Run a mergekit YAML config, with mergekit 0.1.5's numbers.",
+    options=(Option("yaml", "text", "The mergekit YAML config, as text.", required=True),),
+    inputs=_inputs, plan=_plan, counts_layers=False, describe=_describe)

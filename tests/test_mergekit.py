@@ -1,0 +1,178 @@
+"""mergekit YAML configs run through mergekit 0.1.5 itself and through us: every tensor compared.
+
+Deterministic methods must give the same bytes; where mergekit's order is undefined (``argsort``
+among equal magnitudes), the differences must lie only at elements whose |delta| equals a
+selection threshold that more elements share than the selection keeps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import layerswap_fast as ls
+from layerswap_fast.cli import main
+from support import load_tensors, make_llama_trio, raw_bytes, snapshot
+
+pytest.importorskip("mergekit")
+
+
+@pytest.fixture(scope="module")
+def trios(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("mergekit_inputs")
+    return {"bf16": make_llama_trio(root / "bf16", num_layers=3, roles=("base", "a", "b", "c"), shard="40KB"),
+            "f32": make_llama_trio(root / "f32", num_layers=3, roles=("base", "a", "b", "c"), dtype=torch.float32,
+                                   shard="1GB", seed=1)}
+
+
+def run_mergekit(config: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(config), str(out),
+              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, random_seed=0))
+    return load_tensors(out)
+
+
+def run_ours(config: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
+    ls.api.run_mergekit_config(config, out, copy_tokenizer=False)
+    return load_tensors(out)
+
+
+def different(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors whose bytes differ, as a mask of the differing elements."""
+    assert set(ours) == set(ref)
+    for name, t in ref.items():
+        assert ours[name].dtype == t.dtype and ours[name].shape == t.shape, name
+    return {n: ours[n] != t for n, t in ref.items() if raw_bytes(ours[n]) != raw_bytes(t)}
+
+
+def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
+    a, b, c, base = (str(trio[r]) for r in ("a", "b", "c", "base"))
+    return {
+        "linear": {"models": [{"model": a, "parameters": {"weight": 0.3}},
+                              {"model": b, "parameters": {"weight": [0.2, 0.9]}},
+                              {"model": c, "parameters": {"weight": [{"filter": "mlp", "value": 2}, {"value": 0.1}]}}],
+                   "merge_method": "linear", "dtype": dtype},
+        "linear_slices": {"slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2], "parameters": {"weight": [1.0, 0.2]}},
+                         {"model": b, "layer_range": [1, 3], "parameters": {"weight": 0.5}}]},
+            {"sources": [{"model": b, "layer_range": [0, 3], "parameters": {"weight": 1}},
+                         {"model": a, "layer_range": [0, 3], "parameters": {"weight": [0, 1, 0.3]}}],
+             "parameters": {"normalize": False}}],
+            "merge_method": "linear", "out_dtype": "bfloat16"},
+        "task_arithmetic": {"models": [{"model": a, "parameters": {"weight": 0.7}},
+                                       {"model": b, "parameters": {"weight": [0.2, 0.9]}}],
+                            "base_model": base, "merge_method": "task_arithmetic", "dtype": dtype,
+                            "parameters": {"lambda": 0.8}},
+        "ties": {"models": [{"model": base}, {"model": a, "parameters": {"weight": 0.7, "density": 0.5}},
+                            {"model": b, "parameters": {"weight": 0.5, "density": 0.3}},
+                            {"model": c, "parameters": {"weight": [1, 0.2], "density": 0.6}}],
+                 "base_model": base, "merge_method": "ties", "dtype": dtype},
+        "breadcrumbs_ties": {"models": [{"model": a, "parameters": {"weight": 0.7, "density": 0.5}},
+                                        {"model": b, "parameters": {"weight": 0.5, "density": 0.8}}],
+                             "base_model": base, "merge_method": "breadcrumbs_ties", "dtype": dtype,
+                             "parameters": {"gamma": 0.05, "normalize": True}},
+        "breadcrumbs": {"models": [{"model": a, "parameters": {"weight": 0.7, "density": 0.5}},
+                                   {"model": b, "parameters": {"weight": 0.5, "density": 0.9}}],
+                        "base_model": base, "merge_method": "breadcrumbs", "dtype": dtype},
+        "passthrough": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
+                                   {"sources": [{"model": b, "layer_range": [1, 3], "parameters": {
+                                       "scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
+                                   {"sources": [{"model": a, "layer_range": [2, 3]}]}],
+                        "merge_method": "passthrough", "dtype": dtype},
+    }
+
+
+EXACT = ["linear", "linear_slices", "task_arithmetic", "passthrough"]
+SELECTING = ["ties", "breadcrumbs_ties", "breadcrumbs"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+@pytest.mark.parametrize("method", EXACT)
+def test_same_bytes_as_mergekit(trios: dict[str, dict[str, Path]], tmp_path: Path, method: str, dtype: str) -> None:
+    config = configs(trios[dtype], {"bf16": "bfloat16", "f32": "float32"}[dtype])[method]
+    assert different(run_ours(config, tmp_path / "ours"), run_mergekit(config, tmp_path / "ref")) == {}
+
+
+@pytest.mark.parametrize("method", SELECTING)
+def test_selections_same_bytes_as_mergekit_in_float32(trios: dict[str, dict[str, Path]], tmp_path: Path,
+                                                      method: str) -> None:
+    """Random float32 deltas have no equal magnitudes at a threshold: every byte agrees."""
+    config = configs(trios["f32"], "float32")[method]
+    assert different(run_ours(config, tmp_path / "ours"), run_mergekit(config, tmp_path / "ref")) == {}
+
+
+def test_ties_in_bfloat16_differs_only_at_tied_magnitudes(trios: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    trio = trios["bf16"]
+    config = configs(trio, "bfloat16")["ties"]
+    diff = different(run_ours(config, tmp_path / "ours"), run_mergekit(config, tmp_path / "ref"))
+    assert diff, "bf16 deltas of this trio do tie at the thresholds; the check below must see some"
+    inputs = {r: load_tensors(trio[r]) for r in ("base", "a", "b", "c")}
+    for name, mask in diff.items():
+        tied = torch.zeros_like(mask)
+        for role, density in (("a", 0.5), ("b", 0.3), ("c", 0.6)):
+            d = (inputs[role][name] - inputs["base"][name]).abs().float().flatten()
+            k = max(1, int(density * d.numel()))
+            kth = d.sort(descending=True).values[k - 1]
+            if (d >= kth).sum() > k:
+                tied |= (d == kth).reshape(mask.shape)
+        assert not (mask & ~tied).any(), name
+
+
+def test_config_json_has_the_slices_layer_count(trios: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    import json
+
+    config = configs(trios["bf16"], "bfloat16")["passthrough"]
+    run_ours(config, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_hidden_layers"] == 5
+    assert len({n for n in load_tensors(tmp_path / "ours") if ".layers.4." in n}) == 9
+
+
+def test_the_command_line_writes_what_the_api_writes(trios: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    config = tmp_path / "ties.yml"
+    config.write_text(yaml.safe_dump(configs(trios["bf16"], "bfloat16")["ties"]))
+    r = CliRunner().invoke(main, ["mergekit-yaml", str(config), str(tmp_path / "cli"), "--out-shard-size", "50K",
+                                  "--lazy-unpickle", "--allow-crimes", "--random-seed", "3", "--no-copy-tokenizer"])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "cli").glob("*.safetensors"))) == 2
+    api = run_ours(yaml.safe_load(config.read_text()), tmp_path / "api")
+    assert different(load_tensors(tmp_path / "cli"), api) == {}
+    assert ls.verify(tmp_path / "cli").summary().startswith("ok")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("merge_method: linear\nmodels: [{model: A}]\nmodules: {}\n", "modules: multi-module configs"),
+    ("merge_method: linear\nmodels: [{model: A}]\ntokenizer_source: union\n", "tokenizer_source: union"),
+    ("merge_method: linear\nmodels: [{model: A}]\ntokenizer: {source: base}\n", "tokenizer: (token surgery"),
+    ("merge_method: linear\nmodels: [{model: A}]\nfrobnicate: 1\n", "unsupported key frobnicate"),
+    ("merge_method: linear\nmodels: [{model: A, weight: 1}]\n", "unknown key models[0].weight"),
+    ("merge_method: nope\nmodels: [{model: A}]\n", "merge_method 'nope' is not supported"),
+    ("merge_method: linear\nmodels: [{model: A}]\nslices: [{sources: [{model: A, layer_range: [0, 1]}]}]\n",
+     "exactly one of models: or slices:"),
+    ("merge_method: linear\nmodels: [{model: A}]\ndtype: int8\n", "dtype must be one of"),
+    ("merge_method: linear\nmodels: [{model: A}]\n", "missing required parameter weight"),
+    ("merge_method: linear\nmodels: [{model: A, parameters: {weight: abc}}]\n", "weight must be a finite number"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: A, layer_range: [0, 9]}]}]\n", "beyond its 3 layers"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: A, layer_range: [2, 1]}]}]\n", "is empty"),
+    ("merge_method: ties\nmodels: [{model: A, parameters: {weight: 1}}]\n", "needs a base_model"),
+    ("a: &x [1]\nb: *x\n", "alias"),
+    ("merge_method: linear\nmodels: [{model: A+lora}]\n", "LoRA applied with '+'"),
+    ("merge_method: linear\nmodels: [{model: A, parameters: {weight: 1}}]\nchat_template: chatml\n",
+     "built-in templates"),
+])
+def test_a_bad_config_is_one_line_and_writes_nothing(trios: dict[str, dict[str, Path]], tmp_path: Path, text: str,
+                                                     message: str) -> None:
+    config = tmp_path / "bad.yml"
+    config.write_text(text.replace("A", str(trios["bf16"]["a"])))
+    before = snapshot(trios["bf16"]["a"])
+    r = CliRunner().invoke(main, ["mergekit-yaml", str(config), str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert r.output.count("\n") == 1 and r.output.startswith("error: ") and message in r.output, r.output
+    assert not (tmp_path / "out").exists() and snapshot(trios["bf16"]["a"]) == before
