@@ -82,6 +82,12 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
         "breadcrumbs": {"models": [{"model": a, "parameters": {"weight": 0.7, "density": 0.5}},
                                    {"model": b, "parameters": {"weight": 0.5, "density": 0.9}}],
                         "base_model": base, "merge_method": "breadcrumbs", "dtype": dtype},
+        "slerp": {"slices": [{"sources": [{"model": a, "layer_range": [0, 3]}, {"model": b, "layer_range": [0, 3]}]}],
+                  "base_model": a, "merge_method": "slerp", "dtype": dtype,
+                  "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]},
+                                       {"filter": "mlp", "value": [1, 0.3, 0]}, {"value": 0.4}]}},
+        "nearswap": {"models": [{"model": a}, {"model": b}], "base_model": a, "merge_method": "nearswap",
+                     "dtype": dtype, "parameters": {"t": [{"filter": "mlp", "value": [0.001, 0.01]}, {"value": 0.004}]}},
         "passthrough": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
                                    {"sources": [{"model": b, "layer_range": [1, 3], "parameters": {
                                        "scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
@@ -90,7 +96,7 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
     }
 
 
-EXACT = ["linear", "linear_slices", "task_arithmetic", "passthrough"]
+EXACT = ["linear", "linear_slices", "task_arithmetic", "passthrough", "nearswap"]
 SELECTING = ["ties", "breadcrumbs_ties", "breadcrumbs"]
 
 
@@ -107,6 +113,23 @@ def test_selections_same_bytes_as_mergekit_in_float32(trios: dict[str, dict[str,
     """Random float32 deltas have no equal magnitudes at a threshold: every byte agrees."""
     config = configs(trios["f32"], "float32")[method]
     assert different(run_ours(config, tmp_path / "ours"), run_mergekit(config, tmp_path / "ref")) == {}
+
+
+def test_slerp_in_bfloat16_same_bytes_and_in_float32_within_one_ulp(trios: dict[str, dict[str, Path]],
+                                                                    tmp_path: Path) -> None:
+    """Norms and dots are summed in torch's order, so bf16 agrees byte for byte; in float32 a
+    coefficient can differ in its last bit where torch's vectorised ``sin`` (SLEEF, 1-ulp) is not
+    correctly rounded, and an output then by at most that bit's share of |a| + |b|."""
+    bf16 = configs(trios["bf16"], "bfloat16")["slerp"]
+    assert different(run_ours(bf16, tmp_path / "ours"), run_mergekit(bf16, tmp_path / "ref")) == {}
+    f32 = configs(trios["f32"], "float32")["slerp"]
+    ours, ref = run_ours(f32, tmp_path / "ours32"), run_mergekit(f32, tmp_path / "ref32")
+    a, b = load_tensors(trios["f32"]["a"]), load_tensors(trios["f32"]["b"])
+    diff = different(ours, ref)
+    assert len(diff) < len(ref) / 4
+    for name in diff:
+        bound = 2.0**-22 * (a[name].abs() + b[name].abs()) + 2.0**-126
+        assert ((ours[name] - ref[name]).abs() <= bound).all(), name
 
 
 def test_ties_in_bfloat16_differs_only_at_tied_magnitudes(trios: dict[str, dict[str, Path]], tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ define; ours is the lower index first, so outputs can differ from mergekit's onl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -22,13 +23,15 @@ from ..dtypes import DTYPE_SIZES
 from ..formats.checkpoint import TensorSpec
 from ..plan import TensorRecipe
 from .backends import InputRange
-from .torch_rounding import encode, fma, round_to, scalar_in, sum_rounded, to_float32
+from .torch_rounding import encode, fma, round_to, scalar_in, sum_rounded, to_float32, torch_norm, torch_sum
 
 if TYPE_CHECKING:  # ops runs these lazily; a runtime import back would be a cycle
     from .ops import OpContext
 
 #: elements per chunk: a few MB of float64 scratch per input
 CHUNK = 1 << 20
+#: the elements of one tensor that mergekit's slerp reduces at a time (its ``_CHUNK_ELEMENTS``)
+SLERP_CHUNK = 1024 * 1024
 #: mergekit's consensus methods by the number a recipe holds
 CONSENSUS = {0: None, 1: "sum", 2: "count"}
 
@@ -45,9 +48,9 @@ class _Reader:
         size = DTYPE_SIZES[spec.dtype]
         return round_to(to_float32(f.read(offset + start * size, n * size), spec.dtype), self.dtype)
 
-    def chunks(self) -> Iterator[tuple[int, int]]:
-        for start in range(0, self.numel, CHUNK):
-            yield start, min(CHUNK, self.numel - start)
+    def chunks(self, size: int = CHUNK) -> Iterator[tuple[int, int]]:
+        for start in range(0, self.numel, size):
+            yield start, min(size, self.numel - start)
 
 
 def _write(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int, start: int,
@@ -115,6 +118,58 @@ def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
         if params.get("lambda", 1.0) != 1.0:
             mixed = round_to(mixed * np.float32(params["lambda"]), c)
         _write(ctx, writer, recipe, dst, start, round_to(base + mixed, c))
+
+
+def mk_nearswap(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``nearswap``: w = clamp(t / max(|base − x|, 1e-6), 0, 1), then w·x + (1 − w)·base."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    t = np.float32(recipe.param("t"))
+    for start, n in reader.chunks():
+        a, b = reader.read(0, start, n), reader.read(1, start, n)
+        near = round_to(np.maximum(round_to(np.abs(a - b), c), np.float32(1e-6)), c)
+        # `t / tensor` in torch is reciprocal(tensor) · t, two roundings
+        w = np.clip(round_to(round_to(np.float32(1) / near, c) * t, c), 0, 1)
+        _write(ctx, writer, recipe, dst, start,
+               round_to(round_to(w * b, c) + round_to(round_to(1 - w, c) * a, c), c))
+
+
+def mk_slerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+             inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``slerp`` from the base (input 0) to input 1 at ``t``, the whole tensor one
+    vector, in float32: per chunk of :data:`SLERP_CHUNK` the norms, their norm, then per chunk
+    the dot product of the normalised vectors, their sum, then the spherical (or, when
+    |cos| > 0.9995, linear) coefficients. Two streaming passes find the reductions, summed in
+    torch's order (:func:`torch_sum`, :func:`torch_norm`)."""
+    reader = _Reader(recipe, specs, inputs)
+    parts: list[list[np.float32]] = [[], []]
+    for start, n in reader.chunks(SLERP_CHUNK):
+        for i in (0, 1):
+            parts[i].append(torch_norm(reader.read(i, start, n)))
+    norms = [torch_norm(np.array(p, dtype=np.float32)) if p else np.float32(0) for p in parts]
+    norms = [x if x > np.float32(1e-8) else np.float32(1) for x in norms]
+    dots = [torch_sum((reader.read(0, start, n) / norms[0]) * (reader.read(1, start, n) / norms[1]))
+            for start, n in reader.chunks(SLERP_CHUNK)]
+    dot = np.clip(torch_sum(np.array(dots, dtype=np.float32)), np.float32(-1), np.float32(1))
+    coef_a, coef_b = slerp_coefficients(np.float32(recipe.param("t")), dot)
+    for start, n in reader.chunks():
+        x, y = reader.read(0, start, n), reader.read(1, start, n)
+        _write(ctx, writer, recipe, dst, start, round_to(coef_a * x + coef_b * y, recipe.compute_dtype))
+
+
+def slerp_coefficients(t: np.float32, dot: np.float32, threshold: float = 0.9995) -> tuple[np.float32, np.float32]:
+    """The weights of the two vectors, as mergekit's float32 steps compute them. torch's
+    ``acos`` and ``sin`` of a one-element tensor are the C library's float functions, correctly
+    rounded: the double result rounded to float32 is the same (numpy's own float32 ``sin`` is not
+    always)."""
+    if abs(dot) > threshold:
+        return np.float32(1) - t, t
+    theta = np.float32(math.acos(dot))
+    sin_theta = np.float32(math.sin(theta))
+    one_minus_t = np.float32(1) - t
+    return (np.float32(math.sin(np.float32(one_minus_t * theta))) / sin_theta,
+            np.float32(math.sin(np.float32(t * theta))) / sin_theta)
 
 
 def _mix(ds: list[np.ndarray], weights: list[np.float32], consensus: str | None,
@@ -206,4 +261,5 @@ def _locate(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
     return len(hist) - 1 - index, above, rank - above
 
 
-MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta}
+MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta,
+                "mk_nearswap": mk_nearswap, "mk_slerp": mk_slerp}

@@ -76,3 +76,81 @@ def sum_rounded(xs: Sequence[np.ndarray], dtype: str | None) -> np.ndarray:
     for x in xs[1:]:
         acc += x
     return round_to(acc, dtype)
+
+
+#: float32 lanes of torch's CPU reductions (AVX2's 256-bit vectors)
+LANES = 8
+
+
+def torch_sum(x: np.ndarray) -> np.float32:
+    """``x.sum()`` of a contiguous float32 vector as torch's CPU kernel sums it on one thread:
+    8 lanes, 4 interleaved vectors, each summed in a 4-level cascade of blocks, then the tail
+    and the lanes in order. (Over 32768 elements torch splits the sum among its threads, which
+    changes the order; mergekit's own bytes then depend on its thread count.)"""
+    x = np.asarray(x, dtype=F32)
+    if len(x) < LANES:  # too short for a vector: the same cascade over scalars
+        partial = _cascade(x[:len(x) // 4 * 4].reshape(-1, 4))
+        for value in x[len(x) // 4 * 4:]:
+            partial[0] = F32(partial[0] + value)
+        total = partial[0]
+        for value in partial[1:]:
+            total = F32(total + value)
+        return total
+    groups = len(x) // (LANES * 4)
+    rows = x[:groups * LANES * 4].reshape(groups, 4 * LANES)
+    partial = _cascade(rows)
+    vectors = len(x) // LANES
+    for i in range(groups * 4, vectors):
+        partial[:LANES] += x[i * LANES:(i + 1) * LANES]
+    lanes = partial[:LANES]
+    for k in range(1, 4):
+        lanes = lanes + partial[k * LANES:(k + 1) * LANES]
+    total = F32(0)
+    for value in x[vectors * LANES:]:
+        total = F32(total + value)
+    for value in lanes:
+        total = F32(total + value)
+    return total
+
+
+def _cascade(rows: np.ndarray) -> np.ndarray:
+    """torch's ``multi_row_sum``: blocks of ``2**power`` rows summed in order, carried up four
+    levels of accumulators at block boundaries."""
+    size = len(rows)
+    power = max(4, (int(size - 1).bit_length() if size > 1 else 0) // 4)
+    step, levels = 1 << power, 4
+    acc = np.zeros((levels, rows.shape[1]), dtype=F32)
+    blocks = size // step
+    if blocks:
+        sums = np.cumsum(rows[:blocks * step].reshape(blocks, step, -1), axis=1, dtype=F32)[:, -1]
+    for b in range(blocks):
+        acc[0] = acc[0] + sums[b]
+        end = (b + 1) * step
+        for j in range(1, levels):
+            acc[j] = acc[j] + acc[j - 1]
+            acc[j - 1] = 0
+            if end & ((step - 1) << (j * power)):
+                break
+    for row in rows[blocks * step:]:
+        acc[0] = acc[0] + row
+    for j in range(1, levels):
+        acc[0] = acc[0] + acc[j]
+    return acc[0].copy()
+
+
+def torch_norm(x: np.ndarray) -> np.float32:
+    """``torch.linalg.vector_norm(x)`` of a contiguous float32 vector on the CPU: squares summed
+    in 8 lanes (multiply, then add), the lanes in order, then the tail by fused multiply-adds,
+    and the square root."""
+    x = np.asarray(x, dtype=F32)
+    whole = len(x) - len(x) % LANES
+    lanes = np.zeros(LANES, dtype=F32)
+    if whole:
+        squares = x[:whole].reshape(-1, LANES) ** 2
+        lanes = np.cumsum(np.vstack([lanes, squares]), axis=0, dtype=F32)[-1]
+    total = lanes[0]
+    for value in lanes[1:]:
+        total = F32(total + value)
+    for value in x[whole:]:  # compiled with FMA contraction: one rounding
+        total = F32(np.float64(total) + np.float64(value) * np.float64(value))
+    return F32(np.sqrt(total))

@@ -51,6 +51,8 @@ MERGEKIT_METHODS = {m.name: m for m in (
     MergekitMethod("linear", "mk_linear", (Param("weight", float, "input", required=True),
                                            Param("normalize", bool, "shared", True))),
     MergekitMethod("passthrough", "mk_passthrough", (Param("scale", float, "input"),)),
+    MergekitMethod("slerp", "mk_slerp", (Param("t", float, "shared", required=True),), uses_base=True),
+    MergekitMethod("nearswap", "mk_nearswap", (Param("t", float, "shared", required=True),), uses_base=True),
     _task_arithmetic("task_arithmetic", 0, None, False),
     _task_arithmetic("ties", 1, "magnitude", True),
     _task_arithmetic("breadcrumbs", 0, "magnitude_outliers", False, (GAMMA,)),
@@ -190,6 +192,12 @@ class MergekitPlanner:
             terms = tuple(term(s, n, p["weight"]) for (s, n, _), p in zip(models, per_model))
             return TensorRecipe(out_name, dtype, shape, layer, "mk_linear", terms,
                                 (("normalize", float(shared["normalize"])),), compute_dtype=compute)
+        if m.op in ("mk_slerp", "mk_nearswap"):
+            if len(models) != 2:
+                raise ConfigError(f"merge_method {m.name} takes the base and exactly one other model")
+            terms = tuple(term(s, n, 1.0) for s, n, _ in models)
+            return TensorRecipe(out_name, dtype, shape, layer, m.op, terms, (("t", shared["t"]),),
+                                compute_dtype=compute)
         if shared["rescale"]:
             raise ConfigError(f"merge_method {m.name}: rescale: true is not supported")
         numel = 1
