@@ -42,13 +42,13 @@ def run_mergekit_config(config: PathLike | Mapping[str, Any], out: PathLike, *, 
                         random_seed: int | None = None, **write: Any) -> MergeResult:
     """Run the mergekit YAML ``config`` (a file, or its parsed mapping) and write the model to
     ``out``, computed as mergekit 0.1.5 computes it. ``write`` takes :class:`WriteOptions`
-    (``shard_size``, ``device``, ``force``, ``dry_run`` ...). ``random_seed`` is recorded; the
-    supported methods draw nothing."""
+    (``shard_size``, ``device``, ``force``, ``dry_run`` ...). ``random_seed`` keys the random
+    masks of DARE and DELLA (default 0): the same seed gives the same bytes anywhere."""
     text = config_text(config)
     parsed = parse_config(text, show_path(config) if not isinstance(config, Mapping) else "mergekit config")
     texts = _chat_template(parsed.chat_template)
     method = METHODS["mergekit"]
-    values = resolve(method, {"yaml": text})
+    values = resolve(method, {"yaml": text, "random_seed": random_seed})
     settings = WriteOptions(**write)
     if not isinstance(config, Mapping):  # the config file is an input too: never written over
         settings = replace(settings, other_inputs=[*settings.other_inputs, config])
@@ -67,7 +67,7 @@ def run_mergekit_config(config: PathLike | Mapping[str, Any], out: PathLike, *, 
             donor = source if name is None else inputs[roles[name]]
             side += [f for f in find_side_files(donor.directory) if f.name not in CONFIG_FILES
                      and not (texts and f.name.startswith("chat_template"))]
-        recorded = {**method.recorded(values, plan), "random_seed": random_seed}
+        recorded = method.recorded(values, plan)
         return write_plan(method, plan, inputs, out, recorded, settings, source, side_files=side, texts=texts)
 
 

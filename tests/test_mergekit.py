@@ -199,3 +199,41 @@ def test_a_bad_config_is_one_line_and_writes_nothing(trios: dict[str, dict[str, 
     assert r.exit_code == 2, r.output
     assert r.output.count("\n") == 1 and r.output.startswith("error: ") and message in r.output, r.output
     assert not (tmp_path / "out").exists() and snapshot(trios["bf16"]["a"]) == before
+
+
+def _kept_and_l1(out: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+                 model: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """The fraction of elements whose delta survived, and the mean over tensors of
+    Σ|merged − base| / Σ|model − base| (1 when the kept deltas are rescaled to the L1 norm)."""
+    kept = sum(int(((out[n] - base[n]) != 0).sum()) for n in base) / sum(t.numel() for t in base.values())
+    ratios = [float((out[n] - base[n]).abs().sum() / (model[n] - base[n]).abs().sum()) for n in base]
+    return kept, sum(ratios) / len(ratios)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_random_masks_in_line_with_mergekit_and_reproducible(trios: dict[str, dict[str, Path]], tmp_path: Path,
+                                                             method: str) -> None:
+    trio = trios["f32"]
+    config = {"models": [{"model": str(trio["a"]), "parameters": {"weight": 1.0, "density": 0.3}}],
+              "base_model": str(trio["base"]), "merge_method": method, "dtype": "float32"}
+    base, model = load_tensors(trio["base"]), load_tensors(trio["a"])
+    ours = run_ours(config, tmp_path / "ours")
+    kept, l1 = _kept_and_l1(ours, base, model)
+    ref_kept, ref_l1 = _kept_and_l1(run_mergekit(config, tmp_path / "ref"), base, model)
+    assert abs(kept - 0.3) < 0.01 and abs(ref_kept - 0.3) < 0.01
+    assert abs(l1 - 1) < 1e-5 and abs(ref_l1 - 1) < 1e-5
+    ls.api.run_mergekit_config(config, tmp_path / "again", copy_tokenizer=False, threads=1)
+    assert different(load_tensors(tmp_path / "again"), ours) == {}
+    ls.api.run_mergekit_config(config, tmp_path / "seeded", copy_tokenizer=False, random_seed=7, threads=2)
+    assert len(different(load_tensors(tmp_path / "seeded"), ours)) == len(ours)
+
+
+def test_dare_ties_moves_the_base_as_far_as_mergekit(trios: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    trio = trios["bf16"]
+    config = {"models": [{"model": str(trio["a"]), "parameters": {"weight": 0.6, "density": 0.5}},
+                         {"model": str(trio["b"]), "parameters": {"weight": 0.4, "density": 0.4}}],
+              "base_model": str(trio["base"]), "merge_method": "dare_ties", "dtype": "bfloat16"}
+    base = load_tensors(trio["base"])
+    moved = [sum(float((out[n].float() - base[n].float()).abs().sum()) for n in base)
+             for out in (run_ours(config, tmp_path / "ours"), run_mergekit(config, tmp_path / "ref"))]
+    assert abs(moved[0] / moved[1] - 1) < 0.05

@@ -23,6 +23,7 @@ from ..dtypes import DTYPE_SIZES
 from ..formats.checkpoint import TensorSpec
 from ..plan import TensorRecipe
 from .backends import InputRange
+from .counter_random import stream_key, uniform
 from .torch_rounding import encode, fma, round_to, scalar_in, sum_rounded, to_float32, torch_norm, torch_sum
 
 if TYPE_CHECKING:  # ops runs these lazily; a runtime import back would be a cycle
@@ -90,34 +91,100 @@ def mk_passthrough(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
 
 def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
              inputs: Sequence[InputRange], dst: int) -> None:
-    """mergekit's generalized task arithmetic (task_arithmetic, ties, breadcrumbs...): base
-    ``terms[0]``, models ``terms[1:]`` weighted by their term weights. Each delta keeps the
-    descending magnitude ranks ``[lo.i, hi.i)`` when given, is weighted, and the deltas are summed
-    (only those agreeing with the elected sign under a consensus), divided by the summed weights
-    when ``normalize``, scaled by ``lambda`` and added to the base."""
+    """mergekit's generalized task arithmetic (task_arithmetic, ties, breadcrumbs, dare, della):
+    base ``terms[0]``, models ``terms[1:]`` weighted by their term weights. Each delta is
+    sparsified (:class:`_Sparsifier`), weighted, and the deltas summed (only those agreeing with
+    the elected sign under a consensus), divided by the summed weights when ``normalize``, scaled
+    by ``lambda`` and added to the base."""
     c = recipe.compute_dtype
-    reader = _Reader(recipe, specs, inputs)
     params = dict(recipe.params)
+    reader = _Reader(recipe, specs, inputs)
     models = range(1, len(recipe.terms))
 
     def deltas(start: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
         base = reader.read(0, start, n)
         return base, [round_to(reader.read(i, start, n) - base, c) for i in models]
 
-    ranges = [(int(params[f"lo.{i}"]), int(params[f"hi.{i}"])) if f"lo.{i}" in params else None for i in models]
-    keep = _RankSelection(ranges, lambda: (deltas(s, n)[1] for s, n in reader.chunks()))
+    sparsify = _Sparsifier(recipe, reader, lambda size: (deltas(s, n)[1] for s, n in reader.chunks(size)))
     weights = [scalar_in(recipe.terms[i].weight, c) for i in models]
     consensus = CONSENSUS[int(params.get("consensus", 0))]
-    for start, n in reader.chunks():
+    for start, n in reader.chunks(sparsify.chunk):
         base, ds = deltas(start, n)
-        ds = [round_to(d * mask.astype(np.float32) * w, c)
-              for d, mask, w in zip(ds, keep.masks(ds), weights)]
+        ds = [round_to(d * w, c) for d, w in zip(sparsify.apply(start, ds), weights)]
         mixed, divisor = _mix(ds, weights, consensus, c)
         if params.get("normalize"):
             mixed = round_to(mixed / divisor, c)
         if params.get("lambda", 1.0) != 1.0:
             mixed = round_to(mixed * np.float32(params["lambda"]), c)
         _write(ctx, writer, recipe, dst, start, round_to(base + mixed, c))
+
+
+class _Sparsifier:
+    """Each model's delta as mergekit's ``sparsify`` leaves it: the descending magnitude ranks
+    ``[lo.i, hi.i)`` (magnitude, breadcrumbs); or kept with probability ``p.i`` (DARE), or per
+    row with ``p.i − eps.i + 2·eps.i·rank/(cols − 1)`` by ascending magnitude rank (DELLA), from
+    the counter-based stream keyed by ``seed``, the tensor's name and the model; then, with
+    ``rescale``, scaled to the L1 norm it had (sums over the whole tensor: a first pass)."""
+
+    def __init__(self, recipe: TensorRecipe, reader: _Reader, stream: Callable[[int], Iterator[list[np.ndarray]]]):
+        params = dict(recipe.params)
+        self.c = recipe.compute_dtype
+        count = len(recipe.terms) - 1
+        ranges = [(int(params[f"lo.{i}"]), int(params[f"hi.{i}"])) if f"lo.{i}" in params else None
+                  for i in range(1, count + 1)]
+        self.p = [params.get(f"p.{i}") for i in range(1, count + 1)]
+        self.eps = [params.get(f"eps.{i}") for i in range(1, count + 1)]
+        self.keys = [stream_key(int(params.get("seed", 0)), recipe.name, i) for i in range(1, count + 1)]
+        self.cols = recipe.shape[-1] if len(recipe.shape) > 1 else max(1, reader.numel)
+        self.chunk = max(self.cols, CHUNK // self.cols * self.cols) if any(e is not None for e in self.eps) else CHUNK
+        self.ranks = _RankSelection(ranges, lambda: stream(CHUNK))
+        self.scale: list[np.float32 | None] = [None] * count
+        if params.get("rescale"):
+            self.scale = self._l1_scales(stream)
+
+    def masks(self, start: int, ds: list[np.ndarray]) -> list[np.ndarray]:
+        kept = self.ranks.masks(ds)
+        for i, d in enumerate(ds):
+            if self.p[i] is None:
+                continue
+            draw = uniform(self.keys[i], start, len(d))
+            if self.eps[i] is None:
+                kept[i] = draw < self.p[i]
+            else:
+                kept[i] = draw < self._della_probabilities(d, self.p[i], self.eps[i])
+        return kept
+
+    def _della_probabilities(self, d: np.ndarray, density: float, eps: float) -> np.ndarray:
+        rows = np.abs(d).reshape(-1, self.cols)
+        rank = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable").astype(np.float64)
+        norm = rank / (self.cols - 1) if self.cols > 1 else np.zeros_like(rank)
+        return ((density - eps) + norm * 2 * eps).reshape(-1)
+
+    def apply(self, start: int, ds: list[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for d, mask, scale in zip(ds, self.masks(start, ds), self.scale):
+            masked = d * mask.astype(np.float32)
+            out.append(masked if scale is None else round_to(masked * scale, self.c))
+        return out
+
+    def _l1_scales(self, stream: Callable[[int], Iterator[list[np.ndarray]]]) -> list[np.float32 | None]:
+        """mergekit's ``rescaled_masked_tensor`` with the L1 norm: Σ|delta| / Σ|kept|, each sum
+        rounded into the compute dtype, none when either is below 1e-7. The mask is drawn again
+        in the writing pass; the rank selection's tie counts start over."""
+        before = np.zeros(len(self.p))
+        after = np.zeros(len(self.p))
+        start = 0
+        for ds in stream(self.chunk):
+            for i, (d, mask) in enumerate(zip(ds, self.masks(start, ds))):
+                before[i] += float(np.abs(d).astype(np.float64).sum())
+                after[i] += float(np.abs(d[mask]).astype(np.float64).sum())
+            start += len(ds[0])
+        self.ranks.restart()
+        scales: list[np.float32 | None] = []
+        for b, a in zip(before, after):
+            b32, a32 = round_to(np.float32(b), self.c), round_to(np.float32(a), self.c)
+            scales.append(None if b32 < 1e-7 or a32 < 1e-7 else round_to(b32 / a32, self.c))
+        return scales
 
 
 def mk_nearswap(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
@@ -200,7 +267,11 @@ class _RankSelection:
         wanted = [sorted({lo, hi - 1}) if r is not None and r[1] > r[0] else [] for r in ranges
                   for lo, hi in [r or (0, 0)]]
         self.keys = _rank_keys(stream, wanted) if any(wanted) else [[] for _ in ranges]
-        self.seen: list[dict[int, int]] = [{} for _ in ranges]
+        self.restart()
+
+    def restart(self) -> None:
+        """Count equal magnitudes from the tensor's first element again (a new pass)."""
+        self.seen: list[dict[int, int]] = [{} for _ in self.ranges]
 
     def masks(self, ds: list[np.ndarray]) -> list[np.ndarray]:
         return [self._mask(i, d) for i, d in enumerate(ds)]

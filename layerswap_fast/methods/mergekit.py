@@ -39,14 +39,15 @@ class MergekitMethod:
 
 
 def _task_arithmetic(name: str, consensus: int, sparsify: str | None, normalize: bool,
-                     more: tuple[Param, ...] = ()) -> MergekitMethod:
+                     more: tuple[Param, ...] = (), rescale: bool = False) -> MergekitMethod:
     params = (Param("int8_mask", bool, "shared", False), Param("normalize", bool, "shared", normalize),
-              Param("rescale", bool, "shared", False), Param("lambda", float, "shared", 1.0),
+              Param("rescale", bool, "shared", rescale), Param("lambda", float, "shared", 1.0),
               Param("weight", float, "non_base", required=True), Param("density", float, "non_base", 1.0), *more)
     return MergekitMethod(name, "mk_delta", params, True, consensus, sparsify)
 
 
 GAMMA = Param("gamma", float, "non_base", 0.01)
+EPSILON = Param("epsilon", float, "non_base", 0.15)
 MERGEKIT_METHODS = {m.name: m for m in (
     MergekitMethod("linear", "mk_linear", (Param("weight", float, "input", required=True),
                                            Param("normalize", bool, "shared", True))),
@@ -57,6 +58,10 @@ MERGEKIT_METHODS = {m.name: m for m in (
     _task_arithmetic("ties", 1, "magnitude", True),
     _task_arithmetic("breadcrumbs", 0, "magnitude_outliers", False, (GAMMA,)),
     _task_arithmetic("breadcrumbs_ties", 1, "magnitude_outliers", False, (GAMMA,)),
+    _task_arithmetic("dare_linear", 0, "random", False, rescale=True),
+    _task_arithmetic("dare_ties", 1, "random", False, rescale=True),
+    _task_arithmetic("della", 1, "della_magprune", True, (EPSILON,), rescale=True),
+    _task_arithmetic("della_linear", 0, "della_magprune", False, (EPSILON,), rescale=True),
 )}
 
 
@@ -78,14 +83,15 @@ def _inputs(options: Mapping[str, Any]) -> dict[str, PathLike]:
 
 def _plan(inputs: PlanInputs, options: Mapping[str, Any]) -> MergePlan:
     config = parse_config(options["yaml"])
-    return MergekitPlanner(config, config_roles(config), inputs.specs).plan()
+    return MergekitPlanner(config, config_roles(config), inputs.specs, options.get("random_seed") or 0).plan()
 
 
 class MergekitPlanner:
     """Turns a config and the inputs' tensor specs (by role) into a plan."""
 
-    def __init__(self, config: MergekitConfig, roles: Mapping[str, str], specs: Mapping[str, Sequence[SpecLike]]):
-        self.config, self.roles = config, roles
+    def __init__(self, config: MergekitConfig, roles: Mapping[str, str], specs: Mapping[str, Sequence[SpecLike]],
+                 seed: int = 0):
+        self.config, self.roles, self.seed = config, roles, seed
         self.method = MERGEKIT_METHODS[config.merge_method]
         self.specs = {role: {s.name: s for s in role_specs} for role, role_specs in specs.items()}
         self.recipes: list[TensorRecipe] = []
@@ -198,7 +204,8 @@ class MergekitPlanner:
             terms = tuple(term(s, n, 1.0) for s, n, _ in models)
             return TensorRecipe(out_name, dtype, shape, layer, m.op, terms, (("t", shared["t"]),),
                                 compute_dtype=compute)
-        if shared["rescale"]:
+        random = m.sparsify in ("random", "della_magprune")
+        if shared["rescale"] and not random:
             raise ConfigError(f"merge_method {m.name}: rescale: true is not supported")
         numel = 1
         for d in shape:
@@ -206,11 +213,11 @@ class MergekitPlanner:
         terms = [term(models[0][0], models[0][1], 1.0)]
         params: list[tuple[str, float]] = [("lambda", shared["lambda"]), ("normalize", float(shared["normalize"])),
                                            ("consensus", float(m.consensus))]
+        if random:
+            params += [("seed", float(self.seed)), ("rescale", float(shared["rescale"]))]
         for i, ((source, name, _), p) in enumerate(zip(models[1:], per_model[1:]), start=1):
             terms.append(term(source, name, p["weight"]))
-            kept = kept_ranks(m.sparsify, p, numel)
-            if kept is not None:
-                params += [(f"lo.{i}", float(kept[0])), (f"hi.{i}", float(kept[1]))]
+            params += sparsify_params(m.sparsify, p, numel, i)
         return TensorRecipe(out_name, dtype, shape, layer, "mk_delta", tuple(terms), tuple(params),
                             compute_dtype=compute)
 
@@ -219,6 +226,23 @@ class MergekitPlanner:
                                                                                     self.config.parameters]
         return {p.name: resolve(p, scopes, name, t) for p in self.method.params
                 if p.scope == "input" or (p.scope == "non_base" and not is_base)}
+
+
+def sparsify_params(sparsify: str | None, p: Mapping[str, Any], numel: int, i: int) -> list[tuple[str, float]]:
+    """The recipe's numbers for model ``i``'s sparsification: a rank band ``lo.i``/``hi.i``, a
+    keep probability ``p.i`` (DARE) and DELLA's ``eps.i``; none when it keeps everything."""
+    density = p["density"]
+    if sparsify in ("random", "della_magprune") and 0 < density < 1:
+        if sparsify == "random":
+            return [(f"p.{i}", density)]
+        eps = p["epsilon"]
+        if not (0 < density - eps and density + eps < 1):
+            raise ConfigError(f"epsilon {eps} must keep density ± epsilon within (0, 1) (density {density})")
+        return [(f"p.{i}", density), (f"eps.{i}", eps)]
+    if sparsify == "random" and density <= 0:
+        return [(f"lo.{i}", 0.0), (f"hi.{i}", 0.0)]
+    kept = kept_ranks("magnitude" if sparsify == "della_magprune" else sparsify, p, numel)
+    return [] if kept is None else [(f"lo.{i}", float(kept[0])), (f"hi.{i}", float(kept[1]))]
 
 
 def kept_ranks(sparsify: str | None, p: Mapping[str, Any], numel: int) -> tuple[int, int] | None:
@@ -252,5 +276,6 @@ def _describe(plan: MergePlan, shown: Mapping[str, Any]) -> str:
 METHOD = Method(
     name="mergekit", command="mergekit-yaml",
     summary="Run a mergekit YAML config, with mergekit 0.1.5's numbers.",
-    options=(Option("yaml", "text", "The mergekit YAML config, as text.", required=True),),
+    options=(Option("yaml", "text", "The mergekit YAML config, as text.", required=True),
+             Option("random_seed", "int", "Seed of the random masks (DARE, DELLA); default 0.")),
     inputs=_inputs, plan=_plan, counts_layers=False, describe=_describe)
