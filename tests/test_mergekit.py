@@ -88,6 +88,8 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
                                        {"filter": "mlp", "value": [1, 0.3, 0]}, {"value": 0.4}]}},
         "nearswap": {"models": [{"model": a}, {"model": b}], "base_model": a, "merge_method": "nearswap",
                      "dtype": dtype, "parameters": {"t": [{"filter": "mlp", "value": [0.001, 0.01]}, {"value": 0.004}]}},
+        "model_stock": {"models": [{"model": a}, {"model": b}, {"model": c}], "base_model": base,
+                        "merge_method": "model_stock", "dtype": dtype},
         "passthrough": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
                                    {"sources": [{"model": b, "layer_range": [1, 3], "parameters": {
                                        "scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
@@ -96,7 +98,7 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
     }
 
 
-EXACT = ["linear", "linear_slices", "task_arithmetic", "passthrough", "nearswap"]
+EXACT = ["linear", "linear_slices", "task_arithmetic", "passthrough", "nearswap", "model_stock"]
 SELECTING = ["ties", "breadcrumbs_ties", "breadcrumbs"]
 
 

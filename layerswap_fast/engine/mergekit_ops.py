@@ -24,7 +24,7 @@ from ..formats.checkpoint import TensorSpec
 from ..plan import TensorRecipe
 from .backends import InputRange
 from .counter_random import stream_key, uniform
-from .torch_rounding import encode, fma, round_to, scalar_in, sum_rounded, to_float32, torch_norm, torch_sum
+from .torch_rounding import encode, fma, round_to, scalar_in, sum_rounded, to_float32, TorchNorm, TorchSum, torch_norm, torch_sum
 
 if TYPE_CHECKING:  # ops runs these lazily; a runtime import back would be a cycle
     from .ops import OpContext
@@ -225,6 +225,43 @@ def mk_slerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
         _write(ctx, writer, recipe, dst, start, round_to(coef_a * x + coef_b * y, recipe.compute_dtype))
 
 
+def mk_model_stock(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                   inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``model_stock`` (whole tensors, not ``filter_wise``), in the compute dtype:
+    the mean pairwise cosine of the models' offsets from the base (input 0), t = N·cos/(1 +
+    (N − 1)·cos) (0 where the denominator vanishes), then t·mean(models) + (1 − t)·base. The
+    norms and dot products are a streaming pass in torch's summation order."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    count = len(recipe.terms) - 1
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    norms = [TorchNorm(reader.numel) for _ in range(count)]
+    dots = [TorchSum(reader.numel) for _ in pairs]
+    for start, n in reader.chunks():
+        base = reader.read(0, start, n)
+        offsets = [round_to(reader.read(i, start, n) - base, c) for i in range(1, count + 1)]
+        for norm, offset in zip(norms, offsets):
+            norm.add(offset)
+        for dot, (i, j) in zip(dots, pairs):
+            dot.add(round_to(offsets[i] * offsets[j], c))
+    length = [round_to(norm.total(), c) for norm in norms]
+    cosines = []
+    for dot, (i, j) in zip(dots, pairs):
+        product = round_to(np.maximum(round_to(length[i] * length[j], c), np.float32(1e-6)), c)
+        cosines.append(np.clip(round_to(round_to(dot.total(), c) / product, c), -1, 1))
+    cos = round_to(torch_sum(np.array(cosines, dtype=np.float32)) / np.float32(len(cosines)), c)
+    denominator = round_to(round_to(cos * np.float32(count - 1), c) + np.float32(1), c)
+    t = np.float32(0) if abs(denominator) < 1e-6 else round_to(round_to(cos * np.float32(count), c) / denominator, c)
+    for start, n in reader.chunks():
+        base = reader.read(0, start, n)
+        total = reader.read(1, start, n)
+        for i in range(2, count + 1):
+            total = round_to(total + reader.read(i, start, n), c)
+        average = round_to(total / np.float32(count), c)
+        _write(ctx, writer, recipe, dst, start,
+               round_to(round_to(t * average, c) + round_to(round_to(np.float32(1) - t, c) * base, c), c))
+
+
 def slerp_coefficients(t: np.float32, dot: np.float32, threshold: float = 0.9995) -> tuple[np.float32, np.float32]:
     """The weights of the two vectors, as mergekit's float32 steps compute them. torch's
     ``acos`` and ``sin`` of a one-element tensor are the C library's float functions, correctly
@@ -333,4 +370,4 @@ def _locate(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
 
 
 MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta,
-                "mk_nearswap": mk_nearswap, "mk_slerp": mk_slerp}
+                "mk_nearswap": mk_nearswap, "mk_slerp": mk_slerp, "mk_model_stock": mk_model_stock}

@@ -82,75 +82,126 @@ def sum_rounded(xs: Sequence[np.ndarray], dtype: str | None) -> np.ndarray:
 LANES = 8
 
 
-def torch_sum(x: np.ndarray) -> np.float32:
-    """``x.sum()`` of a contiguous float32 vector as torch's CPU kernel sums it on one thread:
-    8 lanes, 4 interleaved vectors, each summed in a 4-level cascade of blocks, then the tail
-    and the lanes in order. (Over 32768 elements torch splits the sum among its threads, which
-    changes the order; mergekit's own bytes then depend on its thread count.)"""
-    x = np.asarray(x, dtype=F32)
-    if len(x) < LANES:  # too short for a vector: the same cascade over scalars
-        partial = _cascade(x[:len(x) // 4 * 4].reshape(-1, 4))
-        for value in x[len(x) // 4 * 4:]:
-            partial[0] = F32(partial[0] + value)
-        total = partial[0]
-        for value in partial[1:]:
+class TorchSum:
+    """``x.sum()`` of a contiguous float32 vector of ``n`` elements, fed in pieces (:meth:`add`),
+    as torch's CPU kernel sums it on one thread: 8 lanes, 4 interleaved vectors (rows of 32),
+    each summed in a 4-level cascade of blocks of rows, then the leftover vectors, the scalar
+    tail and the lanes in order. (Over 32768 elements torch splits a sum among its threads,
+    which changes the order; mergekit's own bytes then depend on its thread count.)"""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+        self.rows = n // (LANES * 4)
+        self.power = max(4, (int(self.rows - 1).bit_length() if self.rows > 1 else 0) // 4)
+        self.acc = np.zeros((4, LANES * 4), dtype=F32)
+        self.pending = np.zeros(0, dtype=F32)  # elements of rows not yet in a whole block
+        self.done_rows = 0
+        self.rest: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray) -> TorchSum:
+        x = np.asarray(x, dtype=F32)
+        split = max(0, min(len(x), self.rows * LANES * 4 - self.seen))
+        self.seen += len(x)
+        if len(x) > split:
+            self.rest.append(x[split:])
+        if split:
+            self._blocks(np.concatenate([self.pending, x[:split]]))
+        return self
+
+    def _blocks(self, flat: np.ndarray) -> None:
+        step = 1 << self.power
+        rows = flat[:len(flat) // (LANES * 4) * LANES * 4].reshape(-1, LANES * 4)
+        blocks = len(rows) // step
+        if blocks:
+            sums = np.cumsum(rows[:blocks * step].reshape(blocks, step, -1), axis=1, dtype=F32)[:, -1]
+        for b in range(blocks):
+            self.acc[0] = self.acc[0] + sums[b]
+            self.done_rows += step
+            for j in range(1, 4):
+                self.acc[j] = self.acc[j] + self.acc[j - 1]
+                self.acc[j - 1] = 0
+                if self.done_rows & ((step - 1) << (j * self.power)):
+                    break
+        self.pending = flat[blocks * step * LANES * 4:]
+
+    def total(self) -> np.float32:
+        rest = np.concatenate(self.rest) if self.rest else np.zeros(0, dtype=F32)
+        if self.n < LANES:  # too short for a vector: the same cascade over scalars, 4 wide
+            return _scalar_sum(rest)
+        acc = self.acc.copy()
+        for row in self.pending.reshape(-1, LANES * 4):
+            acc[0] = acc[0] + row
+        for j in range(1, 4):
+            acc[0] = acc[0] + acc[j]
+        partial = acc[0]
+        vectors = len(rest) // LANES
+        for i in range(vectors):
+            partial[:LANES] = partial[:LANES] + rest[i * LANES:(i + 1) * LANES]
+        lanes = partial[:LANES]
+        for k in range(1, 4):
+            lanes = lanes + partial[k * LANES:(k + 1) * LANES]
+        total = F32(0)
+        for value in rest[vectors * LANES:]:
+            total = F32(total + value)
+        for value in lanes:
             total = F32(total + value)
         return total
-    groups = len(x) // (LANES * 4)
-    rows = x[:groups * LANES * 4].reshape(groups, 4 * LANES)
-    partial = _cascade(rows)
-    vectors = len(x) // LANES
-    for i in range(groups * 4, vectors):
-        partial[:LANES] += x[i * LANES:(i + 1) * LANES]
-    lanes = partial[:LANES]
-    for k in range(1, 4):
-        lanes = lanes + partial[k * LANES:(k + 1) * LANES]
-    total = F32(0)
-    for value in x[vectors * LANES:]:
-        total = F32(total + value)
-    for value in lanes:
+
+
+def _scalar_sum(x: np.ndarray) -> np.float32:
+    partial = np.zeros(4, dtype=F32)
+    whole = len(x) // 4 * 4
+    for i in range(0, whole, 4):
+        partial = partial + x[i:i + 4]
+    for value in x[whole:]:
+        partial[0] = F32(partial[0] + value)
+    total = partial[0]
+    for value in partial[1:]:
         total = F32(total + value)
     return total
 
 
-def _cascade(rows: np.ndarray) -> np.ndarray:
-    """torch's ``multi_row_sum``: blocks of ``2**power`` rows summed in order, carried up four
-    levels of accumulators at block boundaries."""
-    size = len(rows)
-    power = max(4, (int(size - 1).bit_length() if size > 1 else 0) // 4)
-    step, levels = 1 << power, 4
-    acc = np.zeros((levels, rows.shape[1]), dtype=F32)
-    blocks = size // step
-    if blocks:
-        sums = np.cumsum(rows[:blocks * step].reshape(blocks, step, -1), axis=1, dtype=F32)[:, -1]
-    for b in range(blocks):
-        acc[0] = acc[0] + sums[b]
-        end = (b + 1) * step
-        for j in range(1, levels):
-            acc[j] = acc[j] + acc[j - 1]
-            acc[j - 1] = 0
-            if end & ((step - 1) << (j * power)):
-                break
-    for row in rows[blocks * step:]:
-        acc[0] = acc[0] + row
-    for j in range(1, levels):
-        acc[0] = acc[0] + acc[j]
-    return acc[0].copy()
+def torch_sum(x: np.ndarray) -> np.float32:
+    """:class:`TorchSum` of a whole vector."""
+    return TorchSum(len(x)).add(x).total()
+
+
+class TorchNorm:
+    """``torch.linalg.vector_norm(x)`` of a contiguous float32 vector of ``n`` elements, fed in
+    pieces: squares summed in 8 lanes (multiply, then add), the lanes in order, then the tail by
+    fused multiply-adds, and the square root. (Found against torch 2.13 on AVX2; a tail of
+    several elements sometimes rounds otherwise.)"""
+
+    def __init__(self, n: int):
+        self.whole = n - n % LANES
+        self.seen = 0
+        self.lanes = np.zeros(LANES, dtype=F32)
+        self.carry = np.zeros(0, dtype=F32)
+        self.tail: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray) -> TorchNorm:
+        x = np.asarray(x, dtype=F32)
+        split = max(0, min(len(x), self.whole - self.seen))
+        self.seen += len(x)
+        if len(x) > split:
+            self.tail.append(x[split:])
+        body = np.concatenate([self.carry, x[:split]])
+        usable = len(body) - len(body) % LANES
+        if usable:
+            squares = body[:usable].reshape(-1, LANES) ** 2
+            self.lanes = np.cumsum(np.vstack([self.lanes, squares]), axis=0, dtype=F32)[-1]
+        self.carry = body[usable:]
+        return self
+
+    def total(self) -> np.float32:
+        total = self.lanes[0]
+        for value in self.lanes[1:]:
+            total = F32(total + value)
+        for value in (np.concatenate(self.tail) if self.tail else ()):
+            total = F32(np.float64(total) + np.float64(value) * np.float64(value))
+        return F32(np.sqrt(total))
 
 
 def torch_norm(x: np.ndarray) -> np.float32:
-    """``torch.linalg.vector_norm(x)`` of a contiguous float32 vector on the CPU: squares summed
-    in 8 lanes (multiply, then add), the lanes in order, then the tail by fused multiply-adds,
-    and the square root."""
-    x = np.asarray(x, dtype=F32)
-    whole = len(x) - len(x) % LANES
-    lanes = np.zeros(LANES, dtype=F32)
-    if whole:
-        squares = x[:whole].reshape(-1, LANES) ** 2
-        lanes = np.cumsum(np.vstack([lanes, squares]), axis=0, dtype=F32)[-1]
-    total = lanes[0]
-    for value in lanes[1:]:
-        total = F32(total + value)
-    for value in x[whole:]:  # compiled with FMA contraction: one rounding
-        total = F32(np.float64(total) + np.float64(value) * np.float64(value))
-    return F32(np.sqrt(total))
+    """:class:`TorchNorm` of a whole vector."""
+    return TorchNorm(len(x)).add(x).total()

@@ -54,6 +54,7 @@ MERGEKIT_METHODS = {m.name: m for m in (
     MergekitMethod("passthrough", "mk_passthrough", (Param("scale", float, "input"),)),
     MergekitMethod("slerp", "mk_slerp", (Param("t", float, "shared", required=True),), uses_base=True),
     MergekitMethod("nearswap", "mk_nearswap", (Param("t", float, "shared", required=True),), uses_base=True),
+    MergekitMethod("model_stock", "mk_model_stock", (Param("filter_wise", bool, "shared", False),), uses_base=True),
     _task_arithmetic("task_arithmetic", 0, None, False),
     _task_arithmetic("ties", 1, "magnitude", True),
     _task_arithmetic("breadcrumbs", 0, "magnitude_outliers", False, (GAMMA,)),
@@ -203,6 +204,13 @@ class MergekitPlanner:
                 raise ConfigError(f"merge_method {m.name} takes the base and exactly one other model")
             terms = tuple(term(s, n, 1.0) for s, n, _ in models)
             return TensorRecipe(out_name, dtype, shape, layer, m.op, terms, (("t", shared["t"]),),
+                                compute_dtype=compute)
+        if m.op == "mk_model_stock":
+            if shared["filter_wise"]:
+                raise ConfigError("merge_method model_stock: filter_wise: true is not supported")
+            if len(models) < 3:
+                raise ConfigError("merge_method model_stock needs the base and at least two other models")
+            return TensorRecipe(out_name, dtype, shape, layer, m.op, tuple(term(s, n, 1.0) for s, n, _ in models),
                                 compute_dtype=compute)
         random = m.sparsify in ("random", "della_magprune")
         if shared["rescale"] and not random:
