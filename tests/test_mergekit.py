@@ -90,6 +90,8 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
                      "dtype": dtype, "parameters": {"t": [{"filter": "mlp", "value": [0.001, 0.01]}, {"value": 0.004}]}},
         "model_stock": {"models": [{"model": a}, {"model": b}, {"model": c}], "base_model": base,
                         "merge_method": "model_stock", "dtype": dtype},
+        "sce": {"models": [{"model": a}, {"model": b}, {"model": c}], "base_model": base, "merge_method": "sce",
+                "dtype": dtype, "parameters": {"select_topk": 0.4}},
         "passthrough": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
                                    {"sources": [{"model": b, "layer_range": [1, 3], "parameters": {
                                        "scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
@@ -99,7 +101,7 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
 
 
 EXACT = ["linear", "linear_slices", "task_arithmetic", "passthrough", "nearswap", "model_stock"]
-SELECTING = ["ties", "breadcrumbs_ties", "breadcrumbs"]
+SELECTING = ["ties", "breadcrumbs_ties", "breadcrumbs", "sce"]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
@@ -149,6 +151,22 @@ def test_ties_in_bfloat16_differs_only_at_tied_magnitudes(trios: dict[str, dict[
             if (d >= kth).sum() > k:
                 tied |= (d == kth).reshape(mask.shape)
         assert not (mask & ~tied).any(), name
+
+
+def test_sce_in_bfloat16_differs_only_in_tensors_with_tied_variances(trios: dict[str, dict[str, Path]],
+                                                                     tmp_path: Path) -> None:
+    """A different choice among tied variances changes sce's mean-square weights too, so a
+    tensor with such a tie can differ anywhere; every other tensor must agree byte for byte."""
+    trio = trios["bf16"]
+    config = configs(trio, "bfloat16")["sce"]
+    diff = different(run_ours(config, tmp_path / "ours"), run_mergekit(config, tmp_path / "ref"))
+    inputs = {r: load_tensors(trio[r]) for r in ("base", "a", "b", "c")}
+    for name in diff:
+        tvs = torch.stack([inputs[r][name] - inputs["base"][name] for r in ("a", "b", "c")])
+        var = torch.var(tvs, dim=0, unbiased=False).float().flatten()
+        k = int(torch.count_nonzero(var) * 0.4)
+        kth = var.sort(descending=True).values[k - 1]
+        assert (var >= kth).sum() > k, name
 
 
 def test_config_json_has_the_slices_layer_count(trios: dict[str, dict[str, Path]], tmp_path: Path) -> None:

@@ -262,6 +262,79 @@ def mk_model_stock(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
                round_to(round_to(t * average, c) + round_to(round_to(np.float32(1) - t, c) * base, c), c))
 
 
+def mk_sce(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+           inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``sce`` in the compute dtype: the task vectors (models minus the base, input 0)
+    keep the elements of the top ``select_topk`` fraction of nonzero variance across models;
+    each is weighted by its mean square over the sum of them, only the ones agreeing with the
+    elected sign count, and their weighted sum, divided by the summed weights, is added to the
+    base. Passes: variance count, its threshold (two), the mean squares, the output."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    count = len(recipe.terms) - 1
+
+    def task_vectors(start: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        base = reader.read(0, start, n)
+        return base, [round_to(reader.read(i, start, n) - base, c) for i in range(1, count + 1)]
+
+    def variances() -> Iterator[list[np.ndarray]]:
+        for start, n in reader.chunks():
+            yield [round_to(_population_variance(task_vectors(start, n)[1]), c)]
+
+    topk = recipe.param("select_topk")
+    select = None
+    if topk < 1:
+        nonzero = sum(int(np.count_nonzero(v[0])) for v in variances()) if topk > 0 else 0
+        k = int(np.float32(np.float32(nonzero) * np.float32(topk)))
+        select = _RankSelection([(0, k)], variances)
+    squares = [TorchSum(reader.numel) for _ in range(count)]
+    for start, n in reader.chunks():
+        _, tvs = task_vectors(start, n)
+        mask = _sce_mask(select, tvs, c)
+        for total, tv in zip(squares, tvs):
+            total.add(round_to(np.square(tv * mask), c))
+    weights = _sce_weights([round_to(round_to(s.total(), c) / np.float32(reader.numel), c) for s in squares], c)
+    if select is not None:
+        select.restart()
+    for start, n in reader.chunks():
+        base, tvs = task_vectors(start, n)
+        mask = _sce_mask(select, tvs, c)
+        tvs = [tv * mask for tv in tvs]
+        signs = [np.sign(tv) for tv in tvs]
+        majority = np.where(sum_rounded(tvs, c) >= 0, np.float32(1), np.float32(-1))
+        erased = [w * (sign == majority).astype(np.float32) for w, sign in zip(weights, signs)]
+        merged = sum_rounded([round_to(tv * e, c) for tv, e in zip(tvs, erased)], c)
+        divisor = round_to(np.maximum(sum_rounded(erased, c), np.float32(1e-6)), c)
+        _write(ctx, writer, recipe, dst, start, round_to(base + round_to(merged / divisor, c), c))
+
+
+def _population_variance(xs: list[np.ndarray]) -> np.ndarray:
+    """``torch.var(dim=0, unbiased=False)`` on the CPU: Welford's updates in float64."""
+    mean = np.zeros(len(xs[0]))
+    m2 = np.zeros(len(xs[0]))
+    for k, x in enumerate(xs, start=1):
+        x64 = x.astype(np.float64)
+        delta = x64 - mean
+        mean = mean + delta / k
+        m2 = m2 + delta * (x64 - mean)
+    return (m2 / len(xs)).astype(np.float32)
+
+
+def _sce_mask(select: _RankSelection | None, tvs: list[np.ndarray], c: str | None) -> np.ndarray:
+    if select is None:
+        return np.ones(len(tvs[0]), dtype=np.float32)
+    return select.masks([round_to(_population_variance(tvs), c)])[0].astype(np.float32)
+
+
+def _sce_weights(means: list[np.ndarray], c: str | None) -> list[np.float32]:
+    """Each model's mean square over their sum (uniform when the sum is below 1e-6)."""
+    total = float(torch_sum(np.array(means, dtype=np.float32).reshape(-1)))
+    total = float(round_to(np.float32(total), c))
+    if abs(total) < 1e-6:
+        return [np.float32(round_to(np.float32(1) / np.float32(len(means)), c))] * len(means)
+    return [np.float32(round_to(m / np.float32(total), c)) for m in means]
+
+
 def slerp_coefficients(t: np.float32, dot: np.float32, threshold: float = 0.9995) -> tuple[np.float32, np.float32]:
     """The weights of the two vectors, as mergekit's float32 steps compute them. torch's
     ``acos`` and ``sin`` of a one-element tensor are the C library's float functions, correctly
@@ -370,4 +443,5 @@ def _locate(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
 
 
 MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta,
-                "mk_nearswap": mk_nearswap, "mk_slerp": mk_slerp, "mk_model_stock": mk_model_stock}
+                "mk_nearswap": mk_nearswap, "mk_slerp": mk_slerp, "mk_model_stock": mk_model_stock,
+                "mk_sce": mk_sce}

@@ -55,6 +55,8 @@ MERGEKIT_METHODS = {m.name: m for m in (
     MergekitMethod("slerp", "mk_slerp", (Param("t", float, "shared", required=True),), uses_base=True),
     MergekitMethod("nearswap", "mk_nearswap", (Param("t", float, "shared", required=True),), uses_base=True),
     MergekitMethod("model_stock", "mk_model_stock", (Param("filter_wise", bool, "shared", False),), uses_base=True),
+    MergekitMethod("sce", "mk_sce", (Param("int8_mask", bool, "shared", False),
+                                     Param("select_topk", float, "shared", 1.0)), uses_base=True),
     _task_arithmetic("task_arithmetic", 0, None, False),
     _task_arithmetic("ties", 1, "magnitude", True),
     _task_arithmetic("breadcrumbs", 0, "magnitude_outliers", False, (GAMMA,)),
@@ -212,6 +214,9 @@ class MergekitPlanner:
                 raise ConfigError("merge_method model_stock needs the base and at least two other models")
             return TensorRecipe(out_name, dtype, shape, layer, m.op, tuple(term(s, n, 1.0) for s, n, _ in models),
                                 compute_dtype=compute)
+        if m.op == "mk_sce":
+            return TensorRecipe(out_name, dtype, shape, layer, m.op, tuple(term(s, n, 1.0) for s, n, _ in models),
+                                (("select_topk", shared["select_topk"]),), compute_dtype=compute)
         random = m.sparsify in ("random", "della_magprune")
         if shared["rescale"] and not random:
             raise ConfigError(f"merge_method {m.name}: rescale: true is not supported")
