@@ -92,6 +92,12 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
                         "merge_method": "model_stock", "dtype": dtype},
         "sce": {"models": [{"model": a}, {"model": b}, {"model": c}], "base_model": base, "merge_method": "sce",
                 "dtype": dtype, "parameters": {"select_topk": 0.4}},
+        "nuslerp": {"models": [{"model": a, "parameters": {"weight": 0.7}},
+                               {"model": b, "parameters": {"weight": [0.2, 1.0]}}],
+                    "base_model": base, "merge_method": "nuslerp", "dtype": dtype},
+        "nuslerp_without_base": {"models": [{"model": a, "parameters": {"weight": 0.7}},
+                                            {"model": b, "parameters": {"weight": [0.2, 1.0]}}],
+                                 "merge_method": "nuslerp", "dtype": dtype},
         "passthrough": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
                                    {"sources": [{"model": b, "layer_range": [1, 3], "parameters": {
                                        "scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
@@ -119,20 +125,21 @@ def test_selections_same_bytes_as_mergekit_in_float32(trios: dict[str, dict[str,
     assert different(run_ours(config, tmp_path / "ours"), run_mergekit(config, tmp_path / "ref")) == {}
 
 
-def test_slerp_in_bfloat16_same_bytes_and_in_float32_within_one_ulp(trios: dict[str, dict[str, Path]],
-                                                                    tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["slerp", "nuslerp", "nuslerp_without_base"])
+def test_spherical_in_bfloat16_same_bytes_and_in_float32_within_a_bit(trios: dict[str, dict[str, Path]],
+                                                                      tmp_path: Path, method: str) -> None:
     """Norms and dots are summed in torch's order, so bf16 agrees byte for byte; in float32 a
     coefficient can differ in its last bit where torch's vectorised ``sin`` (SLEEF, 1-ulp) is not
     correctly rounded, and an output then by at most that bit's share of |a| + |b|."""
-    bf16 = configs(trios["bf16"], "bfloat16")["slerp"]
+    bf16 = configs(trios["bf16"], "bfloat16")[method]
     assert different(run_ours(bf16, tmp_path / "ours"), run_mergekit(bf16, tmp_path / "ref")) == {}
-    f32 = configs(trios["f32"], "float32")["slerp"]
+    f32 = configs(trios["f32"], "float32")[method]
     ours, ref = run_ours(f32, tmp_path / "ours32"), run_mergekit(f32, tmp_path / "ref32")
-    a, b = load_tensors(trios["f32"]["a"]), load_tensors(trios["f32"]["b"])
+    a, b, base = (load_tensors(trios["f32"][r]) for r in ("a", "b", "base"))
     diff = different(ours, ref)
     assert len(diff) < len(ref) / 4
     for name in diff:
-        bound = 2.0**-22 * (a[name].abs() + b[name].abs()) + 2.0**-126
+        bound = 2.0**-22 * (a[name].abs() + b[name].abs() + 2 * base[name].abs()) + 2.0**-126
         assert ((ours[name] - ref[name]).abs() <= bound).all(), name
 
 

@@ -335,6 +335,49 @@ def _sce_weights(means: list[np.ndarray], c: str | None) -> list[np.float32]:
     return [np.float32(round_to(m / np.float32(total), c)) for m in means]
 
 
+def mk_nuslerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+               inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``nuslerp`` over whole (flattened) tensors in the compute dtype: slerp at ``t``
+    between the two models' task vectors (against the base, input 0, when ``base`` is 1; else
+    between the models themselves), added back to the base. Passes: norms, cosine, output."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    has_base = bool(recipe.param("base"))
+    first = 1 if has_base else 0
+
+    def vectors(start: int, n: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        base = reader.read(0, start, n) if has_base else None
+        v = [reader.read(first + i, start, n) for i in (0, 1)]
+        if base is not None:
+            v = [round_to(x - base, c) for x in v]
+        return base, v[0], v[1]
+
+    norms = [TorchNorm(reader.numel), TorchNorm(reader.numel)]
+    for start, n in reader.chunks():
+        _, v0, v1 = vectors(start, n)
+        norms[0].add(v0)
+        norms[1].add(v1)
+    length = [round_to(np.maximum(round_to(x.total(), c), np.float32(1e-7)), c) for x in norms]
+    dot = TorchSum(reader.numel)
+    for start, n in reader.chunks():
+        _, v0, v1 = vectors(start, n)
+        dot.add(round_to(round_to(v0 / length[0], c) * round_to(v1 / length[1], c), c))
+    cos = np.clip(round_to(dot.total(), c), np.float32(-1), np.float32(1))
+    colinear = round_to(np.float32(1) - round_to(cos * cos, c), c) <= 1e-16
+    t = recipe.param("t")
+    theta = round_to(np.float32(0 if colinear else math.acos(cos)), c)
+    sin_theta = round_to(np.float32(math.sin(theta)), c)
+    sin_a = round_to(np.float32(math.sin(round_to(theta * np.float32(1 - t), c))), c)
+    sin_b = round_to(np.float32(math.sin(round_to(theta * np.float32(t), c))), c)
+    for start, n in reader.chunks():
+        base, v0, v1 = vectors(start, n)
+        if colinear:
+            result = round_to(round_to(v0 * np.float32(1 - t), c) + round_to(v1 * np.float32(t), c), c)
+        else:
+            result = round_to(round_to(round_to(sin_a * v0, c) + round_to(sin_b * v1, c), c) / sin_theta, c)
+        _write(ctx, writer, recipe, dst, start, result if base is None else round_to(base + result, c))
+
+
 def slerp_coefficients(t: np.float32, dot: np.float32, threshold: float = 0.9995) -> tuple[np.float32, np.float32]:
     """The weights of the two vectors, as mergekit's float32 steps compute them. torch's
     ``acos`` and ``sin`` of a one-element tensor are the C library's float functions, correctly
@@ -444,4 +487,4 @@ def _locate(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
 
 MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta,
                 "mk_nearswap": mk_nearswap, "mk_slerp": mk_slerp, "mk_model_stock": mk_model_stock,
-                "mk_sce": mk_sce}
+                "mk_sce": mk_sce, "mk_nuslerp": mk_nuslerp}

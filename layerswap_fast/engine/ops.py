@@ -219,4 +219,5 @@ def _mergekit_op(name: str) -> Op:
 OPS: dict[str, Op] = {"blend": blend, "blend_lowrank": blend_lowrank, "ties": ties, "revert_rows": revert_rows,
                       "stack_rows": stack_rows, "join_columns": join_columns,
                       **{name: _mergekit_op(name) for name in ("mk_linear", "mk_passthrough", "mk_delta", "mk_nearswap",
-                                                                  "mk_slerp", "mk_model_stock", "mk_sce")}}
+                                                                  "mk_slerp", "mk_model_stock", "mk_sce",
+                                                                  "mk_nuslerp")}}

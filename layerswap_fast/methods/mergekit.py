@@ -34,6 +34,8 @@ class MergekitMethod:
     op: str
     params: tuple[Param, ...]
     uses_base: bool = False
+    #: a base is used when the config names one (nuslerp, multislerp)
+    optional_base: bool = False
     consensus: int = 0
     sparsify: str | None = None
 
@@ -57,6 +59,9 @@ MERGEKIT_METHODS = {m.name: m for m in (
     MergekitMethod("model_stock", "mk_model_stock", (Param("filter_wise", bool, "shared", False),), uses_base=True),
     MergekitMethod("sce", "mk_sce", (Param("int8_mask", bool, "shared", False),
                                      Param("select_topk", float, "shared", 1.0)), uses_base=True),
+    MergekitMethod("nuslerp", "mk_nuslerp", (Param("weight", float, "non_base", required=True),
+                                             Param("nuslerp_row_wise", bool, "shared", False),
+                                             Param("nuslerp_flatten", bool, "shared", True)), optional_base=True),
     _task_arithmetic("task_arithmetic", 0, None, False),
     _task_arithmetic("ties", 1, "magnitude", True),
     _task_arithmetic("breadcrumbs", 0, "magnitude_outliers", False, (GAMMA,)),
@@ -176,9 +181,11 @@ class MergekitPlanner:
         layer = classify(out_name).layer
         shared = {p.name: resolve(p, [out.parameters, c.parameters], out_name, t)
                   for p in m.params if p.scope == "shared"}
-        base = (out.base_model or c.base_model) if m.uses_base else None
+        base = (out.base_model or c.base_model) if m.uses_base or m.optional_base else None
         models = [(source, name, spec) for (source, name), spec in zip(inputs, specs)]
-        if m.uses_base:
+        if m.optional_base and base is not None and all(s.model != base for s, _, _ in models):
+            base = None
+        if m.uses_base or base is not None:
             if base is None or all(s.model != base for s, _, _ in models):
                 raise ConfigError(f"merge_method {m.name} needs a base_model among its inputs")
             models = [x for x in models if x[0].model == base][:1] + [x for x in models if x[0].model != base]
@@ -214,6 +221,9 @@ class MergekitPlanner:
                 raise ConfigError("merge_method model_stock needs the base and at least two other models")
             return TensorRecipe(out_name, dtype, shape, layer, m.op, tuple(term(s, n, 1.0) for s, n, _ in models),
                                 compute_dtype=compute)
+        if m.op == "mk_nuslerp":
+            return self.nuslerp(out_name, dtype, shape, layer, compute, shared, models, per_model, base is not None,
+                                term)
         if m.op == "mk_sce":
             return TensorRecipe(out_name, dtype, shape, layer, m.op, tuple(term(s, n, 1.0) for s, n, _ in models),
                                 (("select_topk", shared["select_topk"]),), compute_dtype=compute)
@@ -233,6 +243,20 @@ class MergekitPlanner:
             params += sparsify_params(m.sparsify, p, numel, i)
         return TensorRecipe(out_name, dtype, shape, layer, "mk_delta", tuple(terms), tuple(params),
                             compute_dtype=compute)
+
+    def nuslerp(self, out_name: str, dtype: str, shape: tuple[int, ...], layer: int | None, compute: str,
+                shared: Mapping[str, Any], models: Sequence[tuple[Source, str, SpecLike]],
+                per_model: Sequence[Mapping[str, Any]], has_base: bool, term: Any) -> TensorRecipe:
+        if shared["nuslerp_row_wise"] or not shared["nuslerp_flatten"]:
+            raise ConfigError("merge_method nuslerp: only nuslerp_flatten: true (the default) is supported")
+        others = per_model[1:] if has_base else per_model
+        if len(others) != 2:
+            raise ConfigError("merge_method nuslerp takes exactly two models besides the base")
+        weights = [p["weight"] for p in others]
+        total = sum(weights)
+        t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+        return TensorRecipe(out_name, dtype, shape, layer, "mk_nuslerp", tuple(term(s, n, 1.0) for s, n, _ in models),
+                            (("t", t), ("base", float(has_base))), compute_dtype=compute)
 
     def per_model(self, source: Source, name: str, out: OutputSlice, t: float, is_base: bool) -> dict[str, Any]:
         scopes = [s.parameters for s in out.sources if s.model == source.model] + [out.parameters,
