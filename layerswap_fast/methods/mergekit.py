@@ -45,7 +45,7 @@ def _task_arithmetic(name: str, consensus: int, sparsify: str | None, normalize:
     params = (Param("int8_mask", bool, "shared", False), Param("normalize", bool, "shared", normalize),
               Param("rescale", bool, "shared", rescale), Param("lambda", float, "shared", 1.0),
               Param("weight", float, "non_base", required=True), Param("density", float, "non_base", 1.0), *more)
-    return MergekitMethod(name, "mk_delta", params, True, consensus, sparsify)
+    return MergekitMethod(name, "mk_delta", params, uses_base=True, consensus=consensus, sparsify=sparsify)
 
 
 GAMMA = Param("gamma", float, "non_base", 0.01)
