@@ -18,7 +18,7 @@ import yaml
 from .errors import ConfigError
 from .formats.side_files import find_side_files
 from .methods import METHODS
-from .methods.mergekit import config_roles
+from .methods.mergekit import config_roles, swap_as_mergekit
 from .methods.mergekit_config import parse_config
 from .options import WriteOptions
 from .safe_read import MAX_YAML_BYTES, decode_utf8, read_bytes, show_path
@@ -80,6 +80,16 @@ def _chat_template(template: str | None) -> dict[str, str]:
     return {"chat_template.jinja": template}
 
 
+
+
+def swap_mergekit_yaml(options: Mapping[str, Any]) -> str:
+    """The mergekit YAML of the layer swap with these options (by their recipe names): planned
+    from the headers, nothing written."""
+    swap = METHODS["layer_swap"]
+    values = resolve(swap, options)
+    with ExitStack() as stack:
+        plan, _ = plan_method(stack, swap, values)
+    return yaml.safe_dump(swap_as_mergekit(plan, swap.inputs(values)), sort_keys=False)
 
 
 def parse_kmb(text: str | int) -> int:

@@ -67,6 +67,16 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
                          {"model": a, "layer_range": [0, 3], "parameters": {"weight": [0, 1, 0.3]}}],
              "parameters": {"normalize": False}}],
             "merge_method": "linear", "out_dtype": "bfloat16"},
+        "linear_layer_swap": {"slices": [  # bench/compare.py's swap: empty slices name the outer tensors' sources
+            {"sources": [{"model": a, "layer_range": [0, 0], "parameters": {"weight": 0.5}},
+                         {"model": b, "layer_range": [0, 0], "parameters": {"weight": 0.5}}]},
+            {"sources": [{"model": b, "layer_range": [0, 1], "parameters": {"weight": 1.0}}]},
+            {"sources": [{"model": a, "layer_range": [1, 2], "parameters": {"weight": 0.5}},
+                         {"model": b, "layer_range": [1, 2], "parameters": {"weight": 0.5}}]},
+            {"sources": [{"model": a, "layer_range": [2, 3], "parameters": {"weight": 1.0}}]},
+            {"sources": [{"model": a, "layer_range": [3, 3], "parameters": {"weight": 0.3}},
+                         {"model": b, "layer_range": [3, 3], "parameters": {"weight": 0.7}}]}],
+            "merge_method": "linear", "dtype": dtype},
         "task_arithmetic": {"models": [{"model": a, "parameters": {"weight": 0.7}},
                                        {"model": b, "parameters": {"weight": [0.2, 0.9]}}],
                             "base_model": base, "merge_method": "task_arithmetic", "dtype": dtype,
@@ -106,7 +116,7 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
     }
 
 
-EXACT = ["linear", "linear_slices", "task_arithmetic", "passthrough", "nearswap", "model_stock"]
+EXACT = ["linear", "linear_slices", "linear_layer_swap", "task_arithmetic", "passthrough", "nearswap", "model_stock"]
 SELECTING = ["ties", "breadcrumbs_ties", "breadcrumbs", "sce"]
 
 
@@ -210,7 +220,7 @@ def test_the_command_line_writes_what_the_api_writes(trios: dict[str, dict[str, 
     ("merge_method: linear\nmodels: [{model: A}]\n", "missing required parameter weight"),
     ("merge_method: linear\nmodels: [{model: A, parameters: {weight: abc}}]\n", "weight must be a finite number"),
     ("merge_method: passthrough\nslices: [{sources: [{model: A, layer_range: [0, 9]}]}]\n", "beyond its 3 layers"),
-    ("merge_method: passthrough\nslices: [{sources: [{model: A, layer_range: [2, 1]}]}]\n", "is empty"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: A, layer_range: [2, 1]}]}]\n", "ends before it starts"),
     ("merge_method: ties\nmodels: [{model: A, parameters: {weight: 1}}]\n", "needs a base_model"),
     ("a: &x [1]\nb: *x\n", "alias"),
     ("merge_method: linear\nmodels: [{model: A+lora}]\n", "LoRA applied with '+'"),
@@ -264,3 +274,20 @@ def test_dare_ties_moves_the_base_as_far_as_mergekit(trios: dict[str, dict[str, 
     moved = [sum(float((out[n].float() - base[n].float()).abs().sum()) for n in base)
              for out in (run_ours(config, tmp_path / "ours"), run_mergekit(config, tmp_path / "ref"))]
     assert abs(moved[0] / moved[1] - 1) < 0.05
+
+
+def test_a_layer_swap_dumped_as_mergekit_yaml_gives_the_same_model(trios: dict[str, dict[str, Path]],
+                                                                   tmp_path: Path) -> None:
+    trio = trios["bf16"]
+    args = ["merge", "--task-expert", str(trio["a"]), "--language-expert", str(trio["b"]), "--bottom", "1",
+            "--top", "1", "--lower-transition", "0", "--upper-transition", "1", "--non-layer", "average"]
+    r = CliRunner().invoke(main, [*args, "--dump-mergekit", "-o", str(tmp_path / "never")])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "never").exists()
+    config = yaml.safe_load(r.output)
+    assert config["merge_method"] == "linear" and len(config["slices"]) >= 4
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "swap")])
+    assert r.exit_code == 0, r.output
+    swap = load_tensors(tmp_path / "swap")
+    assert different(swap, run_mergekit(config, tmp_path / "ref")) == {}
+    assert different(swap, run_ours(config, tmp_path / "ours")) == {}

@@ -12,6 +12,7 @@ Each recipe names one of the ``mk_*`` ops, which compute what mergekit computes 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from ..plan import MergePlan, SpecLike, TensorRecipe, Term
 from ..plan.layers import classify, renumber
 from .common import BASE, model_role
 from .method import Method, Option, PathLike, PlanInputs
-from .mergekit_config import MergekitConfig, OutputSlice, Param, Source, parse_config, resolve
+from .mergekit_config import DTYPES, MergekitConfig, OutputSlice, Param, Source, parse_config, resolve
 
 
 @dataclass(frozen=True)
@@ -316,3 +317,30 @@ METHOD = Method(
     options=(Option("yaml", "text", "The mergekit YAML config, as text.", required=True),
              Option("random_seed", "int", "Seed of the random masks (DARE, DELLA); default 0.")),
     inputs=_inputs, plan=_plan, counts_layers=False, describe=_describe)
+
+
+def swap_as_mergekit(plan: MergePlan, paths: Mapping[str, PathLike]) -> dict[str, Any]:
+    """A layer swap's plan as a mergekit ``linear`` config: runs of layers made the same way as
+    one slice each, and empty slices (``[0, 0]``, ``[L, L]``) naming the sources of the tensors
+    outside the layers. ``normalize: false`` keeps the weights as planned (they sum to 1);
+    mergekit adds them with fused multiply-adds where we round each product, so the two can
+    differ in the last bit of a float32 sum, rarely visible after rounding to bf16."""
+    def model(path: PathLike) -> str:  # a relative directory would read to mergekit as a hub id
+        return os.path.abspath(path) if os.path.isdir(path) else str(path)
+
+    def sources(terms: Sequence[Term], start: int, end: int) -> list[dict[str, Any]]:
+        return [{"model": model(paths[t.role]), "layer_range": [start, end], "parameters": {"weight": t.weight}}
+                for t in terms]
+
+    slices = [{"sources": sources(plan.non_layer, 0, 0)}]
+    rows = list(plan.layers)
+    start = 0
+    for i, row in enumerate(rows):
+        if i + 1 == len(rows) or rows[i + 1].terms != row.terms:
+            slices.append({"sources": sources(row.terms, start, row.layer + 1)})
+            start = row.layer + 1
+    slices.append({"sources": sources(plan.non_layer, plan.num_layers, plan.num_layers)})
+    config: dict[str, Any] = {"merge_method": "linear", "parameters": {"normalize": False}, "slices": slices}
+    if plan.dtype:
+        config["out_dtype"] = {v: k for k, v in DTYPES.items()}[plan.dtype]
+    return config

@@ -168,8 +168,8 @@ def _slice(raw: Mapping[str, Any], where: str) -> OutputSlice:
     sources = []
     for s in raw["sources"]:
         start, end = s["layer_range"]
-        if end <= start:
-            raise ConfigError(f"{where}: layer_range {[start, end]} of {show_value(s['model'])} is empty")
+        if end < start:  # an empty range ([0, 0]) is mergekit's way to name the embeddings' sources
+            raise ConfigError(f"{where}: layer_range {[start, end]} of {show_value(s['model'])} ends before it starts")
         sources.append(Source(_model(s["model"], where), (start, end), s.get("parameters") or {}))
     lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}  # type: ignore[index]
     if len(lengths) > 1:
