@@ -108,6 +108,13 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
         "nuslerp_without_base": {"models": [{"model": a, "parameters": {"weight": 0.7}},
                                             {"model": b, "parameters": {"weight": [0.2, 1.0]}}],
                                  "merge_method": "nuslerp", "dtype": dtype},
+        "multislerp": {"models": [{"model": a, "parameters": {"weight": 0.5}},
+                                  {"model": b, "parameters": {"weight": [0.2, 1.0]}},
+                                  {"model": c, "parameters": {"weight": 0.3}}],
+                       "base_model": base, "merge_method": "multislerp", "dtype": dtype},
+        "multislerp_without_base": {"models": [{"model": a, "parameters": {"weight": 0.5}},
+                                               {"model": b, "parameters": {"weight": [0.2, 1.0]}}],
+                                    "merge_method": "multislerp", "dtype": dtype},
         "passthrough": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
                                    {"sources": [{"model": b, "layer_range": [1, 3], "parameters": {
                                        "scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
@@ -116,7 +123,8 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
     }
 
 
-EXACT = ["linear", "linear_slices", "linear_layer_swap", "task_arithmetic", "passthrough", "nearswap", "model_stock"]
+EXACT = ["linear", "linear_slices", "linear_layer_swap", "task_arithmetic", "passthrough", "nearswap", "model_stock", "multislerp",
+         "multislerp_without_base"]
 SELECTING = ["ties", "breadcrumbs_ties", "breadcrumbs", "sce"]
 
 

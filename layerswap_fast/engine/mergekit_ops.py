@@ -378,6 +378,74 @@ def mk_nuslerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, 
         _write(ctx, writer, recipe, dst, start, result if base is None else round_to(base + result, c))
 
 
+def mk_multislerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                  inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``multislerp`` in the compute dtype: the models' vectors (task vectors when
+    ``base`` is 1, the base being input 0) projected onto the unit sphere, averaged with the
+    term weights, mapped to the tangent space at that mean, averaged there, mapped back and
+    scaled by the weighted mean norm. Five streaming passes: norms, the mean's norm, the dot
+    products with the mean, the tangent mean's norm, the output."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    has_base = bool(recipe.param("base"))
+    eps = np.float32(recipe.param("eps"))
+    first = 1 if has_base else 0
+    count = len(recipe.terms) - first
+    weights = [scalar_in(t.weight, c) for t in recipe.terms[first:]]
+    if recipe.param("normalize"):
+        total = round_to(torch_sum(np.array(weights, dtype=np.float32)), c)
+        weights = [np.float32(round_to(w / total, c)) for w in weights]
+
+    def vectors(start: int, n: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
+        base = reader.read(0, start, n) if has_base else None
+        vs = [reader.read(first + i, start, n) for i in range(count)]
+        return base, vs if base is None else [round_to(v - base, c) for v in vs]
+
+    norms = [TorchNorm(reader.numel) for _ in range(count)]
+    for start, n in reader.chunks():
+        for norm, v in zip(norms, vectors(start, n)[1]):
+            norm.add(v)
+    lengths = [np.float32(round_to(x.total(), c)) for x in norms]
+
+    def units(start: int, n: int) -> tuple[np.ndarray | None, list[np.ndarray], np.ndarray]:
+        base, vs = vectors(start, n)
+        us = [round_to(v / round_to(length + eps, c), c) for v, length in zip(vs, lengths)]
+        return base, us, sum_rounded([round_to(u * w, c) for u, w in zip(us, weights)], c)
+
+    mean_norm = TorchNorm(reader.numel)
+    for start, n in reader.chunks():
+        mean_norm.add(units(start, n)[2])
+    center = np.float32(round_to(mean_norm.total(), c))
+    if center < eps:
+        raise ValueError(f"multislerp of {recipe.name}: the weighted mean of the unit vectors is zero")
+    dots = [TorchSum(reader.numel) for _ in range(count)]
+    for start, n in reader.chunks():
+        _, us, mean = units(start, n)
+        mean = round_to(mean / center, c)
+        for dot, u in zip(dots, us):
+            dot.add(round_to(u * mean, c))
+    along = [np.float32(round_to(d.total(), c)) for d in dots]
+
+    def tangent(start: int, n: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        base, us, mean = units(start, n)
+        mean = round_to(mean / center, c)
+        ts = [round_to(u - round_to(d * mean, c), c) for u, d in zip(us, along)]
+        return base, mean, sum_rounded([round_to(t * w, c) for t, w in zip(ts, weights)], c)
+
+    tangent_norm = TorchNorm(reader.numel)
+    for start, n in reader.chunks():
+        tangent_norm.add(tangent(start, n)[2])
+    angle = np.float32(round_to(round_to(tangent_norm.total(), c) + eps, c))
+    cos = np.float32(round_to(np.float32(math.cos(angle)), c))
+    sinc = np.float32(round_to(round_to(np.float32(math.sin(angle)), c) / angle, c))
+    scale = round_to(torch_sum(np.array([round_to(x * w, c) for x, w in zip(lengths, weights)], dtype=np.float32)),
+                     c)
+    for start, n in reader.chunks():
+        base, mean, t = tangent(start, n)
+        result = round_to(round_to(round_to(mean * cos, c) + round_to(t * sinc, c), c) * scale, c)
+        _write(ctx, writer, recipe, dst, start, result if base is None else round_to(result + base, c))
+
+
 def slerp_coefficients(t: np.float32, dot: np.float32, threshold: float = 0.9995) -> tuple[np.float32, np.float32]:
     """The weights of the two vectors, as mergekit's float32 steps compute them. torch's
     ``acos`` and ``sin`` of a one-element tensor are the C library's float functions, correctly
@@ -487,4 +555,5 @@ def _locate(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
 
 MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta,
                 "mk_nearswap": mk_nearswap, "mk_slerp": mk_slerp, "mk_model_stock": mk_model_stock,
-                "mk_sce": mk_sce, "mk_nuslerp": mk_nuslerp}
+                "mk_sce": mk_sce, "mk_nuslerp": mk_nuslerp,
+                "mk_multislerp": mk_multislerp}

@@ -63,6 +63,9 @@ MERGEKIT_METHODS = {m.name: m for m in (
     MergekitMethod("nuslerp", "mk_nuslerp", (Param("weight", float, "non_base", required=True),
                                              Param("nuslerp_row_wise", bool, "shared", False),
                                              Param("nuslerp_flatten", bool, "shared", True)), optional_base=True),
+    MergekitMethod("multislerp", "mk_multislerp", (Param("weight", float, "non_base", required=True),
+                                                   Param("normalize_weights", bool, "shared", True),
+                                                   Param("eps", float, "shared", 1e-8)), optional_base=True),
     _task_arithmetic("task_arithmetic", 0, None, False),
     _task_arithmetic("ties", 1, "magnitude", True),
     _task_arithmetic("breadcrumbs", 0, "magnitude_outliers", False, (GAMMA,)),
@@ -225,6 +228,16 @@ class MergekitPlanner:
         if m.op == "mk_nuslerp":
             return self.nuslerp(out_name, dtype, shape, layer, compute, shared, models, per_model, base is not None,
                                 term)
+        if m.op == "mk_multislerp":
+            others = per_model[1:] if base is not None else per_model
+            terms = tuple(term(s, n, p.get("weight", 1.0)) for (s, n, _), p in zip(models, per_model))
+            if len(others) == 1:  # mergekit returns the one model as it is, without the base
+                source, name, _ = models[-1]
+                return TensorRecipe(out_name, dtype, shape, layer, "mk_passthrough", (term(source, name, 1.0),),
+                                    compute_dtype=compute)
+            return TensorRecipe(out_name, dtype, shape, layer, m.op, terms,
+                                (("base", float(base is not None)), ("normalize", float(shared["normalize_weights"])),
+                                 ("eps", shared["eps"])), compute_dtype=compute)
         if m.op == "mk_sce":
             return TensorRecipe(out_name, dtype, shape, layer, m.op, tuple(term(s, n, 1.0) for s, n, _ in models),
                                 (("select_topk", shared["select_topk"]),), compute_dtype=compute)
