@@ -47,7 +47,8 @@ class _Reader:
     def read(self, i: int, start: int, n: int) -> np.ndarray:
         (f, offset), spec = self.inputs[i], self.specs[i]
         size = DTYPE_SIZES[spec.dtype]
-        return round_to(to_float32(f.read(offset + start * size, n * size), spec.dtype), self.dtype)
+        values = to_float32(f.read(offset + start * size, n * size), spec.dtype)
+        return values if spec.dtype == self.dtype else round_to(values, self.dtype)
 
     def chunks(self, size: int = CHUNK) -> Iterator[tuple[int, int]]:
         for start in range(0, self.numel, size):
@@ -69,8 +70,9 @@ def mk_linear(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, s
     weights = [np.float32(t.weight) for t in recipe.terms]
     divisor = sum_rounded([np.array([w]) for w in weights], None)[0] if recipe.param("normalize") else None
     for start, n in reader.chunks():
-        acc = np.zeros(n, dtype=np.float32)
-        for i, w in enumerate(weights):
+        # the first fused multiply-add onto +0 is one float32 product (+0 added: -0 becomes +0)
+        acc = reader.read(0, start, n) * weights[0] + np.float32(0)
+        for i, w in enumerate(weights[1:], start=1):
             acc = fma(acc, w, reader.read(i, start, n))
         if divisor is not None:
             acc = acc / divisor

@@ -29,7 +29,8 @@ def to_float32(raw: Any, dtype: str) -> np.ndarray:
 
 
 def round_to(x: np.ndarray, dtype: str | None) -> np.ndarray:
-    """float32 ``x`` rounded to nearest even in ``dtype`` (as float32 values); NaN stays NaN."""
+    """float32 ``x`` rounded to nearest even in ``dtype`` (as float32 values); a NaN becomes the
+    quiet NaN torch writes."""
     x = np.asarray(x, dtype=F32)
     if dtype in (None, "F32"):
         return x
@@ -38,7 +39,8 @@ def round_to(x: np.ndarray, dtype: str | None) -> np.ndarray:
     if dtype == "BF16":
         u = x.view(np.uint32)
         r = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)).view(F32)
-        return np.where(np.isnan(x), x, r)
+        nan = np.isnan(x)
+        return np.where(nan, F32(np.nan), r) if nan.any() else r  # torch's bf16 NaN is 0x7FC0
     raise ValueError(f"unsupported dtype {dtype}")
 
 
@@ -67,7 +69,9 @@ def fma(acc: np.ndarray, weight: np.float32, x: np.ndarray) -> np.ndarray:
     """``acc + weight·x`` rounded once to float32, as ``addcmul_``: the product of two float32
     values is exact in float64; the float64 sum is rounded twice (to 53 then 24 bits), which
     differs from one rounding only when it lands exactly halfway between two float32 values."""
-    return (acc.astype(np.float64) + np.float64(weight) * x.astype(np.float64)).astype(F32)
+    product = np.multiply(x, np.float64(weight), dtype=np.float64)
+    product += acc
+    return product.astype(F32)
 
 
 def sum_rounded(xs: Sequence[np.ndarray], dtype: str | None) -> np.ndarray:
