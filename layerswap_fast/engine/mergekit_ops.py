@@ -510,10 +510,10 @@ class _RankSelection:
         (top, _), (bottom, _) = self.keys[i][0], self.keys[i][-1]
         keep = (key > bottom) & (key < top)
         for value, greater in dict(self.keys[i]).items():
-            equal = key == value
-            rank = greater + self.seen[i].get(value, 0) + np.cumsum(equal) - 1
-            keep |= equal & (rank >= lo) & (rank < hi)
-            self.seen[i][value] = self.seen[i].get(value, 0) + int(equal.sum())
+            where = np.flatnonzero(key == value)
+            rank = greater + self.seen[i].get(value, 0) + np.arange(len(where))
+            keep[where[(rank >= lo) & (rank < hi)]] = True
+            self.seen[i][value] = self.seen[i].get(value, 0) + len(where)
         return keep
 
 
