@@ -115,6 +115,11 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
         "multislerp_without_base": {"models": [{"model": a, "parameters": {"weight": 0.5}},
                                                {"model": b, "parameters": {"weight": [0.2, 1.0]}}],
                                     "merge_method": "multislerp", "dtype": dtype},
+        "ram": {"models": [{"model": a}, {"model": b}, {"model": c}], "base_model": base, "merge_method": "ram",
+                "dtype": dtype, "parameters": {"epsilon": 0.01}},
+        "ramplus_tl": {"models": [{"model": a}, {"model": b}, {"model": c}], "base_model": base,
+                       "merge_method": "ramplus_tl", "dtype": dtype,
+                       "parameters": {"epsilon": 0.008, "r": 0.3, "alpha": 0.5}},
         "passthrough": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
                                    {"sources": [{"model": b, "layer_range": [1, 3], "parameters": {
                                        "scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
@@ -124,7 +129,7 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
 
 
 EXACT = ["linear", "linear_slices", "linear_layer_swap", "task_arithmetic", "passthrough", "nearswap", "model_stock", "multislerp",
-         "multislerp_without_base"]
+         "multislerp_without_base", "ram", "ramplus_tl"]
 SELECTING = ["ties", "breadcrumbs_ties", "breadcrumbs", "sce"]
 
 

@@ -448,6 +448,54 @@ def mk_multislerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecip
         _write(ctx, writer, recipe, dst, start, result if base is None else round_to(result + base, c))
 
 
+def mk_ram(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+           inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``ram`` and ``ramplus_tl``: each task vector (against the base, input 0) counts
+    where |tv| > epsilon; an element changed by one model takes that change (``ramplus_tl``: times
+    1 + r·clamp(shared/unique, 0, alpha), per model, computed in float32, which makes the result
+    float32 as torch promotes it), one changed by several the mean of their changes."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    params = dict(recipe.params)
+    count = len(recipe.terms) - 1
+    threshold = scalar_in(params["epsilon"], c)  # torch compares in the tensor's dtype
+
+    def task_vectors(start: int, n: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]:
+        base = reader.read(0, start, n)
+        tvs = [round_to(reader.read(i, start, n) - base, c) for i in range(1, count + 1)]
+        changed = [np.abs(tv) > threshold for tv in tvs]
+        return base, tvs, changed, np.sum(changed, axis=0)
+
+    scales: list[np.float32] | None = None
+    if "r" in params:
+        shared, unique = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
+        for start, n in reader.chunks():
+            _, _, changed, counts = task_vectors(start, n)
+            for i, ch in enumerate(changed):
+                shared[i] += int(np.count_nonzero(ch & (counts > 1)))
+                unique[i] += int(np.count_nonzero(ch & (counts == 1)))
+        scales = []
+        for s_, u in zip(shared, unique):
+            rho = np.float32(s_) / max(np.float32(u), np.float32(params["epsilon"]))
+            rho = min(max(rho, np.float32(0)), np.float32(params["alpha"]))
+            scales.append(np.float32(np.float32(1) + np.float32(np.float32(params["r"]) * rho)))
+    for start, n in reader.chunks():
+        base, tvs, changed, counts = task_vectors(start, n)
+        unique = (counts == 1).astype(np.float32)
+        overlap = (counts > 1).astype(np.float32)
+        divisor = np.maximum(counts, 1).astype(np.float32)
+        terms = []
+        for i, (tv, ch) in enumerate(zip(tvs, changed)):
+            kept = tv * ch.astype(np.float32)
+            shared_part = round_to(kept * overlap / divisor, c)
+            if scales is None:
+                terms.append(round_to(kept * unique + shared_part, c))
+            else:
+                terms.append(kept * unique * scales[i] + shared_part)
+        merged = sum_rounded(terms, None if scales is not None else c)
+        _write(ctx, writer, recipe, dst, start, round_to(base + merged, None if scales is not None else c))
+
+
 def slerp_coefficients(t: np.float32, dot: np.float32, threshold: float = 0.9995) -> tuple[np.float32, np.float32]:
     """The weights of the two vectors, as mergekit's float32 steps compute them. torch's
     ``acos`` and ``sin`` of a one-element tensor are the C library's float functions, correctly
@@ -558,4 +606,4 @@ def _locate(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
 MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta,
                 "mk_nearswap": mk_nearswap, "mk_slerp": mk_slerp, "mk_model_stock": mk_model_stock,
                 "mk_sce": mk_sce, "mk_nuslerp": mk_nuslerp,
-                "mk_multislerp": mk_multislerp}
+                "mk_multislerp": mk_multislerp, "mk_ram": mk_ram}

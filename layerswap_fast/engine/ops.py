@@ -220,4 +220,4 @@ OPS: dict[str, Op] = {"blend": blend, "blend_lowrank": blend_lowrank, "ties": ti
                       "stack_rows": stack_rows, "join_columns": join_columns,
                       **{name: _mergekit_op(name) for name in ("mk_linear", "mk_passthrough", "mk_delta", "mk_nearswap",
                                                                   "mk_slerp", "mk_model_stock", "mk_sce",
-                                                                  "mk_nuslerp", "mk_multislerp")}}
+                                                                  "mk_nuslerp", "mk_multislerp", "mk_ram")}}

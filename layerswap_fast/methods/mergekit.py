@@ -66,6 +66,9 @@ MERGEKIT_METHODS = {m.name: m for m in (
     MergekitMethod("multislerp", "mk_multislerp", (Param("weight", float, "non_base", required=True),
                                                    Param("normalize_weights", bool, "shared", True),
                                                    Param("eps", float, "shared", 1e-8)), optional_base=True),
+    MergekitMethod("ram", "mk_ram", (Param("epsilon", float, "shared", 1e-5),), uses_base=True),
+    MergekitMethod("ramplus_tl", "mk_ram", (Param("r", float, "shared", 0.1), Param("alpha", float, "shared", 0.2),
+                                            Param("epsilon", float, "shared", 1e-5)), uses_base=True),
     _task_arithmetic("task_arithmetic", 0, None, False),
     _task_arithmetic("ties", 1, "magnitude", True),
     _task_arithmetic("breadcrumbs", 0, "magnitude_outliers", False, (GAMMA,)),
@@ -238,6 +241,12 @@ class MergekitPlanner:
             return TensorRecipe(out_name, dtype, shape, layer, m.op, terms,
                                 (("base", float(base is not None)), ("normalize", float(shared["normalize_weights"])),
                                  ("eps", shared["eps"])), compute_dtype=compute)
+        if m.op == "mk_ram":
+            # ramplus_tl's per-model factor is float32, and torch promotes the result to it
+            promoted = "F32" if "r" in shared else compute
+            return TensorRecipe(out_name, c.out_dtype or promoted, shape, layer, m.op,
+                                tuple(term(s, n, 1.0) for s, n, _ in models), tuple(shared.items()),
+                                compute_dtype=compute)
         if m.op == "mk_sce":
             return TensorRecipe(out_name, dtype, shape, layer, m.op, tuple(term(s, n, 1.0) for s, n, _ in models),
                                 (("select_topk", shared["select_topk"]),), compute_dtype=compute)
