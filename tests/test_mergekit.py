@@ -304,3 +304,35 @@ def test_a_layer_swap_dumped_as_mergekit_yaml_gives_the_same_model(trios: dict[s
     swap = load_tensors(tmp_path / "swap")
     assert different(swap, run_mergekit(config, tmp_path / "ref")) == {}
     assert different(swap, run_ours(config, tmp_path / "ours")) == {}
+
+
+def test_config_and_tokenizer_come_from_where_mergekit_takes_them(trios: dict[str, dict[str, Path]],
+                                                                   tmp_path: Path) -> None:
+    """config.json from the base model (here with the slices' layer count), the tokenizer from
+    ``tokenizer_source`` or, with copy_tokenizer, from the base; a Jinja ``chat_template``
+    beside it."""
+    import json
+    import shutil
+
+    models = {r: tmp_path / r for r in ("base", "a", "b")}
+    for role, path in models.items():
+        shutil.copytree(trios["bf16"][role], path)
+        (path / "tokenizer.json").write_text(json.dumps({"from": role}))
+    slices = [{"sources": [{"model": str(models["a"]), "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+                           {"model": str(models["b"]), "layer_range": [1, 3], "parameters": {"weight": 0.5}}]}]
+    config = {"slices": slices, "merge_method": "linear", "base_model": str(models["base"]), "dtype": "bfloat16"}
+
+    ls.run_mergekit_config({**config, "tokenizer_source": str(models["b"]), "chat_template": "{{ messages }}"},
+                           tmp_path / "b_tok")
+    assert json.loads((tmp_path / "b_tok" / "tokenizer.json").read_text()) == {"from": "b"}
+    assert (tmp_path / "b_tok" / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert json.loads((tmp_path / "b_tok" / "config.json").read_text())["num_hidden_layers"] == 2
+
+    ls.run_mergekit_config(config, tmp_path / "base_tok")
+    assert json.loads((tmp_path / "base_tok" / "tokenizer.json").read_text()) == {"from": "base"}
+    ls.run_mergekit_config(config, tmp_path / "no_tok", copy_tokenizer=False)
+    assert not (tmp_path / "no_tok" / "tokenizer.json").exists()
+    assert (tmp_path / "no_tok" / "config.json").exists()
+    with pytest.raises(ls.ConfigError, match="is not one of the config's models"):
+        ls.run_mergekit_config({**config, "tokenizer_source": str(tmp_path / "elsewhere")}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
