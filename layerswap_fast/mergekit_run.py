@@ -21,7 +21,7 @@ from .methods import METHODS
 from .methods.mergekit import config_roles, swap_as_mergekit
 from .methods.mergekit_config import parse_config
 from .options import WriteOptions
-from .safe_read import MAX_YAML_BYTES, decode_utf8, read_bytes, show_path
+from .safe_read import MAX_YAML_BYTES, decode_utf8, parse_json, read_bytes, show_path
 from .writing import MergeResult, plan_method, resolve, write_plan
 
 PathLike = str | os.PathLike[str]
@@ -38,13 +38,29 @@ def config_text(config: PathLike | Mapping[str, Any]) -> str:
     return decode_utf8(read_bytes(config, cap=MAX_YAML_BYTES), show_path(config))
 
 
+def from_recipe(text: str) -> tuple[int | None, str]:
+    """(seed, config) of a ``layerswap_recipe.json`` that a mergekit-yaml run wrote (the recipe
+    rebuilds its output); any other text is a config itself, without a seed."""
+    if not text.lstrip().startswith("{"):
+        return None, text
+    recipe = parse_json(text, "recipe")
+    options = recipe.get("options") if isinstance(recipe, dict) else None
+    if not (isinstance(options, dict) and recipe.get("method") == "mergekit" and isinstance(options.get("yaml"), str)):
+        return None, text
+    seed = options.get("random_seed")
+    return (seed if isinstance(seed, int) and not isinstance(seed, bool) else None), options["yaml"]
+
+
 def run_mergekit_config(config: PathLike | Mapping[str, Any], out: PathLike, *, copy_tokenizer: bool = True,
                         random_seed: int | None = None, **write: Any) -> MergeResult:
-    """Run the mergekit YAML ``config`` (a file, or its parsed mapping) and write the model to
+    """Run the mergekit YAML ``config`` (a file, or its parsed mapping; or the
+    ``layerswap_recipe.json`` of an earlier run, which rebuilds it) and write the model to
     ``out``, computed as mergekit 0.1.5 computes it. ``write`` takes :class:`WriteOptions`
     (``shard_size``, ``device``, ``force``, ``dry_run`` ...). ``random_seed`` keys the random
     masks of DARE and DELLA (default 0): the same seed gives the same bytes anywhere."""
     text = config_text(config)
+    recorded_seed, text = from_recipe(text)
+    random_seed = recorded_seed if random_seed is None else random_seed
     parsed = parse_config(text, show_path(config) if not isinstance(config, Mapping) else "mergekit config")
     texts = _chat_template(parsed.chat_template)
     method = METHODS["mergekit"]

@@ -108,7 +108,8 @@ def _hub_ref(c: Checkpoint) -> dict[str, str]:
 def _card(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint], options: Mapping[str, Any]) -> str:
     """The model card: every input by its hub id where it has one, else by its directory name."""
     named = [CardInput(describe_role(role), local_name(c.directory), c.hub_id, c.revision) for role, c in inputs.items()]
-    return render_card(plan.method, method.command, __version__, named, method.card_section(options, plan))
+    return render_card(plan.method, method.command, __version__, named, method.card_section(options, plan),
+                       rebuild=method.rebuild)
 
 
 def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint], out: PathLike,

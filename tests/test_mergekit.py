@@ -336,3 +336,23 @@ def test_config_and_tokenizer_come_from_where_mergekit_takes_them(trios: dict[st
     with pytest.raises(ls.ConfigError, match="is not one of the config's models"):
         ls.run_mergekit_config({**config, "tokenizer_source": str(tmp_path / "elsewhere")}, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_recipe_rebuilds_the_same_bytes(trios: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    config = configs(trios["f32"], "float32")["ties"]
+    config["merge_method"] = "dare_ties"  # random: the recipe must carry the seed too
+    ls.run_mergekit_config(config, tmp_path / "first", copy_tokenizer=False, random_seed=11)
+    card = (tmp_path / "first" / "README.md").read_text()
+    assert "layerswap-fast mergekit-yaml layerswap_recipe.json OUT" in card
+    r = CliRunner().invoke(main, ["mergekit-yaml", str(tmp_path / "first" / "layerswap_recipe.json"),
+                                  str(tmp_path / "again"), "--no-copy-tokenizer"])
+    assert r.exit_code == 0, r.output
+    assert different(load_tensors(tmp_path / "again"), load_tensors(tmp_path / "first")) == {}
+
+
+def test_the_card_shows_the_config_with_models_by_name(trios: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    trio = trios["bf16"]
+    ls.run_mergekit_config(configs(trio, "bfloat16")["task_arithmetic"], tmp_path / "out", copy_tokenizer=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "merge_method: task_arithmetic" in card and "model: a" in card and "base_model: base" in card
+    assert str(trio["a"].parent) not in card and str(Path.home()) not in card

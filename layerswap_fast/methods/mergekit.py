@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, MismatchError
-from ..formats.model_card import options_list
+from ..formats.model_card import local_name
 from ..plan import MergePlan, SpecLike, TensorRecipe, Term
 from ..plan.layers import classify, renumber
 from .common import BASE, model_role
@@ -328,9 +328,15 @@ def _promoted(dtypes: Sequence[str]) -> str:
 
 
 def _describe(plan: MergePlan, shown: Mapping[str, Any]) -> str:
+    """The config as given, each local model by its directory's name (a card is shared; the
+    recipe keeps the paths)."""
     c = plan.config
+    text = str(shown.get("yaml", ""))
+    for model in sorted(c.referenced(), key=len, reverse=True):
+        if os.path.isdir(model):
+            text = text.replace(model, local_name(model))
     return (f"A mergekit merge (merge_method: {c.merge_method}), computed as mergekit 0.1.5 computes it, from "
-            f"this config:\n\n```yaml\n{str(shown.get('yaml', '')).rstrip()}\n```\n\n{options_list({})}")
+            f"this config:\n\n```yaml\n{text.rstrip()}\n```")
 
 
 METHOD = Method(
@@ -338,7 +344,8 @@ METHOD = Method(
     summary="Run a mergekit YAML config, with mergekit 0.1.5's numbers.",
     options=(Option("yaml", "text", "The mergekit YAML config, as text.", required=True),
              Option("random_seed", "int", "Seed of the random masks (DARE, DELLA); default 0.")),
-    inputs=_inputs, plan=_plan, counts_layers=False, describe=_describe)
+    inputs=_inputs, plan=_plan, counts_layers=False, describe=_describe,
+    rebuild="layerswap-fast mergekit-yaml layerswap_recipe.json OUT")
 
 
 def swap_as_mergekit(plan: MergePlan, paths: Mapping[str, PathLike]) -> dict[str, Any]:
