@@ -20,7 +20,7 @@ from .progress import progress_bar
 @click.option("--out-shard-size", default="5B", show_default=True,
               help="Largest output shard, in bytes (K, M, B suffixes: thousands, millions, billions).")
 @click.option("--random-seed", type=int, default=None, help="Seed for the random methods (recorded).")
-@click.option("--cuda", is_flag=True, help="Compute on the GPU where an op can.")
+@click.option("--cuda", is_flag=True, help="Accepted for mergekit's sake; mergekit's ops compute on the CPU here.")
 @click.option("--allow-crimes", is_flag=True, help="Accepted for mergekit's sake; architectures are not checked.")
 @click.option("--lazy-unpickle", is_flag=True, help="Accepted for mergekit's sake; reading is always lazy.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -34,6 +34,6 @@ def mergekit_yaml(config: Path, out: Path, copy_tokenizer: bool, out_shard_size:
         logging.getLogger("layerswap_fast").setLevel(logging.DEBUG)
     with progress_bar() as progress:
         result = api.run_mergekit_config(config, out, copy_tokenizer=copy_tokenizer, random_seed=random_seed,
-                                         shard_size=api.parse_kmb(out_shard_size), device="cuda" if cuda else "auto",
+                                         shard_size=api.parse_kmb(out_shard_size),
                                          force=force, dry_run=dry_run, progress=progress)
     click.echo(result.summary(out))
