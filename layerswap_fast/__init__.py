@@ -11,7 +11,7 @@ zones between them and averages the non-layer parameters.
 """
 
 from ._core import __version__
-from .api import MergeResult, merge, plan_merge, revert, run, soup, task_arithmetic, ties
+from .api import MergeResult, merge, plan_merge, revert, run, run_mergekit_config, soup, task_arithmetic, ties
 from .formats.checkpoint import Checkpoint, TensorSpec, open_checkpoint
 from .errors import (CheckpointError, ConfigError, LayerswapError, MismatchError, OutputError,
                      UnsupportedDtypeError)
@@ -23,7 +23,7 @@ from .sweeps import Candidate, sweep
 from .formats.verify import VerifyError, VerifyReport, verify
 
 __all__ = [
-    "__version__", "run", "iter_merged", "SwapSession", "ApplyReport", "sweep", "Candidate", "merge", "soup", "task_arithmetic", "ties", "revert", "plan_merge", "MergeResult", "SwapConfig",
+    "__version__", "run", "run_mergekit_config", "iter_merged", "SwapSession", "ApplyReport", "sweep", "Candidate", "merge", "soup", "task_arithmetic", "ties", "revert", "plan_merge", "MergeResult", "SwapConfig",
     "MergePlan", "TensorRecipe", "Term", "render_plan", "open_checkpoint", "Checkpoint",
     "TensorSpec", "LayerswapError", "CheckpointError", "ConfigError", "MismatchError",
     "OutputError", "UnsupportedDtypeError", "verify", "VerifyError", "VerifyReport",

@@ -26,12 +26,13 @@ from .options import WRITE_OPTIONS, WriteOptions, command_options, read_config, 
 from .plan import MergePlan
 from .sweeps import Candidate, sweep
 from .writing import MergeResult, plan_method, resolve, side_source, write_plan
+from .mergekit_run import parse_kmb, run_mergekit_config, swap_mergekit_yaml
 
 #: the command line needs nothing below the API: what it uses is named here
 __all__ = ["METHODS", "Method", "Option", "DEVICES", "LINK_MODES", "CHECKSUMS", "IO_MODES", "SOUP_WEIGHTS", "WRITE_OPTIONS",
            "MergeResult", "WriteOptions", "SwapConfig", "run", "plan_merge", "plan_swap", "merge", "soup",
            "task_arithmetic", "ties", "revert", "render_plan", "verify", "read_config", "recipe_yaml",
-           "command_options", "sweep", "Candidate"]
+           "command_options", "sweep", "Candidate", "run_mergekit_config", "parse_kmb", "swap_mergekit_yaml"]
 
 PathLike = str | os.PathLike[str]
 Paths = PathLike | Sequence[PathLike]

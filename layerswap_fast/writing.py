@@ -26,7 +26,7 @@ from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusa
                              needed_bytes)
 from .formats.model_card import CardInput, local_name, render_card
 from .formats.output import LINK_MODES, check_output, clean_stale_partials, guarded_paths, output_location
-from .formats.side_files import find_side_files, side_bytes
+from .formats.side_files import SideFile, find_side_files, side_bytes
 from .formats.writeback import CHECKSUMS
 from .methods import Method, PlanInputs
 from .methods.common import BASE
@@ -90,7 +90,9 @@ def plan_layout(plan: MergePlan, inputs: Mapping[str, Checkpoint], shard_size: i
 
 def _copied_from(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> int | None:
     """Where in its input file a copied tensor's bytes are (the layout aligns to it)."""
-    return inputs[recipe.terms[0].role].specs[recipe.name].offset if recipe.op == "copy" else None
+    if recipe.op != "copy":
+        return None
+    return inputs[recipe.terms[0].role].specs[recipe.source(recipe.terms[0])].offset
 
 
 def _recipe(command: str, plan: MergePlan, inputs: Mapping[str, Checkpoint], options: Mapping[str, Any],
@@ -115,14 +117,17 @@ def _hub_ref(c: Checkpoint) -> dict[str, str]:
 def _card(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint], options: Mapping[str, Any]) -> str:
     """The model card: every input by its hub id where it has one, else by its directory name."""
     named = [CardInput(describe_role(role), local_name(c.directory), c.hub_id, c.revision) for role, c in inputs.items()]
-    return render_card(plan.method, method.command, __version__, named, method.card_section(options, plan))
+    return render_card(plan.method, method.command, __version__, named, method.card_section(options, plan),
+                       rebuild=method.rebuild)
 
 
 def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint], out: PathLike,
            options: Mapping[str, Any], write: WriteOptions, side_source: Checkpoint,
-           extra: Mapping[str, Any] | None = None, other_inputs: Sequence[PathLike | None] = ()) -> MergeResult:
+           extra: Mapping[str, Any] | None = None, other_inputs: Sequence[PathLike | None] = (),
+           side_files: Sequence[SideFile] | None = None, texts: Mapping[str, str] | None = None) -> MergeResult:
     """Lay out, check and (unless a dry run) execute a plan over opened inputs; ``options`` are
-    the method's as recorded."""
+    the method's as recorded. The side files are ``side_source``'s unless ``side_files`` are
+    given; ``texts`` are more small files by name."""
     command = method.command
     if write.link not in LINK_MODES:
         raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {write.link!r}")
@@ -136,21 +141,22 @@ def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint]
     recipe = _recipe(command, plan, inputs, {**options, "shard_size": str(write.shard_size)}, extra)
     metadata = {"format": "pt", "layerswap_fast": json.dumps(recipe, separators=(",", ":"), sort_keys=True)}
     shards = plan_layout(plan, inputs, size_limit, metadata)
-    side_files = find_side_files(side_source.directory)
+    side_files = list(find_side_files(side_source.directory) if side_files is None else side_files)
     card = _card(method, plan, inputs, options)
     guarded = guarded_paths(inputs.values(), [*other_inputs, *write.other_inputs])
     check_output(out_path, guarded, write.force, needed_bytes(shards, write.link) + side_bytes(side_files)
-                 + _small_files_bytes(recipe, shards, len(side_files), card))
+                 + _small_files_bytes(recipe, shards, len(side_files), card)
+                 + sum(len(t.encode("utf-8")) for t in (texts or {}).values()))
     if write.dry_run:
         return MergeResult(plan, shards, None, recipe)
     clean_stale_partials(out_path, log.warning)
     backend = write.blender or make_backend(write.device, write.threads, parse_size(write.max_gpu_bytes))
     try:
-        overrides = {"torch_dtype": TORCH_NAMES[plan.dtype]} if plan.dtype else {}
+        overrides = {**({"torch_dtype": TORCH_NAMES[plan.dtype]} if plan.dtype else {}), **dict(plan.config_changes)}
         stats = execute(shards, inputs, out_path, backend=backend, recipe=recipe, side_files=side_files,
                         config_overrides=overrides, force=write.force, link=write.link,
                         threads=write.threads or 0, sync=write.sync, checksum=write.checksum, io=write.io,
-                        progress=write.progress, card=card)
+                        progress=write.progress, card=card, texts=texts)
     finally:
         if write.blender is None:
             backend.close()

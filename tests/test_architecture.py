@@ -27,7 +27,7 @@ LAYERS = (
     ("methods", ("methods",)),
     ("engine", ("engine",)),
     ("analysis", ("analysis",)),
-    ("api", ("api", "options", "writing", "adapter_writing", "streaming", "session", "sweeps", "sweep_spec", "sweep_build", "sweep_ray", "evaluation", "demo", "")),  # "": the package itself, the public names
+    ("api", ("api", "options", "writing", "adapter_writing", "streaming", "session", "sweeps", "sweep_spec", "sweep_build", "sweep_ray", "evaluation", "demo", "mergekit_run", "")),  # "": the package itself, the public names
     ("cli", ("cli",)),
 )
 RANK = {part: rank for rank, (_, parts) in enumerate(LAYERS) for part in parts}

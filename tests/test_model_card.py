@@ -133,7 +133,7 @@ def test_the_space_check_counts_the_card(trio: dict[str, Path], tmp_path: Path,
     monkeypatch.setattr(writing, "check_output", lambda out, guarded, force, n: needed.append(n))
     ls.merge(trio["task"], trio["language"], tmp_path / "out", dry_run=True)
     render = writing.render_card
-    monkeypatch.setattr(writing, "render_card", lambda *a: render(*a) + "x" * 1_000_000)
+    monkeypatch.setattr(writing, "render_card", lambda *a, **k: render(*a, **k) + "x" * 1_000_000)
     ls.merge(trio["task"], trio["language"], tmp_path / "out", dry_run=True)
     assert needed[1] - needed[0] == 1_000_000
 

@@ -47,6 +47,10 @@ NOT_RECORDED: dict[str, str] = {
     "config": "the recipe being read: its options are recorded in its place",
     "dump_config": "prints the recipe and writes no model",
 }
+#: options of one command that print something else and write no model
+PRINTS_ONLY: dict[tuple[str, str], str] = {
+    ("merge", "dump_mergekit"): "prints the swap as a mergekit config and writes no model",
+}
 #: options a command declares only to refuse them in one line, so none of its recipes records them
 REFUSED: dict[tuple[str, str], str] = {
     ("ties", "as_adapter"): "TIES needs every model's full delta, which no LoRA adapter holds",
@@ -176,7 +180,7 @@ def param_name(command: str, flag: str) -> str:
 
 def recordable(command: str) -> set[str]:
     params: list[click.Parameter] = main.commands[command].params
-    refused = {name for (refusing, name) in REFUSED if refusing == command}
+    refused = {name for (refusing, name) in (*REFUSED, *PRINTS_ONLY) if refusing == command}
     return {p.name for p in params if p.name is not None} - set(NOT_RECORDED) - refused
 
 

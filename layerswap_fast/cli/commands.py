@@ -63,7 +63,11 @@ def method_command(m: Method) -> click.Command:
         if kw.pop("dump_config"):
             dump_config(ctx)
             return
+        dump_mergekit = kw.pop("dump_mergekit", False)
         options = _method_values(m, kw)
+        if dump_mergekit:
+            click.echo(api.swap_mergekit_yaml(options), nl=False)
+            return
         config = kw.pop("config")
         out = kw.pop("out")
         with progress_bar() as progress:
@@ -71,7 +75,13 @@ def method_command(m: Method) -> click.Command:
         click.echo(result.summary(out))
 
     command.__doc__ = m.summary
-    return click.command(m.command)(stack(*map(click_option, m.options), write_options)(command))
+    extra = [DUMP_MERGEKIT] if m.name == "layer_swap" else []
+    return click.command(m.command)(stack(*map(click_option, m.options), *extra, write_options)(command))
+
+
+#: print the swap as a mergekit config (``layerswap-fast mergekit-yaml`` or mergekit itself run it)
+DUMP_MERGEKIT = click.option("--dump-mergekit", is_flag=True,
+                             help="Print this swap as a mergekit YAML config (linear over slices) and write nothing.")
 
 
 def plan_command() -> click.Command:
@@ -110,8 +120,10 @@ def demo(workdir: Path) -> None:
 
 def add_commands(group: click.Group) -> None:
     """Every command, the merge methods in registry order (``plan`` first: it shows a swap)."""
+    from .mergekit import mergekit_yaml
+
     group.add_command(plan_command())
-    for method in api.METHODS.values():
-        group.add_command(method_command(method))
+    for method in api.METHODS.values():  # mergekit's takes its own command line (CONFIG OUT), as mergekit's
+        group.add_command(mergekit_yaml if method.name == "mergekit" else method_command(method))
     group.add_command(verify_command)
     group.add_command(demo)

@@ -117,7 +117,7 @@ class _ShardFiller:
             recipe, dst = placed.recipe, shard.data_start + placed.begin
             if recipe.op == "copy":
                 role = recipe.terms[0].role
-                spec = self.source(role, recipe.name)
+                spec = self.source(role, recipe.source(recipe.terms[0]))
                 src = self.inputs[role].input_file(spec.file)
                 if run is not None and src is source and run[0] + run[2] == spec.offset and run[1] + run[2] == dst:
                     run[2] += placed.nbytes
@@ -134,7 +134,7 @@ class _ShardFiller:
         """One tensor alone at ``dst``: a byte copy or its op (:meth:`fill` does the same for a
         whole shard, coalescing copies)."""
         if recipe.op == "copy":
-            spec = self.source(recipe.terms[0].role, recipe.name)
+            spec = self.source(recipe.terms[0].role, recipe.source(recipe.terms[0]))
             self._flush_copy(writer, self.inputs[recipe.terms[0].role].input_file(spec.file),
                              [spec.offset, dst, spec.nbytes])
         else:
@@ -160,7 +160,7 @@ class _ShardFiller:
 
     def _compute(self, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int) -> None:
         # a term reads its input's tensor of the recipe's name; a LoRA factor its adapter's A and B
-        wanted = [(t.role, recipe.name) for t in recipe.terms]
+        wanted = [(t.role, recipe.source(t)) for t in recipe.terms]
         wanted += [(f.role, name) for f in recipe.factors for name in (f.a, f.b)]
         specs = [self.source(role, name) for role, name in wanted]
         inputs = [(self.inputs[role].input_file(s.file), s.offset) for (role, _), s in zip(wanted, specs)]

@@ -77,7 +77,7 @@ class DirectFiller:
 
     def fill(self, recipe: TensorRecipe, inputs: Mapping[str, Checkpoint], out: Any) -> None:
         """Write ``recipe``'s bytes into ``out`` (a writable uint8 array of exactly its size)."""
-        specs = [inputs[t.role].specs[recipe.name] for t in recipe.terms]
+        specs = [inputs[t.role].specs[recipe.source(t)] for t in recipe.terms]
         files = [inputs[t.role].input_file(s.file) for t, s in zip(recipe.terms, specs)]
         if recipe.op == "copy":
             kept = self._kept.get((files[0].path, specs[0].offset, specs[0].nbytes))

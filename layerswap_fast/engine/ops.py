@@ -208,5 +208,16 @@ def _done(ctx: OpContext, recipe: TensorRecipe, numel: int, dst: int) -> None:
     ctx.advance(dst + nbytes, nbytes)
 
 
+def _mergekit_op(name: str) -> Op:
+    """An op of :mod:`.mergekit_ops`, imported when first run (it needs numpy)."""
+    def run(*args: Any) -> None:
+        from .mergekit_ops import MERGEKIT_OPS
+        MERGEKIT_OPS[name](*args)
+    return run
+
+
 OPS: dict[str, Op] = {"blend": blend, "blend_lowrank": blend_lowrank, "ties": ties, "revert_rows": revert_rows,
-                      "stack_rows": stack_rows, "join_columns": join_columns}
+                      "stack_rows": stack_rows, "join_columns": join_columns,
+                      **{name: _mergekit_op(name) for name in ("mk_linear", "mk_passthrough", "mk_delta", "mk_nearswap",
+                                                                  "mk_slerp", "mk_model_stock", "mk_sce",
+                                                                  "mk_nuslerp", "mk_multislerp", "mk_ram")}}

@@ -140,7 +140,7 @@ def needed_bytes(shards: Sequence[OutputShard], link: str) -> int:
 def find_reusable(recipes: Sequence[TensorRecipe],
                   shards_by_role: Mapping[str, Sequence[ReusableShard]]) -> list[ReusableShard]:
     """The input shards whose every tensor is a ``copy`` from that shard's own input."""
-    copied_from = {r.name: r.terms[0].role for r in recipes if r.op == "copy"}
+    copied_from = {r.name: r.terms[0].role for r in recipes if r.op == "copy" and r.source(r.terms[0]) == r.name}
     return [shard for role, shards in shards_by_role.items() for shard in shards
             if shard.names and all(copied_from.get(n) == role for n in shard.names)]
 

@@ -94,9 +94,10 @@ def front_matter(inputs: Sequence[CardInput], library: str = "transformers") -> 
 
 
 def render_card(method: str, command: str, version: str, inputs: Sequence[CardInput], account: str,
-                library: str = "transformers") -> str:
+                library: str = "transformers", rebuild: str | None = None) -> str:
     """The whole card: front matter, title, inputs, ``account`` (Markdown: what ``method``
-    computed, with its options), and how to rebuild the output and check it."""
+    computed, with its options), and how to rebuild the output (``rebuild``, by default
+    ``COMMAND --config RECIPE -o OUT``) and check it."""
     names = " + ".join(dict.fromkeys(i.name for i in inputs))
     return "\n".join([
         front_matter(inputs, library),
@@ -119,7 +120,7 @@ def render_card(method: str, command: str, version: str, inputs: Sequence[CardIn
         "With the inputs where it says, this rebuilds the same bytes; `verify` checks a copy:",
         "",
         "```sh",
-        f"layerswap-fast {command} --config {RECIPE_NAME} -o OUT",
+        rebuild or f"layerswap-fast {command} --config {RECIPE_NAME} -o OUT",
         "layerswap-fast verify DIR",
         "```",
         "",

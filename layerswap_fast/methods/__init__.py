@@ -6,7 +6,7 @@ line below; the CLI command, the API's ``run(name, ...)``, ``--config`` files an
 
 from __future__ import annotations
 
-from . import revert, soup, swap, task_arithmetic, ties
+from . import mergekit, revert, soup, swap, task_arithmetic, ties
 from .method import Method, Option, PlanInputs
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -15,6 +15,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     task_arithmetic.METHOD,
     ties.METHOD,
     revert.METHOD,
+    mergekit.METHOD,
 )}
 
 __all__ = ["METHODS", "Method", "Option", "PlanInputs"]

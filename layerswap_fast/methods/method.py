@@ -129,6 +129,9 @@ class Method:
     #: inputs whose layer counts must agree (a soup of any models needs none)
     counts_layers: bool = True
     describe: Describe = describe_options
+    #: the command line that rebuilds an output from its recipe, when it is not
+    #: ``layerswap-fast COMMAND --config layerswap_recipe.json -o OUT``
+    rebuild: str | None = None
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every option's value: given, else its default; an unknown one is an error. (Whether the

@@ -28,6 +28,8 @@ class Term:
 
     role: str
     weight: float
+    #: the input's tensor of this name, when it is not the output's (a mergekit slice renumbers layers)
+    name: str | None = None
 
     @property
     def expert(self) -> str:
@@ -82,9 +84,15 @@ class TensorRecipe:
     terms: tuple[Term, ...]
     params: tuple[tuple[str, float], ...] = ()
     factors: tuple[Factor, ...] = ()
+    #: the dtype the op rounds to after each step, as torch does (the ``mk_*`` ops); None: float32
+    compute_dtype: str | None = None
 
     def param(self, key: str) -> float:
         return dict(self.params)[key]
+
+    def source(self, term: Term) -> str:
+        """The name of the tensor ``term`` reads."""
+        return term.name or self.name
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,9 @@ class MergePlan:
     non_layer: tuple[Term, ...]
     tensors: tuple[TensorRecipe, ...] = field(repr=False)
     method: str = "layer_swap"
+    #: keys of the output's config.json that differ from the side source's (a mergekit slice
+    #: changes ``num_hidden_layers``)
+    config_changes: tuple[tuple[str, Any], ...] = ()
 
     def counts(self) -> dict[str, int]:
         copies = sum(t.op == "copy" for t in self.tensors)
@@ -123,7 +134,7 @@ class MergePlan:
 
 
 def _terms_json(terms: Sequence[Term]) -> list[dict[str, Any]]:
-    return [{"expert": t.role, "weight": t.weight} for t in terms]
+    return [{"expert": t.role, "weight": t.weight, **({"tensor": t.name} if t.name else {})} for t in terms]
 
 
 def check_same_tensors(reference: tuple[str, Sequence[SpecLike]], other: tuple[str, Sequence[SpecLike]]) -> None:
@@ -156,7 +167,8 @@ def make_recipe(spec: SpecLike, layer: int | None, terms: Sequence[Term], out_dt
     """A recipe for ``spec``: a byte copy when ``terms`` is one input taken whole in the output
     dtype, else ``op`` (default ``blend``), whose inputs must all be float tensors."""
     terms = tuple(terms)
-    if op is None and len(terms) == 1 and terms[0].weight == 1.0 and dtypes[terms[0].role][spec.name] == out_dtype:
+    if (op is None and len(terms) == 1 and terms[0].weight == 1.0 and terms[0].name is None
+            and dtypes[terms[0].role][spec.name] == out_dtype):
         return TensorRecipe(spec.name, out_dtype, tuple(spec.shape), layer, "copy", terms)
     for term in terms:
         require_float(dtypes[term.role][spec.name], spec.name)

@@ -72,6 +72,14 @@ def classify(name: str) -> LayerInfo:
     return LayerInfo(int(digits), _kind(suffix))
 
 
+def renumber(name: str, layer: int) -> str:
+    """``name`` with its layer index replaced by ``layer`` (``model.layers.3.x`` → ``model.layers.7.x``)."""
+    match = _LAYER.search(name)
+    if match is None:
+        raise ValueError(f"{name!r} has no layer index")
+    return name[:match.start(1)] + str(layer) + name[match.end(1):]
+
+
 def _kind(suffix: str) -> str:
     stem = suffix.rsplit(".", 1)[0] if suffix.endswith((".weight", ".bias")) else suffix
     for kind, pattern in _KIND_RULES:

@@ -1,0 +1,609 @@
+"""The ops of mergekit 0.1.5's methods, step for step, so that the bytes equal its output.
+
+Each op computes in the recipe's ``compute_dtype`` with torch's rounding
+(:mod:`.torch_rounding`) and streams the tensor in chunks of :data:`CHUNK` elements: memory holds
+one chunk of every input, never a whole tensor. A selection by magnitude (TIES' top k,
+breadcrumbs' band) finds its exact thresholds in two streaming histogram passes over the float32
+bit patterns of |delta| (for non-negative floats their order), then keeps ranks in input order.
+Ranks among equal magnitudes are mergekit's ``argsort``, whose order among ties torch does not
+define; ours is the lower index first, so outputs can differ from mergekit's only at elements whose
+|delta| equals a threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import _core
+from ..dtypes import DTYPE_SIZES
+from ..formats.checkpoint import TensorSpec
+from ..plan import TensorRecipe
+from .backends import InputRange
+from .counter_random import stream_key, uniform
+from .torch_rounding import encode, fma, round_to, scalar_in, sum_rounded, to_float32, TorchNorm, TorchSum, torch_norm, torch_sum
+
+if TYPE_CHECKING:  # ops runs these lazily; a runtime import back would be a cycle
+    from .ops import OpContext
+
+#: elements per chunk: a few MB of float64 scratch per input
+CHUNK = 1 << 20
+#: the elements of one tensor that mergekit's slerp reduces at a time (its ``_CHUNK_ELEMENTS``)
+SLERP_CHUNK = 1024 * 1024
+#: mergekit's consensus methods by the number a recipe holds
+CONSENSUS = {0: None, 1: "sum", 2: "count"}
+
+
+class _Reader:
+    """Chunks of a recipe's inputs, each rounded into the compute dtype (mergekit casts on load)."""
+
+    def __init__(self, recipe: TensorRecipe, specs: Sequence[TensorSpec], inputs: Sequence[InputRange]):
+        self.specs, self.inputs, self.dtype = specs, inputs, recipe.compute_dtype
+        self.numel = specs[0].numel
+
+    def read(self, i: int, start: int, n: int) -> np.ndarray:
+        (f, offset), spec = self.inputs[i], self.specs[i]
+        size = DTYPE_SIZES[spec.dtype]
+        values = to_float32(f.read(offset + start * size, n * size), spec.dtype)
+        return values if spec.dtype == self.dtype else round_to(values, self.dtype)
+
+    def chunks(self, size: int = CHUNK) -> Iterator[tuple[int, int]]:
+        for start in range(0, self.numel, size):
+            yield start, min(size, self.numel - start)
+
+
+def _write(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, dst: int, start: int,
+           values: np.ndarray) -> None:
+    size = DTYPE_SIZES[recipe.dtype]
+    writer.write(dst + start * size, encode(round_to(values, recipe.dtype), recipe.dtype))
+    ctx.advance(dst + (start + len(values)) * size, len(values) * size)
+
+
+def mk_linear(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+              inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``linear``: Σ wᵢ·xᵢ by fused multiply-adds in float32, divided by the float32
+    sum of the weights when ``normalize``, rounded into the compute dtype."""
+    reader = _Reader(recipe, specs, inputs)
+    weights = [np.float32(t.weight) for t in recipe.terms]
+    divisor = sum_rounded([np.array([w]) for w in weights], None)[0] if recipe.param("normalize") else None
+    for start, n in reader.chunks():
+        # the first fused multiply-add onto +0 is one float32 product (+0 added: -0 becomes +0)
+        acc = reader.read(0, start, n) * weights[0] + np.float32(0)
+        for i, w in enumerate(weights[1:], start=1):
+            acc = fma(acc, w, reader.read(i, start, n))
+        if divisor is not None:
+            acc = acc / divisor
+        _write(ctx, writer, recipe, dst, start, round_to(acc, recipe.compute_dtype))
+
+
+def mk_passthrough(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                   inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``passthrough``: the one input in the compute dtype, times ``scale`` if given."""
+    reader = _Reader(recipe, specs, inputs)
+    scale = dict(recipe.params).get("scale")
+    for start, n in reader.chunks():
+        x = reader.read(0, start, n)
+        if scale is not None:
+            x = round_to(x * np.float32(scale), recipe.compute_dtype)
+        _write(ctx, writer, recipe, dst, start, x)
+
+
+def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+             inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's generalized task arithmetic (task_arithmetic, ties, breadcrumbs, dare, della):
+    base ``terms[0]``, models ``terms[1:]`` weighted by their term weights. Each delta is
+    sparsified (:class:`_Sparsifier`), weighted, and the deltas summed (only those agreeing with
+    the elected sign under a consensus), divided by the summed weights when ``normalize``, scaled
+    by ``lambda`` and added to the base."""
+    c = recipe.compute_dtype
+    params = dict(recipe.params)
+    reader = _Reader(recipe, specs, inputs)
+    models = range(1, len(recipe.terms))
+
+    def deltas(start: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        base = reader.read(0, start, n)
+        return base, [round_to(reader.read(i, start, n) - base, c) for i in models]
+
+    sparsify = _Sparsifier(recipe, reader, lambda size: (deltas(s, n)[1] for s, n in reader.chunks(size)))
+    weights = [scalar_in(recipe.terms[i].weight, c) for i in models]
+    consensus = CONSENSUS[int(params.get("consensus", 0))]
+    for start, n in reader.chunks(sparsify.chunk):
+        base, ds = deltas(start, n)
+        ds = [round_to(d * w, c) for d, w in zip(sparsify.apply(start, ds), weights)]
+        mixed, divisor = _mix(ds, weights, consensus, c)
+        if params.get("normalize"):
+            mixed = round_to(mixed / divisor, c)
+        if params.get("lambda", 1.0) != 1.0:
+            mixed = round_to(mixed * np.float32(params["lambda"]), c)
+        _write(ctx, writer, recipe, dst, start, round_to(base + mixed, c))
+
+
+class _Sparsifier:
+    """Each model's delta as mergekit's ``sparsify`` leaves it: the descending magnitude ranks
+    ``[lo.i, hi.i)`` (magnitude, breadcrumbs); or kept with probability ``p.i`` (DARE), or per
+    row with ``p.i − eps.i + 2·eps.i·rank/(cols − 1)`` by ascending magnitude rank (DELLA), from
+    the counter-based stream keyed by ``seed``, the tensor's name and the model; then, with
+    ``rescale``, scaled to the L1 norm it had (sums over the whole tensor: a first pass)."""
+
+    def __init__(self, recipe: TensorRecipe, reader: _Reader, stream: Callable[[int], Iterator[list[np.ndarray]]]):
+        params = dict(recipe.params)
+        self.c = recipe.compute_dtype
+        count = len(recipe.terms) - 1
+        ranges = [(int(params[f"lo.{i}"]), int(params[f"hi.{i}"])) if f"lo.{i}" in params else None
+                  for i in range(1, count + 1)]
+        self.p = [params.get(f"p.{i}") for i in range(1, count + 1)]
+        self.eps = [params.get(f"eps.{i}") for i in range(1, count + 1)]
+        self.keys = [stream_key(int(params.get("seed", 0)), recipe.name, i) for i in range(1, count + 1)]
+        self.cols = recipe.shape[-1] if len(recipe.shape) > 1 else max(1, reader.numel)
+        self.chunk = max(self.cols, CHUNK // self.cols * self.cols) if any(e is not None for e in self.eps) else CHUNK
+        self.ranks = _RankSelection(ranges, lambda: stream(CHUNK))
+        self.scale: list[np.float32 | None] = [None] * count
+        if params.get("rescale"):
+            self.scale = self._l1_scales(stream)
+
+    def masks(self, start: int, ds: list[np.ndarray]) -> list[np.ndarray]:
+        kept = self.ranks.masks(ds)
+        for i, d in enumerate(ds):
+            if self.p[i] is None:
+                continue
+            draw = uniform(self.keys[i], start, len(d))
+            if self.eps[i] is None:
+                kept[i] = draw < self.p[i]
+            else:
+                kept[i] = draw < self._della_probabilities(d, self.p[i], self.eps[i])
+        return kept
+
+    def _della_probabilities(self, d: np.ndarray, density: float, eps: float) -> np.ndarray:
+        rows = np.abs(d).reshape(-1, self.cols)
+        rank = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable").astype(np.float64)
+        norm = rank / (self.cols - 1) if self.cols > 1 else np.zeros_like(rank)
+        return ((density - eps) + norm * 2 * eps).reshape(-1)
+
+    def apply(self, start: int, ds: list[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for d, mask, scale in zip(ds, self.masks(start, ds), self.scale):
+            masked = d * mask.astype(np.float32)
+            out.append(masked if scale is None else round_to(masked * scale, self.c))
+        return out
+
+    def _l1_scales(self, stream: Callable[[int], Iterator[list[np.ndarray]]]) -> list[np.float32 | None]:
+        """mergekit's ``rescaled_masked_tensor`` with the L1 norm: Σ|delta| / Σ|kept|, each sum
+        rounded into the compute dtype, none when either is below 1e-7. The mask is drawn again
+        in the writing pass; the rank selection's tie counts start over."""
+        before = np.zeros(len(self.p))
+        after = np.zeros(len(self.p))
+        start = 0
+        for ds in stream(self.chunk):
+            for i, (d, mask) in enumerate(zip(ds, self.masks(start, ds))):
+                before[i] += float(np.abs(d).astype(np.float64).sum())
+                after[i] += float(np.abs(d[mask]).astype(np.float64).sum())
+            start += len(ds[0])
+        self.ranks.restart()
+        scales: list[np.float32 | None] = []
+        for b, a in zip(before, after):
+            b32, a32 = round_to(np.float32(b), self.c), round_to(np.float32(a), self.c)
+            scales.append(None if b32 < 1e-7 or a32 < 1e-7 else round_to(b32 / a32, self.c))
+        return scales
+
+
+def mk_nearswap(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``nearswap``: w = clamp(t / max(|base − x|, 1e-6), 0, 1), then w·x + (1 − w)·base."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    t = np.float32(recipe.param("t"))
+    for start, n in reader.chunks():
+        a, b = reader.read(0, start, n), reader.read(1, start, n)
+        near = round_to(np.maximum(round_to(np.abs(a - b), c), np.float32(1e-6)), c)
+        # `t / tensor` in torch is reciprocal(tensor) · t, two roundings
+        w = np.clip(round_to(round_to(np.float32(1) / near, c) * t, c), 0, 1)
+        _write(ctx, writer, recipe, dst, start,
+               round_to(round_to(w * b, c) + round_to(round_to(1 - w, c) * a, c), c))
+
+
+def mk_slerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+             inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``slerp`` from the base (input 0) to input 1 at ``t``, the whole tensor one
+    vector, in float32: per chunk of :data:`SLERP_CHUNK` the norms, their norm, then per chunk
+    the dot product of the normalised vectors, their sum, then the spherical (or, when
+    |cos| > 0.9995, linear) coefficients. Two streaming passes find the reductions, summed in
+    torch's order (:func:`torch_sum`, :func:`torch_norm`)."""
+    reader = _Reader(recipe, specs, inputs)
+    parts: list[list[np.float32]] = [[], []]
+    for start, n in reader.chunks(SLERP_CHUNK):
+        for i in (0, 1):
+            parts[i].append(torch_norm(reader.read(i, start, n)))
+    norms = [torch_norm(np.array(p, dtype=np.float32)) if p else np.float32(0) for p in parts]
+    norms = [x if x > np.float32(1e-8) else np.float32(1) for x in norms]
+    dots = [torch_sum((reader.read(0, start, n) / norms[0]) * (reader.read(1, start, n) / norms[1]))
+            for start, n in reader.chunks(SLERP_CHUNK)]
+    dot = np.clip(torch_sum(np.array(dots, dtype=np.float32)), np.float32(-1), np.float32(1))
+    coef_a, coef_b = slerp_coefficients(np.float32(recipe.param("t")), dot)
+    for start, n in reader.chunks():
+        x, y = reader.read(0, start, n), reader.read(1, start, n)
+        _write(ctx, writer, recipe, dst, start, round_to(coef_a * x + coef_b * y, recipe.compute_dtype))
+
+
+def mk_model_stock(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                   inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``model_stock`` (whole tensors, not ``filter_wise``), in the compute dtype:
+    the mean pairwise cosine of the models' offsets from the base (input 0), t = N·cos/(1 +
+    (N − 1)·cos) (0 where the denominator vanishes), then t·mean(models) + (1 − t)·base. The
+    norms and dot products are a streaming pass in torch's summation order."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    count = len(recipe.terms) - 1
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    norms = [TorchNorm(reader.numel) for _ in range(count)]
+    dots = [TorchSum(reader.numel) for _ in pairs]
+    for start, n in reader.chunks():
+        base = reader.read(0, start, n)
+        offsets = [round_to(reader.read(i, start, n) - base, c) for i in range(1, count + 1)]
+        for norm, offset in zip(norms, offsets):
+            norm.add(offset)
+        for dot, (i, j) in zip(dots, pairs):
+            dot.add(round_to(offsets[i] * offsets[j], c))
+    length = [round_to(norm.total(), c) for norm in norms]
+    cosines = []
+    for dot, (i, j) in zip(dots, pairs):
+        product = round_to(np.maximum(round_to(length[i] * length[j], c), np.float32(1e-6)), c)
+        cosines.append(np.clip(round_to(round_to(dot.total(), c) / product, c), -1, 1))
+    cos = round_to(torch_sum(np.array(cosines, dtype=np.float32)) / np.float32(len(cosines)), c)
+    denominator = round_to(round_to(cos * np.float32(count - 1), c) + np.float32(1), c)
+    t = np.float32(0) if abs(denominator) < 1e-6 else round_to(round_to(cos * np.float32(count), c) / denominator, c)
+    for start, n in reader.chunks():
+        base = reader.read(0, start, n)
+        total = reader.read(1, start, n)
+        for i in range(2, count + 1):
+            total = round_to(total + reader.read(i, start, n), c)
+        average = round_to(total / np.float32(count), c)
+        _write(ctx, writer, recipe, dst, start,
+               round_to(round_to(t * average, c) + round_to(round_to(np.float32(1) - t, c) * base, c), c))
+
+
+def mk_sce(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+           inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``sce`` in the compute dtype: the task vectors (models minus the base, input 0)
+    keep the elements of the top ``select_topk`` fraction of nonzero variance across models;
+    each is weighted by its mean square over the sum of them, only the ones agreeing with the
+    elected sign count, and their weighted sum, divided by the summed weights, is added to the
+    base. Passes: variance count, its threshold (two), the mean squares, the output."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    count = len(recipe.terms) - 1
+
+    def task_vectors(start: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        base = reader.read(0, start, n)
+        return base, [round_to(reader.read(i, start, n) - base, c) for i in range(1, count + 1)]
+
+    def variances() -> Iterator[list[np.ndarray]]:
+        for start, n in reader.chunks():
+            yield [round_to(_population_variance(task_vectors(start, n)[1]), c)]
+
+    topk = recipe.param("select_topk")
+    select = None
+    if topk < 1:
+        nonzero = sum(int(np.count_nonzero(v[0])) for v in variances()) if topk > 0 else 0
+        k = int(np.float32(np.float32(nonzero) * np.float32(topk)))
+        select = _RankSelection([(0, k)], variances)
+    squares = [TorchSum(reader.numel) for _ in range(count)]
+    for start, n in reader.chunks():
+        _, tvs = task_vectors(start, n)
+        mask = _sce_mask(select, tvs, c)
+        for total, tv in zip(squares, tvs):
+            total.add(round_to(np.square(tv * mask), c))
+    weights = _sce_weights([round_to(round_to(s.total(), c) / np.float32(reader.numel), c) for s in squares], c)
+    if select is not None:
+        select.restart()
+    for start, n in reader.chunks():
+        base, tvs = task_vectors(start, n)
+        mask = _sce_mask(select, tvs, c)
+        tvs = [tv * mask for tv in tvs]
+        signs = [np.sign(tv) for tv in tvs]
+        majority = np.where(sum_rounded(tvs, c) >= 0, np.float32(1), np.float32(-1))
+        erased = [w * (sign == majority).astype(np.float32) for w, sign in zip(weights, signs)]
+        merged = sum_rounded([round_to(tv * e, c) for tv, e in zip(tvs, erased)], c)
+        divisor = round_to(np.maximum(sum_rounded(erased, c), np.float32(1e-6)), c)
+        _write(ctx, writer, recipe, dst, start, round_to(base + round_to(merged / divisor, c), c))
+
+
+def _population_variance(xs: list[np.ndarray]) -> np.ndarray:
+    """``torch.var(dim=0, unbiased=False)`` on the CPU: Welford's updates in float64."""
+    mean = np.zeros(len(xs[0]))
+    m2 = np.zeros(len(xs[0]))
+    for k, x in enumerate(xs, start=1):
+        x64 = x.astype(np.float64)
+        delta = x64 - mean
+        mean = mean + delta / k
+        m2 = m2 + delta * (x64 - mean)
+    return (m2 / len(xs)).astype(np.float32)
+
+
+def _sce_mask(select: _RankSelection | None, tvs: list[np.ndarray], c: str | None) -> np.ndarray:
+    if select is None:
+        return np.ones(len(tvs[0]), dtype=np.float32)
+    return select.masks([round_to(_population_variance(tvs), c)])[0].astype(np.float32)
+
+
+def _sce_weights(means: list[np.ndarray], c: str | None) -> list[np.float32]:
+    """Each model's mean square over their sum (uniform when the sum is below 1e-6)."""
+    total = float(torch_sum(np.array(means, dtype=np.float32).reshape(-1)))
+    total = float(round_to(np.float32(total), c))
+    if abs(total) < 1e-6:
+        return [np.float32(round_to(np.float32(1) / np.float32(len(means)), c))] * len(means)
+    return [np.float32(round_to(m / np.float32(total), c)) for m in means]
+
+
+def mk_nuslerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+               inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``nuslerp`` over whole (flattened) tensors in the compute dtype: slerp at ``t``
+    between the two models' task vectors (against the base, input 0, when ``base`` is 1; else
+    between the models themselves), added back to the base. Passes: norms, cosine, output."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    has_base = bool(recipe.param("base"))
+    first = 1 if has_base else 0
+
+    def vectors(start: int, n: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        base = reader.read(0, start, n) if has_base else None
+        v = [reader.read(first + i, start, n) for i in (0, 1)]
+        if base is not None:
+            v = [round_to(x - base, c) for x in v]
+        return base, v[0], v[1]
+
+    norms = [TorchNorm(reader.numel), TorchNorm(reader.numel)]
+    for start, n in reader.chunks():
+        _, v0, v1 = vectors(start, n)
+        norms[0].add(v0)
+        norms[1].add(v1)
+    length = [round_to(np.maximum(round_to(x.total(), c), np.float32(1e-7)), c) for x in norms]
+    dot = TorchSum(reader.numel)
+    for start, n in reader.chunks():
+        _, v0, v1 = vectors(start, n)
+        dot.add(round_to(round_to(v0 / length[0], c) * round_to(v1 / length[1], c), c))
+    cos = np.clip(round_to(dot.total(), c), np.float32(-1), np.float32(1))
+    colinear = round_to(np.float32(1) - round_to(cos * cos, c), c) <= 1e-16
+    t = recipe.param("t")
+    theta = round_to(np.float32(0 if colinear else math.acos(cos)), c)
+    sin_theta = round_to(np.float32(math.sin(theta)), c)
+    sin_a = round_to(np.float32(math.sin(round_to(theta * np.float32(1 - t), c))), c)
+    sin_b = round_to(np.float32(math.sin(round_to(theta * np.float32(t), c))), c)
+    for start, n in reader.chunks():
+        base, v0, v1 = vectors(start, n)
+        if colinear:
+            result = round_to(round_to(v0 * np.float32(1 - t), c) + round_to(v1 * np.float32(t), c), c)
+        else:
+            result = round_to(round_to(round_to(sin_a * v0, c) + round_to(sin_b * v1, c), c) / sin_theta, c)
+        _write(ctx, writer, recipe, dst, start, result if base is None else round_to(base + result, c))
+
+
+def mk_multislerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                  inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``multislerp`` in the compute dtype: the models' vectors (task vectors when
+    ``base`` is 1, the base being input 0) projected onto the unit sphere, averaged with the
+    term weights, mapped to the tangent space at that mean, averaged there, mapped back and
+    scaled by the weighted mean norm. Five streaming passes: norms, the mean's norm, the dot
+    products with the mean, the tangent mean's norm, the output."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    has_base = bool(recipe.param("base"))
+    eps = np.float32(recipe.param("eps"))
+    first = 1 if has_base else 0
+    count = len(recipe.terms) - first
+    weights = [scalar_in(t.weight, c) for t in recipe.terms[first:]]
+    if recipe.param("normalize"):
+        total = round_to(torch_sum(np.array(weights, dtype=np.float32)), c)
+        weights = [np.float32(round_to(w / total, c)) for w in weights]
+
+    def vectors(start: int, n: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
+        base = reader.read(0, start, n) if has_base else None
+        vs = [reader.read(first + i, start, n) for i in range(count)]
+        return base, vs if base is None else [round_to(v - base, c) for v in vs]
+
+    norms = [TorchNorm(reader.numel) for _ in range(count)]
+    for start, n in reader.chunks():
+        for norm, v in zip(norms, vectors(start, n)[1]):
+            norm.add(v)
+    lengths = [np.float32(round_to(x.total(), c)) for x in norms]
+
+    def units(start: int, n: int) -> tuple[np.ndarray | None, list[np.ndarray], np.ndarray]:
+        base, vs = vectors(start, n)
+        us = [round_to(v / round_to(length + eps, c), c) for v, length in zip(vs, lengths)]
+        return base, us, sum_rounded([round_to(u * w, c) for u, w in zip(us, weights)], c)
+
+    mean_norm = TorchNorm(reader.numel)
+    for start, n in reader.chunks():
+        mean_norm.add(units(start, n)[2])
+    center = np.float32(round_to(mean_norm.total(), c))
+    if center < eps:
+        raise ValueError(f"multislerp of {recipe.name}: the weighted mean of the unit vectors is zero")
+    dots = [TorchSum(reader.numel) for _ in range(count)]
+    for start, n in reader.chunks():
+        _, us, mean = units(start, n)
+        mean = round_to(mean / center, c)
+        for dot, u in zip(dots, us):
+            dot.add(round_to(u * mean, c))
+    along = [np.float32(round_to(d.total(), c)) for d in dots]
+
+    def tangent(start: int, n: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        base, us, mean = units(start, n)
+        mean = round_to(mean / center, c)
+        ts = [round_to(u - round_to(d * mean, c), c) for u, d in zip(us, along)]
+        return base, mean, sum_rounded([round_to(t * w, c) for t, w in zip(ts, weights)], c)
+
+    tangent_norm = TorchNorm(reader.numel)
+    for start, n in reader.chunks():
+        tangent_norm.add(tangent(start, n)[2])
+    angle = np.float32(round_to(round_to(tangent_norm.total(), c) + eps, c))
+    cos = np.float32(round_to(np.float32(math.cos(angle)), c))
+    sinc = np.float32(round_to(round_to(np.float32(math.sin(angle)), c) / angle, c))
+    scale = round_to(torch_sum(np.array([round_to(x * w, c) for x, w in zip(lengths, weights)], dtype=np.float32)),
+                     c)
+    for start, n in reader.chunks():
+        base, mean, t = tangent(start, n)
+        result = round_to(round_to(round_to(mean * cos, c) + round_to(t * sinc, c), c) * scale, c)
+        _write(ctx, writer, recipe, dst, start, result if base is None else round_to(result + base, c))
+
+
+def mk_ram(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+           inputs: Sequence[InputRange], dst: int) -> None:
+    """mergekit's ``ram`` and ``ramplus_tl``: each task vector (against the base, input 0) counts
+    where |tv| > epsilon; an element changed by one model takes that change (``ramplus_tl``: times
+    1 + r·clamp(shared/unique, 0, alpha), per model, computed in float32, which makes the result
+    float32 as torch promotes it), one changed by several the mean of their changes."""
+    c = recipe.compute_dtype
+    reader = _Reader(recipe, specs, inputs)
+    params = dict(recipe.params)
+    count = len(recipe.terms) - 1
+    threshold = scalar_in(params["epsilon"], c)  # torch compares in the tensor's dtype
+
+    def task_vectors(start: int, n: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]:
+        base = reader.read(0, start, n)
+        tvs = [round_to(reader.read(i, start, n) - base, c) for i in range(1, count + 1)]
+        changed = [np.abs(tv) > threshold for tv in tvs]
+        return base, tvs, changed, np.sum(changed, axis=0)
+
+    scales: list[np.float32] | None = None
+    if "r" in params:
+        shared, unique = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
+        for start, n in reader.chunks():
+            _, _, changed, counts = task_vectors(start, n)
+            for i, ch in enumerate(changed):
+                shared[i] += int(np.count_nonzero(ch & (counts > 1)))
+                unique[i] += int(np.count_nonzero(ch & (counts == 1)))
+        scales = []
+        for s_, u in zip(shared, unique):
+            rho = np.float32(s_) / max(np.float32(u), np.float32(params["epsilon"]))
+            rho = min(max(rho, np.float32(0)), np.float32(params["alpha"]))
+            scales.append(np.float32(np.float32(1) + np.float32(np.float32(params["r"]) * rho)))
+    for start, n in reader.chunks():
+        base, tvs, changed, counts = task_vectors(start, n)
+        unique = (counts == 1).astype(np.float32)
+        overlap = (counts > 1).astype(np.float32)
+        divisor = np.maximum(counts, 1).astype(np.float32)
+        terms = []
+        for i, (tv, ch) in enumerate(zip(tvs, changed)):
+            kept = tv * ch.astype(np.float32)
+            shared_part = round_to(kept * overlap / divisor, c)
+            if scales is None:
+                terms.append(round_to(kept * unique + shared_part, c))
+            else:
+                terms.append(kept * unique * scales[i] + shared_part)
+        merged = sum_rounded(terms, None if scales is not None else c)
+        _write(ctx, writer, recipe, dst, start, round_to(base + merged, None if scales is not None else c))
+
+
+def slerp_coefficients(t: np.float32, dot: np.float32, threshold: float = 0.9995) -> tuple[np.float32, np.float32]:
+    """The weights of the two vectors, as mergekit's float32 steps compute them. torch's
+    ``acos`` and ``sin`` of a one-element tensor are the C library's float functions, correctly
+    rounded: the double result rounded to float32 is the same (numpy's own float32 ``sin`` is not
+    always)."""
+    if abs(dot) > threshold:
+        return np.float32(1) - t, t
+    theta = np.float32(math.acos(dot))
+    sin_theta = np.float32(math.sin(theta))
+    one_minus_t = np.float32(1) - t
+    return (np.float32(math.sin(np.float32(one_minus_t * theta))) / sin_theta,
+            np.float32(math.sin(np.float32(t * theta))) / sin_theta)
+
+
+def _mix(ds: list[np.ndarray], weights: list[np.float32], consensus: str | None,
+         c: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The summed deltas and the divisor ``normalize`` uses (mergekit's ``get_mask`` and sums)."""
+    n = len(ds[0])
+    if consensus is None:
+        divisor = sum_rounded([np.full(1, w) for w in weights], c)
+        return sum_rounded(ds, c), np.where(np.abs(divisor) < 1e-8, np.float32(1), divisor)
+    signs = [np.sign(d) for d in ds]
+    elect = sum_rounded(ds, c) if consensus == "sum" else sum_rounded(signs, c)
+    majority = np.where(elect >= 0, np.float32(1), np.float32(-1))
+    agree = [(s == majority).astype(np.float32) for s in signs]  # multiplied, as torch does: -0.0 stays
+    mixed = sum_rounded([d * a for d, a in zip(ds, agree)], c)
+    divisor = sum_rounded([w * a for w, a in zip(weights, agree)], c)
+    return mixed, np.where(divisor == 0, np.float32(1), divisor) if n else divisor
+
+
+class _RankSelection:
+    """Per model, the elements whose rank by descending |delta| lies in ``[lo, hi)`` (None: all).
+
+    Thresholds come from :func:`_rank_keys` over ``stream`` (the deltas, chunk by chunk); then
+    :meth:`masks`, called on the chunks in order, counts equal magnitudes across chunks so that the
+    lower index ranks first."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int] | None], stream: Callable[[], Iterator[list[np.ndarray]]]):
+        self.ranges = ranges
+        wanted = [sorted({lo, hi - 1}) if r is not None and r[1] > r[0] else [] for r in ranges
+                  for lo, hi in [r or (0, 0)]]
+        self.keys = _rank_keys(stream, wanted) if any(wanted) else [[] for _ in ranges]
+        self.restart()
+
+    def restart(self) -> None:
+        """Count equal magnitudes from the tensor's first element again (a new pass)."""
+        self.seen: list[dict[int, int]] = [{} for _ in self.ranges]
+
+    def masks(self, ds: list[np.ndarray]) -> list[np.ndarray]:
+        return [self._mask(i, d) for i, d in enumerate(ds)]
+
+    def _mask(self, i: int, d: np.ndarray) -> np.ndarray:
+        r = self.ranges[i]
+        if r is None:
+            return np.ones(len(d), dtype=bool)
+        lo, hi = r
+        if hi <= lo:
+            return np.zeros(len(d), dtype=bool)
+        key = np.abs(d).view(np.uint32)
+        (top, _), (bottom, _) = self.keys[i][0], self.keys[i][-1]
+        keep = (key > bottom) & (key < top)
+        for value, greater in dict(self.keys[i]).items():
+            where = np.flatnonzero(key == value)
+            rank = greater + self.seen[i].get(value, 0) + np.arange(len(where))
+            keep[where[(rank >= lo) & (rank < hi)]] = True
+            self.seen[i][value] = self.seen[i].get(value, 0) + len(where)
+        return keep
+
+
+def _rank_keys(stream: Callable[[], Iterator[list[np.ndarray]]],
+               wanted: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:
+    """For each model and each wanted rank r (descending |delta|): the float32 bit pattern of the
+    magnitude at rank r and how many magnitudes exceed it. Two passes: a histogram of the high 16
+    bits, then of the low 16 bits inside the bucket each rank falls in."""
+    high = [np.zeros(1 << 16, dtype=np.int64) for _ in wanted]
+    for ds in stream():
+        for i, d in enumerate(ds):
+            if wanted[i]:
+                high[i] += np.bincount(np.abs(d).view(np.uint32) >> 16, minlength=1 << 16)
+    buckets = [[_locate(h, r) for r in ranks] for h, ranks in zip(high, wanted)]
+    low = [[np.zeros(1 << 16, dtype=np.int64) for _ in ranks] for ranks in wanted]
+    for ds in stream():
+        for i, d in enumerate(ds):
+            key = np.abs(d).view(np.uint32)
+            for j, (bucket, _, _) in enumerate(buckets[i]):
+                inside = key[(key >> 16) == bucket] & np.uint32(0xFFFF)
+                low[i][j] += np.bincount(inside, minlength=1 << 16)
+    result = []
+    for i, ranks in enumerate(wanted):
+        found = []
+        for j, r in enumerate(ranks):
+            bucket, above, rest = buckets[i][j]
+            value, greater, _ = _locate(low[i][j], rest)
+            found.append(((bucket << 16) | value, above + greater))
+        result.append(found)
+    return result
+
+
+def _locate(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
+    """The bin holding descending rank ``rank``, how many counts lie in higher bins, and the rank
+    within the bin."""
+    from_top = np.cumsum(hist[::-1])
+    index = int(np.searchsorted(from_top, rank, side="right"))
+    above = int(from_top[index - 1]) if index else 0
+    return len(hist) - 1 - index, above, rank - above
+
+
+MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta,
+                "mk_nearswap": mk_nearswap, "mk_slerp": mk_slerp, "mk_model_stock": mk_model_stock,
+                "mk_sce": mk_sce, "mk_nuslerp": mk_nuslerp,
+                "mk_multislerp": mk_multislerp, "mk_ram": mk_ram}
