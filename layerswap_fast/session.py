@@ -17,8 +17,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from typing import Any
 
-import numpy as np
-
 from .dtypes import TORCH_NAMES
 from .engine.backends import CpuBackend, make_backend
 from .engine.memory import DirectFiller, available_memory, merged_buffers
@@ -128,6 +126,8 @@ class SwapSession:
         if view is not None:
             self._direct.fill(recipe, inputs, view)
         else:
+            import numpy as np  # not on import: a merge never needs it
+
             data = np.empty(tensor_nbytes(recipe), dtype=np.uint8)
             self._direct.fill(recipe, inputs, data)
             self._place(recipe.name, as_tensor(memoryview(data), recipe.dtype, recipe.shape, self._torch))

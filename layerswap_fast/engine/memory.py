@@ -18,8 +18,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import _core
 from ..formats.checkpoint import Checkpoint, TensorSpec
 from ..formats.layout import tensor_nbytes
@@ -92,6 +90,8 @@ class DirectFiller:
                             self.threads)
 
     def _read(self, f: _core.InputFile, spec: TensorSpec) -> Any:
+        import numpy as np  # not on import: a merge never needs it
+
         kept = self._kept.get((f.path, spec.offset, spec.nbytes))
         if kept is not None:
             return kept
@@ -101,6 +101,8 @@ class DirectFiller:
         return data
 
     def _keep(self, f: _core.InputFile, spec: TensorSpec, data: Any) -> None:
+        import numpy as np
+
         if spec.nbytes <= self.resident:
             self._kept[(f.path, spec.offset, spec.nbytes)] = np.array(data, dtype=np.uint8, copy=True).reshape(-1)
             self.resident -= spec.nbytes
@@ -126,6 +128,8 @@ _SPLIT_BYTES = 8 << 20
 
 def _copy(out: Any, data: Any, threads: int) -> None:
     """``out[:] = data`` in one piece per thread (numpy releases the GIL while it copies)."""
+    import numpy as np
+
     n = threads if threads > 0 else (os.cpu_count() or 1)
     if n == 1 or len(data) < _SPLIT_BYTES:
         np.copyto(out, data)

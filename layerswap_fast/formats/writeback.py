@@ -129,11 +129,13 @@ class ShardFinisher:
         #: ranges of the file copied from inputs, in file order: (start, end, input path, its offset)
         self.copies: list[tuple[int, int, str, int]] = []
         self._inputs: dict[str, int] = {}
+        self._buffer: bytearray | None = None
 
     def copied(self, dst_offset: int, nbytes: int, source: str, src_offset: int) -> None:
         """Bytes [dst_offset, +nbytes) are a copy of ``source`` from ``src_offset``: they are hashed
         from the input, whose pages the cache holds, not from the output, whose cloned blocks it
-        does not (the end-of-run check refuses an input that changed meanwhile)."""
+        does not (the end-of-run check refuses an input that changed meanwhile, and one cut short
+        is an error here)."""
         if nbytes:
             self.copies.append((dst_offset, dst_offset + nbytes, source, src_offset))
 
@@ -172,6 +174,9 @@ class ShardFinisher:
             if self.stop.is_set():
                 raise Cancelled
             fd, at, end = self._source(upto)
+            if fd != self.fd:
+                self._hash_input(fd, at, min(end, self.hashed + _BLOCK))
+                continue
             base = at - at % mmap.ALLOCATIONGRANULARITY
             stop = min(end, self.hashed + _BLOCK - (at - base))
             mapped = mmap.mmap(fd, at - base + stop - self.hashed, prot=mmap.PROT_READ, offset=base)
@@ -181,6 +186,18 @@ class ShardFinisher:
             finally:
                 mapped.close()
             self.hashed = stop
+
+    def _hash_input(self, fd: int, at: int, stop: int) -> None:
+        """Hash [hashed, stop) from an input at ``at`` by pread: an input truncated meanwhile must
+        be an error, and a mapping of it would be a SIGBUS that kills the interpreter."""
+        if self._buffer is None:
+            self._buffer = bytearray(_BLOCK)
+        with memoryview(self._buffer)[:stop - self.hashed] as view:
+            if os.preadv(fd, [view], at) != len(view):
+                path = next(p for p, f in self._inputs.items() if f == fd)
+                raise _core.CoreError(f"input changed during the merge: {path} was truncated")
+            self.sha.update(view)
+        self.hashed = stop
 
     def _source(self, upto: int) -> tuple[int, int, int]:
         """Where the bytes from ``hashed`` are read: (fd, offset in that file, end in the output)."""
