@@ -94,6 +94,17 @@ def test_a_shard_an_earlier_candidate_wrote_is_reused_whole(experts, tmp_path):
     assert shards_without_metadata(second.path) == shards_without_metadata(tmp_path / "ref")
 
 
+def test_hard_links_across_candidates_are_no_change_of_their_inputs(experts, tmp_path):
+    """With --link hard, a candidate's shard may be a hard link of an input's shard that a later
+    candidate links again: the change time that moves is not taken for a change of the bytes."""
+    spec = _spec(experts, tmp_path, grid={"bottom": [3, 4], "top": [1, 2]}, shard_size="1KB",
+                 pairs=[[str(experts["math-1"]), str(experts["swh-1"])]])
+    found = lf.sweep(spec, tmp_path / "sweep", link="hard")
+    assert [c.status for c in found] == ["built"] * 4, [c.error for c in found]
+    for c in found:
+        lf.verify(c.path)
+
+
 def test_a_rerun_skips_complete_candidates_and_rebuilds_a_damaged_one(experts, tmp_path):
     spec, out = _spec(experts, tmp_path), tmp_path / "sweep"
     first = lf.sweep(spec, out)

@@ -327,7 +327,7 @@ def execute(
         for shard in shards:
             with _writing(tmp, shard.filename, shard.file_size):
                 if isinstance(shard, ReusedShard):
-                    how = _reuse(shard, tmp, out, link, inputs[shard.reuse.role], finishing.throttle)
+                    how = _reuse(shard, tmp, out, link, inputs, finishing.throttle)
                     methods[how] = methods.get(how, 0) + 1
                     # the input's bytes, whose digest is cached: a clone or copy of it holds the same
                     # bytes unless the input changed during the run, which the check below refuses
@@ -374,12 +374,17 @@ def _done(value: str) -> Future[str]:
     return done
 
 
-def _reuse(shard: ReusedShard, tmp: Path, out: Path, link: str, ckpt: Checkpoint, throttle: bool) -> str:
-    """Reuse an input shard whole; linking it changes the input's change time, which the end-of-run
-    check must not take for a change of its bytes."""
+def _reuse(shard: ReusedShard, tmp: Path, out: Path, link: str, inputs: Mapping[str, Checkpoint],
+           throttle: bool) -> str:
+    """Reuse an input shard whole; linking it changes the file's change time, which the end-of-run
+    check must not take for a change of its bytes, under any of its names (an earlier sweep
+    candidate's shard may be a hard link of an input's)."""
+    ckpt = inputs[shard.reuse.role]
     how = reuse_shard(shard, tmp / shard.filename, out, link, ckpt.input_file(shard.reuse.source), throttle)
     if how in ("hard link", "reflink"):
-        ckpt.relinked(shard.reuse.source)
+        st = os.stat(shard.reuse.source)
+        for other in inputs.values():
+            other.relinked_file(st.st_dev, st.st_ino)
     return how
 
 

@@ -295,6 +295,13 @@ class Checkpoint:
         if now[:-1] == then[:-1]:
             self._stamps[path] = now
 
+    def relinked_file(self, device: int, inode: int) -> None:
+        """The file (device, inode) was just hard-linked or cloned by us: :meth:`relinked` for each
+        of this checkpoint's shards that is that file, by whatever name."""
+        for path, stamp in list(self._stamps.items()):
+            if stamp[:2] == (device, inode):
+                self.relinked(path)
+
     def occupied_paths(self) -> dict[Path, str]:
         """Every resolved path this checkpoint occupies (its directory or file, and the targets of
         its shard links), each with what it is: what no command may write, replace or delete."""
