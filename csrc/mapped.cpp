@@ -62,6 +62,11 @@ constexpr unsigned long kRemoteFs[] = {
 
 }  // namespace
 
+// What auto picks on a local filesystem. pread: the mapped reader measured slower than pread
+// for analyze, the layer swap and TIES, and faster only for a soup (bench/RESULTS.md, issue 20);
+// mmap stays a choice (--io mmap) until its read-ahead and page-table policy are tuned.
+constexpr IoMode kLocalDefault = IoMode::Pread;
+
 IoMode resolve_io_mode(IoMode m, int fd) {
   if (m != IoMode::Auto) return m;
   struct statfs sf;
@@ -69,7 +74,7 @@ IoMode resolve_io_mode(IoMode m, int fd) {
   const auto type = static_cast<unsigned long>(sf.f_type) & 0xFFFFFFFFUL;
   for (unsigned long r : kRemoteFs)
     if (type == r) return IoMode::Pread;
-  return IoMode::Mmap;
+  return kLocalDefault;
 }
 
 // ---- the registry of mappings ------------------------------------------------------------------
