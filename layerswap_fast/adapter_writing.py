@@ -29,12 +29,11 @@ from .engine.execute import execute
 from .errors import CheckpointError, ConfigError, param
 from .formats.adapter import Adapter, LoraTable
 from .formats.adapter_output import CONFIG_NAME, WEIGHTS_NAME, config_text, peft_config, same_values, task_type
-from .formats.checkpoint import IO_MODES, Checkpoint, TensorSpec, open_checkpoint
+from .formats.checkpoint import Checkpoint, TensorSpec, open_checkpoint
 from .formats.hub import find_snapshot
 from .formats.layout import layout_shards, needed_bytes
 from .formats.model_card import CardInput, local_name, render_card
-from .formats.output import LINK_MODES, check_output, clean_stale_partials, guarded_paths, output_location
-from .formats.writeback import CHECKSUMS
+from .formats.output import check_output, clean_stale_partials, guarded_paths, output_location
 from .methods import Method
 from .methods.common import BASE, output_dtype
 from .options import WriteOptions
@@ -199,13 +198,7 @@ def _write(method: Method, plan: MergePlan, result: AdapterPlan, inputs: Mapping
            other_inputs: Sequence[PathLike | None]) -> MergeResult:
     """Lay out, check and (unless a dry run) write the adapter, as ``writing.write_plan`` writes a
     model: one weights file, no index, no side files (an adapter carries no config.json)."""
-    if write.link not in LINK_MODES:
-        raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {write.link!r}")
-    if write.checksum not in CHECKSUMS:
-        raise ConfigError(f"checksum must be one of {', '.join(CHECKSUMS)}, got {write.checksum!r}")
-    if write.io not in IO_MODES:
-        raise ConfigError(f"io must be one of {', '.join(IO_MODES)}, got {write.io!r}")
-    parse_size(write.shard_size)  # checked and recorded, though an adapter is one file
+    write.check()  # the shard size too: checked and recorded, though an adapter is one file
     out_path = output_location(out)
     summary = {"base_model": config["base_model_name_or_path"], "modules": len(result.modules),
                "copied": sum(not m.concatenated for m in result.modules),

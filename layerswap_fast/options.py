@@ -19,6 +19,7 @@ from .formats.output import LINK_MODES
 from .formats.writeback import CHECKSUMS, DEFAULT_CHECKSUM
 from .methods import METHODS, Option
 from .safe_read import Map, Str, read_json, read_yaml, show_path
+from .units import parse_size
 
 PathLike = str | os.PathLike[str]
 
@@ -41,6 +42,15 @@ class WriteOptions:
     io: str = "auto"
     #: files the command read besides its checkpoints (a ``--config`` file): never written or removed
     other_inputs: Sequence[PathLike] = ()
+
+    def check(self) -> int:
+        """ConfigError for a link mode, checksum or read path that does not exist; the shard size
+        in bytes."""
+        for name, value, choices in (("link", self.link, LINK_MODES), ("checksum", self.checksum, CHECKSUMS),
+                                     ("io", self.io, IO_MODES)):
+            if value not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return parse_size(self.shard_size)
 
 
 #: the options of every command that writes a model, declared once like a method's (the CLI's

@@ -20,14 +20,13 @@ from .engine.backends import make_backend
 from .engine.execute import MergeStats, execute
 from .errors import CheckpointError, ConfigError, MismatchError, param
 from .formats.adapter import Adapter, base_model_of, check_against_base, is_adapter
-from .formats.checkpoint import IO_MODES, Checkpoint, open_checkpoint
+from .formats.checkpoint import Checkpoint, open_checkpoint
 from .formats.hub import find_snapshot, pinned
 from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
                              needed_bytes)
 from .formats.model_card import CardInput, local_name, render_card
-from .formats.output import LINK_MODES, check_output, clean_stale_partials, guarded_paths, output_location
+from .formats.output import check_output, clean_stale_partials, guarded_paths, output_location
 from .formats.side_files import SideFile, find_side_files, side_bytes
-from .formats.writeback import CHECKSUMS
 from .methods import Method, PlanInputs
 from .methods.common import BASE
 from .methods.method import as_list
@@ -129,13 +128,7 @@ def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint]
     the method's as recorded. The side files are ``side_source``'s unless ``side_files`` are
     given; ``texts`` are more small files by name."""
     command = method.command
-    if write.link not in LINK_MODES:
-        raise ConfigError(f"link must be one of {', '.join(LINK_MODES)}, got {write.link!r}")
-    if write.checksum not in CHECKSUMS:
-        raise ConfigError(f"checksum must be one of {', '.join(CHECKSUMS)}, got {write.checksum!r}")
-    if write.io not in IO_MODES:
-        raise ConfigError(f"io must be one of {', '.join(IO_MODES)}, got {write.io!r}")
-    size_limit = parse_size(write.shard_size)
+    size_limit = write.check()
     out_path = output_location(out)
     # only what decides the bytes: thread count, device and link mode never change them
     recipe = _recipe(command, plan, inputs, {**options, "shard_size": str(write.shard_size)}, extra)

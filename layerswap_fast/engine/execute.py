@@ -98,6 +98,7 @@ class _ShardFiller:
         self.clones = clones or Clones(None, True)
         #: bytes of new tensors by how they were made: computed, copied, cloned
         self.made = {"computed": 0, "copied": 0, "cloned": 0}
+        self._plain: bytearray | None = None  # the buffer of copies through memory (--link copy)
 
     def _advance(self, end: int, nbytes: int) -> None:
         self.advance(end)
@@ -149,7 +150,8 @@ class _ShardFiller:
             if self.clones.allowed:
                 writer.copy_range(src, src_offset + start, dst_offset + start, n)
             else:
-                plain_copy(writer, src, src_offset + start, dst_offset + start, n)
+                self._plain = self._plain or bytearray(ops.PIECE_BYTES)
+                plain_copy(writer, src, src_offset + start, dst_offset + start, n, self._plain)
             self.copied(dst_offset + start, n, src.path, src_offset + start)
             cloned = shared_bytes(src_offset + start, dst_offset + start, n, block if self.clones.allowed else None,
                                   src.size)

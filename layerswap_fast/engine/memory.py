@@ -97,14 +97,16 @@ class DirectFiller:
             return kept
         data = np.empty(spec.nbytes, dtype=np.uint8)
         f.read_into(spec.offset, data)
-        self._keep(f, spec, data)
+        self._keep(f, spec, data, own=True)
         return data
 
-    def _keep(self, f: _core.InputFile, spec: TensorSpec, data: Any) -> None:
+    def _keep(self, f: _core.InputFile, spec: TensorSpec, data: Any, own: bool = False) -> None:
+        """Keep ``data`` (a copy of it, unless ``own``: a buffer nobody else writes) while the
+        resident budget allows."""
         import numpy as np
 
         if spec.nbytes <= self.resident:
-            self._kept[(f.path, spec.offset, spec.nbytes)] = np.array(data, dtype=np.uint8, copy=True).reshape(-1)
+            self._kept[(f.path, spec.offset, spec.nbytes)] = data if own else np.array(data, dtype=np.uint8)
             self.resident -= spec.nbytes
 
 

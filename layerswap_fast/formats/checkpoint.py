@@ -289,18 +289,15 @@ class Checkpoint:
                 raise CheckpointError(f"input changed during the {during}: {shard.path} was modified "
                                       f"while in use")
 
-    def relinked(self, path: Path) -> None:
-        """``path`` was just hard-linked or cloned by us, which moves its change time only."""
-        now, then = _stamp(path), self._stamps[path]
-        if now[:-1] == then[:-1]:
-            self._stamps[path] = now
-
     def relinked_file(self, device: int, inode: int) -> None:
-        """The file (device, inode) was just hard-linked or cloned by us: :meth:`relinked` for each
-        of this checkpoint's shards that is that file, by whatever name."""
-        for path, stamp in list(self._stamps.items()):
-            if stamp[:2] == (device, inode):
-                self.relinked(path)
+        """The file (device, inode) was just hard-linked or cloned by us, which moves its change
+        time only: take the new one for each of this checkpoint's shards that is that file, by
+        whatever name."""
+        for path, then in list(self._stamps.items()):
+            if then[:2] == (device, inode):
+                now = _stamp(path)
+                if now[:-1] == then[:-1]:
+                    self._stamps[path] = now
 
     def occupied_paths(self) -> dict[Path, str]:
         """Every resolved path this checkpoint occupies (its directory or file, and the targets of

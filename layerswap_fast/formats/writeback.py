@@ -24,6 +24,7 @@ import hashlib
 import mmap
 import os
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ class ShardFinisher:
         self.dirty = _DirtyWindow(max_dirty)  # used when throttled
         self.pending: list[Future[None]] = []
         #: ranges of the file copied from inputs, in file order: (start, end, input path, its offset)
-        self.copies: list[tuple[int, int, str, int]] = []
+        self.copies: deque[tuple[int, int, str, int]] = deque()
         self._inputs: dict[str, int] = {}
         self._buffer: bytearray | None = None
 
@@ -202,7 +203,7 @@ class ShardFinisher:
     def _source(self, upto: int) -> tuple[int, int, int]:
         """Where the bytes from ``hashed`` are read: (fd, offset in that file, end in the output)."""
         while self.copies and self.copies[0][1] <= self.hashed:
-            self.copies.pop(0)
+            self.copies.popleft()
         if self.copies:
             start, end, path, src_offset = self.copies[0]
             if start <= self.hashed:
@@ -236,10 +237,11 @@ _PLAIN_PIECE = 32 << 20
 
 
 def plain_copy(writer: _core.ShardWriter, source: _core.InputFile, src_offset: int, dst_offset: int,
-               nbytes: int) -> None:
+               nbytes: int, buffer: bytearray | None = None) -> None:
     """Copy bytes through memory (read, then write): new storage for every byte, where a kernel
-    copy (``copy_range``) on a filesystem that shares extents would clone whole blocks instead."""
-    buffer = bytearray(min(nbytes, _PLAIN_PIECE))
+    copy (``copy_range``) on a filesystem that shares extents would clone whole blocks instead.
+    ``buffer``: one to reuse across calls (any size)."""
+    buffer = buffer if buffer else bytearray(min(nbytes, _PLAIN_PIECE))
     for start in range(0, nbytes, len(buffer) or 1):
         view = memoryview(buffer)[:min(len(buffer), nbytes - start)]
         source.read_into(src_offset + start, view)
@@ -251,12 +253,13 @@ def copy_whole_file(writer: _core.ShardWriter, source: _core.InputFile, size: in
     """Kernel-side copy of a whole input file (``clone`` false: through memory, so that nothing is
     shared with it); throttled, written back and dropped as it goes."""
     dirty = _DirtyWindow(max_dirty)
+    buffer = None if clone else bytearray(min(size, _PLAIN_PIECE))
     for start in range(0, size, piece):
         n = min(piece, size - start)
         if clone:
             writer.copy_range(source, start, start, n)
         else:
-            plain_copy(writer, source, start, start, n)
+            plain_copy(writer, source, start, start, n, buffer)
         if throttle:
             dirty.written(writer, start, start + n)
     if throttle:
