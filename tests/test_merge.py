@@ -7,7 +7,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import blake3
 import pytest
 import torch
 from safetensors import safe_open
@@ -15,7 +14,7 @@ from safetensors.torch import save_file
 
 import layerswap_fast as ls
 import layerswap_fast._core
-from support import (assert_merged, assert_same_shards, expected_weights, layer_of, load_tensors,
+from support import (assert_merged, tensors_digest, assert_same_shards, expected_weights, layer_of, load_tensors,
                      make_llama_trio, snapshot)
 
 L = 12
@@ -69,10 +68,10 @@ def test_output_is_sharded_indexed_and_carries_its_recipe(trio: dict[str, Path],
     assert index["metadata"]["total_size"] == total
     assert recipe["inputs"]["task"]["path"] == str(trio["task"].resolve())
     assert [entry["file"] for entry in recipe["shards"]] == shards
-    assert recipe["checksum"] == "blake3"
+    assert recipe["checksum"] == "blake3-tensors"
     for entry in recipe["shards"]:  # every shard's checksum, for `verify`
         data = (out / entry["file"]).read_bytes()
-        assert entry["size"] == len(data) and entry["blake3"] == blake3.blake3(data).hexdigest()
+        assert entry["size"] == len(data) and entry["blake3-tensors"] == tensors_digest(data)
     assert_merged(out, trio)
 
 

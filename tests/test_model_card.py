@@ -18,10 +18,10 @@ from layerswap_fast.api import render_plan, run
 from layerswap_fast.formats.checkpoint import RECIPE_NAME, open_checkpoint
 from layerswap_fast.formats.model_card import CARD_NAME, CardInput, code, front_matter, options_list
 from layerswap_fast.formats.side_files import find_side_files
-from layerswap_fast.formats.writeback import hash_file
 from layerswap_fast.methods import METHODS
 from layerswap_fast.methods.method import describe_options
 from layerswap_fast.synthetic import make_trio
+from support import tensors_digest
 
 LOCAL_META = {"tags": ["merge", "layerswap-fast"], "library_name": "transformers"}
 
@@ -109,12 +109,12 @@ def test_the_card_is_in_the_recipe_and_verify_checks_it(trio: dict[str, Path], t
     recipe = json.loads((out / RECIPE_NAME).read_text())
     entry = next(e for e in recipe["files"] if e["file"] == CARD_NAME)
     assert entry == {"file": CARD_NAME, "size": (out / CARD_NAME).stat().st_size,
-                     "blake3": hash_file(out / CARD_NAME, "blake3")}
+                     "blake3-tensors": tensors_digest((out / CARD_NAME).read_bytes())}
     ls.verify(out)
     data = bytearray((out / CARD_NAME).read_bytes())
     data[len(data) // 2] ^= 0x20
     (out / CARD_NAME).write_bytes(bytes(data))
-    with pytest.raises(ls.VerifyError, match=f"{CARD_NAME}: blake3 checksum differs"):
+    with pytest.raises(ls.VerifyError, match=f"{CARD_NAME}: blake3-tensors checksum differs"):
         ls.verify(out)
     (out / CARD_NAME).unlink()
     with pytest.raises(ls.VerifyError, match=f"'{CARD_NAME}', recorded in the recipe, is missing"):

@@ -39,7 +39,7 @@ def test_a_flipped_byte_is_caught(merged: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1
     shard.write_bytes(bytes(data))
-    with pytest.raises(ls.VerifyError, match=f"{shard.name}: blake3 checksum differs from the recipe's"):
+    with pytest.raises(ls.VerifyError, match=f"{shard.name}: blake3-tensors checksum differs from the recipe's"):
         ls.verify(merged)
     r = CliRunner().invoke(main, ["verify", str(merged)])
     assert r.exit_code == 2 and r.output.startswith("error: ") and "checksum differs" in r.output

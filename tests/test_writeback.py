@@ -58,8 +58,8 @@ def test_small_outputs_are_left_to_the_kernel() -> None:
 def test_input_checksums_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "blob"
     f.write_bytes(b"abc" * 1000)
-    first = writeback.cached_hash(f)
-    assert first == writeback.hash_file(f) == blake3.blake3(b"abc" * 1000).hexdigest()
+    first = writeback.cached_hash(f, "blake3")
+    assert first == writeback.hash_file(f, "blake3") == blake3.blake3(b"abc" * 1000).hexdigest()
     assert list((Path(os.environ["XDG_CACHE_HOME"]) / "layerswap-fast" / "checksums").glob("blake3-*"))
 
     def no_hashing(*args: object, **kwargs: object) -> str:
@@ -67,6 +67,6 @@ def test_input_checksums_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     with monkeypatch.context() as m:
         m.setattr(writeback, "hash_file", no_hashing)
-        assert writeback.cached_hash(f) == first  # served from the cache
+        assert writeback.cached_hash(f, "blake3") == first  # served from the cache
     f.write_bytes(b"abd" * 1001)  # a changed file (new size, mtime, contents) is hashed again
-    assert writeback.cached_hash(f) == writeback.hash_file(f) != first
+    assert writeback.cached_hash(f, "blake3") == writeback.hash_file(f, "blake3") != first

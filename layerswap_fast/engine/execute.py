@@ -27,8 +27,9 @@ from ..formats.layout import OutputShard, ReusedShard, ShardLayout, index_json, 
 from ..formats.model_card import CARD_NAME
 from ..formats.output import clone_block, publish, reuse_shard, staging_directory
 from ..formats.side_files import SideFile, copy_side_files
-from ..formats.writeback import (DEFAULT_CHECKSUM, ShardFinisher, cached_hash, digest_entry, hash_file, needs_throttle,
-                                 plain_copy, remember_hash)
+from ..formats.digest import DigestCache, layout_segments
+from ..formats.writeback import (DEFAULT_CHECKSUM, ShardFinisher, cached_hash, digest_cache, digest_entry, hash_file,
+                                 needs_throttle, plain_copy, remember_hash)
 from ..plan import TensorRecipe
 from ..units import format_bytes
 from . import ops
@@ -146,13 +147,14 @@ class _ShardFiller:
             return
         src_offset, dst_offset, nbytes = run
         block = self.clones.block_for(src.path)
+        # the whole run first: the finisher takes a tensor inside it by its known digest, unread
+        self.copied(dst_offset, nbytes, src.path, src_offset)
         for start, n in copy_pieces(src_offset, dst_offset, nbytes, block or CLONE_BLOCK):
             if self.clones.allowed:
                 writer.copy_range(src, src_offset + start, dst_offset + start, n)
             else:
                 self._plain = self._plain or bytearray(ops.PIECE_BYTES)
                 plain_copy(writer, src, src_offset + start, dst_offset + start, n, self._plain)
-            self.copied(dst_offset + start, n, src.path, src_offset + start)
             cloned = shared_bytes(src_offset + start, dst_offset + start, n, block if self.clones.allowed else None,
                                   src.size)
             self.made["cloned"] += cloned
@@ -250,14 +252,16 @@ class _Finishing:
     stop: threading.Event
     throttle: bool
     checksum: str
+    cache: DigestCache = field(default_factory=digest_cache)
 
 
 def _write_shard(tmp: Path, shard: ShardLayout, filler: _ShardFiller, finishing: _Finishing) -> str:
-    """Write one new shard; its sha256, computed right behind the writer."""
+    """Write one new shard; its checksum, computed right behind the writer."""
     path = tmp / shard.filename
+    segments = layout_segments(shard.data_start, ((t.begin, t.nbytes) for t in shard.tensors))
     with _core.ShardWriter(str(path), shard.file_size) as writer:
         finisher = ShardFinisher(writer, path, finishing.outputs, finishing.stop, finishing.throttle,
-                                 finishing.checksum)
+                                 finishing.checksum, segments=segments, cache=finishing.cache)
         try:
             filler.copied = finisher.copied
             filler.fill(writer, shard, finisher.advance)
@@ -265,6 +269,8 @@ def _write_shard(tmp: Path, shard: ShardLayout, filler: _ShardFiller, finishing:
         finally:
             finisher.close()
         writer.close(sync=False)  # durability is publishing's job, for every file at once
+    if finisher.digests:
+        finishing.cache.remember(path, finisher.digests)
     return digest
 
 
@@ -334,7 +340,7 @@ def execute(
                     # the input's bytes, whose digest is cached: a clone or copy of it holds the same
                     # bytes unless the input changed during the run, which the check below refuses
                     digests[shard.filename] = finishing.inputs.submit(cached_hash, shard.reuse.source, checksum,
-                                                                     finishing.stop)
+                                                                     finishing.stop, finishing.cache)
                 else:
                     digests[shard.filename] = _done(_write_shard(tmp, shard, filler, finishing))
         digest = {name: future.result() for name, future in digests.items()}
@@ -354,6 +360,7 @@ def execute(
         publish(tmp, out, force, sync)
         for s in new:
             remember_hash(out / s.filename, checksum, digest[s.filename])
+        finishing.cache.save()
     copied_new = sum(t.recipe.op == "copy" for s in new for t in s.tensors)
     reused = [s for s in shards if isinstance(s, ReusedShard)]
     return MergeStats(out, total, time.perf_counter() - start, peak_rss_bytes(), len(shards),

@@ -10,12 +10,9 @@ from the cache: such a merge keeps at most about ``max_dirty`` bytes dirty and d
 rest of the machine out of the page cache. Smaller outputs leave writeback to the kernel, as
 ``cp`` does.
 
-The checksum is BLAKE3 by default (cryptographic, 3.7 GB/s on one core of the reference machine)
-or SHA-256 on request (1.3 GB/s there: it alone takes twice as long as copying the bytes, which is
-why it is not the default). Input files that are reused whole are hashed too (the recipe records
-every shard's checksum); those digests are cached per (algorithm, device, inode, size, mtime) under
-``$XDG_CACHE_HOME/layerswap-fast``, so a sweep of merges over the same experts hashes each input
-once.
+The checksum is ``blake3-tensors`` by default (:mod:`.digest`: BLAKE3 per tensor, combined, so
+copied tensors take their remembered digests), whole-file BLAKE3 or SHA-256 on request (SHA-256 is
+several times slower: it alone takes twice as long as copying the bytes).
 """
 
 from __future__ import annotations
@@ -28,16 +25,18 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from collections.abc import Sequence
 
 import blake3
 
 from .. import _core
+from .digest import TENSORS, Combiner, DigestCache, Segment, file_digest, hash_range, new_segment_hasher
 
 _BLOCK = 8 << 20
 _DEFAULT_MAX_DIRTY = 256 << 20  # worst case ~3x this dirty: the window, the unhashed lag, a piece in flight
 #: the checksums an output can record, the default first; ``none`` records sizes only, for the bare
 #: copy speed (``verify`` then checks structure and sizes, and says that no checksum was recorded)
-CHECKSUMS = ("blake3", "sha256", "none")
+CHECKSUMS = (TENSORS, "blake3", "sha256", "none")
 DEFAULT_CHECKSUM = CHECKSUMS[0]
 NO_CHECKSUM = "none"
 
@@ -116,20 +115,32 @@ class _DirtyWindow:
 
 
 class ShardFinisher:
-    """Hashes (and, throttled, writes back) one output shard right behind its writer."""
+    """Hashes (and, throttled, writes back) one output shard right behind its writer.
+
+    Under ``blake3-tensors`` each of the shard's ``segments`` (its header, then each tensor) is
+    hashed on its own; a segment the writer copied whole from a file whose digest of those bytes
+    is in ``cache`` is not read at all, and one hashed from an input is remembered for the next
+    merge. :attr:`digests` holds every segment's digest, for :meth:`DigestCache.remember`."""
 
     def __init__(self, writer: _core.ShardWriter, path: Path, pool: ThreadPoolExecutor, stop: threading.Event,
-                 throttle: bool, checksum: str = DEFAULT_CHECKSUM, max_dirty: int = _DEFAULT_MAX_DIRTY) -> None:
+                 throttle: bool, checksum: str = DEFAULT_CHECKSUM, max_dirty: int = _DEFAULT_MAX_DIRTY,
+                 segments: Sequence[Segment] = (), cache: DigestCache | None = None) -> None:
         self.writer, self.pool, self.stop = writer, pool, stop
         self.throttle, self.max_dirty = throttle, max_dirty
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.sha = new_hasher(checksum)
+        self.by_segment = checksum == TENSORS
+        self.sha = new_segment_hasher() if self.by_segment else new_hasher(checksum)
+        self.combined = Combiner()
+        #: segments not yet hashed, in file order (one endless segment for a whole-file checksum)
+        self.segments: deque[Segment] = deque(segments if self.by_segment else [(0, 1 << 62)])
+        self.cache = cache
+        self.digests: list[tuple[Segment, bytes]] = []
         self.hashed = 0    # bytes [0, hashed) are in the checksum
         self.dirty = _DirtyWindow(max_dirty)  # used when throttled
         self.pending: list[Future[None]] = []
         #: ranges of the file copied from inputs, in file order: (start, end, input path, its offset)
         self.copies: deque[tuple[int, int, str, int]] = deque()
-        self._inputs: dict[str, int] = {}
+        self._inputs: dict[str, tuple[int, str]] = {}  # path -> (fd, cache key)
         self._buffer: bytearray | None = None
 
     def copied(self, dst_offset: int, nbytes: int, source: str, src_offset: int) -> None:
@@ -161,32 +172,73 @@ class ShardFinisher:
         if isinstance(self.sha, _NoHash):  # nothing to read back
             self.hashed = upto
         else:
-            self._hash_mapped(upto)
+            while self.hashed < upto:
+                if self.stop.is_set():
+                    raise Cancelled
+                self._hash_segment(upto)
         if self.throttle:
             self.dirty.written(self.writer, start, upto)
 
-    def _hash_mapped(self, upto: int) -> None:
-        """Hash [hashed, upto) straight from the page cache through read-only mappings: a pread
-        would first copy every byte (a third of the checksum's cost). One block is mapped at a
-        time, so the mapped pages add at most a block to the RSS and can leave the cache right
-        after. The file is never shorter than the range: the writer reserved its full size
-        before the first byte."""
-        while self.hashed < upto:
-            if self.stop.is_set():
-                raise Cancelled
-            fd, at, end = self._source(upto)
-            if fd != self.fd:
-                self._hash_input(fd, at, min(end, self.hashed + _BLOCK))
-                continue
-            base = at - at % mmap.ALLOCATIONGRANULARITY
-            stop = min(end, self.hashed + _BLOCK - (at - base))
-            mapped = mmap.mmap(fd, at - base + stop - self.hashed, prot=mmap.PROT_READ, offset=base)
-            try:
-                with memoryview(mapped) as view, view[at - base:] as fresh:
-                    self.sha.update(fresh)
-            finally:
-                mapped.close()
-            self.hashed = stop
+    def _hash_segment(self, upto: int) -> None:
+        """Hash on from ``hashed`` up to ``upto`` or the end of the current segment, whichever
+        comes first; a copied segment whose digest is known is taken whole, unread."""
+        seg_start, seg_end = self.segments[0]
+        copy = self._copy_at(self.hashed)
+        if (self.by_segment and self.hashed == seg_start and copy is not None
+                and copy[0] <= seg_start and seg_end <= copy[1]):
+            fd, key = self._input(copy[2])
+            at = copy[3] + seg_start - copy[0]
+            known = self.cache.get(key, (at, at + seg_end - seg_start)) if self.cache is not None else None
+            if known is not None:
+                self._end_segment(known)
+                return
+            digest = hash_range(fd, at, at + seg_end - seg_start, self.stop, Cancelled, copy[2])
+            if self.cache is not None:
+                self.cache.put(key, (at, at + seg_end - seg_start), digest)
+            self._end_segment(digest)
+            return
+        stop = min(upto, seg_end)
+        if copy is not None and copy[0] <= self.hashed:
+            self._hash_input(self._input(copy[2])[0], copy[3] + self.hashed - copy[0],
+                             min(stop, copy[1], self.hashed + _BLOCK))
+        else:
+            self._hash_mapped(min(stop, copy[0] if copy is not None else stop, self.hashed + _BLOCK))
+        if self.by_segment and self.hashed == seg_end:
+            self._end_segment(self.sha.digest())
+
+    def _end_segment(self, digest: bytes) -> None:
+        segment = self.segments.popleft()
+        self.combined.add(segment[1] - segment[0], digest)
+        self.digests.append((segment, digest))
+        self.hashed = segment[1]
+        self.sha = new_segment_hasher()
+
+    def _copy_at(self, offset: int) -> tuple[int, int, str, int] | None:
+        """The first copied range that ends after ``offset`` (it may start later), or None."""
+        while self.copies and self.copies[0][1] <= offset:
+            self.copies.popleft()
+        return self.copies[0] if self.copies else None
+
+    def _input(self, path: str) -> tuple[int, str]:
+        if path not in self._inputs:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._inputs[path] = (fd, self.cache.key(path) if self.cache is not None else "")
+        return self._inputs[path]
+
+    def _hash_mapped(self, stop: int) -> None:
+        """Hash [hashed, stop) of the output straight from the page cache through a read-only
+        mapping: a pread would first copy every byte (a third of the checksum's cost). The
+        mapping covers one block at most, so it adds at most a block to the RSS. The file is never
+        shorter than the range: the writer reserved its full size before the first byte."""
+        at = self.hashed
+        base = at - at % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(self.fd, stop - base, prot=mmap.PROT_READ, offset=base)
+        try:
+            with memoryview(mapped) as view, view[at - base:] as fresh:
+                self.sha.update(fresh)
+        finally:
+            mapped.close()
+        self.hashed = stop
 
     def _hash_input(self, fd: int, at: int, stop: int) -> None:
         """Hash [hashed, stop) from an input at ``at`` by pread: an input truncated meanwhile must
@@ -195,23 +247,10 @@ class ShardFinisher:
             self._buffer = bytearray(_BLOCK)
         with memoryview(self._buffer)[:stop - self.hashed] as view:
             if os.preadv(fd, [view], at) != len(view):
-                path = next(p for p, f in self._inputs.items() if f == fd)
+                path = next(p for p, (f, _) in self._inputs.items() if f == fd)
                 raise _core.CoreError(f"input changed during the merge: {path} was truncated")
             self.sha.update(view)
         self.hashed = stop
-
-    def _source(self, upto: int) -> tuple[int, int, int]:
-        """Where the bytes from ``hashed`` are read: (fd, offset in that file, end in the output)."""
-        while self.copies and self.copies[0][1] <= self.hashed:
-            self.copies.popleft()
-        if self.copies:
-            start, end, path, src_offset = self.copies[0]
-            if start <= self.hashed:
-                if path not in self._inputs:
-                    self._inputs[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                return self._inputs[path], src_offset + self.hashed - start, min(end, upto)
-            upto = min(upto, start)
-        return self.fd, self.hashed, upto
 
     def finish(self, size: int) -> str:
         """Wait for the rest; the file's checksum (hex)."""
@@ -221,13 +260,13 @@ class ShardFinisher:
         if self.throttle:
             self.dirty.drain(self.writer, size)
         self.close()
-        return self.sha.hexdigest()
+        return self.combined.hexdigest() if self.by_segment else self.sha.hexdigest()
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        for fd in self._inputs.values():
+        for fd, _ in self._inputs.values():
             os.close(fd)
         self._inputs.clear()
 
@@ -271,8 +310,12 @@ def _cache_dir() -> Path:
     return Path(root) / "layerswap-fast" / "checksums"
 
 
-def hash_file(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Event | None = None) -> str:
-    """Checksum of a file, read in blocks (the hashers release the GIL); ``stop`` aborts it early."""
+def hash_file(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Event | None = None,
+              cache: DigestCache | None = None) -> str:
+    """Checksum of a file, read in blocks (the hashers release the GIL); ``stop`` aborts it early.
+    ``cache`` (``blake3-tensors`` only): segments whose digests it holds are not read again."""
+    if algorithm == TENSORS:
+        return file_digest(path, cache, stop, Cancelled)
     h = new_hasher(algorithm)
     if isinstance(h, _NoHash):
         return ""
@@ -284,16 +327,24 @@ def hash_file(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Eve
     return h.hexdigest()
 
 
+def digest_cache() -> DigestCache:
+    """The cache of ``blake3-tensors`` segment digests, beside the whole-file checksums."""
+    return DigestCache(_cache_dir())
+
+
 def _cache_key(path: Path, algorithm: str) -> Path:
     st = os.stat(path)
     return _cache_dir() / f"{algorithm}-{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
 
 
-def cached_hash(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Event | None = None) -> str:
+def cached_hash(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Event | None = None,
+                cache: DigestCache | None = None) -> str:
     """Checksum of an input file, remembered per (algorithm, device, inode, size, mtime):
     unchanged inputs are hashed once across merges."""
     if algorithm == NO_CHECKSUM:
         return ""
+    if algorithm == TENSORS:
+        return hash_file(path, algorithm, stop, cache or digest_cache())
     key = _cache_key(path, algorithm)
     try:
         digest = key.read_text().strip()
@@ -308,8 +359,9 @@ def cached_hash(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.E
 
 def remember_hash(path: Path, algorithm: str, digest: str) -> None:
     """Record the checksum of a file just written, as :func:`cached_hash` would after reading it:
-    an output that later feeds another merge (or a sweep's next candidate) is not read again."""
-    if algorithm != NO_CHECKSUM and len(digest) == 64:
+    an output that later feeds another merge (or a sweep's next candidate) is not read again
+    (``blake3-tensors`` remembers its segments instead: :meth:`DigestCache.remember`)."""
+    if algorithm not in (NO_CHECKSUM, TENSORS) and len(digest) == 64:
         _store(_cache_key(path, algorithm), digest)
 
 
