@@ -19,7 +19,7 @@ from typing import Any
 
 from .dtypes import TORCH_NAMES
 from .engine.backends import CpuBackend, make_backend
-from .engine.memory import DirectFiller, available_memory, merged_buffers
+from .engine.memory import DeviceFiller, DirectFiller, available_memory, merged_buffers
 from .formats.checkpoint import Checkpoint
 from .formats.layout import tensor_nbytes
 from .errors import ConfigError
@@ -54,9 +54,11 @@ class SwapSession:
     model), or None, when the session keeps the tensors itself (:attr:`tensors`).
 
     ``device`` is where the session's own tensors live (model=None); ``compute`` where the
-    arithmetic runs. ``resident``: keep the experts' tensors in host memory once read, so an
-    ``apply`` reads no file (True: up to half the memory available now; a number: that many bytes).
-    The other keywords are :func:`layerswap_fast.merge`'s.
+    arithmetic runs. ``resident``: keep the experts' tensors in memory once read, so an ``apply``
+    reads no file (True: up to half the memory available now; a number: that many bytes): in
+    host memory, or, for a model on a GPU, on that GPU, where copies and blends are then made
+    (the Triton blend kernel, the bytes of ``merge --device cuda``). The other keywords are
+    :func:`layerswap_fast.merge`'s.
     """
 
     def __init__(self, task_expert: Paths, language_expert: Paths, model: Any = None, *, device: str | None = None,
@@ -66,6 +68,9 @@ class SwapSession:
         self._fixed = {"task_expert": task_expert, "language_expert": language_expert, "dtype": dtype,
                        "soup_weights": soup_weights, "base": base, "stats": stats}
         self._direct = DirectFiller(threads or 0, _resident_bytes(resident))
+        self._resident = resident
+        #: made at the first tensor of a model on an accelerator, when resident layers are asked for
+        self._on_device: DeviceFiller | None = None
         self._torch = framework_module("torch" if model is not None or device is not None else "auto")
         self._target = _target(model)
         self.model = model
@@ -107,6 +112,8 @@ class SwapSession:
             on_cpu = isinstance(backend, CpuBackend)
             rest = []
             for recipe in changed:
+                if self._fill_on_device(recipe, inputs):
+                    continue
                 if on_cpu and self._direct.can_fill(recipe):
                     self._fill(recipe, inputs)
                 else:
@@ -133,6 +140,21 @@ class SwapSession:
             self._place(recipe.name, as_tensor(memoryview(data), recipe.dtype, recipe.shape, self._torch))
         self.recipes[recipe.name] = recipe
 
+    def _fill_on_device(self, recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> bool:
+        """With resident layers asked for, a copy or blend into a parameter on an accelerator is
+        made there, from the experts' tensors kept on it; False where it cannot be."""
+        parameter = None if self._target is None or not self._resident else self._target.get(recipe.name)
+        if parameter is None or not _on_accelerator(parameter) or not _matches(parameter, recipe, self._torch):
+            return False
+        if not DeviceFiller.can_fill(recipe, [inputs[t.role].specs[recipe.source(t)] for t in recipe.terms]):
+            return False
+        if self._on_device is None:
+            self._on_device = DeviceFiller(parameter.device, _device_budget(self._resident, parameter.device))
+        with self._torch.no_grad():
+            self._on_device.fill(recipe, inputs, parameter)
+        self.recipes[recipe.name] = recipe
+        return True
+
     def _place(self, name: str, tensor: Any) -> None:
         if self._target is not None:
             parameter = self._target.get(name)
@@ -152,13 +174,33 @@ class SwapSession:
 def _host_bytes(parameter: Any, recipe: TensorRecipe, torch: Any) -> Any:
     """The parameter's own bytes as a writable uint8 array, when it is contiguous in host memory,
     has the recipe's dtype and shape, and autograd does not need to see the write; else None."""
-    if parameter is None or torch is None or recipe.dtype not in TORCH_NAMES or tensor_nbytes(recipe) == 0:
-        return None
-    if (parameter.device.type != "cpu" or not parameter.is_contiguous()
-            or parameter.dtype != getattr(torch, TORCH_NAMES[recipe.dtype])
-            or tuple(parameter.shape) != tuple(recipe.shape)):
+    if parameter is None or parameter.device.type != "cpu" or not _matches(parameter, recipe, torch):
         return None
     return parameter.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+def _matches(parameter: Any, recipe: TensorRecipe, torch: Any) -> bool:
+    """Whether the parameter can take the recipe's bytes as they are: contiguous, of its dtype and
+    shape, and not empty."""
+    return (torch is not None and recipe.dtype in TORCH_NAMES and tensor_nbytes(recipe) > 0
+            and parameter.is_contiguous() and parameter.dtype == getattr(torch, TORCH_NAMES[recipe.dtype])
+            and tuple(parameter.shape) == tuple(recipe.shape))
+
+
+def _on_accelerator(parameter: Any) -> bool:
+    return parameter.device.type not in ("cpu", "meta")
+
+
+def _device_budget(resident: bool | int, device: Any) -> int:
+    """Bytes of experts' tensors to keep on ``device``: a number as given; True, half of what the
+    device has free now."""
+    if resident is not True:
+        return int(resident or 0)
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return available_memory() // 2
 
 
 def _resident_bytes(resident: bool | int) -> int:

@@ -117,6 +117,32 @@ def test_a_bf16_model_is_written_in_place_and_resident_layers_are_read_once(trio
     assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers
 
 
+@pytest.mark.parametrize("resident", [True, 1 << 40])
+def test_device_resident_layers_are_blended_on_the_device(trio, tmp_path, monkeypatch, resident):
+    """For a model on an accelerator with ``resident``, the experts' tensors are kept on its device
+    and copies and blends are made there by the Triton blend kernel (here its interpreter, on
+    CPU tensors the session takes for a device's): the model equals the written merge at every
+    step, its parameters keep their storage, and nothing goes through host-side blending."""
+    from transformers import AutoModelForCausalLM
+    import layerswap_fast.session as session_module
+    from layerswap_fast.engine import memory
+    model = AutoModelForCausalLM.from_pretrained(trio["base"], dtype=torch.bfloat16)
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+    merged, ramp = {}, {"lower_transition": 2, "transition_weights": "ramp"}  # weights other than 1/2
+    for bottom in (4, 5):
+        lf.merge(trio["task"], trio["language"], tmp_path / f"b{bottom}", lf.SwapConfig(bottom=bottom, **ramp))
+        merged[bottom] = load_tensors(tmp_path / f"b{bottom}")
+    monkeypatch.setattr(session_module, "_on_accelerator", lambda p: True)
+    monkeypatch.setattr(memory.DirectFiller, "fill", lambda *a: pytest.fail("filled on the host"))
+    session = lf.SwapSession(trio["task"], trio["language"], model, resident=resident)
+    for bottom in [5, 4, 5, 4]:
+        session.apply({"bottom": bottom, **ramp})
+        _assert_state_is_merge(model.state_dict(), merged[bottom])
+    kept = session._on_device._kept
+    assert kept and all(t.device == torch.device("cpu") and t.dtype == torch.uint8 for t in kept.values())
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers
+
+
 def test_a_load_weights_hook_receives_the_changes(trio):
     class Consumer:
         def __init__(self) -> None:

@@ -110,6 +110,60 @@ class DirectFiller:
             self.resident -= spec.nbytes
 
 
+class DeviceFiller:
+    """Copies and blends made on a torch device (a GPU) from the experts' tensors kept there: each
+    input tensor crosses to the device once while ``resident`` bytes last, a copy is a copy on the
+    device, a blend is the Triton ``blend`` kernel the CUDA backend's ``blend_file`` runs, so the
+    bytes are the merge's. Tensors beyond the budget are read from their files for each call."""
+
+    #: the dtypes the blend kernel reads and writes
+    DTYPES = ("BF16", "F16", "F32")
+
+    def __init__(self, device: Any, resident: int) -> None:
+        self.device = device
+        self.resident = resident
+        self._kept: dict[tuple[str, int, int], Any] = {}
+
+    @classmethod
+    def can_fill(cls, recipe: TensorRecipe, specs: Sequence[TensorSpec]) -> bool:
+        return (DirectFiller.can_fill(recipe) and recipe.dtype in cls.DTYPES
+                and (recipe.op == "copy" or all(s.dtype in cls.DTYPES for s in specs)))
+
+    def fill(self, recipe: TensorRecipe, inputs: Mapping[str, Checkpoint], out: Any) -> None:
+        """Write ``recipe``'s bytes into ``out``, a contiguous tensor on the device with the
+        recipe's dtype and shape."""
+        import torch
+
+        from .. import kernels
+        from ..dtypes import TORCH_NAMES
+
+        specs = [inputs[t.role].specs[recipe.source(t)] for t in recipe.terms]
+        files = [inputs[t.role].input_file(s.file) for t, s in zip(recipe.terms, specs)]
+        flat = out.detach().reshape(-1)
+        if recipe.op == "copy":
+            flat.view(torch.uint8).copy_(self._tensor(files[0], specs[0]))
+            return
+        sources = [self._tensor(f, s).view(getattr(torch, TORCH_NAMES[s.dtype])) for f, s in zip(files, specs)]
+        kernels.blend(sources, [t.weight for t in recipe.terms], flat)
+
+    def _tensor(self, f: _core.InputFile, spec: TensorSpec) -> Any:
+        """The input tensor's bytes on the device (uint8), kept there while the budget allows."""
+        import numpy as np
+        import torch
+
+        key = (f.path, spec.offset, spec.nbytes)
+        kept = self._kept.get(key)
+        if kept is not None:
+            return kept
+        data = np.empty(spec.nbytes, dtype=np.uint8)
+        f.read_into(spec.offset, data)
+        on_device = torch.from_numpy(data).to(self.device)
+        if spec.nbytes <= self.resident:
+            self._kept[key] = on_device
+            self.resident -= spec.nbytes
+        return on_device
+
+
 def available_memory() -> int:
     """Bytes the kernel could give without swapping (``MemAvailable``), or the free pages' bytes."""
     try:
