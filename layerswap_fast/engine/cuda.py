@@ -56,6 +56,14 @@ def cuda_available() -> bool:
     return True
 
 
+def blend_tensors(inputs: Sequence[Any], weights: Sequence[float], out: Any) -> None:
+    """``out`` = the blend of ``inputs`` (tensors on one device) with ``weights``: the Triton
+    kernel ``blend_file`` runs on each chunk, so the bytes are the merge's."""
+    from .. import kernels
+
+    kernels.blend(list(inputs), [float(w) for w in weights], out)
+
+
 def _torch_dtype(name: str):
     import torch
 

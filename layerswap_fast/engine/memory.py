@@ -113,8 +113,8 @@ class DirectFiller:
 class DeviceFiller:
     """Copies and blends made on a torch device (a GPU) from the experts' tensors kept there: each
     input tensor crosses to the device once while ``resident`` bytes last, a copy is a copy on the
-    device, a blend is the Triton ``blend`` kernel the CUDA backend's ``blend_file`` runs, so the
-    bytes are the merge's. Tensors beyond the budget are read from their files for each call."""
+    device, a blend is the Triton kernel the CUDA backend's ``blend_file`` runs
+    (:func:`~layerswap_fast.engine.cuda.blend_tensors`), so the bytes are the merge's. Tensors beyond the budget are read from their files for each call."""
 
     #: the dtypes the blend kernel reads and writes
     DTYPES = ("BF16", "F16", "F32")
@@ -134,8 +134,8 @@ class DeviceFiller:
         recipe's dtype and shape."""
         import torch
 
-        from .. import kernels
         from ..dtypes import TORCH_NAMES
+        from .cuda import blend_tensors
 
         specs = [inputs[t.role].specs[recipe.source(t)] for t in recipe.terms]
         files = [inputs[t.role].input_file(s.file) for t, s in zip(recipe.terms, specs)]
@@ -144,7 +144,7 @@ class DeviceFiller:
             flat.view(torch.uint8).copy_(self._tensor(files[0], specs[0]))
             return
         sources = [self._tensor(f, s).view(getattr(torch, TORCH_NAMES[s.dtype])) for f, s in zip(files, specs)]
-        kernels.blend(sources, [t.weight for t in recipe.terms], flat)
+        blend_tensors(sources, [t.weight for t in recipe.terms], flat)
 
     def _tensor(self, f: _core.InputFile, spec: TensorSpec) -> Any:
         """The input tensor's bytes on the device (uint8), kept there while the budget allows."""
