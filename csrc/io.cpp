@@ -230,7 +230,7 @@ void set_copy_file_range_enabled(bool enabled) { g_cfr_enabled.store(enabled); }
 
 void set_max_io_bytes(uint64_t n) { g_max_io.store(n == 0 ? kMaxIo : std::min(n, kMaxIo)); }
 
-ShardWriter::ShardWriter(const std::string& path, uint64_t size) : path_(path), size_(size) {
+ShardWriter::ShardWriter(const std::string& path, uint64_t size, bool reserve) : path_(path), size_(size) {
   if (path.find('\0') != std::string::npos) fail("creating " + q(path) + ": path contains a NUL byte");
   if (size > kMaxOff)
     fail("creating " + q(path) + ": size " + std::to_string(size) + " is too large");
@@ -251,7 +251,7 @@ ShardWriter::ShardWriter(const std::string& path, uint64_t size) : path_(path), 
   if (size > 0) {
     int rc;
     do {
-      rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+      rc = reserve ? ::posix_fallocate(fd, 0, static_cast<off_t>(size)) : EOPNOTSUPP;
     } while (rc == EINTR);
     if (rc == EOPNOTSUPP || rc == EINVAL || rc == ENOSYS) {
       // The file system cannot reserve space: just set the size (sparse file).

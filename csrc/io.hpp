@@ -120,7 +120,9 @@ void set_max_io_bytes(uint64_t n);
 
 class ShardWriter {
  public:
-  ShardWriter(const std::string& path, uint64_t size);
+  // reserve: allocate every block up front (posix_fallocate); false leaves a sparse file, for an
+  // output whose copies will be clones of its inputs' blocks
+  ShardWriter(const std::string& path, uint64_t size, bool reserve = true);
   ~ShardWriter();
   ShardWriter(const ShardWriter&) = delete;
   ShardWriter& operator=(const ShardWriter&) = delete;

@@ -648,13 +648,13 @@ PYBIND11_MODULE(_core, m) {
 
   // ---- ShardWriter ----
   py::class_<lsf::ShardWriter, std::shared_ptr<lsf::ShardWriter>>(m, "ShardWriter")
-      .def(py::init([](py::handle path, py::handle size) {
+      .def(py::init([](py::handle path, py::handle size, bool reserve) {
              std::string p = to_path(path);
              uint64_t s = to_u64(size, "size");
              py::gil_scoped_release nogil;
-             return std::make_shared<lsf::ShardWriter>(p, s);
+             return std::make_shared<lsf::ShardWriter>(p, s, reserve);
            }),
-           py::arg("path"), py::arg("size"))
+           py::arg("path"), py::arg("size"), py::arg("reserve") = true)
       .def_property_readonly("path", [](lsf::ShardWriter& w) { return path_to_str(w.path()); })
       .def_property_readonly("size", [](lsf::ShardWriter& w) { return w.size(); })
       .def(

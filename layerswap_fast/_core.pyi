@@ -66,9 +66,11 @@ class InputFile:
 class ShardWriter:
     """One output file of a fixed size, created exclusively (O_EXCL) and preallocated."""
 
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(self, path: str, size: int, reserve: bool = True) -> None:
         """Create ``path`` (error if it exists) and reserve ``size`` bytes with posix_fallocate
-        (ENOSPC → CoreError with errno set; the file is removed again)."""
+        (ENOSPC → CoreError with errno set; the file is removed again); ``reserve=False`` (or a
+        filesystem that cannot reserve) only sets the size, leaving a sparse file: for an output
+        whose copies become clones, whose blocks would otherwise be allocated twice."""
     @property
     def path(self) -> str: ...
     @property

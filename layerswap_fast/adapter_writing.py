@@ -207,7 +207,8 @@ def _write(method: Method, plan: MergePlan, result: AdapterPlan, inputs: Mapping
     recipe = _recipe(method.command, plan, inputs, {**options, "shard_size": str(write.shard_size)},
                      {**method.extra(plan), "adapter": summary})
     metadata = {"format": "pt", "layerswap_fast": json.dumps(recipe, separators=(",", ":"), sort_keys=True)}
-    laid_out = layout_shards(plan.tensors, _ONE_FILE, metadata, source_offset=lambda r: _copied_from(r, inputs))
+    laid_out = layout_shards(plan.tensors, _ONE_FILE, metadata, source_offset=lambda r: _copied_from(r, inputs),
+                             follow_sources=False)
     shards = [replace(s, filename=WEIGHTS_NAME) for s in laid_out]  # type: ignore[type-var]
     card = _card(method, plan, result, inputs, options)
     texts = {CONFIG_NAME: config_text(dict(config))}

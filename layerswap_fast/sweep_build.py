@@ -137,7 +137,8 @@ def _shard_keys(plan: MergePlan, inputs: Mapping[str, Checkpoint], keys: Mapping
     tensors in order. Two candidates' shards with one key hold the same tensor bytes at the same
     offsets (the layout depends on the tensors alone), so one can be the other's file."""
     result = []
-    for shard in plan_layout(plan, inputs, parse_size(candidate.shard_size), {}):
+    assert candidate.path is not None
+    for shard in plan_layout(plan, inputs, parse_size(candidate.shard_size), {}, candidate.path):
         if isinstance(shard, ShardLayout) and shard.tensors:
             names = tuple(t.recipe.name for t in shard.tensors)
             result.append((names, ("shard", *(keys[n] for n in names))))

@@ -17,7 +17,7 @@ from typing import Any
 from ._core import __version__
 from .dtypes import TORCH_NAMES
 from .engine.backends import make_backend
-from .engine.execute import MergeStats, execute
+from .engine.execute import MergeStats, clone_estimate, execute
 from .errors import CheckpointError, ConfigError, MismatchError, param
 from .formats.adapter import Adapter, base_model_of, check_against_base, is_adapter
 from .formats.checkpoint import Checkpoint, open_checkpoint
@@ -25,7 +25,7 @@ from .formats.hub import find_snapshot, pinned
 from .formats.layout import (OutputShard, ReusableShard, ReusedShard, find_reusable, index_json, layout_shards,
                              needed_bytes)
 from .formats.model_card import CardInput, local_name, render_card
-from .formats.output import check_output, clean_stale_partials, guarded_paths, output_location
+from .formats.output import check_output, clean_stale_partials, guarded_paths, layout_block, output_location
 from .formats.side_files import SideFile, find_side_files, side_bytes
 from .methods import Method, PlanInputs
 from .methods.common import BASE
@@ -79,12 +79,12 @@ def reusable_shards(plan: MergePlan, inputs: Mapping[str, Checkpoint]) -> list[R
 
 
 def plan_layout(plan: MergePlan, inputs: Mapping[str, Checkpoint], shard_size: int,
-                metadata: Mapping[str, str]) -> list[OutputShard]:
+                metadata: Mapping[str, str], out: Path) -> list[OutputShard]:
     """The output's shards: input shards reused whole, new ones of at most ``shard_size`` with each
-    copied tensor at its source's offset within a page (which tensors go together depends on the
-    plan, the inputs and the size only, not on the metadata)."""
+    copied tensor at its source's offset within a block of ``out``'s filesystem (which tensors go
+    together depends on the plan, the inputs, the size and that block only, not on the metadata)."""
     return layout_shards(plan.tensors, shard_size, metadata, reusable_shards(plan, inputs),
-                         source_offset=lambda r: _copied_from(r, inputs))
+                         source_offset=lambda r: _copied_from(r, inputs), block=layout_block(out))
 
 
 def _copied_from(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> int | None:
@@ -133,13 +133,16 @@ def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint]
     # only what decides the bytes: thread count, device and link mode never change them
     recipe = _recipe(command, plan, inputs, {**options, "shard_size": str(write.shard_size)}, extra)
     metadata = {"format": "pt", "layerswap_fast": json.dumps(recipe, separators=(",", ":"), sort_keys=True)}
-    shards = plan_layout(plan, inputs, size_limit, metadata)
+    shards = plan_layout(plan, inputs, size_limit, metadata, out_path)
     side_files = list(find_side_files(side_source.directory) if side_files is None else side_files)
     card = _card(method, plan, inputs, options)
     guarded = guarded_paths(inputs.values(), [*other_inputs, *write.other_inputs])
+    # where it seems not to fit, a real run asks the filesystem whether copies would be clones (a
+    # dry run writes nothing, not even that probe, so it counts every byte)
+    clones = None if write.dry_run or write.link == "copy" else lambda d: clone_estimate(d, shards, inputs)
     check_output(out_path, guarded, write.force, needed_bytes(shards, write.link) + side_bytes(side_files)
                  + _small_files_bytes(recipe, shards, len(side_files), card)
-                 + sum(len(t.encode("utf-8")) for t in (texts or {}).values()))
+                 + sum(len(t.encode("utf-8")) for t in (texts or {}).values()), clones)
     if write.dry_run:
         return MergeResult(plan, shards, None, recipe)
     clean_stale_partials(out_path, log.warning)

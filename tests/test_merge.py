@@ -103,6 +103,33 @@ def test_copied_tensors_keep_their_place_within_a_page(tmp_path: Path) -> None:
     assert copied > 0
 
 
+def test_large_copies_from_sources_at_other_block_offsets_start_a_new_shard() -> None:
+    """A shard keeps its large copied tensors at one offset within a block relative to their
+    sources (so that all of them can be cloned): one whose source sits elsewhere starts a new
+    shard; small tensors, computed ones and the shard size rule are as before."""
+    from layerswap_fast.formats.layout import group_into_shards
+    from layerswap_fast.plan import TensorRecipe, Term
+
+    def recipe(name: str, nbytes: int, op: str = "copy") -> TensorRecipe:
+        return TensorRecipe(name, "BF16", (nbytes // 2,), None, op, (Term("task", 1.0),))
+
+    big, small = 16 * 4096, 4096
+    plan = [recipe("a", big), recipe("b", big), recipe("x", big, "blend"), recipe("c", big), recipe("s", small),
+            recipe("d", big), recipe("e", big)]
+    sources = {"a": 8, "b": 8 + big, "c": 8 + 3 * big, "s": 5000, "d": 16, "e": 16 + big}
+
+    def names(groups: list[list[TensorRecipe]]) -> list[list[str]]:
+        return [[r.name for r in g] for g in groups]
+
+    # a, b, c keep their offsets within a block (the blend's bytes sit between b and c in the
+    # source too); s is small; d's source is 8 bytes further on: a new shard
+    assert names(group_into_shards(plan, 1 << 30, lambda r: sources.get(r.name))) == [
+        ["a", "b", "x", "c", "s"], ["d", "e"]]
+    assert names(group_into_shards(plan, 1 << 30)) == [["a", "b", "x", "c", "s", "d", "e"]]  # no sources given
+    assert names(group_into_shards(plan, 2 * big, lambda r: sources.get(r.name))) == [
+        ["a", "b"], ["x", "c"], ["s", "d"], ["e"]]  # the size rule first; d then sets the new shard's phase
+
+
 def test_page_phase_follows_the_most_copied_bytes() -> None:
     from layerswap_fast.formats.layout import PlacedTensor, page_phase
     from layerswap_fast.plan import TensorRecipe, Term

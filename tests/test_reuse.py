@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,8 +78,7 @@ def test_transformers_loads_a_linked_output(trio: dict[str, Path], tmp_path: Pat
     assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
 
 
-@pytest.fixture
-def xfs(tmp_path: Path):
+def _mount_xfs(tmp_path: Path, *options: str):
     """A small XFS filesystem with reflink, loop-mounted (needs root and mkfs.xfs)."""
     import shutil
     import subprocess
@@ -87,9 +88,24 @@ def xfs(tmp_path: Path):
     mnt.mkdir()
     with open(image, "wb") as f:
         f.truncate(400 << 20)
-    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True)
+    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", *options, str(image)], capture_output=True)
     if made.returncode or subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot make and loop-mount an XFS filesystem here (needs root): reflink untested")
+        pytest.skip(f"cannot make and loop-mount an XFS filesystem {' '.join(options)} here (needs root, and a "
+                    f"kernel for blocks larger than a page): reflink untested")
+    return mnt
+
+
+@pytest.fixture
+def xfs(tmp_path: Path):
+    mnt = _mount_xfs(tmp_path)
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def xfs16k(tmp_path: Path):
+    """The same with 16 KiB blocks (Linux 6.12 and later mount blocks larger than a page)."""
+    mnt = _mount_xfs(tmp_path, "-b", "size=16384")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=True)
 
@@ -174,6 +190,62 @@ def test_copied_tensors_share_extents_with_their_inputs(xfs: Path) -> None:
     shared = _shared_bytes(sorted((xfs / "out").glob("*.safetensors")))
     # whole blocks only: at most a block at each end of each run of adjacent copies is copied
     assert copied_bytes - 2 * 4096 * len(copied) <= shared <= copied_bytes + 4096
+
+
+def test_copied_tensors_of_inputs_with_other_header_lengths_are_cloned_too(xfs: Path) -> None:
+    """Experts whose headers differ in length put their tensors at different offsets within a
+    block; one shard cannot keep both at their sources' offsets, so the layout starts a new shard
+    where the source's offset changes, and every large copied tensor is still cloned."""
+    from safetensors.torch import load_file, save_file
+    paths = make_llama_trio(xfs, num_layers=L, hidden=256, shard="100MB")
+    starts = []
+    for role, note in (("task", ""), ("language", "x" * 1000)):
+        for f in paths[role].glob("*.safetensors"):
+            save_file(load_file(f), f, metadata={"format": "pt", "note": note})
+            starts.append(8 + int.from_bytes(f.read_bytes()[:8], "little"))
+    assert len({s % 4096 for s in starts}) == 2  # the two experts' tensors sit differently in a block
+    result = ls.merge(paths["task"], paths["language"], xfs / "out")
+    made = json.loads((xfs / "out" / "layerswap_recipe.json").read_text())["bytes"]
+    large = [t for t in result.plan.tensors if t.op == "copy" and math.prod(t.shape) * 2 >= 16 * 4096]
+    assert {t.terms[0].role for t in large} == {"task", "language"}
+    # every large copied tensor is cloned but for at most a block at either end
+    assert made["cloned"] >= sum(math.prod(t.shape) * 2 for t in large) - 2 * 4096 * len(large)
+    assert_merged(xfs / "out", paths)
+    ls.verify(xfs / "out")
+
+
+def test_on_larger_blocks_copied_tensors_keep_their_offset_within_a_block_and_clone(xfs16k: Path) -> None:
+    """The layout aligns copied tensors to the output filesystem's block (here 16 KiB), not to a
+    page: on 4 KiB alignment alone most of them would not clone."""
+    from layerswap_fast.formats.output import layout_block
+    assert layout_block(xfs16k / "out") == 16384
+    paths = make_llama_trio(xfs16k, num_layers=L, hidden=256, shard="100MB")
+    result = ls.merge(paths["task"], paths["language"], xfs16k / "out")
+    made = json.loads((xfs16k / "out" / "layerswap_recipe.json").read_text())["bytes"]
+    large = [t for t in result.plan.tensors if t.op == "copy" and math.prod(t.shape) * 2 >= 16 * 16384]
+    assert large
+    assert made["cloned"] >= sum(math.prod(t.shape) * 2 for t in large) - 2 * 16384 * len(large)
+    assert_merged(xfs16k / "out", paths)
+    ls.verify(xfs16k / "out")
+
+
+def test_a_merge_that_fits_only_as_clones_is_not_refused(xfs: Path) -> None:
+    """The space check counts what the filesystem would share with the inputs: on a filesystem
+    with room for the computed tensors but not for a whole copy, the merge runs (and its dry
+    run, which probes nothing, refuses in one line)."""
+    paths = make_llama_trio(xfs, num_layers=L, hidden=256, shard="100MB")
+    first = ls.merge(paths["task"], paths["language"], xfs / "first")
+    made = json.loads((xfs / "first" / "layerswap_recipe.json").read_text())["bytes"]
+    whole = sum(f.stat().st_size for f in (xfs / "first").iterdir())
+    shutil.rmtree(xfs / "first")
+    assert made["cloned"] > whole // 2 and first.stats is not None
+    with open(xfs / "filler", "wb") as f:  # leave room for the computed bytes and half the rest
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(xfs).free - (whole + made["computed"]) // 2)
+    with pytest.raises(ls.OutputError, match="not enough space"):
+        ls.merge(paths["task"], paths["language"], xfs / "dry", dry_run=True)
+    ls.merge(paths["task"], paths["language"], xfs / "out")
+    assert_merged(xfs / "out", paths)
+    ls.verify(xfs / "out")
 
 
 def _new_shards(out: Path) -> list[Path]:

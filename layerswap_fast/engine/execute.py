@@ -185,6 +185,11 @@ class Clones:
     _devices: dict[str, bool] = field(default_factory=dict)
     out_device: int = -1
 
+    @property
+    def active(self) -> bool:
+        """Whether copies from inputs on the output's filesystem become clones."""
+        return self.block is not None and self.allowed
+
     def block_for(self, source: str) -> int | None:
         if self.block is None:
             return None
@@ -207,6 +212,27 @@ def shared_bytes(src_offset: int, dst_offset: int, nbytes: int, block: int | Non
     if block is None or src_offset % block or dst_offset % block:
         return 0
     return nbytes if src_offset + nbytes == src_size else nbytes - nbytes % block
+
+
+def clone_estimate(directory: Path, shards: Sequence[OutputShard], inputs: Mapping[str, Checkpoint]) -> int:
+    """Bytes of the new shards that an output in ``directory`` would share with the inputs rather
+    than store: the whole blocks of copied tensors from inputs on its filesystem, where it clones
+    (probed there once, with a scratch file). A lower bound: runs of adjacent copies clone a
+    little more."""
+    block = clone_block(directory)
+    if block is None:
+        return 0
+    device, total = os.stat(directory).st_dev, 0
+    for shard in shards:
+        for t in shard.tensors if isinstance(shard, ShardLayout) else ():
+            if t.recipe.op != "copy":
+                continue
+            spec = inputs[t.recipe.terms[0].role].specs[t.recipe.source(t.recipe.terms[0])]
+            src, dst, st = spec.offset, shard.data_start + t.begin, os.stat(spec.file)
+            if (src - dst) % block == 0 and st.st_dev == device:
+                head = min((-src) % block, t.nbytes)
+                total += shared_bytes(src + head, dst + head, t.nbytes - head, block, st.st_size)
+    return total
 
 
 #: the block size by which filesystems that share extents (XFS, btrfs) clone ranges
@@ -259,7 +285,9 @@ def _write_shard(tmp: Path, shard: ShardLayout, filler: _ShardFiller, finishing:
     """Write one new shard; its checksum, computed right behind the writer."""
     path = tmp / shard.filename
     segments = layout_segments(shard.data_start, ((t.begin, t.nbytes) for t in shard.tensors))
-    with _core.ShardWriter(str(path), shard.file_size) as writer:
+    # where copies become clones, their blocks are the inputs': reserving them too would need
+    # the whole shard's space at once
+    with _core.ShardWriter(str(path), shard.file_size, reserve=not filler.clones.active) as writer:
         finisher = ShardFinisher(writer, path, finishing.outputs, finishing.stop, finishing.throttle,
                                  finishing.checksum, segments=segments, cache=finishing.cache)
         try:
@@ -367,7 +395,7 @@ def execute(
                       copied_new + sum(len(s.names) for s in reused),
                       sum(len(s.tensors) for s in new) - copied_new,
                       bytes_reused=sum(s.file_size for s in reused), reused=methods,
-                      made=full_recipe["bytes"], clones=filler.clones.block is not None and filler.clones.allowed)
+                      made=full_recipe["bytes"], clones=filler.clones.active)
 
 
 def _bytes_made(filler: _ShardFiller, shards: Sequence[OutputShard]) -> dict[str, int]:

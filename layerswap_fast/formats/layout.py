@@ -51,49 +51,73 @@ def tensor_nbytes(recipe: TensorRecipe) -> int:
     return prod(recipe.shape) * DTYPE_SIZES[recipe.dtype]
 
 
-def group_into_shards(recipes: Sequence[TensorRecipe], shard_size: int) -> list[list[TensorRecipe]]:
-    """Greedy, in plan order: a new shard starts when the next tensor would overflow this one.
-    A tensor larger than ``shard_size`` gets a shard of its own."""
+def group_into_shards(recipes: Sequence[TensorRecipe], shard_size: int, source_offset: SourceOffset | None = None,
+                      block: int = _PAGE) -> list[list[TensorRecipe]]:
+    """Greedy, in plan order: a new shard starts when the next tensor would overflow this one, or
+    when it is a large copied tensor that could not sit at its source's offset within a ``block``
+    (:func:`copy_phase`) beside the large copied tensors already in it, so that every one of
+    them can be cloned. A tensor larger than ``shard_size`` gets a shard of its own."""
     groups: list[list[TensorRecipe]] = [[]]
-    used = 0
+    used, phase = 0, None
     for recipe in recipes:
         n = tensor_nbytes(recipe)
-        if groups[-1] and used + n > shard_size:
+        mine = copy_phase(recipe, used, n, source_offset, block)
+        if groups[-1] and (used + n > shard_size or None not in (mine, phase) and mine != phase):
             groups.append([])
-            used = 0
+            used, phase = 0, None
+            mine = copy_phase(recipe, 0, n, source_offset, block)
+        phase = phase if phase is not None else mine
         groups[-1].append(recipe)
         used += n
     return [g for g in groups if g] or [[]]
+
+
+#: copied tensors of fewer blocks than this never start a shard of their own
+SPLIT_BLOCKS = 16
+
+
+def copy_phase(recipe: TensorRecipe, begin: int, nbytes: int, source_offset: SourceOffset | None,
+               block: int) -> int | None:
+    """Where in a block the data buffer must start for a large copied tensor placed at ``begin``
+    to sit at its source's offset within a block; None for other tensors (and for sources not
+    8-byte aligned, which no header can match)."""
+    src = source_offset(recipe) if source_offset is not None and nbytes >= SPLIT_BLOCKS * block else None
+    if src is None or (src - begin) % 8:
+        return None
+    return (src - begin) % block
 
 
 def shard_filename(i: int, count: int) -> str:
     return f"model-{i + 1:05d}-of-{count:05d}.safetensors"
 
 
-def page_phase(tensors: Sequence[PlacedTensor], source_offset: SourceOffset | None) -> int | None:
-    """Where in a page the data buffer should start so that the most copied bytes sit at the same
-    place in their page as in their input file: the kernel copies whole pages ~25% faster than
-    pages straddling two. None when nothing is copied (or only from inputs not 8-byte aligned)."""
+def page_phase(tensors: Sequence[PlacedTensor], source_offset: SourceOffset | None, block: int = _PAGE) -> int | None:
+    """Where in a ``block`` the data buffer should start so that the most copied bytes sit at the
+    same place in their block as in their input file: a filesystem that shares extents clones
+    only whole blocks at the same offset in both files, and the kernel copies whole pages ~25%
+    faster than pages straddling two. None when nothing is copied (or only from inputs not 8-byte
+    aligned)."""
     if source_offset is None:
         return None
     weight: Counter[int] = Counter()
     for t in tensors:
         src = source_offset(t.recipe)
         if src is not None:
-            weight[(src - t.begin) % _PAGE] += t.nbytes
+            weight[(src - t.begin) % block] += t.nbytes
     aligned = [(n, -phase) for phase, n in weight.items() if phase % 8 == 0]
     return -max(aligned)[1] if aligned else None
 
 
-def build_header(tensors: Sequence[PlacedTensor], metadata: Mapping[str, str], phase: int | None = None) -> bytes:
+def build_header(tensors: Sequence[PlacedTensor], metadata: Mapping[str, str], phase: int | None = None,
+                 block: int = _PAGE) -> bytes:
     """The JSON header, padded with spaces (as the format allows) so that the data buffer starts
-    at ``phase`` within a page, or else at the next multiple of 8."""
+    at ``phase`` within a ``block``, or else at the next multiple of 8."""
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     for t in tensors:
         header[t.recipe.name] = {"dtype": t.recipe.dtype, "shape": list(t.recipe.shape),
                                  "data_offsets": [t.begin, t.begin + t.nbytes]}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    pad = -(8 + len(raw)) % 8 if phase is None else (phase - 8 - len(raw)) % _PAGE
+    pad = -(8 + len(raw)) % 8 if phase is None else (phase - 8 - len(raw)) % block
     return raw + b" " * pad
 
 
@@ -164,14 +188,17 @@ def _segments(recipes: Sequence[TensorRecipe],
 
 
 def layout_shards(recipes: Sequence[TensorRecipe], shard_size: int, metadata: Mapping[str, str],
-                  reusable: Sequence[ReusableShard] = (), source_offset: SourceOffset | None = None
-                  ) -> list[OutputShard]:
+                  reusable: Sequence[ReusableShard] = (), source_offset: SourceOffset | None = None,
+                  block: int = _PAGE, follow_sources: bool = True) -> list[OutputShard]:
     """Output shards in plan order: reused input files where possible, new shards of at most
     ``shard_size`` for everything else, named ``model-0000i-of-0000N.safetensors``. With
-    ``source_offset``, each new shard's data buffer starts at its :func:`page_phase`."""
+    ``source_offset``, each new shard's data buffer starts at its :func:`page_phase`, and (with
+    ``follow_sources``; a PEFT adapter is one file) large copied tensors whose sources sit at
+    different offsets within a ``block`` go to different shards."""
     slots: list[list[TensorRecipe] | ReusableShard] = []
     for segment in _segments(recipes, reusable):
-        slots += [segment] if isinstance(segment, ReusableShard) else group_into_shards(segment, shard_size)
+        slots += ([segment] if isinstance(segment, ReusableShard)
+                  else group_into_shards(segment, shard_size, source_offset if follow_sources else None, block))
     slots = [s for s in slots if not isinstance(s, list) or s] or [[]]
     shards: list[OutputShard] = []
     for i, slot in enumerate(slots):
@@ -184,7 +211,7 @@ def layout_shards(recipes: Sequence[TensorRecipe], shard_size: int, metadata: Ma
             n = tensor_nbytes(recipe)
             placed.append(PlacedTensor(recipe, position, n))
             position += n
-        shards.append(ShardLayout(name, build_header(placed, metadata, page_phase(placed, source_offset)),
+        shards.append(ShardLayout(name, build_header(placed, metadata, page_phase(placed, source_offset, block), block),
                                   tuple(placed)))
     return shards
 

@@ -53,10 +53,11 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_output(out: Path, guarded: Mapping[Path, str], force: bool, needed_bytes: int) -> None:
+def check_output(out: Path, guarded: Mapping[Path, str], force: bool, needed_bytes: int,
+                 cloned: Callable[[Path], int] | None = None) -> None:
     """Refuse an output that exists (without force), that is, contains or lies inside any path an
     input occupies (``guarded``: resolved path -> what it is), that cannot be created, or that
-    cannot fit."""
+    cannot fit (see :func:`check_space`)."""
     for target in dict.fromkeys((out, Path(os.path.realpath(out)))):
         for path, what in guarded.items():
             if _overlaps(target, path):
@@ -71,7 +72,7 @@ def check_output(out: Path, guarded: Mapping[Path, str], force: bool, needed_byt
         real, cwd = Path(os.path.realpath(out)), Path.cwd()
         if real == cwd or real in cwd.parents:
             raise OutputError(f"output {out} is or contains the current directory; choose another directory")
-    check_space(check_creatable(out), needed_bytes)
+    check_space(check_creatable(out), needed_bytes, cloned)
 
 
 def check_creatable(out: Path) -> Path:
@@ -100,8 +101,27 @@ def check_creatable(out: Path) -> Path:
     return ancestor
 
 
-def check_space(directory: Path, needed_bytes: int) -> None:
+def layout_block(out: Path) -> int:
+    """The block size the layout aligns copied tensors to: that of the filesystem ``out`` will be
+    on (``statvfs`` of its nearest existing directory; nothing is written, so a dry run lays out
+    the same shards), where it is a power of two from 4 KiB to 64 KiB, else 4 KiB."""
+    ancestor = out.parent
+    while not os.path.isdir(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    try:
+        size = os.statvfs(ancestor).f_bsize
+    except OSError:
+        return 4096
+    return size if 4096 <= size <= 65536 and size & (size - 1) == 0 else 4096
+
+
+def check_space(directory: Path, needed_bytes: int, cloned: Callable[[Path], int] | None = None) -> None:
+    """Refuse an output of ``needed_bytes`` that the disk holding ``directory`` cannot take. Where
+    it seems not to fit, ``cloned`` (given ``directory``) says how many of those bytes the
+    filesystem would share with the inputs instead of storing them anew."""
     free = shutil.disk_usage(directory).free
+    if needed_bytes > free and cloned is not None:
+        needed_bytes -= cloned(directory)
     if needed_bytes > free:
         raise OutputError(f"not enough space on the disk holding {directory}: the output needs "
                           f"{needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
