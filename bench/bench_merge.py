@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # no numpy here: this process spawns the timed children, which inherit its peak RSS (common.py)
-from common import (DEFAULT_WORKDIR, find_cli, machine_info, parse_size, run_timed,  # noqa: E402
+from common import (DEFAULT_WORKDIR, find_cli, machine_info, memory_cgroup, parse_size, run_timed,  # noqa: E402
                     shard_bytes, sync, trio_dirname, used_bytes, xfs_mount)
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--xfs-gb", type=int, default=0,
                     help="work on an XFS with reflink made in a loop file of this many GB under --workdir "
                          "(needs root and mkfs.xfs): copied tensors are then cloned, and new storage is measured")
+    ap.add_argument("--memory-mb", type=int, default=0,
+                    help="run the copy and the merge each in a memory cgroup of this many MB (page cache "
+                         "included; needs root): more bytes than the page cache absorbs, without that many "
+                         "bytes on disk. With --xfs-gb the loop device then uses direct I/O")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     ap.add_argument("--shard-size", default="5GB", help="shard size of the trio and of the merge")
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.resolve()
     if args.xfs_gb:
         workdir.mkdir(parents=True, exist_ok=True)
-        workdir = xfs_mount(workdir, args.xfs_gb)
+        workdir = xfs_mount(workdir, args.xfs_gb, direct_io=args.memory_mb > 0)
+    limited = memory_cgroup(args.memory_mb) if args.memory_mb else None
     trio_name = trio_dirname(args.shape, args.layers, args.dtype)
     info = machine_info(workdir if workdir.exists() else workdir.parent)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = merge_cmd(out, method)
             sync()
             before = used_bytes(workdir)
-            timed = run_timed(cmd)
+            timed = run_timed(cmd, preexec=limited)
             new_bytes = used_bytes(workdir) - before
             nbytes = shard_bytes(out) if out.exists() else 0
             line = (timed.stdout.strip().splitlines() or [""])[-1]
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, object] = {"shape": args.shape, "layers": args.layers, "dtype": args.dtype,
                                   "runs": args.runs, "input_bytes": input_bytes,
                                   "shard_size": shard_size, "rss_floor_mb": round(floor, 1),
+                                  "memory_mb": args.memory_mb,
                                   "machine": info}
     print()
     print(f"{'method':12s} {'runs':>4s} {'median s':>9s} {'min s':>8s} {'max s':>8s} "

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -162,16 +163,19 @@ class Timed:
     cpu_s: float  # user + sys of the child
 
 
-def run_timed(cmd: list[str], cwd: Path | None = None, capture: bool = True) -> Timed:
+def run_timed(cmd: list[str], cwd: Path | None = None, capture: bool = True,
+              preexec: Callable[[], None] | None = None) -> Timed:
     """Run ``cmd``; wall seconds, CPU seconds and the child's peak RSS (``wait4``; ru_maxrss is KiB
-    on Linux). ``capture=False`` sends stdout to /dev/null (for ``cat`` of gigabytes).
+    on Linux). ``capture=False`` sends stdout to /dev/null (for ``cat`` of gigabytes); ``preexec``
+    runs in the child before the command (:func:`memory_cgroup`).
 
     The RSS is never below this process's own peak at the time of the call (see the note at the
     top): measure ``["true"]`` to know that floor."""
     with open(os.devnull, "rb") as stdin, open(os.devnull, "wb") as null, \
             _tempfile() as out, _tempfile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=stdin, stdout=out if capture else null, stderr=err, cwd=cwd)
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=out if capture else null, stderr=err, cwd=cwd,
+                                preexec_fn=preexec)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -299,9 +303,11 @@ def _on_bench_xfs(path: Path) -> bool:
     return any(resolved == m or m in resolved.parents for m in _BENCH_XFS)
 
 
-def xfs_mount(workdir: Path, gigabytes: int) -> Path:
+def xfs_mount(workdir: Path, gigabytes: int, direct_io: bool = False) -> Path:
     """An XFS filesystem with reflink in a sparse loop file of ``gigabytes`` GB under ``workdir``,
-    mounted at ``workdir/xfs`` (made once; needs root and mkfs.xfs)."""
+    mounted at ``workdir/xfs`` (made once; needs root and mkfs.xfs). ``direct_io``: the loop
+    device reads and writes its file with O_DIRECT, so that the XFS's pages are the only copy in
+    memory (else the loop file's own page cache serves what the XFS's evicted)."""
     image, mount = workdir / "xfs.img", workdir / "xfs"
     mount.mkdir(parents=True, exist_ok=True)
     if not os.path.ismount(mount):
@@ -309,5 +315,27 @@ def xfs_mount(workdir: Path, gigabytes: int) -> Path:
             f.truncate(gigabytes * 10**9)
         subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
         subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    loop = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout.split(":")[0]
+    if loop:
+        subprocess.run(["losetup", f"--direct-io={'on' if direct_io else 'off'}", loop], check=True)
     _BENCH_XFS.add(mount.resolve())
     return mount
+
+
+def memory_cgroup(limit_mb: int) -> Callable[[], None]:
+    """A ``preexec`` for :func:`run_timed` that puts the child in a memory cgroup of ``limit_mb``
+    MB, made under this process's own (cgroup v2, or v1's memory controller). Its page cache is
+    charged there too, so the child works as on a machine whose page cache holds no more: the way
+    to measure "more bytes than the page cache absorbs" without that many bytes on disk."""
+    own = next((line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if line.split(":")[1] in ("memory", "")), None)
+    v1 = Path("/sys/fs/cgroup/memory")
+    root = v1 if v1.is_dir() else Path("/sys/fs/cgroup")
+    group = root / (own or "/").lstrip("/") / "layerswap-bench"
+    group.mkdir(exist_ok=True)
+    if v1.is_dir():
+        (group / "memory.limit_in_bytes").write_text(str(limit_mb << 20))
+    else:
+        (group / "memory.max").write_text(str(limit_mb << 20))
+    procs = group / "cgroup.procs"
+    return lambda: procs.write_text(str(os.getpid()))
