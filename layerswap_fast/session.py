@@ -67,7 +67,7 @@ class SwapSession:
                  resident: bool | int = False) -> None:
         self._fixed = {"task_expert": task_expert, "language_expert": language_expert, "dtype": dtype,
                        "soup_weights": soup_weights, "base": base, "stats": stats}
-        self._direct = DirectFiller(threads or 0, _resident_bytes(resident))
+        self._direct = DirectFiller(threads or 0, _budget(resident, available_memory))
         self._resident = resident
         #: made at the first tensor of a model on an accelerator, when resident layers are asked for
         self._on_device: DeviceFiller | None = None
@@ -88,6 +88,7 @@ class SwapSession:
         """Close the experts' files (a later ``apply`` opens them again)."""
         self._opened.close()
         self._inputs = None
+        self._direct.close()
 
     def __enter__(self) -> SwapSession:
         return self
@@ -149,7 +150,7 @@ class SwapSession:
         if not DeviceFiller.can_fill(recipe, [inputs[t.role].specs[recipe.source(t)] for t in recipe.terms]):
             return False
         if self._on_device is None:
-            self._on_device = DeviceFiller(parameter.device, _device_budget(self._resident, parameter.device))
+            self._on_device = DeviceFiller(parameter.device, _budget(self._resident, lambda: _free_on(parameter.device)))
         with self._torch.no_grad():
             self._on_device.fill(recipe, inputs, parameter)
         self.recipes[recipe.name] = recipe
@@ -191,22 +192,25 @@ def _on_accelerator(parameter: Any) -> bool:
     return parameter.device.type not in ("cpu", "meta")
 
 
-def _device_budget(resident: bool | int, device: Any) -> int:
-    """Bytes of experts' tensors to keep on ``device``: a number as given; True, half of what the
-    device has free now."""
-    if resident is not True:
-        return int(resident or 0)
+def _budget(resident: bool | int, free: Callable[[], int]) -> int:
+    """Bytes of the experts' tensors to keep: a number as given; True, half of what ``free`` says
+    is free now; False, none."""
+    if resident is True:
+        return free() // 2
+    if resident is False or resident is None:
+        return 0
+    if isinstance(resident, bool) or not isinstance(resident, int) or resident < 0:
+        raise ConfigError(f"resident must be True, False or a number of bytes, got {resident!r}")
+    return resident
+
+
+def _free_on(device: Any) -> int:
+    """Bytes free on a torch device now (a CPU tensor's: the host's)."""
     import torch
 
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
-    return available_memory() // 2
-
-
-def _resident_bytes(resident: bool | int) -> int:
-    if resident is True:
-        return available_memory() // 2
-    return int(resident or 0)
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
 
 
 def _target(model: Any) -> dict[str, Any] | None:

@@ -103,3 +103,16 @@ def test_whole_file_blake3_stays_a_choice(trio: dict[str, Path], tmp_path: Path)
     for entry in recipe["shards"]:
         assert entry["blake3"] == blake3.blake3((out / entry["file"]).read_bytes()).hexdigest()
     ls.verify(out)
+
+
+def test_the_cache_stays_bounded(tmp_path: Path) -> None:
+    """Beyond its limit the cache drops its oldest entries, down to half the limit."""
+    for i in range(10):
+        entry = tmp_path / f"blake3-{i}"
+        entry.write_text("0" * 64)
+        os.utime(entry, ns=(i * 10**9, i * 10**9))
+    digest.prune(tmp_path, keep=10)
+    assert len(list(tmp_path.iterdir())) == 10  # at the limit: nothing goes
+    (tmp_path / "blake3-new").write_text("0" * 64)
+    digest.prune(tmp_path, keep=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blake3-6", "blake3-7", "blake3-8", "blake3-9", "blake3-new"]

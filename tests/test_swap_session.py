@@ -167,3 +167,6 @@ def test_bad_sessions_are_one_line(trio):
         lf.SwapSession(trio["task"], trio["language"], object())
     with pytest.raises(ConfigError, match="the swap needs"):
         lf.SwapSession(trio["task"], trio["language"]).apply({"bottom": 11})
+    for bad in ("abc", -1, 1.5):
+        with pytest.raises(ConfigError, match=f"resident must be True, False or a number of bytes, got {bad!r}"):
+            lf.SwapSession(trio["task"], trio["language"], resident=bad)

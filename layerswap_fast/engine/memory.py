@@ -65,9 +65,15 @@ class DirectFiller:
     ``bottom`` back and forth reads each expert layer once)."""
 
     def __init__(self, threads: int = 0, resident: int = 0) -> None:
-        self.threads = threads
+        self.threads = threads if threads > 0 else (os.cpu_count() or 1)
         self.resident = resident
         self._kept: dict[tuple[str, int, int], Any] = {}
+        self._pool: ThreadPoolExecutor | None = None  # for copies of kept tensors, made at the first
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     @staticmethod
     def can_fill(recipe: TensorRecipe) -> bool:
@@ -83,11 +89,22 @@ class DirectFiller:
                 files[0].read_into(specs[0].offset, out)
                 self._keep(files[0], specs[0], out)
             else:
-                _copy(out, kept, self.threads)
+                self._copy(out, kept)
             return
         sources = [self._read(f, s) for f, s in zip(files, specs)]
         _core.blend_buffers(sources, [s.dtype for s in specs], [t.weight for t in recipe.terms], out, recipe.dtype,
                             self.threads)
+
+    def _copy(self, out: Any, data: Any) -> None:
+        """``out[:] = data`` in one piece per thread (numpy releases the GIL while it copies)."""
+        import numpy as np
+
+        if self.threads == 1 or len(data) < _SPLIT_BYTES:
+            np.copyto(out, data)
+            return
+        self._pool = self._pool or ThreadPoolExecutor(self.threads, thread_name_prefix="layerswap-copy")
+        step = -(-len(data) // self.threads)
+        list(self._pool.map(lambda i: np.copyto(out[i:i + step], data[i:i + step]), range(0, len(data), step)))
 
     def _read(self, f: _core.InputFile, spec: TensorSpec) -> Any:
         import numpy as np  # not on import: a merge never needs it
@@ -180,16 +197,3 @@ def available_memory() -> int:
 
 #: below this a copy is not worth splitting across threads
 _SPLIT_BYTES = 8 << 20
-
-
-def _copy(out: Any, data: Any, threads: int) -> None:
-    """``out[:] = data`` in one piece per thread (numpy releases the GIL while it copies)."""
-    import numpy as np
-
-    n = threads if threads > 0 else (os.cpu_count() or 1)
-    if n == 1 or len(data) < _SPLIT_BYTES:
-        np.copyto(out, data)
-        return
-    step = -(-len(data) // n)
-    with ThreadPoolExecutor(n) as pool:
-        list(pool.map(lambda i: np.copyto(out[i:i + step], data[i:i + step]), range(0, len(data), step)))

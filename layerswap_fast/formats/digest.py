@@ -124,6 +124,8 @@ class DigestCache:
             dirty, self._dirty = self._dirty, set()
             for key in dirty:
                 _write_json(self.directory / f"{key}.json", self._files[key])
+        if dirty:
+            prune(self.directory)
 
     def _load(self, key: str) -> dict[str, str]:
         if key not in self._files:
@@ -154,6 +156,25 @@ def file_digest(path: Path, cache: DigestCache | None = None, stop: threading.Ev
         return combined.hexdigest()
     finally:
         os.close(fd)
+
+
+#: entries the checksum cache keeps; beyond, the least recently written half goes
+CACHE_ENTRIES = 4096
+
+
+def prune(directory: Path, keep: int = CACHE_ENTRIES) -> None:
+    """Keep the checksum cache bounded: its entries are keyed by files' identities, which say
+    nothing of whether those files still exist, so the oldest go once there are more than
+    ``keep`` (a digest dropped is computed again when needed)."""
+    try:
+        entries = list(os.scandir(directory))
+        if len(entries) <= keep:
+            return
+        entries.sort(key=lambda e: e.stat().st_mtime_ns)
+        for entry in entries[:len(entries) - keep // 2]:
+            os.unlink(entry.path)
+    except OSError:
+        pass  # another process pruned it meanwhile, or a read-only home
 
 
 def _write_json(path: Path, data: dict[str, str]) -> None:

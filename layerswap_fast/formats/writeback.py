@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import blake3
 
 from .. import _core
-from .digest import TENSORS, Combiner, DigestCache, Segment, file_digest, hash_range, new_segment_hasher
+from .digest import TENSORS, Combiner, DigestCache, Segment, file_digest, hash_range, new_segment_hasher, prune
 
 _BLOCK = 8 << 20
 _DEFAULT_MAX_DIRTY = 256 << 20  # worst case ~3x this dirty: the window, the unhashed lag, a piece in flight
@@ -372,4 +372,5 @@ def _store(key: Path, digest: str) -> None:
         tmp.write_text(digest)
         os.replace(tmp, key)
     except OSError:
-        pass  # a read-only home: no cache, same result
+        return  # a read-only home: no cache, same result
+    prune(key.parent)
