@@ -48,9 +48,15 @@ class WriteOptions:
         in bytes."""
         for name, value, choices in (("link", self.link, LINK_MODES), ("checksum", self.checksum, CHECKSUMS),
                                      ("io", self.io, IO_MODES)):
-            if value not in choices:
-                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            check_choice(name, value, choices)
         return parse_size(self.shard_size)
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    """``value``, or a ConfigError naming ``name`` and its choices."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 #: the options of every command that writes a model, declared once like a method's (the CLI's

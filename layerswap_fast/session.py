@@ -20,11 +20,12 @@ from typing import Any
 from .dtypes import TORCH_NAMES
 from .engine.backends import CpuBackend, make_backend
 from .engine.memory import DeviceFiller, DirectFiller, available_memory, merged_buffers
-from .formats.checkpoint import Checkpoint
+from .formats.checkpoint import IO_MODES, Checkpoint
 from .formats.layout import tensor_nbytes
 from .errors import ConfigError
 from .methods import METHODS
 from .methods.swap import SwapConfig, swap_options
+from .options import check_choice
 from .plan import TensorRecipe
 from .streaming import as_tensor, framework_module
 from .writing import plan_method, resolve
@@ -57,17 +58,18 @@ class SwapSession:
     arithmetic runs. ``resident``: keep the experts' tensors in memory once read, so an ``apply``
     reads no file (True: up to half the memory available now; a number: that many bytes): in
     host memory, or, for a model on a GPU, on that GPU, where copies and blends are then made
-    (the Triton blend kernel, the bytes of ``merge --device cuda``). The other keywords are
-    :func:`layerswap_fast.merge`'s.
+    (the Triton blend kernel, the bytes of ``merge --device cuda``). ``io``: how the experts are
+    read, as ``--io``. The other keywords are :func:`layerswap_fast.merge`'s.
     """
 
     def __init__(self, task_expert: Paths, language_expert: Paths, model: Any = None, *, device: str | None = None,
                  dtype: str | None = None, soup_weights: str = "uniform", base: PathLike | None = None,
                  stats: PathLike | None = None, compute: str = "auto", threads: int | None = None,
-                 resident: bool | int = False) -> None:
+                 resident: bool | int = False, io: str = "auto") -> None:
         self._fixed = {"task_expert": task_expert, "language_expert": language_expert, "dtype": dtype,
                        "soup_weights": soup_weights, "base": base, "stats": stats}
         self._direct = DirectFiller(threads or 0, _budget(resident, available_memory))
+        self._io = check_choice("io", io, IO_MODES)
         self._resident = resident
         #: made at the first tensor of a model on an accelerator, when resident layers are asked for
         self._on_device: DeviceFiller | None = None
@@ -106,6 +108,9 @@ class SwapSession:
         with ExitStack() as stack:
             plan, inputs = plan_method(self._opened, swap, resolve(swap, options), self.compute, self.threads,
                                        opened=self._inputs)
+            if self._inputs is None:
+                for ckpt in inputs.values():
+                    ckpt.set_io(self._io)
             self._inputs = inputs
             changed = [r for r in plan.tensors if self.recipes.get(r.name) != r]
             backend = make_backend(self.compute, self.threads)

@@ -16,7 +16,9 @@ from .dtypes import TORCH_NAMES
 from .engine.backends import make_backend
 from .engine.memory import merged_buffers
 from .errors import ConfigError
+from .formats.checkpoint import IO_MODES
 from .methods import METHODS
+from .options import check_choice
 from .writing import plan_method, resolve
 
 #: numpy's name of each safetensors dtype; BF16 and the 8-bit floats, which numpy lacks, come as
@@ -28,7 +30,8 @@ FRAMEWORKS = ("auto", "torch", "numpy")
 
 
 def iter_merged(method: str, options: Mapping[str, Any], *, framework: str = "auto", device: str | None = None,
-                pin_memory: bool = False, compute: str = "auto", threads: int | None = None) -> Iterator[tuple[str, Any]]:
+                pin_memory: bool = False, compute: str = "auto", threads: int | None = None,
+                io: str = "auto") -> Iterator[tuple[str, Any]]:
     """Yield ``(name, tensor)`` for every output tensor of ``method`` with its ``options`` (as
     :func:`layerswap_fast.run` takes them), in output order, without writing anything.
 
@@ -36,8 +39,8 @@ def iter_merged(method: str, options: Mapping[str, Any], *, framework: str = "au
     (BF16 as uint16 bit patterns: numpy has no bfloat16). ``device`` moves each torch tensor there
     (``cuda``, say); ``pin_memory`` puts it in page-locked memory first, for fast copies to a GPU.
     ``compute`` is where the arithmetic runs (``auto``, ``cpu``, ``cuda``), as ``--device`` for a
-    merge. Memory holds the tensor being handed over and the op's chunk buffers; a tensor stays
-    valid for as long as the consumer keeps it.
+    merge; ``io`` how the inputs are read, as ``--io``. Memory holds the tensor being handed over
+    and the op's chunk buffers; a tensor stays valid for as long as the consumer keeps it.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown merge method {method!r}: choose one of {', '.join(METHODS)}")
@@ -46,12 +49,15 @@ def iter_merged(method: str, options: Mapping[str, Any], *, framework: str = "au
         raise ConfigError("device and pin_memory need torch tensors (framework='torch')")
     if pin_memory and not torch.cuda.is_available():
         raise ConfigError("pin_memory needs a CUDA device: page-locked memory only speeds up copies to one")
+    check_choice("io", io, IO_MODES)
     m = METHODS[method]
     values = resolve(m, options)
     if values.get("as_adapter"):
         raise ConfigError("iter_merged yields a full model's tensors; as_adapter writes an adapter: use run()")
     with ExitStack() as stack:
         plan, inputs = plan_method(stack, m, values, compute, threads)
+        for ckpt in inputs.values():
+            ckpt.set_io(io)
         backend = make_backend(compute, threads)
         stack.callback(backend.close)
         for recipe, view in merged_buffers(plan.tensors, inputs, backend, threads or 0):

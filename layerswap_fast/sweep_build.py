@@ -24,7 +24,7 @@ from .options import WriteOptions
 from .plan import MergePlan, TensorRecipe, Term
 from .sweep_spec import SWAP, Candidate
 from .units import parse_size
-from .writing import MergeResult, plan_layout, plan_method, resolve, side_source, write_plan
+from .writing import MergeResult, open_all, plan_layout, plan_method, resolve, side_source, write_plan
 
 #: a computed tensor's identity across candidates: its name, dtype, shape, op, numbers, and each
 #: input by the file it comes from
@@ -42,6 +42,25 @@ class Settings:
     dry_run: bool
     checksum: str | None
     evaluator: Evaluator | None
+    io: str = "auto"
+
+
+@contextmanager
+def open_experts() -> Iterator[Callable[[Mapping[str, Any]], dict[str, Checkpoint]]]:
+    """``experts(paths)``: the checkpoints of ``paths`` (role -> path), kept open while successive
+    candidates use the same ones (a grid's configurations of one pair), closed when they change."""
+    with ExitStack() as outer:
+        held: list[Any] = [None, {}, ExitStack()]  # key, checkpoints, their stack
+
+        def experts(paths: Mapping[str, Any]) -> dict[str, Checkpoint]:
+            key = sorted((role, str(path)) for role, path in paths.items())
+            if key != held[0]:
+                held[2].close()
+                held[2] = outer.enter_context(ExitStack())
+                held[0], held[1] = key, open_all(held[2], paths)
+            return held[1]
+
+        yield experts
 
 
 @contextmanager
@@ -59,11 +78,12 @@ def earlier_outputs() -> Iterator[Callable[[Path], Checkpoint]]:
 
 
 def build_one(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callable[[Path], Checkpoint],
-              settings: Settings) -> Candidate:
-    """Build (and evaluate) one candidate; its failure is its own, recorded in it."""
+              settings: Settings, experts: Callable[[Mapping[str, Any]], dict[str, Checkpoint]] | None = None
+              ) -> Candidate:
+    """Build (and evaluate) one candidate; its failure is its own, recorded in it. ``experts``
+    (:func:`open_experts`) keeps the experts open from one candidate to the next."""
     try:
-        _build(candidate, made, output_of, settings.link, settings.threads, settings.device, settings.dry_run,
-               settings.checksum)
+        _build(candidate, made, output_of, settings, experts)
         if settings.evaluator is not None and not settings.dry_run:
             evaluate_candidate(candidate, settings.evaluator, candidate.path)
     except LayerswapError as e:
@@ -79,15 +99,16 @@ def recipe_keys(candidate: Candidate, device: str = "auto") -> list[RecipeKey]:
         return [*_computed(plan, keys).values(), *(k for _, k in _shard_keys(plan, inputs, keys, candidate))]
 
 
-def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callable[[Path], Checkpoint], link: str,
-           threads: int | None, device: str, dry_run: bool, checksum: str | None) -> None:
+def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callable[[Path], Checkpoint],
+           settings: Settings, experts: Callable[[Mapping[str, Any]], dict[str, Checkpoint]] | None) -> None:
     """Plan the candidate; unless it is complete from an earlier run, write it (or, in a dry run,
     lay it out), taking what earlier candidates computed from their outputs."""
     assert candidate.path is not None
     start = time.perf_counter()
     with ExitStack() as stack:
         values = resolve(SWAP, candidate.options)
-        plan, inputs = plan_method(stack, SWAP, values, device, threads)
+        opened = experts(SWAP.inputs(values)) if experts is not None else None
+        plan, inputs = plan_method(stack, SWAP, values, settings.device, settings.threads, opened=opened)
         keys = _keys(plan, inputs)
         computed = _computed(plan, keys)
         shards = _shard_keys(plan, inputs, keys, candidate)
@@ -95,20 +116,21 @@ def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callabl
         recorded = SWAP.recorded(values, plan)
         candidate.recorded = {k: v for k, v in {**recorded, "shard_size": candidate.shard_size}.items()
                               if v is not None}
-        complete = not dry_run and _complete(candidate.path, candidate.recorded)
+        complete = not settings.dry_run and _complete(candidate.path, candidate.recorded)
         if not complete:
-            plan_now, sources = (plan, {}) if dry_run else _share(plan, computed, shards, made, output_of)
-            settings = WriteOptions(candidate.shard_size, threads, device, force=_ours(candidate.path),
-                                    dry_run=dry_run, link=link, **({"checksum": checksum} if checksum else {}))
-            result = write_plan(SWAP, plan_now, {**inputs, **sources}, candidate.path, recorded, settings,
+            plan_now, sources = (plan, {}) if settings.dry_run else _share(plan, computed, shards, made, output_of)
+            write = WriteOptions(candidate.shard_size, settings.threads, settings.device, force=_ours(candidate.path),
+                                 dry_run=settings.dry_run, link=settings.link, io=settings.io,
+                                 **({"checksum": settings.checksum} if settings.checksum else {}))
+            result = write_plan(SWAP, plan_now, {**inputs, **sources}, candidate.path, recorded, write,
                                 side_source(inputs), SWAP.extra(plan), [values["base"], values["stats"]])
-            earlier = {names for names, key in shards if key in made} if dry_run else set()
+            earlier = {names for names, key in shards if key in made} if settings.dry_run else set()
             _account(candidate, result, shared, len(computed), earlier)
         for key in [*computed.values(), *(k for _, k in shards)]:
             made.setdefault(key, candidate.path)
-    candidate.status = "planned" if dry_run else ("complete" if complete else "built")
+    candidate.status = "planned" if settings.dry_run else ("complete" if complete else "built")
     candidate.seconds = time.perf_counter() - start
-    if not dry_run:
+    if not settings.dry_run:
         candidate.checksum = hashlib.sha256((candidate.path / RECIPE_NAME).read_bytes()).hexdigest()
 
 

@@ -22,7 +22,7 @@ from .errors import ConfigError, LayerswapError
 from .evaluation import Evaluator, load_evaluator
 from .formats.adapter import is_adapter
 from .methods.method import as_list
-from .sweep_build import RecipeKey, Settings, build_one, earlier_outputs, evaluate_candidate, write_manifest
+from .sweep_build import RecipeKey, Settings, build_one, earlier_outputs, evaluate_candidate, open_experts, write_manifest
 from .sweep_spec import Candidate, candidates, read_spec
 
 PathLike = str | os.PathLike[str]
@@ -30,7 +30,7 @@ Report = Callable[[Candidate], None]
 
 
 def sweep(spec: PathLike | Mapping[str, Any], out: PathLike, *, link: str = "auto", threads: int | None = None,
-          device: str = "auto", dry_run: bool = False, checksum: str | None = None,
+          device: str = "auto", dry_run: bool = False, checksum: str | None = None, io: str = "auto",
           evaluate: str | Evaluator | None = None, in_memory: bool = False, ray: str | None = None,
           report: Report | None = None) -> list[Candidate]:
     """Build every candidate of ``spec`` (a spec file, or its parsed content) under ``out``; see
@@ -49,15 +49,15 @@ def sweep(spec: PathLike | Mapping[str, Any], out: PathLike, *, link: str = "aut
         if evaluator is None:
             raise ConfigError("an in-memory sweep writes no candidates: it needs an evaluator")
         return _in_memory(found, root, evaluator, threads, device, report)
-    settings = Settings(link, threads, device, dry_run, checksum, evaluator)
+    settings = Settings(link, threads, device, dry_run, checksum, evaluator, io)
     if ray is not None and not dry_run:
         from .sweep_ray import run_on_ray
         return run_on_ray(found, root, ray, settings, report)
     made: dict[RecipeKey, Path] = {}
-    with earlier_outputs() as output_of:
+    with earlier_outputs() as output_of, open_experts() as experts:
         for candidate in found:
             candidate.path = root / candidate.name
-            build_one(candidate, made, output_of, settings)
+            build_one(candidate, made, output_of, settings, experts)
             if not dry_run:
                 write_manifest(root, found)
             if report is not None:

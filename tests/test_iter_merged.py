@@ -76,6 +76,9 @@ def test_numpy_arrays_without_torch_tensors(trio, tmp_path):
     for name, array in lf.iter_merged("layer_swap", options, framework="numpy"):
         assert isinstance(array, np.ndarray) and array.dtype == np.uint16  # bf16 bit patterns
         assert array.tobytes() == raw_bytes(written[name]), name
+    for io in ("mmap", "pread"):  # the read path changes how, never what
+        for name, array in lf.iter_merged("layer_swap", options, framework="numpy", io=io):
+            assert array.tobytes() == raw_bytes(written[name]), (io, name)
 
 
 def test_a_consumer_may_write_to_its_tensors(trio):
@@ -113,6 +116,10 @@ def test_bad_calls_are_one_line(trio):
         next(lf.iter_merged("layer_swap", options, framework="jax"))
     with pytest.raises(ConfigError, match="device and pin_memory need torch tensors"):
         next(lf.iter_merged("layer_swap", options, framework="numpy", device="cpu"))
+    with pytest.raises(ConfigError, match="io must be one of auto, mmap, pread, got 'disk'"):
+        next(lf.iter_merged("layer_swap", options, io="disk"))
+    with pytest.raises(ConfigError, match="io must be one of auto, mmap, pread, got 'disk'"):
+        lf.SwapSession(trio["task"], trio["language"], io="disk")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="pin_memory needs a CUDA device"):
             next(lf.iter_merged("layer_swap", options, pin_memory=True))

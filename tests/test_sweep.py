@@ -138,6 +138,23 @@ def test_the_command_and_its_csv(experts, tmp_path):
     assert run_cli("verify", out / rows[5]["name"]).returncode == 0
 
 
+def test_the_read_path_and_checksum_are_choices_that_keep_the_bytes(experts, tmp_path):
+    """--io and --checksum reach every candidate: the tensors are the default sweep's, each
+    candidate records the checksum asked for, and a bad choice is one line."""
+    spec = _spec(experts, tmp_path)
+    result = run_cli("sweep", spec, "-o", tmp_path / "mmap", "--io", "mmap", "--checksum", "sha256")
+    assert result.returncode == 0, result.stderr
+    lf.sweep(spec, tmp_path / "default")
+    for row in json.loads((tmp_path / "default" / "sweep.json").read_text())["candidates"]:
+        mapped = tmp_path / "mmap" / row["name"]
+        assert shards_without_metadata(mapped) == shards_without_metadata(Path(row["path"])), row["name"]
+        assert json.loads((mapped / "layerswap_recipe.json").read_text())["checksum"] == "sha256"
+        lf.verify(mapped)
+    bad = run_cli("sweep", spec, "-o", tmp_path / "bad", "--io", "disk")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'disk'" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_dry_run_writes_nothing(experts, tmp_path):
     spec = _spec(experts, tmp_path)
     before = snapshot(tmp_path)
