@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,6 +62,37 @@ def open_experts() -> Iterator[Callable[[Mapping[str, Any]], dict[str, Checkpoin
             return held[1]
 
         yield experts
+
+
+@contextmanager
+def background_writeback() -> Iterator[Callable[[Path], None]]:
+    """``flush(directory)``: the candidate's shards are written back to the disk by a thread of
+    their own while the next candidates are built. A later candidate that clones one of them (a
+    shard or tensor it shares) would otherwise wait for that writeback in its clone call. At the
+    end only the flush under way is waited for; the kernel writes the rest in its own time."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="layerswap-flush")
+
+    def flush(directory: Path) -> None:
+        for path in sorted(directory.glob("*.safetensors")):
+            pool.submit(_data_sync, path)
+
+    try:
+        yield flush
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _data_sync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # replaced meanwhile (a re-run): nothing of ours to flush
+    try:
+        os.fdatasync(fd)
+    except OSError:
+        pass  # durability is not what this is for; a later clone flushes for itself
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -130,7 +130,7 @@ def test_a_dry_run_writes_no_card(trio: dict[str, Path], tmp_path: Path) -> None
 def test_the_space_check_counts_the_card(trio: dict[str, Path], tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     needed: list[int] = []
-    monkeypatch.setattr(writing, "check_output", lambda out, guarded, force, n: needed.append(n))
+    monkeypatch.setattr(writing, "check_output", lambda out, guarded, force, n, cloned=None: needed.append(n))
     ls.merge(trio["task"], trio["language"], tmp_path / "out", dry_run=True)
     render = writing.render_card
     monkeypatch.setattr(writing, "render_card", lambda *a, **k: render(*a, **k) + "x" * 1_000_000)
