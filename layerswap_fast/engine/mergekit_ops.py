@@ -22,7 +22,9 @@ from .. import _core
 from ..dtypes import DTYPE_SIZES
 from ..formats.checkpoint import TensorSpec
 from ..plan import TensorRecipe
+from . import mergekit_program as program
 from .backends import InputRange
+from .mergekit_program import locate_rank, Program
 from .counter_random import stream_key, uniform
 from .torch_rounding import encode, fma, round_to, scalar_in, sum_rounded, to_float32, TorchNorm, TorchSum, torch_norm, torch_sum
 
@@ -33,6 +35,9 @@ if TYPE_CHECKING:  # ops runs these lazily; a runtime import back would be a cyc
 CHUNK = 1 << 20
 #: the elements of one tensor that mergekit's slerp reduces at a time (its ``_CHUNK_ELEMENTS``)
 SLERP_CHUNK = 1024 * 1024
+#: run the ops that have core programs (:mod:`.mergekit_program`) there; False runs the numpy steps
+#: they replace (the reference the tests compare the core with)
+IN_CORE = True
 #: mergekit's consensus methods by the number a recipe holds
 CONSENSUS = {0: None, 1: "sum", 2: "count"}
 
@@ -66,17 +71,27 @@ def mk_linear(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, s
               inputs: Sequence[InputRange], dst: int) -> None:
     """mergekit's ``linear``: Σ wᵢ·xᵢ by fused multiply-adds in float32, divided by the float32
     sum of the weights when ``normalize``, rounded into the compute dtype."""
-    reader = _Reader(recipe, specs, inputs)
     weights = [np.float32(t.weight) for t in recipe.terms]
     divisor = sum_rounded([np.array([w]) for w in weights], None)[0] if recipe.param("normalize") else None
-    for start, n in reader.chunks():
-        # the first fused multiply-add onto +0 is one float32 product (+0 added: -0 becomes +0)
-        acc = reader.read(0, start, n) * weights[0] + np.float32(0)
-        for i, w in enumerate(weights[1:], start=1):
-            acc = fma(acc, w, reader.read(i, start, n))
-        if divisor is not None:
-            acc = acc / divisor
-        _write(ctx, writer, recipe, dst, start, round_to(acc, recipe.compute_dtype))
+    if not IN_CORE:
+        reader = _Reader(recipe, specs, inputs)
+        for start, n in reader.chunks():
+            acc = reader.read(0, start, n) * weights[0] + np.float32(0)
+            for i, w in enumerate(weights[1:], start=1):
+                acc = fma(acc, w, reader.read(i, start, n))
+            if divisor is not None:
+                acc = acc / divisor
+            _write(ctx, writer, recipe, dst, start, round_to(acc, recipe.compute_dtype))
+        return
+    p = Program(recipe.compute_dtype, [s.dtype for s in specs])
+    # the first fused multiply-add onto +0 is one float32 product (+0 added: -0 becomes +0)
+    acc = p.addk(p.mulk(p.read(0), weights[0]), 0.0)
+    for i, w in enumerate(weights[1:], start=1):
+        acc = p.fma64(acc, p.read(i), w)
+    if divisor is not None:
+        acc = p.divk(acc, divisor)
+    p.store(p.round(acc))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
 
 
 def mk_passthrough(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
@@ -100,6 +115,10 @@ def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
     by ``lambda`` and added to the base."""
     c = recipe.compute_dtype
     params = dict(recipe.params)
+    count = len(recipe.terms) - 1
+    if IN_CORE and not params.get("rescale") and not any(f"eps.{i}" in params for i in range(1, count + 1)):
+        _delta_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     reader = _Reader(recipe, specs, inputs)
     models = range(1, len(recipe.terms))
 
@@ -119,6 +138,58 @@ def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
         if params.get("lambda", 1.0) != 1.0:
             mixed = round_to(mixed * np.float32(params["lambda"]), c)
         _write(ctx, writer, recipe, dst, start, round_to(base + mixed, c))
+
+
+def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                   inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_delta`'s steps as core programs, when no delta is rescaled and none is DELLA's:
+    the rank bands first (:func:`.mergekit_program.rank_bands`), then one writing pass."""
+    c = recipe.compute_dtype
+    params = dict(recipe.params)
+    count = len(recipe.terms) - 1
+    dtypes = [s.dtype for s in specs]
+
+    def make() -> Program:
+        return Program(c, dtypes)
+
+    def deltas(p: Program) -> list[int]:
+        base = p.read(0)
+        p.base = base  # type: ignore[attr-defined]
+        return [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+
+    ranges = [(int(params[f"lo.{i}"]), int(params[f"hi.{i}"])) if f"lo.{i}" in params else None
+              for i in range(1, count + 1)]
+    bands = program.rank_bands(ranges, deltas, make, specs, inputs, ctx.threads)
+    seed = int(params.get("seed", 0))
+    weights = [scalar_in(recipe.terms[i].weight, c) for i in range(1, count + 1)]
+    p = make()
+    ds = deltas(p)
+    base = p.base  # type: ignore[attr-defined]
+    weighted = []
+    for i, d in enumerate(ds):
+        r, prob = ranges[i], params.get(f"p.{i + 1}")
+        if prob is not None:
+            d = p.mul(d, p.uniform_lt(stream_key(seed, recipe.name, i + 1), prob))
+        elif r is not None:
+            d = p.mul(d, p.rank(d, bands[i]) if bands[i] is not None else p.const(0.0))
+        weighted.append(p.round(p.mulk(d, weights[i])))
+    consensus = CONSENSUS[int(params.get("consensus", 0))]
+    if consensus is None:
+        mixed = p.sum_rounded(weighted)
+        total = sum_rounded([np.full(1, w) for w in weights], c)[0]
+        divisor = p.const(np.float32(1) if abs(total) < 1e-8 else total)
+    else:
+        signs = [p.sign(d) for d in weighted]
+        majority = p.majority(p.sum_rounded(weighted if consensus == "sum" else signs))
+        agree = [p.eq(s_, majority) for s_ in signs]
+        mixed = p.sum_rounded([p.mul(d, a) for d, a in zip(weighted, agree)])
+        divisor = p.zero_to_one(p.sum_rounded([p.mulk(a, w) for a, w in zip(agree, weights)]))
+    if params.get("normalize"):
+        mixed = p.round(p.div(mixed, divisor))
+    if params.get("lambda", 1.0) != 1.0:
+        mixed = p.round(p.mulk(mixed, np.float32(params["lambda"])))
+    p.store(p.round(p.add(base, mixed)))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
 
 
 class _Sparsifier:
@@ -575,7 +646,7 @@ def _rank_keys(stream: Callable[[], Iterator[list[np.ndarray]]],
         for i, d in enumerate(ds):
             if wanted[i]:
                 high[i] += np.bincount(np.abs(d).view(np.uint32) >> 16, minlength=1 << 16)
-    buckets = [[_locate(h, r) for r in ranks] for h, ranks in zip(high, wanted)]
+    buckets = [[locate_rank(h, r) for r in ranks] for h, ranks in zip(high, wanted)]
     low = [[np.zeros(1 << 16, dtype=np.int64) for _ in ranks] for ranks in wanted]
     for ds in stream():
         for i, d in enumerate(ds):
@@ -588,19 +659,10 @@ def _rank_keys(stream: Callable[[], Iterator[list[np.ndarray]]],
         found = []
         for j, r in enumerate(ranks):
             bucket, above, rest = buckets[i][j]
-            value, greater, _ = _locate(low[i][j], rest)
+            value, greater, _ = locate_rank(low[i][j], rest)
             found.append(((bucket << 16) | value, above + greater))
         result.append(found)
     return result
-
-
-def _locate(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
-    """The bin holding descending rank ``rank``, how many counts lie in higher bins, and the rank
-    within the bin."""
-    from_top = np.cumsum(hist[::-1])
-    index = int(np.searchsorted(from_top, rank, side="right"))
-    above = int(from_top[index - 1]) if index else 0
-    return len(hist) - 1 - index, above, rank - above
 
 
 MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta,
