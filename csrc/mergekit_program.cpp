@@ -254,12 +254,6 @@ Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size
 
 // ---- one block -----------------------------------------------------------------------------------
 
-inline float round_in(float x, int32_t t) {
-  if (t == 1) return bf16_to_f32(f32_to_bf16(x));
-  if (t == 2) return f16_to_f32(f32_to_f16(x));
-  return x;
-}
-
 inline uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
   z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
@@ -385,18 +379,48 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
         break;
       }
       case kMkRank: {
+        // The strict band first (vectorised), then the tied magnitudes, in element order.
         const MkRank& r = c.ranks[ins.b];
-        uint64_t* run = c.running + c.running_at[ins.b];
+        const uint32_t top = r.top, bottom = r.bottom;
         const size_t nv = r.values.size();
+        const uint32_t v0 = nv > 0 ? r.values[0] : top, v1 = nv > 1 ? r.values[1] : v0;
+        uint32_t hit = 0;
         for (size_t j = 0; j < m; ++j) {
           const uint32_t key = mag_bits(a[j]);
-          bool keep = key > r.bottom && key < r.top;
+          d[j] = (key > bottom && key < top) ? 1.f : 0.f;
+          hit |= static_cast<uint32_t>(key == v0) | static_cast<uint32_t>(key == v1);
+        }
+        if (nv == 0 || (!hit && nv <= 2)) break;
+        uint64_t* run = c.running + c.running_at[ins.b];
+        if (nv <= 2) {  // groups of 16 scanned for the tied magnitudes, vectorised
+          const uint64_t g0 = r.greater[0], g1 = nv > 1 ? r.greater[1] : 0, lo = r.lo, hi = r.hi;
+          uint64_t* run1 = nv > 1 ? run + 1 : run;
+          for (size_t j0 = 0; j0 < m; j0 += 16) {
+            const size_t je = std::min(m, j0 + 16);
+            uint32_t any = 0;
+            for (size_t j = j0; j < je; ++j) {
+              const uint32_t key = mag_bits(a[j]);
+              any |= static_cast<uint32_t>(key == v0) | static_cast<uint32_t>(key == v1);
+            }
+            if (!any) continue;
+            for (size_t j = j0; j < je; ++j) {
+              const uint32_t key = mag_bits(a[j]);
+              uint64_t rank;
+              if (key == v0) rank = g0 + (*run)++;
+              else if (key == v1) rank = g1 + (*run1)++;
+              else continue;
+              d[j] = rank >= lo && rank < hi ? 1.f : 0.f;
+            }
+          }
+          break;
+        }
+        for (size_t j = 0; j < m; ++j) {
+          const uint32_t key = mag_bits(a[j]);
           for (size_t v = 0; v < nv; ++v)
             if (key == r.values[v]) {
               const uint64_t rank = r.greater[v] + run[v]++;
-              keep = rank >= r.lo && rank < r.hi;
+              d[j] = rank >= r.lo && rank < r.hi ? 1.f : 0.f;
             }
-          d[j] = keep ? 1.f : 0.f;
         }
         break;
       }

@@ -216,43 +216,33 @@ def rank_bands(ranges: Sequence[tuple[int, int] | None], build: Callable[[Progra
     slots = {i: p.hist_high(x) for i, x in enumerate(build(p)) if wanted[i]}
     _, high, _ = run(p, specs, inputs, threads)
     buckets = {i: [locate_rank(high[slots[i]], r) for r in wanted[i]] for i in slots}
-    p = make()
-    low_slots = {}
-    for i, x in enumerate(build(p)):
-        if i in buckets:
-            low_slots[i] = [p.hist_low(x, bucket) for bucket, _, _ in buckets[i]]
-    _, low, _ = run(p, specs, inputs, threads)
-    found: dict[int, dict[int, tuple[int, int]]] = {}
-    for i in slots:
-        keys = []
-        for (bucket, above, rest), slot in zip(buckets[i], low_slots[i]):
-            value, greater, _ = locate_rank(low[slot], rest)
-            keys.append(((bucket << 16) | value, above + greater, int(low[slot][value])))
-        found[i] = {value: (greater, count) for value, greater, count in keys}
-        found[i]["top"], found[i]["bottom"] = keys[0][0], keys[-1][0]
-    tied = {i: [v for v in found[i] if isinstance(v, int) and found[i][v][1] > 1] for i in found}
-    seen: dict[int, list[int]] = {i: [] for i in found}
-    if any(tied.values()):
+    keys: dict[int, list[tuple[int, int, int]]] = {}  # per model and wanted rank: value, how many exceed it, its count
+    if make().c == "BF16":  # every value a bfloat16: its high 16 bits are all of it, its bucket's count its count
+        keys = {i: [(bucket << 16, above, int(high[slots[i]][bucket])) for bucket, above, _ in buckets[i]]
+                for i in slots}
+    else:
         p = make()
-        count_slots = {}
-        for i, x in enumerate(build(p)):
-            if i in found:
-                count_slots[i] = {v: p.eq_count(x, v) if v in tied[i] else None
-                                  for v in found[i] if isinstance(v, int)}
+        low_slots = {i: [p.hist_low(x, bucket) for bucket, _, _ in buckets[i]]
+                     for i, x in enumerate(build(p)) if i in buckets}
+        _, low, _ = run(p, specs, inputs, threads)
+        for i in slots:
+            keys[i] = []
+            for (bucket, above, rest), slot in zip(buckets[i], low_slots[i]):
+                value, greater, _ = locate_rank(low[slot], rest)
+                keys[i].append(((bucket << 16) | value, above + greater, int(low[slot][value])))
+    distinct = {i: {value: (greater, count) for value, greater, count in keys[i]} for i in slots}
+    seen: dict[int, list[int]] = {i: [] for i in slots}
+    if any(count > 1 for i in slots for _, count in distinct[i].values()):
+        p = make()
+        count_slots = {i: [p.eq_count(x, v) if count > 1 else None for v, (_, count) in distinct[i].items()]
+                       for i, x in enumerate(build(p)) if i in slots}
         _, _, counts = run(p, specs, inputs, threads)
-        for i, by_value in count_slots.items():
-            columns = [np.zeros(len(counts), dtype=np.int64) if slot is None else
-                       np.concatenate([[0], np.cumsum(counts[:-1, slot])]) for slot in by_value.values()]
-            seen[i] = [int(v) for v in np.stack(columns, axis=1).reshape(-1)] if len(counts) else []
-    bands: list[tuple[Any, ...] | None] = []
-    for i, r in enumerate(ranges):
-        if i not in found:
-            bands.append(None)
-            continue
-        values = [v for v in found[i] if isinstance(v, int)]
-        bands.append((found[i]["top"], found[i]["bottom"], r[0], r[1], values,
-                      [found[i][v][0] for v in values], seen[i]))
-    return bands
+        for i, columns in count_slots.items():
+            before = [np.zeros(len(counts), dtype=np.int64) if slot is None else
+                      np.concatenate([[0], np.cumsum(counts[:-1, slot])]) for slot in columns]
+            seen[i] = [int(v) for v in np.stack(before, axis=1).reshape(-1)] if len(counts) else []
+    return [(keys[i][0][0], keys[i][-1][0], r[0], r[1], list(distinct[i]), [g for g, _ in distinct[i].values()], seen[i])
+            if i in slots and r is not None else None for i, r in enumerate(ranges)]
 
 
 def locate_rank(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
