@@ -97,6 +97,14 @@ def mk_linear(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, s
 def mk_passthrough(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
                    inputs: Sequence[InputRange], dst: int) -> None:
     """mergekit's ``passthrough``: the one input in the compute dtype, times ``scale`` if given."""
+    if IN_CORE:
+        p = Program(recipe.compute_dtype, [s_.dtype for s_ in specs])
+        x = p.read(0)
+        if dict(recipe.params).get("scale") is not None:
+            x = p.round(p.mulk(x, np.float32(recipe.param("scale"))))
+        p.store(x)
+        program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+        return
     reader = _Reader(recipe, specs, inputs)
     scale = dict(recipe.params).get("scale")
     for start, n in reader.chunks():
@@ -263,6 +271,14 @@ class _Sparsifier:
 def mk_nearswap(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
                 inputs: Sequence[InputRange], dst: int) -> None:
     """mergekit's ``nearswap``: w = clamp(t / max(|base − x|, 1e-6), 0, 1), then w·x + (1 − w)·base."""
+    if IN_CORE:
+        p = Program(recipe.compute_dtype, [s_.dtype for s_ in specs])
+        a, b = p.read(0), p.read(1)
+        near = p.round(p.maxk(p.round(p.abs(p.sub(a, b))), np.float32(1e-6)))
+        w = p.clipk(p.round(p.mulk(p.round(p.kdiv(1.0, near)), np.float32(recipe.param("t")))), 0.0, 1.0)
+        p.store(p.round(p.add(p.round(p.mul(w, b)), p.round(p.mul(p.round(p.ksub(1.0, w)), a)))))
+        program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+        return
     c = recipe.compute_dtype
     reader = _Reader(recipe, specs, inputs)
     t = np.float32(recipe.param("t"))
@@ -282,6 +298,9 @@ def mk_slerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
     the dot product of the normalised vectors, their sum, then the spherical (or, when
     |cos| > 0.9995, linear) coefficients. Two streaming passes find the reductions, summed in
     torch's order (:func:`torch_sum`, :func:`torch_norm`)."""
+    if IN_CORE:
+        _slerp_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     reader = _Reader(recipe, specs, inputs)
     parts: list[list[np.float32]] = [[], []]
     for start, n in reader.chunks(SLERP_CHUNK):
@@ -304,6 +323,9 @@ def mk_model_stock(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     the mean pairwise cosine of the models' offsets from the base (input 0), t = N·cos/(1 +
     (N − 1)·cos) (0 where the denominator vanishes), then t·mean(models) + (1 − t)·base. The
     norms and dot products are a streaming pass in torch's summation order."""
+    if IN_CORE:
+        _model_stock_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     c = recipe.compute_dtype
     reader = _Reader(recipe, specs, inputs)
     count = len(recipe.terms) - 1
@@ -413,6 +435,9 @@ def mk_nuslerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, 
     """mergekit's ``nuslerp`` over whole (flattened) tensors in the compute dtype: slerp at ``t``
     between the two models' task vectors (against the base, input 0, when ``base`` is 1; else
     between the models themselves), added back to the base. Passes: norms, cosine, output."""
+    if IN_CORE:
+        _nuslerp_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     c = recipe.compute_dtype
     reader = _Reader(recipe, specs, inputs)
     has_base = bool(recipe.param("base"))
@@ -565,6 +590,112 @@ def mk_ram(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, spec
                 terms.append(kept * unique * scales[i] + shared_part)
         merged = sum_rounded(terms, None if scales is not None else c)
         _write(ctx, writer, recipe, dst, start, round_to(base + merged, None if scales is not None else c))
+
+
+def _slerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                   inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_slerp` as core programs: the norms and dot products per :data:`SLERP_CHUNK`
+    segment (all threads), reduced here, then the output."""
+    dtypes = [s_.dtype for s_ in specs]
+    p = Program(recipe.compute_dtype, dtypes)
+    x, y = p.read(0), p.read(1)
+    p.norm(x)
+    p.norm(y)
+    parts, _, _ = program.run(p, specs, inputs, ctx.threads, segment=SLERP_CHUNK)
+    norms = [torch_norm(parts[:, i].copy()) if len(parts) else np.float32(0) for i in (0, 1)]
+    norms = [n if n > np.float32(1e-8) else np.float32(1) for n in norms]
+    p = Program(recipe.compute_dtype, dtypes)
+    x, y = p.read(0), p.read(1)
+    p.sum(p.mul(p.divk(x, norms[0]), p.divk(y, norms[1])))
+    dots, _, _ = program.run(p, specs, inputs, ctx.threads, segment=SLERP_CHUNK)
+    dot = np.clip(torch_sum(dots[:, 0].copy()), np.float32(-1), np.float32(1))
+    coef_a, coef_b = slerp_coefficients(np.float32(recipe.param("t")), dot)
+    p = Program(recipe.compute_dtype, dtypes)
+    x, y = p.read(0), p.read(1)
+    p.store(p.round(p.add(p.mulk(x, coef_a), p.mulk(y, coef_b))))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+
+
+def _whole_sums(p: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int) -> np.ndarray:
+    """A program's sum slots over the whole tensor (one segment; zeros for an empty tensor)."""
+    sums, _, _ = program.run(p, specs, inputs, threads, segment=max(1, specs[0].numel))
+    return sums[0] if len(sums) else np.zeros(p.sums, dtype=np.float32)
+
+
+def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe,
+                         specs: Sequence[TensorSpec], inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_model_stock` as core programs: the norms and dot products of the offsets over
+    the whole tensor (one segment, torch's order), then the output on all threads."""
+    c = recipe.compute_dtype
+    dtypes = [s_.dtype for s_ in specs]
+    count = len(recipe.terms) - 1
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    p = Program(c, dtypes)
+    base = p.read(0)
+    offsets = [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+    for o in offsets:
+        p.norm(o)
+    for i, j in pairs:
+        p.sum(p.round(p.mul(offsets[i], offsets[j])))
+    sums = _whole_sums(p, specs, inputs, ctx.threads)
+    length = [round_to(sums[i], c) for i in range(count)]
+    cosines = []
+    for k, (i, j) in enumerate(pairs):
+        product = round_to(np.maximum(round_to(length[i] * length[j], c), np.float32(1e-6)), c)
+        cosines.append(np.clip(round_to(round_to(sums[count + k], c) / product, c), -1, 1))
+    cos = round_to(torch_sum(np.array(cosines, dtype=np.float32)) / np.float32(len(cosines)), c)
+    denominator = round_to(round_to(cos * np.float32(count - 1), c) + np.float32(1), c)
+    t = np.float32(0) if abs(denominator) < 1e-6 else round_to(round_to(cos * np.float32(count), c) / denominator, c)
+    p = Program(c, dtypes)
+    base = p.read(0)
+    total = p.read(1)
+    for i in range(2, count + 1):
+        total = p.round(p.add(total, p.read(i)))
+    average = p.round(p.divk(total, np.float32(count)))
+    p.store(p.round(p.add(p.round(p.mulk(average, t)), p.round(p.mulk(base, round_to(np.float32(1) - t, c))))))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+
+
+def _nuslerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                     inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_nuslerp` as core programs: norms, then the cosine (each over the whole tensor,
+    one segment), then the output on all threads."""
+    c = recipe.compute_dtype
+    dtypes = [s_.dtype for s_ in specs]
+    has_base = bool(recipe.param("base"))
+    first = 1 if has_base else 0
+
+    def vectors(p: Program) -> tuple[int | None, int, int]:
+        base = p.read(0) if has_base else None
+        v = [p.read(first + i) for i in (0, 1)]
+        if base is not None:
+            v = [p.round(p.sub(x, base)) for x in v]
+        return base, v[0], v[1]
+
+    p = Program(c, dtypes)
+    _, v0, v1 = vectors(p)
+    p.norm(v0)
+    p.norm(v1)
+    norms = _whole_sums(p, specs, inputs, ctx.threads)
+    length = [round_to(np.maximum(round_to(x, c), np.float32(1e-7)), c) for x in norms]
+    p = Program(c, dtypes)
+    _, v0, v1 = vectors(p)
+    p.sum(p.round(p.mul(p.round(p.divk(v0, length[0])), p.round(p.divk(v1, length[1])))))
+    cos = np.clip(round_to(_whole_sums(p, specs, inputs, ctx.threads)[0], c), np.float32(-1), np.float32(1))
+    colinear = round_to(np.float32(1) - round_to(cos * cos, c), c) <= 1e-16
+    t = recipe.param("t")
+    theta = round_to(np.float32(0 if colinear else math.acos(cos)), c)
+    sin_theta = round_to(np.float32(math.sin(theta)), c)
+    sin_a = round_to(np.float32(math.sin(round_to(theta * np.float32(1 - t), c))), c)
+    sin_b = round_to(np.float32(math.sin(round_to(theta * np.float32(t), c))), c)
+    p = Program(c, dtypes)
+    base, v0, v1 = vectors(p)
+    if colinear:
+        result = p.round(p.add(p.round(p.mulk(v0, np.float32(1 - t))), p.round(p.mulk(v1, np.float32(t)))))
+    else:
+        result = p.round(p.divk(p.round(p.add(p.round(p.mulk(v0, sin_a)), p.round(p.mulk(v1, sin_b)))), sin_theta))
+    p.store(result if base is None else p.round(p.add(base, result)))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
 
 
 def slerp_coefficients(t: np.float32, dot: np.float32, threshold: float = 0.9995) -> tuple[np.float32, np.float32]:
