@@ -339,14 +339,7 @@ def mk_model_stock(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
             norm.add(offset)
         for dot, (i, j) in zip(dots, pairs):
             dot.add(round_to(offsets[i] * offsets[j], c))
-    length = [round_to(norm.total(), c) for norm in norms]
-    cosines = []
-    for dot, (i, j) in zip(dots, pairs):
-        product = round_to(np.maximum(round_to(length[i] * length[j], c), np.float32(1e-6)), c)
-        cosines.append(np.clip(round_to(round_to(dot.total(), c) / product, c), -1, 1))
-    cos = round_to(torch_sum(np.array(cosines, dtype=np.float32)) / np.float32(len(cosines)), c)
-    denominator = round_to(round_to(cos * np.float32(count - 1), c) + np.float32(1), c)
-    t = np.float32(0) if abs(denominator) < 1e-6 else round_to(round_to(cos * np.float32(count), c) / denominator, c)
+    t = _model_stock_t([norm.total() for norm in norms], [dot.total() for dot in dots], c)
     for start, n in reader.chunks():
         base = reader.read(0, start, n)
         total = reader.read(1, start, n)
@@ -461,12 +454,8 @@ def mk_nuslerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, 
         _, v0, v1 = vectors(start, n)
         dot.add(round_to(round_to(v0 / length[0], c) * round_to(v1 / length[1], c), c))
     cos = np.clip(round_to(dot.total(), c), np.float32(-1), np.float32(1))
-    colinear = round_to(np.float32(1) - round_to(cos * cos, c), c) <= 1e-16
     t = recipe.param("t")
-    theta = round_to(np.float32(0 if colinear else math.acos(cos)), c)
-    sin_theta = round_to(np.float32(math.sin(theta)), c)
-    sin_a = round_to(np.float32(math.sin(round_to(theta * np.float32(1 - t), c))), c)
-    sin_b = round_to(np.float32(math.sin(round_to(theta * np.float32(t), c))), c)
+    colinear, sin_theta, sin_a, sin_b = _nuslerp_angles(cos, t, c)
     for start, n in reader.chunks():
         base, v0, v1 = vectors(start, n)
         if colinear:
@@ -638,14 +627,7 @@ def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: Tens
     for i, j in pairs:
         p.sum(p.round(p.mul(offsets[i], offsets[j])))
     sums = _whole_sums(p, specs, inputs, ctx.threads)
-    length = [round_to(sums[i], c) for i in range(count)]
-    cosines = []
-    for k, (i, j) in enumerate(pairs):
-        product = round_to(np.maximum(round_to(length[i] * length[j], c), np.float32(1e-6)), c)
-        cosines.append(np.clip(round_to(round_to(sums[count + k], c) / product, c), -1, 1))
-    cos = round_to(torch_sum(np.array(cosines, dtype=np.float32)) / np.float32(len(cosines)), c)
-    denominator = round_to(round_to(cos * np.float32(count - 1), c) + np.float32(1), c)
-    t = np.float32(0) if abs(denominator) < 1e-6 else round_to(round_to(cos * np.float32(count), c) / denominator, c)
+    t = _model_stock_t(list(sums[:count]), list(sums[count:]), c)
     p = Program(c, dtypes)
     base = p.read(0)
     total = p.read(1)
@@ -654,6 +636,30 @@ def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: Tens
     average = p.round(p.divk(total, np.float32(count)))
     p.store(p.round(p.add(p.round(p.mulk(average, t)), p.round(p.mulk(base, round_to(np.float32(1) - t, c))))))
     program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+
+
+def _model_stock_t(norms: list[np.float32], dots: list[np.float32], c: str | None) -> np.float32:
+    """model_stock's t from the offsets' norms and their pairwise dot products (pairs in order)."""
+    count = len(norms)
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    length = [round_to(x, c) for x in norms]
+    cosines = []
+    for dot, (i, j) in zip(dots, pairs):
+        product = round_to(np.maximum(round_to(length[i] * length[j], c), np.float32(1e-6)), c)
+        cosines.append(np.clip(round_to(round_to(dot, c) / product, c), -1, 1))
+    cos = round_to(torch_sum(np.array(cosines, dtype=np.float32)) / np.float32(len(cosines)), c)
+    denominator = round_to(round_to(cos * np.float32(count - 1), c) + np.float32(1), c)
+    return np.float32(0) if abs(denominator) < 1e-6 else round_to(round_to(cos * np.float32(count), c) / denominator, c)
+
+
+def _nuslerp_angles(cos: np.float32, t: float, c: str | None) -> tuple[bool, np.float32, np.float32, np.float32]:
+    """nuslerp's steps from the cosine: whether the vectors are colinear, sin θ, sin((1 − t)θ), sin(tθ)."""
+    colinear = bool(round_to(np.float32(1) - round_to(cos * cos, c), c) <= 1e-16)
+    theta = round_to(np.float32(0 if colinear else math.acos(cos)), c)
+    sin_theta = round_to(np.float32(math.sin(theta)), c)
+    sin_a = round_to(np.float32(math.sin(round_to(theta * np.float32(1 - t), c))), c)
+    sin_b = round_to(np.float32(math.sin(round_to(theta * np.float32(t), c))), c)
+    return colinear, sin_theta, sin_a, sin_b
 
 
 def _nuslerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
@@ -682,12 +688,8 @@ def _nuslerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRe
     _, v0, v1 = vectors(p)
     p.sum(p.round(p.mul(p.round(p.divk(v0, length[0])), p.round(p.divk(v1, length[1])))))
     cos = np.clip(round_to(_whole_sums(p, specs, inputs, ctx.threads)[0], c), np.float32(-1), np.float32(1))
-    colinear = round_to(np.float32(1) - round_to(cos * cos, c), c) <= 1e-16
     t = recipe.param("t")
-    theta = round_to(np.float32(0 if colinear else math.acos(cos)), c)
-    sin_theta = round_to(np.float32(math.sin(theta)), c)
-    sin_a = round_to(np.float32(math.sin(round_to(theta * np.float32(1 - t), c))), c)
-    sin_b = round_to(np.float32(math.sin(round_to(theta * np.float32(t), c))), c)
+    colinear, sin_theta, sin_a, sin_b = _nuslerp_angles(cos, t, c)
     p = Program(c, dtypes)
     base, v0, v1 = vectors(p)
     if colinear:
