@@ -15,6 +15,7 @@
 //   Store a         the output's elements = r[a] in the output dtype
 //   Norm a b / Sum a b   r[a] into sum slot b: torch's float32 vector norm / sum order over the
 //                   task (engine/torch_rounding.py's TorchNorm / TorchSum, step for step)
+//   Sum64 a b       r[a] into sum slot b: a float64 sum over the task in element order
 //   HistHigh a b    histogram b counts the high 16 bits of bits(|r[a]|)
 //   HistLow a b c   histogram b counts the low 16 bits of bits(|r[a]|) whose high bits are n[c]
 //   EqCount a b c   count slot b of the task counts bits(|r[a]|) == n[c]
@@ -186,7 +187,7 @@ const char* field_kinds(int32_t op) {
     case kMkClipK: return "rrkk";
     case kMkUniformLt: return "rnk_";
     case kMkStore: return "_r__";
-    case kMkNorm: case kMkSum: return "_rs_";
+    case kMkNorm: case kMkSum: case kMkSum64: return "_rs_";
     case kMkConst: return "rk__";
     case kMkHistHigh: return "_rh_";
     case kMkHistLow: return "_rhn";
@@ -199,7 +200,7 @@ const char* field_kinds(int32_t op) {
 struct Shape {
   int regs = 0;
   size_t sums = 0, hists = 0, counts = 0;
-  std::vector<char> slot_is_norm;
+  std::vector<char> slot_kind;  // per sum slot: 1 sum, 2 norm, 3 float64 sum
   bool stores = false;
 };
 
@@ -207,7 +208,7 @@ Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size
                  size_t n_ranks) {
   if (code.size() > kMaxCode) fail("mk_program: more than " + std::to_string(kMaxCode) + " instructions");
   Shape s;
-  std::vector<int> slot_kind;  // 0 unused, 1 sum, 2 norm
+  std::vector<int> slot_kind;  // 0 unused, 1 sum, 2 norm, 3 float64 sum
   for (size_t i = 0; i < code.size(); ++i) {
     const MkInstr& in = code[i];
     const char* kinds = field_kinds(in.op);
@@ -237,18 +238,18 @@ Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size
         fail(where + ": operand " + std::to_string(j) + " is " + std::to_string(v) +
              ", not below " + std::to_string(limit));
     }
-    if (in.op == kMkNorm || in.op == kMkSum) {
+    if (in.op == kMkNorm || in.op == kMkSum || in.op == kMkSum64) {
       const size_t slot = static_cast<size_t>(in.b);
       if (slot_kind.size() <= slot) slot_kind.resize(slot + 1, 0);
-      const int want = in.op == kMkNorm ? 2 : 1;
+      const int want = in.op == kMkNorm ? 2 : in.op == kMkSum ? 1 : 3;
       if (slot_kind[slot] && slot_kind[slot] != want)
-        fail(where + ": sum slot " + std::to_string(slot) + " is both a sum and a norm");
+        fail(where + ": sum slot " + std::to_string(slot) + " is fed by two kinds of sum");
       slot_kind[slot] = want;
     }
     if (in.op == kMkStore) s.stores = true;
   }
-  s.slot_is_norm.assign(s.sums, 0);
-  for (size_t i = 0; i < slot_kind.size(); ++i) s.slot_is_norm[i] = slot_kind[i] == 2;
+  s.slot_kind.assign(s.sums, 0);
+  for (size_t i = 0; i < slot_kind.size(); ++i) s.slot_kind[i] = static_cast<char>(slot_kind[i]);
   return s;
 }
 
@@ -274,7 +275,7 @@ struct Ctx {
   float* regs;  // regs x kB
   TorchSum* sums;
   TorchNorm* norms;
-  const char* is_norm;
+  double* sums64;
   int64_t* hists;     // per worker, hists x 65536
   int64_t* counts;    // this task's count slots
   uint64_t* running;  // per rank: its values' running tie counts
@@ -357,6 +358,12 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
         break;
       case kMkNorm: c.norms[ins.b].add(a, m); break;
       case kMkSum: c.sums[ins.b].add(a, m); break;
+      case kMkSum64: {
+        double acc = c.sums64[ins.b];
+        for (size_t j = 0; j < m; ++j) acc += static_cast<double>(a[j]);
+        c.sums64[ins.b] = acc;
+        break;
+      }
       case kMkHistHigh: {
         int64_t* h = c.hists + static_cast<size_t>(ins.b) * 65536;
         for (size_t j = 0; j < m; ++j) ++h[mag_bits(a[j]) >> 16];
@@ -459,7 +466,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
            " entries, not tasks x values = " + std::to_string(res.tasks * r.values.size()));
     running_at[i + 1] = running_at[i] + r.values.size();
   }
-  res.sums.assign(res.tasks * shape.sums, 0.f);
+  res.sums.assign(res.tasks * shape.sums, 0.0);
   res.hists.assign(shape.hists * 65536, 0);
   res.eqcounts.assign(res.tasks * shape.counts, 0);
   const StreamFiles files("mk_program", nullptr, DType::F32, in, in_dt, out, out_offset, out_dt);
@@ -478,11 +485,12 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     Array<float> regs = alloc_array<float>(static_cast<uint64_t>(std::max(shape.regs, 1)) * kB, "mk_program registers");
     std::vector<TorchSum> sums(shape.sums);
     std::vector<TorchNorm> norms(shape.sums);
+    std::vector<double> sums64(shape.sums, 0.0);
     Array<float> sumbuf = alloc_array<float>(std::max<uint64_t>(shape.sums, 1) * step_max * kRow, "mk_program sums");
     std::vector<int64_t> hists(shape.hists * 65536, 0);
     std::vector<uint64_t> running(running_at.back() + 1, 0);
     Ctx cx{&code, consts.data(), ints.data(), ranks.data(), in.size(), in_dt.data(), out_dt,
-           regs.get(), sums.data(), norms.data(), shape.slot_is_norm.data(), hists.data(),
+           regs.get(), sums.data(), norms.data(), sums64.data(), hists.data(),
            nullptr, running.data(), running_at.data()};
     std::vector<const unsigned char*> ptrs(in.size());
     uint64_t t;
@@ -490,8 +498,9 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
       const uint64_t t0 = t * seg;
       const uint64_t tm = std::min(seg, numel - t0);
       for (size_t s = 0; s < shape.sums; ++s) {
-        if (shape.slot_is_norm[s]) norms[s].init(tm);
-        else sums[s].init(tm, sumbuf.get() + s * step_max * kRow);
+        if (shape.slot_kind[s] == 2) norms[s].init(tm);
+        else if (shape.slot_kind[s] == 1) sums[s].init(tm, sumbuf.get() + s * step_max * kRow);
+        sums64[s] = 0.0;
       }
       for (size_t i = 0; i < ranks.size(); ++i)
         for (size_t v = 0; v < ranks[i].values.size(); ++v)
@@ -513,7 +522,9 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
         if (out) r.store(e0, m);
       }
       for (size_t s = 0; s < shape.sums; ++s)
-        res.sums[t * shape.sums + s] = shape.slot_is_norm[s] ? norms[s].total() : sums[s].total();
+        res.sums[t * shape.sums + s] = shape.slot_kind[s] == 2   ? norms[s].total()
+                                       : shape.slot_kind[s] == 1 ? sums[s].total()
+                                                                 : sums64[s];
     }
     if (!hists.empty()) {
       std::lock_guard<std::mutex> g(merge_m);

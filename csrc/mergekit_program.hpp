@@ -18,7 +18,7 @@ enum MkOp : int32_t {
   kMkLoad = 0, kMkRound, kMkAdd, kMkSub, kMkMul, kMkDiv, kMkAddK, kMkMulK, kMkDivK, kMkKDiv,
   kMkKSub, kMkFma64, kMkAbs, kMkSign, kMkMaxK, kMkClipK, kMkMajority, kMkEq, kMkUniformLt,
   kMkStore, kMkNorm, kMkSum, kMkConst, kMkZeroToOne, kMkHistHigh, kMkHistLow, kMkEqCount,
-  kMkRank, kMkCount
+  kMkRank, kMkSum64, kMkCount
 };
 
 struct MkInstr {
@@ -35,7 +35,7 @@ struct MkRank {
 };
 
 struct MkResult {
-  std::vector<float> sums;        // tasks x sum slots
+  std::vector<double> sums;       // tasks x sum slots
   std::vector<int64_t> hists;     // hist slots x 65536
   std::vector<int64_t> eqcounts;  // tasks x count slots
   uint64_t tasks = 0;

@@ -364,7 +364,7 @@ py::tuple mk_program_py(py::handle inputs, py::handle input_dtypes, py::handle n
   const py::ssize_t tasks = static_cast<py::ssize_t>(res.tasks);
   const py::ssize_t ns = tasks ? static_cast<py::ssize_t>(res.sums.size()) / tasks : 0;
   const py::ssize_t nc = tasks ? static_cast<py::ssize_t>(res.eqcounts.size()) / tasks : 0;
-  py::array_t<float> sums(std::vector<py::ssize_t>{tasks, ns});
+  py::array_t<double> sums(std::vector<py::ssize_t>{tasks, ns});
   if (!res.sums.empty()) std::copy(res.sums.begin(), res.sums.end(), sums.mutable_data());
   py::array_t<int64_t> hists(std::vector<py::ssize_t>{static_cast<py::ssize_t>(res.hists.size() / 65536), 65536});
   if (!res.hists.empty()) std::copy(res.hists.begin(), res.hists.end(), hists.mutable_data());

@@ -294,7 +294,7 @@ def mk_program(
     segment_elems: int = 1 << 20,
     index_base: int = 0,
     threads: int = 0,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Run a program of float32 steps (``code``: ``(op, d, a, b, c)`` tuples, the opcodes and their
     meanings in ``csrc/mergekit_program.cpp`` and ``layerswap_fast.engine.mergekit_program``) over
     ``numel`` elements at each (file, absolute offset), in segments of ``segment_elems`` elements
@@ -302,7 +302,8 @@ def mk_program(
     ``chunk_elems``), on ``threads`` workers (<= 0: all cores). ``ranks``: per band (top, bottom,
     lo, hi, values, greater, seen) with ``seen`` either empty or segments x values. Writes the
     stored register to ``out`` at ``out_offset`` in ``out_dtype`` when ``out`` is given (the
-    program must store exactly when it is). Returns (float32 sums, segments x sum slots; int64
+    program must store exactly when it is). Returns (sums as float64, segments x sum slots: the
+    float32 results of torch-ordered sums and norms, exactly; int64
     histograms, slots x 65536; int64 counts, segments x count slots), the same for every thread
     count. Bad programs, sizes and bounds: CoreError; the GIL is released while it runs."""
 

@@ -29,7 +29,10 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
             "dare_ties": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.5}},
                                      {"model": b, "parameters": {"weight": 0.4, "density": 0.4}}],
                           "base_model": base, "merge_method": "dare_ties", "dtype": dtype,
-                          "parameters": {"rescale": False}}}
+                          "parameters": {"rescale": False}},
+            "dare_linear": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.3}},
+                                       {"model": b, "parameters": {"weight": 0.4, "density": 0.7}}],
+                            "base_model": base, "merge_method": "dare_linear", "dtype": dtype}}
 
 
 def run(config: dict[str, Any], out: Path, threads: int) -> dict[str, torch.Tensor]:
@@ -39,15 +42,16 @@ def run(config: dict[str, Any], out: Path, threads: int) -> dict[str, torch.Tens
 
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("method", ["linear", "linear_slices", "task_arithmetic", "ties", "breadcrumbs_ties",
-                                    "breadcrumbs", "dare_ties", "slerp", "nuslerp", "nuslerp_without_base",
+                                    "breadcrumbs", "dare_ties", "dare_linear", "slerp", "nuslerp", "nuslerp_without_base",
                                     "model_stock", "nearswap", "passthrough"])
 def test_core_programs_write_the_numpy_steps_bytes(trios: dict[str, dict[str, Path]], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch, method: str, dtype: str) -> None:
     config = configs(trios[dtype], {"bf16": "bfloat16", "f32": "float32"}[dtype])[method]
+    monkeypatch.setattr(mergekit_ops, "CHUNK", 1000)  # odd chunks: ties counted and L1 sums split across them
     monkeypatch.setattr(mergekit_ops, "IN_CORE", False)
     want = run(config, tmp_path / "numpy", 1)
     monkeypatch.setattr(mergekit_ops, "IN_CORE", True)
-    monkeypatch.setattr(mergekit_program, "CHUNK", 1000)  # odd chunks: ties counted across them
+    monkeypatch.setattr(mergekit_program, "CHUNK", 1000)
     monkeypatch.setattr(mergekit_program, "PIECE_BYTES", 5000)
     for threads in (1, 2):
         got = run(config, tmp_path / f"core{threads}", threads)

@@ -124,7 +124,7 @@ def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
     c = recipe.compute_dtype
     params = dict(recipe.params)
     count = len(recipe.terms) - 1
-    if IN_CORE and not params.get("rescale") and not any(f"eps.{i}" in params for i in range(1, count + 1)):
+    if IN_CORE and not any(f"eps.{i}" in params for i in range(1, count + 1)):
         _delta_in_core(ctx, writer, recipe, specs, inputs, dst)
         return
     reader = _Reader(recipe, specs, inputs)
@@ -150,8 +150,8 @@ def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
 
 def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
                    inputs: Sequence[InputRange], dst: int) -> None:
-    """:func:`mk_delta`'s steps as core programs, when no delta is rescaled and none is DELLA's:
-    the rank bands first (:func:`.mergekit_program.rank_bands`), then one writing pass."""
+    """:func:`mk_delta`'s steps as core programs, when no delta is DELLA's: the rank bands first
+    (:func:`.mergekit_program.rank_bands`), the L1 sums when rescaling, then one writing pass."""
     c = recipe.compute_dtype
     params = dict(recipe.params)
     count = len(recipe.terms) - 1
@@ -160,26 +160,48 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     def make() -> Program:
         return Program(c, dtypes)
 
-    def deltas(p: Program) -> list[int]:
+    def deltas(p: Program) -> tuple[int, list[int]]:
         base = p.read(0)
-        p.base = base  # type: ignore[attr-defined]
-        return [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+        return base, [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
 
     ranges = [(int(params[f"lo.{i}"]), int(params[f"hi.{i}"])) if f"lo.{i}" in params else None
               for i in range(1, count + 1)]
-    bands = program.rank_bands(ranges, deltas, make, specs, inputs, ctx.threads)
+    bands = program.rank_bands(ranges, lambda p: deltas(p)[1], make, specs, inputs, ctx.threads)
     seed = int(params.get("seed", 0))
+
+    def masked(p: Program, ds: list[int]) -> list[int | None]:
+        """Each delta times its mask (None: no mask)."""
+        out: list[int | None] = []
+        for i, d in enumerate(ds):
+            r, prob = ranges[i], params.get(f"p.{i + 1}")
+            if prob is not None:
+                out.append(p.mul(d, p.uniform_lt(stream_key(seed, recipe.name, i + 1), prob)))
+            elif r is not None:
+                out.append(p.mul(d, p.rank(d, bands[i]) if bands[i] is not None else p.const(0.0)))
+            else:
+                out.append(None)
+        return out
+
+    scales: list[np.float32 | None] = [None] * count
+    if params.get("rescale"):
+        p = make()
+        _, ds = deltas(p)
+        for d, kept in zip(ds, masked(p, ds)):
+            p.sum64(p.abs(d))
+            p.sum64(p.abs(d if kept is None else kept))
+        sums, _, _ = program.run(p, specs, inputs, ctx.threads)
+        totals = np.zeros(2 * count)
+        for row in sums:  # the segments' float64 sums, added in order
+            totals += row
+        scales = [l1_scale(totals[2 * i], totals[2 * i + 1], c) for i in range(count)]
     weights = [scalar_in(recipe.terms[i].weight, c) for i in range(1, count + 1)]
     p = make()
-    ds = deltas(p)
-    base = p.base  # type: ignore[attr-defined]
+    base, ds = deltas(p)
     weighted = []
-    for i, d in enumerate(ds):
-        r, prob = ranges[i], params.get(f"p.{i + 1}")
-        if prob is not None:
-            d = p.mul(d, p.uniform_lt(stream_key(seed, recipe.name, i + 1), prob))
-        elif r is not None:
-            d = p.mul(d, p.rank(d, bands[i]) if bands[i] is not None else p.const(0.0))
+    for i, (d, kept) in enumerate(zip(ds, masked(p, ds))):
+        d = d if kept is None else kept
+        if scales[i] is not None:
+            d = p.round(p.mulk(d, scales[i]))
         weighted.append(p.round(p.mulk(d, weights[i])))
     consensus = CONSENSUS[int(params.get("consensus", 0))]
     if consensus is None:
@@ -249,23 +271,27 @@ class _Sparsifier:
         return out
 
     def _l1_scales(self, stream: Callable[[int], Iterator[list[np.ndarray]]]) -> list[np.float32 | None]:
-        """mergekit's ``rescaled_masked_tensor`` with the L1 norm: Σ|delta| / Σ|kept|, each sum
-        rounded into the compute dtype, none when either is below 1e-7. The mask is drawn again
-        in the writing pass; the rank selection's tie counts start over."""
+        """mergekit's ``rescaled_masked_tensor`` with the L1 norm (:func:`l1_scale`), the sums in
+        float64, each chunk's in element order, the chunks in order. The mask is drawn again in
+        the writing pass; the rank selection's tie counts start over."""
         before = np.zeros(len(self.p))
         after = np.zeros(len(self.p))
         start = 0
         for ds in stream(self.chunk):
             for i, (d, mask) in enumerate(zip(ds, self.masks(start, ds))):
-                before[i] += float(np.abs(d).astype(np.float64).sum())
-                after[i] += float(np.abs(d[mask]).astype(np.float64).sum())
+                magnitude = np.abs(d)
+                before[i] += float(np.cumsum(magnitude, dtype=np.float64)[-1])
+                after[i] += float(np.cumsum(magnitude * mask, dtype=np.float64)[-1])
             start += len(ds[0])
         self.ranks.restart()
-        scales: list[np.float32 | None] = []
-        for b, a in zip(before, after):
-            b32, a32 = round_to(np.float32(b), self.c), round_to(np.float32(a), self.c)
-            scales.append(None if b32 < 1e-7 or a32 < 1e-7 else round_to(b32 / a32, self.c))
-        return scales
+        return [l1_scale(b, a, self.c) for b, a in zip(before, after)]
+
+
+def l1_scale(before: float, after: float, c: str | None) -> np.float32 | None:
+    """The rescale factor Σ|delta| / Σ|kept| from the float64 sums, each rounded into the compute
+    dtype; None when either is below 1e-7."""
+    b32, a32 = round_to(np.float32(before), c), round_to(np.float32(after), c)
+    return None if b32 < 1e-7 or a32 < 1e-7 else np.float32(round_to(b32 / a32, c))
 
 
 def mk_nearswap(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],

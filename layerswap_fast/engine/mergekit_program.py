@@ -22,7 +22,7 @@ from ..formats.checkpoint import TensorSpec
 from .backends import InputRange
 
 (LOAD, ROUND, ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB, FMA64, ABS, SIGN, MAXK, CLIPK, MAJORITY, EQ,
- UNIFORM_LT, STORE, NORM, SUM, CONST, ZERO_TO_ONE, HIST_HIGH, HIST_LOW, EQ_COUNT, RANK) = range(28)
+ UNIFORM_LT, STORE, NORM, SUM, CONST, ZERO_TO_ONE, HIST_HIGH, HIST_LOW, EQ_COUNT, RANK, SUM64) = range(29)
 ROUNDING = {None: 0, "F32": 0, "BF16": 1, "F16": 2}
 #: elements per read of each input (per worker)
 CHUNK = 1 << 20
@@ -148,6 +148,12 @@ class Program:
 
     def sum(self, x: int) -> int:
         self.code.append((SUM, 0, x, self.sums))
+        self.sums += 1
+        return self.sums - 1
+
+    def sum64(self, x: int) -> int:
+        """A float64 sum in element order."""
+        self.code.append((SUM64, 0, x, self.sums))
         self.sums += 1
         return self.sums - 1
 
