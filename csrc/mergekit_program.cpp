@@ -16,6 +16,8 @@
 //   Norm a b / Sum a b   r[a] into sum slot b: torch's float32 vector norm / sum order over the
 //                   task (engine/torch_rounding.py's TorchNorm / TorchSum, step for step)
 //   Sum64 a b       r[a] into sum slot b: a float64 sum over the task in element order
+//   VarPop d a b    r[d] = float32 of the population variance of r[a], ..., r[a + b - 1] by
+//                   Welford's updates in float64 (torch.var(dim=0, unbiased=False) on the CPU)
 //   HistHigh a b    histogram b counts the high 16 bits of bits(|r[a]|)
 //   HistLow a b c   histogram b counts the low 16 bits of bits(|r[a]|) whose high bits are n[c]
 //   EqCount a b c   count slot b of the task counts bits(|r[a]|) == n[c]
@@ -174,7 +176,7 @@ struct TorchNorm {
 
 // ---- validation ------------------------------------------------------------------------------------
 
-enum Kind : char { R = 'r', I = 'i', K = 'k', N = 'n', S = 's', H = 'h', C = 'c', X = 'x', D = 't', U = '_' };
+enum Kind : char { R = 'r', I = 'i', K = 'k', N = 'n', S = 's', H = 'h', C = 'c', X = 'x', D = 't', Q = 'q', U = '_' };
 
 const char* field_kinds(int32_t op) {
   switch (op) {
@@ -193,6 +195,7 @@ const char* field_kinds(int32_t op) {
     case kMkHistLow: return "_rhn";
     case kMkEqCount: return "_rcn";
     case kMkRank: return "rrx_";
+    case kMkVarPop: return "rrq_";
     default: return nullptr;
   }
 }
@@ -229,6 +232,12 @@ Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size
         case N: limit = n_n; break;
         case X: limit = n_ranks; break;
         case D: limit = 3; break;
+        case Q:
+          if (v < 1 || f[1] > kMaxRegs - v)
+            fail(where + ": registers " + std::to_string(f[1]) + " + " + std::to_string(v) +
+                 " run past the last one or are none");
+          s.regs = std::max(s.regs, f[1] + v);
+          break;
         case S: limit = 1024; s.sums = std::max(s.sums, u + 1); break;
         case H: limit = 64; s.hists = std::max(s.hists, u + 1); break;
         case C: limit = 1024; s.counts = std::max(s.counts, u + 1); break;
@@ -358,6 +367,20 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
         break;
       case kMkNorm: c.norms[ins.b].add(a, m); break;
       case kMkSum: c.sums[ins.b].add(a, m); break;
+      case kMkVarPop: {
+        const int32_t nx = ins.b;
+        for (size_t j = 0; j < m; ++j) {
+          double mean = 0.0, m2 = 0.0;
+          for (int32_t k = 0; k < nx; ++k) {
+            const double x = static_cast<double>(a[static_cast<size_t>(k) * kB + j]);
+            const double delta = x - mean;
+            mean = mean + delta / static_cast<double>(k + 1);
+            m2 = m2 + delta * (x - mean);
+          }
+          d[j] = static_cast<float>(m2 / static_cast<double>(nx));
+        }
+        break;
+      }
       case kMkSum64: {
         double acc = c.sums64[ins.b];
         for (size_t j = 0; j < m; ++j) acc += static_cast<double>(a[j]);

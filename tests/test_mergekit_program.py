@@ -30,6 +30,7 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
                                      {"model": b, "parameters": {"weight": 0.4, "density": 0.4}}],
                           "base_model": base, "merge_method": "dare_ties", "dtype": dtype,
                           "parameters": {"rescale": False}},
+            "sce_all": {**test_mergekit.configs(trio, dtype)["sce"], "parameters": {"select_topk": 1.0}},
             "dare_linear": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.3}},
                                        {"model": b, "parameters": {"weight": 0.4, "density": 0.7}}],
                             "base_model": base, "merge_method": "dare_linear", "dtype": dtype}}
@@ -43,7 +44,7 @@ def run(config: dict[str, Any], out: Path, threads: int) -> dict[str, torch.Tens
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("method", ["linear", "linear_slices", "task_arithmetic", "ties", "breadcrumbs_ties",
                                     "breadcrumbs", "dare_ties", "dare_linear", "slerp", "nuslerp", "nuslerp_without_base",
-                                    "model_stock", "nearswap", "passthrough"])
+                                    "model_stock", "nearswap", "passthrough", "sce", "sce_all"])
 def test_core_programs_write_the_numpy_steps_bytes(trios: dict[str, dict[str, Path]], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch, method: str, dtype: str) -> None:
     config = configs(trios[dtype], {"bf16": "bfloat16", "f32": "float32"}[dtype])[method]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
@@ -383,6 +383,9 @@ def mk_sce(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, spec
     each is weighted by its mean square over the sum of them, only the ones agreeing with the
     elected sign count, and their weighted sum, divided by the summed weights, is added to the
     base. Passes: variance count, its threshold (two), the mean squares, the output."""
+    if IN_CORE:
+        _sce_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     c = recipe.compute_dtype
     reader = _Reader(recipe, specs, inputs)
     count = len(recipe.terms) - 1
@@ -420,6 +423,58 @@ def mk_sce(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, spec
         merged = sum_rounded([round_to(tv * e, c) for tv, e in zip(tvs, erased)], c)
         divisor = round_to(np.maximum(sum_rounded(erased, c), np.float32(1e-6)), c)
         _write(ctx, writer, recipe, dst, start, round_to(base + round_to(merged / divisor, c), c))
+
+
+def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                 inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_sce` as core programs: the count of nonzero variances, the variance band
+    (:func:`.mergekit_program.rank_bands`), the mean squares (whole tensor, torch's order), the
+    output."""
+    c = recipe.compute_dtype
+    dtypes = [s_.dtype for s_ in specs]
+    count = len(recipe.terms) - 1
+    numel = specs[0].numel
+
+    def task_vectors(p: Program) -> tuple[int, list[int]]:
+        base = p.read(0)
+        return base, [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+
+    def variance(p: Program) -> int:
+        return p.round(p.var_pop(task_vectors(p)[1]))
+
+    topk = recipe.param("select_topk")
+    band: tuple[Any, ...] | None = None
+    if topk < 1:
+        nonzero = 0
+        if topk > 0 and numel:
+            p = Program(c, dtypes)
+            p.eq_count(variance(p), 0)
+            nonzero = numel - int(program.run(p, specs, inputs, ctx.threads)[2][:, 0].sum())
+        k = int(np.float32(np.float32(nonzero) * np.float32(topk)))
+        band = program.rank_bands([(0, k)], lambda p: [variance(p)], lambda: Program(c, dtypes), specs, inputs,
+                                  ctx.threads)[0]
+
+    def masked(p: Program) -> tuple[int, list[int]]:
+        base, tvs = task_vectors(p)
+        if topk >= 1:
+            return base, tvs
+        mask = p.rank(p.round(p.var_pop(tvs)), band) if band is not None else p.const(0.0)
+        return base, [p.mul(tv, mask) for tv in tvs]
+
+    p = Program(c, dtypes)
+    for tv in masked(p)[1]:
+        p.sum(p.round(p.mul(tv, tv)))
+    squares = _whole_sums(p, specs, inputs, ctx.threads)
+    weights = _sce_weights([round_to(round_to(np.float32(x), c) / np.float32(numel), c) for x in squares], c)
+    p = Program(c, dtypes)
+    base, tvs = masked(p)
+    signs = [p.sign(tv) for tv in tvs]
+    majority = p.majority(p.sum_rounded(tvs))
+    erased = [p.mulk(p.eq(sign, majority), w) for sign, w in zip(signs, weights)]
+    merged = p.sum_rounded([p.round(p.mul(tv, e)) for tv, e in zip(tvs, erased)])
+    divisor = p.round(p.maxk(p.sum_rounded(erased), np.float32(1e-6)))
+    p.store(p.round(p.add(base, p.round(p.div(merged, divisor)))))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
 
 
 def _population_variance(xs: list[np.ndarray]) -> np.ndarray:

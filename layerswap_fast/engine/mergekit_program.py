@@ -22,7 +22,7 @@ from ..formats.checkpoint import TensorSpec
 from .backends import InputRange
 
 (LOAD, ROUND, ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB, FMA64, ABS, SIGN, MAXK, CLIPK, MAJORITY, EQ,
- UNIFORM_LT, STORE, NORM, SUM, CONST, ZERO_TO_ONE, HIST_HIGH, HIST_LOW, EQ_COUNT, RANK, SUM64) = range(29)
+ UNIFORM_LT, STORE, NORM, SUM, CONST, ZERO_TO_ONE, HIST_HIGH, HIST_LOW, EQ_COUNT, RANK, SUM64, VAR_POP) = range(30)
 ROUNDING = {None: 0, "F32": 0, "BF16": 1, "F16": 2}
 #: elements per read of each input (per worker)
 CHUNK = 1 << 20
@@ -151,6 +151,13 @@ class Program:
         self.sums += 1
         return self.sums - 1
 
+    def var_pop(self, xs: Sequence[int]) -> int:
+        """The population variance across ``xs``, elementwise (Welford's updates in float64)."""
+        first = self.regs
+        for x in xs:
+            self.op(ROUND, x, 0)  # a copy: the op takes consecutive registers
+        return self.op(VAR_POP, first, len(xs))
+
     def sum64(self, x: int) -> int:
         """A float64 sum in element order."""
         self.code.append((SUM64, 0, x, self.sums))
@@ -179,8 +186,15 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
     segment); segments of :data:`CHUNK` elements unless given."""
     numel = specs[0].numel
     segment = segment or CHUNK
+    ranks = program.ranks
+    if segment != CHUNK and ranks:  # each segment's tie counts start where its first chunk's do
+        if segment % CHUNK and segment < numel:
+            raise ValueError(f"rank bands need segments of whole chunks ({CHUNK} elements), not {segment}")
+        firsts = [t * segment // CHUNK for t in range(-(-numel // segment))]  # each segment's first chunk
+        ranks = [(*band[:6], [x for t in firsts for x in band[6][t * len(band[4]):(t + 1) * len(band[4])]]
+                  if band[6] else []) for band in ranks]
     return _core.mk_program(list(inputs), [s.dtype for s in specs], numel, program.code, program.consts,
-                            program.ints, program.ranks, None, 0, "F32", chunk_elems=min(CHUNK, segment),
+                            program.ints, ranks, None, 0, "F32", chunk_elems=min(CHUNK, segment),
                             segment_elems=segment, index_base=index_base, threads=threads)
 
 
