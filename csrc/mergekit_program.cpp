@@ -40,7 +40,7 @@ namespace lsf {
 
 namespace {
 
-constexpr size_t kB = 2048;  // elements per block
+constexpr size_t kB = 512;  // elements per block (registers stay in L1)
 constexpr int kMaxRegs = 64;
 constexpr size_t kMaxCode = 4096;
 constexpr size_t kLanes = 8;
@@ -353,11 +353,16 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
         break;
       }
       case kMkUniformLt: {
+        // (z >> 11) * 2^-53 < p, for the integer z >> 11 < 2^53, is z >> 11 < ceil(p * 2^53)
+        // (an exact scaling): an integer compare, which vectorises.
         const uint64_t key = c.n[ins.a];
-        const double p = c.k[ins.b];
+        const double scaled = c.k[ins.b] * 0x1p53;
+        const int64_t below = !(scaled > 0.0)      ? 0
+                              : scaled >= 0x1p53 ? (INT64_C(1) << 53)
+                                                 : static_cast<int64_t>(std::ceil(scaled));
         for (size_t j = 0; j < m; ++j) {
           const uint64_t z = mix64(key + (e0 + j + 1) * UINT64_C(0x9E3779B97F4A7C15));
-          d[j] = static_cast<double>(z >> 11) * 0x1p-53 < p ? 1.f : 0.f;
+          d[j] = static_cast<int64_t>(z >> 11) < below ? 1.f : 0.f;
         }
         break;
       }
@@ -368,17 +373,33 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
       case kMkNorm: c.norms[ins.b].add(a, m); break;
       case kMkSum: c.sums[ins.b].add(a, m); break;
       case kMkVarPop: {
+        // Model by model over the block (vectorised); a division by a power of two is the exact
+        // multiplication by its reciprocal, so only counts like 3 divide.
         const int32_t nx = ins.b;
-        for (size_t j = 0; j < m; ++j) {
-          double mean = 0.0, m2 = 0.0;
-          for (int32_t k = 0; k < nx; ++k) {
-            const double x = static_cast<double>(a[static_cast<size_t>(k) * kB + j]);
-            const double delta = x - mean;
-            mean = mean + delta / static_cast<double>(k + 1);
-            m2 = m2 + delta * (x - mean);
+        double mean[kB], m2[kB];
+        for (size_t j = 0; j < m; ++j) mean[j] = m2[j] = 0.0;
+        for (int32_t k = 0; k < nx; ++k) {
+          const float* x = a + static_cast<size_t>(k) * kB;
+          const double count = static_cast<double>(k + 1);
+          if (((k + 1) & k) == 0) {
+            const double inv = 1.0 / count;
+            for (size_t j = 0; j < m; ++j) {
+              const double v = static_cast<double>(x[j]);
+              const double delta = v - mean[j];
+              mean[j] = mean[j] + delta * inv;
+              m2[j] = m2[j] + delta * (v - mean[j]);
+            }
+          } else {
+            for (size_t j = 0; j < m; ++j) {
+              const double v = static_cast<double>(x[j]);
+              const double delta = v - mean[j];
+              mean[j] = mean[j] + delta / count;
+              m2[j] = m2[j] + delta * (v - mean[j]);
+            }
           }
-          d[j] = static_cast<float>(m2 / static_cast<double>(nx));
         }
+        const double n = static_cast<double>(nx);
+        for (size_t j = 0; j < m; ++j) d[j] = static_cast<float>(m2[j] / n);
         break;
       }
       case kMkSum64: {

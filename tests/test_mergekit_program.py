@@ -99,3 +99,19 @@ def test_bad_programs_are_core_errors(tmp_path: Path, code: list[tuple[int, ...]
     f = _slices(tmp_path, np.ones(10, dtype=np.float32))
     with pytest.raises(_core.CoreError):
         _core.mk_program([f], ["F32"], 10, code, [], [], [], None, 0, "F32")
+
+
+@pytest.mark.parametrize("p", [0.0, -1.0, 2.0**-60, 0.3, 0.5, 1 - 2.0**-53, 1.0, 1.5, float("nan")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_uniform_masks_are_the_counter_streams(tmp_path: Path, p: float, threads: int) -> None:
+    """kMkUniformLt compares integers; it keeps exactly where counter_random's float64 draw < p."""
+    from layerswap_fast.engine.counter_random import stream_key, uniform
+    n = 5003
+    f = _slices(tmp_path, np.ones(n, dtype=np.float32))
+    prog = mergekit_program.Program(None, ["F32"])
+    key = stream_key(7, "model.layers.0.mlp.up_proj.weight", 1)
+    prog.sum64(prog.mul(prog.uniform_lt(key, p), prog.const(1.0)))
+    for first, base in ((0, 0), (1, 10**12)):
+        sums, _, _ = _core.mk_program([f], ["F32"], n, prog.code, prog.consts, prog.ints, prog.ranks, None, 0, "F32",
+                                      chunk_elems=1000, segment_elems=1, index_base=base, threads=threads)
+        assert [bool(x) for x in sums[:, 0]] == list(uniform(key, base, n) < p), first
