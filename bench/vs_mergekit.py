@@ -94,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(CONFIGS)}")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    ap.add_argument("--trio", type=Path, default=None, help="an existing trio directory (default: made in workdir)")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="skip mergekit (an 8b slice: its RAM and time); time and peak RSS of ours and the copy")
     args = ap.parse_args(argv)
-    trio = trio_in_child(args.workdir / trio_dirname(args.shape, args.layers), args.shape, layers=args.layers)
+    trio = trio_in_child(args.trio or args.workdir / trio_dirname(args.shape, args.layers), args.shape,
+                         layers=args.layers)
     cli = find_cli()
     if cli is None:
         sys.exit("layerswap-fast is not installed")
@@ -120,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         copy = run_timed(["cp", "-r", "--reflink=never", str(trio["task"]), str(copy_dir)])
         shutil.rmtree(copy_dir, ignore_errors=True)
         mine = run_timed([cli, "mergekit-yaml", str(path), str(ours), "--no-copy-tokenizer"])
+        if args.ours_only:
+            shutil.rmtree(ours, ignore_errors=True)
+            print(f"{method}: {'failed ' + mine.stderr[-500:] if mine.returncode else ''}ours {mine.seconds:.1f} s "
+                  f"(CPU {mine.cpu_s:.1f} s) {mine.peak_rss_mb:.0f} MB, copy {copy.seconds:.2f} s "
+                  f"(ours {mine.seconds / copy.seconds:.1f}x)", flush=True)
+            continue
         theirs = run_timed([sys.executable, "-c", MERGEKIT, str(path), str(ref)])
         if mine.returncode or theirs.returncode:
             print(f"{method}: failed\n{mine.stderr[-2000:]}\n{theirs.stderr[-2000:]}")
