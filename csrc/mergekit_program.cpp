@@ -3,8 +3,9 @@
 // Instructions, registers r (blocks of float32), constants k (doubles), integers n:
 //   Load d a        r[d] = float32(input a)
 //   Round d a b     r[d] = r[a] rounded to nearest even in b (0: float32, 1: BF16, 2: F16)
-//   Add/Sub/Mul/Div d a b    r[d] = r[a] op r[b] (float32)
-//   AddK/MulK/DivK d a b     r[d] = r[a] op float32(k[b]);  KDiv: k[b] / r[a];  KSub: k[b] - r[a]
+//   Add/Sub/Mul/Div d a b c  r[d] = r[a] op r[b] (float32), then rounded as Round's c when given
+//   AddK/MulK/DivK d a b c   r[d] = r[a] op float32(k[b]);  KDiv: k[b] / r[a];  KSub: k[b] - r[a];
+//                            rounded likewise
 //   Fma64 d a b c   r[d] = float32(double(r[a]) + double(r[b]) * k[c])
 //   Abs, Sign (numpy's: ±0 -> +0, NaN stays), Majority (x >= 0 ? 1 : -1), ZeroToOne (0 -> 1) d a
 //   MaxK d a b      numpy maximum(r[a], k[b]);  ClipK d a b c: numpy clip(r[a], k[b], k[c])
@@ -176,14 +177,16 @@ struct TorchNorm {
 
 // ---- validation ------------------------------------------------------------------------------------
 
-enum Kind : char { R = 'r', I = 'i', K = 'k', N = 'n', S = 's', H = 'h', C = 'c', X = 'x', D = 't', Q = 'q', U = '_' };
+enum Kind : char { R = 'r', I = 'i', K = 'k', N = 'n', S = 's', H = 'h', C = 'c', X = 'x', D = 't', Q = 'q', O = 'o', U = '_' };
 
 const char* field_kinds(int32_t op) {
   switch (op) {
     case kMkLoad: return "ri__";
     case kMkRound: return "rrt_";
-    case kMkAdd: case kMkSub: case kMkMul: case kMkDiv: case kMkEq: return "rrr_";
-    case kMkAddK: case kMkMulK: case kMkDivK: case kMkKDiv: case kMkKSub: case kMkMaxK: return "rrk_";
+    case kMkAdd: case kMkSub: case kMkMul: case kMkDiv: return "rrro";
+    case kMkEq: return "rrr_";
+    case kMkAddK: case kMkMulK: case kMkDivK: case kMkKDiv: case kMkKSub: return "rrko";
+    case kMkMaxK: return "rrk_";
     case kMkFma64: return "rrrk";
     case kMkAbs: case kMkSign: case kMkMajority: case kMkZeroToOne: return "rr__";
     case kMkClipK: return "rrkk";
@@ -221,7 +224,7 @@ Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size
     for (int j = 0; j < 4; ++j) {
       const int32_t v = f[j];
       const char k = kinds[j];
-      if (k == U) continue;
+      if (k == U || (k == O && v == -1)) continue;
       if (v < 0) fail(where + ": operand " + std::to_string(j) + " is negative");
       const size_t u = static_cast<size_t>(v);
       size_t limit = SIZE_MAX;
@@ -231,7 +234,7 @@ Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size
         case K: limit = n_k; break;
         case N: limit = n_n; break;
         case X: limit = n_ranks; break;
-        case D: limit = 3; break;
+        case D: case O: limit = 3; break;
         case Q:
           if (v < 1 || f[1] > kMaxRegs - v)
             fail(where + ": registers " + std::to_string(f[1]) + " + " + std::to_string(v) +
@@ -291,6 +294,19 @@ struct Ctx {
   const size_t* running_at;
 };
 
+// d[j] = f(j), rounded to nearest even in rc (1: BF16, 2: F16; else kept in float32): an op and
+// the rounding after it in one loop.
+template <class F>
+LSF_INLINE void emit(float* __restrict d, size_t m, int32_t rc, F f) {
+  if (rc == 1) {
+    for (size_t j = 0; j < m; ++j) d[j] = bf16_to_f32(f32_to_bf16(f(j)));
+  } else if (rc == 2) {
+    for (size_t j = 0; j < m; ++j) d[j] = f16_to_f32(f32_to_f16(f(j)));
+  } else {
+    for (size_t j = 0; j < m; ++j) d[j] = f(j);
+  }
+}
+
 LSF_CLONES
 void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out, size_t m,
                uint64_t e0) {
@@ -313,16 +329,16 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
           std::memmove(d, a, m * sizeof(float));
         }
         break;
-      case kMkAdd: for (size_t j = 0; j < m; ++j) d[j] = a[j] + b[j]; break;
-      case kMkSub: for (size_t j = 0; j < m; ++j) d[j] = a[j] - b[j]; break;
-      case kMkMul: for (size_t j = 0; j < m; ++j) d[j] = a[j] * b[j]; break;
-      case kMkDiv: for (size_t j = 0; j < m; ++j) d[j] = a[j] / b[j]; break;
+      case kMkAdd: emit(d, m, ins.c, [&](size_t j) { return a[j] + b[j]; }); break;
+      case kMkSub: emit(d, m, ins.c, [&](size_t j) { return a[j] - b[j]; }); break;
+      case kMkMul: emit(d, m, ins.c, [&](size_t j) { return a[j] * b[j]; }); break;
+      case kMkDiv: emit(d, m, ins.c, [&](size_t j) { return a[j] / b[j]; }); break;
       case kMkEq: for (size_t j = 0; j < m; ++j) d[j] = a[j] == b[j] ? 1.f : 0.f; break;
-      case kMkAddK: { const float v = static_cast<float>(c.k[ins.b]); for (size_t j = 0; j < m; ++j) d[j] = a[j] + v; break; }
-      case kMkMulK: { const float v = static_cast<float>(c.k[ins.b]); for (size_t j = 0; j < m; ++j) d[j] = a[j] * v; break; }
-      case kMkDivK: { const float v = static_cast<float>(c.k[ins.b]); for (size_t j = 0; j < m; ++j) d[j] = a[j] / v; break; }
-      case kMkKDiv: { const float v = static_cast<float>(c.k[ins.b]); for (size_t j = 0; j < m; ++j) d[j] = v / a[j]; break; }
-      case kMkKSub: { const float v = static_cast<float>(c.k[ins.b]); for (size_t j = 0; j < m; ++j) d[j] = v - a[j]; break; }
+      case kMkAddK: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return a[j] + v; }); break; }
+      case kMkMulK: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return a[j] * v; }); break; }
+      case kMkDivK: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return a[j] / v; }); break; }
+      case kMkKDiv: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return v / a[j]; }); break; }
+      case kMkKSub: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return v - a[j]; }); break; }
       case kMkFma64: {
         const float* x = c.regs + static_cast<size_t>(ins.b) * kB;
         const double w = c.k[ins.c];

@@ -24,6 +24,8 @@ from .backends import InputRange
 (LOAD, ROUND, ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB, FMA64, ABS, SIGN, MAXK, CLIPK, MAJORITY, EQ,
  UNIFORM_LT, STORE, NORM, SUM, CONST, ZERO_TO_ONE, HIST_HIGH, HIST_LOW, EQ_COUNT, RANK, SUM64, VAR_POP) = range(30)
 ROUNDING = {None: 0, "F32": 0, "BF16": 1, "F16": 2}
+#: the steps whose optional last operand rounds their result
+_FUSES_ROUNDING = {ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB}
 #: elements per read of each input (per worker)
 CHUNK = 1 << 20
 #: output bytes per core call, after each of which the writer is told how far the file is
@@ -68,7 +70,15 @@ class Program:
         return x if self.input_dtypes[i] == self.c else self.round(x)
 
     def round(self, x: int, dtype: str | None | bool = True) -> int:
-        return self.op(ROUND, x, ROUNDING[self.c if dtype is True else dtype])
+        """``x`` rounded to ``dtype`` (True: the compute dtype). When ``x`` is the result of the
+        step just added and that step is arithmetic, the rounding joins it (one loop) and ``x``
+        itself is returned: the value before rounding must not be used again."""
+        code = ROUNDING[self.c if dtype is True else dtype]
+        last = self.code[-1] if self.code else None
+        if last is not None and last[0] in _FUSES_ROUNDING and last[1] == x and len(last) == 4:
+            self.code[-1] = (*last, code)
+            return x
+        return self.op(ROUND, x, code)
 
     def add(self, a: int, b: int) -> int:
         return self.op(ADD, a, b)
