@@ -115,3 +115,22 @@ def test_uniform_masks_are_the_counter_streams(tmp_path: Path, p: float, threads
         sums, _, _ = _core.mk_program([f], ["F32"], n, prog.code, prog.consts, prog.ints, prog.ranks, None, 0, "F32",
                                       chunk_elems=1000, segment_elems=1, index_base=base, threads=threads)
         assert [bool(x) for x in sums[:, 0]] == list(uniform(key, base, n) < p), first
+
+
+@pytest.mark.parametrize("change", [{"numel": 11}, {"segment_elems": 0}, {"chunk_elems": 0},
+                                    {"ranks": [(1, 0, 0, 5, [1, 2], [0], [])]},
+                                    {"ranks": [(1, 0, 0, 5, [1], [0], [0, 0])]},
+                                    {"ranks": [(2**40, 0, 0, 5, [1], [0], [])]}])
+def test_bad_arguments_are_core_errors(tmp_path: Path, change: dict[str, Any]) -> None:
+    f = _slices(tmp_path, np.ones(10, dtype=np.float32))
+    args: dict[str, Any] = {"numel": 10, "ranks": [(1, 0, 0, 5, [1], [0], [])], "chunk_elems": 4, "segment_elems": 4}
+    code = [(0, 0, 0), (27, 1, 0, 0)]  # load, rank
+
+    def call() -> None:
+        _core.mk_program([f], ["F32"], args["numel"], code, [], [], args["ranks"], None, 0, "F32",
+                         chunk_elems=args["chunk_elems"], segment_elems=args["segment_elems"])
+
+    call()  # the arguments before the change are good
+    args.update(change)
+    with pytest.raises(_core.CoreError):
+        call()
