@@ -1,5 +1,6 @@
 """mergekit-yaml against mergekit 0.1.5 on a synthetic trio: per method, tensors identical / within
-1 ulp / different, and the wall time and peak RSS of both.
+1 ulp / different, the wall time and peak RSS of both, and ours over a plain copy of one expert
+(``cp --reflink=never``, timed before each method).
 
     python bench/vs_mergekit.py --shape 1b [--layers 4] [--methods linear,ties] [--workdir DIR]
 
@@ -34,7 +35,25 @@ CONFIGS = {
               "merge_method": "slerp", "parameters": {"t": 0.5}},
     "model_stock": {"models": [{"model": "task"}, {"model": "language"}, {"model": "base"}], "base_model": "base",
                     "merge_method": "model_stock"},
+    "breadcrumbs_ties": {"models": [{"model": "task", "parameters": {"weight": 0.5, "density": 0.8}},
+                                    {"model": "language", "parameters": {"weight": 0.5, "density": 0.8}}],
+                         "base_model": "base", "merge_method": "breadcrumbs_ties", "parameters": {"gamma": 0.05}},
+    "dare_ties": {"models": [{"model": "task", "parameters": {"weight": 0.5, "density": 0.5}},
+                             {"model": "language", "parameters": {"weight": 0.5, "density": 0.5}}],
+                  "base_model": "base", "merge_method": "dare_ties"},
+    "della": {"models": [{"model": "task", "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}},
+                         {"model": "language", "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}}],
+              "base_model": "base", "merge_method": "della"},
+    "sce": {"models": [{"model": "task"}, {"model": "language"}], "base_model": "base", "merge_method": "sce",
+            "parameters": {"select_topk": 0.5}},
+    "nuslerp": {"models": [{"model": "task", "parameters": {"weight": 0.5}},
+                           {"model": "language", "parameters": {"weight": 0.5}}],
+                "base_model": "base", "merge_method": "nuslerp"},
+    "nearswap": {"models": [{"model": "task"}, {"model": "language"}], "base_model": "task",
+                 "merge_method": "nearswap", "parameters": {"t": 0.001}},
 }
+#: the methods run when --methods is not given
+DEFAULT_METHODS = ["linear", "task_arithmetic", "ties", "slerp", "model_stock"]
 
 MERGEKIT = """
 import sys, yaml
@@ -73,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="1b")
     ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--methods", default=",".join(CONFIGS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(CONFIGS)}")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    ap.add_argument("--trio", type=Path, default=None, help="an existing trio directory (default: made in workdir)")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="skip mergekit (an 8b slice: its RAM and time); time and peak RSS of ours and the copy")
     args = ap.parse_args(argv)
-    trio = trio_in_child(args.workdir / trio_dirname(args.shape, args.layers), args.shape, layers=args.layers)
+    trio = trio_in_child(args.trio or args.workdir / trio_dirname(args.shape, args.layers), args.shape,
+                         layers=args.layers)
     cli = find_cli()
     if cli is None:
         sys.exit("layerswap-fast is not installed")
@@ -96,7 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         ours, ref = work / f"ours-{method}", work / f"mergekit-{method}"
         for d in (ours, ref):
             shutil.rmtree(d, ignore_errors=True)
+        copy_dir = work / "copy"
+        shutil.rmtree(copy_dir, ignore_errors=True)
+        copy = run_timed(["cp", "-r", "--reflink=never", str(trio["task"]), str(copy_dir)])
+        shutil.rmtree(copy_dir, ignore_errors=True)
         mine = run_timed([cli, "mergekit-yaml", str(path), str(ours), "--no-copy-tokenizer"])
+        if args.ours_only:
+            shutil.rmtree(ours, ignore_errors=True)
+            print(f"{method}: {'failed ' + mine.stderr[-500:] if mine.returncode else ''}ours {mine.seconds:.1f} s "
+                  f"(CPU {mine.cpu_s:.1f} s) {mine.peak_rss_mb:.0f} MB, copy {copy.seconds:.2f} s "
+                  f"(ours {mine.seconds / copy.seconds:.1f}x)", flush=True)
+            continue
         theirs = run_timed([sys.executable, "-c", MERGEKIT, str(path), str(ref)])
         if mine.returncode or theirs.returncode:
             print(f"{method}: failed\n{mine.stderr[-2000:]}\n{theirs.stderr[-2000:]}")
@@ -104,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = subprocess.run([sys.executable, "-c", COMPARE, str(ours), str(ref)], capture_output=True,
                                 text=True, check=True).stdout.strip()
         print(f"{method}: ours {mine.seconds:.1f} s {mine.peak_rss_mb:.0f} MB, mergekit {theirs.seconds:.1f} s "
-              f"{theirs.peak_rss_mb:.0f} MB; tensors {counts}")
+              f"{theirs.peak_rss_mb:.0f} MB ({theirs.seconds / mine.seconds:.1f}x), copy {copy.seconds:.2f} s "
+              f"(ours {mine.seconds / copy.seconds:.1f}x); tensors {counts}", flush=True)
     return 0
 
 

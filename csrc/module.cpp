@@ -6,7 +6,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <memory>
 #include <new>
 #include <string>
@@ -18,6 +20,7 @@
 #include "kernel_util.hpp"
 #include "kernels.hpp"
 #include "mapped.hpp"
+#include "mergekit_program.hpp"
 #include "ties.hpp"
 
 namespace py = pybind11;
@@ -271,6 +274,105 @@ void blend_file_py(py::handle inputs, py::handle input_dtypes, py::handle weight
   lsf::blend_file_run(in.slices, dts, w, *out, ooff, odt, ne, static_cast<uint64_t>(chunk),
                       nthreads);
 }
+
+// ---- mergekit programs ---------------------------------------------------------------------------
+
+double to_double(py::handle h, const std::string& role) {
+  double d = PyFloat_AsDouble(h.ptr());
+  if (d == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::type_error(role + " must be a number");
+  }
+  return d;
+}
+
+std::vector<uint64_t> to_u64s(py::handle seq, const char* name) {
+  std::vector<uint64_t> out;
+  auto items = to_items(seq, name);
+  for (size_t i = 0; i < items.size(); ++i)
+    out.push_back(to_u64(items[i], (std::string(name) + "[" + std::to_string(i) + "]").c_str()));
+  return out;
+}
+
+py::tuple mk_program_py(py::handle inputs, py::handle input_dtypes, py::handle numel,
+                        py::handle code, py::handle consts, py::handle ints, py::handle ranks,
+                        py::handle out, py::handle out_offset, py::handle out_dtype,
+                        py::handle chunk_elems, py::handle segment_elems, py::handle index_base,
+                        py::handle threads) {
+  Slices in = to_slices(inputs, "inputs");
+  auto dts = to_kernel_dtypes(input_dtypes, "input_dtypes", in.slices.size(), "inputs");
+  const uint64_t ne = to_u64(numel, "numel");
+  std::vector<lsf::MkInstr> prog;
+  auto items = to_items(code, "code");
+  for (size_t i = 0; i < items.size(); ++i) {
+    const std::string role = "code[" + std::to_string(i) + "]";
+    auto f = to_items(items[i], role.c_str());
+    if (f.size() < 1 || f.size() > 5) fail(role + " must hold 1 to 5 integers");
+    int32_t v[5] = {0, -1, -1, -1, -1};
+    for (size_t j = 0; j < f.size(); ++j) {
+      const int64_t x = to_i64(f[j], role.c_str());
+      if (x < INT32_MIN || x > INT32_MAX) fail(role + " holds an integer out of range");
+      v[j] = static_cast<int32_t>(x);
+    }
+    prog.push_back(lsf::MkInstr{v[0], v[1], v[2], v[3], v[4]});
+  }
+  std::vector<double> k;
+  auto kitems = to_items(consts, "consts");
+  for (size_t i = 0; i < kitems.size(); ++i) k.push_back(to_double(kitems[i], "consts[" + std::to_string(i) + "]"));
+  auto n = to_u64s(ints, "ints");
+  std::vector<lsf::MkRank> rk;
+  auto ritems = to_items(ranks, "ranks");
+  for (size_t i = 0; i < ritems.size(); ++i) {
+    const std::string role = "ranks[" + std::to_string(i) + "]";
+    auto f = to_items(ritems[i], role.c_str());
+    if (f.size() != 7) fail(role + " must be (top, bottom, lo, hi, values, greater, seen)");
+    lsf::MkRank r;
+    const uint64_t top = to_u64(f[0], role.c_str()), bottom = to_u64(f[1], role.c_str());
+    if (top > UINT32_MAX || bottom > UINT32_MAX) fail(role + ": top and bottom must fit in 32 bits");
+    r.top = static_cast<uint32_t>(top);
+    r.bottom = static_cast<uint32_t>(bottom);
+    r.lo = to_u64(f[2], role.c_str());
+    r.hi = to_u64(f[3], role.c_str());
+    for (uint64_t v : to_u64s(f[4], role.c_str())) {
+      if (v > UINT32_MAX) fail(role + ": values must fit in 32 bits");
+      r.values.push_back(static_cast<uint32_t>(v));
+    }
+    r.greater = to_u64s(f[5], role.c_str());
+    r.seen = to_u64s(f[6], role.c_str());
+    rk.push_back(std::move(r));
+  }
+  std::shared_ptr<lsf::ShardWriter> w;
+  if (!out.is_none()) {
+    if (!py::isinstance<lsf::ShardWriter>(out)) throw py::type_error("out must be a ShardWriter or None");
+    w = out.cast<std::shared_ptr<lsf::ShardWriter>>();
+  }
+  DType odt = lsf::parse_kernel_dtype(to_string_arg(out_dtype, "out_dtype"), "out_dtype");
+  const uint64_t ooff = to_u64(out_offset, "out_offset");
+  const int64_t chunk = to_i64(chunk_elems, "chunk_elems");
+  if (chunk <= 0) fail("mk_program: chunk_elems must be >= 1 (got " + std::to_string(chunk) + ")");
+  const int64_t segment = to_i64(segment_elems, "segment_elems");
+  if (segment <= 0) fail("mk_program: segment_elems must be >= 1 (got " + std::to_string(segment) + ")");
+  const uint64_t base = to_u64(index_base, "index_base");
+  const int64_t nthreads = to_i64(threads, "threads");
+  lsf::MkResult res;
+  {
+    py::gil_scoped_release nogil;
+    res = lsf::mk_program_run(in.slices, dts, ne, prog, k, n, rk, w.get(), ooff, odt,
+                              static_cast<uint64_t>(chunk), static_cast<uint64_t>(segment), base,
+                              nthreads);
+  }
+  const py::ssize_t tasks = static_cast<py::ssize_t>(res.tasks);
+  const py::ssize_t ns = tasks ? static_cast<py::ssize_t>(res.sums.size()) / tasks : 0;
+  const py::ssize_t nc = tasks ? static_cast<py::ssize_t>(res.eqcounts.size()) / tasks : 0;
+  py::array_t<double> sums(std::vector<py::ssize_t>{tasks, ns});
+  if (!res.sums.empty()) std::copy(res.sums.begin(), res.sums.end(), sums.mutable_data());
+  py::array_t<int64_t> hists(std::vector<py::ssize_t>{static_cast<py::ssize_t>(res.hists.size() / 65536), 65536});
+  if (!res.hists.empty()) std::copy(res.hists.begin(), res.hists.end(), hists.mutable_data());
+  py::array_t<int64_t> counts(std::vector<py::ssize_t>{tasks, nc});
+  if (!res.eqcounts.empty()) std::copy(res.eqcounts.begin(), res.eqcounts.end(), counts.mutable_data());
+  return py::make_tuple(sums, hists, counts);
+}
+
 
 void check_dims(uint64_t rows, uint64_t cols, uint64_t* numel, const char* fn) {
   if (rows < 1 || cols < 1)
@@ -738,6 +840,11 @@ PYBIND11_MODULE(_core, m) {
         py::arg("expert_dtypes"), py::arg("out"), py::arg("out_offset"), py::arg("out_dtype"),
         py::arg("numel"), py::arg("keep"), py::arg("lam"), py::arg("chunk_elems") = 1 << 20,
         py::arg("threads") = 0, py::arg("record_budget") = 64 << 20);
+  m.def("mk_program", &mk_program_py, py::arg("inputs"), py::arg("input_dtypes"),
+        py::arg("numel"), py::arg("code"), py::arg("consts"), py::arg("ints"), py::arg("ranks"),
+        py::arg("out"), py::arg("out_offset"), py::arg("out_dtype"),
+        py::arg("chunk_elems") = 1 << 20, py::arg("segment_elems") = 1 << 20,
+        py::arg("index_base") = 0, py::arg("threads") = 0);
   m.def("ties_file_stats", []() {
     const lsf::TiesFileStats s = lsf::ties_file_stats();
     py::dict d;

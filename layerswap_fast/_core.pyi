@@ -281,6 +281,34 @@ def ties_file(
     chunks), the sample (at most 8 MiB per expert) and the records (at most ``record_budget``
     bytes, up to twice that while their arrays grow)."""
 
+def mk_program(
+    inputs: Sequence[tuple[InputFile, int]],
+    input_dtypes: Sequence[str],
+    numel: int,
+    code: Sequence[Sequence[int]],
+    consts: Sequence[float],
+    ints: Sequence[int],
+    ranks: Sequence[tuple[int, int, int, int, Sequence[int], Sequence[int], Sequence[int]]],
+    out: ShardWriter | None,
+    out_offset: int,
+    out_dtype: str,
+    chunk_elems: int = 1 << 20,
+    segment_elems: int = 1 << 20,
+    index_base: int = 0,
+    threads: int = 0,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Run a program of float32 steps (``code``: ``(op, d, a, b, c)`` tuples, the opcodes and their
+    meanings in ``csrc/mergekit_program.cpp`` and ``layerswap_fast.engine.mergekit_program``) over
+    ``numel`` elements at each (file, absolute offset), in segments of ``segment_elems`` elements
+    (the extent of every torch-ordered sum and norm; one worker each, reading chunks of
+    ``chunk_elems``), on ``threads`` workers (<= 0: all cores). ``ranks``: per band (top, bottom,
+    lo, hi, values, greater, seen) with ``seen`` either empty or segments x values. Writes the
+    stored register to ``out`` at ``out_offset`` in ``out_dtype`` when ``out`` is given (the
+    program must store exactly when it is). Returns (sums as float64, segments x sum slots: the
+    float32 results of torch-ordered sums and norms, exactly; int64
+    histograms, slots x 65536; int64 counts, segments x count slots), the same for every thread
+    count. Bad programs, sizes and bounds: CoreError; the GIL is released while it runs."""
+
 def ties_file_stats() -> dict[str, int]:
     """How the :func:`ties_file` calls of this process went: ``one_pass`` (finished in the one
     pass, with ``patched`` elements written again), ``rewritten`` (a second pass under the exact

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
@@ -22,7 +22,9 @@ from .. import _core
 from ..dtypes import DTYPE_SIZES
 from ..formats.checkpoint import TensorSpec
 from ..plan import TensorRecipe
+from . import mergekit_program as program
 from .backends import InputRange
+from .mergekit_program import locate_rank, Program
 from .counter_random import stream_key, uniform
 from .torch_rounding import encode, fma, round_to, scalar_in, sum_rounded, to_float32, TorchNorm, TorchSum, torch_norm, torch_sum
 
@@ -33,6 +35,9 @@ if TYPE_CHECKING:  # ops runs these lazily; a runtime import back would be a cyc
 CHUNK = 1 << 20
 #: the elements of one tensor that mergekit's slerp reduces at a time (its ``_CHUNK_ELEMENTS``)
 SLERP_CHUNK = 1024 * 1024
+#: run the ops that have core programs (:mod:`.mergekit_program`) there; False runs the numpy steps
+#: they replace (the reference the tests compare the core with)
+IN_CORE = True
 #: mergekit's consensus methods by the number a recipe holds
 CONSENSUS = {0: None, 1: "sum", 2: "count"}
 
@@ -66,22 +71,40 @@ def mk_linear(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, s
               inputs: Sequence[InputRange], dst: int) -> None:
     """mergekit's ``linear``: Σ wᵢ·xᵢ by fused multiply-adds in float32, divided by the float32
     sum of the weights when ``normalize``, rounded into the compute dtype."""
-    reader = _Reader(recipe, specs, inputs)
     weights = [np.float32(t.weight) for t in recipe.terms]
     divisor = sum_rounded([np.array([w]) for w in weights], None)[0] if recipe.param("normalize") else None
-    for start, n in reader.chunks():
-        # the first fused multiply-add onto +0 is one float32 product (+0 added: -0 becomes +0)
-        acc = reader.read(0, start, n) * weights[0] + np.float32(0)
-        for i, w in enumerate(weights[1:], start=1):
-            acc = fma(acc, w, reader.read(i, start, n))
-        if divisor is not None:
-            acc = acc / divisor
-        _write(ctx, writer, recipe, dst, start, round_to(acc, recipe.compute_dtype))
+    if not IN_CORE:
+        reader = _Reader(recipe, specs, inputs)
+        for start, n in reader.chunks():
+            acc = reader.read(0, start, n) * weights[0] + np.float32(0)
+            for i, w in enumerate(weights[1:], start=1):
+                acc = fma(acc, w, reader.read(i, start, n))
+            if divisor is not None:
+                acc = acc / divisor
+            _write(ctx, writer, recipe, dst, start, round_to(acc, recipe.compute_dtype))
+        return
+    p = Program(recipe.compute_dtype, [s.dtype for s in specs])
+    # the first fused multiply-add onto +0 is one float32 product (+0 added: -0 becomes +0)
+    acc = p.addk(p.mulk(p.read(0), weights[0]), 0.0)
+    for i, w in enumerate(weights[1:], start=1):
+        acc = p.fma64(acc, p.read(i), w)
+    if divisor is not None:
+        acc = p.divk(acc, divisor)
+    p.store(p.round(acc))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
 
 
 def mk_passthrough(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
                    inputs: Sequence[InputRange], dst: int) -> None:
     """mergekit's ``passthrough``: the one input in the compute dtype, times ``scale`` if given."""
+    if IN_CORE:
+        p = Program(recipe.compute_dtype, [s_.dtype for s_ in specs])
+        x = p.read(0)
+        if dict(recipe.params).get("scale") is not None:
+            x = p.round(p.mulk(x, np.float32(recipe.param("scale"))))
+        p.store(x)
+        program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+        return
     reader = _Reader(recipe, specs, inputs)
     scale = dict(recipe.params).get("scale")
     for start, n in reader.chunks():
@@ -100,6 +123,10 @@ def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
     by ``lambda`` and added to the base."""
     c = recipe.compute_dtype
     params = dict(recipe.params)
+    count = len(recipe.terms) - 1
+    if IN_CORE and not any(f"eps.{i}" in params for i in range(1, count + 1)):
+        _delta_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     reader = _Reader(recipe, specs, inputs)
     models = range(1, len(recipe.terms))
 
@@ -119,6 +146,80 @@ def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
         if params.get("lambda", 1.0) != 1.0:
             mixed = round_to(mixed * np.float32(params["lambda"]), c)
         _write(ctx, writer, recipe, dst, start, round_to(base + mixed, c))
+
+
+def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                   inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_delta`'s steps as core programs, when no delta is DELLA's: the rank bands first
+    (:func:`.mergekit_program.rank_bands`), the L1 sums when rescaling, then one writing pass."""
+    c = recipe.compute_dtype
+    params = dict(recipe.params)
+    count = len(recipe.terms) - 1
+    dtypes = [s.dtype for s in specs]
+
+    def make() -> Program:
+        return Program(c, dtypes)
+
+    def deltas(p: Program) -> tuple[int, list[int]]:
+        base = p.read(0)
+        return base, [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+
+    ranges = [(int(params[f"lo.{i}"]), int(params[f"hi.{i}"])) if f"lo.{i}" in params else None
+              for i in range(1, count + 1)]
+    bands = program.rank_bands(ranges, lambda p: deltas(p)[1], make, specs, inputs, ctx.threads)
+    seed = int(params.get("seed", 0))
+
+    def masked(p: Program, ds: list[int]) -> list[int | None]:
+        """Each delta times its mask (None: no mask)."""
+        out: list[int | None] = []
+        for i, d in enumerate(ds):
+            r, prob = ranges[i], params.get(f"p.{i + 1}")
+            if prob is not None:
+                out.append(p.mul(d, p.uniform_lt(stream_key(seed, recipe.name, i + 1), prob)))
+            elif r is not None:
+                out.append(p.mul(d, p.rank(d, bands[i]) if bands[i] is not None else p.const(0.0)))
+            else:
+                out.append(None)
+        return out
+
+    scales: list[np.float32 | None] = [None] * count
+    if params.get("rescale"):
+        p = make()
+        _, ds = deltas(p)
+        for d, kept in zip(ds, masked(p, ds)):
+            p.sum64(p.abs(d))
+            p.sum64(p.abs(d if kept is None else kept))
+        sums, _, _ = program.run(p, specs, inputs, ctx.threads)
+        totals = np.zeros(2 * count)
+        for row in sums:  # the segments' float64 sums, added in order
+            totals += row
+        scales = [l1_scale(totals[2 * i], totals[2 * i + 1], c) for i in range(count)]
+    weights = [scalar_in(recipe.terms[i].weight, c) for i in range(1, count + 1)]
+    p = make()
+    base, ds = deltas(p)
+    weighted = []
+    for i, (d, kept) in enumerate(zip(ds, masked(p, ds))):
+        d = d if kept is None else kept
+        if scales[i] is not None:
+            d = p.round(p.mulk(d, scales[i]))
+        weighted.append(p.round(p.mulk(d, weights[i])))
+    consensus = CONSENSUS[int(params.get("consensus", 0))]
+    if consensus is None:
+        mixed = p.sum_rounded(weighted)
+        total = sum_rounded([np.full(1, w) for w in weights], c)[0]
+        divisor = p.const(np.float32(1) if abs(total) < 1e-8 else total)
+    else:
+        signs = [p.sign(d) for d in weighted]
+        majority = p.majority(p.sum_rounded(weighted if consensus == "sum" else signs))
+        agree = [p.eq(s_, majority) for s_ in signs]
+        mixed = p.sum_rounded([p.mul(d, a) for d, a in zip(weighted, agree)])
+        divisor = p.zero_to_one(p.sum_rounded([p.mulk(a, w) for a, w in zip(agree, weights)]))
+    if params.get("normalize"):
+        mixed = p.round(p.div(mixed, divisor))
+    if params.get("lambda", 1.0) != 1.0:
+        mixed = p.round(p.mulk(mixed, np.float32(params["lambda"])))
+    p.store(p.round(p.add(base, mixed)))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
 
 
 class _Sparsifier:
@@ -170,28 +271,40 @@ class _Sparsifier:
         return out
 
     def _l1_scales(self, stream: Callable[[int], Iterator[list[np.ndarray]]]) -> list[np.float32 | None]:
-        """mergekit's ``rescaled_masked_tensor`` with the L1 norm: Σ|delta| / Σ|kept|, each sum
-        rounded into the compute dtype, none when either is below 1e-7. The mask is drawn again
-        in the writing pass; the rank selection's tie counts start over."""
+        """mergekit's ``rescaled_masked_tensor`` with the L1 norm (:func:`l1_scale`), the sums in
+        float64, each chunk's in element order, the chunks in order. The mask is drawn again in
+        the writing pass; the rank selection's tie counts start over."""
         before = np.zeros(len(self.p))
         after = np.zeros(len(self.p))
         start = 0
         for ds in stream(self.chunk):
             for i, (d, mask) in enumerate(zip(ds, self.masks(start, ds))):
-                before[i] += float(np.abs(d).astype(np.float64).sum())
-                after[i] += float(np.abs(d[mask]).astype(np.float64).sum())
+                magnitude = np.abs(d)
+                before[i] += float(np.cumsum(magnitude, dtype=np.float64)[-1])
+                after[i] += float(np.cumsum(magnitude * mask, dtype=np.float64)[-1])
             start += len(ds[0])
         self.ranks.restart()
-        scales: list[np.float32 | None] = []
-        for b, a in zip(before, after):
-            b32, a32 = round_to(np.float32(b), self.c), round_to(np.float32(a), self.c)
-            scales.append(None if b32 < 1e-7 or a32 < 1e-7 else round_to(b32 / a32, self.c))
-        return scales
+        return [l1_scale(b, a, self.c) for b, a in zip(before, after)]
+
+
+def l1_scale(before: float, after: float, c: str | None) -> np.float32 | None:
+    """The rescale factor Σ|delta| / Σ|kept| from the float64 sums, each rounded into the compute
+    dtype; None when either is below 1e-7."""
+    b32, a32 = round_to(np.float32(before), c), round_to(np.float32(after), c)
+    return None if b32 < 1e-7 or a32 < 1e-7 else np.float32(round_to(b32 / a32, c))
 
 
 def mk_nearswap(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
                 inputs: Sequence[InputRange], dst: int) -> None:
     """mergekit's ``nearswap``: w = clamp(t / max(|base − x|, 1e-6), 0, 1), then w·x + (1 − w)·base."""
+    if IN_CORE:
+        p = Program(recipe.compute_dtype, [s_.dtype for s_ in specs])
+        a, b = p.read(0), p.read(1)
+        near = p.round(p.maxk(p.round(p.abs(p.sub(a, b))), np.float32(1e-6)))
+        w = p.clipk(p.round(p.mulk(p.round(p.kdiv(1.0, near)), np.float32(recipe.param("t")))), 0.0, 1.0)
+        p.store(p.round(p.add(p.round(p.mul(w, b)), p.round(p.mul(p.round(p.ksub(1.0, w)), a)))))
+        program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+        return
     c = recipe.compute_dtype
     reader = _Reader(recipe, specs, inputs)
     t = np.float32(recipe.param("t"))
@@ -211,6 +324,9 @@ def mk_slerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
     the dot product of the normalised vectors, their sum, then the spherical (or, when
     |cos| > 0.9995, linear) coefficients. Two streaming passes find the reductions, summed in
     torch's order (:func:`torch_sum`, :func:`torch_norm`)."""
+    if IN_CORE:
+        _slerp_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     reader = _Reader(recipe, specs, inputs)
     parts: list[list[np.float32]] = [[], []]
     for start, n in reader.chunks(SLERP_CHUNK):
@@ -233,6 +349,9 @@ def mk_model_stock(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     the mean pairwise cosine of the models' offsets from the base (input 0), t = N·cos/(1 +
     (N − 1)·cos) (0 where the denominator vanishes), then t·mean(models) + (1 − t)·base. The
     norms and dot products are a streaming pass in torch's summation order."""
+    if IN_CORE:
+        _model_stock_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     c = recipe.compute_dtype
     reader = _Reader(recipe, specs, inputs)
     count = len(recipe.terms) - 1
@@ -246,14 +365,7 @@ def mk_model_stock(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
             norm.add(offset)
         for dot, (i, j) in zip(dots, pairs):
             dot.add(round_to(offsets[i] * offsets[j], c))
-    length = [round_to(norm.total(), c) for norm in norms]
-    cosines = []
-    for dot, (i, j) in zip(dots, pairs):
-        product = round_to(np.maximum(round_to(length[i] * length[j], c), np.float32(1e-6)), c)
-        cosines.append(np.clip(round_to(round_to(dot.total(), c) / product, c), -1, 1))
-    cos = round_to(torch_sum(np.array(cosines, dtype=np.float32)) / np.float32(len(cosines)), c)
-    denominator = round_to(round_to(cos * np.float32(count - 1), c) + np.float32(1), c)
-    t = np.float32(0) if abs(denominator) < 1e-6 else round_to(round_to(cos * np.float32(count), c) / denominator, c)
+    t = _model_stock_t([norm.total() for norm in norms], [dot.total() for dot in dots], c)
     for start, n in reader.chunks():
         base = reader.read(0, start, n)
         total = reader.read(1, start, n)
@@ -271,6 +383,9 @@ def mk_sce(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, spec
     each is weighted by its mean square over the sum of them, only the ones agreeing with the
     elected sign count, and their weighted sum, divided by the summed weights, is added to the
     base. Passes: variance count, its threshold (two), the mean squares, the output."""
+    if IN_CORE:
+        _sce_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     c = recipe.compute_dtype
     reader = _Reader(recipe, specs, inputs)
     count = len(recipe.terms) - 1
@@ -310,6 +425,58 @@ def mk_sce(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, spec
         _write(ctx, writer, recipe, dst, start, round_to(base + round_to(merged / divisor, c), c))
 
 
+def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                 inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_sce` as core programs: the count of nonzero variances, the variance band
+    (:func:`.mergekit_program.rank_bands`), the mean squares (whole tensor, torch's order), the
+    output."""
+    c = recipe.compute_dtype
+    dtypes = [s_.dtype for s_ in specs]
+    count = len(recipe.terms) - 1
+    numel = specs[0].numel
+
+    def task_vectors(p: Program) -> tuple[int, list[int]]:
+        base = p.read(0)
+        return base, [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+
+    def variance(p: Program) -> int:
+        return p.round(p.var_pop(task_vectors(p)[1]))
+
+    topk = recipe.param("select_topk")
+    band: tuple[Any, ...] | None = None
+    if topk < 1:
+        nonzero = 0
+        if topk > 0 and numel:
+            p = Program(c, dtypes)
+            p.eq_count(variance(p), 0)
+            nonzero = numel - int(program.run(p, specs, inputs, ctx.threads)[2][:, 0].sum())
+        k = int(np.float32(np.float32(nonzero) * np.float32(topk)))
+        band = program.rank_bands([(0, k)], lambda p: [variance(p)], lambda: Program(c, dtypes), specs, inputs,
+                                  ctx.threads)[0]
+
+    def masked(p: Program) -> tuple[int, list[int]]:
+        base, tvs = task_vectors(p)
+        if topk >= 1:
+            return base, tvs
+        mask = p.rank(p.round(p.var_pop(tvs)), band) if band is not None else p.const(0.0)
+        return base, [p.mul(tv, mask) for tv in tvs]
+
+    p = Program(c, dtypes)
+    for tv in masked(p)[1]:
+        p.sum(p.round(p.mul(tv, tv)))
+    squares = _whole_sums(p, specs, inputs, ctx.threads)
+    weights = _sce_weights([round_to(round_to(np.float32(x), c) / np.float32(numel), c) for x in squares], c)
+    p = Program(c, dtypes)
+    base, tvs = masked(p)
+    signs = [p.sign(tv) for tv in tvs]
+    majority = p.majority(p.sum_rounded(tvs))
+    erased = [p.mulk(p.eq(sign, majority), w) for sign, w in zip(signs, weights)]
+    merged = p.sum_rounded([p.round(p.mul(tv, e)) for tv, e in zip(tvs, erased)])
+    divisor = p.round(p.maxk(p.sum_rounded(erased), np.float32(1e-6)))
+    p.store(p.round(p.add(base, p.round(p.div(merged, divisor)))))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+
+
 def _population_variance(xs: list[np.ndarray]) -> np.ndarray:
     """``torch.var(dim=0, unbiased=False)`` on the CPU: Welford's updates in float64."""
     mean = np.zeros(len(xs[0]))
@@ -342,6 +509,9 @@ def mk_nuslerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, 
     """mergekit's ``nuslerp`` over whole (flattened) tensors in the compute dtype: slerp at ``t``
     between the two models' task vectors (against the base, input 0, when ``base`` is 1; else
     between the models themselves), added back to the base. Passes: norms, cosine, output."""
+    if IN_CORE:
+        _nuslerp_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     c = recipe.compute_dtype
     reader = _Reader(recipe, specs, inputs)
     has_base = bool(recipe.param("base"))
@@ -365,12 +535,8 @@ def mk_nuslerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, 
         _, v0, v1 = vectors(start, n)
         dot.add(round_to(round_to(v0 / length[0], c) * round_to(v1 / length[1], c), c))
     cos = np.clip(round_to(dot.total(), c), np.float32(-1), np.float32(1))
-    colinear = round_to(np.float32(1) - round_to(cos * cos, c), c) <= 1e-16
     t = recipe.param("t")
-    theta = round_to(np.float32(0 if colinear else math.acos(cos)), c)
-    sin_theta = round_to(np.float32(math.sin(theta)), c)
-    sin_a = round_to(np.float32(math.sin(round_to(theta * np.float32(1 - t), c))), c)
-    sin_b = round_to(np.float32(math.sin(round_to(theta * np.float32(t), c))), c)
+    colinear, sin_theta, sin_a, sin_b = _nuslerp_angles(cos, t, c)
     for start, n in reader.chunks():
         base, v0, v1 = vectors(start, n)
         if colinear:
@@ -496,6 +662,125 @@ def mk_ram(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, spec
         _write(ctx, writer, recipe, dst, start, round_to(base + merged, None if scales is not None else c))
 
 
+def _slerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                   inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_slerp` as core programs: the norms and dot products per :data:`SLERP_CHUNK`
+    segment (all threads), reduced here, then the output."""
+    dtypes = [s_.dtype for s_ in specs]
+    p = Program(recipe.compute_dtype, dtypes)
+    x, y = p.read(0), p.read(1)
+    p.norm(x)
+    p.norm(y)
+    parts, _, _ = program.run(p, specs, inputs, ctx.threads, segment=SLERP_CHUNK)
+    norms = [torch_norm(parts[:, i].copy()) if len(parts) else np.float32(0) for i in (0, 1)]
+    norms = [n if n > np.float32(1e-8) else np.float32(1) for n in norms]
+    p = Program(recipe.compute_dtype, dtypes)
+    x, y = p.read(0), p.read(1)
+    p.sum(p.mul(p.divk(x, norms[0]), p.divk(y, norms[1])))
+    dots, _, _ = program.run(p, specs, inputs, ctx.threads, segment=SLERP_CHUNK)
+    dot = np.clip(torch_sum(dots[:, 0].copy()), np.float32(-1), np.float32(1))
+    coef_a, coef_b = slerp_coefficients(np.float32(recipe.param("t")), dot)
+    p = Program(recipe.compute_dtype, dtypes)
+    x, y = p.read(0), p.read(1)
+    p.store(p.round(p.add(p.mulk(x, coef_a), p.mulk(y, coef_b))))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+
+
+def _whole_sums(p: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int) -> np.ndarray:
+    """A program's sum slots over the whole tensor (one segment; zeros for an empty tensor)."""
+    sums, _, _ = program.run(p, specs, inputs, threads, segment=max(1, specs[0].numel))
+    return sums[0] if len(sums) else np.zeros(p.sums, dtype=np.float32)
+
+
+def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe,
+                         specs: Sequence[TensorSpec], inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_model_stock` as core programs: the norms and dot products of the offsets over
+    the whole tensor (one segment, torch's order), then the output on all threads."""
+    c = recipe.compute_dtype
+    dtypes = [s_.dtype for s_ in specs]
+    count = len(recipe.terms) - 1
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    p = Program(c, dtypes)
+    base = p.read(0)
+    offsets = [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+    for o in offsets:
+        p.norm(o)
+    for i, j in pairs:
+        p.sum(p.round(p.mul(offsets[i], offsets[j])))
+    sums = _whole_sums(p, specs, inputs, ctx.threads)
+    t = _model_stock_t(list(sums[:count]), list(sums[count:]), c)
+    p = Program(c, dtypes)
+    base = p.read(0)
+    total = p.read(1)
+    for i in range(2, count + 1):
+        total = p.round(p.add(total, p.read(i)))
+    average = p.round(p.divk(total, np.float32(count)))
+    p.store(p.round(p.add(p.round(p.mulk(average, t)), p.round(p.mulk(base, round_to(np.float32(1) - t, c))))))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+
+
+def _model_stock_t(norms: list[np.float32], dots: list[np.float32], c: str | None) -> np.float32:
+    """model_stock's t from the offsets' norms and their pairwise dot products (pairs in order)."""
+    count = len(norms)
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    length = [round_to(x, c) for x in norms]
+    cosines = []
+    for dot, (i, j) in zip(dots, pairs):
+        product = round_to(np.maximum(round_to(length[i] * length[j], c), np.float32(1e-6)), c)
+        cosines.append(np.clip(round_to(round_to(dot, c) / product, c), -1, 1))
+    cos = round_to(torch_sum(np.array(cosines, dtype=np.float32)) / np.float32(len(cosines)), c)
+    denominator = round_to(round_to(cos * np.float32(count - 1), c) + np.float32(1), c)
+    return np.float32(0) if abs(denominator) < 1e-6 else round_to(round_to(cos * np.float32(count), c) / denominator, c)
+
+
+def _nuslerp_angles(cos: np.float32, t: float, c: str | None) -> tuple[bool, np.float32, np.float32, np.float32]:
+    """nuslerp's steps from the cosine: whether the vectors are colinear, sin θ, sin((1 − t)θ), sin(tθ)."""
+    colinear = bool(round_to(np.float32(1) - round_to(cos * cos, c), c) <= 1e-16)
+    theta = round_to(np.float32(0 if colinear else math.acos(cos)), c)
+    sin_theta = round_to(np.float32(math.sin(theta)), c)
+    sin_a = round_to(np.float32(math.sin(round_to(theta * np.float32(1 - t), c))), c)
+    sin_b = round_to(np.float32(math.sin(round_to(theta * np.float32(t), c))), c)
+    return colinear, sin_theta, sin_a, sin_b
+
+
+def _nuslerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                     inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_nuslerp` as core programs: norms, then the cosine (each over the whole tensor,
+    one segment), then the output on all threads."""
+    c = recipe.compute_dtype
+    dtypes = [s_.dtype for s_ in specs]
+    has_base = bool(recipe.param("base"))
+    first = 1 if has_base else 0
+
+    def vectors(p: Program) -> tuple[int | None, int, int]:
+        base = p.read(0) if has_base else None
+        v = [p.read(first + i) for i in (0, 1)]
+        if base is not None:
+            v = [p.round(p.sub(x, base)) for x in v]
+        return base, v[0], v[1]
+
+    p = Program(c, dtypes)
+    _, v0, v1 = vectors(p)
+    p.norm(v0)
+    p.norm(v1)
+    norms = _whole_sums(p, specs, inputs, ctx.threads)
+    length = [round_to(np.maximum(round_to(x, c), np.float32(1e-7)), c) for x in norms]
+    p = Program(c, dtypes)
+    _, v0, v1 = vectors(p)
+    p.sum(p.round(p.mul(p.round(p.divk(v0, length[0])), p.round(p.divk(v1, length[1])))))
+    cos = np.clip(round_to(_whole_sums(p, specs, inputs, ctx.threads)[0], c), np.float32(-1), np.float32(1))
+    t = recipe.param("t")
+    colinear, sin_theta, sin_a, sin_b = _nuslerp_angles(cos, t, c)
+    p = Program(c, dtypes)
+    base, v0, v1 = vectors(p)
+    if colinear:
+        result = p.round(p.add(p.round(p.mulk(v0, np.float32(1 - t))), p.round(p.mulk(v1, np.float32(t)))))
+    else:
+        result = p.round(p.divk(p.round(p.add(p.round(p.mulk(v0, sin_a)), p.round(p.mulk(v1, sin_b)))), sin_theta))
+    p.store(result if base is None else p.round(p.add(base, result)))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+
+
 def slerp_coefficients(t: np.float32, dot: np.float32, threshold: float = 0.9995) -> tuple[np.float32, np.float32]:
     """The weights of the two vectors, as mergekit's float32 steps compute them. torch's
     ``acos`` and ``sin`` of a one-element tensor are the C library's float functions, correctly
@@ -575,7 +860,7 @@ def _rank_keys(stream: Callable[[], Iterator[list[np.ndarray]]],
         for i, d in enumerate(ds):
             if wanted[i]:
                 high[i] += np.bincount(np.abs(d).view(np.uint32) >> 16, minlength=1 << 16)
-    buckets = [[_locate(h, r) for r in ranks] for h, ranks in zip(high, wanted)]
+    buckets = [[locate_rank(h, r) for r in ranks] for h, ranks in zip(high, wanted)]
     low = [[np.zeros(1 << 16, dtype=np.int64) for _ in ranks] for ranks in wanted]
     for ds in stream():
         for i, d in enumerate(ds):
@@ -588,19 +873,10 @@ def _rank_keys(stream: Callable[[], Iterator[list[np.ndarray]]],
         found = []
         for j, r in enumerate(ranks):
             bucket, above, rest = buckets[i][j]
-            value, greater, _ = _locate(low[i][j], rest)
+            value, greater, _ = locate_rank(low[i][j], rest)
             found.append(((bucket << 16) | value, above + greater))
         result.append(found)
     return result
-
-
-def _locate(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
-    """The bin holding descending rank ``rank``, how many counts lie in higher bins, and the rank
-    within the bin."""
-    from_top = np.cumsum(hist[::-1])
-    index = int(np.searchsorted(from_top, rank, side="right"))
-    above = int(from_top[index - 1]) if index else 0
-    return len(hist) - 1 - index, above, rank - above
 
 
 MERGEKIT_OPS = {"mk_linear": mk_linear, "mk_passthrough": mk_passthrough, "mk_delta": mk_delta,

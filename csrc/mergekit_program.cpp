@@ -1,0 +1,598 @@
+// mergekit's per-element steps as a program over blocks of streamed inputs (see the header).
+//
+// Instructions, registers r (blocks of float32), constants k (doubles), integers n:
+//   Load d a        r[d] = float32(input a)
+//   Round d a b     r[d] = r[a] rounded to nearest even in b (0: float32, 1: BF16, 2: F16)
+//   Add/Sub/Mul/Div d a b c  r[d] = r[a] op r[b] (float32), then rounded as Round's c when given
+//   AddK/MulK/DivK d a b c   r[d] = r[a] op float32(k[b]);  KDiv: k[b] / r[a];  KSub: k[b] - r[a];
+//                            rounded likewise
+//   Fma64 d a b c   r[d] = float32(double(r[a]) + double(r[b]) * k[c])
+//   Abs, Sign (numpy's: ±0 -> +0, NaN stays), Majority (x >= 0 ? 1 : -1), ZeroToOne (0 -> 1) d a
+//   MaxK d a b      numpy maximum(r[a], k[b]);  ClipK d a b c: numpy clip(r[a], k[b], k[c])
+//   Eq d a b        r[a] == r[b] ? 1 : 0
+//   UniformLt d a b (uniform(n[a], element) < k[b]) ? 1 : 0, the counter stream of
+//                   layerswap_fast/engine/counter_random.py
+//   Const d a       r[d] = float32(k[a])
+//   Store a         the output's elements = r[a] in the output dtype
+//   Norm a b / Sum a b   r[a] into sum slot b: torch's float32 vector norm / sum order over the
+//                   task (engine/torch_rounding.py's TorchNorm / TorchSum, step for step)
+//   Sum64 a b       r[a] into sum slot b: a float64 sum over the task in element order
+//   VarPop d a b    r[d] = float32 of the population variance of r[a], ..., r[a + b - 1] by
+//                   Welford's updates in float64 (torch.var(dim=0, unbiased=False) on the CPU)
+//   HistHigh a b    histogram b counts the high 16 bits of bits(|r[a]|)
+//   HistLow a b c   histogram b counts the low 16 bits of bits(|r[a]|) whose high bits are n[c]
+//   EqCount a b c   count slot b of the task counts bits(|r[a]|) == n[c]
+//   Rank d a b      r[d] = 1 where |r[a]|'s descending rank lies in ranks[b]'s band (ties in
+//                   element order), else 0
+#include "mergekit_program.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "chunk_reader.hpp"
+#include "kernel_util.hpp"
+#include "mapped.hpp"
+#include "numerics.hpp"
+
+namespace lsf {
+
+namespace {
+
+constexpr size_t kB = 512;  // elements per block (registers stay in L1)
+constexpr int kMaxRegs = 64;
+constexpr size_t kMaxCode = 4096;
+constexpr size_t kLanes = 8;
+constexpr size_t kRow = 4 * kLanes;
+
+// ---- torch's reduction orders --------------------------------------------------------------------
+
+struct TorchSum {
+  uint64_t n = 0, seen = 0, rows = 0, power = 0, step = 0, done_rows = 0, buffered = 0, nrest = 0;
+  float acc[4][kRow];
+  float rest[kRow];
+  float* buf = nullptr;  // step rows of the block being filled
+
+  void init(uint64_t count, float* storage) {
+    n = count;
+    seen = done_rows = buffered = nrest = 0;
+    rows = n / kRow;
+    const uint64_t bits = rows > 1 ? 64 - static_cast<uint64_t>(__builtin_clzll(rows - 1)) : 0;
+    power = std::max<uint64_t>(4, bits / 4);
+    step = uint64_t{1} << power;
+    buf = storage;
+    std::memset(acc, 0, sizeof acc);
+  }
+  void block() {
+    float s[kRow];
+    for (size_t l = 0; l < kRow; ++l) s[l] = buf[l];
+    for (uint64_t r = 1; r < step; ++r)
+      for (size_t l = 0; l < kRow; ++l) s[l] = s[l] + buf[r * kRow + l];
+    for (size_t l = 0; l < kRow; ++l) acc[0][l] = acc[0][l] + s[l];
+    done_rows += step;
+    for (uint64_t j = 1; j < 4; ++j) {
+      for (size_t l = 0; l < kRow; ++l) {
+        acc[j][l] = acc[j][l] + acc[j - 1][l];
+        acc[j - 1][l] = 0.f;
+      }
+      if (done_rows & ((step - 1) << (j * power))) break;
+    }
+    buffered = 0;
+  }
+  void add(const float* x, size_t m) {
+    const uint64_t body = rows * kRow;
+    while (m > 0 && seen < body) {
+      const uint64_t take = std::min<uint64_t>({m, body - seen, step * kRow - buffered});
+      std::memcpy(buf + buffered, x, take * sizeof(float));
+      buffered += take;
+      seen += take;
+      x += take;
+      m -= take;
+      if (buffered == step * kRow) block();
+    }
+    for (size_t j = 0; j < m; ++j) rest[nrest++] = x[j];
+    seen += m;
+  }
+  float total() const {
+    if (n < kLanes) {
+      float p[4] = {0.f, 0.f, 0.f, 0.f};
+      const uint64_t whole = nrest / 4 * 4;
+      for (uint64_t i = 0; i < whole; i += 4)
+        for (int l = 0; l < 4; ++l) p[l] = p[l] + rest[i + l];
+      for (uint64_t i = whole; i < nrest; ++i) p[0] = p[0] + rest[i];
+      float t = p[0];
+      for (int l = 1; l < 4; ++l) t = t + p[l];
+      return t;
+    }
+    float a0[kRow];
+    for (size_t l = 0; l < kRow; ++l) a0[l] = acc[0][l];
+    for (uint64_t r = 0; r < buffered / kRow; ++r)
+      for (size_t l = 0; l < kRow; ++l) a0[l] = a0[l] + buf[r * kRow + l];
+    for (int j = 1; j < 4; ++j)
+      for (size_t l = 0; l < kRow; ++l) a0[l] = a0[l] + acc[j][l];
+    const uint64_t vectors = nrest / kLanes;
+    for (uint64_t i = 0; i < vectors; ++i)
+      for (size_t l = 0; l < kLanes; ++l) a0[l] = a0[l] + rest[i * kLanes + l];
+    float lanes[kLanes];
+    for (size_t l = 0; l < kLanes; ++l) lanes[l] = a0[l] + a0[kLanes + l];
+    for (size_t k = 2; k < 4; ++k)
+      for (size_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] + a0[k * kLanes + l];
+    float t = 0.f;
+    for (uint64_t i = vectors * kLanes; i < nrest; ++i) t = t + rest[i];
+    for (size_t l = 0; l < kLanes; ++l) t = t + lanes[l];
+    return t;
+  }
+};
+
+struct TorchNorm {
+  uint64_t whole = 0, seen = 0, ncarry = 0, ntail = 0;
+  float lanes[kLanes], carry[kLanes], tail[kLanes];
+
+  void init(uint64_t n) {
+    whole = n - n % kLanes;
+    seen = ncarry = ntail = 0;
+    for (size_t l = 0; l < kLanes; ++l) lanes[l] = 0.f;
+  }
+  void add(const float* x, size_t m) {
+    size_t j = 0;
+    while (j < m && seen < whole && ncarry != 0) {
+      carry[ncarry++] = x[j++];
+      ++seen;
+      if (ncarry == kLanes) {
+        for (size_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] + carry[l] * carry[l];
+        ncarry = 0;
+      }
+    }
+    while (j + kLanes <= m && seen + kLanes <= whole) {
+      for (size_t l = 0; l < kLanes; ++l) {
+        const float v = x[j + l];
+        lanes[l] = lanes[l] + v * v;
+      }
+      j += kLanes;
+      seen += kLanes;
+    }
+    for (; j < m; ++j, ++seen) {
+      if (seen < whole) {
+        carry[ncarry++] = x[j];
+        if (ncarry == kLanes) {
+          for (size_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] + carry[l] * carry[l];
+          ncarry = 0;
+        }
+      } else {
+        tail[ntail++] = x[j];
+      }
+    }
+  }
+  float total() const {
+    float t = lanes[0];
+    for (size_t l = 1; l < kLanes; ++l) t = t + lanes[l];
+    for (uint64_t i = 0; i < ntail; ++i)
+      t = static_cast<float>(static_cast<double>(t) +
+                             static_cast<double>(tail[i]) * static_cast<double>(tail[i]));
+    return std::sqrt(t);
+  }
+};
+
+// ---- validation ------------------------------------------------------------------------------------
+
+enum Kind : char { R = 'r', I = 'i', K = 'k', N = 'n', S = 's', H = 'h', C = 'c', X = 'x', D = 't', Q = 'q', O = 'o', U = '_' };
+
+const char* field_kinds(int32_t op) {
+  switch (op) {
+    case kMkLoad: return "ri__";
+    case kMkRound: return "rrt_";
+    case kMkAdd: case kMkSub: case kMkMul: case kMkDiv: return "rrro";
+    case kMkEq: return "rrr_";
+    case kMkAddK: case kMkMulK: case kMkDivK: case kMkKDiv: case kMkKSub: return "rrko";
+    case kMkMaxK: return "rrk_";
+    case kMkFma64: return "rrrk";
+    case kMkAbs: case kMkSign: case kMkMajority: case kMkZeroToOne: return "rr__";
+    case kMkClipK: return "rrkk";
+    case kMkUniformLt: return "rnk_";
+    case kMkStore: return "_r__";
+    case kMkNorm: case kMkSum: case kMkSum64: return "_rs_";
+    case kMkConst: return "rk__";
+    case kMkHistHigh: return "_rh_";
+    case kMkHistLow: return "_rhn";
+    case kMkEqCount: return "_rcn";
+    case kMkRank: return "rrx_";
+    case kMkVarPop: return "rrq_";
+    default: return nullptr;
+  }
+}
+
+struct Shape {
+  int regs = 0;
+  size_t sums = 0, hists = 0, counts = 0;
+  std::vector<char> slot_kind;  // per sum slot: 1 sum, 2 norm, 3 float64 sum
+  bool stores = false;
+};
+
+Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size_t n_n,
+                 size_t n_ranks) {
+  if (code.size() > kMaxCode) fail("mk_program: more than " + std::to_string(kMaxCode) + " instructions");
+  Shape s;
+  std::vector<int> slot_kind;  // 0 unused, 1 sum, 2 norm, 3 float64 sum
+  for (size_t i = 0; i < code.size(); ++i) {
+    const MkInstr& in = code[i];
+    const char* kinds = field_kinds(in.op);
+    const std::string where = "mk_program: instruction " + std::to_string(i);
+    if (!kinds) fail(where + " has unknown opcode " + std::to_string(in.op));
+    const int32_t f[4] = {in.d, in.a, in.b, in.c};
+    for (int j = 0; j < 4; ++j) {
+      const int32_t v = f[j];
+      const char k = kinds[j];
+      if (k == U || (k == O && v == -1)) continue;
+      if (v < 0) fail(where + ": operand " + std::to_string(j) + " is negative");
+      const size_t u = static_cast<size_t>(v);
+      size_t limit = SIZE_MAX;
+      switch (k) {
+        case R: limit = kMaxRegs; s.regs = std::max(s.regs, v + 1); break;
+        case I: limit = n_in; break;
+        case K: limit = n_k; break;
+        case N: limit = n_n; break;
+        case X: limit = n_ranks; break;
+        case D: case O: limit = 3; break;
+        case Q:
+          if (v < 1 || f[1] > kMaxRegs - v)
+            fail(where + ": registers " + std::to_string(f[1]) + " + " + std::to_string(v) +
+                 " run past the last one or are none");
+          s.regs = std::max(s.regs, f[1] + v);
+          break;
+        case S: limit = 1024; s.sums = std::max(s.sums, u + 1); break;
+        case H: limit = 64; s.hists = std::max(s.hists, u + 1); break;
+        case C: limit = 1024; s.counts = std::max(s.counts, u + 1); break;
+        default: break;
+      }
+      if (u >= limit)
+        fail(where + ": operand " + std::to_string(j) + " is " + std::to_string(v) +
+             ", not below " + std::to_string(limit));
+    }
+    if (in.op == kMkNorm || in.op == kMkSum || in.op == kMkSum64) {
+      const size_t slot = static_cast<size_t>(in.b);
+      if (slot_kind.size() <= slot) slot_kind.resize(slot + 1, 0);
+      const int want = in.op == kMkNorm ? 2 : in.op == kMkSum ? 1 : 3;
+      if (slot_kind[slot] && slot_kind[slot] != want)
+        fail(where + ": sum slot " + std::to_string(slot) + " is fed by two kinds of sum");
+      slot_kind[slot] = want;
+    }
+    if (in.op == kMkStore) s.stores = true;
+  }
+  s.slot_kind.assign(s.sums, 0);
+  for (size_t i = 0; i < slot_kind.size(); ++i) s.slot_kind[i] = static_cast<char>(slot_kind[i]);
+  return s;
+}
+
+// ---- one block -----------------------------------------------------------------------------------
+
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+  z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+  return z ^ (z >> 31);
+}
+
+inline uint32_t mag_bits(float x) { return f32_to_bits(x) & UINT32_C(0x7FFFFFFF); }
+
+struct Ctx {
+  const std::vector<MkInstr>* code;
+  const double* k;
+  const uint64_t* n;
+  const MkRank* ranks;
+  size_t n_in;
+  const DType* in_dt;
+  DType out_dt;
+  // per worker
+  float* regs;  // regs x kB
+  TorchSum* sums;
+  TorchNorm* norms;
+  double* sums64;
+  int64_t* hists;     // per worker, hists x 65536
+  int64_t* counts;    // this task's count slots
+  uint64_t* running;  // per rank: its values' running tie counts
+  const size_t* running_at;
+};
+
+// d[j] = f(j), rounded to nearest even in rc (1: BF16, 2: F16; else kept in float32): an op and
+// the rounding after it in one loop.
+template <class F>
+LSF_INLINE void emit(float* __restrict d, size_t m, int32_t rc, F f) {
+  if (rc == 1) {
+    for (size_t j = 0; j < m; ++j) d[j] = bf16_to_f32(f32_to_bf16(f(j)));
+  } else if (rc == 2) {
+    for (size_t j = 0; j < m; ++j) d[j] = f16_to_f32(f32_to_f16(f(j)));
+  } else {
+    for (size_t j = 0; j < m; ++j) d[j] = f(j);
+  }
+}
+
+LSF_CLONES
+void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out, size_t m,
+               uint64_t e0) {
+  for (const MkInstr& ins : *c.code) {
+    float* d = c.regs + static_cast<size_t>(ins.d < 0 ? 0 : ins.d) * kB;
+    const float* a = c.regs + static_cast<size_t>(ins.a < 0 ? 0 : ins.a) * kB;
+    const float* b = c.regs + static_cast<size_t>(ins.b < 0 ? 0 : ins.b) * kB;
+    switch (ins.op) {
+      case kMkLoad: {
+        const unsigned char* p = in[ins.a];
+        LSF_DTYPE_DISPATCH(c.in_dt[ins.a], DT, pass_to_f32<DT>(d, p, m));
+        break;
+      }
+      case kMkRound:
+        if (ins.b == 1) {
+          for (size_t j = 0; j < m; ++j) d[j] = bf16_to_f32(f32_to_bf16(a[j]));
+        } else if (ins.b == 2) {
+          for (size_t j = 0; j < m; ++j) d[j] = f16_to_f32(f32_to_f16(a[j]));
+        } else if (d != a) {
+          std::memmove(d, a, m * sizeof(float));
+        }
+        break;
+      case kMkAdd: emit(d, m, ins.c, [&](size_t j) { return a[j] + b[j]; }); break;
+      case kMkSub: emit(d, m, ins.c, [&](size_t j) { return a[j] - b[j]; }); break;
+      case kMkMul: emit(d, m, ins.c, [&](size_t j) { return a[j] * b[j]; }); break;
+      case kMkDiv: emit(d, m, ins.c, [&](size_t j) { return a[j] / b[j]; }); break;
+      case kMkEq: for (size_t j = 0; j < m; ++j) d[j] = a[j] == b[j] ? 1.f : 0.f; break;
+      case kMkAddK: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return a[j] + v; }); break; }
+      case kMkMulK: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return a[j] * v; }); break; }
+      case kMkDivK: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return a[j] / v; }); break; }
+      case kMkKDiv: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return v / a[j]; }); break; }
+      case kMkKSub: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return v - a[j]; }); break; }
+      case kMkFma64: {
+        const float* x = c.regs + static_cast<size_t>(ins.b) * kB;
+        const double w = c.k[ins.c];
+        for (size_t j = 0; j < m; ++j)
+          d[j] = static_cast<float>(static_cast<double>(x[j]) * w + static_cast<double>(a[j]));
+        break;
+      }
+      case kMkAbs: for (size_t j = 0; j < m; ++j) d[j] = std::fabs(a[j]); break;
+      case kMkSign:
+        for (size_t j = 0; j < m; ++j) {
+          const float x = a[j];
+          d[j] = x > 0.f ? 1.f : x < 0.f ? -1.f : x == 0.f ? 0.f : x;
+        }
+        break;
+      case kMkMajority: for (size_t j = 0; j < m; ++j) d[j] = a[j] >= 0.f ? 1.f : -1.f; break;
+      case kMkZeroToOne: for (size_t j = 0; j < m; ++j) d[j] = a[j] == 0.f ? 1.f : a[j]; break;
+      case kMkMaxK: {
+        const float v = static_cast<float>(c.k[ins.b]);
+        for (size_t j = 0; j < m; ++j) d[j] = (a[j] != a[j] || a[j] >= v) ? a[j] : v;
+        break;
+      }
+      case kMkClipK: {
+        const float lo = static_cast<float>(c.k[ins.b]), hi = static_cast<float>(c.k[ins.c]);
+        for (size_t j = 0; j < m; ++j) {
+          const float x = a[j];
+          d[j] = x != x ? x : x < lo ? lo : x > hi ? hi : x;
+        }
+        break;
+      }
+      case kMkUniformLt: {
+        // (z >> 11) * 2^-53 < p, for the integer z >> 11 < 2^53, is z >> 11 < ceil(p * 2^53)
+        // (an exact scaling): an integer compare, which vectorises.
+        const uint64_t key = c.n[ins.a];
+        const double scaled = c.k[ins.b] * 0x1p53;
+        const int64_t below = !(scaled > 0.0)      ? 0
+                              : scaled >= 0x1p53 ? (INT64_C(1) << 53)
+                                                 : static_cast<int64_t>(std::ceil(scaled));
+        for (size_t j = 0; j < m; ++j) {
+          const uint64_t z = mix64(key + (e0 + j + 1) * UINT64_C(0x9E3779B97F4A7C15));
+          d[j] = static_cast<int64_t>(z >> 11) < below ? 1.f : 0.f;
+        }
+        break;
+      }
+      case kMkConst: { const float v = static_cast<float>(c.k[ins.a]); for (size_t j = 0; j < m; ++j) d[j] = v; break; }
+      case kMkStore:
+        LSF_DTYPE_DISPATCH(c.out_dt, DT, for (size_t j = 0; j < m; ++j) Elem<DT>::store(out, j, a[j]));
+        break;
+      case kMkNorm: c.norms[ins.b].add(a, m); break;
+      case kMkSum: c.sums[ins.b].add(a, m); break;
+      case kMkVarPop: {
+        // Model by model over the block (vectorised); a division by a power of two is the exact
+        // multiplication by its reciprocal, so only counts like 3 divide.
+        const int32_t nx = ins.b;
+        double mean[kB], m2[kB];
+        for (size_t j = 0; j < m; ++j) mean[j] = m2[j] = 0.0;
+        for (int32_t k = 0; k < nx; ++k) {
+          const float* x = a + static_cast<size_t>(k) * kB;
+          const double count = static_cast<double>(k + 1);
+          if (((k + 1) & k) == 0) {
+            const double inv = 1.0 / count;
+            for (size_t j = 0; j < m; ++j) {
+              const double v = static_cast<double>(x[j]);
+              const double delta = v - mean[j];
+              mean[j] = mean[j] + delta * inv;
+              m2[j] = m2[j] + delta * (v - mean[j]);
+            }
+          } else {
+            for (size_t j = 0; j < m; ++j) {
+              const double v = static_cast<double>(x[j]);
+              const double delta = v - mean[j];
+              mean[j] = mean[j] + delta / count;
+              m2[j] = m2[j] + delta * (v - mean[j]);
+            }
+          }
+        }
+        const double n = static_cast<double>(nx);
+        for (size_t j = 0; j < m; ++j) d[j] = static_cast<float>(m2[j] / n);
+        break;
+      }
+      case kMkSum64: {
+        double acc = c.sums64[ins.b];
+        for (size_t j = 0; j < m; ++j) acc += static_cast<double>(a[j]);
+        c.sums64[ins.b] = acc;
+        break;
+      }
+      case kMkHistHigh: {
+        int64_t* h = c.hists + static_cast<size_t>(ins.b) * 65536;
+        for (size_t j = 0; j < m; ++j) ++h[mag_bits(a[j]) >> 16];
+        break;
+      }
+      case kMkHistLow: {
+        int64_t* h = c.hists + static_cast<size_t>(ins.b) * 65536;
+        const uint64_t bucket = c.n[ins.c];
+        for (size_t j = 0; j < m; ++j) {
+          const uint32_t key = mag_bits(a[j]);
+          if ((key >> 16) == bucket) ++h[key & 0xFFFF];
+        }
+        break;
+      }
+      case kMkEqCount: {
+        const uint64_t value = c.n[ins.c];
+        int64_t k = 0;
+        for (size_t j = 0; j < m; ++j) k += mag_bits(a[j]) == value;
+        c.counts[ins.b] += k;
+        break;
+      }
+      case kMkRank: {
+        // The strict band first (vectorised), then the tied magnitudes, in element order.
+        const MkRank& r = c.ranks[ins.b];
+        const uint32_t top = r.top, bottom = r.bottom;
+        const size_t nv = r.values.size();
+        const uint32_t v0 = nv > 0 ? r.values[0] : top, v1 = nv > 1 ? r.values[1] : v0;
+        uint32_t hit = 0;
+        for (size_t j = 0; j < m; ++j) {
+          const uint32_t key = mag_bits(a[j]);
+          d[j] = (key > bottom && key < top) ? 1.f : 0.f;
+          hit |= static_cast<uint32_t>(key == v0) | static_cast<uint32_t>(key == v1);
+        }
+        if (nv == 0 || (!hit && nv <= 2)) break;
+        uint64_t* run = c.running + c.running_at[ins.b];
+        if (nv <= 2) {  // groups of 16 scanned for the tied magnitudes, vectorised
+          const uint64_t g0 = r.greater[0], g1 = nv > 1 ? r.greater[1] : 0, lo = r.lo, hi = r.hi;
+          uint64_t* run1 = nv > 1 ? run + 1 : run;
+          for (size_t j0 = 0; j0 < m; j0 += 16) {
+            const size_t je = std::min(m, j0 + 16);
+            uint32_t any = 0;
+            for (size_t j = j0; j < je; ++j) {
+              const uint32_t key = mag_bits(a[j]);
+              any |= static_cast<uint32_t>(key == v0) | static_cast<uint32_t>(key == v1);
+            }
+            if (!any) continue;
+            for (size_t j = j0; j < je; ++j) {
+              const uint32_t key = mag_bits(a[j]);
+              uint64_t rank;
+              if (key == v0) rank = g0 + (*run)++;
+              else if (key == v1) rank = g1 + (*run1)++;
+              else continue;
+              d[j] = rank >= lo && rank < hi ? 1.f : 0.f;
+            }
+          }
+          break;
+        }
+        for (size_t j = 0; j < m; ++j) {
+          const uint32_t key = mag_bits(a[j]);
+          for (size_t v = 0; v < nv; ++v)
+            if (key == r.values[v]) {
+              const uint64_t rank = r.greater[v] + run[v]++;
+              d[j] = rank >= r.lo && rank < r.hi ? 1.f : 0.f;
+            }
+        }
+        break;
+      }
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+
+MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DType>& in_dt,
+                        uint64_t numel, const std::vector<MkInstr>& code,
+                        const std::vector<double>& consts, const std::vector<uint64_t>& ints,
+                        const std::vector<MkRank>& ranks, ShardWriter* out, uint64_t out_offset,
+                        DType out_dt, uint64_t chunk, uint64_t segment, uint64_t index_base,
+                        int64_t threads) {
+  if (in.size() != in_dt.size()) fail("mk_program: inputs and input_dtypes differ in length");
+  if (chunk == 0) fail("mk_program: chunk_elems must be >= 1");
+  const Shape shape = check_code(code, in.size(), consts.size(), ints.size(), ranks.size());
+  if (shape.stores && !out) fail("mk_program: the program stores but there is no output");
+  if (!shape.stores && out) fail("mk_program: there is an output but the program never stores");
+  check_slices(in, in_dt, numel, "mk_program: inputs");
+  if (out) check_out_slice(*out, out_offset, numel, out_dt, "mk_program");
+  if (segment == 0) fail("mk_program: segment_elems must be >= 1");
+  const uint64_t seg = std::min(segment, std::max<uint64_t>(numel, 1));
+  const uint64_t c = std::min(chunk, seg);
+  MkResult res;
+  res.tasks = numel == 0 ? 0 : (numel + seg - 1) / seg;
+  std::vector<size_t> running_at(ranks.size() + 1, 0);
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    const MkRank& r = ranks[i];
+    if (r.values.size() != r.greater.size() || r.values.size() > 8)
+      fail("mk_program: ranks[" + std::to_string(i) + "] has mismatched or too many values");
+    if (!r.seen.empty() && r.seen.size() != res.tasks * r.values.size())
+      fail("mk_program: ranks[" + std::to_string(i) + "].seen has " + std::to_string(r.seen.size()) +
+           " entries, not tasks x values = " + std::to_string(res.tasks * r.values.size()));
+    running_at[i + 1] = running_at[i] + r.values.size();
+  }
+  res.sums.assign(res.tasks * shape.sums, 0.0);
+  res.hists.assign(shape.hists * 65536, 0);
+  res.eqcounts.assign(res.tasks * shape.counts, 0);
+  const StreamFiles files("mk_program", nullptr, DType::F32, in, in_dt, out, out_offset, out_dt);
+  if (numel == 0) return res;
+
+  uint64_t step_max = 16;  // the largest TorchSum block over any task
+  {
+    const uint64_t rows = seg / kRow;
+    const uint64_t bits = rows > 1 ? 64 - static_cast<uint64_t>(__builtin_clzll(rows - 1)) : 0;
+    step_max = uint64_t{1} << std::max<uint64_t>(4, bits / 4);
+  }
+  const size_t nthreads = resolve_threads(threads, res.tasks);
+  std::mutex merge_m;
+  run_pool(nthreads, res.tasks, [&](TaskQueue& q) {
+    ChunkReader r(files, c, out != nullptr);
+    Array<float> regs = alloc_array<float>(static_cast<uint64_t>(std::max(shape.regs, 1)) * kB, "mk_program registers");
+    std::vector<TorchSum> sums(shape.sums);
+    std::vector<TorchNorm> norms(shape.sums);
+    std::vector<double> sums64(shape.sums, 0.0);
+    Array<float> sumbuf = alloc_array<float>(std::max<uint64_t>(shape.sums, 1) * step_max * kRow, "mk_program sums");
+    std::vector<int64_t> hists(shape.hists * 65536, 0);
+    std::vector<uint64_t> running(running_at.back() + 1, 0);
+    Ctx cx{&code, consts.data(), ints.data(), ranks.data(), in.size(), in_dt.data(), out_dt,
+           regs.get(), sums.data(), norms.data(), sums64.data(), hists.data(),
+           nullptr, running.data(), running_at.data()};
+    std::vector<const unsigned char*> ptrs(in.size());
+    uint64_t t;
+    while (q.pop(&t)) {
+      const uint64_t t0 = t * seg;
+      const uint64_t tm = std::min(seg, numel - t0);
+      for (size_t s = 0; s < shape.sums; ++s) {
+        if (shape.slot_kind[s] == 2) norms[s].init(tm);
+        else if (shape.slot_kind[s] == 1) sums[s].init(tm, sumbuf.get() + s * step_max * kRow);
+        sums64[s] = 0.0;
+      }
+      for (size_t i = 0; i < ranks.size(); ++i)
+        for (size_t v = 0; v < ranks[i].values.size(); ++v)
+          running[running_at[i] + v] = ranks[i].seen.empty() ? 0 : ranks[i].seen[t * ranks[i].values.size() + v];
+      cx.counts = res.eqcounts.data() + t * shape.counts;
+      const size_t osz = dtype_size(out_dt);
+      for (uint64_t e0 = t0; e0 < t0 + tm; e0 += c) {
+        const uint64_t m = std::min(c, t0 + tm - e0);
+        r.load(e0, m);
+        const unsigned char* const* src = r.in();
+        unsigned char* o = r.out();
+        recoverable([&] {
+          for (uint64_t b0 = 0; b0 < m; b0 += kB) {
+            const size_t bm = static_cast<size_t>(std::min<uint64_t>(kB, m - b0));
+            for (size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = src[i] + b0 * dtype_size(in_dt[i]);
+            run_block(cx, ptrs.data(), o ? o + b0 * osz : nullptr, bm, index_base + e0 + b0);
+          }
+        });
+        if (out) r.store(e0, m);
+      }
+      for (size_t s = 0; s < shape.sums; ++s)
+        res.sums[t * shape.sums + s] = shape.slot_kind[s] == 2   ? norms[s].total()
+                                       : shape.slot_kind[s] == 1 ? sums[s].total()
+                                                                 : sums64[s];
+    }
+    if (!hists.empty()) {
+      std::lock_guard<std::mutex> g(merge_m);
+      for (size_t i = 0; i < hists.size(); ++i) res.hists[i] += hists[i];
+    }
+  });
+  files.check_mapped_inputs(numel);
+  return res;
+}
+
+}  // namespace lsf

@@ -1,0 +1,284 @@
+"""The per-element steps of the ``mk_*`` ops as programs for the C++ core (``_core.mk_program``).
+
+A :class:`Program` is a list of float32 steps, each the numpy step of :mod:`.mergekit_ops` it
+replaces (same operation, same rounding), run by the core over blocks of the streamed inputs on
+all threads. Besides the output a program yields torch-ordered sums and norms per segment,
+magnitude histograms and per-segment counts of one magnitude; :func:`rank_bands` builds TIES' and
+breadcrumbs' magnitude bands from those with the same thresholds and tie order as
+``mergekit_ops._rank_keys``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import _core
+from ..dtypes import DTYPE_SIZES
+from ..formats.checkpoint import TensorSpec
+from .backends import InputRange
+
+(LOAD, ROUND, ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB, FMA64, ABS, SIGN, MAXK, CLIPK, MAJORITY, EQ,
+ UNIFORM_LT, STORE, NORM, SUM, CONST, ZERO_TO_ONE, HIST_HIGH, HIST_LOW, EQ_COUNT, RANK, SUM64, VAR_POP) = range(30)
+ROUNDING = {None: 0, "F32": 0, "BF16": 1, "F16": 2}
+#: the steps whose optional last operand rounds their result
+_FUSES_ROUNDING = {ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB}
+#: elements per read of each input (per worker)
+CHUNK = 1 << 20
+#: output bytes per core call, after each of which the writer is told how far the file is
+PIECE_BYTES = 32 << 20
+
+
+@dataclass
+class Program:
+    """Steps in the compute dtype ``c``; each method returns the register of its result."""
+
+    c: str | None
+    input_dtypes: Sequence[str]
+    code: list[tuple[int, ...]] = field(default_factory=list)
+    consts: list[float] = field(default_factory=list)
+    ints: list[int] = field(default_factory=list)
+    ranks: list[tuple[Any, ...]] = field(default_factory=list)
+    regs: int = 0
+    sums: int = 0
+    hists: int = 0
+    counts: int = 0
+
+    def _new(self) -> int:
+        self.regs += 1
+        return self.regs - 1
+
+    def k(self, value: float) -> int:
+        self.consts.append(float(value))
+        return len(self.consts) - 1
+
+    def n(self, value: int) -> int:
+        self.ints.append(int(value))
+        return len(self.ints) - 1
+
+    def op(self, code: int, *args: int) -> int:
+        d = self._new()
+        self.code.append((code, d, *args))
+        return d
+
+    def read(self, i: int) -> int:
+        """Input ``i`` in the compute dtype (``_Reader.read``)."""
+        x = self.op(LOAD, i)
+        return x if self.input_dtypes[i] == self.c else self.round(x)
+
+    def round(self, x: int, dtype: str | None | bool = True) -> int:
+        """``x`` rounded to ``dtype`` (True: the compute dtype). When ``x`` is the result of the
+        step just added and that step is arithmetic, the rounding joins it (one loop) and ``x``
+        itself is returned: the value before rounding must not be used again."""
+        code = ROUNDING[self.c if dtype is True else dtype]
+        last = self.code[-1] if self.code else None
+        if last is not None and last[0] in _FUSES_ROUNDING and last[1] == x and len(last) == 4:
+            self.code[-1] = (*last, code)
+            return x
+        return self.op(ROUND, x, code)
+
+    def add(self, a: int, b: int) -> int:
+        return self.op(ADD, a, b)
+
+    def sub(self, a: int, b: int) -> int:
+        return self.op(SUB, a, b)
+
+    def mul(self, a: int, b: int) -> int:
+        return self.op(MUL, a, b)
+
+    def div(self, a: int, b: int) -> int:
+        return self.op(DIV, a, b)
+
+    def addk(self, a: int, v: float) -> int:
+        return self.op(ADDK, a, self.k(v))
+
+    def mulk(self, a: int, v: float) -> int:
+        return self.op(MULK, a, self.k(v))
+
+    def divk(self, a: int, v: float) -> int:
+        return self.op(DIVK, a, self.k(v))
+
+    def kdiv(self, v: float, a: int) -> int:
+        return self.op(KDIV, a, self.k(v))
+
+    def ksub(self, v: float, a: int) -> int:
+        return self.op(KSUB, a, self.k(v))
+
+    def fma64(self, acc: int, x: int, w: float) -> int:
+        return self.op(FMA64, acc, x, self.k(w))
+
+    def abs(self, a: int) -> int:
+        return self.op(ABS, a)
+
+    def sign(self, a: int) -> int:
+        return self.op(SIGN, a)
+
+    def maxk(self, a: int, v: float) -> int:
+        return self.op(MAXK, a, self.k(v))
+
+    def clipk(self, a: int, lo: float, hi: float) -> int:
+        return self.op(CLIPK, a, self.k(lo), self.k(hi))
+
+    def majority(self, a: int) -> int:
+        return self.op(MAJORITY, a)
+
+    def eq(self, a: int, b: int) -> int:
+        return self.op(EQ, a, b)
+
+    def zero_to_one(self, a: int) -> int:
+        return self.op(ZERO_TO_ONE, a)
+
+    def const(self, v: float) -> int:
+        return self.op(CONST, self.k(v))
+
+    def uniform_lt(self, key: int, p: float) -> int:
+        return self.op(UNIFORM_LT, self.n(key), self.k(p))
+
+    def sum_rounded(self, xs: Sequence[int], dtype: str | None | bool = True) -> int:
+        """``torch_rounding.sum_rounded``: float32 additions in order, one rounding."""
+        acc = xs[0]
+        for x in xs[1:]:
+            acc = self.add(acc, x)
+        return self.round(acc, dtype)
+
+    def rank(self, x: int, band: tuple[Any, ...]) -> int:
+        self.ranks.append(band)
+        return self.op(RANK, x, len(self.ranks) - 1)
+
+    def store(self, x: int) -> None:
+        self.code.append((STORE, 0, x))
+
+    def norm(self, x: int) -> int:
+        self.code.append((NORM, 0, x, self.sums))
+        self.sums += 1
+        return self.sums - 1
+
+    def sum(self, x: int) -> int:
+        self.code.append((SUM, 0, x, self.sums))
+        self.sums += 1
+        return self.sums - 1
+
+    def var_pop(self, xs: Sequence[int]) -> int:
+        """The population variance across ``xs``, elementwise (Welford's updates in float64)."""
+        first = self.regs
+        for x in xs:
+            self.op(ROUND, x, 0)  # a copy: the op takes consecutive registers
+        return self.op(VAR_POP, first, len(xs))
+
+    def sum64(self, x: int) -> int:
+        """A float64 sum in element order."""
+        self.code.append((SUM64, 0, x, self.sums))
+        self.sums += 1
+        return self.sums - 1
+
+    def hist_high(self, x: int) -> int:
+        self.code.append((HIST_HIGH, 0, x, self.hists))
+        self.hists += 1
+        return self.hists - 1
+
+    def hist_low(self, x: int, bucket: int) -> int:
+        self.code.append((HIST_LOW, 0, x, self.hists, self.n(bucket)))
+        self.hists += 1
+        return self.hists - 1
+
+    def eq_count(self, x: int, value: int) -> int:
+        self.code.append((EQ_COUNT, 0, x, self.counts, self.n(value)))
+        self.counts += 1
+        return self.counts - 1
+
+
+def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
+        segment: int | None = None, index_base: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A program without output over the whole tensor: (sums per segment, histograms, counts per
+    segment); segments of :data:`CHUNK` elements unless given."""
+    numel = specs[0].numel
+    segment = segment or CHUNK
+    ranks = program.ranks
+    if segment != CHUNK and ranks:  # each segment's tie counts start where its first chunk's do
+        if segment % CHUNK and segment < numel:
+            raise ValueError(f"rank bands need segments of whole chunks ({CHUNK} elements), not {segment}")
+        firsts = [t * segment // CHUNK for t in range(-(-numel // segment))]  # each segment's first chunk
+        ranks = [(*band[:6], [x for t in firsts for x in band[6][t * len(band[4]):(t + 1) * len(band[4])]]
+                  if band[6] else []) for band in ranks]
+    return _core.mk_program(list(inputs), [s.dtype for s in specs], numel, program.code, program.consts,
+                            program.ints, ranks, None, 0, "F32", chunk_elems=min(CHUNK, segment),
+                            segment_elems=segment, index_base=index_base, threads=threads)
+
+
+def write(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
+          writer: _core.ShardWriter, dst: int, out_dtype: str, advance: Callable[[int, int], None]) -> None:
+    """A program that stores, over the whole tensor, written at ``dst`` in pieces (each a whole
+    number of chunks; the rank bands' per-chunk counts go with them)."""
+    numel = specs[0].numel
+    out_size = DTYPE_SIZES[out_dtype]
+    sizes = [DTYPE_SIZES[s.dtype] for s in specs]
+    step = max(CHUNK, PIECE_BYTES // out_size // CHUNK * CHUNK)
+    for start in range(0, numel, step):
+        n = min(step, numel - start)
+        first, last = start // CHUNK, (start + n + CHUNK - 1) // CHUNK
+        ranks = [(*band[:6], _seen_slice(band, first, last)) for band in program.ranks]
+        _core.mk_program([(f, off + start * size) for (f, off), size in zip(inputs, sizes)], [s.dtype for s in specs],
+                         n, program.code, program.consts, program.ints, ranks, writer, dst + start * out_size,
+                         out_dtype, chunk_elems=CHUNK, segment_elems=CHUNK, index_base=start, threads=threads)
+        advance(dst + (start + n) * out_size, n * out_size)
+
+
+def _seen_slice(band: tuple[Any, ...], first: int, last: int) -> list[int]:
+    seen, values = band[6], len(band[4])
+    return list(seen[first * values:last * values]) if seen else []
+
+
+def rank_bands(ranges: Sequence[tuple[int, int] | None], build: Callable[[Program], list[int]],
+               make: Callable[[], Program], specs: Sequence[TensorSpec], inputs: Sequence[InputRange],
+               threads: int) -> list[tuple[Any, ...] | None]:
+    """For each value ``build`` computes (one per range), the band of descending magnitude ranks
+    ``[lo, hi)`` as :meth:`Program.rank` takes it: the bit patterns of the magnitudes at ranks lo
+    and hi − 1 and how many exceed each (two histogram passes, as ``mergekit_ops._rank_keys``),
+    and, where a magnitude occurs more than once, how many equal ones precede each chunk (a third
+    pass), so that the lower index ranks first. None where a range is None or empty."""
+    wanted = [sorted({r[0], r[1] - 1}) if r is not None and r[1] > r[0] else [] for r in ranges]
+    if not any(wanted):
+        return [None] * len(ranges)
+    p = make()
+    slots = {i: p.hist_high(x) for i, x in enumerate(build(p)) if wanted[i]}
+    _, high, _ = run(p, specs, inputs, threads)
+    buckets = {i: [locate_rank(high[slots[i]], r) for r in wanted[i]] for i in slots}
+    keys: dict[int, list[tuple[int, int, int]]] = {}  # per model and wanted rank: value, how many exceed it, its count
+    if make().c == "BF16":  # every value a bfloat16: its high 16 bits are all of it, its bucket's count its count
+        keys = {i: [(bucket << 16, above, int(high[slots[i]][bucket])) for bucket, above, _ in buckets[i]]
+                for i in slots}
+    else:
+        p = make()
+        low_slots = {i: [p.hist_low(x, bucket) for bucket, _, _ in buckets[i]]
+                     for i, x in enumerate(build(p)) if i in buckets}
+        _, low, _ = run(p, specs, inputs, threads)
+        for i in slots:
+            keys[i] = []
+            for (bucket, above, rest), slot in zip(buckets[i], low_slots[i]):
+                value, greater, _ = locate_rank(low[slot], rest)
+                keys[i].append(((bucket << 16) | value, above + greater, int(low[slot][value])))
+    distinct = {i: {value: (greater, count) for value, greater, count in keys[i]} for i in slots}
+    seen: dict[int, list[int]] = {i: [] for i in slots}
+    if any(count > 1 for i in slots for _, count in distinct[i].values()):
+        p = make()
+        count_slots = {i: [p.eq_count(x, v) if count > 1 else None for v, (_, count) in distinct[i].items()]
+                       for i, x in enumerate(build(p)) if i in slots}
+        _, _, counts = run(p, specs, inputs, threads)
+        for i, columns in count_slots.items():
+            before = [np.zeros(len(counts), dtype=np.int64) if slot is None else
+                      np.concatenate([[0], np.cumsum(counts[:-1, slot])]) for slot in columns]
+            seen[i] = [int(v) for v in np.stack(before, axis=1).reshape(-1)] if len(counts) else []
+    return [(keys[i][0][0], keys[i][-1][0], r[0], r[1], list(distinct[i]), [g for g, _ in distinct[i].values()], seen[i])
+            if i in slots and r is not None else None for i, r in enumerate(ranges)]
+
+
+def locate_rank(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
+    """The bin holding descending rank ``rank``, how many counts lie in higher bins, and the rank
+    within the bin."""
+    from_top = np.cumsum(hist[::-1])
+    index = int(np.searchsorted(from_top, rank, side="right"))
+    above = int(from_top[index - 1]) if index else 0
+    return len(hist) - 1 - index, above, rank - above

@@ -1,0 +1,136 @@
+"""The core's mergekit programs (``_core.mk_program``) against the numpy steps they replace
+(``mergekit_ops`` with ``IN_CORE`` off, themselves checked against mergekit in test_mergekit.py):
+the same bytes, on 1 and 2 threads, with chunks and pieces small enough that the rank bands' tie
+counts cross chunk boundaries; and bad programs refused with CoreError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import layerswap_fast as ls
+from layerswap_fast import _core
+from layerswap_fast.engine import mergekit_ops, mergekit_program
+import test_mergekit
+from support import load_tensors, raw_bytes
+
+
+trios = test_mergekit.trios  # the same module-scoped pico trios
+
+
+def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
+    """test_mergekit's configs, and DARE without rescaling (its masks are the core's too)."""
+    a, b, base = (str(trio[r]) for r in ("a", "b", "base"))
+    return {**test_mergekit.configs(trio, dtype),
+            "dare_ties": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.5}},
+                                     {"model": b, "parameters": {"weight": 0.4, "density": 0.4}}],
+                          "base_model": base, "merge_method": "dare_ties", "dtype": dtype,
+                          "parameters": {"rescale": False}},
+            "sce_all": {**test_mergekit.configs(trio, dtype)["sce"], "parameters": {"select_topk": 1.0}},
+            "dare_linear": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.3}},
+                                       {"model": b, "parameters": {"weight": 0.4, "density": 0.7}}],
+                            "base_model": base, "merge_method": "dare_linear", "dtype": dtype}}
+
+
+def run(config: dict[str, Any], out: Path, threads: int) -> dict[str, torch.Tensor]:
+    ls.api.run_mergekit_config(config, out, copy_tokenizer=False, threads=threads)
+    return load_tensors(out)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+@pytest.mark.parametrize("method", ["linear", "linear_slices", "task_arithmetic", "ties", "breadcrumbs_ties",
+                                    "breadcrumbs", "dare_ties", "dare_linear", "slerp", "nuslerp", "nuslerp_without_base",
+                                    "model_stock", "nearswap", "passthrough", "sce", "sce_all"])
+def test_core_programs_write_the_numpy_steps_bytes(trios: dict[str, dict[str, Path]], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, method: str, dtype: str) -> None:
+    config = configs(trios[dtype], {"bf16": "bfloat16", "f32": "float32"}[dtype])[method]
+    monkeypatch.setattr(mergekit_ops, "CHUNK", 1000)  # odd chunks: ties counted and L1 sums split across them
+    monkeypatch.setattr(mergekit_ops, "IN_CORE", False)
+    want = run(config, tmp_path / "numpy", 1)
+    monkeypatch.setattr(mergekit_ops, "IN_CORE", True)
+    monkeypatch.setattr(mergekit_program, "CHUNK", 1000)
+    monkeypatch.setattr(mergekit_program, "PIECE_BYTES", 5000)
+    for threads in (1, 2):
+        got = run(config, tmp_path / f"core{threads}", threads)
+        assert set(got) == set(want)
+        assert [n for n in want if raw_bytes(got[n]) != raw_bytes(want[n])] == [], threads
+
+
+def _slices(tmp_path: Path, values: np.ndarray) -> tuple[Any, int]:
+    path = tmp_path / "x.bin"
+    path.write_bytes(values.astype("<f4").tobytes())
+    return _core.InputFile(str(path)), 0
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 31, 33, 1000, 4099, 70001])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sums_and_norms_in_torch_order(tmp_path: Path, n: int, threads: int) -> None:
+    """Sum and norm slots equal torch's own ``sum`` and ``vector_norm`` on one thread, and the
+    Python replay (torch_rounding) for every segment."""
+    from layerswap_fast.engine.torch_rounding import torch_norm, torch_sum
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * rng.uniform(0.1, 100, n)).astype(np.float32)
+    f = _slices(tmp_path, x)
+    p = mergekit_program.Program(None, ["F32"])
+    v = p.read(0)
+    p.sum(v)
+    p.norm(v)
+    for segment in (n, max(1, n // 3)):
+        sums, _, _ = _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
+                                      chunk_elems=max(1, segment // 2 + 1), segment_elems=segment, threads=threads)
+        for t in range(len(sums)):
+            part = x[t * segment:(t + 1) * segment]
+            assert sums[t, 0] == torch_sum(part) and sums[t, 1] == torch_norm(part), (segment, t)
+    torch.set_num_threads(1)
+    sums, _, _ = _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
+                                  chunk_elems=997, segment_elems=n, threads=threads)
+    t = torch.from_numpy(x)
+    assert sums[0, 0] == t.sum().item()
+    assert sums[0, 1] == torch.linalg.vector_norm(t).item()
+
+
+@pytest.mark.parametrize("code", [[(99, 0, 0)], [(0, 0, 5)], [(0, 70, 0)], [(0, 0, 0), (2, 0, 0, 99)],
+                                  [(0, 0, 0), (20, 0, 0, 0), (21, 0, 0, 0)], [(0, -1, 0)], [(0, 0, 0), (19, 0, 0)]])
+def test_bad_programs_are_core_errors(tmp_path: Path, code: list[tuple[int, ...]]) -> None:
+    f = _slices(tmp_path, np.ones(10, dtype=np.float32))
+    with pytest.raises(_core.CoreError):
+        _core.mk_program([f], ["F32"], 10, code, [], [], [], None, 0, "F32")
+
+
+@pytest.mark.parametrize("p", [0.0, -1.0, 2.0**-60, 0.3, 0.5, 1 - 2.0**-53, 1.0, 1.5, float("nan")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_uniform_masks_are_the_counter_streams(tmp_path: Path, p: float, threads: int) -> None:
+    """kMkUniformLt compares integers; it keeps exactly where counter_random's float64 draw < p."""
+    from layerswap_fast.engine.counter_random import stream_key, uniform
+    n = 5003
+    f = _slices(tmp_path, np.ones(n, dtype=np.float32))
+    prog = mergekit_program.Program(None, ["F32"])
+    key = stream_key(7, "model.layers.0.mlp.up_proj.weight", 1)
+    prog.sum64(prog.mul(prog.uniform_lt(key, p), prog.const(1.0)))
+    for first, base in ((0, 0), (1, 10**12)):
+        sums, _, _ = _core.mk_program([f], ["F32"], n, prog.code, prog.consts, prog.ints, prog.ranks, None, 0, "F32",
+                                      chunk_elems=1000, segment_elems=1, index_base=base, threads=threads)
+        assert [bool(x) for x in sums[:, 0]] == list(uniform(key, base, n) < p), first
+
+
+@pytest.mark.parametrize("change", [{"numel": 11}, {"segment_elems": 0}, {"chunk_elems": 0},
+                                    {"ranks": [(1, 0, 0, 5, [1, 2], [0], [])]},
+                                    {"ranks": [(1, 0, 0, 5, [1], [0], [0, 0])]},
+                                    {"ranks": [(2**40, 0, 0, 5, [1], [0], [])]}])
+def test_bad_arguments_are_core_errors(tmp_path: Path, change: dict[str, Any]) -> None:
+    f = _slices(tmp_path, np.ones(10, dtype=np.float32))
+    args: dict[str, Any] = {"numel": 10, "ranks": [(1, 0, 0, 5, [1], [0], [])], "chunk_elems": 4, "segment_elems": 4}
+    code = [(0, 0, 0), (27, 1, 0, 0)]  # load, rank
+
+    def call() -> None:
+        _core.mk_program([f], ["F32"], args["numel"], code, [], [], args["ranks"], None, 0, "F32",
+                         chunk_elems=args["chunk_elems"], segment_elems=args["segment_elems"])
+
+    call()  # the arguments before the change are good
+    args.update(change)
+    with pytest.raises(_core.CoreError):
+        call()
