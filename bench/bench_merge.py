@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # no numpy here: this process spawns the timed children, which inherit its peak RSS (common.py)
-from common import (DEFAULT_WORKDIR, find_cli, machine_info, memory_cgroup, parse_size, run_timed,  # noqa: E402
+from common import (DEFAULT_WORKDIR, drop_caches, find_cli, machine_info, memory_cgroup, parse_size, run_timed,  # noqa: E402
                     shard_bytes, sync, trio_dirname, used_bytes, xfs_mount)
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-mb", type=int, default=0,
                     help="run the copy and the merge each in a memory cgroup of this many MB (page cache "
                          "included; needs root): more bytes than the page cache absorbs, without that many "
-                         "bytes on disk. With --xfs-gb the loop device then uses direct I/O")
+                         "bytes on disk. Each run starts with the page cache dropped; with --xfs-gb the loop "
+                         "device uses direct I/O")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     ap.add_argument("--shard-size", default="5GB", help="shard size of the trio and of the merge")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--io", method[len("merge["):-1]]
         return cmd + list(args.merge_arg)
 
-    if not args.no_warm:
+    if not args.no_warm and not args.memory_mb:
         # read both experts once, so the first timed run does not alone pay for a cold cache
         files = sorted(task.glob("*.safetensors")) + sorted(language.glob("*.safetensors"))
         subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=False)
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = _copy_cmd(task, out)
             else:
                 cmd = merge_cmd(out, method)
+            if limited is not None and not drop_caches():  # a cold start, then at most --memory-mb of cache
+                print("error: --memory-mb needs root (to drop the page cache)", file=sys.stderr)
+                return 2
             sync()
             before = used_bytes(workdir)
             timed = run_timed(cmd, preexec=limited)
