@@ -17,6 +17,16 @@
 
 namespace lsf {
 
+// The most elements per chunk for a kernel whose inputs and output take elem_bytes per element
+// together, so that one thread's chunks stay in its L2 cache: pread copies into cached buffers,
+// and the kernel reads them there (a 2 MiB chunk per input measured 1.4-2x the CPU of 128 KiB
+// ones for a blend of two BF16 inputs, bench/RESULTS.md session 11). At least 1024.
+inline uint64_t cached_chunk_elems(uint64_t elem_bytes) {
+  uint64_t cap = 1024;
+  while (cap * 2 * elem_bytes <= (uint64_t{1} << 20)) cap *= 2;
+  return cap;
+}
+
 // CoreErr unless numel elements of dt at s fit inside s's file.
 void check_slice(const FileSlice& s, uint64_t numel, DType dt, const std::string& role);
 
