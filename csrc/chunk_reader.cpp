@@ -91,26 +91,29 @@ void StreamFiles::write(uint64_t e0, const void* buf, uint64_t m) const {
 namespace {
 
 const uintptr_t kPage = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-// Chunks smaller than this (TIES' sample blocks) are read at scattered places: the range after
-// one is not the next one read, so it is not worth a system call.
-constexpr uint64_t kMinWillNeed = 64 << 10;
-
 // The page cache holds large folios (up to 2 MiB, as readahead of a sequential mapping makes
 // them) and a fault maps a whole folio, which may reach past the chunk that faulted: pages are
-// dropped from our page tables in blocks this large, or they would stay mapped at every edge of a
-// tensor.
-constexpr uintptr_t kDropBlock = 2 << 20;
+// dropped in blocks this large. Nothing is mapped ahead: faults map the folios around them in a
+// batch (fault-around), and MADV_POPULATE_READ measured slower than faults on a warm 2.2 GB shard
+// (7.9 against 12.1 GB/s touching every page, one thread), MADV_WILLNEED a system call per chunk
+// that does nothing once the pages are cached.
+constexpr uintptr_t kBlock = 2 << 20;
+// A sequential reader drops the blocks behind it once they add up to this much. Dropping is a
+// TLB shootdown on every CPU the process runs on (an interprocessor interrupt, a VM exit under a
+// hypervisor): per chunk it cost more than the reads (TIES over three 1b experts took 8.6x a copy
+// mapped, 5.0x through pread, bench/RESULTS.md), while the bound on what stays mapped is
+// this span per input and thread.
+constexpr uintptr_t kDropSpan = 16 << 20;
 
-// madvise over [p, p + n) widened to multiples of `align` (a power of two, at least a page) and
-// clipped to the mapping [begin, end); advice only, so failures are ignored.
-void advise(const unsigned char* p, uint64_t n, const unsigned char* begin, const unsigned char* end,
-            uintptr_t align, int advice) {
-  if (n == 0 || p >= end) return;
-  uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~(align - 1);
-  uintptr_t b = reinterpret_cast<uintptr_t>(p) + std::min<uint64_t>(n, static_cast<uint64_t>(end - p));
-  b = (b + align - 1) & ~(align - 1);
-  a = std::max(a, reinterpret_cast<uintptr_t>(begin));  // begin is page-aligned
-  b = std::min(b, (reinterpret_cast<uintptr_t>(end) + kPage - 1) & ~(kPage - 1));
+uintptr_t down(uintptr_t a, uintptr_t align) { return a & ~(align - 1); }
+uintptr_t up(uintptr_t a, uintptr_t align) { return (a + align - 1) & ~(align - 1); }
+
+// madvise over [a, b) clipped to the mapping [begin, end) (begin is page-aligned, the end is
+// rounded up to a page); advice only, so failures are ignored.
+void advise(uintptr_t a, uintptr_t b, const unsigned char* begin, const unsigned char* end,
+            int advice) {
+  a = std::max(a, reinterpret_cast<uintptr_t>(begin));
+  b = std::min(b, up(reinterpret_cast<uintptr_t>(end), kPage));
   if (b > a) (void)::madvise(reinterpret_cast<void*>(a), b - a, advice);
 }
 
@@ -118,7 +121,12 @@ void advise(const unsigned char* p, uint64_t n, const unsigned char* begin, cons
 
 ChunkReader::ChunkReader(const StreamFiles& f, uint64_t chunk, bool with_out,
                          const std::vector<char>* use)
-    : f_(f), read_(f.size(), 1), bufs_(f.size()), ptrs_(f.size(), nullptr), held_(f.size(), 0) {
+    : f_(f),
+      read_(f.size(), 1),
+      bufs_(f.size()),
+      ptrs_(f.size(), nullptr),
+      lo_(f.size(), 0),
+      hi_(f.size(), 0) {
   const char* what = f.buffers_name().c_str();
   for (size_t i = 0; i < f.size(); ++i) {
     if (use && !(*use)[i]) read_[i] = 0;
@@ -129,16 +137,13 @@ ChunkReader::ChunkReader(const StreamFiles& f, uint64_t chunk, bool with_out,
   if (with_out) obuf_ = alloc_array<unsigned char>(chunk * dtype_size(f.out_dtype()), what);
 }
 
+// What this reader mapped and has not dropped yet; neighbouring readers (the other thread's
+// chunks, the next tensor) may share its edge blocks, and dropping those under them only costs
+// them a minor fault.
 ChunkReader::~ChunkReader() {
-  for (size_t i = 0; i < held_.size(); ++i) release(i);
-}
-
-// Neighbouring chunks may share a drop block with this one; dropping it from our page tables
-// under another thread's reads only costs that thread a minor fault.
-void ChunkReader::release(size_t i) {
-  if (held_[i] == 0) return;
-  advise(ptrs_[i], held_[i], f_.map_begin(i), f_.map_end(i), kDropBlock, MADV_DONTNEED);
-  held_[i] = 0;
+  for (size_t i = 0; i < lo_.size(); ++i)
+    if (hi_[i] > lo_[i])
+      advise(lo_[i], up(hi_[i], kBlock), f_.map_begin(i), f_.map_end(i), MADV_DONTNEED);
 }
 
 void ChunkReader::load(uint64_t e0, uint64_t m) {
@@ -146,12 +151,21 @@ void ChunkReader::load(uint64_t e0, uint64_t m) {
   for (size_t i = 0; i < bufs_.size(); ++i) {
     if (!read_[i]) continue;
     if (const unsigned char* base = f_.mapped(i)) {
-      release(i);
       const uint64_t sz = dtype_size(f_.dtype(i));
       ptrs_[i] = base + e0 * sz;
-      held_[i] = m * sz;
-      if (held_[i] >= kMinWillNeed)
-        advise(ptrs_[i] + held_[i], held_[i], f_.map_begin(i), f_.map_end(i), kPage, MADV_WILLNEED);
+      const uintptr_t a = reinterpret_cast<uintptr_t>(ptrs_[i]), b = a + m * sz;
+      // Drop the blocks behind this chunk once they reach kDropSpan (and everything mapped before
+      // when the reader starts over, as a second pass over the tensor does).
+      if (hi_[i] == 0 || a < lo_[i]) {
+        if (hi_[i] > lo_[i])
+          advise(lo_[i], up(hi_[i], kBlock), f_.map_begin(i), f_.map_end(i), MADV_DONTNEED);
+        lo_[i] = down(a, kBlock);
+        hi_[i] = b;
+      } else if (down(a, kBlock) - lo_[i] >= kDropSpan) {
+        advise(lo_[i], down(a, kBlock), f_.map_begin(i), f_.map_end(i), MADV_DONTNEED);
+        lo_[i] = down(a, kBlock);
+      }
+      hi_[i] = std::max<uintptr_t>(hi_[i], b);
     } else {
       f_.read(i, e0, m, bufs_[i].get());
     }

@@ -17,6 +17,16 @@
 
 namespace lsf {
 
+// The most elements per chunk for a kernel whose inputs and output take elem_bytes per element
+// together, so that one thread's chunks stay in its L2 cache: pread copies into cached buffers,
+// and the kernel reads them there (a 2 MiB chunk per input measured 1.4-2x the CPU of 128 KiB
+// ones for a blend of two BF16 inputs, bench/RESULTS.md session 11). At least 1024.
+inline uint64_t cached_chunk_elems(uint64_t elem_bytes) {
+  uint64_t cap = 1024;
+  while (cap * 2 * elem_bytes <= (uint64_t{1} << 20)) cap *= 2;
+  return cap;
+}
+
 // CoreErr unless numel elements of dt at s fit inside s's file.
 void check_slice(const FileSlice& s, uint64_t numel, DType dt, const std::string& role);
 
@@ -79,10 +89,10 @@ class StreamFiles {
 // flagged in `use`, when given): a buffer per input read with pread, a pointer into the mapping
 // of each mapped one; and, with with_out, a buffer for the output.
 //
-// Mapped chunks are advised to the kernel: the next chunk's range of each input as will-need
-// (readahead before we fault on it) and, once the reader moves on, the last one's as don't-need,
-// which drops its pages from our page tables (they stay in the page cache, clean and unmapped,
-// as after a pread) so that a long run over mapped inputs does not grow the RSS.
+// The pages of mapped chunks are dropped from our page tables (they stay in the page cache, clean
+// and unmapped, as after a pread) in 2 MiB blocks behind the reader once they reach 16 MiB, and
+// at the end, so that a long run over mapped inputs grows the RSS by at most about that per input
+// and thread.
 class ChunkReader {
  public:
   ChunkReader(const StreamFiles& f, uint64_t chunk, bool with_out,
@@ -102,13 +112,13 @@ class ChunkReader {
   void store(uint64_t e0, uint64_t m) const { f_.write(e0, obuf_.get(), m); }
 
  private:
-  void release(size_t i);
-
   const StreamFiles& f_;
   std::vector<char> read_;  // which inputs are read
   std::vector<Array<unsigned char>> bufs_;
   std::vector<const unsigned char*> ptrs_;
-  std::vector<uint64_t> held_;  // bytes of each mapped input's last chunk (from ptrs_)
+  // Per mapped input: the start of what this reader read and has not dropped (2 MiB-aligned), and
+  // the end of what it read.
+  std::vector<uintptr_t> lo_, hi_;
   Array<unsigned char> obuf_;
 };
 

@@ -306,7 +306,9 @@ void blend_file_run(const std::vector<FileSlice>& in, const std::vector<DType>& 
   const StreamFiles files("blend_file", nullptr, DType::F32, in, in_dt, &out, out_offset, out_dt);
   if (numel == 0) return;
 
-  const uint64_t chunk = std::min(chunk_elems, numel);
+  uint64_t elem_bytes = dtype_size(out_dt);
+  for (DType d : in_dt) elem_bytes += dtype_size(d);
+  const uint64_t chunk = std::min({chunk_elems, numel, cached_chunk_elems(elem_bytes)});
   const uint64_t ntasks = (numel + chunk - 1) / chunk;
   const size_t nthreads = resolve_threads(threads, ntasks);
 
@@ -406,6 +408,9 @@ void row_mav_file_run(const std::vector<FileSlice>& ex, const std::vector<DType>
   check_slices(ex, ex_dt, numel, "row_mav_file: experts");
   const StreamFiles files("row_mav_file", &base, base_dt, ex, ex_dt);
   if (n == 0) return;
+  uint64_t elem_bytes = dtype_size(base_dt);
+  for (DType d : ex_dt) elem_bytes += dtype_size(d);
+  chunk_elems = std::min(chunk_elems, cached_chunk_elems(elem_bytes));
 
   // Whole rows per task when a row fits in a chunk; otherwise one row per task, streamed in
   // pieces that are whole 64-element blocks, so that every row is summed in the same order

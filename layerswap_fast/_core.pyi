@@ -124,7 +124,8 @@ def blend_file(
     threads: int = 0,
 ) -> None:
     """The same arithmetic as :func:`blend_buffers`, streamed: ``numel`` elements starting at each
-    (file, absolute offset) are read in chunks of ``chunk_elems`` by ``threads`` workers (pread),
+    (file, absolute offset) are read in chunks of at most ``chunk_elems`` (fewer where that keeps
+    each worker's chunks in its L2 cache) by ``threads`` workers (pread),
     blended and written (pwrite) to ``out`` at ``out_offset``. Memory is
     O(chunk_elems × (inputs + 1) × threads), independent of ``numel``. Bounds-checked."""
 
