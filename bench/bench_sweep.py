@@ -6,8 +6,9 @@
 
 Part 1: ``layerswap-fast sweep`` over T task × L language experts (synthetic) × 6 swap
 configurations (bottom 4/5/6 × top 1/2), beside ``--separate`` of the same candidates built by
-separate ``merge`` runs, their time and bytes extrapolated to all candidates (said so in the
-output): wall seconds, peak RSS, bytes the filesystem gave out (``statvfs`` before and after, so
+separate ``merge`` runs (``--separate 54``: all of them), their time and bytes extrapolated to all
+candidates (said so in the output); the sweep and the separate merges each start with an empty
+checksum cache, so neither takes the other's remembered digests: wall seconds, peak RSS, bytes the filesystem gave out (``statvfs`` before and after, so
 reflinked extents count as shared). With ``--xfs-gb N`` everything lives on an XFS filesystem with
 reflink made in a loop file of N GB (needs root and mkfs.xfs): whole shards are then reflinked.
 Where a ``mergekit-yaml`` is found (``--mergekit``, next to this Python, or in
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -80,6 +82,7 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
     out = root / "sweep"
     shutil.rmtree(out, ignore_errors=True)
     before = used_bytes(root)
+    fresh_checksum_cache(root / "cache-sweep")
     timed = run_timed([cli, "sweep", str(root / "spec.json"), "-o", str(out), "--link", link])
     if timed.returncode:
         sys.exit(timed.stderr)
@@ -87,6 +90,7 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
     rows = json.loads((out / "sweep.json").read_text())["candidates"]
     picks = [rows[round(i * (len(rows) - 1) / max(1, separate - 1))] for i in range(separate)]
     seconds, written = [], 0
+    fresh_checksum_cache(root / "cache-separate")  # the first merge of each pair hashes its copies
     for row in picks:
         o, dest = row["options"], root / "separate" / row["name"]
         shutil.rmtree(dest, ignore_errors=True)
@@ -99,12 +103,22 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
             sys.exit(t.stderr)
         seconds.append(t.seconds)
         written += used_bytes(root) - before
+        shutil.rmtree(dest)  # measured: room for the next (all 54 would not fit beside the sweep)
     shutil.rmtree(root / "separate", ignore_errors=True)
+    os.environ.pop("XDG_CACHE_HOME", None)
     scale = len(rows) / len(picks)
     return {"rows": rows, "candidates": len(rows), "sweep_s": timed.seconds, "sweep_rss_mb": timed.peak_rss_mb,
             "sweep_bytes": swept, "separate_timed": len(picks), "separate_s_extrapolated": sum(seconds) * scale,
             "separate_bytes_extrapolated": written * scale,
             "computed": sum(r["tensors_computed"] for r in rows), "shared": sum(r["tensors_shared"] for r in rows)}
+
+
+def fresh_checksum_cache(directory: Path) -> None:
+    """The children that follow remember checksums under an empty ``directory``: a phase of the
+    bench does not inherit the digests an earlier one remembered (the experts are new to both)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["XDG_CACHE_HOME"] = str(directory)
 
 
 SESSION_CODE = r"""

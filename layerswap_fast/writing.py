@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -61,8 +62,16 @@ class MergeResult:
                 f"{n['copy']} tensors copied, {n['tensors'] - n['copy']} computed")
 
 
+#: each open checkpoint's layer count (a sweep plans many candidates over the same experts)
+_LAYERS: weakref.WeakKeyDictionary[Checkpoint, int] = weakref.WeakKeyDictionary()
+
+
 def _layer_count(checkpoints: Mapping[str, Checkpoint]) -> int:
-    counts = {role: count_layers(c.names, c.config, f"{describe_role(role)} {c.path}") for role, c in checkpoints.items()}
+    counts = {}
+    for role, c in checkpoints.items():
+        if c not in _LAYERS:
+            _LAYERS[c] = count_layers(c.names, c.config, f"{describe_role(role)} {c.path}")
+        counts[role] = _LAYERS[c]
     first = next(iter(counts))
     for role, n in counts.items():
         if n != counts[first]:

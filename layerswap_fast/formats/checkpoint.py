@@ -210,6 +210,8 @@ class Checkpoint:
         self.directory, shard_paths, weight_map = _find_weight_files(self.path)
         self._files: dict[Path, _core.InputFile] = {}
         self._io = "auto"
+        self._occupied: dict[Path, str] | None = None
+        self._samples: dict[tuple[int, int], str] = {}
         self._stamps: dict[Path, tuple[int, ...]] = {}
         try:
             self.shards: tuple[ShardHeader, ...] = tuple(self._open_shards(shard_paths))
@@ -258,7 +260,14 @@ class Checkpoint:
     def content_sample(self, samples: int = 8, size: int = 4096) -> str:
         """sha256 over :meth:`fingerprint` and ``samples × size`` bytes read at evenly spaced
         offsets of every shard's data: tells apart experts whose headers are identical (the usual
-        case for models fine-tuned from one base), at the cost of a few small reads."""
+        case for models fine-tuned from one base), at the cost of a few small reads. Taken once
+        while the checkpoint is open (:meth:`check_unchanged` vouches for it after that)."""
+        key = (samples, size)
+        if key not in self._samples:
+            self._samples[key] = self._sample(samples, size)
+        return self._samples[key]
+
+    def _sample(self, samples: int, size: int) -> str:
         h = hashlib.sha256(self.fingerprint().encode())
         for shard in self.shards:
             if not shard.tensors:
@@ -301,7 +310,13 @@ class Checkpoint:
 
     def occupied_paths(self) -> dict[Path, str]:
         """Every resolved path this checkpoint occupies (its directory or file, and the targets of
-        its shard links), each with what it is: what no command may write, replace or delete."""
+        its shard links), each with what it is: what no command may write, replace or delete.
+        Resolved once while it is open (a sweep asks for every candidate)."""
+        if self._occupied is None:
+            self._occupied = self._resolve_occupied()
+        return dict(self._occupied)
+
+    def _resolve_occupied(self) -> dict[Path, str]:
         found = {Path(os.path.realpath(self.path)): f"the input {self.path}",
                  Path(os.path.realpath(self.directory)): f"the input {self.path}"}
         files = [s.path for s in self.shards] + [self.directory / n for n in SIDE_FILE_NAMES + (INDEX_NAME,)]
