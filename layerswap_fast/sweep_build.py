@@ -154,8 +154,8 @@ def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callabl
             write = WriteOptions(candidate.shard_size, settings.threads, settings.device, force=_ours(candidate.path),
                                  dry_run=settings.dry_run, link=settings.link, io=settings.io,
                                  **({"checksum": settings.checksum} if settings.checksum else {}))
-            result = write_plan(SWAP, plan_now, {**inputs, **sources}, candidate.path, recorded, write,
-                                side_source(inputs), SWAP.extra(plan), [values["base"], values["stats"]])
+            result = write_plan(SWAP, plan_now, inputs, candidate.path, recorded, write, side_source(inputs),
+                                SWAP.extra(plan), [values["base"], values["stats"]], sources=sources)
             earlier = {names for names, key in shards if key in made} if settings.dry_run else set()
             _account(candidate, result, shared, len(computed), earlier)
         for key in [*computed.values(), *(k for _, k in shards)]:

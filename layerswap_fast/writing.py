@@ -132,19 +132,23 @@ def _card(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint], opt
 def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint], out: PathLike,
            options: Mapping[str, Any], write: WriteOptions, side_source: Checkpoint,
            extra: Mapping[str, Any] | None = None, other_inputs: Sequence[PathLike | None] = (),
-           side_files: Sequence[SideFile] | None = None, texts: Mapping[str, str] | None = None) -> MergeResult:
+           side_files: Sequence[SideFile] | None = None, texts: Mapping[str, str] | None = None,
+           sources: Mapping[str, Checkpoint] | None = None) -> MergeResult:
     """Lay out, check and (unless a dry run) execute a plan over opened inputs; ``options`` are
     the method's as recorded. The side files are ``side_source``'s unless ``side_files`` are
-    given; ``texts`` are more small files by name."""
+    given; ``texts`` are more small files by name. ``sources``: outputs the plan also copies
+    tensors from (a sweep's earlier candidates), read and guarded like inputs but not recorded as
+    inputs: the recipe and card name what the output is made of."""
     command = method.command
     size_limit = write.check()
     out_path = output_location(out)
     # only what decides the bytes: thread count, device and link mode never change them
     recipe = _recipe(command, plan, inputs, {**options, "shard_size": str(write.shard_size)}, extra)
     metadata = {"format": "pt", "layerswap_fast": json.dumps(recipe, separators=(",", ":"), sort_keys=True)}
+    card = _card(method, plan, inputs, options)
+    inputs = {**inputs, **(sources or {})}
     shards = plan_layout(plan, inputs, size_limit, metadata, out_path)
     side_files = list(find_side_files(side_source.directory) if side_files is None else side_files)
-    card = _card(method, plan, inputs, options)
     guarded = guarded_paths(inputs.values(), [*other_inputs, *write.other_inputs])
     # where it seems not to fit, a real run asks the filesystem whether copies would be clones (a
     # dry run writes nothing, not even that probe, so it counts every byte)

@@ -48,6 +48,8 @@ def test_every_candidate_is_its_own_merge(experts, tmp_path):
         assert shards_without_metadata(Path(row["path"])) == shards_without_metadata(reference), row["name"]
         recipe = json.loads((Path(row["path"]) / "layerswap_recipe.json").read_text())
         assert recipe["options"] == options
+        # its inputs are the experts, as its own merge's, not the earlier candidates it copied from
+        assert recipe["inputs"] == json.loads((reference / "layerswap_recipe.json").read_text())["inputs"]
 
 
 def test_each_distinct_tensor_is_computed_once(experts, tmp_path):
