@@ -46,22 +46,31 @@ class Settings:
     io: str = "auto"
 
 
-@contextmanager
-def open_experts() -> Iterator[Callable[[Mapping[str, Any]], dict[str, Checkpoint]]]:
+class OpenExperts:
     """``experts(paths)``: the checkpoints of ``paths`` (role -> path), kept open while successive
     candidates use the same ones (a grid's configurations of one pair), closed when they change."""
-    with ExitStack() as outer:
-        held: list[Any] = [None, {}, ExitStack()]  # key, checkpoints, their stack
 
-        def experts(paths: Mapping[str, Any]) -> dict[str, Checkpoint]:
-            key = sorted((role, str(path)) for role, path in paths.items())
-            if key != held[0]:
-                held[2].close()
-                held[2] = outer.enter_context(ExitStack())
-                held[0], held[1] = key, open_all(held[2], paths)
-            return held[1]
+    def __init__(self) -> None:
+        self._key: list[tuple[str, str]] | None = None
+        self._opened: dict[str, Checkpoint] = {}
+        self._stack = ExitStack()
 
-        yield experts
+    def __call__(self, paths: Mapping[str, Any]) -> dict[str, Checkpoint]:
+        key = sorted((role, str(path)) for role, path in paths.items())
+        if key != self._key:
+            self.close()
+            self._key, self._opened = key, open_all(self._stack, paths)
+        return self._opened
+
+    def close(self) -> None:
+        self._stack.close()
+        self._key, self._opened = None, {}
+
+    def __enter__(self) -> OpenExperts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @contextmanager
@@ -110,10 +119,9 @@ def earlier_outputs() -> Iterator[Callable[[Path], Checkpoint]]:
 
 
 def build_one(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callable[[Path], Checkpoint],
-              settings: Settings, experts: Callable[[Mapping[str, Any]], dict[str, Checkpoint]] | None = None
-              ) -> Candidate:
+              settings: Settings, experts: OpenExperts | None = None) -> Candidate:
     """Build (and evaluate) one candidate; its failure is its own, recorded in it. ``experts``
-    (:func:`open_experts`) keeps the experts open from one candidate to the next."""
+    (:class:`OpenExperts`) keeps the experts open from one candidate to the next."""
     try:
         _build(candidate, made, output_of, settings, experts)
         if settings.evaluator is not None and not settings.dry_run:
@@ -132,7 +140,7 @@ def recipe_keys(candidate: Candidate, device: str = "auto") -> list[RecipeKey]:
 
 
 def _build(candidate: Candidate, made: dict[RecipeKey, Path], output_of: Callable[[Path], Checkpoint],
-           settings: Settings, experts: Callable[[Mapping[str, Any]], dict[str, Checkpoint]] | None) -> None:
+           settings: Settings, experts: OpenExperts | None) -> None:
     """Plan the candidate; unless it is complete from an earlier run, write it (or, in a dry run,
     lay it out), taking what earlier candidates computed from their outputs."""
     assert candidate.path is not None

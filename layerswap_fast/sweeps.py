@@ -22,7 +22,8 @@ from .errors import ConfigError, LayerswapError
 from .evaluation import Evaluator, load_evaluator
 from .formats.adapter import is_adapter
 from .methods.method import as_list
-from .sweep_build import RecipeKey, Settings, background_writeback, build_one, earlier_outputs, evaluate_candidate, open_experts, write_manifest
+from .sweep_build import (OpenExperts, RecipeKey, Settings, background_writeback, build_one, earlier_outputs,
+                          evaluate_candidate, write_manifest)
 from .sweep_spec import Candidate, candidates, read_spec
 
 PathLike = str | os.PathLike[str]
@@ -54,7 +55,7 @@ def sweep(spec: PathLike | Mapping[str, Any], out: PathLike, *, link: str = "aut
         from .sweep_ray import run_on_ray
         return run_on_ray(found, root, ray, settings, report)
     made: dict[RecipeKey, Path] = {}
-    with earlier_outputs() as output_of, open_experts() as experts, background_writeback() as flush:
+    with earlier_outputs() as output_of, OpenExperts() as experts, background_writeback() as flush:
         for candidate in found:
             candidate.path = root / candidate.name
             build_one(candidate, made, output_of, settings, experts)

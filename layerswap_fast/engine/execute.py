@@ -229,9 +229,9 @@ def clone_estimate(directory: Path, shards: Sequence[OutputShard], inputs: Mappi
                 continue
             spec = inputs[t.recipe.terms[0].role].specs[t.recipe.source(t.recipe.terms[0])]
             src, dst, st = spec.offset, shard.data_start + t.begin, os.stat(spec.file)
-            if (src - dst) % block == 0 and st.st_dev == device:
-                head = min((-src) % block, t.nbytes)
-                total += shared_bytes(src + head, dst + head, t.nbytes - head, block, st.st_size)
+            if st.st_dev == device:  # the pieces a copy makes, as _flush_copy counts them
+                total += sum(shared_bytes(src + start, dst + start, n, block, st.st_size)
+                             for start, n in copy_pieces(src, dst, t.nbytes, block))
     return total
 
 
@@ -387,7 +387,7 @@ def execute(
             (tmp / RECIPE_NAME).write_text(text, encoding="utf-8")
         publish(tmp, out, force, sync)
         for s in new:
-            remember_hash(out / s.filename, checksum, digest[s.filename])
+            remember_hash(out / s.filename, checksum, digest[s.filename], finishing.cache)
         finishing.cache.save()
     copied_new = sum(t.recipe.op == "copy" for s in new for t in s.tensors)
     reused = [s for s in shards if isinstance(s, ReusedShard)]

@@ -57,6 +57,29 @@ def merged_buffers(recipes: Sequence[TensorRecipe], inputs: Mapping[str, Checkpo
 
 
 
+class _Kept(dict):  # type: ignore[type-arg]
+    """Input tensors kept in memory after their first read, by (file, offset, bytes), while a
+    byte budget lasts."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget = budget
+
+    def find(self, f: _core.InputFile, spec: TensorSpec) -> Any:
+        return self.get((f.path, spec.offset, spec.nbytes))
+
+    def keep(self, f: _core.InputFile, spec: TensorSpec, data: Any) -> None:
+        if spec.nbytes <= self.budget:
+            self[(f.path, spec.offset, spec.nbytes)] = data
+            self.budget -= spec.nbytes
+
+
+def _sources(recipe: TensorRecipe, inputs: Mapping[str, Checkpoint]) -> list[tuple[_core.InputFile, TensorSpec]]:
+    """Each term's input file and tensor."""
+    specs = [inputs[t.role].specs[recipe.source(t)] for t in recipe.terms]
+    return [(inputs[t.role].input_file(s.file), s) for t, s in zip(recipe.terms, specs)]
+
+
 class DirectFiller:
     """Copies and blends made on the CPU straight into a caller's buffer (a loaded model's
     parameter), with the bytes :func:`merged_buffers` gives: a copy is read into it, a blend is the
@@ -66,8 +89,7 @@ class DirectFiller:
 
     def __init__(self, threads: int = 0, resident: int = 0) -> None:
         self.threads = threads if threads > 0 else (os.cpu_count() or 1)
-        self.resident = resident
-        self._kept: dict[tuple[str, int, int], Any] = {}
+        self._kept = _Kept(resident)
         self._pool: ThreadPoolExecutor | None = None  # for copies of kept tensors, made at the first
 
     def close(self) -> None:
@@ -81,19 +103,21 @@ class DirectFiller:
 
     def fill(self, recipe: TensorRecipe, inputs: Mapping[str, Checkpoint], out: Any) -> None:
         """Write ``recipe``'s bytes into ``out`` (a writable uint8 array of exactly its size)."""
-        specs = [inputs[t.role].specs[recipe.source(t)] for t in recipe.terms]
-        files = [inputs[t.role].input_file(s.file) for t, s in zip(recipe.terms, specs)]
+        import numpy as np  # not on import: a merge never needs it
+
+        sources = _sources(recipe, inputs)
         if recipe.op == "copy":
-            kept = self._kept.get((files[0].path, specs[0].offset, specs[0].nbytes))
+            (f, spec), = sources
+            kept = self._kept.find(f, spec)
             if kept is None:
-                files[0].read_into(specs[0].offset, out)
-                self._keep(files[0], specs[0], out)
+                f.read_into(spec.offset, out)
+                if spec.nbytes <= self._kept.budget:  # a copy: the caller's buffer is the caller's
+                    self._kept.keep(f, spec, np.array(out, dtype=np.uint8))
             else:
                 self._copy(out, kept)
             return
-        sources = [self._read(f, s) for f, s in zip(files, specs)]
-        _core.blend_buffers(sources, [s.dtype for s in specs], [t.weight for t in recipe.terms], out, recipe.dtype,
-                            self.threads)
+        _core.blend_buffers([self._read(f, s) for f, s in sources], [s.dtype for _, s in sources],
+                            [t.weight for t in recipe.terms], out, recipe.dtype, self.threads)
 
     def _copy(self, out: Any, data: Any) -> None:
         """``out[:] = data`` in one piece per thread (numpy releases the GIL while it copies)."""
@@ -107,24 +131,14 @@ class DirectFiller:
         list(self._pool.map(lambda i: np.copyto(out[i:i + step], data[i:i + step]), range(0, len(data), step)))
 
     def _read(self, f: _core.InputFile, spec: TensorSpec) -> Any:
-        import numpy as np  # not on import: a merge never needs it
-
-        kept = self._kept.get((f.path, spec.offset, spec.nbytes))
-        if kept is not None:
-            return kept
-        data = np.empty(spec.nbytes, dtype=np.uint8)
-        f.read_into(spec.offset, data)
-        self._keep(f, spec, data, own=True)
-        return data
-
-    def _keep(self, f: _core.InputFile, spec: TensorSpec, data: Any, own: bool = False) -> None:
-        """Keep ``data`` (a copy of it, unless ``own``: a buffer nobody else writes) while the
-        resident budget allows."""
         import numpy as np
 
-        if spec.nbytes <= self.resident:
-            self._kept[(f.path, spec.offset, spec.nbytes)] = data if own else np.array(data, dtype=np.uint8)
-            self.resident -= spec.nbytes
+        kept = self._kept.find(f, spec)
+        if kept is None:
+            kept = np.empty(spec.nbytes, dtype=np.uint8)
+            f.read_into(spec.offset, kept)
+            self._kept.keep(f, spec, kept)
+        return kept
 
 
 class DeviceFiller:
@@ -138,8 +152,7 @@ class DeviceFiller:
 
     def __init__(self, device: Any, resident: int) -> None:
         self.device = device
-        self.resident = resident
-        self._kept: dict[tuple[str, int, int], Any] = {}
+        self._kept = _Kept(resident)
 
     @classmethod
     def can_fill(cls, recipe: TensorRecipe, specs: Sequence[TensorSpec]) -> bool:
@@ -154,31 +167,26 @@ class DeviceFiller:
         from ..dtypes import TORCH_NAMES
         from .cuda import blend_tensors
 
-        specs = [inputs[t.role].specs[recipe.source(t)] for t in recipe.terms]
-        files = [inputs[t.role].input_file(s.file) for t, s in zip(recipe.terms, specs)]
+        sources = _sources(recipe, inputs)
         flat = out.detach().reshape(-1)
         if recipe.op == "copy":
-            flat.view(torch.uint8).copy_(self._tensor(files[0], specs[0]))
+            flat.view(torch.uint8).copy_(self._tensor(*sources[0]))
             return
-        sources = [self._tensor(f, s).view(getattr(torch, TORCH_NAMES[s.dtype])) for f, s in zip(files, specs)]
-        blend_tensors(sources, [t.weight for t in recipe.terms], flat)
+        blend_tensors([self._tensor(f, s).view(getattr(torch, TORCH_NAMES[s.dtype])) for f, s in sources],
+                      [t.weight for t in recipe.terms], flat)
 
     def _tensor(self, f: _core.InputFile, spec: TensorSpec) -> Any:
         """The input tensor's bytes on the device (uint8), kept there while the budget allows."""
         import numpy as np
         import torch
 
-        key = (f.path, spec.offset, spec.nbytes)
-        kept = self._kept.get(key)
-        if kept is not None:
-            return kept
-        data = np.empty(spec.nbytes, dtype=np.uint8)
-        f.read_into(spec.offset, data)
-        on_device = torch.from_numpy(data).to(self.device)
-        if spec.nbytes <= self.resident:
-            self._kept[key] = on_device
-            self.resident -= spec.nbytes
-        return on_device
+        kept = self._kept.find(f, spec)
+        if kept is None:
+            data = np.empty(spec.nbytes, dtype=np.uint8)
+            f.read_into(spec.offset, data)
+            kept = torch.from_numpy(data).to(self.device)
+            self._kept.keep(f, spec, kept)
+        return kept
 
 
 def available_memory() -> int:

@@ -343,6 +343,12 @@ def mk_slerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
         _write(ctx, writer, recipe, dst, start, round_to(coef_a * x + coef_b * y, recipe.compute_dtype))
 
 
+def _task_vectors(reader: _Reader, start: int, n: int, count: int, c: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The base's chunk (input 0) and each model's offset from it, rounded to the compute dtype."""
+    base = reader.read(0, start, n)
+    return base, [round_to(reader.read(i, start, n) - base, c) for i in range(1, count + 1)]
+
+
 def mk_model_stock(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
                    inputs: Sequence[InputRange], dst: int) -> None:
     """mergekit's ``model_stock`` (whole tensors, not ``filter_wise``), in the compute dtype:
@@ -359,8 +365,7 @@ def mk_model_stock(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     norms = [TorchNorm(reader.numel) for _ in range(count)]
     dots = [TorchSum(reader.numel) for _ in pairs]
     for start, n in reader.chunks():
-        base = reader.read(0, start, n)
-        offsets = [round_to(reader.read(i, start, n) - base, c) for i in range(1, count + 1)]
+        _, offsets = _task_vectors(reader, start, n, count, c)
         for norm, offset in zip(norms, offsets):
             norm.add(offset)
         for dot, (i, j) in zip(dots, pairs):
@@ -391,8 +396,7 @@ def mk_sce(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, spec
     count = len(recipe.terms) - 1
 
     def task_vectors(start: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        base = reader.read(0, start, n)
-        return base, [round_to(reader.read(i, start, n) - base, c) for i in range(1, count + 1)]
+        return _task_vectors(reader, start, n, count, c)
 
     def variances() -> Iterator[list[np.ndarray]]:
         for start, n in reader.chunks():

@@ -152,12 +152,14 @@ class Program:
         self.code.append((STORE, 0, x))
 
     def norm(self, x: int) -> int:
-        self.code.append((NORM, 0, x, self.sums))
-        self.sums += 1
-        return self.sums - 1
+        return self._reduce(NORM, x)
 
     def sum(self, x: int) -> int:
-        self.code.append((SUM, 0, x, self.sums))
+        return self._reduce(SUM, x)
+
+    def _reduce(self, op: int, x: int) -> int:
+        """A reduction of ``x`` over the tensor into a new accumulator; its index."""
+        self.code.append((op, 0, x, self.sums))
         self.sums += 1
         return self.sums - 1
 
@@ -170,9 +172,7 @@ class Program:
 
     def sum64(self, x: int) -> int:
         """A float64 sum in element order."""
-        self.code.append((SUM64, 0, x, self.sums))
-        self.sums += 1
-        return self.sums - 1
+        return self._reduce(SUM64, x)
 
     def hist_high(self, x: int) -> int:
         self.code.append((HIST_HIGH, 0, x, self.hists))

@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -69,29 +70,36 @@ def file_segments(path: Path, size: int) -> list[Segment]:
     return layout_segments(start, ((s.offset - start, s.nbytes) for s in specs))
 
 
-def hash_range(fd: int, start: int, end: int, stop: threading.Event | None = None,
-               cancelled: type[Exception] = RuntimeError, name: str = "a file") -> bytes:
-    """BLAKE3 of the file's bytes [start, end), read by pread; a file shorter than that is a
-    CoreError (it changed while it was read)."""
-    h = new_segment_hasher()
-    buffer = bytearray(min(_BLOCK, max(1, end - start)))
+def update_from(h: Any, fd: int, start: int, end: int, buffer: bytearray, stop: threading.Event | None = None,
+                cancelled: type[Exception] = RuntimeError, name: str = "a file") -> None:
+    """Feed the file's bytes [start, end) to the hasher ``h``, read by pread through ``buffer``; a
+    file shorter than that is a CoreError (it changed while it was read). A pread, not a mapping:
+    a mapped file cut short would be a SIGBUS that kills the interpreter."""
     at = start
     while at < end:
         if stop is not None and stop.is_set():
             raise cancelled(f"hashing stopped at {at}")
-        with memoryview(buffer)[:min(_BLOCK, end - at)] as view:
+        with memoryview(buffer)[:min(len(buffer), end - at)] as view:
             got = os.preadv(fd, [view], at)
             if got <= 0:
                 raise _core.CoreError(f"input changed during the merge: {name} was truncated")
             h.update(view[:got])
             at += got
+
+
+def hash_range(fd: int, start: int, end: int, stop: threading.Event | None = None,
+               cancelled: type[Exception] = RuntimeError, name: str = "a file") -> bytes:
+    """BLAKE3 of the file's bytes [start, end) (see :func:`update_from`)."""
+    h = new_segment_hasher()
+    update_from(h, fd, start, end, bytearray(min(_BLOCK, max(1, end - start))), stop, cancelled, name)
     return h.digest()
 
 
 class DigestCache:
-    """Segment digests of files by (device, inode, size, mtime), kept under ``directory`` one JSON
-    file per file, loaded when first asked and written back by :meth:`save`. A file changed since
-    has another key, so its old digests are never used."""
+    """Segment digests of files by (algorithm, device, inode, size, mtime), kept under
+    ``directory`` one JSON file per file (a whole-file checksum is the segment of the whole
+    file), loaded when first asked and written back by :meth:`save`. A file changed since has
+    another key, so its old digests are never used."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -99,9 +107,9 @@ class DigestCache:
         self._files: dict[str, dict[str, str]] = {}
         self._dirty: set[str] = set()
 
-    def key(self, path: str | os.PathLike[str]) -> str:
+    def key(self, path: str | os.PathLike[str], algorithm: str = TENSORS) -> str:
         st = os.stat(path)
-        return f"{TENSORS}-{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+        return f"{algorithm}-{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
 
     def get(self, key: str, segment: Segment) -> bytes | None:
         with self._lock:

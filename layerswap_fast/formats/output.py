@@ -75,14 +75,21 @@ def check_output(out: Path, guarded: Mapping[Path, str], force: bool, needed_byt
     check_space(check_creatable(out), needed_bytes, cloned)
 
 
+def nearest_existing(out: Path) -> Path:
+    """The nearest ancestor of ``out`` that exists (where its filesystem is decided)."""
+    ancestor = out.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
+
+
 def check_creatable(out: Path) -> Path:
     """Check that ``out`` (and its staging directory) can be made: the nearest existing ancestor
     is a writable directory on a writable filesystem and every new name fits. Returns that
     ancestor."""
-    ancestor, new_names = out.parent, [out.name, staging_prefix(out, PARTIAL_MARK) + "4194304-xxxxxxxx"]
-    while not os.path.lexists(ancestor):
-        new_names.append(ancestor.name)
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(out)
+    new_names = [out.name, staging_prefix(out, PARTIAL_MARK) + "4194304-xxxxxxxx",
+                 *out.parent.relative_to(ancestor).parts]
     try:
         st = os.stat(ancestor)
         if not stat.S_ISDIR(st.st_mode):
@@ -105,11 +112,8 @@ def layout_block(out: Path) -> int:
     """The block size the layout aligns copied tensors to: that of the filesystem ``out`` will be
     on (``statvfs`` of its nearest existing directory; nothing is written, so a dry run lays out
     the same shards), where it is a power of two from 4 KiB to 64 KiB, else 4 KiB."""
-    ancestor = out.parent
-    while not os.path.isdir(ancestor) and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
     try:
-        size = os.statvfs(ancestor).f_bsize
+        size = os.statvfs(nearest_existing(out)).f_bsize
     except OSError:
         return 4096
     return size if 4096 <= size <= 65536 and size & (size - 1) == 0 else 4096

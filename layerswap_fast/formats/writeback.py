@@ -22,15 +22,16 @@ import mmap
 import os
 import threading
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
 
 import blake3
 
 from .. import _core
-from .digest import TENSORS, Combiner, DigestCache, Segment, file_digest, hash_range, new_segment_hasher, prune
+from .digest import (TENSORS, Combiner, DigestCache, Segment, file_digest, hash_range, new_segment_hasher,
+                     update_from)
 
 _BLOCK = 8 << 20
 _DEFAULT_MAX_DIRTY = 256 << 20  # worst case ~3x this dirty: the window, the unhashed lag, a piece in flight
@@ -199,8 +200,12 @@ class ShardFinisher:
             return
         stop = min(upto, seg_end)
         if copy is not None and copy[0] <= self.hashed:
-            self._hash_input(self._input(copy[2])[0], copy[3] + self.hashed - copy[0],
-                             min(stop, copy[1], self.hashed + _BLOCK))
+            end = min(stop, copy[1], self.hashed + _BLOCK)
+            self._buffer = self._buffer or bytearray(_BLOCK)
+            at = copy[3] + self.hashed - copy[0]
+            update_from(self.sha, self._input(copy[2])[0], at, at + end - self.hashed, self._buffer, self.stop,
+                        Cancelled, copy[2])
+            self.hashed = end
         else:
             self._hash_mapped(min(stop, copy[0] if copy is not None else stop, self.hashed + _BLOCK))
         if self.by_segment and self.hashed == seg_end:
@@ -238,18 +243,6 @@ class ShardFinisher:
                 self.sha.update(fresh)
         finally:
             mapped.close()
-        self.hashed = stop
-
-    def _hash_input(self, fd: int, at: int, stop: int) -> None:
-        """Hash [hashed, stop) from an input at ``at`` by pread: an input truncated meanwhile must
-        be an error, and a mapping of it would be a SIGBUS that kills the interpreter."""
-        if self._buffer is None:
-            self._buffer = bytearray(_BLOCK)
-        with memoryview(self._buffer)[:stop - self.hashed] as view:
-            if os.preadv(fd, [view], at) != len(view):
-                path = next(p for p, (f, _) in self._inputs.items() if f == fd)
-                raise _core.CoreError(f"input changed during the merge: {path} was truncated")
-            self.sha.update(view)
         self.hashed = stop
 
     def finish(self, size: int) -> str:
@@ -319,58 +312,44 @@ def hash_file(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Eve
     h = new_hasher(algorithm)
     if isinstance(h, _NoHash):
         return ""
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(_BLOCK):
-            if stop is not None and stop.is_set():
-                raise Cancelled(str(path))
-            h.update(block)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        update_from(h, fd, 0, size, bytearray(min(_BLOCK, max(1, size))), stop, Cancelled, str(path))
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
 def digest_cache() -> DigestCache:
-    """The cache of ``blake3-tensors`` segment digests, beside the whole-file checksums."""
+    """The cache of remembered checksums: ``blake3-tensors`` segment digests, and whole-file ones
+    (one segment) for the other algorithms."""
     return DigestCache(_cache_dir())
-
-
-def _cache_key(path: Path, algorithm: str) -> Path:
-    st = os.stat(path)
-    return _cache_dir() / f"{algorithm}-{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def cached_hash(path: Path, algorithm: str = DEFAULT_CHECKSUM, stop: threading.Event | None = None,
                 cache: DigestCache | None = None) -> str:
     """Checksum of an input file, remembered per (algorithm, device, inode, size, mtime):
-    unchanged inputs are hashed once across merges."""
+    unchanged inputs are hashed once across merges. Without ``cache``, one is made and saved."""
     if algorithm == NO_CHECKSUM:
         return ""
+    own = cache is None
+    cache = cache or digest_cache()
     if algorithm == TENSORS:
-        return hash_file(path, algorithm, stop, cache or digest_cache())
-    key = _cache_key(path, algorithm)
-    try:
-        digest = key.read_text().strip()
-        if len(digest) == 64:
-            return digest
-    except OSError:
-        pass
-    digest = hash_file(path, algorithm, stop)
-    _store(key, digest)
+        digest = hash_file(path, algorithm, stop, cache)
+    else:
+        key, whole = cache.key(path, algorithm), (0, os.stat(path).st_size)
+        known = cache.get(key, whole)
+        digest = known.hex() if known is not None else hash_file(path, algorithm, stop)
+        cache.put(key, whole, bytes.fromhex(digest))
+    if own:
+        cache.save()
     return digest
 
 
-def remember_hash(path: Path, algorithm: str, digest: str) -> None:
-    """Record the checksum of a file just written, as :func:`cached_hash` would after reading it:
-    an output that later feeds another merge (or a sweep's next candidate) is not read again
-    (``blake3-tensors`` remembers its segments instead: :meth:`DigestCache.remember`)."""
+def remember_hash(path: Path, algorithm: str, digest: str, cache: DigestCache) -> None:
+    """Record in ``cache`` the whole-file checksum of a file just written, as :func:`cached_hash`
+    would after reading it: an output that later feeds another merge (or a sweep's next
+    candidate) is not read again (``blake3-tensors`` remembers its segments as it writes them)."""
     if algorithm not in (NO_CHECKSUM, TENSORS) and len(digest) == 64:
-        _store(_cache_key(path, algorithm), digest)
-
-
-def _store(key: Path, digest: str) -> None:
-    try:
-        key.parent.mkdir(parents=True, exist_ok=True)
-        tmp = key.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(digest)
-        os.replace(tmp, key)
-    except OSError:
-        return  # a read-only home: no cache, same result
-    prune(key.parent)
+        cache.put(cache.key(path, algorithm), (0, os.stat(path).st_size), bytes.fromhex(digest))
