@@ -299,6 +299,21 @@ def test_where_nothing_can_be_cloned_everything_copied_is_copied(trio: dict[str,
     assert_merged(tmp_path / "out", trio)
 
 
+def test_inputs_on_another_filesystem_are_copied_onto_one_that_clones(trio: dict[str, Path], xfs: Path,
+                                                                       tmp_path: Path) -> None:
+    """The output's filesystem clones, but the inputs are elsewhere: every copied byte is copied
+    (clones are probed on, nothing counted cloned or shared), and the bytes are the same."""
+    if os.stat(tmp_path).st_dev == os.stat(xfs).st_dev:
+        pytest.skip("the inputs are on the XFS itself")
+    result = ls.merge(trio["task"], trio["language"], xfs / "out")
+    made = json.loads((xfs / "out" / "layerswap_recipe.json").read_text())["bytes"]
+    assert made["cloned"] == 0 and made["copied"] == _tensor_bytes(result, True) > 0
+    assert _shared_bytes(sorted((xfs / "out").glob("*.safetensors"))) == 0
+    assert "cloned (clones on)" in result.stats.summary()
+    assert_merged(xfs / "out", trio)
+    ls.verify(xfs / "out")
+
+
 def test_an_input_changed_during_a_cloning_merge_fails_it(xfs: Path) -> None:
     """Clones are taken of the input as it is when cloned: a change of the input during the merge
     is still caught at the end, and nothing is published."""
