@@ -152,7 +152,7 @@ def write_plan(method: Method, plan: MergePlan, inputs: Mapping[str, Checkpoint]
     guarded = guarded_paths(inputs.values(), [*other_inputs, *write.other_inputs])
     # where it seems not to fit, a real run asks the filesystem whether copies would be clones (a
     # dry run writes nothing, not even that probe, so it counts every byte)
-    clones = None if write.dry_run or write.link == "copy" else lambda d: clone_estimate(d, shards, inputs)
+    clones = None if write.dry_run or write.link == "copy" else lambda d: clone_estimate(d, shards, inputs, write.link)
     check_output(out_path, guarded, write.force, needed_bytes(shards, write.link) + side_bytes(side_files)
                  + _small_files_bytes(recipe, shards, len(side_files), card)
                  + sum(len(t.encode("utf-8")) for t in (texts or {}).values()), clones)

@@ -248,6 +248,23 @@ def test_a_merge_that_fits_only_as_clones_is_not_refused(xfs: Path) -> None:
     ls.verify(xfs / "out")
 
 
+def test_a_merge_whose_reused_shards_fit_only_as_reflinks_is_not_refused(xfs: Path) -> None:
+    """Input shards reused whole are reflinked by ``--link auto`` where the filesystem clones: the
+    space check counts them as shared too (a sweep's later candidates are mostly such shards)."""
+    paths = make_llama_trio(xfs, num_layers=L, hidden=256, shard="2MB")
+    first = ls.merge(paths["task"], paths["language"], xfs / "first")
+    made = json.loads((xfs / "first" / "layerswap_recipe.json").read_text())["bytes"]
+    whole = sum(f.stat().st_size for f in (xfs / "first").iterdir())
+    shutil.rmtree(xfs / "first")
+    assert made["reused"] > 0 and first.stats is not None
+    stored = whole - made["reused"] - made["cloned"]
+    with open(xfs / "filler", "wb") as f:  # room for what is stored anew and half the reused shards
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(xfs).free - stored - made["reused"] // 2)
+    ls.merge(paths["task"], paths["language"], xfs / "out")
+    assert_merged(xfs / "out", paths)
+    ls.verify(xfs / "out")
+
+
 def _new_shards(out: Path) -> list[Path]:
     reused = {r["shard"] for r in reused_of(out)}
     return [f for f in sorted(out.glob("*.safetensors")) if f.name not in reused]

@@ -214,16 +214,19 @@ def shared_bytes(src_offset: int, dst_offset: int, nbytes: int, block: int | Non
     return nbytes if src_offset + nbytes == src_size else nbytes - nbytes % block
 
 
-def clone_estimate(directory: Path, shards: Sequence[OutputShard], inputs: Mapping[str, Checkpoint]) -> int:
-    """Bytes of the new shards that an output in ``directory`` would share with the inputs rather
-    than store: the whole blocks of copied tensors from inputs on its filesystem, where it clones
-    (probed there once, with a scratch file). A lower bound: runs of adjacent copies clone a
-    little more."""
+def clone_estimate(directory: Path, shards: Sequence[OutputShard], inputs: Mapping[str, Checkpoint],
+                   link: str = "auto") -> int:
+    """Bytes of the output's shards that an output in ``directory`` would share with the inputs
+    rather than store: reused input files (``link`` auto reflinks them) and the whole blocks of copied tensors from inputs on
+    its filesystem, where it clones (probed there once, with a scratch file). A lower bound: runs
+    of adjacent copies clone a little more."""
     block = clone_block(directory)
     if block is None:
         return 0
     device, total = os.stat(directory).st_dev, 0
     for shard in shards:
+        if isinstance(shard, ReusedShard) and link == "auto":  # counted in full by needed_bytes
+            total += shard.file_size if os.stat(shard.reuse.source).st_dev == device else 0
         for t in shard.tensors if isinstance(shard, ShardLayout) else ():
             if t.recipe.op != "copy":
                 continue
