@@ -2,15 +2,19 @@
 
     python bench/bench_sweep.py [--shape 1b] [--layers N] [--tasks 3] [--languages 3]
                                 [--separate 6] [--shard-size 500MB] [--workdir DIR] [--xfs-gb 0]
-                                [--parts sweep,session] [--link auto] [--mergekit PATH] [--mergekit-runs 2]
+                                [--direct-io] [--rounds 1] [--parts sweep,session] [--link auto] [--mergekit PATH] [--mergekit-runs 2]
 
 Part 1: ``layerswap-fast sweep`` over T task × L language experts (synthetic) × 6 swap
 configurations (bottom 4/5/6 × top 1/2), beside ``--separate`` of the same candidates built by
 separate ``merge`` runs (``--separate 54``: all of them), their time and bytes extrapolated to all
 candidates (said so in the output); the sweep and the separate merges each start with an empty
-checksum cache, so neither takes the other's remembered digests: wall seconds, peak RSS, bytes the filesystem gave out (``statvfs`` before and after, so
-reflinked extents count as shared). With ``--xfs-gb N`` everything lives on an XFS filesystem with
-reflink made in a loop file of N GB (needs root and mkfs.xfs): whole shards are then reflinked.
+checksum cache, so neither takes the other's remembered digests: wall seconds, peak RSS, bytes the
+filesystem gave out (``statvfs`` before and after, so reflinked extents count as shared).
+``--rounds N`` repeats both, interleaved (their order alternating), and reports medians. With
+``--xfs-gb N`` everything lives on an XFS filesystem with reflink made in a loop file of N GB
+(needs root and mkfs.xfs): whole shards are then reflinked; ``--direct-io`` makes the loop device
+bypass the page cache of its file, so that the XFS's pages are the only copy in memory, as on a
+disk (else the experts are cached twice and a 3 × 3 grid no longer fits this machine's memory).
 Where a ``mergekit-yaml`` is found (``--mergekit``, next to this Python, or in
 ``bench/.venv-mergekit``), it builds the first ``--mergekit-runs`` candidates as the equivalent
 linear merge over slices, timed and extrapolated.
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -74,20 +79,58 @@ def part_mergekit(mergekit: Path, root: Path, rows: list[dict], runs: int) -> di
 
 
 def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, shard_size: str,
-               link: str = "auto") -> dict:
+               link: str = "auto", rounds: int = 1) -> dict:
+    """``rounds`` interleaved rounds, each a sweep and the separate merges (their order alternating
+    from round to round), medians reported beside every round's figures."""
     spec = {"task_experts": [str(root / f"task-{i + 1}") for i in range(tasks)],
             "language_experts": [str(root / f"lang-{i + 1}") for i in range(languages)],
             "grid": GRID, "shard_size": shard_size}
     (root / "spec.json").write_text(json.dumps(spec))  # JSON is YAML
     out = root / "sweep"
+    each: list[dict] = []
+    for r in range(rounds):
+        swept: dict = {}
+        for phase in (["sweep", "separate"] if r % 2 == 0 else ["separate", "sweep"]):
+            if phase == "sweep":
+                swept.update(_one_sweep(cli, root, out, link))
+            else:
+                swept.update(_separate(cli, root, separate, shard_size, link, _candidates(cli, root, out)))
+        shutil.rmtree(out, ignore_errors=True) if r + 1 < rounds else None
+        print(f"round {r + 1}: sweep {swept['sweep_s']:.1f} s, separate {swept['separate_s_extrapolated']:.1f} s, "
+              f"ratio {swept['sweep_s'] / swept['separate_s_extrapolated']:.2f}", flush=True)
+        each.append(swept)
+    os.environ.pop("XDG_CACHE_HOME", None)
+    s = dict(each[-1])
+    for key in ("sweep_s", "sweep_bytes", "separate_s_extrapolated", "separate_bytes_extrapolated", "sweep_rss_mb"):
+        s[key] = statistics.median(e[key] for e in each)
+    s["rounds"] = [{k: e[k] for k in ("sweep_s", "separate_s_extrapolated")} for e in each]
+    return s
+
+
+def _one_sweep(cli: str, root: Path, out: Path, link: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     before = used_bytes(root)
     fresh_checksum_cache(root / "cache-sweep")
     timed = run_timed([cli, "sweep", str(root / "spec.json"), "-o", str(out), "--link", link])
     if timed.returncode:
         sys.exit(timed.stderr)
-    swept = used_bytes(root) - before
     rows = json.loads((out / "sweep.json").read_text())["candidates"]
+    return {"rows": rows, "candidates": len(rows), "sweep_s": timed.seconds, "sweep_rss_mb": timed.peak_rss_mb,
+            "sweep_bytes": used_bytes(root) - before, "computed": sum(r["tensors_computed"] for r in rows),
+            "shared": sum(r["tensors_shared"] for r in rows)}
+
+
+def _candidates(cli: str, root: Path, out: Path) -> list[dict]:
+    """The candidates' names and options, from the spec (the separate merges may come before the sweep)."""
+    from layerswap_fast.sweep_spec import read_spec
+    return [{"name": c.name, "options": c.options} for c in read_spec(root / "spec.json")]
+
+
+def _first(value: str | list[str]) -> str:
+    return value if isinstance(value, str) else value[0]
+
+
+def _separate(cli: str, root: Path, separate: int, shard_size: str, link: str, rows: list[dict]) -> dict:
     picks = [rows[round(i * (len(rows) - 1) / max(1, separate - 1))] for i in range(separate)]
     seconds, written = [], 0
     fresh_checksum_cache(root / "cache-separate")  # the first merge of each pair hashes its copies
@@ -95,7 +138,7 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
         o, dest = row["options"], root / "separate" / row["name"]
         shutil.rmtree(dest, ignore_errors=True)
         before = used_bytes(root)
-        cmd = [cli, "merge", "--task-expert", o["task_expert"][0], "--language-expert", o["language_expert"][0],
+        cmd = [cli, "merge", "--task-expert", _first(o["task_expert"]), "--language-expert", _first(o["language_expert"]),
                "--bottom", str(o["bottom"]), "--top", str(o["top"]), "--shard-size", shard_size, "-o", str(dest),
                "--link", link]
         t = run_timed(cmd)
@@ -105,12 +148,9 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
         written += used_bytes(root) - before
         shutil.rmtree(dest)  # measured: room for the next (all 54 would not fit beside the sweep)
     shutil.rmtree(root / "separate", ignore_errors=True)
-    os.environ.pop("XDG_CACHE_HOME", None)
     scale = len(rows) / len(picks)
-    return {"rows": rows, "candidates": len(rows), "sweep_s": timed.seconds, "sweep_rss_mb": timed.peak_rss_mb,
-            "sweep_bytes": swept, "separate_timed": len(picks), "separate_s_extrapolated": sum(seconds) * scale,
-            "separate_bytes_extrapolated": written * scale,
-            "computed": sum(r["tensors_computed"] for r in rows), "shared": sum(r["tensors_shared"] for r in rows)}
+    return {"separate_timed": len(picks), "separate_s_extrapolated": sum(seconds) * scale,
+            "separate_bytes_extrapolated": written * scale}
 
 
 def fresh_checksum_cache(directory: Path) -> None:
@@ -170,6 +210,9 @@ def main() -> None:
     ap.add_argument("--session-rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "sweep")
     ap.add_argument("--xfs-gb", type=int, default=0)
+    ap.add_argument("--direct-io", action="store_true",
+                    help="the loop XFS reads and writes its file with O_DIRECT: one page cache, as on a real disk")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the sweep and the separate merges")
     ap.add_argument("--parts", default="sweep,session", help="which parts to run: sweep, session or both")
     ap.add_argument("--link", default="auto", help="--link of the sweep and of the separate merges")
     ap.add_argument("--mergekit", type=Path, default=None,
@@ -182,14 +225,14 @@ def main() -> None:
     if cli is None:
         sys.exit("layerswap-fast is not installed")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    root = xfs_mount(args.workdir, args.xfs_gb) if args.xfs_gb else args.workdir
+    root = xfs_mount(args.workdir, args.xfs_gb, args.direct_io) if args.xfs_gb else args.workdir
     root = root / (args.shape if args.layers is None else f"{args.shape}-{args.layers}l")
     root.mkdir(exist_ok=True)
     make_experts(root, args.shape, args.layers, args.tasks, args.languages, args.shard_size)
     print("machine:", json.dumps(machine_info(root)))
     s: dict = {}
     if "sweep" in parts:
-        s = part_sweep(cli, root, args.tasks, args.languages, args.separate, args.shard_size, args.link)
+        s = part_sweep(cli, root, args.tasks, args.languages, args.separate, args.shard_size, args.link, args.rounds)
         print(f"\n{s['candidates']} candidates ({args.tasks} task × {args.languages} language experts × 6 configs, "
               f"{args.shape}{'' if args.layers is None else f' with {args.layers} layers'}, shards {args.shard_size}); "
               f"separate merges: {s['separate_timed']} timed, extrapolated to {s['candidates']}\n")
