@@ -60,6 +60,63 @@ LSF_INLINE void pass_absdiff(float* __restrict d, const unsigned char* __restric
   for (size_t j = 0; j < m; ++j) d[j] = std::fabs(Elem<D>::load(p, j) - b[j]);
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+// s + the columns of eight 64-element blocks (b, b + 64, ..., b + 7 * 64) at elements j..j+7, in
+// column order: lane k adds block k's elements j, j+1, ..., j+7 one at a time, as the portable
+// loop does (the same additions, the same bits), after an 8x8 transpose of the loads.
+__attribute__((target("avx2"), always_inline)) inline __m256 add_columns(__m256 s, const float* b) {
+  __m256 r[8], t[8], u[8];
+  for (size_t i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(b + i * kMavBlock);
+  for (size_t i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (size_t i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (size_t c = 0; c < 4; ++c) s = _mm256_add_ps(s, _mm256_permute2f128_ps(u[c], u[c + 4], 0x20));
+  for (size_t c = 0; c < 4; ++c) s = _mm256_add_ps(s, _mm256_permute2f128_ps(u[c], u[c + 4], 0x31));
+  return s;
+}
+
+// The float32 sums of the first (full / 8) * 8 64-element blocks of d into bs; returns how many.
+// Each register's additions form one dependency chain, so four groups of eight blocks run side by
+// side while there are that many.
+__attribute__((target("avx2"))) size_t block_sums_avx2(const float* __restrict d, size_t full,
+                                                       float* __restrict bs) {
+  constexpr size_t G = 8 * kMavBlock;  // elements of a group of eight blocks
+  size_t k = 0;
+  for (; k + 32 <= full; k += 32) {
+    const float* b = d + k * kMavBlock;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (size_t j = 0; j < kMavBlock; j += 8) {
+      s0 = add_columns(s0, b + j);
+      s1 = add_columns(s1, b + G + j);
+      s2 = add_columns(s2, b + 2 * G + j);
+      s3 = add_columns(s3, b + 3 * G + j);
+    }
+    _mm256_storeu_ps(bs + k, s0);
+    _mm256_storeu_ps(bs + k + 8, s1);
+    _mm256_storeu_ps(bs + k + 16, s2);
+    _mm256_storeu_ps(bs + k + 24, s3);
+  }
+  for (; k + 8 <= full; k += 8) {
+    __m256 s = _mm256_setzero_ps();
+    for (size_t j = 0; j < kMavBlock; j += 8) s = add_columns(s, d + k * kMavBlock + j);
+    _mm256_storeu_ps(bs + k, s);
+  }
+  return k;
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
 // acc + the float32 sums of the 64-element blocks of d[0, m), blocks added in order (in double).
 // Each block is summed sequentially from its first element; eight blocks run side by side only
 // to give the CPU independent dependency chains, which does not change any result.
@@ -67,6 +124,9 @@ LSF_INLINE double add_block_sums(const float* __restrict d, size_t m, double acc
   float bs[kSeg / kMavBlock + 1];
   const size_t full = m / kMavBlock;
   size_t k = 0;
+#if defined(__x86_64__) || defined(__i386__)
+  if (cpu_has_avx2()) k = block_sums_avx2(d, full, bs);
+#endif
   for (; k + 8 <= full; k += 8) {
     const float* b = d + k * kMavBlock;
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;

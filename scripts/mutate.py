@@ -215,6 +215,12 @@ MUTANTS: list[Mutant] = [
     M("row-mav-without-abs", "core kernels", "csrc/kernels.cpp",
       "d[j] = std::fabs(Elem<D>::load(p, j) - b[j]);", "d[j] = Elem<D>::load(p, j) - b[j];",
       "tests/test_core.py"),
+    M("row-mav-vector-block-sums-add-columns-out-of-order", "core kernels", "csrc/kernels.cpp",
+      "for (size_t c = 0; c < 4; ++c) s = _mm256_add_ps(s, _mm256_permute2f128_ps(u[c], u[c + 4], 0x20));\n"
+      "  for (size_t c = 0; c < 4; ++c) s = _mm256_add_ps(s, _mm256_permute2f128_ps(u[c], u[c + 4], 0x31));",
+      "for (size_t c = 0; c < 4; ++c) s = _mm256_add_ps(s, _mm256_permute2f128_ps(u[c], u[c + 4], 0x31));\n"
+      "  for (size_t c = 0; c < 4; ++c) s = _mm256_add_ps(s, _mm256_permute2f128_ps(u[c], u[c + 4], 0x20));",
+      "tests/test_core.py"),
     M("ties-trim-drops-ties-at-the-threshold", "core kernels", "csrc/ties_merge.cpp",
       "const uint32_t keep = 0u - static_cast<uint32_t>((db & kAbsMask) >= thr);",
       "const uint32_t keep = 0u - static_cast<uint32_t>((db & kAbsMask) > thr);", "tests/test_ties_core.py"),

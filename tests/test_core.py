@@ -304,6 +304,32 @@ def test_row_mav_blocks_of_64_in_float32():
     assert got[0, 0] == (2.0 ** 24 + 64.0) / cols
 
 
+def _row_mav_in_order(e: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row MAVs summed as documented: |e - b| in float32, each 64-element block summed one element
+    at a time in float32 (add.accumulate is sequential), the block sums added in order in float64."""
+    out = np.empty(e.shape[0])
+    for r in range(e.shape[0]):
+        d = np.abs(e[r] - b[r])
+        acc = 0.0
+        for k in range(0, d.size, 64):
+            acc += float(np.add.accumulate(d[k:k + 64], dtype=np.float32)[-1])
+        out[r] = acc / d.size
+    return out
+
+
+@pytest.mark.parametrize("cols", [64 * 8, 64 * 37 + 13, 2048 * 2 + 100, 8192])
+def test_row_mav_bits_follow_the_documented_order(cols, gen):
+    # Values over many binades, so that any other order of the float32 additions (the vector
+    # forms regroup blocks across lanes) would change the last bits somewhere.
+    rows = 5
+    scale = torch.exp2(torch.randint(-20, 20, (rows, cols), generator=gen).float())
+    e = (torch.randn(rows, cols, generator=gen) * scale).to(torch.bfloat16)
+    b = (torch.randn(rows, cols, generator=gen) * scale).to(torch.bfloat16)
+    got = core.row_mav_buffers([raw(e)], ["BF16"], raw(b), "BF16", rows, cols)
+    want = _row_mav_in_order(e.float().numpy(), b.float().numpy())
+    assert np.array_equal(got[0], want)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (1, 4097), (3, 5), (7, 64), (130, 300), (3, 5000)])
 def test_row_mav_file_independent_of_chunks_and_threads(tmp_path, shape, gen):
     rows, cols = shape
