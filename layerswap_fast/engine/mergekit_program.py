@@ -229,10 +229,11 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
 
 def write(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
           writer: _core.ShardWriter, dst: int, out_dtype: str, advance: Callable[[int, int], None],
-          chunk: int = CHUNK) -> None:
+          chunk: int | None = None) -> None:
     """A program that stores, over the whole tensor, written at ``dst`` in pieces (each a whole
     number of chunks; the rank bands' per-chunk counts go with them). ``chunk``: :data:`CHUNK`,
     or :func:`row_chunk`'s for a program that ranks within rows (it has no rank bands)."""
+    chunk = chunk or CHUNK
     if chunk != CHUNK and program.ranks:
         raise ValueError("rank bands count ties per chunk of CHUNK elements")
     numel = specs[0].numel
