@@ -377,63 +377,6 @@ void della_lt(float* d, const float* a, size_t m, uint64_t key, uint64_t cols, d
   }
 }
 
-// Rank d a b (see the top) over m <= stride elements; run holds the band's running tie counts.
-// The strict band and a byte flag per tied magnitude first (vectorised), then the flagged
-// elements in element order, 16 at a time, skipping groups without one.
-LSF_INLINE void rank_band(float* __restrict d, const float* __restrict a, size_t m, const MkRank& r,
-                          uint64_t* run) {
-  const uint32_t top = r.top, bottom = r.bottom;
-  const size_t nv = r.values.size();
-  if (nv > 2) {  // (rank_bands builds at most two; any count stays correct, if slower)
-    for (size_t j = 0; j < m; ++j) {
-      const uint32_t key = mag_bits(a[j]);
-      d[j] = (key > bottom && key < top) ? 1.f : 0.f;
-      for (size_t v = 0; v < nv; ++v)
-        if (key == r.values[v]) {
-          const uint64_t rank = r.greater[v] + run[v]++;
-          d[j] = rank >= r.lo && rank < r.hi ? 1.f : 0.f;
-        }
-    }
-    return;
-  }
-  const uint32_t v0 = nv > 0 ? r.values[0] : top, v1 = nv > 1 ? r.values[1] : v0;
-  alignas(64) uint8_t tied[kB + 16];
-  for (size_t s0 = 0; s0 < m; s0 += kB) {
-    const size_t sm = std::min(kB, m - s0);
-    uint8_t hit = 0;
-    float* ds = d + s0;
-    const float* as = a + s0;
-    for (size_t j = 0; j < sm; ++j) {
-      const uint32_t key = mag_bits(as[j]);
-      ds[j] = (key > bottom && key < top) ? 1.f : 0.f;
-      const uint8_t t = static_cast<uint8_t>(key == v0) | static_cast<uint8_t>(key == v1);
-      tied[j] = t;
-      hit |= t;
-    }
-    if (nv == 0 || !hit) continue;
-    std::memset(tied + sm, 0, 16);
-    const uint64_t g0 = r.greater[0], g1 = nv > 1 ? r.greater[1] : 0, lo = r.lo, hi = r.hi;
-    uint64_t n0 = run[0], n1 = nv > 1 ? run[1] : 0;
-    for (size_t j0 = 0; j0 < sm; j0 += 16) {
-      uint64_t w0, w1;
-      std::memcpy(&w0, tied + j0, 8);
-      std::memcpy(&w1, tied + j0 + 8, 8);
-      if (!(w0 | w1)) continue;
-      const size_t je = std::min(sm, j0 + 16);
-      for (size_t j = j0; j < je; ++j) {
-        if (!tied[j]) continue;
-        const bool first = mag_bits(as[j]) == v0;
-        const uint64_t rank = first ? g0 + n0 : g1 + n1;
-        n0 += first;
-        n1 += !first;
-        ds[j] = rank >= lo && rank < hi ? 1.f : 0.f;
-      }
-    }
-    run[0] = n0;
-    if (nv > 1) run[1] = n1;
-  }
-}
-
 // d[j] = f(j), rounded to nearest even in rc (1: BF16, 2: F16; else kept in float32): an op and
 // the rounding after it in one loop.
 template <class F>
@@ -562,9 +505,52 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
         c.counts[ins.b] += k;
         break;
       }
-      case kMkRank:
-        rank_band(d, a, m, c.ranks[ins.b], c.running + c.running_at[ins.b]);
+      case kMkRank: {
+        // The strict band first (vectorised), then the tied magnitudes, in element order.
+        const MkRank& r = c.ranks[ins.b];
+        const uint32_t top = r.top, bottom = r.bottom;
+        const size_t nv = r.values.size();
+        const uint32_t v0 = nv > 0 ? r.values[0] : top, v1 = nv > 1 ? r.values[1] : v0;
+        uint32_t hit = 0;
+        for (size_t j = 0; j < m; ++j) {
+          const uint32_t key = mag_bits(a[j]);
+          d[j] = (key > bottom && key < top) ? 1.f : 0.f;
+          hit |= static_cast<uint32_t>(key == v0) | static_cast<uint32_t>(key == v1);
+        }
+        if (nv == 0 || (!hit && nv <= 2)) break;
+        uint64_t* run = c.running + c.running_at[ins.b];
+        if (nv <= 2) {  // groups of 16 scanned for the tied magnitudes, vectorised
+          const uint64_t g0 = r.greater[0], g1 = nv > 1 ? r.greater[1] : 0, lo = r.lo, hi = r.hi;
+          uint64_t* run1 = nv > 1 ? run + 1 : run;
+          for (size_t j0 = 0; j0 < m; j0 += 16) {
+            const size_t je = std::min(m, j0 + 16);
+            uint32_t any = 0;
+            for (size_t j = j0; j < je; ++j) {
+              const uint32_t key = mag_bits(a[j]);
+              any |= static_cast<uint32_t>(key == v0) | static_cast<uint32_t>(key == v1);
+            }
+            if (!any) continue;
+            for (size_t j = j0; j < je; ++j) {
+              const uint32_t key = mag_bits(a[j]);
+              uint64_t rank;
+              if (key == v0) rank = g0 + (*run)++;
+              else if (key == v1) rank = g1 + (*run1)++;
+              else continue;
+              d[j] = rank >= lo && rank < hi ? 1.f : 0.f;
+            }
+          }
+          break;
+        }
+        for (size_t j = 0; j < m; ++j) {
+          const uint32_t key = mag_bits(a[j]);
+          for (size_t v = 0; v < nv; ++v)
+            if (key == r.values[v]) {
+              const uint64_t rank = r.greater[v] + run[v]++;
+              d[j] = rank >= r.lo && rank < r.hi ? 1.f : 0.f;
+            }
+        }
         break;
+      }
       default: break;
     }
   }
