@@ -459,14 +459,17 @@ def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
     topk = recipe.param("select_topk")
     band: tuple[Any, ...] | None = None
     if topk < 1:
-        nonzero = 0
-        if topk > 0 and numel:
+        nonzero, high = 0, None
+        if topk > 0 and numel:  # one pass: the zero variances and the band's first histogram
             p = Program(c, dtypes)
-            p.eq_count(variance(p), 0)
-            nonzero = numel - int(program.run(p, specs, inputs, ctx.threads)[2][:, 0].sum())
+            v = variance(p)
+            p.hist_high(v)
+            p.eq_count(v, 0)
+            _, high, counts = program.run(p, specs, inputs, ctx.threads)
+            nonzero = numel - int(counts[:, 0].sum())
         k = int(np.float32(np.float32(nonzero) * np.float32(topk)))
         band = program.rank_bands([(0, k)], lambda p: [variance(p)], lambda: Program(c, dtypes), specs, inputs,
-                                  ctx.threads)[0]
+                                  ctx.threads, high=high)[0]
 
     def masked(p: Program) -> tuple[int, list[int]]:
         base, tvs = task_vectors(p)

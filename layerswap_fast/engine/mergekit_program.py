@@ -257,18 +257,23 @@ def _seen_slice(band: tuple[Any, ...], first: int, last: int) -> list[int]:
 
 def rank_bands(ranges: Sequence[tuple[int, int] | None], build: Callable[[Program], list[int]],
                make: Callable[[], Program], specs: Sequence[TensorSpec], inputs: Sequence[InputRange],
-               threads: int) -> list[tuple[Any, ...] | None]:
+               threads: int, high: Sequence[np.ndarray] | None = None) -> list[tuple[Any, ...] | None]:
     """For each value ``build`` computes (one per range), the band of descending magnitude ranks
     ``[lo, hi)`` as :meth:`Program.rank` takes it: the bit patterns of the magnitudes at ranks lo
     and hi − 1 and how many exceed each (two histogram passes, as ``mergekit_ops._rank_keys``),
     and, where a magnitude occurs more than once, how many equal ones precede each chunk (a third
-    pass), so that the lower index ranks first. None where a range is None or empty."""
+    pass), so that the lower index ranks first. None where a range is None or empty. ``high``:
+    the first pass's histograms (:meth:`Program.hist_high` of each value), when the caller's own
+    pass already made them."""
     wanted = [sorted({r[0], r[1] - 1}) if r is not None and r[1] > r[0] else [] for r in ranges]
     if not any(wanted):
         return [None] * len(ranges)
-    p = make()
-    slots = {i: p.hist_high(x) for i, x in enumerate(build(p)) if wanted[i]}
-    _, high, _ = run(p, specs, inputs, threads)
+    if high is None:
+        p = make()
+        slots = {i: p.hist_high(x) for i, x in enumerate(build(p)) if wanted[i]}
+        _, high, _ = run(p, specs, inputs, threads)
+    else:
+        slots = {i: i for i in range(len(ranges)) if wanted[i]}
     buckets = {i: [locate_rank(high[slots[i]], r) for r in wanted[i]] for i in slots}
     keys: dict[int, list[tuple[int, int, int]]] = {}  # per model and wanted rank: value, how many exceed it, its count
     if make().c == "BF16":  # every value a bfloat16: its high 16 bits are all of it, its bucket's count its count
