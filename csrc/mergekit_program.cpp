@@ -294,7 +294,7 @@ struct Ctx {
   // per worker
   float* regs;    // regs x stride
   size_t stride;  // elements per block
-  uint32_t* sort_scratch;  // 4 x stride: DellaLt's keys and indices, twice
+  uint32_t* sort_scratch;  // 8 x stride: DellaLt's keys, ranks, (key, index) pairs twice, draws
   TorchSum* sums;
   TorchNorm* norms;
   double* sums64;
@@ -335,44 +335,59 @@ LSF_INLINE void var_pop(float* d, const float* a, size_t stride, int32_t nx, siz
 }
 
 // The ascending rank of each key within keys[0, m) (ties in index order) into rank: a stable
-// LSD radix sort by bytes, skipping the bytes every key shares (bfloat16 magnitudes share their
-// low two). scratch holds 2 x m.
-inline void stable_ranks(const uint32_t* keys, uint32_t m, uint32_t* rank, uint32_t* scratch) {
-  uint32_t* idx = scratch;
-  uint32_t* tmp = scratch + m;
+// LSD radix sort of (key, index) pairs by bytes, every byte's counts in one sweep, skipping the
+// bytes every key shares (bfloat16 magnitudes share their low two). pairs holds 2 x m.
+inline void stable_ranks(const uint32_t* keys, uint32_t m, uint32_t* rank, uint64_t* pairs) {
+  uint64_t* src = pairs;
+  uint64_t* dst = pairs + m;
   uint32_t all_or = 0, all_and = ~0u;
   for (uint32_t j = 0; j < m; ++j) {
     all_or |= keys[j];
     all_and &= keys[j];
-    idx[j] = j;
+    src[j] = (static_cast<uint64_t>(keys[j]) << 32) | j;
   }
   const uint32_t varying = all_or ^ all_and;
-  for (int shift = 0; shift < 32; shift += 8) {
-    if (((varying >> shift) & 0xFF) == 0) continue;
-    uint32_t count[257] = {0};
-    for (uint32_t j = 0; j < m; ++j) ++count[((keys[idx[j]] >> shift) & 0xFF) + 1];
-    for (int v = 0; v < 256; ++v) count[v + 1] += count[v];
-    for (uint32_t j = 0; j < m; ++j) tmp[count[(keys[idx[j]] >> shift) & 0xFF]++] = idx[j];
-    std::swap(idx, tmp);
+  uint32_t count[4][256] = {};
+  for (uint32_t j = 0; j < m; ++j)
+    for (int byte = 0; byte < 4; ++byte) ++count[byte][(keys[j] >> (8 * byte)) & 0xFF];
+  for (int byte = 0; byte < 4; ++byte) {
+    const int shift = 32 + 8 * byte;
+    if (((varying >> (8 * byte)) & 0xFF) == 0) continue;
+    uint32_t at[256];
+    uint32_t sum = 0;
+    for (int v = 0; v < 256; ++v) {
+      at[v] = sum;
+      sum += count[byte][v];
+    }
+    for (uint32_t j = 0; j < m; ++j) dst[at[(src[j] >> shift) & 0xFF]++] = src[j];
+    std::swap(src, dst);
   }
-  for (uint32_t j = 0; j < m; ++j) rank[idx[j]] = j;
+  for (uint32_t j = 0; j < m; ++j) rank[static_cast<uint32_t>(src[j])] = j;
 }
 
-// DellaLt over m elements (whole rows of cols) starting at element e0 (see the top).
+// DellaLt over m elements (whole rows of cols) starting at element e0 (see the top): the draws
+// first, then the comparison, both without branches (a draw below its probability is a coin
+// toss, which no branch predicts).
 void della_lt(float* d, const float* a, size_t m, uint64_t key, uint64_t cols, double density,
               double eps, uint64_t e0, uint32_t* scratch) {
   uint32_t* keys = scratch;
   uint32_t* rank = scratch + cols;
+  uint64_t* pairs = reinterpret_cast<uint64_t*>(scratch + 2 * cols);  // 2 x cols
+  double* draw = reinterpret_cast<double*>(scratch + 6 * cols);         // cols
   const double low = density - eps;
   const double span = cols > 1 ? static_cast<double>(cols - 1) : 1.0;
+  const double scale = cols > 1 ? 1.0 : 0.0;  // one column: rank 0, norm 0
   for (size_t r0 = 0; r0 < m; r0 += cols) {
     for (size_t j = 0; j < cols; ++j) keys[j] = mag_bits(a[r0 + j]);
-    stable_ranks(keys, static_cast<uint32_t>(cols), rank, scratch + 2 * cols);
+    stable_ranks(keys, static_cast<uint32_t>(cols), rank, pairs);
     for (size_t j = 0; j < cols; ++j) {
-      const double norm = cols > 1 ? static_cast<double>(rank[j]) / span : 0.0;
-      const double prob = low + norm * 2.0 * eps;
       const uint64_t z = mix64(key + (e0 + r0 + j + 1) * UINT64_C(0x9E3779B97F4A7C15));
-      d[r0 + j] = static_cast<double>(z >> 11) * 0x1p-53 < prob ? 1.f : 0.f;
+      draw[j] = static_cast<double>(static_cast<int64_t>(z >> 11)) * 0x1p-53;
+    }
+    for (size_t j = 0; j < cols; ++j) {
+      const double norm = static_cast<double>(rank[j]) * scale / span;
+      const double prob = low + norm * 2.0 * eps;
+      d[r0 + j] = static_cast<float>(draw[j] < prob);
     }
   }
 }
@@ -625,7 +640,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     ChunkReader r(files, c, out != nullptr);
     Array<float> regs = alloc_array<float>(static_cast<uint64_t>(std::max(shape.regs, 1)) * blk, "mk_program registers");
     const bool by_rows = std::any_of(code.begin(), code.end(), [](const MkInstr& i) { return i.op == kMkDellaLt; });
-    Array<uint32_t> sort_scratch = alloc_array<uint32_t>(by_rows ? 4 * blk : 1, "mk_program row ranks");
+    Array<uint32_t> sort_scratch = alloc_array<uint32_t>(by_rows ? 8 * blk : 1, "mk_program row ranks");
     std::vector<TorchSum> sums(shape.sums);
     std::vector<TorchNorm> norms(shape.sums);
     std::vector<double> sums64(shape.sums, 0.0);

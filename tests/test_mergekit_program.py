@@ -24,7 +24,7 @@ trios = test_mergekit.trios  # the same module-scoped pico trios
 
 def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
     """test_mergekit's configs, and DARE without rescaling (its masks are the core's too)."""
-    a, b, base = (str(trio[r]) for r in ("a", "b", "base"))
+    a, b, c, base = (str(trio[r]) for r in ("a", "b", "c", "base"))
     return {**test_mergekit.configs(trio, dtype),
             "dare_ties": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.5}},
                                      {"model": b, "parameters": {"weight": 0.4, "density": 0.4}}],
@@ -40,7 +40,11 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
             "della_linear": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.3, "epsilon": 0.1}},
                                         {"model": b, "parameters": {"weight": 0.4, "density": 0.7, "epsilon": 0.25}}],
                              "base_model": base, "merge_method": "della_linear", "dtype": dtype,
-                             "parameters": {"lambda": 0.9, "normalize": True}}}
+                             "parameters": {"lambda": 0.9, "normalize": True}},
+            "della_zero": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.5, "epsilon": 0.1}},
+                                      {"model": b, "parameters": {"weight": 0.4, "density": 0.0, "epsilon": 0.1}},
+                                      {"model": c, "parameters": {"weight": 0.3, "density": 1.0, "epsilon": 0.1}}],
+                           "base_model": base, "merge_method": "della", "dtype": dtype}}
 
 
 def run(config: dict[str, Any], out: Path, threads: int) -> dict[str, torch.Tensor]:
@@ -50,7 +54,7 @@ def run(config: dict[str, Any], out: Path, threads: int) -> dict[str, torch.Tens
 
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("method", ["linear", "linear_slices", "task_arithmetic", "ties", "breadcrumbs_ties",
-                                    "breadcrumbs", "dare_ties", "dare_linear", "della", "della_linear", "slerp", "nuslerp", "nuslerp_without_base",
+                                    "breadcrumbs", "dare_ties", "dare_linear", "della", "della_linear", "della_zero", "slerp", "nuslerp", "nuslerp_without_base",
                                     "model_stock", "nearswap", "passthrough", "sce", "sce_all"])
 def test_core_programs_write_the_numpy_steps_bytes(trios: dict[str, dict[str, Path]], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch, method: str, dtype: str) -> None:

@@ -125,9 +125,10 @@ def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
     params = dict(recipe.params)
     count = len(recipe.terms) - 1
     della = any(f"eps.{i}" in params for i in range(1, count + 1))
-    if IN_CORE and not (della and any(f"lo.{i}" in params for i in range(1, count + 1))):
-        # a rank band counts ties per CHUNK, DELLA's rows need chunks of whole rows: a recipe
-        # with both (a DELLA model of density 0 or 1 beside one sampled) stays in numpy
+    banded = any(params.get(f"hi.{i}", 0) > params.get(f"lo.{i}", 0) for i in range(1, count + 1))
+    if IN_CORE and not (della and banded):
+        # a rank band counts ties per CHUNK, DELLA's rows need chunks of whole rows; DELLA's own
+        # recipes hold no nonempty band (density 0 keeps nothing, 1 everything), others may
         _delta_in_core(ctx, writer, recipe, specs, inputs, dst)
         return
     reader = _Reader(recipe, specs, inputs)
