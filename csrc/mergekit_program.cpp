@@ -335,9 +335,13 @@ LSF_INLINE void var_pop(float* d, const float* a, size_t stride, int32_t nx, siz
 }
 
 // The ascending rank of each key within keys[0, m) (ties in index order) into rank: a stable
-// LSD radix sort of (key, index) pairs by bytes, every byte's counts in one sweep, skipping the
-// bytes every key shares (bfloat16 magnitudes share their low two). pairs holds 2 x m.
+// LSD radix sort of (key, index) pairs by bytes, skipping the bytes every key shares (bfloat16
+// magnitudes share their low two). Each pass counts and scatters kStreams quarters of the input
+// interleaved, each quarter with its own counters placed after the earlier quarters' in every
+// bucket: consecutive equal bytes (a row's exponents mostly are) then form kStreams independent
+// chains of counter increments instead of one. pairs holds 2 x m.
 inline void stable_ranks(const uint32_t* keys, uint32_t m, uint32_t* rank, uint64_t* pairs) {
+  constexpr uint32_t kStreams = 4;
   uint64_t* src = pairs;
   uint64_t* dst = pairs + m;
   uint32_t all_or = 0, all_and = ~0u;
@@ -347,19 +351,27 @@ inline void stable_ranks(const uint32_t* keys, uint32_t m, uint32_t* rank, uint6
     src[j] = (static_cast<uint64_t>(keys[j]) << 32) | j;
   }
   const uint32_t varying = all_or ^ all_and;
-  uint32_t count[4][256] = {};
-  for (uint32_t j = 0; j < m; ++j)
-    for (int byte = 0; byte < 4; ++byte) ++count[byte][(keys[j] >> (8 * byte)) & 0xFF];
+  const uint32_t len = m / kStreams;  // the last stream also takes the m % kStreams after
   for (int byte = 0; byte < 4; ++byte) {
-    const int shift = 32 + 8 * byte;
     if (((varying >> (8 * byte)) & 0xFF) == 0) continue;
-    uint32_t at[256];
+    const int shift = 32 + 8 * byte;
+    uint32_t at[kStreams][256] = {};
+    for (uint32_t i = 0; i < len; ++i)
+      for (uint32_t q = 0; q < kStreams; ++q) ++at[q][(src[q * len + i] >> shift) & 0xFF];
+    for (uint32_t j = kStreams * len; j < m; ++j) ++at[kStreams - 1][(src[j] >> shift) & 0xFF];
     uint32_t sum = 0;
-    for (int v = 0; v < 256; ++v) {
-      at[v] = sum;
-      sum += count[byte][v];
-    }
-    for (uint32_t j = 0; j < m; ++j) dst[at[(src[j] >> shift) & 0xFF]++] = src[j];
+    for (int v = 0; v < 256; ++v)
+      for (uint32_t q = 0; q < kStreams; ++q) {
+        const uint32_t n = at[q][v];
+        at[q][v] = sum;
+        sum += n;
+      }
+    for (uint32_t i = 0; i < len; ++i)
+      for (uint32_t q = 0; q < kStreams; ++q) {
+        const uint64_t x = src[q * len + i];
+        dst[at[q][(x >> shift) & 0xFF]++] = x;
+      }
+    for (uint32_t j = kStreams * len; j < m; ++j) dst[at[kStreams - 1][(src[j] >> shift) & 0xFF]++] = src[j];
     std::swap(src, dst);
   }
   for (uint32_t j = 0; j < m; ++j) rank[static_cast<uint32_t>(src[j])] = j;
@@ -368,6 +380,7 @@ inline void stable_ranks(const uint32_t* keys, uint32_t m, uint32_t* rank, uint6
 // DellaLt over m elements (whole rows of cols) starting at element e0 (see the top): the draws
 // first, then the comparison, both without branches (a draw below its probability is a coin
 // toss, which no branch predicts).
+LSF_CLONES
 void della_lt(float* d, const float* a, size_t m, uint64_t key, uint64_t cols, double density,
               double eps, uint64_t e0, uint32_t* scratch) {
   uint32_t* keys = scratch;
