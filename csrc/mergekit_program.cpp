@@ -24,6 +24,11 @@
 //   EqCount a b c   count slot b of the task counts bits(|r[a]|) == n[c]
 //   Rank d a b      r[d] = 1 where |r[a]|'s descending rank lies in ranks[b]'s band (ties in
 //                   element order), else 0
+//   DellaLt d a b c r[d] = (uniform(n[b], element) < k[c] - k[c + 1] + rank / (cols - 1) * 2 *
+//                   k[c + 1]) ? 1 : 0, rank the ascending rank of |r[a]| within its row of
+//                   cols = n[b + 1] elements (ties in element order): DELLA's keep probabilities.
+//                   A program holding it runs in blocks of whole rows (chunks and segments must
+//                   be whole rows too).
 #include "mergekit_program.hpp"
 
 #include <algorithm>
@@ -199,6 +204,7 @@ const char* field_kinds(int32_t op) {
     case kMkEqCount: return "_rcn";
     case kMkRank: return "rrx_";
     case kMkVarPop: return "rrq_";
+    case kMkDellaLt: return "rrnk";
     default: return nullptr;
   }
 }
@@ -259,6 +265,8 @@ Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size
       slot_kind[slot] = want;
     }
     if (in.op == kMkStore) s.stores = true;
+    if (in.op == kMkDellaLt && (static_cast<size_t>(in.b) + 1 >= n_n || static_cast<size_t>(in.c) + 1 >= n_k))
+      fail(where + ": DellaLt needs n[b + 1] (the row length) and k[c + 1] (epsilon)");
   }
   s.slot_kind.assign(s.sums, 0);
   for (size_t i = 0; i < slot_kind.size(); ++i) s.slot_kind[i] = static_cast<char>(slot_kind[i]);
@@ -284,7 +292,9 @@ struct Ctx {
   const DType* in_dt;
   DType out_dt;
   // per worker
-  float* regs;  // regs x kB
+  float* regs;    // regs x stride
+  size_t stride;  // elements per block
+  uint32_t* sort_scratch;  // 8 x stride: DellaLt's keys, ranks, (key, index) pairs twice, draws
   TorchSum* sums;
   TorchNorm* norms;
   double* sums64;
@@ -293,6 +303,107 @@ struct Ctx {
   uint64_t* running;  // per rank: its values' running tie counts
   const size_t* running_at;
 };
+
+// r[d] = the population variance across the nx registers from a (stride apart) over m <= kB
+// elements: model by model (vectorised); a division by a power of two is the exact
+// multiplication by its reciprocal, so only counts like 3 divide.
+LSF_INLINE void var_pop(float* d, const float* a, size_t stride, int32_t nx, size_t m) {
+  double mean[kB], m2[kB];
+  for (size_t j = 0; j < m; ++j) mean[j] = m2[j] = 0.0;
+  for (int32_t k = 0; k < nx; ++k) {
+    const float* x = a + static_cast<size_t>(k) * stride;
+    const double count = static_cast<double>(k + 1);
+    if (((k + 1) & k) == 0) {
+      const double inv = 1.0 / count;
+      for (size_t j = 0; j < m; ++j) {
+        const double v = static_cast<double>(x[j]);
+        const double delta = v - mean[j];
+        mean[j] = mean[j] + delta * inv;
+        m2[j] = m2[j] + delta * (v - mean[j]);
+      }
+    } else {
+      for (size_t j = 0; j < m; ++j) {
+        const double v = static_cast<double>(x[j]);
+        const double delta = v - mean[j];
+        mean[j] = mean[j] + delta / count;
+        m2[j] = m2[j] + delta * (v - mean[j]);
+      }
+    }
+  }
+  const double n = static_cast<double>(nx);
+  for (size_t j = 0; j < m; ++j) d[j] = static_cast<float>(m2[j] / n);
+}
+
+// The ascending rank of each key within keys[0, m) (ties in index order) into rank: a stable
+// LSD radix sort of (key, index) pairs by bytes, skipping the bytes every key shares (bfloat16
+// magnitudes share their low two). Each pass counts and scatters kStreams quarters of the input
+// interleaved, each quarter with its own counters placed after the earlier quarters' in every
+// bucket: consecutive equal bytes (a row's exponents mostly are) then form kStreams independent
+// chains of counter increments instead of one. pairs holds 2 x m.
+inline void stable_ranks(const uint32_t* keys, uint32_t m, uint32_t* rank, uint64_t* pairs) {
+  constexpr uint32_t kStreams = 4;
+  uint64_t* src = pairs;
+  uint64_t* dst = pairs + m;
+  uint32_t all_or = 0, all_and = ~0u;
+  for (uint32_t j = 0; j < m; ++j) {
+    all_or |= keys[j];
+    all_and &= keys[j];
+    src[j] = (static_cast<uint64_t>(keys[j]) << 32) | j;
+  }
+  const uint32_t varying = all_or ^ all_and;
+  const uint32_t len = m / kStreams;  // the last stream also takes the m % kStreams after
+  for (int byte = 0; byte < 4; ++byte) {
+    if (((varying >> (8 * byte)) & 0xFF) == 0) continue;
+    const int shift = 32 + 8 * byte;
+    uint32_t at[kStreams][256] = {};
+    for (uint32_t i = 0; i < len; ++i)
+      for (uint32_t q = 0; q < kStreams; ++q) ++at[q][(src[q * len + i] >> shift) & 0xFF];
+    for (uint32_t j = kStreams * len; j < m; ++j) ++at[kStreams - 1][(src[j] >> shift) & 0xFF];
+    uint32_t sum = 0;
+    for (int v = 0; v < 256; ++v)
+      for (uint32_t q = 0; q < kStreams; ++q) {
+        const uint32_t n = at[q][v];
+        at[q][v] = sum;
+        sum += n;
+      }
+    for (uint32_t i = 0; i < len; ++i)
+      for (uint32_t q = 0; q < kStreams; ++q) {
+        const uint64_t x = src[q * len + i];
+        dst[at[q][(x >> shift) & 0xFF]++] = x;
+      }
+    for (uint32_t j = kStreams * len; j < m; ++j) dst[at[kStreams - 1][(src[j] >> shift) & 0xFF]++] = src[j];
+    std::swap(src, dst);
+  }
+  for (uint32_t j = 0; j < m; ++j) rank[static_cast<uint32_t>(src[j])] = j;
+}
+
+// DellaLt over m elements (whole rows of cols) starting at element e0 (see the top): the draws
+// first, then the comparison, both without branches (a draw below its probability is a coin
+// toss, which no branch predicts).
+LSF_CLONES
+void della_lt(float* d, const float* a, size_t m, uint64_t key, uint64_t cols, double density,
+              double eps, uint64_t e0, uint32_t* scratch) {
+  uint32_t* keys = scratch;
+  uint32_t* rank = scratch + cols;
+  uint64_t* pairs = reinterpret_cast<uint64_t*>(scratch + 2 * cols);  // 2 x cols
+  double* draw = reinterpret_cast<double*>(scratch + 6 * cols);         // cols
+  const double low = density - eps;
+  const double span = cols > 1 ? static_cast<double>(cols - 1) : 1.0;
+  const double scale = cols > 1 ? 1.0 : 0.0;  // one column: rank 0, norm 0
+  for (size_t r0 = 0; r0 < m; r0 += cols) {
+    for (size_t j = 0; j < cols; ++j) keys[j] = mag_bits(a[r0 + j]);
+    stable_ranks(keys, static_cast<uint32_t>(cols), rank, pairs);
+    for (size_t j = 0; j < cols; ++j) {
+      const uint64_t z = mix64(key + (e0 + r0 + j + 1) * UINT64_C(0x9E3779B97F4A7C15));
+      draw[j] = static_cast<double>(static_cast<int64_t>(z >> 11)) * 0x1p-53;
+    }
+    for (size_t j = 0; j < cols; ++j) {
+      const double norm = static_cast<double>(rank[j]) * scale / span;
+      const double prob = low + norm * 2.0 * eps;
+      d[r0 + j] = static_cast<float>(draw[j] < prob);
+    }
+  }
+}
 
 // d[j] = f(j), rounded to nearest even in rc (1: BF16, 2: F16; else kept in float32): an op and
 // the rounding after it in one loop.
@@ -311,9 +422,9 @@ LSF_CLONES
 void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out, size_t m,
                uint64_t e0) {
   for (const MkInstr& ins : *c.code) {
-    float* d = c.regs + static_cast<size_t>(ins.d < 0 ? 0 : ins.d) * kB;
-    const float* a = c.regs + static_cast<size_t>(ins.a < 0 ? 0 : ins.a) * kB;
-    const float* b = c.regs + static_cast<size_t>(ins.b < 0 ? 0 : ins.b) * kB;
+    float* d = c.regs + static_cast<size_t>(ins.d < 0 ? 0 : ins.d) * c.stride;
+    const float* a = c.regs + static_cast<size_t>(ins.a < 0 ? 0 : ins.a) * c.stride;
+    const float* b = c.regs + static_cast<size_t>(ins.b < 0 ? 0 : ins.b) * c.stride;
     switch (ins.op) {
       case kMkLoad: {
         const unsigned char* p = in[ins.a];
@@ -340,7 +451,7 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
       case kMkKDiv: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return v / a[j]; }); break; }
       case kMkKSub: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return v - a[j]; }); break; }
       case kMkFma64: {
-        const float* x = c.regs + static_cast<size_t>(ins.b) * kB;
+        const float* x = c.regs + static_cast<size_t>(ins.b) * c.stride;
         const double w = c.k[ins.c];
         for (size_t j = 0; j < m; ++j)
           d[j] = static_cast<float>(static_cast<double>(x[j]) * w + static_cast<double>(a[j]));
@@ -388,36 +499,13 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
         break;
       case kMkNorm: c.norms[ins.b].add(a, m); break;
       case kMkSum: c.sums[ins.b].add(a, m); break;
-      case kMkVarPop: {
-        // Model by model over the block (vectorised); a division by a power of two is the exact
-        // multiplication by its reciprocal, so only counts like 3 divide.
-        const int32_t nx = ins.b;
-        double mean[kB], m2[kB];
-        for (size_t j = 0; j < m; ++j) mean[j] = m2[j] = 0.0;
-        for (int32_t k = 0; k < nx; ++k) {
-          const float* x = a + static_cast<size_t>(k) * kB;
-          const double count = static_cast<double>(k + 1);
-          if (((k + 1) & k) == 0) {
-            const double inv = 1.0 / count;
-            for (size_t j = 0; j < m; ++j) {
-              const double v = static_cast<double>(x[j]);
-              const double delta = v - mean[j];
-              mean[j] = mean[j] + delta * inv;
-              m2[j] = m2[j] + delta * (v - mean[j]);
-            }
-          } else {
-            for (size_t j = 0; j < m; ++j) {
-              const double v = static_cast<double>(x[j]);
-              const double delta = v - mean[j];
-              mean[j] = mean[j] + delta / count;
-              m2[j] = m2[j] + delta * (v - mean[j]);
-            }
-          }
-        }
-        const double n = static_cast<double>(nx);
-        for (size_t j = 0; j < m; ++j) d[j] = static_cast<float>(m2[j] / n);
+      case kMkVarPop:
+        for (size_t s0 = 0; s0 < m; s0 += kB)
+          var_pop(d + s0, a + s0, c.stride, ins.b, std::min(kB, m - s0));
         break;
-      }
+      case kMkDellaLt:
+        della_lt(d, a, m, c.n[ins.b], c.n[ins.b + 1], c.k[ins.c], c.k[ins.c + 1], e0, c.sort_scratch);
+        break;
       case kMkSum64: {
         double acc = c.sums64[ins.b];
         for (size_t j = 0; j < m; ++j) acc += static_cast<double>(a[j]);
@@ -496,6 +584,26 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
   }
 }
 
+// Elements per block: kB, or whole rows when the program ranks within rows (DellaLt), which
+// then needs chunks, segments and the tensor to be whole rows.
+uint64_t block_elems(const std::vector<MkInstr>& code, const std::vector<uint64_t>& ints, uint64_t numel,
+                     uint64_t chunk, uint64_t segment) {
+  uint64_t cols = 0;
+  for (const MkInstr& ins : code) {
+    if (ins.op != kMkDellaLt) continue;
+    const uint64_t n = ints[static_cast<size_t>(ins.b) + 1];
+    if (n == 0 || n > UINT32_MAX || (cols && n != cols))
+      fail("mk_program: DellaLt's row length must be one number in [1, 2^32)");
+    cols = n;
+  }
+  if (!cols) return kB;
+  if (numel % cols || (chunk % cols && chunk < numel) || (segment % cols && segment < numel))
+    fail("mk_program: DellaLt needs the tensor, chunk_elems and segment_elems in whole rows of " +
+         std::to_string(cols));
+  const uint64_t blk = cols * std::max<uint64_t>(1, kB / cols);
+  return chunk % blk == 0 ? blk : cols;
+}
+
 }  // namespace
 
 MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DType>& in_dt,
@@ -514,6 +622,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
   if (segment == 0) fail("mk_program: segment_elems must be >= 1");
   const uint64_t seg = std::min(segment, std::max<uint64_t>(numel, 1));
   const uint64_t c = std::min(chunk, seg);
+  const uint64_t blk = block_elems(code, ints, numel, c, seg);
   MkResult res;
   res.tasks = numel == 0 ? 0 : (numel + seg - 1) / seg;
   std::vector<size_t> running_at(ranks.size() + 1, 0);
@@ -542,7 +651,9 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
   std::mutex merge_m;
   run_pool(nthreads, res.tasks, [&](TaskQueue& q) {
     ChunkReader r(files, c, out != nullptr);
-    Array<float> regs = alloc_array<float>(static_cast<uint64_t>(std::max(shape.regs, 1)) * kB, "mk_program registers");
+    Array<float> regs = alloc_array<float>(static_cast<uint64_t>(std::max(shape.regs, 1)) * blk, "mk_program registers");
+    const bool by_rows = std::any_of(code.begin(), code.end(), [](const MkInstr& i) { return i.op == kMkDellaLt; });
+    Array<uint32_t> sort_scratch = alloc_array<uint32_t>(by_rows ? 8 * blk : 1, "mk_program row ranks");
     std::vector<TorchSum> sums(shape.sums);
     std::vector<TorchNorm> norms(shape.sums);
     std::vector<double> sums64(shape.sums, 0.0);
@@ -550,7 +661,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     std::vector<int64_t> hists(shape.hists * 65536, 0);
     std::vector<uint64_t> running(running_at.back() + 1, 0);
     Ctx cx{&code, consts.data(), ints.data(), ranks.data(), in.size(), in_dt.data(), out_dt,
-           regs.get(), sums.data(), norms.data(), sums64.data(), hists.data(),
+           regs.get(), blk, sort_scratch.get(), sums.data(), norms.data(), sums64.data(), hists.data(),
            nullptr, running.data(), running_at.data()};
     std::vector<const unsigned char*> ptrs(in.size());
     uint64_t t;
@@ -573,8 +684,8 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
         const unsigned char* const* src = r.in();
         unsigned char* o = r.out();
         recoverable([&] {
-          for (uint64_t b0 = 0; b0 < m; b0 += kB) {
-            const size_t bm = static_cast<size_t>(std::min<uint64_t>(kB, m - b0));
+          for (uint64_t b0 = 0; b0 < m; b0 += blk) {
+            const size_t bm = static_cast<size_t>(std::min<uint64_t>(blk, m - b0));
             for (size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = src[i] + b0 * dtype_size(in_dt[i]);
             run_block(cx, ptrs.data(), o ? o + b0 * osz : nullptr, bm, index_base + e0 + b0);
           }

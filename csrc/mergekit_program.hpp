@@ -18,7 +18,7 @@ enum MkOp : int32_t {
   kMkLoad = 0, kMkRound, kMkAdd, kMkSub, kMkMul, kMkDiv, kMkAddK, kMkMulK, kMkDivK, kMkKDiv,
   kMkKSub, kMkFma64, kMkAbs, kMkSign, kMkMaxK, kMkClipK, kMkMajority, kMkEq, kMkUniformLt,
   kMkStore, kMkNorm, kMkSum, kMkConst, kMkZeroToOne, kMkHistHigh, kMkHistLow, kMkEqCount,
-  kMkRank, kMkSum64, kMkVarPop, kMkCount
+  kMkRank, kMkSum64, kMkVarPop, kMkDellaLt, kMkCount
 };
 
 struct MkInstr {

@@ -308,7 +308,9 @@ def mk_program(
     program must store exactly when it is). Returns (sums as float64, segments x sum slots: the
     float32 results of torch-ordered sums and norms, exactly; int64
     histograms, slots x 65536; int64 counts, segments x count slots), the same for every thread
-    count. Bad programs, sizes and bounds: CoreError; the GIL is released while it runs."""
+    count. A program that ranks within rows (DELLA's op) needs ``numel``, ``chunk_elems`` and
+    ``segment_elems`` in whole rows. Bad programs, sizes and bounds: CoreError; the GIL is
+    released while it runs."""
 
 def ties_file_stats() -> dict[str, int]:
     """How the :func:`ties_file` calls of this process went: ``one_pass`` (finished in the one

@@ -24,7 +24,7 @@ trios = test_mergekit.trios  # the same module-scoped pico trios
 
 def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
     """test_mergekit's configs, and DARE without rescaling (its masks are the core's too)."""
-    a, b, base = (str(trio[r]) for r in ("a", "b", "base"))
+    a, b, c, base = (str(trio[r]) for r in ("a", "b", "c", "base"))
     return {**test_mergekit.configs(trio, dtype),
             "dare_ties": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.5}},
                                      {"model": b, "parameters": {"weight": 0.4, "density": 0.4}}],
@@ -33,7 +33,18 @@ def configs(trio: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
             "sce_all": {**test_mergekit.configs(trio, dtype)["sce"], "parameters": {"select_topk": 1.0}},
             "dare_linear": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.3}},
                                        {"model": b, "parameters": {"weight": 0.4, "density": 0.7}}],
-                            "base_model": base, "merge_method": "dare_linear", "dtype": dtype}}
+                            "base_model": base, "merge_method": "dare_linear", "dtype": dtype},
+            "della": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.5, "epsilon": 0.2}},
+                                 {"model": b, "parameters": {"weight": 0.4, "density": 0.4, "epsilon": 0.1}}],
+                      "base_model": base, "merge_method": "della", "dtype": dtype},
+            "della_linear": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.3, "epsilon": 0.1}},
+                                        {"model": b, "parameters": {"weight": 0.4, "density": 0.7, "epsilon": 0.25}}],
+                             "base_model": base, "merge_method": "della_linear", "dtype": dtype,
+                             "parameters": {"lambda": 0.9, "normalize": True}},
+            "della_zero": {"models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.5, "epsilon": 0.1}},
+                                      {"model": b, "parameters": {"weight": 0.4, "density": 0.0, "epsilon": 0.1}},
+                                      {"model": c, "parameters": {"weight": 0.3, "density": 1.0, "epsilon": 0.1}}],
+                           "base_model": base, "merge_method": "della", "dtype": dtype}}
 
 
 def run(config: dict[str, Any], out: Path, threads: int) -> dict[str, torch.Tensor]:
@@ -43,7 +54,7 @@ def run(config: dict[str, Any], out: Path, threads: int) -> dict[str, torch.Tens
 
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("method", ["linear", "linear_slices", "task_arithmetic", "ties", "breadcrumbs_ties",
-                                    "breadcrumbs", "dare_ties", "dare_linear", "slerp", "nuslerp", "nuslerp_without_base",
+                                    "breadcrumbs", "dare_ties", "dare_linear", "della", "della_linear", "della_zero", "slerp", "nuslerp", "nuslerp_without_base",
                                     "model_stock", "nearswap", "passthrough", "sce", "sce_all"])
 def test_core_programs_write_the_numpy_steps_bytes(trios: dict[str, dict[str, Path]], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch, method: str, dtype: str) -> None:
@@ -94,7 +105,8 @@ def test_sums_and_norms_in_torch_order(tmp_path: Path, n: int, threads: int) -> 
 
 
 @pytest.mark.parametrize("code", [[(99, 0, 0)], [(0, 0, 5)], [(0, 70, 0)], [(0, 0, 0), (2, 0, 0, 99)],
-                                  [(0, 0, 0), (20, 0, 0, 0), (21, 0, 0, 0)], [(0, -1, 0)], [(0, 0, 0), (19, 0, 0)]])
+                                  [(0, 0, 0), (20, 0, 0, 0), (21, 0, 0, 0)], [(0, -1, 0)], [(0, 0, 0), (19, 0, 0)],
+                                  [(0, 0, 0), (30, 1, 0, 0, 0)]])
 def test_bad_programs_are_core_errors(tmp_path: Path, code: list[tuple[int, ...]]) -> None:
     f = _slices(tmp_path, np.ones(10, dtype=np.float32))
     with pytest.raises(_core.CoreError):
@@ -115,6 +127,44 @@ def test_uniform_masks_are_the_counter_streams(tmp_path: Path, p: float, threads
         sums, _, _ = _core.mk_program([f], ["F32"], n, prog.code, prog.consts, prog.ints, prog.ranks, None, 0, "F32",
                                       chunk_elems=1000, segment_elems=1, index_base=base, threads=threads)
         assert [bool(x) for x in sums[:, 0]] == list(uniform(key, base, n) < p), first
+
+
+@pytest.mark.parametrize("cols", [1, 3, 64, 700, 2048])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_della_masks_are_the_numpy_rows(tmp_path: Path, cols: int, threads: int) -> None:
+    """kMkDellaLt keeps exactly where the numpy path's draw falls below its per-row probabilities
+    (ranks by ascending |x|, the lower index first among equal magnitudes: few distinct values
+    here, so most are tied), over chunks of several rows, across segments and an index base."""
+    from layerswap_fast.engine.counter_random import stream_key, uniform
+    rows = max(3, 6000 // cols)
+    rng = np.random.default_rng(cols)
+    x = (rng.integers(-8, 9, rows * cols) * 0.25).astype(np.float32)
+    f = _slices(tmp_path, x)
+    key, density, eps = stream_key(3, "model.layers.1.mlp.down_proj.weight", 2), 0.5, 0.2
+    sparsifier = object.__new__(mergekit_ops._Sparsifier)
+    sparsifier.cols = cols
+    base = 10**9
+    want = uniform(key, base, len(x)) < sparsifier._della_probabilities(x, density, eps)
+    prog = mergekit_program.Program(None, ["F32"])
+    prog.store(prog.della_lt(prog.read(0), key, density, eps, cols))
+    out = tmp_path / "out.bin"
+    writer = _core.ShardWriter(str(out), len(x) * 4)
+    chunk = cols * max(1, 1000 // cols)
+    _core.mk_program([f], ["F32"], len(x), prog.code, prog.consts, prog.ints, prog.ranks, writer, 0, "F32",
+                     chunk_elems=chunk, segment_elems=chunk * 2, index_base=base, threads=threads)
+    writer.close()
+    got = np.frombuffer(out.read_bytes(), dtype=np.float32)
+    assert 0 < want.sum() < len(x)
+    assert np.array_equal(got, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("ints, chunk", [([5], 4), ([5, 3], 4), ([5, 0], 10), ([5, 2], 3)])
+def test_della_without_whole_rows_is_a_core_error(tmp_path: Path, ints: list[int], chunk: int) -> None:
+    f = _slices(tmp_path, np.ones(10, dtype=np.float32))
+    code = [(0, 0, 0), (30, 1, 0, 0, 0), (21, 0, 1, 0)]  # load, della_lt, sum
+    with pytest.raises(_core.CoreError):
+        _core.mk_program([f], ["F32"], 10, code, [0.5, 0.1], ints, [], None, 0, "F32",
+                         chunk_elems=chunk, segment_elems=chunk)
 
 
 @pytest.mark.parametrize("change", [{"numel": 11}, {"segment_elems": 0}, {"chunk_elems": 0},

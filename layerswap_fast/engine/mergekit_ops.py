@@ -124,7 +124,11 @@ def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
     c = recipe.compute_dtype
     params = dict(recipe.params)
     count = len(recipe.terms) - 1
-    if IN_CORE and not any(f"eps.{i}" in params for i in range(1, count + 1)):
+    della = any(f"eps.{i}" in params for i in range(1, count + 1))
+    banded = any(params.get(f"hi.{i}", 0) > params.get(f"lo.{i}", 0) for i in range(1, count + 1))
+    if IN_CORE and not (della and banded):
+        # a rank band counts ties per CHUNK, DELLA's rows need chunks of whole rows; DELLA's own
+        # recipes hold no nonempty band (density 0 keeps nothing, 1 everything), others may
         _delta_in_core(ctx, writer, recipe, specs, inputs, dst)
         return
     reader = _Reader(recipe, specs, inputs)
@@ -150,8 +154,9 @@ def mk_delta(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, sp
 
 def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
                    inputs: Sequence[InputRange], dst: int) -> None:
-    """:func:`mk_delta`'s steps as core programs, when no delta is DELLA's: the rank bands first
-    (:func:`.mergekit_program.rank_bands`), the L1 sums when rescaling, then one writing pass."""
+    """:func:`mk_delta`'s steps as core programs: the rank bands first
+    (:func:`.mergekit_program.rank_bands`), the L1 sums when rescaling, then one writing pass.
+    DELLA's programs run over whole rows, in the numpy path's chunks (the L1 sums' order)."""
     c = recipe.compute_dtype
     params = dict(recipe.params)
     count = len(recipe.terms) - 1
@@ -168,14 +173,20 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
               for i in range(1, count + 1)]
     bands = program.rank_bands(ranges, lambda p: deltas(p)[1], make, specs, inputs, ctx.threads)
     seed = int(params.get("seed", 0))
+    cols = recipe.shape[-1] if len(recipe.shape) > 1 else max(1, specs[0].numel)  # DELLA's rows
+    della = any(f"eps.{i}" in params for i in range(1, count + 1))
+    chunk = program.row_chunk(cols) if della else program.CHUNK  # the numpy path's chunks
 
     def masked(p: Program, ds: list[int]) -> list[int | None]:
         """Each delta times its mask (None: no mask)."""
         out: list[int | None] = []
         for i, d in enumerate(ds):
-            r, prob = ranges[i], params.get(f"p.{i + 1}")
-            if prob is not None:
-                out.append(p.mul(d, p.uniform_lt(stream_key(seed, recipe.name, i + 1), prob)))
+            r, prob, eps = ranges[i], params.get(f"p.{i + 1}"), params.get(f"eps.{i + 1}")
+            key = stream_key(seed, recipe.name, i + 1)
+            if prob is not None and eps is not None:
+                out.append(p.mul(d, p.della_lt(d, key, prob, eps, cols)))
+            elif prob is not None:
+                out.append(p.mul(d, p.uniform_lt(key, prob)))
             elif r is not None:
                 out.append(p.mul(d, p.rank(d, bands[i]) if bands[i] is not None else p.const(0.0)))
             else:
@@ -189,7 +200,7 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
         for d, kept in zip(ds, masked(p, ds)):
             p.sum64(p.abs(d))
             p.sum64(p.abs(d if kept is None else kept))
-        sums, _, _ = program.run(p, specs, inputs, ctx.threads)
+        sums, _, _ = program.run(p, specs, inputs, ctx.threads, segment=chunk)
         totals = np.zeros(2 * count)
         for row in sums:  # the segments' float64 sums, added in order
             totals += row
@@ -219,7 +230,7 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     if params.get("lambda", 1.0) != 1.0:
         mixed = p.round(p.mulk(mixed, np.float32(params["lambda"])))
     p.store(p.round(p.add(base, mixed)))
-    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance, chunk=chunk)
 
 
 class _Sparsifier:
@@ -449,14 +460,17 @@ def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
     topk = recipe.param("select_topk")
     band: tuple[Any, ...] | None = None
     if topk < 1:
-        nonzero = 0
-        if topk > 0 and numel:
+        nonzero, high = 0, None
+        if topk > 0 and numel:  # one pass: the zero variances and the band's first histogram
             p = Program(c, dtypes)
-            p.eq_count(variance(p), 0)
-            nonzero = numel - int(program.run(p, specs, inputs, ctx.threads)[2][:, 0].sum())
+            v = variance(p)
+            p.hist_high(v)
+            p.eq_count(v, 0)
+            _, high, counts = program.run(p, specs, inputs, ctx.threads)
+            nonzero = numel - int(counts[:, 0].sum())
         k = int(np.float32(np.float32(nonzero) * np.float32(topk)))
         band = program.rank_bands([(0, k)], lambda p: [variance(p)], lambda: Program(c, dtypes), specs, inputs,
-                                  ctx.threads)[0]
+                                  ctx.threads, high=high)[0]
 
     def masked(p: Program) -> tuple[int, list[int]]:
         base, tvs = task_vectors(p)

@@ -22,7 +22,8 @@ from ..formats.checkpoint import TensorSpec
 from .backends import InputRange
 
 (LOAD, ROUND, ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB, FMA64, ABS, SIGN, MAXK, CLIPK, MAJORITY, EQ,
- UNIFORM_LT, STORE, NORM, SUM, CONST, ZERO_TO_ONE, HIST_HIGH, HIST_LOW, EQ_COUNT, RANK, SUM64, VAR_POP) = range(30)
+ UNIFORM_LT, STORE, NORM, SUM, CONST, ZERO_TO_ONE, HIST_HIGH, HIST_LOW, EQ_COUNT, RANK, SUM64, VAR_POP,
+ DELLA_LT) = range(31)
 ROUNDING = {None: 0, "F32": 0, "BF16": 1, "F16": 2}
 #: the steps whose optional last operand rounds their result
 _FUSES_ROUNDING = {ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB}
@@ -137,6 +138,15 @@ class Program:
     def uniform_lt(self, key: int, p: float) -> int:
         return self.op(UNIFORM_LT, self.n(key), self.k(p))
 
+    def della_lt(self, x: int, key: int, density: float, eps: float, cols: int) -> int:
+        """1 where the counter stream ``key`` draws below DELLA's keep probability of ``x``:
+        ``density − eps + 2·eps·rank/(cols − 1)``, rank ascending by |x| within its row of ``cols``
+        (``mergekit_ops._Sparsifier``). A program holding it runs over whole rows:
+        :func:`row_chunk`."""
+        ki, _ = self.n(key), self.n(cols)
+        kk, _ = self.k(density), self.k(eps)
+        return self.op(DELLA_LT, x, ki, kk)
+
     def sum_rounded(self, xs: Sequence[int], dtype: str | None | bool = True) -> int:
         """``torch_rounding.sum_rounded``: float32 additions in order, one rounding."""
         acc = xs[0]
@@ -190,12 +200,21 @@ class Program:
         return self.counts - 1
 
 
+def row_chunk(cols: int) -> int:
+    """Elements per chunk (and segment) of a program that ranks within rows of ``cols``: the
+    whole rows in :data:`CHUNK`, at least one."""
+    return max(cols, CHUNK // cols * cols)
+
+
 def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
         segment: int | None = None, index_base: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A program without output over the whole tensor: (sums per segment, histograms, counts per
-    segment); segments of :data:`CHUNK` elements unless given."""
+    segment); segments of :data:`CHUNK` elements unless given (a program with rank bands: whole
+    chunks; one that ranks within rows: :func:`row_chunk`'s)."""
     numel = specs[0].numel
     segment = segment or CHUNK
+    by_rows = any(ins[0] == DELLA_LT for ins in program.code)
+    chunk = segment if by_rows else min(CHUNK, segment)  # a row-ranking program reads whole rows
     ranks = program.ranks
     if segment != CHUNK and ranks:  # each segment's tie counts start where its first chunk's do
         if segment % CHUNK and segment < numel:
@@ -204,25 +223,30 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
         ranks = [(*band[:6], [x for t in firsts for x in band[6][t * len(band[4]):(t + 1) * len(band[4])]]
                   if band[6] else []) for band in ranks]
     return _core.mk_program(list(inputs), [s.dtype for s in specs], numel, program.code, program.consts,
-                            program.ints, ranks, None, 0, "F32", chunk_elems=min(CHUNK, segment),
+                            program.ints, ranks, None, 0, "F32", chunk_elems=chunk,
                             segment_elems=segment, index_base=index_base, threads=threads)
 
 
 def write(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
-          writer: _core.ShardWriter, dst: int, out_dtype: str, advance: Callable[[int, int], None]) -> None:
+          writer: _core.ShardWriter, dst: int, out_dtype: str, advance: Callable[[int, int], None],
+          chunk: int | None = None) -> None:
     """A program that stores, over the whole tensor, written at ``dst`` in pieces (each a whole
-    number of chunks; the rank bands' per-chunk counts go with them)."""
+    number of chunks; the rank bands' per-chunk counts go with them). ``chunk``: :data:`CHUNK`,
+    or :func:`row_chunk`'s for a program that ranks within rows (it has no rank bands)."""
+    chunk = chunk or CHUNK
+    if chunk != CHUNK and program.ranks:
+        raise ValueError("rank bands count ties per chunk of CHUNK elements")
     numel = specs[0].numel
     out_size = DTYPE_SIZES[out_dtype]
     sizes = [DTYPE_SIZES[s.dtype] for s in specs]
-    step = max(CHUNK, PIECE_BYTES // out_size // CHUNK * CHUNK)
+    step = max(chunk, PIECE_BYTES // out_size // chunk * chunk)
     for start in range(0, numel, step):
         n = min(step, numel - start)
         first, last = start // CHUNK, (start + n + CHUNK - 1) // CHUNK
         ranks = [(*band[:6], _seen_slice(band, first, last)) for band in program.ranks]
         _core.mk_program([(f, off + start * size) for (f, off), size in zip(inputs, sizes)], [s.dtype for s in specs],
                          n, program.code, program.consts, program.ints, ranks, writer, dst + start * out_size,
-                         out_dtype, chunk_elems=CHUNK, segment_elems=CHUNK, index_base=start, threads=threads)
+                         out_dtype, chunk_elems=chunk, segment_elems=chunk, index_base=start, threads=threads)
         advance(dst + (start + n) * out_size, n * out_size)
 
 
@@ -233,18 +257,23 @@ def _seen_slice(band: tuple[Any, ...], first: int, last: int) -> list[int]:
 
 def rank_bands(ranges: Sequence[tuple[int, int] | None], build: Callable[[Program], list[int]],
                make: Callable[[], Program], specs: Sequence[TensorSpec], inputs: Sequence[InputRange],
-               threads: int) -> list[tuple[Any, ...] | None]:
+               threads: int, high: Sequence[np.ndarray] | None = None) -> list[tuple[Any, ...] | None]:
     """For each value ``build`` computes (one per range), the band of descending magnitude ranks
     ``[lo, hi)`` as :meth:`Program.rank` takes it: the bit patterns of the magnitudes at ranks lo
     and hi − 1 and how many exceed each (two histogram passes, as ``mergekit_ops._rank_keys``),
     and, where a magnitude occurs more than once, how many equal ones precede each chunk (a third
-    pass), so that the lower index ranks first. None where a range is None or empty."""
+    pass), so that the lower index ranks first. None where a range is None or empty. ``high``:
+    the first pass's histograms (:meth:`Program.hist_high` of each value), when the caller's own
+    pass already made them."""
     wanted = [sorted({r[0], r[1] - 1}) if r is not None and r[1] > r[0] else [] for r in ranges]
     if not any(wanted):
         return [None] * len(ranges)
-    p = make()
-    slots = {i: p.hist_high(x) for i, x in enumerate(build(p)) if wanted[i]}
-    _, high, _ = run(p, specs, inputs, threads)
+    if high is None:
+        p = make()
+        slots = {i: p.hist_high(x) for i, x in enumerate(build(p)) if wanted[i]}
+        _, high, _ = run(p, specs, inputs, threads)
+    else:
+        slots = {i: i for i in range(len(ranges)) if wanted[i]}
     buckets = {i: [locate_rank(high[slots[i]], r) for r in wanted[i]] for i in slots}
     keys: dict[int, list[tuple[int, int, int]]] = {}  # per model and wanted rank: value, how many exceed it, its count
     if make().c == "BF16":  # every value a bfloat16: its high 16 bits are all of it, its bucket's count its count
