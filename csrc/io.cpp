@@ -280,7 +280,11 @@ void ShardWriter::pwrite_exact(int fd, uint64_t off, const void* buf, uint64_t n
   uint64_t done = 0;
   while (done < n) {
     size_t req = static_cast<size_t>(io_request(n - done));
-    ssize_t r = ::pwrite(fd, p + done, req, static_cast<off_t>(off + done));
+    ssize_t r;
+    {
+      std::lock_guard<std::mutex> one_writer(write_m_);
+      r = ::pwrite(fd, p + done, req, static_cast<off_t>(off + done));
+    }
     if (r < 0) {
       if (errno == EINTR) continue;
       fail_os(errno, "writing " + q(path_) + " (needed " + std::to_string(n - done) +

@@ -150,6 +150,10 @@ class ShardWriter {
   ino_t ino_ = 0;
   FdHolder fd_;
   std::mutex state_m_;
+  // Buffered writes to one file are serialised by the kernel (the inode's lock), where a waiting
+  // writer spins while the other copies into the page cache: waiting here sleeps instead, and
+  // leaves the core to the hashing and blending threads.
+  mutable std::mutex write_m_;
   State state_ = State::Open;
 };
 
