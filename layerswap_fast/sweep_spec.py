@@ -80,7 +80,9 @@ def candidates(spec: Mapping[str, Any], where: str = "the sweep spec") -> list[C
 
 def _pairs(spec: Mapping[str, Any], where: str) -> list[tuple[Any, Any]]:
     for key in ("task_experts", "language_experts"):
-        for i, entry in enumerate(spec[key]):
+        if spec.get(key) is None and spec.get("pairs") is None:
+            raise ConfigError(f"{where}: {key} is missing (list the experts, or give explicit pairs)")
+        for i, entry in enumerate(spec.get(key) or ()):
             _check_expert(entry, f"{where}: {key}[{i}]")
     if spec.get("pairs") is None:
         return list(itertools.product(spec["task_experts"], spec["language_experts"]))

@@ -130,6 +130,26 @@ def test_explicit_pairs_soups_and_a_single_value_grid(experts, tmp_path):
     assert shards_without_metadata(tmp_path / "sweep" / found[1].name) == shards_without_metadata(tmp_path / "ref")
 
 
+def test_pairs_alone_need_no_expert_lists(experts, tmp_path):
+    """A spec of explicit pairs only (the README's alternative to the cross product) lists them."""
+    spec = tmp_path / "pairs.yaml"
+    spec.write_text(yaml.safe_dump({"pairs": [[str(experts["math-2"]), str(experts["swh-1"])]],
+                                    "grid": {"bottom": [3, 4]}}))
+    found = lf.sweep(spec, tmp_path / "sweep", dry_run=True)
+    assert [c.name for c in found] == ["math-2__swh-1__bottom-3", "math-2__swh-1__bottom-4"]
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_spec_without_experts_or_pairs_is_one_line(experts, tmp_path):
+    spec = tmp_path / "empty.yaml"
+    spec.write_text(yaml.safe_dump({"grid": {"bottom": [3]}}))
+    before = snapshot(tmp_path)
+    result = run_cli("sweep", spec, "-o", tmp_path / "sweep")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {spec}: task_experts is missing (list the experts, or give explicit pairs)"], result.stderr
+    assert snapshot(tmp_path) == before
+
+
 def test_the_command_and_its_csv(experts, tmp_path):
     out = tmp_path / "sweep"
     result = run_cli("sweep", _spec(experts, tmp_path), "-o", out)
