@@ -194,7 +194,7 @@ MUTANTS: list[Mutant] = [
       "inv = {n: 1.0 / a for n, a in average_mavs.items()}", "inv = dict(average_mavs)", "tests/test_analysis.py"),
     # ------------------------------------------------------------ C++ kernels and I/O
     M("pwrite-retry-resends-from-the-start", "core I/O", "csrc/io.cpp",
-      "ssize_t r = ::pwrite(fd, p + done, req,", "ssize_t r = ::pwrite(fd, p, req,", "tests/test_core.py"),
+      "r = ::pwrite(fd, p + done, req,", "r = ::pwrite(fd, p, req,", "tests/test_core.py"),
     M("pread-retry-rereads-into-the-start", "core I/O", "csrc/io.cpp",
       "ssize_t r = ::pread(fd, p + done, req,", "ssize_t r = ::pread(fd, p, req,", "tests/test_core.py"),
     M("copy-file-range-retry-from-the-start", "core I/O", "csrc/io.cpp",
