@@ -217,23 +217,31 @@ def shared_bytes(src_offset: int, dst_offset: int, nbytes: int, block: int | Non
 def clone_estimate(directory: Path, shards: Sequence[OutputShard], inputs: Mapping[str, Checkpoint],
                    link: str = "auto") -> int:
     """Bytes of the output's shards that an output in ``directory`` would share with the inputs
-    rather than store: reused input files (``link`` auto reflinks them) and the whole blocks of copied tensors from inputs on
-    its filesystem, where it clones (probed there once, with a scratch file). A lower bound: runs
-    of adjacent copies clone a little more."""
+    rather than store, where its filesystem clones (probed there once, with a scratch file): the
+    reused input files that ``link`` auto reflinks, and the whole blocks of copied tensors from
+    inputs on that filesystem. A lower bound: runs of adjacent copies clone a little more."""
     block = clone_block(directory)
     if block is None:
         return 0
     device, total = os.stat(directory).st_dev, 0
+    sizes: dict[str, int | None] = {}  # each input file's size, None where it is on another filesystem
+
+    def size_here(path: str) -> int | None:
+        if path not in sizes:
+            st = os.stat(path)
+            sizes[path] = st.st_size if st.st_dev == device else None
+        return sizes[path]
+
     for shard in shards:
         if isinstance(shard, ReusedShard) and link == "auto":  # counted in full by needed_bytes
-            total += shard.file_size if os.stat(shard.reuse.source).st_dev == device else 0
+            total += shard.file_size if size_here(str(shard.reuse.source)) is not None else 0
         for t in shard.tensors if isinstance(shard, ShardLayout) else ():
             if t.recipe.op != "copy":
                 continue
             spec = inputs[t.recipe.terms[0].role].specs[t.recipe.source(t.recipe.terms[0])]
-            src, dst, st = spec.offset, shard.data_start + t.begin, os.stat(spec.file)
-            if st.st_dev == device:  # the pieces a copy makes, as _flush_copy counts them
-                total += sum(shared_bytes(src + start, dst + start, n, block, st.st_size)
+            src, dst, src_size = spec.offset, shard.data_start + t.begin, size_here(str(spec.file))
+            if src_size is not None:  # the pieces a copy makes, as _flush_copy counts them
+                total += sum(shared_bytes(src + start, dst + start, n, block, src_size)
                              for start, n in copy_pieces(src, dst, t.nbytes, block))
     return total
 

@@ -118,8 +118,10 @@ class DigestCache:
 
     def put(self, key: str, segment: Segment, digest: bytes) -> None:
         with self._lock:
-            self._load(key)[f"{segment[0]}:{segment[1]}"] = digest.hex()
-            self._dirty.add(key)
+            known, name, value = self._load(key), f"{segment[0]}:{segment[1]}", digest.hex()
+            if known.get(name) != value:  # only what is new makes its file rewritten at save
+                known[name] = value
+                self._dirty.add(key)
 
     def remember(self, path: Path, digests: Sequence[tuple[Segment, bytes]]) -> None:
         """Record the segment digests of a file just written (its key as it is now, closed)."""
