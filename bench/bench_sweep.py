@@ -2,7 +2,8 @@
 
     python bench/bench_sweep.py [--shape 1b] [--layers N] [--tasks 3] [--languages 3]
                                 [--separate 6] [--shard-size 500MB] [--workdir DIR] [--xfs-gb 0]
-                                [--direct-io] [--rounds 1] [--parts sweep,session] [--link auto] [--mergekit PATH] [--mergekit-runs 2]
+                                [--direct-io] [--rounds 1] [--parts sweep,session] [--link auto]
+                                [--mergekit PATH] [--mergekit-runs 2]
 
 Part 1: ``layerswap-fast sweep`` over T task × L language experts (synthetic) × 6 swap
 configurations (bottom 4/5/6 × top 1/2), beside ``--separate`` of the same candidates built by
@@ -94,8 +95,9 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
             if phase == "sweep":
                 swept.update(_one_sweep(cli, root, out, link))
             else:
-                swept.update(_separate(cli, root, separate, shard_size, link, _candidates(cli, root, out)))
-        shutil.rmtree(out, ignore_errors=True) if r + 1 < rounds else None
+                swept.update(_separate(cli, root, separate, shard_size, link, _candidates(root)))
+        if r + 1 < rounds:  # the last round's candidates stay to be looked at, as a single run's did
+            shutil.rmtree(out, ignore_errors=True)
         print(f"round {r + 1}: sweep {swept['sweep_s']:.1f} s, separate {swept['separate_s_extrapolated']:.1f} s, "
               f"ratio {swept['sweep_s'] / swept['separate_s_extrapolated']:.2f}", flush=True)
         each.append(swept)
@@ -120,7 +122,7 @@ def _one_sweep(cli: str, root: Path, out: Path, link: str) -> dict:
             "shared": sum(r["tensors_shared"] for r in rows)}
 
 
-def _candidates(cli: str, root: Path, out: Path) -> list[dict]:
+def _candidates(root: Path) -> list[dict]:
     """The candidates' names and options, from the spec (the separate merges may come before the sweep)."""
     from layerswap_fast.sweep_spec import read_spec
     return [{"name": c.name, "options": c.options} for c in read_spec(root / "spec.json")]
@@ -138,8 +140,8 @@ def _separate(cli: str, root: Path, separate: int, shard_size: str, link: str, r
         o, dest = row["options"], root / "separate" / row["name"]
         shutil.rmtree(dest, ignore_errors=True)
         before = used_bytes(root)
-        cmd = [cli, "merge", "--task-expert", _first(o["task_expert"]), "--language-expert", _first(o["language_expert"]),
-               "--bottom", str(o["bottom"]), "--top", str(o["top"]), "--shard-size", shard_size, "-o", str(dest),
+        cmd = [cli, "merge", "--task-expert", _first(o["task_expert"]),
+               "--language-expert", _first(o["language_expert"]), "--bottom", str(o["bottom"]), "--top", str(o["top"]), "--shard-size", shard_size, "-o", str(dest),
                "--link", link]
         t = run_timed(cmd)
         if t.returncode:

@@ -145,7 +145,8 @@ class DeviceFiller:
     """Copies and blends made on a torch device (a GPU) from the experts' tensors kept there: each
     input tensor crosses to the device once while ``resident`` bytes last, a copy is a copy on the
     device, a blend is the Triton kernel the CUDA backend's ``blend_file`` runs
-    (:func:`~layerswap_fast.engine.cuda.blend_tensors`), so the bytes are the merge's. Tensors beyond the budget are read from their files for each call."""
+    (:func:`~layerswap_fast.engine.cuda.blend_tensors`), so the bytes are the merge's. Tensors
+    beyond the budget are read from their files for each call."""
 
     #: the dtypes the blend kernel reads and writes
     DTYPES = ("BF16", "F16", "F32")
