@@ -298,7 +298,7 @@ struct Ctx {
   TorchSum* sums;
   TorchNorm* norms;
   double* sums64;
-  int64_t* hists;     // per worker, hists x 65536
+  uint32_t* hists;    // this task's, hists x 65536
   int64_t* counts;    // this task's count slots
   uint64_t* running;  // per rank: its values' running tie counts
   const size_t* running_at;
@@ -418,6 +418,42 @@ LSF_INLINE void emit(float* __restrict d, size_t m, int32_t rc, F f) {
   }
 }
 
+// Rank d a b (see the top). The band's values are the magnitudes on its edges (ranks lo and
+// hi - 1), outside the strict band top > |x| > bottom; the equal magnitudes of a value rank
+// greater + their running count in element order, so those kept are the running counts in
+// [lo - greater, hi - greater). Within a block they are all kept or all dropped except in the one
+// block per value and segment where the running count crosses an end: only there does the
+// element order matter, and only there is the loop scalar.
+LSF_INLINE void rank_band(const Ctx& c, const MkInstr& ins, float* __restrict d, const float* a, size_t m) {
+  const MkRank& r = c.ranks[ins.b];
+  const uint32_t top = r.top, bottom = r.bottom;
+  for (size_t j = 0; j < m; ++j) {
+    const uint32_t key = mag_bits(a[j]);
+    d[j] = (key > bottom && key < top) ? 1.f : 0.f;
+  }
+  uint64_t* run = c.running + c.running_at[ins.b];
+  for (size_t v = 0; v < r.values.size(); ++v) {
+    const uint32_t value = r.values[v];
+    uint32_t count = 0;
+    for (size_t j = 0; j < m; ++j) count += mag_bits(a[j]) == value;
+    if (count == 0) continue;
+    const uint64_t g = r.greater[v];
+    const uint64_t first = r.lo > g ? r.lo - g : 0, last = r.hi > g ? r.hi - g : 0;
+    const uint64_t at = run[v];
+    run[v] = at + count;
+    if (at >= first && at + count <= last) {
+      for (size_t j = 0; j < m; ++j) d[j] = mag_bits(a[j]) == value ? 1.f : d[j];
+    } else if (at < last && at + count > first) {
+      uint64_t k = at;
+      for (size_t j = 0; j < m; ++j)
+        if (mag_bits(a[j]) == value) {
+          d[j] = k >= first && k < last ? 1.f : 0.f;
+          ++k;
+        }
+    }  // else none kept: outside the strict band, d is 0 there already
+  }
+}
+
 LSF_CLONES
 void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out, size_t m,
                uint64_t e0) {
@@ -513,12 +549,12 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
         break;
       }
       case kMkHistHigh: {
-        int64_t* h = c.hists + static_cast<size_t>(ins.b) * 65536;
+        uint32_t* h = c.hists + static_cast<size_t>(ins.b) * 65536;
         for (size_t j = 0; j < m; ++j) ++h[mag_bits(a[j]) >> 16];
         break;
       }
       case kMkHistLow: {
-        int64_t* h = c.hists + static_cast<size_t>(ins.b) * 65536;
+        uint32_t* h = c.hists + static_cast<size_t>(ins.b) * 65536;
         const uint64_t bucket = c.n[ins.c];
         for (size_t j = 0; j < m; ++j) {
           const uint32_t key = mag_bits(a[j]);
@@ -533,54 +569,26 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
         c.counts[ins.b] += k;
         break;
       }
-      case kMkRank: {
-        // The strict band first (vectorised), then the tied magnitudes, in element order.
-        const MkRank& r = c.ranks[ins.b];
-        const uint32_t top = r.top, bottom = r.bottom;
-        const size_t nv = r.values.size();
-        const uint32_t v0 = nv > 0 ? r.values[0] : top, v1 = nv > 1 ? r.values[1] : v0;
-        uint32_t hit = 0;
-        for (size_t j = 0; j < m; ++j) {
-          const uint32_t key = mag_bits(a[j]);
-          d[j] = (key > bottom && key < top) ? 1.f : 0.f;
-          hit |= static_cast<uint32_t>(key == v0) | static_cast<uint32_t>(key == v1);
-        }
-        if (nv == 0 || (!hit && nv <= 2)) break;
-        uint64_t* run = c.running + c.running_at[ins.b];
-        if (nv <= 2) {  // groups of 16 scanned for the tied magnitudes, vectorised
-          const uint64_t g0 = r.greater[0], g1 = nv > 1 ? r.greater[1] : 0, lo = r.lo, hi = r.hi;
-          uint64_t* run1 = nv > 1 ? run + 1 : run;
-          for (size_t j0 = 0; j0 < m; j0 += 16) {
-            const size_t je = std::min(m, j0 + 16);
-            uint32_t any = 0;
-            for (size_t j = j0; j < je; ++j) {
-              const uint32_t key = mag_bits(a[j]);
-              any |= static_cast<uint32_t>(key == v0) | static_cast<uint32_t>(key == v1);
-            }
-            if (!any) continue;
-            for (size_t j = j0; j < je; ++j) {
-              const uint32_t key = mag_bits(a[j]);
-              uint64_t rank;
-              if (key == v0) rank = g0 + (*run)++;
-              else if (key == v1) rank = g1 + (*run1)++;
-              else continue;
-              d[j] = rank >= lo && rank < hi ? 1.f : 0.f;
-            }
-          }
-          break;
-        }
-        for (size_t j = 0; j < m; ++j) {
-          const uint32_t key = mag_bits(a[j]);
-          for (size_t v = 0; v < nv; ++v)
-            if (key == r.values[v]) {
-              const uint64_t rank = r.greater[v] + run[v]++;
-              d[j] = rank >= r.lo && rank < r.hi ? 1.f : 0.f;
-            }
-        }
-        break;
-      }
+      case kMkRank: rank_band(c, ins, d, a, m); break;
       default: break;
     }
+  }
+}
+
+// A task's histogram into its worker's total, cleared; with `keep`, its non-zero bins as
+// (bin << 32 | count), or only kOverflow when there are more than kTaskBins of them.
+constexpr uint64_t kTaskBins = 4096;
+constexpr uint64_t kOverflow = ~uint64_t{0};
+
+void flush_task_hist(uint32_t* task, int64_t* total, std::vector<uint64_t>* keep) {
+  for (uint32_t b = 0; b < 65536; ++b) {
+    if (!task[b]) continue;
+    total[b] += task[b];
+    if (keep && (keep->empty() || keep->back() != kOverflow)) {
+      if (keep->size() == kTaskBins) keep->assign(1, kOverflow);
+      else keep->push_back((static_cast<uint64_t>(b) << 32) | task[b]);
+    }
+    task[b] = 0;
   }
 }
 
@@ -611,7 +619,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
                         const std::vector<double>& consts, const std::vector<uint64_t>& ints,
                         const std::vector<MkRank>& ranks, ShardWriter* out, uint64_t out_offset,
                         DType out_dt, uint64_t chunk, uint64_t segment, uint64_t index_base,
-                        int64_t threads) {
+                        int64_t threads, bool keep_tasks) {
   if (in.size() != in_dt.size()) fail("mk_program: inputs and input_dtypes differ in length");
   if (chunk == 0) fail("mk_program: chunk_elems must be >= 1");
   const Shape shape = check_code(code, in.size(), consts.size(), ints.size(), ranks.size());
@@ -637,6 +645,10 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
   }
   res.sums.assign(res.tasks * shape.sums, 0.0);
   res.hists.assign(shape.hists * 65536, 0);
+  if (keep_tasks) {
+    if (seg > UINT32_MAX) fail("mk_program: task histograms need segments below 2^32 elements");
+    res.task_hists.assign(shape.hists * res.tasks, {});
+  }
   res.eqcounts.assign(res.tasks * shape.counts, 0);
   const StreamFiles files("mk_program", nullptr, DType::F32, in, in_dt, out, out_offset, out_dt);
   if (numel == 0) return res;
@@ -659,9 +671,10 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     std::vector<double> sums64(shape.sums, 0.0);
     Array<float> sumbuf = alloc_array<float>(std::max<uint64_t>(shape.sums, 1) * step_max * kRow, "mk_program sums");
     std::vector<int64_t> hists(shape.hists * 65536, 0);
+    std::vector<uint32_t> task_hists(shape.hists * 65536, 0);
     std::vector<uint64_t> running(running_at.back() + 1, 0);
     Ctx cx{&code, consts.data(), ints.data(), ranks.data(), in.size(), in_dt.data(), out_dt,
-           regs.get(), blk, sort_scratch.get(), sums.data(), norms.data(), sums64.data(), hists.data(),
+           regs.get(), blk, sort_scratch.get(), sums.data(), norms.data(), sums64.data(), task_hists.data(),
            nullptr, running.data(), running_at.data()};
     std::vector<const unsigned char*> ptrs(in.size());
     uint64_t t;
@@ -696,6 +709,9 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
         res.sums[t * shape.sums + s] = shape.slot_kind[s] == 2   ? norms[s].total()
                                        : shape.slot_kind[s] == 1 ? sums[s].total()
                                                                  : sums64[s];
+      for (size_t h = 0; h < shape.hists; ++h)
+        flush_task_hist(task_hists.data() + h * 65536, hists.data() + h * 65536,
+                        keep_tasks ? &res.task_hists[h * res.tasks + t] : nullptr);
     }
     if (!hists.empty()) {
       std::lock_guard<std::mutex> g(merge_m);
@@ -703,6 +719,14 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     }
   });
   files.check_mapped_inputs(numel);
+  if (keep_tasks)
+    for (size_t h = 0; h < shape.hists; ++h)
+      for (uint64_t t = 0; t < res.tasks; ++t)
+        if (res.task_hists[h * res.tasks + t].size() == 1 && res.task_hists[h * res.tasks + t][0] == kOverflow) {
+          for (uint64_t u = 0; u < res.tasks; ++u) res.task_hists[h * res.tasks + u].clear();
+          res.task_overflow.push_back(static_cast<uint32_t>(h));
+          break;
+        }
   return res;
 }
 

@@ -38,18 +38,23 @@ struct MkResult {
   std::vector<double> sums;       // tasks x sum slots
   std::vector<int64_t> hists;     // hist slots x 65536
   std::vector<int64_t> eqcounts;  // tasks x count slots
+  // With keep_tasks: per hist slot x task, the task's non-zero bins as (bin << 32 | count); a
+  // slot in task_overflow (a task with too many distinct bins) has none.
+  std::vector<std::vector<uint64_t>> task_hists;
+  std::vector<uint32_t> task_overflow;
   uint64_t tasks = 0;
 };
 
 // Runs `code` over elements [0, numel) of the inputs in tasks of `segment` elements, each the
 // extent of every torch-ordered sum or norm and read by one worker in chunks of `chunk` elements,
 // writing kMkStore's register to out (when not null) at out_offset. index_base is added to the
-// element indices drawn by kMkUniformLt.
+// element indices drawn by kMkUniformLt. keep_tasks: each task's histograms too (task_hists), so
+// that a caller can count one magnitude per task after the fact.
 MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DType>& in_dt,
                         uint64_t numel, const std::vector<MkInstr>& code,
                         const std::vector<double>& consts, const std::vector<uint64_t>& ints,
                         const std::vector<MkRank>& ranks, ShardWriter* out, uint64_t out_offset,
                         DType out_dt, uint64_t chunk, uint64_t segment, uint64_t index_base,
-                        int64_t threads);
+                        int64_t threads, bool keep_tasks = false);
 
 }  // namespace lsf

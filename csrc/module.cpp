@@ -294,11 +294,35 @@ std::vector<uint64_t> to_u64s(py::handle seq, const char* name) {
   return out;
 }
 
+// Per hist slot: None when a task had too many distinct bins, else (offsets: tasks + 1 int64,
+// entries: uint64 bin << 32 | count, task by task).
+py::list task_hists_py(const lsf::MkResult& res) {
+  py::list slots;
+  const size_t nh = res.hists.size() / 65536;
+  for (size_t h = 0; h < nh; ++h) {
+    if (std::find(res.task_overflow.begin(), res.task_overflow.end(), h) != res.task_overflow.end()) {
+      slots.append(py::none());
+      continue;
+    }
+    py::array_t<int64_t> offsets(static_cast<py::ssize_t>(res.tasks + 1));
+    int64_t* off = offsets.mutable_data();
+    off[0] = 0;
+    for (uint64_t t = 0; t < res.tasks; ++t)
+      off[t + 1] = off[t] + static_cast<int64_t>(res.task_hists[h * res.tasks + t].size());
+    py::array_t<uint64_t> entries(static_cast<py::ssize_t>(off[res.tasks]));
+    uint64_t* e = entries.mutable_data();
+    for (uint64_t t = 0; t < res.tasks; ++t)
+      e = std::copy(res.task_hists[h * res.tasks + t].begin(), res.task_hists[h * res.tasks + t].end(), e);
+    slots.append(py::make_tuple(offsets, entries));
+  }
+  return slots;
+}
+
 py::tuple mk_program_py(py::handle inputs, py::handle input_dtypes, py::handle numel,
                         py::handle code, py::handle consts, py::handle ints, py::handle ranks,
                         py::handle out, py::handle out_offset, py::handle out_dtype,
                         py::handle chunk_elems, py::handle segment_elems, py::handle index_base,
-                        py::handle threads) {
+                        py::handle threads, bool task_hists) {
   Slices in = to_slices(inputs, "inputs");
   auto dts = to_kernel_dtypes(input_dtypes, "input_dtypes", in.slices.size(), "inputs");
   const uint64_t ne = to_u64(numel, "numel");
@@ -359,7 +383,7 @@ py::tuple mk_program_py(py::handle inputs, py::handle input_dtypes, py::handle n
     py::gil_scoped_release nogil;
     res = lsf::mk_program_run(in.slices, dts, ne, prog, k, n, rk, w.get(), ooff, odt,
                               static_cast<uint64_t>(chunk), static_cast<uint64_t>(segment), base,
-                              nthreads);
+                              nthreads, task_hists);
   }
   const py::ssize_t tasks = static_cast<py::ssize_t>(res.tasks);
   const py::ssize_t ns = tasks ? static_cast<py::ssize_t>(res.sums.size()) / tasks : 0;
@@ -370,7 +394,8 @@ py::tuple mk_program_py(py::handle inputs, py::handle input_dtypes, py::handle n
   if (!res.hists.empty()) std::copy(res.hists.begin(), res.hists.end(), hists.mutable_data());
   py::array_t<int64_t> counts(std::vector<py::ssize_t>{tasks, nc});
   if (!res.eqcounts.empty()) std::copy(res.eqcounts.begin(), res.eqcounts.end(), counts.mutable_data());
-  return py::make_tuple(sums, hists, counts);
+  if (!task_hists) return py::make_tuple(sums, hists, counts);
+  return py::make_tuple(sums, hists, counts, task_hists_py(res));
 }
 
 
@@ -844,7 +869,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("numel"), py::arg("code"), py::arg("consts"), py::arg("ints"), py::arg("ranks"),
         py::arg("out"), py::arg("out_offset"), py::arg("out_dtype"),
         py::arg("chunk_elems") = 1 << 20, py::arg("segment_elems") = 1 << 20,
-        py::arg("index_base") = 0, py::arg("threads") = 0);
+        py::arg("index_base") = 0, py::arg("threads") = 0, py::arg("task_hists") = false);
   m.def("ties_file_stats", []() {
     const lsf::TiesFileStats s = lsf::ties_file_stats();
     py::dict d;

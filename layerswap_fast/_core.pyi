@@ -13,6 +13,7 @@ dtype names are the safetensors ones. ``blend`` and ``row_mav`` accept ``"BF16"`
 """
 
 from collections.abc import Buffer, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -297,7 +298,8 @@ def mk_program(
     segment_elems: int = 1 << 20,
     index_base: int = 0,
     threads: int = 0,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    task_hists: bool = False,
+) -> tuple[Any, ...]:
     """Run a program of float32 steps (``code``: ``(op, d, a, b, c)`` tuples, the opcodes and their
     meanings in ``csrc/mergekit_program.cpp`` and ``layerswap_fast.engine.mergekit_program``) over
     ``numel`` elements at each (file, absolute offset), in segments of ``segment_elems`` elements
@@ -308,7 +310,10 @@ def mk_program(
     program must store exactly when it is). Returns (sums as float64, segments x sum slots: the
     float32 results of torch-ordered sums and norms, exactly; int64
     histograms, slots x 65536; int64 counts, segments x count slots), the same for every thread
-    count. A program that ranks within rows (DELLA's op) needs ``numel``, ``chunk_elems`` and
+    count; with ``task_hists`` a fourth item, per histogram slot each segment's own histogram:
+    ``(offsets, entries)``, segment t's non-zero bins in ``entries[offsets[t]:offsets[t + 1]]`` as
+    uint64 ``bin << 32 | count`` in bin order, or None where a segment had more than 4096
+    distinct bins (segments must then be below 2^32 elements). A program that ranks within rows (DELLA's op) needs ``numel``, ``chunk_elems`` and
     ``segment_elems`` in whole rows. Bad programs, sizes and bounds: CoreError; the GIL is
     released while it runs."""
 

@@ -226,6 +226,15 @@ MUTANTS: list[Mutant] = [
       "const uint32_t keep = 0u - static_cast<uint32_t>((db & kAbsMask) > thr);", "tests/test_ties_core.py"),
     M("ties-sum-instead-of-mean", "core kernels", "csrc/ties_merge.cpp",
       "const int32_t c = cnt[j] > 0 ? cnt[j] : 1;", "const int32_t c = 1;", "tests/test_ties_core.py"),
+    M("mk-rank-keeps-one-tie-too-many-where-the-band-ends", "core kernels", "csrc/mergekit_program.cpp",
+      "d[j] = k >= first && k < last ? 1.f : 0.f;", "d[j] = k >= first && k <= last ? 1.f : 0.f;",
+      "tests/test_mergekit_program.py"),
+    M("mk-rank-block-of-ties-kept-when-it-ends-on-the-band", "core kernels", "csrc/mergekit_program.cpp",
+      "if (at >= first && at + count <= last) {", "if (at >= first && at + count <= last + 1) {",
+      "tests/test_mergekit_program.py"),
+    M("mk-task-histogram-keeps-one-bin-too-many", "core kernels", "csrc/mergekit_program.cpp",
+      "if (keep->size() == kTaskBins) keep->assign(1, kOverflow);",
+      "if (keep->size() == 2 * kTaskBins) keep->assign(1, kOverflow);", "tests/test_mergekit_program.py"),
 ]
 
 

@@ -77,6 +77,105 @@ def _slices(tmp_path: Path, values: np.ndarray) -> tuple[Any, int]:
     return _core.InputFile(str(path)), 0
 
 
+def _stable_band(mags: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """1 where an element's place in a stable descending sort of its magnitude lies in [lo, hi)."""
+    keep = np.zeros(len(mags), dtype=np.float32)
+    keep[np.argsort(-mags, kind="stable")[lo:hi]] = 1
+    return keep
+
+
+def _core_band(tmp_path: Path, x: np.ndarray, dtype: str, lo: int, hi: int, threads: int) -> np.ndarray:
+    """kMkRank's mask over x stored in dtype, with rank_bands' thresholds and tie counts."""
+    from types import SimpleNamespace
+    path = tmp_path / "x.bin"
+    path.write_bytes(raw_bytes(torch.from_numpy(x).to(torch.bfloat16 if dtype == "BF16" else torch.float32)))
+    specs = [SimpleNamespace(numel=len(x), dtype=dtype)]
+    inputs = [(_core.InputFile(str(path)), 0)]
+    c = "BF16" if dtype == "BF16" else None
+    band = mergekit_program.rank_bands([(lo, hi)], lambda p: [p.read(0)], lambda: mergekit_program.Program(c, [dtype]),
+                                       specs, inputs, threads)[0]
+    p = mergekit_program.Program(c, [dtype])
+    p.store(p.rank(p.read(0), band))
+    out = tmp_path / "mask.bin"
+    out.unlink(missing_ok=True)
+    writer = _core.ShardWriter(str(out), len(x) * 4)
+    mergekit_program.write(p, specs, inputs, threads, writer, 0, "F32", lambda *_: None)
+    writer.close()
+    return np.frombuffer(out.read_bytes(), dtype=np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+@pytest.mark.parametrize("band", [(0, 2500), (700, 5200), (0, 1), (6999, 7000), (0, 7000), (3000, 3001)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rank_bands_keep_the_stable_descending_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str,
+                                                    band: tuple[int, int], threads: int) -> None:
+    """A rank band keeps exactly the elements whose place in a stable descending sort by magnitude
+    (the lower index first among equals) lies in it. Few distinct magnitudes: the band's edges are
+    long runs of ties crossing blocks, chunks and pieces, their counts per chunk read from the
+    chunks' own histograms."""
+    monkeypatch.setattr(mergekit_program, "CHUNK", 1000)
+    monkeypatch.setattr(mergekit_program, "PIECE_BYTES", 5000)
+    x = (np.random.default_rng(5).integers(-6, 7, 7000) * 0.375).astype(np.float32)
+    got = _core_band(tmp_path, x, dtype, *band, threads)
+    assert np.array_equal(got, _stable_band(np.abs(x), *band))
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rank_band_ties_are_counted_where_a_chunk_has_too_many_magnitudes_to_keep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, threads: int) -> None:
+    """A first chunk with more distinct magnitudes in the histogram that places the band's edge
+    than a chunk's histogram keeps (4096): bfloat16 magnitudes over many binades (the one pass's
+    bins), or float32 ones a few ulps apart (the second pass's bins, within the edge's high
+    bits). The ties at the edge (1.5, in the later chunks) are counted by a pass of their own,
+    with the same result."""
+    monkeypatch.setattr(mergekit_program, "CHUNK", 6000)
+    monkeypatch.setattr(mergekit_program, "PIECE_BYTES", 24000)
+    rng = np.random.default_rng(9)
+    if dtype == "BF16":
+        spread = torch.from_numpy(np.exp2(rng.uniform(-60, 60, 6000)).astype(np.float32)).bfloat16().float().numpy()
+        bins = spread.view(np.uint32) >> 16
+    else:
+        spread = (np.float32(1.5) * (1 + np.arange(1, 6001) * np.float32(2.0**-23))).astype(np.float32)
+        bins = spread.view(np.uint32) & 0xFFFF
+        assert len(np.unique(spread.view(np.uint32) >> 16)) == 1
+    assert len(np.unique(bins)) > 4096
+    x = np.concatenate([spread * rng.choice([-1, 1], 6000), rng.choice([-1.5, 1.5, 0.25], 12000)]).astype(np.float32)
+    above = int((np.abs(x) > 1.5).sum())
+    for lo, hi in ((0, above + 1500), (above + 10, above + 3000)):
+        got = _core_band(tmp_path, x, dtype, lo, hi, threads)
+        assert np.array_equal(got, _stable_band(np.abs(x), lo, hi)), (lo, hi)
+
+
+@pytest.mark.parametrize("distinct, kept", [(4096, True), (4097, False)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_segment_histograms_are_each_segments_bins_up_to_4096(tmp_path: Path, distinct: int, kept: bool,
+                                                              threads: int) -> None:
+    """``task_hists``: each segment's non-zero bins of |x|'s high 16 bits with their counts, as
+    numpy counts them; a slot with a segment of more than 4096 distinct bins has none."""
+    rng = np.random.default_rng(distinct)
+    segment = 10000
+    bits = (np.arange(distinct, dtype=np.uint32) + 0x2000) << 16  # 'distinct' bins in the first segment
+    first = rng.permutation(np.concatenate([bits, rng.choice(bits, segment - distinct)])).view(np.float32)
+    x = np.concatenate([-first, rng.choice([0.5, -2.0, 3.0], 2 * segment + 17).astype(np.float32)])
+    p = mergekit_program.Program(None, ["F32"])
+    p.hist_high(p.read(0))
+    _, hists, _, tables = _core.mk_program([_slices(tmp_path, x)], ["F32"], len(x), p.code, p.consts, p.ints, p.ranks,
+                                           None, 0, "F32", chunk_elems=3000, segment_elems=segment,
+                                           threads=threads, task_hists=True)
+    high = np.abs(x).view(np.uint32) >> 16
+    assert np.array_equal(hists[0], np.bincount(high, minlength=65536))
+    if not kept:
+        assert tables == [None]
+        return
+    offsets, entries = tables[0]
+    assert len(offsets) == 5  # four segments, the last of 17
+    for t in range(4):
+        bins, counts = np.unique(high[t * segment:(t + 1) * segment], return_counts=True)
+        got = entries[offsets[t]:offsets[t + 1]]
+        assert np.array_equal(got >> np.uint64(32), bins) and np.array_equal(got & np.uint64(0xFFFFFFFF), counts), t
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 31, 33, 1000, 4099, 70001])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sums_and_norms_in_torch_order(tmp_path: Path, n: int, threads: int) -> None:

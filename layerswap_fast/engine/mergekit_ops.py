@@ -466,7 +466,8 @@ def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
             v = variance(p)
             p.hist_high(v)
             p.eq_count(v, 0)
-            _, high, counts = program.run(p, specs, inputs, ctx.threads)
+            _, hists, counts, tables = program.run(p, specs, inputs, ctx.threads, task_hists=True)
+            high = (hists, tables)
             nonzero = numel - int(counts[:, 0].sum())
         k = int(np.float32(np.float32(nonzero) * np.float32(topk)))
         band = program.rank_bands([(0, k)], lambda p: [variance(p)], lambda: Program(c, dtypes), specs, inputs,

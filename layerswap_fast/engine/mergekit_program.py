@@ -207,10 +207,11 @@ def row_chunk(cols: int) -> int:
 
 
 def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
-        segment: int | None = None, index_base: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        segment: int | None = None, index_base: int = 0, task_hists: bool = False) -> tuple[Any, ...]:
     """A program without output over the whole tensor: (sums per segment, histograms, counts per
-    segment); segments of :data:`CHUNK` elements unless given (a program with rank bands: whole
-    chunks; one that ranks within rows: :func:`row_chunk`'s)."""
+    segment), and with ``task_hists`` each segment's histograms too (``_core.mk_program``'s);
+    segments of :data:`CHUNK` elements unless given (a program with rank bands: whole chunks; one
+    that ranks within rows: :func:`row_chunk`'s)."""
     numel = specs[0].numel
     segment = segment or CHUNK
     by_rows = any(ins[0] == DELLA_LT for ins in program.code)
@@ -224,7 +225,7 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
                   if band[6] else []) for band in ranks]
     return _core.mk_program(list(inputs), [s.dtype for s in specs], numel, program.code, program.consts,
                             program.ints, ranks, None, 0, "F32", chunk_elems=chunk,
-                            segment_elems=segment, index_base=index_base, threads=threads)
+                            segment_elems=segment, index_base=index_base, threads=threads, task_hists=task_hists)
 
 
 def write(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
@@ -257,51 +258,83 @@ def _seen_slice(band: tuple[Any, ...], first: int, last: int) -> list[int]:
 
 def rank_bands(ranges: Sequence[tuple[int, int] | None], build: Callable[[Program], list[int]],
                make: Callable[[], Program], specs: Sequence[TensorSpec], inputs: Sequence[InputRange],
-               threads: int, high: Sequence[np.ndarray] | None = None) -> list[tuple[Any, ...] | None]:
+               threads: int, high: tuple[np.ndarray, list[Any]] | None = None) -> list[tuple[Any, ...] | None]:
     """For each value ``build`` computes (one per range), the band of descending magnitude ranks
     ``[lo, hi)`` as :meth:`Program.rank` takes it: the bit patterns of the magnitudes at ranks lo
-    and hi − 1 and how many exceed each (two histogram passes, as ``mergekit_ops._rank_keys``),
-    and, where a magnitude occurs more than once, how many equal ones precede each chunk (a third
-    pass), so that the lower index ranks first. None where a range is None or empty. ``high``:
-    the first pass's histograms (:meth:`Program.hist_high` of each value), when the caller's own
-    pass already made them."""
+    and hi − 1 and how many exceed each (two histogram passes, as ``mergekit_ops._rank_keys``; one
+    when every value is a bfloat16, whose high 16 bits are all of it), and, where a magnitude occurs
+    more than once, how many equal ones precede each chunk, so that the lower index ranks first:
+    read from the histograms each chunk kept (a third pass only where a chunk had too many distinct
+    magnitudes to keep them). None where a range is None or empty. ``high``: the first pass's
+    histograms and chunk histograms (:meth:`Program.hist_high` of each value, ``run(...,
+    task_hists=True)``), when the caller's own pass already made them."""
     wanted = [sorted({r[0], r[1] - 1}) if r is not None and r[1] > r[0] else [] for r in ranges]
     if not any(wanted):
         return [None] * len(ranges)
     if high is None:
         p = make()
         slots = {i: p.hist_high(x) for i, x in enumerate(build(p)) if wanted[i]}
-        _, high, _ = run(p, specs, inputs, threads)
+        _, hists, _, tables = run(p, specs, inputs, threads, task_hists=True)
     else:
+        hists, tables = high
         slots = {i: i for i in range(len(ranges)) if wanted[i]}
-    buckets = {i: [locate_rank(high[slots[i]], r) for r in wanted[i]] for i in slots}
+    buckets = {i: [locate_rank(hists[slots[i]], r) for r in wanted[i]] for i in slots}
     keys: dict[int, list[tuple[int, int, int]]] = {}  # per model and wanted rank: value, how many exceed it, its count
+    tallies: dict[tuple[int, int], np.ndarray | None] = {}  # per model and value: its count in each chunk
     if make().c == "BF16":  # every value a bfloat16: its high 16 bits are all of it, its bucket's count its count
-        keys = {i: [(bucket << 16, above, int(high[slots[i]][bucket])) for bucket, above, _ in buckets[i]]
-                for i in slots}
+        for i in slots:
+            keys[i] = [(bucket << 16, above, int(hists[slots[i]][bucket])) for bucket, above, _ in buckets[i]]
+            for bucket, _, _ in buckets[i]:
+                tallies[i, bucket << 16] = _chunk_counts(tables[slots[i]], bucket)
     else:
         p = make()
         low_slots = {i: [p.hist_low(x, bucket) for bucket, _, _ in buckets[i]]
                      for i, x in enumerate(build(p)) if i in buckets}
-        _, low, _ = run(p, specs, inputs, threads)
+        _, low, _, low_tables = run(p, specs, inputs, threads, task_hists=True)
         for i in slots:
             keys[i] = []
             for (bucket, above, rest), slot in zip(buckets[i], low_slots[i]):
                 value, greater, _ = locate_rank(low[slot], rest)
                 keys[i].append(((bucket << 16) | value, above + greater, int(low[slot][value])))
+                tallies[i, (bucket << 16) | value] = _chunk_counts(low_tables[slot], value)
     distinct = {i: {value: (greater, count) for value, greater, count in keys[i]} for i in slots}
+    _count_untallied(tallies, distinct, build, make, specs, inputs, threads)
     seen: dict[int, list[int]] = {i: [] for i in slots}
-    if any(count > 1 for i in slots for _, count in distinct[i].values()):
-        p = make()
-        count_slots = {i: [p.eq_count(x, v) if count > 1 else None for v, (_, count) in distinct[i].items()]
-                       for i, x in enumerate(build(p)) if i in slots}
-        _, _, counts = run(p, specs, inputs, threads)
-        for i, columns in count_slots.items():
-            before = [np.zeros(len(counts), dtype=np.int64) if slot is None else
-                      np.concatenate([[0], np.cumsum(counts[:-1, slot])]) for slot in columns]
-            seen[i] = [int(v) for v in np.stack(before, axis=1).reshape(-1)] if len(counts) else []
+    chunks = -(-specs[0].numel // CHUNK)
+    for i in slots:
+        if any(count > 1 for _, count in distinct[i].values()):
+            before = [np.concatenate([[0], np.cumsum(tallies[i, v][:-1])]) if count > 1 else
+                      np.zeros(chunks, dtype=np.int64) for v, (_, count) in distinct[i].items()]
+            seen[i] = [int(v) for v in np.stack(before, axis=1).reshape(-1)]
     return [(keys[i][0][0], keys[i][-1][0], r[0], r[1], list(distinct[i]), [g for g, _ in distinct[i].values()], seen[i])
             if i in slots and r is not None else None for i, r in enumerate(ranges)]
+
+
+def _chunk_counts(table: tuple[np.ndarray, np.ndarray] | None, b: int) -> np.ndarray | None:
+    """How many magnitudes of each chunk fell in bin ``b`` of its histogram (None: not kept)."""
+    if table is None:
+        return None
+    offsets, entries = table
+    hit = np.nonzero((entries >> np.uint64(32)) == b)[0]
+    counts = np.zeros(len(offsets) - 1, dtype=np.int64)
+    counts[np.searchsorted(offsets, hit, side="right") - 1] = (entries[hit] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    return counts
+
+
+def _count_untallied(tallies: dict[tuple[int, int], np.ndarray | None], distinct: dict[int, dict[int, tuple[int, int]]],
+                     build: Callable[[Program], list[int]], make: Callable[[], Program], specs: Sequence[TensorSpec],
+                     inputs: Sequence[InputRange], threads: int) -> None:
+    """A pass counting, chunk by chunk, the repeated magnitudes whose chunk histograms were not
+    kept (a chunk with too many distinct ones), into ``tallies``."""
+    missing = {(i, v) for i in distinct for v, (_, count) in distinct[i].items() if count > 1 and tallies[i, v] is None}
+    if not missing:
+        return
+    p = make()
+    count_slots = {(i, v): p.eq_count(x, v) for i, x in enumerate(build(p)) for v in distinct.get(i, {})
+                   if (i, v) in missing}
+    _, _, counts = run(p, specs, inputs, threads)
+    for key, slot in count_slots.items():
+        tallies[key] = counts[:, slot]
 
 
 def locate_rank(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
