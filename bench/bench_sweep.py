@@ -11,7 +11,11 @@ separate ``merge`` runs (``--separate 54``: all of them), their time and bytes e
 candidates (said so in the output); the sweep and the separate merges each start with an empty
 checksum cache, so neither takes the other's remembered digests: wall seconds, peak RSS, bytes the
 filesystem gave out (``statvfs`` before and after, so reflinked extents count as shared).
-``--rounds N`` repeats both, interleaved (their order alternating), and reports medians. With
+Each phase starts after a ``sync`` (untimed), and each command's output is written back (``sync``,
+timed apart) before anything deletes it: the figures come with and without that writeback, so
+neither side's deferred writes land in the other's time, and a deleted output's dirty pages are
+not dropped unwritten for free. ``--rounds N`` repeats both, interleaved (their order
+alternating), and reports medians. With
 ``--xfs-gb N`` everything lives on an XFS filesystem with reflink made in a loop file of N GB
 (needs root and mkfs.xfs): whole shards are then reflinked; ``--direct-io`` makes the loop device
 bypass the page cache of its file, so that the XFS's pages are the only copy in memory, as on a
@@ -35,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -92,6 +97,7 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
     for r in range(rounds):
         swept: dict = {}
         for phase in (["sweep", "separate"] if r % 2 == 0 else ["separate", "sweep"]):
+            os.sync()  # untimed: no phase pays for the writeback of what came before it
             if phase == "sweep":
                 swept.update(_one_sweep(cli, root, out, link))
             else:
@@ -99,13 +105,19 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
         if r + 1 < rounds:  # the last round's candidates stay to be looked at, as a single run's did
             shutil.rmtree(out, ignore_errors=True)
         print(f"round {r + 1}: sweep {swept['sweep_s']:.1f} s, separate {swept['separate_s_extrapolated']:.1f} s, "
-              f"ratio {swept['sweep_s'] / swept['separate_s_extrapolated']:.2f}", flush=True)
+              f"ratio {swept['sweep_s'] / swept['separate_s_extrapolated']:.2f}; written back too: sweep "
+              f"{swept['sweep_s'] + swept['sweep_wb_s']:.1f} s, separate "
+              f"{swept['separate_s_extrapolated'] + swept['separate_wb_s_extrapolated']:.1f} s, ratio "
+              f"{(swept['sweep_s'] + swept['sweep_wb_s']) / (swept['separate_s_extrapolated'] + swept['separate_wb_s_extrapolated']):.2f}",
+              flush=True)
         each.append(swept)
     os.environ.pop("XDG_CACHE_HOME", None)
     s = dict(each[-1])
-    for key in ("sweep_s", "sweep_bytes", "separate_s_extrapolated", "separate_bytes_extrapolated", "sweep_rss_mb"):
+    for key in ("sweep_s", "sweep_bytes", "separate_s_extrapolated", "separate_bytes_extrapolated", "sweep_rss_mb",
+                "sweep_wb_s", "separate_wb_s_extrapolated"):
         s[key] = statistics.median(e[key] for e in each)
-    s["rounds"] = [{k: e[k] for k in ("sweep_s", "separate_s_extrapolated")} for e in each]
+    s["rounds"] = [{k: e[k] for k in ("sweep_s", "separate_s_extrapolated", "sweep_wb_s", "separate_wb_s_extrapolated")}
+                   for e in each]
     return s
 
 
@@ -116,8 +128,9 @@ def _one_sweep(cli: str, root: Path, out: Path, link: str) -> dict:
     timed = run_timed([cli, "sweep", str(root / "spec.json"), "-o", str(out), "--link", link])
     if timed.returncode:
         sys.exit(timed.stderr)
+    writeback = _sync_seconds()
     rows = json.loads((out / "sweep.json").read_text())["candidates"]
-    return {"rows": rows, "candidates": len(rows), "sweep_s": timed.seconds, "sweep_rss_mb": timed.peak_rss_mb,
+    return {"rows": rows, "candidates": len(rows), "sweep_s": timed.seconds, "sweep_wb_s": writeback, "sweep_rss_mb": timed.peak_rss_mb,
             "sweep_bytes": used_bytes(root) - before, "computed": sum(r["tensors_computed"] for r in rows),
             "shared": sum(r["tensors_shared"] for r in rows)}
 
@@ -134,7 +147,7 @@ def _first(value: str | list[str]) -> str:
 
 def _separate(cli: str, root: Path, separate: int, shard_size: str, link: str, rows: list[dict]) -> dict:
     picks = [rows[round(i * (len(rows) - 1) / max(1, separate - 1))] for i in range(separate)]
-    seconds, written = [], 0
+    seconds, written, writeback = [], 0, 0.0
     fresh_checksum_cache(root / "cache-separate")  # the first merge of each pair hashes its copies
     for row in picks:
         o, dest = row["options"], root / "separate" / row["name"]
@@ -147,12 +160,22 @@ def _separate(cli: str, root: Path, separate: int, shard_size: str, link: str, r
         if t.returncode:
             sys.exit(t.stderr)
         seconds.append(t.seconds)
+        writeback += _sync_seconds()  # before the delete below, which would drop the dirty pages unwritten
         written += used_bytes(root) - before
         shutil.rmtree(dest)  # measured: room for the next (all 54 would not fit beside the sweep)
     shutil.rmtree(root / "separate", ignore_errors=True)
     scale = len(rows) / len(picks)
     return {"separate_timed": len(picks), "separate_s_extrapolated": sum(seconds) * scale,
+            "separate_wb_s_extrapolated": writeback * scale,
             "separate_bytes_extrapolated": written * scale}
+
+
+def _sync_seconds() -> float:
+    """How long writing back what is still dirty takes (``sync``): the part of a phase's cost that
+    the kernel defers, and that a later phase would pay unless it is counted here."""
+    t0 = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - t0
 
 
 def fresh_checksum_cache(directory: Path) -> None:
@@ -249,7 +272,8 @@ def main() -> None:
             s.update(part_mergekit(mergekit, root, s["rows"], args.mergekit_runs))
             print(f"| {s['candidates']} mergekit-yaml runs ({s['mergekit_timed']} timed, extrapolated) | "
                   f"{s['mergekit_s_extrapolated']:.1f} | | {s['mergekit_rss_mb']:.0f} |")
-        print(f"\nratios: time {s['sweep_s'] / s['separate_s_extrapolated']:.2f}, bytes "
+        print(f"\nratios: time {s['sweep_s'] / s['separate_s_extrapolated']:.2f} (written back too: "
+              f"{(s['sweep_s'] + s['sweep_wb_s']) / (s['separate_s_extrapolated'] + s['separate_wb_s_extrapolated']):.2f}), bytes "
               f"{s['sweep_bytes'] / max(1, s['separate_bytes_extrapolated']):.2f}; tensors computed {s['computed']}, "
               f"shared {s['shared']}")
         s.pop("rows")
