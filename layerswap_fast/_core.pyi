@@ -35,8 +35,8 @@ class InputFile:
     def __init__(self, path: str, io: str = "auto") -> None:
         """Open ``path`` read-only and record its size, device and inode. ``io``: how the file
         kernels read it: ``"mmap"`` (a read-only mapping of the whole file), ``"pread"``, or
-        ``"auto"``: pread (on a local filesystem the choice the core's ``kLocalDefault`` names;
-        always on a network or FUSE filesystem, statfs f_type: NFS, SMB/CIFS, FUSE, 9p, Ceph,
+        ``"auto"``: mmap on a local filesystem (the choice the core's ``kLocalDefault`` names),
+        pread on a network or FUSE filesystem (statfs f_type: NFS, SMB/CIFS, FUSE, 9p, Ceph,
         Lustre, ...). Anything else: CoreError."""
     @property
     def path(self) -> str: ...

@@ -96,7 +96,7 @@ KERNELS = ["blend", "row_mav", "row_mav_pieces", "ties", "ties_exact", "lowrank"
 def test_io_modes(tmp_path: Path) -> None:
     path = tmp_path / "x.bin"
     path.write_bytes(b"\0" * 100)
-    assert core.InputFile(str(path)).io == "pread"  # auto, on a local filesystem (measured faster)
+    assert core.InputFile(str(path)).io == "mmap"  # auto, on a local filesystem
     f = core.InputFile(str(path), io="pread")
     assert f.io == "pread"
     f.set_io("mmap")

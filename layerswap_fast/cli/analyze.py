@@ -63,7 +63,7 @@ def _gb(n: int) -> str:
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--io", type=click.Choice(IO_MODES), default="auto", show_default=True,
               help="How input shards are read: mmap (straight from a read-only mapping, no copy), pread "
-                   "(into buffers), or auto: pread (measured faster than the mapped reader but for soups).")
+                   "(into buffers), or auto: mmap on local filesystems, pread on network and FUSE ones.")
 def analyze(base: Path, experts: tuple[Path, ...], language_expert: Path | None, task_expert: Path | None,
             out: Path, rows: bool, suggest: bool, device: str, threads: int | None, force: bool, io: str) -> None:
     """Measure how far each expert moved from BASE: the row MAV (mean |expert - base| per row) of
