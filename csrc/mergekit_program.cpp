@@ -51,6 +51,7 @@ constexpr int kMaxRegs = 64;
 constexpr size_t kMaxCode = 4096;
 constexpr size_t kLanes = 8;
 constexpr size_t kRow = 4 * kLanes;
+constexpr size_t kHistWords = 2 * 65536;  // a task's histogram, in two halves (see kMkHistHigh)
 
 // ---- torch's reduction orders --------------------------------------------------------------------
 
@@ -298,7 +299,7 @@ struct Ctx {
   TorchSum* sums;
   TorchNorm* norms;
   double* sums64;
-  uint32_t* hists;    // this task's, hists x 65536
+  uint32_t* hists;    // this task's, hists x kHistWords
   int64_t* counts;    // this task's count slots
   uint64_t* running;  // per rank: its values' running tie counts
   const size_t* running_at;
@@ -549,12 +550,18 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
         break;
       }
       case kMkHistHigh: {
-        uint32_t* h = c.hists + static_cast<size_t>(ins.b) * 65536;
-        for (size_t j = 0; j < m; ++j) ++h[mag_bits(a[j]) >> 16];
+        // two halves, even and odd elements: neighbours in one bin do not wait on each other's store
+        uint32_t* h = c.hists + static_cast<size_t>(ins.b) * kHistWords;
+        size_t j = 0;
+        for (; j + 2 <= m; j += 2) {
+          ++h[mag_bits(a[j]) >> 16];
+          ++h[65536 + (mag_bits(a[j + 1]) >> 16)];
+        }
+        if (j < m) ++h[mag_bits(a[j]) >> 16];
         break;
       }
       case kMkHistLow: {
-        uint32_t* h = c.hists + static_cast<size_t>(ins.b) * 65536;
+        uint32_t* h = c.hists + static_cast<size_t>(ins.b) * kHistWords;
         const uint64_t bucket = c.n[ins.c];
         for (size_t j = 0; j < m; ++j) {
           const uint32_t key = mag_bits(a[j]);
@@ -575,20 +582,21 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
   }
 }
 
-// A task's histogram into its worker's total, cleared; with `keep`, its non-zero bins as
-// (bin << 32 | count), or only kOverflow when there are more than kTaskBins of them.
+// A task's histogram (its two halves added) into its worker's total, cleared; with `keep`, its
+// non-zero bins as (bin << 32 | count), or only kOverflow when there are more than kTaskBins.
 constexpr uint64_t kTaskBins = 4096;
 constexpr uint64_t kOverflow = ~uint64_t{0};
 
 void flush_task_hist(uint32_t* task, int64_t* total, std::vector<uint64_t>* keep) {
   for (uint32_t b = 0; b < 65536; ++b) {
-    if (!task[b]) continue;
-    total[b] += task[b];
+    const uint32_t n = task[b] + task[65536 + b];
+    if (!n) continue;
+    total[b] += n;
     if (keep && (keep->empty() || keep->back() != kOverflow)) {
       if (keep->size() == kTaskBins) keep->assign(1, kOverflow);
-      else keep->push_back((static_cast<uint64_t>(b) << 32) | task[b]);
+      else keep->push_back((static_cast<uint64_t>(b) << 32) | n);
     }
-    task[b] = 0;
+    task[b] = task[65536 + b] = 0;
   }
 }
 
@@ -671,7 +679,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     std::vector<double> sums64(shape.sums, 0.0);
     Array<float> sumbuf = alloc_array<float>(std::max<uint64_t>(shape.sums, 1) * step_max * kRow, "mk_program sums");
     std::vector<int64_t> hists(shape.hists * 65536, 0);
-    std::vector<uint32_t> task_hists(shape.hists * 65536, 0);
+    std::vector<uint32_t> task_hists(shape.hists * kHistWords, 0);
     std::vector<uint64_t> running(running_at.back() + 1, 0);
     Ctx cx{&code, consts.data(), ints.data(), ranks.data(), in.size(), in_dt.data(), out_dt,
            regs.get(), blk, sort_scratch.get(), sums.data(), norms.data(), sums64.data(), task_hists.data(),
@@ -710,7 +718,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
                                        : shape.slot_kind[s] == 1 ? sums[s].total()
                                                                  : sums64[s];
       for (size_t h = 0; h < shape.hists; ++h)
-        flush_task_hist(task_hists.data() + h * 65536, hists.data() + h * 65536,
+        flush_task_hist(task_hists.data() + h * kHistWords, hists.data() + h * 65536,
                         keep_tasks ? &res.task_hists[h * res.tasks + t] : nullptr);
     }
     if (!hists.empty()) {
