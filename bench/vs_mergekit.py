@@ -3,8 +3,10 @@
 (``cp --reflink=never``, timed before each method).
 
     python bench/vs_mergekit.py --shape 1b [--layers 4] [--methods linear,ties] [--workdir DIR]
+                                [--ours-only [--rounds N]]
 
-Each tool runs as its own process (mergekit's time includes importing torch and mergekit, about
+``--ours-only`` leaves mergekit out; with ``--rounds N`` every method runs N times, interleaved, each
+command after a sync, and the medians are printed as a table. Each tool runs as its own process (mergekit's time includes importing torch and mergekit, about
 6 s here); the inputs are read once before the first run.
 """
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trio", type=Path, default=None, help="an existing trio directory (default: made in workdir)")
     ap.add_argument("--ours-only", action="store_true",
                     help="skip mergekit (an 8b slice: its RAM and time); time and peak RSS of ours and the copy")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --ours-only: rounds over all the methods, each command after a sync; medians")
     args = ap.parse_args(argv)
     trio = trio_in_child(args.trio or args.workdir / trio_dirname(args.shape, args.layers), args.shape,
                          layers=args.layers)
@@ -106,16 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir / "vs_mergekit"
     for role in trio.values():
         subprocess.run(["cat", *map(str, role.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)
-    for method in args.methods.split(","):
-        config = json.loads(json.dumps(CONFIGS[method]))
-        for m in config["models"]:
-            m["model"] = str(trio[m["model"]])
-        if "base_model" in config:
-            config["base_model"] = str(trio[config["base_model"]])
-        config["dtype"] = "bfloat16"
-        path = work / f"{method}.yml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config))
+    methods = args.methods.split(",")
+    if args.ours_only:
+        return ours_only(cli, trio, work, methods, args.rounds)
+    for method in methods:
+        path = write_config(work, trio, method)
         ours, ref = work / f"ours-{method}", work / f"mergekit-{method}"
         for d in (ours, ref):
             shutil.rmtree(d, ignore_errors=True)
@@ -124,12 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         copy = run_timed(["cp", "-r", "--reflink=never", str(trio["task"]), str(copy_dir)])
         shutil.rmtree(copy_dir, ignore_errors=True)
         mine = run_timed([cli, "mergekit-yaml", str(path), str(ours), "--no-copy-tokenizer"])
-        if args.ours_only:
-            shutil.rmtree(ours, ignore_errors=True)
-            print(f"{method}: {'failed ' + mine.stderr[-500:] if mine.returncode else ''}ours {mine.seconds:.1f} s "
-                  f"(CPU {mine.cpu_s:.1f} s) {mine.peak_rss_mb:.0f} MB, copy {copy.seconds:.2f} s "
-                  f"(ours {mine.seconds / copy.seconds:.1f}x)", flush=True)
-            continue
         theirs = run_timed([sys.executable, "-c", MERGEKIT, str(path), str(ref)])
         if mine.returncode or theirs.returncode:
             print(f"{method}: failed\n{mine.stderr[-2000:]}\n{theirs.stderr[-2000:]}")
@@ -139,6 +134,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method}: ours {mine.seconds:.1f} s {mine.peak_rss_mb:.0f} MB, mergekit {theirs.seconds:.1f} s "
               f"{theirs.peak_rss_mb:.0f} MB ({theirs.seconds / mine.seconds:.1f}x), copy {copy.seconds:.2f} s "
               f"(ours {mine.seconds / copy.seconds:.1f}x); tensors {counts}", flush=True)
+    return 0
+
+
+def write_config(work: Path, trio: dict[str, Path], method: str) -> Path:
+    """The method's config over the trio, in bf16, as a file."""
+    config = json.loads(json.dumps(CONFIGS[method]))
+    for m in config["models"]:
+        m["model"] = str(trio[m["model"]])
+    if "base_model" in config:
+        config["base_model"] = str(trio[config["base_model"]])
+    config["dtype"] = "bfloat16"
+    path = work / f"{method}.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def ours_only(cli: str, trio: dict[str, Path], work: Path, methods: list[str], rounds: int) -> int:
+    """Each round: per method a copy of one expert, then ours, each after an untimed sync (so that
+    neither pays for the writeback of what came before it); the medians of the rounds."""
+    seen: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in methods}
+    for r in range(rounds):
+        for method in methods:
+            path, ours, copy_dir = write_config(work, trio, method), work / f"ours-{method}", work / "copy"
+            for d in (ours, copy_dir):
+                shutil.rmtree(d, ignore_errors=True)
+            os.sync()
+            copy = run_timed(["cp", "-r", "--reflink=never", str(trio["task"]), str(copy_dir)])
+            os.sync()
+            mine = run_timed([cli, "mergekit-yaml", str(path), str(ours), "--no-copy-tokenizer"])
+            if mine.returncode:
+                sys.exit(f"{method}: failed {mine.stderr[-500:]}")
+            os.sync()
+            for d in (ours, copy_dir):
+                shutil.rmtree(d, ignore_errors=True)
+            seen[method].append((mine.seconds, mine.cpu_s, mine.peak_rss_mb, copy.seconds))
+            print(f"round {r + 1} {method}: ours {mine.seconds:.1f} s (CPU {mine.cpu_s:.1f} s) {mine.peak_rss_mb:.0f} MB, "
+                  f"copy {copy.seconds:.2f} s (ours {mine.seconds / copy.seconds:.1f}x)", flush=True)
+    print("\n| method | ours s | CPU s | peak RSS MB | copy s | × copy (median of the rounds' ratios) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for method, runs in seen.items():
+        med = [statistics.median(x[i] for x in runs) for i in range(4)]
+        ratio = statistics.median(x[0] / x[3] for x in runs)
+        print(f"| {method} | {med[0]:.2f} | {med[1]:.1f} | {med[2]:.0f} | {med[3]:.2f} | {ratio:.1f} |")
     return 0
 
 
