@@ -271,16 +271,21 @@ def prepare(workdir: Path) -> Path:
     tree = workdir / "tree"
     tree.mkdir(parents=True, exist_ok=True)
     for entry in tree.iterdir():  # keep the environment and the build directory between runs
-        if entry.name not in (".venv", "build"):
+        if entry.name not in (".venv", ".venv-stamp", "build"):
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     for f in tree_files(ROOT):
         (tree / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, tree / f)
-    if not (tree / ".venv" / "bin" / "python").exists():
-        if not (ROOT / ".venv" / "bin" / "python").exists():
-            sys.exit("error: no .venv here: run `bash scripts/setup.sh --test` first")
+    if not (ROOT / ".venv" / "bin" / "python").exists():
+        sys.exit("error: no .venv here: run `bash scripts/setup.sh --test` first")
+    # the packages the copy was made with: one installed here since (mergekit, say) means a fresh copy
+    stamp = tree / ".venv-stamp"
+    packages = "\n".join(sorted(p.name for p in (ROOT / ".venv").glob("lib/*/site-packages/*")))
+    if not (tree / ".venv" / "bin" / "python").exists() or not stamp.exists() or stamp.read_text() != packages:
         print(f"copying .venv into {tree} ...", flush=True)
+        shutil.rmtree(tree / ".venv", ignore_errors=True)
         subprocess.run(["cp", "-a", "--reflink=auto", str(ROOT / ".venv"), str(tree / ".venv")], check=True)
+        stamp.write_text(packages)
     rebuild(tree)
     return tree
 
