@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = find_cli()
     if cli is None:
         sys.exit("layerswap-fast is not installed")
-    work = args.workdir / "vs_mergekit"
+    work = args.workdir.resolve() / "vs_mergekit"  # absolute: the children run inside it
     for role in trio.values():
         subprocess.run(["cat", *map(str, role.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)
     methods = args.methods.split(",")
@@ -125,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         copy = run_timed(["cp", "-r", "--reflink=never", str(trio["task"]), str(copy_dir)])
         shutil.rmtree(copy_dir, ignore_errors=True)
         mine = run_timed([cli, "mergekit-yaml", str(path), str(ours), "--no-copy-tokenizer"])
-        theirs = run_timed([sys.executable, "-c", MERGEKIT, str(path), str(ref)])
+        # -c children run in the work directory: from the repository, its top-level kernels/ would
+        # shadow the `kernels` package that transformers imports
+        theirs = run_timed([sys.executable, "-c", MERGEKIT, str(path), str(ref)], cwd=work)
         if mine.returncode or theirs.returncode:
             print(f"{method}: failed\n{mine.stderr[-2000:]}\n{theirs.stderr[-2000:]}")
             continue
-        counts = subprocess.run([sys.executable, "-c", COMPARE, str(ours), str(ref)], capture_output=True,
+        counts = subprocess.run([sys.executable, "-c", COMPARE, str(ours), str(ref)], capture_output=True, cwd=work,
                                 text=True, check=True).stdout.strip()
         print(f"{method}: ours {mine.seconds:.1f} s {mine.peak_rss_mb:.0f} MB, mergekit {theirs.seconds:.1f} s "
               f"{theirs.peak_rss_mb:.0f} MB ({theirs.seconds / mine.seconds:.1f}x), copy {copy.seconds:.2f} s "
