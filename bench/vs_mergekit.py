@@ -104,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="with --ours-only: rounds over all the methods, each command after a sync; medians")
     args = ap.parse_args(argv)
+    args.workdir = args.workdir.resolve()  # the configs' paths must hold inside it, where the children run
     trio = trio_in_child(args.trio or args.workdir / trio_dirname(args.shape, args.layers), args.shape,
                          layers=args.layers)
     cli = find_cli()
     if cli is None:
         sys.exit("layerswap-fast is not installed")
-    work = args.workdir.resolve() / "vs_mergekit"  # absolute: the children run inside it
+    work = args.workdir / "vs_mergekit"
     for role in trio.values():
         subprocess.run(["cat", *map(str, role.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)
     methods = args.methods.split(",")
