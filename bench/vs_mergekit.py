@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --ours-only: rounds over all the methods, each command after a sync; medians")
     args = ap.parse_args(argv)
     args.workdir = args.workdir.resolve()  # the configs' paths must hold inside it, where the children run
+    args.trio = args.trio.resolve() if args.trio else None
     trio = trio_in_child(args.trio or args.workdir / trio_dirname(args.shape, args.layers), args.shape,
                          layers=args.layers)
     cli = find_cli()
