@@ -16,7 +16,9 @@
 //   Store a         the output's elements = r[a] in the output dtype
 //   Norm a b / Sum a b   r[a] into sum slot b: torch's float32 vector norm / sum order over the
 //                   task (engine/torch_rounding.py's TorchNorm / TorchSum, step for step)
-//   Sum64 a b       r[a] into sum slot b: a float64 sum over the task in element order
+//   Sum64 a b       r[a] into sum slot b: a float64 sum over the task, element e of the task
+//                   into lane e % 8, each lane in element order, the lanes added in order at
+//                   the end (engine/mergekit_ops.py's lane_sum)
 //   VarPop d a b    r[d] = float32 of the population variance of r[a], ..., r[a + b - 1] by
 //                   Welford's updates in float64 (torch.var(dim=0, unbiased=False) on the CPU)
 //   HistHigh a b    histogram b counts the high 16 bits of bits(|r[a]|)
@@ -128,6 +130,30 @@ struct TorchSum {
     float t = 0.f;
     for (uint64_t i = vectors * kLanes; i < nrest; ++i) t = t + rest[i];
     for (size_t l = 0; l < kLanes; ++l) t = t + lanes[l];
+    return t;
+  }
+};
+
+// Sum64's float64 sum: eight independent chains (one add's latency per eight elements, not per
+// element), each still in element order, so the result is defined and the same on every machine.
+struct LaneSum {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  uint64_t seen = 0;
+
+  void add(const float* x, size_t m) {
+    size_t j = 0;
+    for (; j < m && (seen + j) % 8 != 0; ++j) lane[(seen + j) % 8] += static_cast<double>(x[j]);
+    double l[8];
+    for (size_t k = 0; k < 8; ++k) l[k] = lane[k];
+    for (; j + 8 <= m; j += 8)
+      for (size_t k = 0; k < 8; ++k) l[k] += static_cast<double>(x[j + k]);
+    for (size_t k = 0; j + k < m; ++k) l[k] += static_cast<double>(x[j + k]);
+    for (size_t k = 0; k < 8; ++k) lane[k] = l[k];
+    seen += m;
+  }
+  double total() const {
+    double t = lane[0];
+    for (size_t k = 1; k < 8; ++k) t += lane[k];
     return t;
   }
 };
@@ -298,7 +324,7 @@ struct Ctx {
   uint32_t* sort_scratch;  // 8 x stride: DellaLt's keys, ranks, (key, index) pairs twice, draws
   TorchSum* sums;
   TorchNorm* norms;
-  double* sums64;
+  LaneSum* sums64;
   uint32_t* hists;    // this task's, hists x kHistWords
   int64_t* counts;    // this task's count slots
   uint64_t* running;  // per rank: its values' running tie counts
@@ -543,12 +569,7 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
       case kMkDellaLt:
         della_lt(d, a, m, c.n[ins.b], c.n[ins.b + 1], c.k[ins.c], c.k[ins.c + 1], e0, c.sort_scratch);
         break;
-      case kMkSum64: {
-        double acc = c.sums64[ins.b];
-        for (size_t j = 0; j < m; ++j) acc += static_cast<double>(a[j]);
-        c.sums64[ins.b] = acc;
-        break;
-      }
+      case kMkSum64: c.sums64[ins.b].add(a, m); break;
       case kMkHistHigh: {
         // two halves, even and odd elements: neighbours in one bin do not wait on each other's store
         uint32_t* h = c.hists + static_cast<size_t>(ins.b) * kHistWords;
@@ -676,7 +697,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     Array<uint32_t> sort_scratch = alloc_array<uint32_t>(by_rows ? 8 * blk : 1, "mk_program row ranks");
     std::vector<TorchSum> sums(shape.sums);
     std::vector<TorchNorm> norms(shape.sums);
-    std::vector<double> sums64(shape.sums, 0.0);
+    std::vector<LaneSum> sums64(shape.sums);
     Array<float> sumbuf = alloc_array<float>(std::max<uint64_t>(shape.sums, 1) * step_max * kRow, "mk_program sums");
     std::vector<int64_t> hists(shape.hists * 65536, 0);
     std::vector<uint32_t> task_hists(shape.hists * kHistWords, 0);
@@ -692,7 +713,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
       for (size_t s = 0; s < shape.sums; ++s) {
         if (shape.slot_kind[s] == 2) norms[s].init(tm);
         else if (shape.slot_kind[s] == 1) sums[s].init(tm, sumbuf.get() + s * step_max * kRow);
-        sums64[s] = 0.0;
+        sums64[s] = LaneSum{};
       }
       for (size_t i = 0; i < ranks.size(); ++i)
         for (size_t v = 0; v < ranks[i].values.size(); ++v)
@@ -716,7 +737,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
       for (size_t s = 0; s < shape.sums; ++s)
         res.sums[t * shape.sums + s] = shape.slot_kind[s] == 2   ? norms[s].total()
                                        : shape.slot_kind[s] == 1 ? sums[s].total()
-                                                                 : sums64[s];
+                                                                 : sums64[s].total();
       for (size_t h = 0; h < shape.hists; ++h)
         flush_task_hist(task_hists.data() + h * kHistWords, hists.data() + h * 65536,
                         keep_tasks ? &res.task_hists[h * res.tasks + t] : nullptr);

@@ -203,6 +203,25 @@ def test_sums_and_norms_in_torch_order(tmp_path: Path, n: int, threads: int) -> 
     assert sums[0, 1] == torch.linalg.vector_norm(t).item()
 
 
+@pytest.mark.parametrize("chunk, segment", [(997, 5000), (512, 4096), (3, 50), (1, 7), (8, 8)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float64_sums_add_in_eight_lanes(tmp_path: Path, chunk: int, segment: int, threads: int) -> None:
+    """Sum64 adds as ``mergekit_ops.lane_sum`` defines (element e of a segment into lane e % 8,
+    each lane in order, then the lanes in order), whatever the chunks: values of very different
+    magnitudes, so that another order gives another float64 sum."""
+    rng = np.random.default_rng(chunk)
+    n = 3 * segment + 5
+    x = (rng.standard_normal(n) * np.exp2(rng.integers(-60, 60, n))).astype(np.float32)
+    p = mergekit_program.Program(None, ["F32"])
+    p.sum64(p.read(0))
+    sums, _, _ = _core.mk_program([_slices(tmp_path, x)], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
+                                  chunk_elems=chunk, segment_elems=segment, threads=threads)
+    parts = [x[t * segment:(t + 1) * segment] for t in range(len(sums))]
+    assert [s[0] for s in sums] == [mergekit_ops.lane_sum(part) for part in parts]
+    if segment > 8:  # up to 8 elements the lanes are the element order
+        assert any(mergekit_ops.lane_sum(part) != float(np.cumsum(part, dtype=np.float64)[-1]) for part in parts)
+
+
 @pytest.mark.parametrize("code", [[(99, 0, 0)], [(0, 0, 5)], [(0, 70, 0)], [(0, 0, 0), (2, 0, 0, 99)],
                                   [(0, 0, 0), (20, 0, 0, 0), (21, 0, 0, 0)], [(0, -1, 0)], [(0, 0, 0), (19, 0, 0)],
                                   [(0, 0, 0), (30, 1, 0, 0, 0)]])

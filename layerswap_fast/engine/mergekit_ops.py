@@ -283,19 +283,30 @@ class _Sparsifier:
 
     def _l1_scales(self, stream: Callable[[int], Iterator[list[np.ndarray]]]) -> list[np.float32 | None]:
         """mergekit's ``rescaled_masked_tensor`` with the L1 norm (:func:`l1_scale`), the sums in
-        float64, each chunk's in element order, the chunks in order. The mask is drawn again in
-        the writing pass; the rank selection's tie counts start over."""
+        float64, each chunk's by :func:`lane_sum`, the chunks in order. The mask is drawn again
+        in the writing pass; the rank selection's tie counts start over."""
         before = np.zeros(len(self.p))
         after = np.zeros(len(self.p))
         start = 0
         for ds in stream(self.chunk):
             for i, (d, mask) in enumerate(zip(ds, self.masks(start, ds))):
                 magnitude = np.abs(d)
-                before[i] += float(np.cumsum(magnitude, dtype=np.float64)[-1])
-                after[i] += float(np.cumsum(magnitude * mask, dtype=np.float64)[-1])
+                before[i] += lane_sum(magnitude)
+                after[i] += lane_sum(magnitude * mask)
             start += len(ds[0])
         self.ranks.restart()
         return [l1_scale(b, a, self.c) for b, a in zip(before, after)]
+
+
+def lane_sum(x: np.ndarray) -> float:
+    """Σx in float64 in the core's order (its Sum64): element e into lane e % 8, each lane in
+    element order, then the eight lanes in order. Eight chains instead of one: the core's sum runs
+    at one add's latency per eight elements, and the order stays defined."""
+    lanes = [float(np.cumsum(x[k::8], dtype=np.float64)[-1]) if len(x) > k else 0.0 for k in range(8)]
+    total = lanes[0]
+    for v in lanes[1:]:
+        total += v
+    return total
 
 
 def l1_scale(before: float, after: float, c: str | None) -> np.float32 | None:
