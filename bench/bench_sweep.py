@@ -108,8 +108,7 @@ def part_sweep(cli: str, root: Path, tasks: int, languages: int, separate: int, 
               f"ratio {swept['sweep_s'] / swept['separate_s_extrapolated']:.2f}; written back too: sweep "
               f"{swept['sweep_s'] + swept['sweep_wb_s']:.1f} s, separate "
               f"{swept['separate_s_extrapolated'] + swept['separate_wb_s_extrapolated']:.1f} s, ratio "
-              f"{(swept['sweep_s'] + swept['sweep_wb_s']) / (swept['separate_s_extrapolated'] + swept['separate_wb_s_extrapolated']):.2f}",
-              flush=True)
+              f"{_written_back_ratio(swept):.2f}", flush=True)
         each.append(swept)
     os.environ.pop("XDG_CACHE_HOME", None)
     s = dict(each[-1])
@@ -130,8 +129,8 @@ def _one_sweep(cli: str, root: Path, out: Path, link: str) -> dict:
         sys.exit(timed.stderr)
     writeback = _sync_seconds()
     rows = json.loads((out / "sweep.json").read_text())["candidates"]
-    return {"rows": rows, "candidates": len(rows), "sweep_s": timed.seconds, "sweep_wb_s": writeback, "sweep_rss_mb": timed.peak_rss_mb,
-            "sweep_bytes": used_bytes(root) - before, "computed": sum(r["tensors_computed"] for r in rows),
+    return {"rows": rows, "candidates": len(rows), "sweep_s": timed.seconds, "sweep_wb_s": writeback,
+            "sweep_rss_mb": timed.peak_rss_mb, "sweep_bytes": used_bytes(root) - before, "computed": sum(r["tensors_computed"] for r in rows),
             "shared": sum(r["tensors_shared"] for r in rows)}
 
 
@@ -153,8 +152,8 @@ def _separate(cli: str, root: Path, separate: int, shard_size: str, link: str, r
         o, dest = row["options"], root / "separate" / row["name"]
         shutil.rmtree(dest, ignore_errors=True)
         before = used_bytes(root)
-        cmd = [cli, "merge", "--task-expert", _first(o["task_expert"]),
-               "--language-expert", _first(o["language_expert"]), "--bottom", str(o["bottom"]), "--top", str(o["top"]), "--shard-size", shard_size, "-o", str(dest),
+        cmd = [cli, "merge", "--task-expert", _first(o["task_expert"]), "--language-expert", _first(o["language_expert"]),
+               "--bottom", str(o["bottom"]), "--top", str(o["top"]), "--shard-size", shard_size, "-o", str(dest),
                "--link", link]
         t = run_timed(cmd)
         if t.returncode:
@@ -168,6 +167,11 @@ def _separate(cli: str, root: Path, separate: int, shard_size: str, link: str, r
     return {"separate_timed": len(picks), "separate_s_extrapolated": sum(seconds) * scale,
             "separate_wb_s_extrapolated": writeback * scale,
             "separate_bytes_extrapolated": written * scale}
+
+
+def _written_back_ratio(s: dict) -> float:
+    """The sweep's time over the separate merges', each with its writeback."""
+    return (s["sweep_s"] + s["sweep_wb_s"]) / (s["separate_s_extrapolated"] + s["separate_wb_s_extrapolated"])
 
 
 def _sync_seconds() -> float:
@@ -273,7 +277,7 @@ def main() -> None:
             print(f"| {s['candidates']} mergekit-yaml runs ({s['mergekit_timed']} timed, extrapolated) | "
                   f"{s['mergekit_s_extrapolated']:.1f} | | {s['mergekit_rss_mb']:.0f} |")
         print(f"\nratios: time {s['sweep_s'] / s['separate_s_extrapolated']:.2f} (written back too: "
-              f"{(s['sweep_s'] + s['sweep_wb_s']) / (s['separate_s_extrapolated'] + s['separate_wb_s_extrapolated']):.2f}), bytes "
+              f"{_written_back_ratio(s):.2f}), bytes "
               f"{s['sweep_bytes'] / max(1, s['separate_bytes_extrapolated']):.2f}; tensors computed {s['computed']}, "
               f"shared {s['shared']}")
         s.pop("rows")

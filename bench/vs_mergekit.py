@@ -5,9 +5,10 @@
     python bench/vs_mergekit.py --shape 1b [--layers 4] [--methods linear,ties] [--workdir DIR]
                                 [--ours-only [--rounds N]]
 
-``--ours-only`` leaves mergekit out; with ``--rounds N`` every method runs N times, interleaved, each
-command after a sync, and the medians are printed as a table. Each tool runs as its own process (mergekit's time includes importing torch and mergekit, about
-6 s here); the inputs are read once before the first run.
+``--ours-only`` leaves mergekit out; with ``--rounds N`` every method runs N times, interleaved,
+each command after a sync, and the medians are printed as a table. Each tool runs as its own
+process (mergekit's time includes importing torch and mergekit, about 6 s here); the inputs are
+read once before the first run.
 """
 
 from __future__ import annotations

@@ -604,21 +604,24 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
 }
 
 // A task's histogram (its two halves added) into its worker's total, cleared; with `keep`, its
-// non-zero bins as (bin << 32 | count), or only kOverflow when there are more than kTaskBins.
+// non-zero bins as (bin << 32 | count). False when they were more than kTaskBins (keep is then
+// left empty).
 constexpr uint64_t kTaskBins = 4096;
-constexpr uint64_t kOverflow = ~uint64_t{0};
 
-void flush_task_hist(uint32_t* task, int64_t* total, std::vector<uint64_t>* keep) {
+bool flush_task_hist(uint32_t* task, int64_t* total, std::vector<uint64_t>* keep) {
+  bool fits = true;
   for (uint32_t b = 0; b < 65536; ++b) {
     const uint32_t n = task[b] + task[65536 + b];
     if (!n) continue;
     total[b] += n;
-    if (keep && (keep->empty() || keep->back() != kOverflow)) {
-      if (keep->size() == kTaskBins) keep->assign(1, kOverflow);
-      else keep->push_back((static_cast<uint64_t>(b) << 32) | n);
+    if (keep && fits) {
+      fits = keep->size() < kTaskBins;
+      if (fits) keep->push_back((static_cast<uint64_t>(b) << 32) | n);
+      else keep->clear();
     }
     task[b] = task[65536 + b] = 0;
   }
+  return fits;
 }
 
 // Elements per block: kB, or whole rows when the program ranks within rows (DellaLt), which
@@ -677,6 +680,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
   if (keep_tasks) {
     if (seg > UINT32_MAX) fail("mk_program: task histograms need segments below 2^32 elements");
     res.task_hists.assign(shape.hists * res.tasks, {});
+    res.task_overflow.assign(shape.hists, 0);
   }
   res.eqcounts.assign(res.tasks * shape.counts, 0);
   const StreamFiles files("mk_program", nullptr, DType::F32, in, in_dt, out, out_offset, out_dt);
@@ -701,6 +705,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     Array<float> sumbuf = alloc_array<float>(std::max<uint64_t>(shape.sums, 1) * step_max * kRow, "mk_program sums");
     std::vector<int64_t> hists(shape.hists * 65536, 0);
     std::vector<uint32_t> task_hists(shape.hists * kHistWords, 0);
+    std::vector<char> overflow(shape.hists, 0);
     std::vector<uint64_t> running(running_at.back() + 1, 0);
     Ctx cx{&code, consts.data(), ints.data(), ranks.data(), in.size(), in_dt.data(), out_dt,
            regs.get(), blk, sort_scratch.get(), sums.data(), norms.data(), sums64.data(), task_hists.data(),
@@ -739,23 +744,20 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
                                        : shape.slot_kind[s] == 1 ? sums[s].total()
                                                                  : sums64[s].total();
       for (size_t h = 0; h < shape.hists; ++h)
-        flush_task_hist(task_hists.data() + h * kHistWords, hists.data() + h * 65536,
-                        keep_tasks ? &res.task_hists[h * res.tasks + t] : nullptr);
+        if (!flush_task_hist(task_hists.data() + h * kHistWords, hists.data() + h * 65536,
+                             keep_tasks ? &res.task_hists[h * res.tasks + t] : nullptr))
+          overflow[h] = 1;
     }
     if (!hists.empty()) {
       std::lock_guard<std::mutex> g(merge_m);
       for (size_t i = 0; i < hists.size(); ++i) res.hists[i] += hists[i];
+      for (size_t h = 0; h < res.task_overflow.size(); ++h) res.task_overflow[h] |= overflow[h];
     }
   });
   files.check_mapped_inputs(numel);
-  if (keep_tasks)
-    for (size_t h = 0; h < shape.hists; ++h)
-      for (uint64_t t = 0; t < res.tasks; ++t)
-        if (res.task_hists[h * res.tasks + t].size() == 1 && res.task_hists[h * res.tasks + t][0] == kOverflow) {
-          for (uint64_t u = 0; u < res.tasks; ++u) res.task_hists[h * res.tasks + u].clear();
-          res.task_overflow.push_back(static_cast<uint32_t>(h));
-          break;
-        }
+  for (size_t h = 0; h < res.task_overflow.size(); ++h)  // a slot is kept whole or not at all
+    if (res.task_overflow[h])
+      for (uint64_t t = 0; t < res.tasks; ++t) res.task_hists[h * res.tasks + t] = {};
   return res;
 }
 

@@ -39,9 +39,9 @@ struct MkResult {
   std::vector<int64_t> hists;     // hist slots x 65536
   std::vector<int64_t> eqcounts;  // tasks x count slots
   // With keep_tasks: per hist slot x task, the task's non-zero bins as (bin << 32 | count); a
-  // slot in task_overflow (a task with too many distinct bins) has none.
+  // slot flagged in task_overflow (a task with too many distinct bins) has none.
   std::vector<std::vector<uint64_t>> task_hists;
-  std::vector<uint32_t> task_overflow;
+  std::vector<char> task_overflow;  // per hist slot
   uint64_t tasks = 0;
 };
 

@@ -300,7 +300,7 @@ py::list task_hists_py(const lsf::MkResult& res) {
   py::list slots;
   const size_t nh = res.hists.size() / 65536;
   for (size_t h = 0; h < nh; ++h) {
-    if (std::find(res.task_overflow.begin(), res.task_overflow.end(), h) != res.task_overflow.end()) {
+    if (res.task_overflow[h]) {
       slots.append(py::none());
       continue;
     }

@@ -313,8 +313,8 @@ def mk_program(
     count; with ``task_hists`` a fourth item, per histogram slot each segment's own histogram:
     ``(offsets, entries)``, segment t's non-zero bins in ``entries[offsets[t]:offsets[t + 1]]`` as
     uint64 ``bin << 32 | count`` in bin order, or None where a segment had more than 4096
-    distinct bins (segments must then be below 2^32 elements). A program that ranks within rows (DELLA's op) needs ``numel``, ``chunk_elems`` and
-    ``segment_elems`` in whole rows. Bad programs, sizes and bounds: CoreError; the GIL is
+    distinct bins (segments must then be below 2^32 elements). A program that ranks within rows
+    (DELLA's op) needs ``numel``, ``chunk_elems`` and ``segment_elems`` in whole rows. Bad programs, sizes and bounds: CoreError; the GIL is
     released while it runs."""
 
 def ties_file_stats() -> dict[str, int]:

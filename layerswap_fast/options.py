@@ -82,8 +82,8 @@ WRITE_OPTIONS: tuple[Option, ...] = (
            "CPU time, or none (sizes only: the bare copy speed; verify then cannot check the bytes).",
            default=DEFAULT_CHECKSUM, choices=CHECKSUMS, recorded=False),
     Option("io", "choice", "How input shards are read: mmap (straight from a read-only mapping, no copy), "
-           "pread (into buffers), or auto: mmap on local filesystems, pread on network and FUSE ones.", default="auto", choices=IO_MODES,
-           recorded=False),
+           "pread (into buffers), or auto: mmap on local filesystems, pread on network and FUSE ones.",
+           default="auto", choices=IO_MODES, recorded=False),
     Option("dry_run", "flag", "Validate and plan the layout, write nothing.", default=False, recorded=False),
 )
 #: what only the command line may set: rebuilding a shared recipe or config must not choose where
