@@ -177,14 +177,18 @@ struct TorchNorm {
         ncarry = 0;
       }
     }
+    // in a local copy: stores to the member could alias x, which would keep every lane in memory
+    float acc[kLanes];
+    for (size_t l = 0; l < kLanes; ++l) acc[l] = lanes[l];
     while (j + kLanes <= m && seen + kLanes <= whole) {
       for (size_t l = 0; l < kLanes; ++l) {
         const float v = x[j + l];
-        lanes[l] = lanes[l] + v * v;
+        acc[l] = acc[l] + v * v;
       }
       j += kLanes;
       seen += kLanes;
     }
+    for (size_t l = 0; l < kLanes; ++l) lanes[l] = acc[l];
     for (; j < m; ++j, ++seen) {
       if (seen < whole) {
         carry[ncarry++] = x[j];
