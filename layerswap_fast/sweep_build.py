@@ -280,7 +280,9 @@ def write_manifest(root: Path, found: Sequence[Candidate]) -> None:
     each, options and metrics flattened), each replaced atomically."""
     root.mkdir(parents=True, exist_ok=True)
     rows = [c.row() for c in found]
-    _replace(root / MANIFEST_JSON, json.dumps({"candidates": rows}, indent=2) + "\n")
+    # one candidate per line: readable, and encoded by json's C encoder (an indented dump is
+    # encoded in Python, and the manifest is rewritten after every candidate)
+    _replace(root / MANIFEST_JSON, '{"candidates": [\n' + ",\n".join(map(json.dumps, rows)) + "\n]}\n")
     option_keys = sorted({k for r in rows for k in r["options"]})
     metric_keys = sorted({k for r in rows for k in r["metrics"]})
     text = io.StringIO()
