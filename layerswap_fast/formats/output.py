@@ -50,7 +50,10 @@ def output_location(out: str | os.PathLike[str]) -> Path:
 
 
 def _overlaps(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
+    """Whether ``a`` and ``b`` are one path or one lies inside the other (by their parts, as
+    ``Path.parents`` compares them, without building every parent)."""
+    n = min(len(a.parts), len(b.parts))
+    return a.parts[:n] == b.parts[:n]
 
 
 def check_output(out: Path, guarded: Mapping[Path, str], force: bool, needed_bytes: int,
