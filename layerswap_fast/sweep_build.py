@@ -73,33 +73,67 @@ class OpenExperts:
         self.close()
 
 
-@contextmanager
-def background_writeback() -> Iterator[Callable[[Path], None]]:
-    """``flush(directory)``: the candidate's shards are written back to the disk by a thread of
-    their own while the next candidates are built. A later candidate that clones one of them (a
-    shard or tensor it shares) would otherwise wait for that writeback in its clone call. At the
-    end only the flush under way is waited for; the kernel writes the rest in its own time."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="layerswap-flush")
+class Writeback:
+    """A sweep's outputs on their way to the disk, on a thread of their own.
 
-    def flush(directory: Path) -> None:
+    ``flush(directory)``: the candidate's shards are written back while the next candidates are
+    built; a later candidate that clones one of them would otherwise wait for that writeback in
+    its clone call. ``release(directories)``: shards that no later candidate reads (an expert
+    pair's, once the sweep has moved on to the next pair) leave the page cache once written
+    back, headers aside, so that a sweep's growing output does not push the experts it is still
+    reading out of memory. At the end only the work under way is waited for; the kernel writes
+    the rest in its own time."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="layerswap-flush")
+
+    def flush(self, directory: Path) -> None:
         for path in sorted(directory.glob("*.safetensors")):
-            pool.submit(_data_sync, path)
+            self._pool.submit(_data_sync, path)
 
-    try:
-        yield flush
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    def release(self, directories: Sequence[Path]) -> None:
+        for directory in directories:
+            for path in sorted(directory.glob("*.safetensors")):
+                self._pool.submit(_drop_cached, path)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Writeback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _data_sync(path: Path) -> None:
+    _with_file(path, os.fdatasync)
+
+
+def _drop_cached(path: Path) -> None:
+    """Written-back pages of ``path`` out of the page cache, from the page after its header (the
+    header is what a later open reads) to the end. Pages still dirty stay: dropping is advice."""
+    def drop(fd: int) -> None:
+        os.fdatasync(fd)
+        header = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
+        os.posix_fadvise(fd, header - header % _PAGE + _PAGE, 0, os.POSIX_FADV_DONTNEED)
+    _with_file(path, drop)
+
+
+_PAGE = 4096
+
+
+def _with_file(path: Path, work: Callable[[int], None]) -> None:
+    """``work(fd)`` on ``path`` opened read-only; quietly nothing if it is gone or refuses: what
+    this thread does is for speed, not durability (a later clone flushes for itself)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return  # replaced meanwhile (a re-run): nothing of ours to flush
     try:
-        os.fdatasync(fd)
+        work(fd)
     except OSError:
-        pass  # durability is not what this is for; a later clone flushes for itself
+        pass
     finally:
         os.close(fd)
 

@@ -22,8 +22,8 @@ from .errors import ConfigError, LayerswapError
 from .evaluation import Evaluator, load_evaluator
 from .formats.adapter import is_adapter
 from .methods.method import as_list
-from .sweep_build import (OpenExperts, RecipeKey, Settings, background_writeback, build_one, earlier_outputs,
-                          evaluate_candidate, write_manifest)
+from .sweep_build import (OpenExperts, RecipeKey, Settings, Writeback, build_one, earlier_outputs, evaluate_candidate,
+                          write_manifest)
 from .sweep_spec import Candidate, candidates, read_spec
 
 PathLike = str | os.PathLike[str]
@@ -55,17 +55,28 @@ def sweep(spec: PathLike | Mapping[str, Any], out: PathLike, *, link: str = "aut
         from .sweep_ray import run_on_ray
         return run_on_ray(found, root, ray, settings, report)
     made: dict[RecipeKey, Path] = {}
-    with earlier_outputs() as output_of, OpenExperts() as experts, background_writeback() as flush:
-        for candidate in found:
+    pair: list[Path] = []  # the current expert pair's candidates
+    with earlier_outputs() as output_of, OpenExperts() as experts, Writeback() as writeback:
+        for i, candidate in enumerate(found):
             candidate.path = root / candidate.name
             build_one(candidate, made, output_of, settings, experts)
             if not dry_run:
                 write_manifest(root, found)
                 if candidate.status == "built":
-                    flush(candidate.path)
+                    writeback.flush(candidate.path)
+                    pair.append(candidate.path)
+                if i + 1 == len(found) or _inputs(found[i + 1]) != _inputs(candidate):
+                    writeback.release(pair)  # a later pair computes nothing this one did
+                    pair = []
             if report is not None:
                 report(candidate)
     return found
+
+
+def _inputs(candidate: Candidate) -> tuple[Any, ...]:
+    """What a candidate's computed tensors can depend on besides the grid's options."""
+    o = candidate.options
+    return tuple(repr(o.get(k)) for k in ("task_expert", "language_expert", "base", "stats"))
 
 
 def _in_memory(found: list[Candidate], root: Path, evaluator: Evaluator, threads: int | None, device: str,

@@ -215,6 +215,74 @@ def test_a_failed_candidate_is_reported_and_the_others_finish(experts, tmp_path)
     assert all("the swap needs" in c["error"] for c in manifest if c["status"] == "failed")
 
 
+def test_an_expert_pairs_outputs_are_released_once_the_sweep_moves_on(experts, tmp_path, monkeypatch):
+    """Each pair's candidates are handed to ``release`` when the next pair starts (and the last
+    pair's at the end), after their flushes; no later candidate reads them."""
+    from layerswap_fast import sweep_build
+    calls: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(sweep_build.Writeback, "flush", lambda self, d: calls.append(("flush", [d.name])))
+    monkeypatch.setattr(sweep_build.Writeback, "release",
+                        lambda self, ds: calls.append(("release", [d.name for d in ds])))
+    found = lf.sweep(_spec(experts, tmp_path, grid={"bottom": [3, 4]}), tmp_path / "sweep")
+    names = [c.name for c in found]
+    expected = []
+    for pair in range(4):
+        mine = names[2 * pair:2 * pair + 2]
+        expected += [("flush", [mine[0]]), ("flush", [mine[1]]), ("release", mine)]
+    assert calls == expected
+
+
+def _resident_pages(path: Path) -> list[bool]:
+    """Which of ``path``'s pages the page cache holds (``mincore`` over a read-only mapping)."""
+    import ctypes
+    import mmap
+    import os
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value)
+        vector = ctypes.create_string_buffer(pages)
+        try:
+            assert libc.mincore(address, size, vector) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return [bool(b & 1) for b in vector.raw[:pages]]
+
+
+def test_a_released_shard_leaves_the_page_cache_but_its_header(tmp_path):
+    """``_drop_cached``: the shard's pages after its header leave the page cache; the header's
+    (which opening the shard reads) stay. The cache may hold a file in folios of up to 2 MiB,
+    which leave whole: past the first 2 MiB nothing may stay."""
+    import os
+    from layerswap_fast.sweep_build import _drop_cached
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * (4 << 20))
+    with open(probe, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if any(_resident_pages(probe)):
+        pytest.skip("this filesystem keeps its pages whatever the advice (tmpfs)")
+    data = bytes(range(256)) * (6 << 12)
+    header = b'{"t":{"dtype":"U8","shape":[%d],"data_offsets":[0,%d]}}' % (len(data), len(data))
+    header += b" " * (5000 - len(header))  # with its length, it ends on the second page
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    path.read_bytes()
+    assert all(_resident_pages(path))
+    _drop_cached(path)
+    resident = _resident_pages(path)
+    assert resident[:2] == [True, True] and not any(resident[512:]), resident.count(True)
+
+
 # ------------------------------------------------------------------------------- evaluation
 
 def _char_tokenizer(directory: Path) -> None:
