@@ -26,6 +26,12 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+def _mergekit_yaml(p: dict[str, Path], method: str, parameters: str) -> str:
+    """A mergekit config of the task and language experts over the base, in bfloat16."""
+    return (f"merge_method: {method}\nbase_model: {p['base']}\ndtype: bfloat16\nmodels:\n"
+            + "".join(f"  - model: {p[r]}\n    parameters: {{weight: 0.5, {parameters}}}\n" for r in ("task", "language")))
+
+
 CASES = {
     "swap": ("layer_swap", lambda p: {"task_expert": p["task"], "language_expert": p["language"], "bottom": 3,
                                       "top": 2, "transition_weights": "ramp", "lower_transition": 2}),
@@ -41,6 +47,9 @@ CASES = {
     "task arithmetic": ("task_arithmetic", lambda p: {"base": p["base"], "model": [p["task"], p["language"]],
                                                       "lam": 0.6}),
     "ties": ("ties", lambda p: {"base": p["base"], "model": [p["task"], p["language"]], "density": 0.3}),
+    "mergekit ties": ("mergekit", lambda p: {"yaml": _mergekit_yaml(p, "ties", "density: 0.5")}),
+    "mergekit della": ("mergekit", lambda p: {"yaml": _mergekit_yaml(p, "della", "density: 0.5, epsilon: 0.1"),
+                                               "random_seed": 7}),
     "revert rows": ("revert", lambda p: {"base": p["base"], "model": p["task"], "row_fraction": 0.4}),
     "revert layers": ("revert", lambda p: {"base": p["base"], "model": p["task"], "layers": "0-2"}),
 }
