@@ -247,16 +247,19 @@ def test_uniform_masks_are_the_counter_streams(tmp_path: Path, p: float, threads
         assert [bool(x) for x in sums[:, 0]] == list(uniform(key, base, n) < p), first
 
 
-@pytest.mark.parametrize("cols", [1, 3, 64, 700, 2048])
+@pytest.mark.parametrize("cols, step", [(1, 0.25), (3, 0.25), (64, 0.25), (700, 0.25), (2048, 0.25),
+                                        (700, 0.1), (2048, 0.1), (65537, 0.25)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_della_masks_are_the_numpy_rows(tmp_path: Path, cols: int, threads: int) -> None:
+def test_della_masks_are_the_numpy_rows(tmp_path: Path, cols: int, step: float, threads: int) -> None:
     """kMkDellaLt keeps exactly where the numpy path's draw falls below its per-row probabilities
     (ranks by ascending |x|, the lower index first among equal magnitudes: few distinct values
-    here, so most are tied), over chunks of several rows, across segments and an index base."""
+    here, so most are tied), over chunks of several rows, across segments and an index base.
+    Multiples of 0.25 share their low 16 bits, as bfloat16 magnitudes do (the sort skips those
+    bytes); multiples of 0.1 differ in every byte; one row is longer than 16 bits of index."""
     from layerswap_fast.engine.counter_random import stream_key, uniform
     rows = max(3, 6000 // cols)
     rng = np.random.default_rng(cols)
-    x = (rng.integers(-8, 9, rows * cols) * 0.25).astype(np.float32)
+    x = (rng.integers(-8, 9, rows * cols) * np.float32(step)).astype(np.float32)
     f = _slices(tmp_path, x)
     key, density, eps = stream_key(3, "model.layers.1.mlp.down_proj.weight", 2), 0.5, 0.2
     sparsifier = object.__new__(mergekit_ops._Sparsifier)
