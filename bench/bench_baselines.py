@@ -3,11 +3,12 @@
     python bench/bench_baselines.py [--runs 3]
     python bench/bench_baselines.py --runs 7 --only ties,ties-exact   # the one-pass TIES bracket on/off
     python bench/bench_baselines.py --only copy,soup,ties --io mmap,pread   # both read paths, same rounds
+    python bench/bench_baselines.py --only copy,soup-2 --checksum default,none   # with and without the checksum
 
 Uses the `1b` trio (base, task, language; ``--shape`` for another) and one more expert of the same
 base (`task2`), so the multi-expert commands have three experts (``soup-2``: the task and language experts only, as
-issue 20's soup of two). With ``--io``, every command but
-the copy runs once per read path in each round (``ties[pread]``, ...). Interleaved rounds, warm cache; each output is deleted
+issue 20's soup of two). With ``--io`` (or ``--checksum``), every command but
+the copy runs once per read path (or checksum) in each round (``ties[pread]``, ``soup-2[none]``, ...). Interleaved rounds, warm cache; each output is deleted
 right after it is measured.
 """
 
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--shape", default="1b", help="a shape of layerswap_fast.synthetic (tiny for a smoke run)")
     ap.add_argument("--io", default=None,
                     help="comma-separated read paths (auto, mmap, pread): every command but copy runs once each")
+    ap.add_argument("--checksum", default=None,
+                    help="comma-separated checksums (default, none, ...): every command but copy runs once each")
     args = ap.parse_args()
     trio = trio_in_child(args.workdir / args.shape, args.shape)
     base, task, lang, task2 = (trio["base"], trio["task"], trio["language"],
@@ -77,11 +80,14 @@ def main() -> None:
     ios = args.io.split(",") if args.io else []
     if any(x not in ("auto", "mmap", "pread") for x in ios):
         sys.exit("--io takes auto, mmap, pread or a comma-separated list of them")
-    if ios:
+    checksums = args.checksum.split(",") if args.checksum else []
+    # each variant: its label and the options it adds to every command but the copy
+    variants = [(x, ["--io", x]) for x in ios] + [(c, [] if c == "default" else ["--checksum", c]) for c in checksums]
+    if variants:
         for m in [m for m in methods if m != "copy"]:
-            for x in ios:
-                commands[f"{m}[{x}]"] = (lambda c, x: lambda o: [*c(o), "--io", x])(commands[m], x)
-        methods = [v for m in methods for v in ([m] if m == "copy" else [f"{m}[{x}]" for x in ios])]
+            for label, extra in variants:
+                commands[f"{m}[{label}]"] = (lambda c, extra: lambda o: [*c(o), *extra])(commands[m], extra)
+        methods = [v for m in methods for v in ([m] if m == "copy" else [f"{m}[{label}]" for label, _ in variants])]
     subprocess.run(["bash", "-c", " ".join(f'cat "{p}"/*.safetensors' for p in (base, *experts)) + " > /dev/null"])
     nbytes = shard_bytes(task)
     results: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
