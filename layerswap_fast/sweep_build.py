@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import mmap
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -111,16 +112,13 @@ def _data_sync(path: Path) -> None:
 
 
 def _drop_cached(path: Path) -> None:
-    """Written-back pages of ``path`` out of the page cache, from the page after its header (the
-    header is what a later open reads) to the end. Pages still dirty stay: dropping is advice."""
+    """``path`` written back, then out of the page cache from the page after the one its header
+    ends in (a later open reads the header) to the end. Advice: the kernel may keep some."""
     def drop(fd: int) -> None:
         os.fdatasync(fd)
         header = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
-        os.posix_fadvise(fd, header - header % _PAGE + _PAGE, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, header - header % mmap.PAGESIZE + mmap.PAGESIZE, 0, os.POSIX_FADV_DONTNEED)
     _with_file(path, drop)
-
-
-_PAGE = 4096
 
 
 def _with_file(path: Path, work: Callable[[int], None]) -> None:

@@ -145,7 +145,7 @@ MUTANTS: list[Mutant] = [
     M("sweep-never-releases", "sweep", "layerswap_fast/sweeps.py",
       "writeback.release(pair)  #", "pass  #", "tests/test_sweep.py"),
     M("sweep-drops-the-header", "sweep", "layerswap_fast/sweep_build.py",
-      "header - header % _PAGE + _PAGE, 0,", "0, 0,", "tests/test_sweep.py"),
+      "header - header % mmap.PAGESIZE + mmap.PAGESIZE, 0,", "0, 0,", "tests/test_sweep.py"),
     M("unaligned-data-without-copies", "layout", "layerswap_fast/formats/layout.py",
       "pad = -(8 + len(raw)) % 8 if phase is None", "pad = 0 if phase is None", "tests/test_merge.py"),
     M("page-phase-may-be-unaligned", "layout", "layerswap_fast/formats/layout.py",
