@@ -63,6 +63,11 @@ class OpenExperts:
             self._key, self._opened = key, open_all(self._stack, paths)
         return self._opened
 
+    @property
+    def inputs(self) -> tuple[tuple[str, str], ...] | None:
+        """What is open now, as (role, path) pairs; None when nothing is."""
+        return None if self._key is None else tuple(self._key)
+
     def close(self) -> None:
         self._stack.close()
         self._key, self._opened = None, {}

@@ -55,28 +55,26 @@ def sweep(spec: PathLike | Mapping[str, Any], out: PathLike, *, link: str = "aut
         from .sweep_ray import run_on_ray
         return run_on_ray(found, root, ray, settings, report)
     made: dict[RecipeKey, Path] = {}
-    pair: list[Path] = []  # the current expert pair's candidates
+    pair: list[Path] = []  # the candidates built from the experts opened last
+    pair_inputs = None
     with earlier_outputs() as output_of, OpenExperts() as experts, Writeback() as writeback:
-        for i, candidate in enumerate(found):
+        for candidate in found:
             candidate.path = root / candidate.name
             build_one(candidate, made, output_of, settings, experts)
             if not dry_run:
                 write_manifest(root, found)
+                if experts.inputs != pair_inputs:
+                    if pair:
+                        writeback.release(pair)  # a later pair computes nothing an earlier one did
+                    pair, pair_inputs = [], experts.inputs
                 if candidate.status == "built":
                     writeback.flush(candidate.path)
                     pair.append(candidate.path)
-                if i + 1 == len(found) or _inputs(found[i + 1]) != _inputs(candidate):
-                    writeback.release(pair)  # a later pair computes nothing this one did
-                    pair = []
             if report is not None:
                 report(candidate)
+        if pair:
+            writeback.release(pair)
     return found
-
-
-def _inputs(candidate: Candidate) -> tuple[Any, ...]:
-    """What a candidate's computed tensors can depend on besides the grid's options."""
-    o = candidate.options
-    return tuple(repr(o.get(k)) for k in ("task_expert", "language_expert", "base", "stats"))
 
 
 def _in_memory(found: list[Candidate], root: Path, evaluator: Evaluator, threads: int | None, device: str,

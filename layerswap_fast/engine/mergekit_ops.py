@@ -215,19 +215,19 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
             d = p.round(p.mulk(d, scales[i]))
         weighted.append(p.round(p.mulk(d, weights[i])))
     consensus = CONSENSUS[int(params.get("consensus", 0))]
+    # the divisor's steps are made only when normalizing: a program computes every step it holds
     if consensus is None:
         mixed = p.sum_rounded(weighted)
-        if params.get("normalize"):
-            total = sum_rounded([np.full(1, w) for w in weights], c)[0]
-            mixed = p.round(p.div(mixed, p.const(np.float32(1) if abs(total) < 1e-8 else total)))
+        total = sum_rounded([np.full(1, w) for w in weights], c)[0]
+        divisor = lambda: p.const(np.float32(1) if abs(total) < 1e-8 else total)  # noqa: E731
     else:
         signs = [p.sign(d) for d in weighted]
         majority = p.majority(p.sum_rounded(weighted if consensus == "sum" else signs))
         agree = [p.eq(s_, majority) for s_ in signs]
         mixed = p.sum_rounded([p.mul(d, a) for d, a in zip(weighted, agree)])
-        if params.get("normalize"):
-            divisor = p.zero_to_one(p.sum_rounded([p.mulk(a, w) for a, w in zip(agree, weights)]))
-            mixed = p.round(p.div(mixed, divisor))
+        divisor = lambda: p.zero_to_one(p.sum_rounded([p.mulk(a, w) for a, w in zip(agree, weights)]))  # noqa: E731
+    if params.get("normalize"):
+        mixed = p.round(p.div(mixed, divisor()))
     if params.get("lambda", 1.0) != 1.0:
         mixed = p.round(p.mulk(mixed, np.float32(params["lambda"])))
     p.store(p.round(p.add(base, mixed)))
