@@ -56,6 +56,22 @@ CONFIGS = {
                 "base_model": "base", "merge_method": "nuslerp"},
     "nearswap": {"models": [{"model": "task"}, {"model": "language"}], "base_model": "task",
                  "merge_method": "nearswap", "parameters": {"t": 0.001}},
+    "passthrough": {"models": [{"model": "task"}], "merge_method": "passthrough"},
+    "multislerp": {"models": [{"model": "task", "parameters": {"weight": 0.5}},
+                              {"model": "language", "parameters": {"weight": 0.5}}],
+                   "base_model": "base", "merge_method": "multislerp"},
+    "ram": {"models": [{"model": "task"}, {"model": "language"}], "base_model": "base", "merge_method": "ram"},
+    "ramplus_tl": {"models": [{"model": "task"}, {"model": "language"}], "base_model": "base",
+                   "merge_method": "ramplus_tl"},
+    "breadcrumbs": {"models": [{"model": "task", "parameters": {"weight": 0.5, "density": 0.8}},
+                               {"model": "language", "parameters": {"weight": 0.5, "density": 0.8}}],
+                    "base_model": "base", "merge_method": "breadcrumbs", "parameters": {"gamma": 0.05}},
+    "dare_linear": {"models": [{"model": "task", "parameters": {"weight": 0.5, "density": 0.5}},
+                               {"model": "language", "parameters": {"weight": 0.5, "density": 0.5}}],
+                    "base_model": "base", "merge_method": "dare_linear"},
+    "della_linear": {"models": [{"model": "task", "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}},
+                                {"model": "language", "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}}],
+                     "base_model": "base", "merge_method": "della_linear"},
 }
 #: the methods run when --methods is not given
 DEFAULT_METHODS = ["linear", "task_arithmetic", "ties", "slerp", "model_stock"]

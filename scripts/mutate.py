@@ -176,6 +176,12 @@ MUTANTS: list[Mutant] = [
       "writer.copy_range(src, src_offset, dst_offset + start, n)", "tests/test_merge.py"),
     M("input-is-the-output", "engine", "layerswap_fast/formats/output.py",
       "    return a.parts[:n] == b.parts[:n]", "    return a == b", "tests/test_safety.py"),
+    M("ram-overlap-counts-one-model", "engine", "layerswap_fast/engine/mergekit_ops.py",
+      "overlap = p.sign(p.maxk(p.addk(counts, -1.0), 0.0))", "overlap = p.sign(p.maxk(p.addk(counts, -0.5), 0.0))",
+      "tests/test_mergekit_program.py::test_core_programs_write_the_numpy_steps_bytes"),
+    M("multislerp-tangent-mean-unrounded", "engine", "layerswap_fast/engine/mergekit_ops.py",
+      "        mean = p.round(p.divk(mean, center))\n        ts =", "        mean = p.divk(mean, center)\n        ts =",
+      "tests/test_mergekit_program.py::test_core_programs_write_the_numpy_steps_bytes"),
     # ------------------------------------------------------------ recipes and verify
     M("recipe-drops-upper-transition", "recipes", "layerswap_fast/methods/swap.py",
       '"Blended layers below the top block.", default=1)',

@@ -55,7 +55,8 @@ def run(config: dict[str, Any], out: Path, threads: int) -> dict[str, torch.Tens
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("method", ["linear", "linear_slices", "task_arithmetic", "ties", "breadcrumbs_ties",
                                     "breadcrumbs", "dare_ties", "dare_linear", "della", "della_linear", "della_zero", "slerp", "nuslerp", "nuslerp_without_base",
-                                    "model_stock", "nearswap", "passthrough", "sce", "sce_all"])
+                                    "model_stock", "nearswap", "passthrough", "sce", "sce_all", "multislerp",
+                                    "multislerp_without_base", "ram", "ramplus_tl"])
 def test_core_programs_write_the_numpy_steps_bytes(trios: dict[str, dict[str, Path]], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch, method: str, dtype: str) -> None:
     config = configs(trios[dtype], {"bf16": "bfloat16", "f32": "float32"}[dtype])[method]

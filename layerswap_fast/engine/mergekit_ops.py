@@ -13,7 +13,7 @@ define; ours is the lower index first, so outputs can differ from mergekit's onl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TYPE_CHECKING
 
 import numpy as np
@@ -584,16 +584,13 @@ def mk_multislerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecip
     term weights, mapped to the tangent space at that mean, averaged there, mapped back and
     scaled by the weighted mean norm. Five streaming passes: norms, the mean's norm, the dot
     products with the mean, the tangent mean's norm, the output."""
+    if IN_CORE:
+        _multislerp_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     c = recipe.compute_dtype
     reader = _Reader(recipe, specs, inputs)
-    has_base = bool(recipe.param("base"))
-    eps = np.float32(recipe.param("eps"))
-    first = 1 if has_base else 0
-    count = len(recipe.terms) - first
-    weights = [scalar_in(t.weight, c) for t in recipe.terms[first:]]
-    if recipe.param("normalize"):
-        total = round_to(torch_sum(np.array(weights, dtype=np.float32)), c)
-        weights = [np.float32(round_to(w / total, c)) for w in weights]
+    has_base, first, eps, weights = _multislerp_terms(recipe)
+    count = len(weights)
 
     def vectors(start: int, n: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
         base = reader.read(0, start, n) if has_base else None
@@ -614,9 +611,7 @@ def mk_multislerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecip
     mean_norm = TorchNorm(reader.numel)
     for start, n in reader.chunks():
         mean_norm.add(units(start, n)[2])
-    center = np.float32(round_to(mean_norm.total(), c))
-    if center < eps:
-        raise ValueError(f"multislerp of {recipe.name}: the weighted mean of the unit vectors is zero")
+    center = _multislerp_center(mean_norm.total(), eps, recipe)
     dots = [TorchSum(reader.numel) for _ in range(count)]
     for start, n in reader.chunks():
         _, us, mean = units(start, n)
@@ -634,15 +629,93 @@ def mk_multislerp(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecip
     tangent_norm = TorchNorm(reader.numel)
     for start, n in reader.chunks():
         tangent_norm.add(tangent(start, n)[2])
-    angle = np.float32(round_to(round_to(tangent_norm.total(), c) + eps, c))
-    cos = np.float32(round_to(np.float32(math.cos(angle)), c))
-    sinc = np.float32(round_to(round_to(np.float32(math.sin(angle)), c) / angle, c))
-    scale = round_to(torch_sum(np.array([round_to(x * w, c) for x, w in zip(lengths, weights)], dtype=np.float32)),
-                     c)
+    cos, sinc, scale = _multislerp_rotation(tangent_norm.total(), lengths, weights, eps, c)
     for start, n in reader.chunks():
         base, mean, t = tangent(start, n)
         result = round_to(round_to(round_to(mean * cos, c) + round_to(t * sinc, c), c) * scale, c)
         _write(ctx, writer, recipe, dst, start, result if base is None else round_to(result + base, c))
+
+
+def _multislerp_terms(recipe: TensorRecipe) -> tuple[bool, int, np.float32, list[np.float32]]:
+    """Whether multislerp's vectors are task vectors, the first model's input, eps, the weights
+    (normalised to sum 1 when asked)."""
+    c = recipe.compute_dtype
+    has_base = bool(recipe.param("base"))
+    first = 1 if has_base else 0
+    weights = [scalar_in(t.weight, c) for t in recipe.terms[first:]]
+    if recipe.param("normalize"):
+        total = round_to(torch_sum(np.array(weights, dtype=np.float32)), c)
+        weights = [np.float32(round_to(w / total, c)) for w in weights]
+    return has_base, first, np.float32(recipe.param("eps")), weights
+
+
+def _multislerp_center(norm: np.float32, eps: np.float32, recipe: TensorRecipe) -> np.float32:
+    """The norm of the weighted mean of the unit vectors, which must not vanish."""
+    center = np.float32(round_to(norm, recipe.compute_dtype))
+    if center < eps:
+        raise ValueError(f"multislerp of {recipe.name}: the weighted mean of the unit vectors is zero")
+    return center
+
+
+def _multislerp_rotation(tangent_norm: np.float32, lengths: list[np.float32], weights: list[np.float32],
+                         eps: np.float32, c: str | None) -> tuple[np.float32, np.float32, np.float32]:
+    """From the tangent mean's norm: cos and sin(θ)/θ of the exponential map, and the output's
+    scale (the weighted mean norm)."""
+    angle = np.float32(round_to(round_to(tangent_norm, c) + eps, c))
+    cos = np.float32(round_to(np.float32(math.cos(angle)), c))
+    sinc = np.float32(round_to(round_to(np.float32(math.sin(angle)), c) / angle, c))
+    scale = round_to(torch_sum(np.array([round_to(x * w, c) for x, w in zip(lengths, weights)], dtype=np.float32)),
+                     c)
+    return cos, sinc, np.float32(scale)
+
+
+def _multislerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe,
+                        specs: Sequence[TensorSpec], inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_multislerp` as core programs: four whole-tensor reductions (one segment, torch's
+    order) and the output on all threads, each pass rebuilding the steps before it."""
+    c = recipe.compute_dtype
+    dtypes = [s_.dtype for s_ in specs]
+    has_base, first, eps, weights = _multislerp_terms(recipe)
+    count = len(weights)
+
+    def vectors(p: Program) -> tuple[int | None, list[int]]:
+        base = p.read(0) if has_base else None
+        vs = [p.read(first + i) for i in range(count)]
+        return base, vs if base is None else [p.round(p.sub(v, base)) for v in vs]
+
+    def units(p: Program, lengths: list[np.float32]) -> tuple[int | None, list[int], int]:
+        base, vs = vectors(p)
+        us = [p.round(p.divk(v, float(round_to(length + eps, c)))) for v, length in zip(vs, lengths)]
+        return base, us, p.sum_rounded([p.round(p.mulk(u, w)) for u, w in zip(us, weights)])
+
+    def tangent(p: Program, lengths: list[np.float32], center: np.float32,
+                along: list[np.float32]) -> tuple[int | None, int, int]:
+        base, us, mean = units(p, lengths)
+        mean = p.round(p.divk(mean, center))
+        ts = [p.round(p.sub(u, p.round(p.mulk(mean, d)))) for u, d in zip(us, along)]
+        return base, mean, p.sum_rounded([p.round(p.mulk(t, w)) for t, w in zip(ts, weights)])
+
+    p = Program(c, dtypes)
+    for v in vectors(p)[1]:
+        p.norm(v)
+    lengths = [np.float32(round_to(x, c)) for x in _whole_sums(p, specs, inputs, ctx.threads)]
+    p = Program(c, dtypes)
+    p.norm(units(p, lengths)[2])
+    center = _multislerp_center(_whole_sums(p, specs, inputs, ctx.threads)[0], eps, recipe)
+    p = Program(c, dtypes)
+    _, us, mean = units(p, lengths)
+    mean = p.round(p.divk(mean, center))
+    for u in us:
+        p.sum(p.round(p.mul(u, mean)))
+    along = [np.float32(round_to(x, c)) for x in _whole_sums(p, specs, inputs, ctx.threads)]
+    p = Program(c, dtypes)
+    p.norm(tangent(p, lengths, center, along)[2])
+    cos, sinc, scale = _multislerp_rotation(_whole_sums(p, specs, inputs, ctx.threads)[0], lengths, weights, eps, c)
+    p = Program(c, dtypes)
+    base, mean, t = tangent(p, lengths, center, along)
+    result = p.round(p.mulk(p.round(p.add(p.round(p.mulk(mean, cos)), p.round(p.mulk(t, sinc)))), scale))
+    p.store(result if base is None else p.round(p.add(result, base)))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
 
 
 def mk_ram(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
@@ -651,6 +724,9 @@ def mk_ram(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, spec
     where |tv| > epsilon; an element changed by one model takes that change (``ramplus_tl``: times
     1 + r·clamp(shared/unique, 0, alpha), per model, computed in float32, which makes the result
     float32 as torch promotes it), one changed by several the mean of their changes."""
+    if IN_CORE:
+        _ram_in_core(ctx, writer, recipe, specs, inputs, dst)
+        return
     c = recipe.compute_dtype
     reader = _Reader(recipe, specs, inputs)
     params = dict(recipe.params)
@@ -671,11 +747,7 @@ def mk_ram(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, spec
             for i, ch in enumerate(changed):
                 shared[i] += int(np.count_nonzero(ch & (counts > 1)))
                 unique[i] += int(np.count_nonzero(ch & (counts == 1)))
-        scales = []
-        for s_, u in zip(shared, unique):
-            rho = np.float32(s_) / max(np.float32(u), np.float32(params["epsilon"]))
-            rho = min(max(rho, np.float32(0)), np.float32(params["alpha"]))
-            scales.append(np.float32(np.float32(1) + np.float32(np.float32(params["r"]) * rho)))
+        scales = _ramplus_scales(list(shared), list(unique), params)
     for start, n in reader.chunks():
         base, tvs, changed, counts = task_vectors(start, n)
         unique = (counts == 1).astype(np.float32)
@@ -691,6 +763,68 @@ def mk_ram(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, spec
                 terms.append(kept * unique * scales[i] + shared_part)
         merged = sum_rounded(terms, None if scales is not None else c)
         _write(ctx, writer, recipe, dst, start, round_to(base + merged, None if scales is not None else c))
+
+
+def _ramplus_scales(shared: list[int], unique: list[int], params: Mapping[str, Any]) -> list[np.float32]:
+    """``ramplus_tl``'s factor per model from how many of its changed elements other models
+    change too (shared) and how many only it changes (unique): 1 + r·clamp(shared/unique, 0, alpha)."""
+    scales = []
+    for s_, u in zip(shared, unique):
+        rho = np.float32(s_) / max(np.float32(u), np.float32(params["epsilon"]))
+        rho = min(max(rho, np.float32(0)), np.float32(params["alpha"]))
+        scales.append(np.float32(np.float32(1) + np.float32(np.float32(params["r"]) * rho)))
+    return scales
+
+
+def _ram_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                 inputs: Sequence[InputRange], dst: int) -> None:
+    """:func:`mk_ram` as core programs on all threads: for ``ramplus_tl`` a pass counting each
+    model's shared and unique changes (float64 sums of 0 and 1, exact), then the output. A
+    change is ``|tv| > epsilon``: the float32 difference ``|tv| − epsilon`` is positive exactly
+    then, so its sign, floored at 0, is the indicator."""
+    c = recipe.compute_dtype
+    dtypes = [s_.dtype for s_ in specs]
+    params = dict(recipe.params)
+    count = len(recipe.terms) - 1
+    threshold = float(scalar_in(params["epsilon"], c))
+
+    def task_vectors(p: Program) -> tuple[int, list[int], list[int], int, int, int]:
+        """base, task vectors, their change indicators, counts == 1, counts > 1, max(counts, 1)."""
+        base = p.read(0)
+        tvs = [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+        changed = [p.maxk(p.sign(p.addk(p.abs(tv), -threshold)), 0.0) for tv in tvs]
+        counts = changed[0]
+        for ch in changed[1:]:
+            counts = p.add(counts, ch)
+        unique = p.eq(counts, p.const(1.0))
+        overlap = p.sign(p.maxk(p.addk(counts, -1.0), 0.0))
+        return base, tvs, changed, unique, overlap, p.maxk(counts, 1.0)
+
+    scales: list[np.float32] | None = None
+    if "r" in params:
+        p = Program(c, dtypes)
+        _, _, changed, unique, overlap, _ = task_vectors(p)
+        for ch in changed:
+            p.sum64(p.mul(ch, overlap))
+            p.sum64(p.mul(ch, unique))
+        sums, _, _ = program.run(p, specs, inputs, ctx.threads)
+        totals = [int(round(x)) for x in sums.sum(axis=0)] if len(sums) else [0] * (2 * count)
+        scales = _ramplus_scales(totals[0::2], totals[1::2], params)
+    p = Program(c, dtypes)
+    base, tvs, changed, unique, overlap, divisor = task_vectors(p)
+    rounding = None if scales is not None else c
+    terms = []
+    for i, (tv, ch) in enumerate(zip(tvs, changed)):
+        kept = p.mul(tv, ch)
+        shared_part = p.round(p.div(p.mul(kept, overlap), divisor))
+        alone = p.mul(kept, unique)
+        if scales is None:
+            terms.append(p.round(p.add(alone, shared_part)))
+        else:
+            terms.append(p.add(p.mulk(alone, scales[i]), shared_part))
+    merged = p.sum_rounded(terms, rounding)
+    p.store(p.round(p.add(base, merged), rounding))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
 
 
 def _slerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe, specs: Sequence[TensorSpec],
