@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         counts = subprocess.run([sys.executable, "-c", COMPARE, str(ours), str(ref)], capture_output=True, cwd=work,
                                 text=True, check=True).stdout.strip()
+        for d in (ours, ref):  # a method's two outputs at a time: every method's would not fit every disk
+            shutil.rmtree(d, ignore_errors=True)
         print(f"{method}: ours {mine.seconds:.1f} s {mine.peak_rss_mb:.0f} MB, mergekit {theirs.seconds:.1f} s "
               f"{theirs.peak_rss_mb:.0f} MB ({theirs.seconds / mine.seconds:.1f}x), copy {copy.seconds:.2f} s "
               f"(ours {mine.seconds / copy.seconds:.1f}x); tensors {counts}", flush=True)
@@ -183,13 +185,13 @@ def ours_only(cli: str, trio: dict[str, Path], work: Path, methods: list[str], r
                 shutil.rmtree(d, ignore_errors=True)
             os.sync()
             copy = run_timed(["cp", "-r", "--reflink=never", str(trio["task"]), str(copy_dir)])
+            shutil.rmtree(copy_dir)  # an 8b copy and output together would not fit every disk
             os.sync()
             mine = run_timed([cli, "mergekit-yaml", str(path), str(ours), "--no-copy-tokenizer"])
             if mine.returncode:
                 sys.exit(f"{method}: failed {mine.stderr[-500:]}")
             os.sync()
-            for d in (ours, copy_dir):
-                shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(ours, ignore_errors=True)
             seen[method].append((mine.seconds, mine.cpu_s, mine.peak_rss_mb, copy.seconds))
             print(f"round {r + 1} {method}: ours {mine.seconds:.1f} s (CPU {mine.cpu_s:.1f} s) {mine.peak_rss_mb:.0f} MB, "
                   f"copy {copy.seconds:.2f} s (ours {mine.seconds / copy.seconds:.1f}x)", flush=True)

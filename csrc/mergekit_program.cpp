@@ -31,6 +31,8 @@
 //                   cols = n[b + 1] elements (ties in element order): DELLA's keep probabilities.
 //                   A program holding it runs in blocks of whole rows (chunks and segments must
 //                   be whole rows too).
+//   MaskOut a b     mask b's bit of each element = (r[a] != 0)
+//   MaskIn d a      r[d] = mask a's bit of each element (1 or 0)
 #include "mergekit_program.hpp"
 
 #include <algorithm>
@@ -213,7 +215,7 @@ struct TorchNorm {
 
 // ---- validation ------------------------------------------------------------------------------------
 
-enum Kind : char { R = 'r', I = 'i', K = 'k', N = 'n', S = 's', H = 'h', C = 'c', X = 'x', D = 't', Q = 'q', O = 'o', U = '_' };
+enum Kind : char { R = 'r', I = 'i', K = 'k', N = 'n', S = 's', H = 'h', C = 'c', X = 'x', D = 't', Q = 'q', O = 'o', M = 'm', U = '_' };
 
 const char* field_kinds(int32_t op) {
   switch (op) {
@@ -236,6 +238,8 @@ const char* field_kinds(int32_t op) {
     case kMkRank: return "rrx_";
     case kMkVarPop: return "rrq_";
     case kMkDellaLt: return "rrnk";
+    case kMkMaskOut: return "_rm_";
+    case kMkMaskIn: return "rm__";
     default: return nullptr;
   }
 }
@@ -248,7 +252,7 @@ struct Shape {
 };
 
 Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size_t n_n,
-                 size_t n_ranks) {
+                 size_t n_ranks, size_t n_masks) {
   if (code.size() > kMaxCode) fail("mk_program: more than " + std::to_string(kMaxCode) + " instructions");
   Shape s;
   std::vector<int> slot_kind;  // 0 unused, 1 sum, 2 norm, 3 float64 sum
@@ -271,6 +275,7 @@ Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size
         case K: limit = n_k; break;
         case N: limit = n_n; break;
         case X: limit = n_ranks; break;
+        case M: limit = n_masks; break;
         case D: case O: limit = 3; break;
         case Q:
           if (v < 1 || f[1] > kMaxRegs - v)
@@ -333,6 +338,7 @@ struct Ctx {
   int64_t* counts;    // this task's count slots
   uint64_t* running;  // per rank: its values' running tie counts
   const size_t* running_at;
+  const MkMask* masks;
 };
 
 // r[d] = the population variance across the nx registers from a (stride apart) over m <= kB
@@ -485,6 +491,29 @@ LSF_INLINE void rank_band(const Ctx& c, const MkInstr& ins, float* __restrict d,
   }
 }
 
+// Mask bits of elements [e0, e0 + m) from a: whole bytes stored, the bytes it shares with
+// the blocks beside it (which other workers may be filling) or-ed in atomically.
+void mask_out(const MkMask& mask, const float* a, size_t m, uint64_t e0) {
+  size_t j = 0;
+  while (j < m) {
+    const uint64_t e = e0 + j;
+    const size_t take = std::min<size_t>(m - j, 8 - e % 8);
+    unsigned char byte = 0;
+    for (size_t i = 0; i < take; ++i) byte |= static_cast<unsigned char>((a[j + i] != 0.f) << ((e + i) % 8));
+    unsigned char* at = mask.bits + e / 8;
+    if (take == 8) *at = byte;
+    else __atomic_fetch_or(at, byte, __ATOMIC_RELAXED);
+    j += take;
+  }
+}
+
+void mask_in(const MkMask& mask, float* d, size_t m, uint64_t e0) {
+  for (size_t j = 0; j < m; ++j) {
+    const uint64_t e = e0 + j;
+    d[j] = static_cast<float>((mask.bits[e / 8] >> (e % 8)) & 1);
+  }
+}
+
 LSF_CLONES
 void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out, size_t m,
                uint64_t e0) {
@@ -602,6 +631,8 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
         break;
       }
       case kMkRank: rank_band(c, ins, d, a, m); break;
+      case kMkMaskOut: mask_out(c.masks[ins.b], a, m, e0); break;
+      case kMkMaskIn: mask_in(c.masks[ins.a], d, m, e0); break;
       default: break;
     }
   }
@@ -655,10 +686,16 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
                         const std::vector<double>& consts, const std::vector<uint64_t>& ints,
                         const std::vector<MkRank>& ranks, ShardWriter* out, uint64_t out_offset,
                         DType out_dt, uint64_t chunk, uint64_t segment, uint64_t index_base,
-                        int64_t threads, bool keep_tasks) {
+                        int64_t threads, bool keep_tasks, const std::vector<MkMask>& masks) {
   if (in.size() != in_dt.size()) fail("mk_program: inputs and input_dtypes differ in length");
   if (chunk == 0) fail("mk_program: chunk_elems must be >= 1");
-  const Shape shape = check_code(code, in.size(), consts.size(), ints.size(), ranks.size());
+  const Shape shape = check_code(code, in.size(), consts.size(), ints.size(), ranks.size(), masks.size());
+  for (size_t i = 0; i < masks.size(); ++i) {
+    uint64_t end = 0;
+    if (!add_ok(index_base, numel, &end) || masks[i].bytes < end / 8 + (end % 8 != 0))
+      fail("mk_program: masks[" + std::to_string(i) + "] holds " + std::to_string(masks[i].bytes) +
+           " bytes, too few for elements up to " + std::to_string(index_base) + " + " + std::to_string(numel));
+  }
   if (shape.stores && !out) fail("mk_program: the program stores but there is no output");
   if (!shape.stores && out) fail("mk_program: there is an output but the program never stores");
   check_slices(in, in_dt, numel, "mk_program: inputs");
@@ -713,7 +750,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     std::vector<uint64_t> running(running_at.back() + 1, 0);
     Ctx cx{&code, consts.data(), ints.data(), ranks.data(), in.size(), in_dt.data(), out_dt,
            regs.get(), blk, sort_scratch.get(), sums.data(), norms.data(), sums64.data(), task_hists.data(),
-           nullptr, running.data(), running_at.data()};
+           nullptr, running.data(), running_at.data(), masks.data()};
     std::vector<const unsigned char*> ptrs(in.size());
     uint64_t t;
     while (q.pop(&t)) {

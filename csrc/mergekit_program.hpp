@@ -18,7 +18,7 @@ enum MkOp : int32_t {
   kMkLoad = 0, kMkRound, kMkAdd, kMkSub, kMkMul, kMkDiv, kMkAddK, kMkMulK, kMkDivK, kMkKDiv,
   kMkKSub, kMkFma64, kMkAbs, kMkSign, kMkMaxK, kMkClipK, kMkMajority, kMkEq, kMkUniformLt,
   kMkStore, kMkNorm, kMkSum, kMkConst, kMkZeroToOne, kMkHistHigh, kMkHistLow, kMkEqCount,
-  kMkRank, kMkSum64, kMkVarPop, kMkDellaLt, kMkCount
+  kMkRank, kMkSum64, kMkVarPop, kMkDellaLt, kMkMaskOut, kMkMaskIn, kMkCount
 };
 
 struct MkInstr {
@@ -32,6 +32,13 @@ struct MkRank {
   std::vector<uint32_t> values;   // the magnitudes whose ties are counted (top, bottom)
   std::vector<uint64_t> greater;  // how many magnitudes exceed each
   std::vector<uint64_t> seen;     // per task x value: equal magnitudes in the tasks before
+};
+
+// A bit per element of the tensor (element e: bit e % 8 of byte e / 8), zeroed by the caller,
+// which MaskOut sets and MaskIn reads: a mask one pass computes and a later one reuses.
+struct MkMask {
+  unsigned char* bits = nullptr;
+  uint64_t bytes = 0;
 };
 
 struct MkResult {
@@ -55,6 +62,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
                         const std::vector<double>& consts, const std::vector<uint64_t>& ints,
                         const std::vector<MkRank>& ranks, ShardWriter* out, uint64_t out_offset,
                         DType out_dt, uint64_t chunk, uint64_t segment, uint64_t index_base,
-                        int64_t threads, bool keep_tasks = false);
+                        int64_t threads, bool keep_tasks = false,
+                        const std::vector<MkMask>& masks = {});
 
 }  // namespace lsf

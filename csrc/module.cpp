@@ -322,7 +322,7 @@ py::tuple mk_program_py(py::handle inputs, py::handle input_dtypes, py::handle n
                         py::handle code, py::handle consts, py::handle ints, py::handle ranks,
                         py::handle out, py::handle out_offset, py::handle out_dtype,
                         py::handle chunk_elems, py::handle segment_elems, py::handle index_base,
-                        py::handle threads, bool task_hists) {
+                        py::handle threads, bool task_hists, py::handle masks) {
   Slices in = to_slices(inputs, "inputs");
   auto dts = to_kernel_dtypes(input_dtypes, "input_dtypes", in.slices.size(), "inputs");
   const uint64_t ne = to_u64(numel, "numel");
@@ -378,12 +378,19 @@ py::tuple mk_program_py(py::handle inputs, py::handle input_dtypes, py::handle n
   if (segment <= 0) fail("mk_program: segment_elems must be >= 1 (got " + std::to_string(segment) + ")");
   const uint64_t base = to_u64(index_base, "index_base");
   const int64_t nthreads = to_i64(threads, "threads");
+  std::vector<std::unique_ptr<BufView>> mask_views;
+  std::vector<lsf::MkMask> mk_masks;
+  auto mitems = to_items(masks, "masks");
+  for (size_t i = 0; i < mitems.size(); ++i) {
+    mask_views.push_back(std::make_unique<BufView>(mitems[i], true, "masks[" + std::to_string(i) + "]"));
+    mk_masks.push_back(lsf::MkMask{mask_views.back()->data(), mask_views.back()->len()});
+  }
   lsf::MkResult res;
   {
     py::gil_scoped_release nogil;
     res = lsf::mk_program_run(in.slices, dts, ne, prog, k, n, rk, w.get(), ooff, odt,
                               static_cast<uint64_t>(chunk), static_cast<uint64_t>(segment), base,
-                              nthreads, task_hists);
+                              nthreads, task_hists, mk_masks);
   }
   const py::ssize_t tasks = static_cast<py::ssize_t>(res.tasks);
   const py::ssize_t ns = tasks ? static_cast<py::ssize_t>(res.sums.size()) / tasks : 0;
@@ -869,7 +876,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("numel"), py::arg("code"), py::arg("consts"), py::arg("ints"), py::arg("ranks"),
         py::arg("out"), py::arg("out_offset"), py::arg("out_dtype"),
         py::arg("chunk_elems") = 1 << 20, py::arg("segment_elems") = 1 << 20,
-        py::arg("index_base") = 0, py::arg("threads") = 0, py::arg("task_hists") = false);
+        py::arg("index_base") = 0, py::arg("threads") = 0, py::arg("task_hists") = false,
+        py::arg("masks") = py::list());
   m.def("ties_file_stats", []() {
     const lsf::TiesFileStats s = lsf::ties_file_stats();
     py::dict d;

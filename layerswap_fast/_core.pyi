@@ -299,6 +299,7 @@ def mk_program(
     index_base: int = 0,
     threads: int = 0,
     task_hists: bool = False,
+    masks: Sequence[Any] = (),
 ) -> tuple[Any, ...]:
     """Run a program of float32 steps (``code``: ``(op, d, a, b, c)`` tuples, the opcodes and their
     meanings in ``csrc/mergekit_program.cpp`` and ``layerswap_fast.engine.mergekit_program``) over
@@ -307,7 +308,9 @@ def mk_program(
     ``chunk_elems``), on ``threads`` workers (<= 0: all cores). ``ranks``: per band (top, bottom,
     lo, hi, values, greater, seen) with ``seen`` either empty or segments x values. Writes the
     stored register to ``out`` at ``out_offset`` in ``out_dtype`` when ``out`` is given (the
-    program must store exactly when it is). Returns (sums as float64, segments x sum slots: the
+    program must store exactly when it is). ``masks``: writable zeroed buffers of a bit per element
+    (element e at bit e % 8 of byte e / 8, counted from index 0), set by MaskOut and read by MaskIn.
+    Returns (sums as float64, segments x sum slots: the
     float32 results of torch-ordered sums and norms, exactly; int64
     histograms, slots x 65536; int64 counts, segments x count slots), the same for every thread
     count; with ``task_hists`` a fourth item, per histogram slot each segment's own histogram:

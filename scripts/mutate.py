@@ -249,6 +249,9 @@ MUTANTS: list[Mutant] = [
       "for (; j < m && (seen + j) % 8 != 0; ++j) lane[(seen + j) % 8] += static_cast<double>(x[j]);",
       "for (; j < m && (seen + j) % 8 != 0; ++j) lane[j % 8] += static_cast<double>(x[j]);",
       "tests/test_mergekit_program.py"),
+    M("mk-mask-edge-bytes-stored-not-ored", "core kernels", "csrc/mergekit_program.cpp",
+      "    if (take == 8) *at = byte;", "    if (take > 0) *at = byte;",
+      "tests/test_mergekit_program.py::test_a_kept_mask_reads_back_what_was_drawn_over_rows_that_split_its_bytes"),
     M("mk-task-histogram-keeps-one-bin-too-many", "core kernels", "csrc/mergekit_program.cpp",
       "fits = keep->size() < kTaskBins;", "fits = keep->size() < 2 * kTaskBins;", "tests/test_mergekit_program.py"),
 ]

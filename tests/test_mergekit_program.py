@@ -5,6 +5,7 @@ counts cross chunk boundaries; and bad programs refused with CoreError."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,78 @@ def test_bad_arguments_are_core_errors(tmp_path: Path, change: dict[str, Any]) -
     args.update(change)
     with pytest.raises(_core.CoreError):
         call()
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_della_keeps_its_masks_between_passes_or_draws_them_again(trios: dict[str, dict[str, Path]], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    budget: int | None) -> None:
+    """DELLA with rescale ranks each row once and keeps its keep masks (a bit per element) for the
+    writing pass; over the budget it ranks again. Either way the bytes are the numpy steps', on 1
+    and 2 threads, with pieces that start mid-byte of the masks."""
+    config = configs(trios["bf16"], "bfloat16")["della"]
+    monkeypatch.setattr(mergekit_ops, "CHUNK", 1000)
+    monkeypatch.setattr(mergekit_ops, "IN_CORE", False)
+    want = run(config, tmp_path / "numpy", 1)
+    monkeypatch.setattr(mergekit_ops, "IN_CORE", True)
+    monkeypatch.setattr(mergekit_program, "CHUNK", 1000)
+    monkeypatch.setattr(mergekit_program, "PIECE_BYTES", 5004)  # pieces of 2502 bf16 elements: not whole bytes of bits
+    if budget is not None:
+        monkeypatch.setattr(mergekit_ops, "DELLA_MASK_BUDGET", budget)
+    kept: list[int] = []
+    write = mergekit_program.write
+    monkeypatch.setattr(mergekit_program, "write",
+                        lambda *a, **k: (kept.append(len(k.get("masks", ()))), write(*a, **k))[1])
+    for threads in (1, 2):
+        got = run(config, tmp_path / f"core{threads}", threads)
+        assert [n for n in want if raw_bytes(got[n]) != raw_bytes(want[n])] == [], threads
+    assert set(kept) == ({2} if budget is None else {0}), kept
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_kept_mask_reads_back_what_was_drawn_over_rows_that_split_its_bytes(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             threads: int) -> None:
+    """MaskOut then MaskIn give back DELLA's draws bit for bit where rows of 13 elements, the
+    blocks and chunks made of them, and the written pieces start inside a byte of the mask (bytes
+    that two workers fill)."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(mergekit_program, "PIECE_BYTES", 4 * 13 * 7)
+    cols, rows = 13, 301
+    x = np.random.default_rng(3).normal(size=rows * cols).astype(np.float32)
+    path = tmp_path / "x.bin"
+    path.write_bytes(x.tobytes())
+    specs = [SimpleNamespace(numel=len(x), dtype="F32")]
+    inputs = [(_core.InputFile(str(path)), 0)]
+    chunk = cols * 5  # blocks, chunks and segments of 65 elements
+
+    def written(build: Any, masks: list[np.ndarray]) -> np.ndarray:
+        p = mergekit_program.Program(None, ["F32"])
+        p.store(build(p))
+        out = tmp_path / "out.bin"
+        out.unlink(missing_ok=True)
+        writer = _core.ShardWriter(str(out), len(x) * 4)
+        mergekit_program.write(p, specs, inputs, threads, writer, 0, "F32", lambda *_: None, chunk=chunk, masks=masks)
+        writer.close()
+        return np.frombuffer(out.read_bytes(), dtype=np.float32)
+
+    draws = written(lambda p: p.della_lt(p.read(0), 11, 0.5, 0.3, cols), [])
+    mask = np.zeros(-(-len(x) // 8), dtype=np.uint8)
+    p = mergekit_program.Program(None, ["F32"])
+    p.mask_out(p.della_lt(p.read(0), 11, 0.5, 0.3, cols), 0)
+    mergekit_program.run(p, specs, inputs, threads, segment=chunk, masks=[mask])
+    assert 0.2 < draws.mean() < 0.8
+    assert np.array_equal(np.unpackbits(mask, bitorder="little")[:len(x)], draws.astype(np.uint8))
+    assert np.array_equal(written(lambda p: p.mask_in(0), [mask]), draws)
+
+
+@pytest.mark.parametrize("masks, why", [([], "operand 2 is 0, not below 0"),
+                                        ([np.zeros(1, dtype=np.uint8)], "masks[0] holds 1 bytes, too few"),
+                                        ([b"\0\0"], "masks[0] is a read-only buffer")])
+def test_bad_masks_are_core_errors(tmp_path: Path, masks: list[Any], why: str) -> None:
+    """A mask slot without a buffer, a buffer shorter than the elements, a read-only one: refused."""
+    f = _slices(tmp_path, np.ones(10, dtype=np.float32))
+    p = mergekit_program.Program(None, ["F32"])
+    p.mask_out(p.read(0), 0)
+    with pytest.raises(_core.CoreError, match=re.escape(why)):
+        _core.mk_program([f], ["F32"], 10, p.code, [], [], [], None, 0, "F32", masks=masks)

@@ -38,6 +38,9 @@ SLERP_CHUNK = 1024 * 1024
 #: run the ops that have core programs (:mod:`.mergekit_program`) there; False runs the numpy steps
 #: they replace (the reference the tests compare the core with)
 IN_CORE = True
+#: bytes of DELLA keep masks (a bit per element and model) one tensor may hold between its passes:
+#: an 8b embedding's two models fit; more models or larger tensors draw their masks twice
+DELLA_MASK_BUDGET = 144 << 20
 #: mergekit's consensus methods by the number a recipe holds
 CONSENSUS = {0: None, 1: "sum", 2: "count"}
 
@@ -177,14 +180,27 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     della = any(f"eps.{i}" in params for i in range(1, count + 1))
     chunk = program.row_chunk(cols) if della else program.CHUNK  # the numpy path's chunks
 
-    def masked(p: Program, ds: list[int]) -> list[int | None]:
-        """Each delta times its mask (None: no mask)."""
+    # DELLA ranks every row to draw its masks: with rescale the L1 pass keeps them (a bit per
+    # element) for the writing pass instead of ranking again, within a memory budget
+    slots = {i: k for k, i in enumerate(i for i in range(count) if f"eps.{i + 1}" in params)}  # model -> its mask
+    mask_bytes = -(-specs[0].numel // 8)
+    kept_masks = [np.zeros(mask_bytes, dtype=np.uint8) for _ in slots] \
+        if params.get("rescale") and len(slots) * mask_bytes <= DELLA_MASK_BUDGET else []
+
+    def masked(p: Program, ds: list[int], reuse: bool | None = None) -> list[int | None]:
+        """Each delta times its mask (None: no mask). ``reuse``: DELLA's masks kept in
+        ``kept_masks`` (False: computed and kept; True: read back)."""
         out: list[int | None] = []
         for i, d in enumerate(ds):
             r, prob, eps = ranges[i], params.get(f"p.{i + 1}"), params.get(f"eps.{i + 1}")
             key = stream_key(seed, recipe.name, i + 1)
-            if prob is not None and eps is not None:
-                out.append(p.mul(d, p.della_lt(d, key, prob, eps, cols)))
+            if prob is not None and eps is not None and reuse:
+                out.append(p.mul(d, p.mask_in(slots[i])))
+            elif prob is not None and eps is not None:
+                keep = p.della_lt(d, key, prob, eps, cols)
+                if reuse is False:
+                    p.mask_out(keep, slots[i])
+                out.append(p.mul(d, keep))
             elif prob is not None:
                 out.append(p.mul(d, p.uniform_lt(key, prob)))
             elif r is not None:
@@ -197,10 +213,10 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     if params.get("rescale"):
         p = make()
         _, ds = deltas(p)
-        for d, kept in zip(ds, masked(p, ds)):
+        for d, kept in zip(ds, masked(p, ds, reuse=False if kept_masks else None)):
             p.sum64(p.abs(d))
             p.sum64(p.abs(d if kept is None else kept))
-        sums, _, _ = program.run(p, specs, inputs, ctx.threads, segment=chunk)
+        sums, _, _ = program.run(p, specs, inputs, ctx.threads, segment=chunk, masks=kept_masks)
         totals = np.zeros(2 * count)
         for row in sums:  # the segments' float64 sums, added in order
             totals += row
@@ -209,7 +225,7 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     p = make()
     base, ds = deltas(p)
     weighted = []
-    for i, (d, kept) in enumerate(zip(ds, masked(p, ds))):
+    for i, (d, kept) in enumerate(zip(ds, masked(p, ds, reuse=True if kept_masks else None))):
         d = d if kept is None else kept
         if scales[i] is not None:
             d = p.round(p.mulk(d, scales[i]))
@@ -231,7 +247,7 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     if params.get("lambda", 1.0) != 1.0:
         mixed = p.round(p.mulk(mixed, np.float32(params["lambda"])))
     p.store(p.round(p.add(base, mixed)))
-    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance, chunk=chunk)
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance, chunk=chunk, masks=kept_masks)
 
 
 class _Sparsifier:

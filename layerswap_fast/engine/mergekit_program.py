@@ -23,7 +23,7 @@ from .backends import InputRange
 
 (LOAD, ROUND, ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB, FMA64, ABS, SIGN, MAXK, CLIPK, MAJORITY, EQ,
  UNIFORM_LT, STORE, NORM, SUM, CONST, ZERO_TO_ONE, HIST_HIGH, HIST_LOW, EQ_COUNT, RANK, SUM64, VAR_POP,
- DELLA_LT) = range(31)
+ DELLA_LT, MASK_OUT, MASK_IN) = range(33)
 ROUNDING = {None: 0, "F32": 0, "BF16": 1, "F16": 2}
 #: the steps whose optional last operand rounds their result
 _FUSES_ROUNDING = {ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB}
@@ -161,6 +161,14 @@ class Program:
     def store(self, x: int) -> None:
         self.code.append((STORE, 0, x))
 
+    def mask_out(self, x: int, slot: int) -> None:
+        """Bit ``slot`` of the masks ``run``/``write`` take: whether ``x`` is non-zero."""
+        self.code.append((MASK_OUT, 0, x, slot))
+
+    def mask_in(self, slot: int) -> int:
+        """The mask a previous pass set in ``slot``, as 1 and 0."""
+        return self.op(MASK_IN, slot)
+
     def norm(self, x: int) -> int:
         return self._reduce(NORM, x)
 
@@ -207,7 +215,8 @@ def row_chunk(cols: int) -> int:
 
 
 def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
-        segment: int | None = None, index_base: int = 0, task_hists: bool = False) -> tuple[Any, ...]:
+        segment: int | None = None, index_base: int = 0, task_hists: bool = False,
+        masks: Sequence[np.ndarray] = ()) -> tuple[Any, ...]:
     """A program without output over the whole tensor: (sums per segment, histograms, counts per
     segment), and with ``task_hists`` each segment's histograms too (``_core.mk_program``'s);
     segments of :data:`CHUNK` elements unless given (a program with rank bands: whole chunks; one
@@ -225,12 +234,13 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
                   if band[6] else []) for band in ranks]
     return _core.mk_program(list(inputs), [s.dtype for s in specs], numel, program.code, program.consts,
                             program.ints, ranks, None, 0, "F32", chunk_elems=chunk,
-                            segment_elems=segment, index_base=index_base, threads=threads, task_hists=task_hists)
+                            segment_elems=segment, index_base=index_base, threads=threads, task_hists=task_hists,
+                            masks=list(masks))
 
 
 def write(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
           writer: _core.ShardWriter, dst: int, out_dtype: str, advance: Callable[[int, int], None],
-          chunk: int | None = None) -> None:
+          chunk: int | None = None, masks: Sequence[np.ndarray] = ()) -> None:
     """A program that stores, over the whole tensor, written at ``dst`` in pieces (each a whole
     number of chunks; the rank bands' per-chunk counts go with them). ``chunk``: :data:`CHUNK`,
     or :func:`row_chunk`'s for a program that ranks within rows (it has no rank bands)."""
@@ -247,7 +257,8 @@ def write(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputR
         ranks = [(*band[:6], _seen_slice(band, first, last)) for band in program.ranks]
         _core.mk_program([(f, off + start * size) for (f, off), size in zip(inputs, sizes)], [s.dtype for s in specs],
                          n, program.code, program.consts, program.ints, ranks, writer, dst + start * out_size,
-                         out_dtype, chunk_elems=chunk, segment_elems=chunk, index_base=start, threads=threads)
+                         out_dtype, chunk_elems=chunk, segment_elems=chunk, index_base=start, threads=threads,
+                         masks=list(masks))
         advance(dst + (start + n) * out_size, n * out_size)
 
 
