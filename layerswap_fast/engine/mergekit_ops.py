@@ -13,7 +13,9 @@ define; ours is the lower index first, so outputs can differ from mergekit's onl
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TYPE_CHECKING
 
 import numpy as np
@@ -694,9 +696,9 @@ def _multislerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: Tenso
     has_base, first, eps, weights = _multislerp_terms(recipe)
     count = len(weights)
 
-    def vectors(p: Program) -> tuple[int | None, list[int]]:
+    def vectors(p: Program, models: Sequence[int] = range(count)) -> tuple[int | None, list[int]]:
         base = p.read(0) if has_base else None
-        vs = [p.read(first + i) for i in range(count)]
+        vs = [p.read(first + i) for i in models]
         return base, vs if base is None else [p.round(p.sub(v, base)) for v in vs]
 
     def units(p: Program, lengths: list[np.float32]) -> tuple[int | None, list[int], int]:
@@ -711,19 +713,18 @@ def _multislerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: Tenso
         ts = [p.round(p.sub(u, p.round(p.mulk(mean, d)))) for u, d in zip(us, along)]
         return base, mean, p.sum_rounded([p.round(p.mulk(t, w)) for t, w in zip(ts, weights)])
 
-    p = Program(c, dtypes)
-    for v in vectors(p)[1]:
-        p.norm(v)
-    lengths = [np.float32(round_to(x, c)) for x in _whole_sums(p, specs, inputs, ctx.threads)]
+    norms = [Program(c, dtypes) for _ in range(count)]
+    for i, p in enumerate(norms):
+        p.norm(vectors(p, [i])[1][0])
+    lengths = [np.float32(round_to(x, c)) for x in _whole_sums(norms, specs, inputs, ctx.threads)]
     p = Program(c, dtypes)
     p.norm(units(p, lengths)[2])
     center = _multislerp_center(_whole_sums(p, specs, inputs, ctx.threads)[0], eps, recipe)
-    p = Program(c, dtypes)
-    _, us, mean = units(p, lengths)
-    mean = p.round(p.divk(mean, center))
-    for u in us:
-        p.sum(p.round(p.mul(u, mean)))
-    along = [np.float32(round_to(x, c)) for x in _whole_sums(p, specs, inputs, ctx.threads)]
+    dots = [Program(c, dtypes) for _ in range(count)]
+    for i, p in enumerate(dots):
+        _, us, mean = units(p, lengths)
+        p.sum(p.round(p.mul(us[i], p.round(p.divk(mean, center)))))
+    along = [np.float32(round_to(x, c)) for x in _whole_sums(dots, specs, inputs, ctx.threads)]
     p = Program(c, dtypes)
     p.norm(tangent(p, lengths, center, along)[2])
     cos, sinc, scale = _multislerp_rotation(_whole_sums(p, specs, inputs, ctx.threads)[0], lengths, weights, eps, c)
@@ -867,10 +868,22 @@ def _slerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
 
 
-def _whole_sums(p: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int) -> np.ndarray:
-    """A program's sum slots over the whole tensor (one segment; zeros for an empty tensor)."""
-    sums, _, _ = program.run(p, specs, inputs, threads, segment=max(1, specs[0].numel))
-    return sums[0] if len(sums) else np.zeros(p.sums, dtype=np.float32)
+def _whole_sums(programs: Program | Sequence[Program], specs: Sequence[TensorSpec], inputs: Sequence[InputRange],
+                threads: int) -> np.ndarray:
+    """The sum slots of each program over the whole tensor, in order (zeros for an empty tensor).
+    Each program's sums take one worker (one segment: torch's order), so independent sums given
+    as programs of their own run side by side, on up to ``threads`` workers (0: every core)."""
+    programs = [programs] if isinstance(programs, Program) else list(programs)
+
+    def sums_of(p: Program) -> np.ndarray:
+        sums, _, _ = program.run(p, specs, inputs, 1, segment=max(1, specs[0].numel))
+        return sums[0] if len(sums) else np.zeros(p.sums, dtype=np.float32)
+
+    workers = min(len(programs), threads if threads > 0 else os.cpu_count() or 1)
+    if workers <= 1:
+        return np.concatenate([sums_of(p) for p in programs])
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return np.concatenate(list(pool.map(sums_of, programs)))
 
 
 def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe,
@@ -881,14 +894,17 @@ def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: Tens
     dtypes = [s_.dtype for s_ in specs]
     count = len(recipe.terms) - 1
     pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
-    p = Program(c, dtypes)
-    base = p.read(0)
-    offsets = [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
-    for o in offsets:
-        p.norm(o)
-    for i, j in pairs:
-        p.sum(p.round(p.mul(offsets[i], offsets[j])))
-    sums = _whole_sums(p, specs, inputs, ctx.threads)
+
+    def offsets(p: Program, models: Sequence[int]) -> list[int]:
+        base = p.read(0)
+        return [p.round(p.sub(p.read(i + 1), base)) for i in models]
+
+    norms, dots = [Program(c, dtypes) for _ in range(count)], [Program(c, dtypes) for _ in pairs]
+    for i, p in enumerate(norms):
+        p.norm(offsets(p, [i])[0])
+    for (i, j), p in zip(pairs, dots):
+        p.sum(p.round(p.mul(*offsets(p, [i, j]))))
+    sums = _whole_sums(norms + dots, specs, inputs, ctx.threads)
     t = _model_stock_t(list(sums[:count]), list(sums[count:]), c)
     p = Program(c, dtypes)
     base = p.read(0)
@@ -933,27 +949,24 @@ def _nuslerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRe
     has_base = bool(recipe.param("base"))
     first = 1 if has_base else 0
 
-    def vectors(p: Program) -> tuple[int | None, int, int]:
+    def vectors(p: Program, models: Sequence[int] = (0, 1)) -> tuple[int | None, list[int]]:
         base = p.read(0) if has_base else None
-        v = [p.read(first + i) for i in (0, 1)]
-        if base is not None:
-            v = [p.round(p.sub(x, base)) for x in v]
-        return base, v[0], v[1]
+        v = [p.read(first + i) for i in models]
+        return base, v if base is None else [p.round(p.sub(x, base)) for x in v]
 
-    p = Program(c, dtypes)
-    _, v0, v1 = vectors(p)
-    p.norm(v0)
-    p.norm(v1)
-    norms = _whole_sums(p, specs, inputs, ctx.threads)
+    norms_of = [Program(c, dtypes), Program(c, dtypes)]
+    for i, p in enumerate(norms_of):
+        p.norm(vectors(p, [i])[1][0])
+    norms = _whole_sums(norms_of, specs, inputs, ctx.threads)
     length = [round_to(np.maximum(round_to(x, c), np.float32(1e-7)), c) for x in norms]
     p = Program(c, dtypes)
-    _, v0, v1 = vectors(p)
+    _, (v0, v1) = vectors(p)
     p.sum(p.round(p.mul(p.round(p.divk(v0, length[0])), p.round(p.divk(v1, length[1])))))
     cos = np.clip(round_to(_whole_sums(p, specs, inputs, ctx.threads)[0], c), np.float32(-1), np.float32(1))
     t = recipe.param("t")
     colinear, sin_theta, sin_a, sin_b = _nuslerp_angles(cos, t, c)
     p = Program(c, dtypes)
-    base, v0, v1 = vectors(p)
+    base, (v0, v1) = vectors(p)
     if colinear:
         result = p.round(p.add(p.round(p.mulk(v0, np.float32(1 - t))), p.round(p.mulk(v1, np.float32(t)))))
     else:
