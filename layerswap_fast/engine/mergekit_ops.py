@@ -510,10 +510,11 @@ def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
         mask = p.rank(p.round(p.var_pop(tvs)), band) if band is not None else p.const(0.0)
         return base, [p.mul(tv, mask) for tv in tvs]
 
-    p = Program(c, dtypes)
-    for tv in masked(p)[1]:
+    sums_of = [Program(c, dtypes) for _ in range(count)]
+    for i, p in enumerate(sums_of):
+        tv = masked(p)[1][i]
         p.sum(p.round(p.mul(tv, tv)))
-    squares = _whole_sums(p, specs, inputs, ctx.threads)
+    squares = _whole_sums(sums_of, specs, inputs, ctx.threads)
     weights = _sce_weights([round_to(round_to(np.float32(x), c) / np.float32(numel), c) for x in squares], c)
     p = Program(c, dtypes)
     base, tvs = masked(p)
