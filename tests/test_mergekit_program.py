@@ -310,13 +310,16 @@ def test_bad_arguments_are_core_errors(tmp_path: Path, change: dict[str, Any]) -
 
 
 @pytest.mark.parametrize("budget", [None, 0])
-def test_della_keeps_its_masks_between_passes_or_draws_them_again(trios: dict[str, dict[str, Path]], tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch,
-                                                                    budget: int | None) -> None:
-    """DELLA with rescale ranks each row once and keeps its keep masks (a bit per element) for the
-    writing pass; over the budget it ranks again. Either way the bytes are the numpy steps', on 1
-    and 2 threads, with pieces that start mid-byte of the masks."""
-    config = configs(trios["bf16"], "bfloat16")["della"]
+@pytest.mark.parametrize("method, masks", [("della", 2), ("sce", 1)])
+def test_masks_kept_between_passes_or_computed_again_give_the_same_bytes(trios: dict[str, dict[str, Path]],
+                                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                         budget: int | None, method: str,
+                                                                         masks: int) -> None:
+    """DELLA with rescale ranks each row once and keeps its keep masks (a bit per element and
+    model) for the writing pass, sce its variance band's mask from the squares' pass; over the
+    budget they compute them again. Either way the bytes are the numpy steps', on 1 and 2
+    threads, with pieces that start mid-byte of the masks."""
+    config = configs(trios["bf16"], "bfloat16")[method]
     monkeypatch.setattr(mergekit_ops, "CHUNK", 1000)
     monkeypatch.setattr(mergekit_ops, "IN_CORE", False)
     want = run(config, tmp_path / "numpy", 1)
@@ -324,7 +327,7 @@ def test_della_keeps_its_masks_between_passes_or_draws_them_again(trios: dict[st
     monkeypatch.setattr(mergekit_program, "CHUNK", 1000)
     monkeypatch.setattr(mergekit_program, "PIECE_BYTES", 5004)  # pieces of 2502 bf16 elements: not whole bytes of bits
     if budget is not None:
-        monkeypatch.setattr(mergekit_ops, "DELLA_MASK_BUDGET", budget)
+        monkeypatch.setattr(mergekit_ops, "KEPT_MASK_BUDGET", budget)
     kept: list[int] = []
     write = mergekit_program.write
     monkeypatch.setattr(mergekit_program, "write",
@@ -332,7 +335,7 @@ def test_della_keeps_its_masks_between_passes_or_draws_them_again(trios: dict[st
     for threads in (1, 2):
         got = run(config, tmp_path / f"core{threads}", threads)
         assert [n for n in want if raw_bytes(got[n]) != raw_bytes(want[n])] == [], threads
-    assert set(kept) == ({2} if budget is None else {0}), kept
+    assert set(kept) == ({masks} if budget is None else {0}), kept
 
 
 @pytest.mark.parametrize("threads", [1, 2])

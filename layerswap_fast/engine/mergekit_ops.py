@@ -40,9 +40,10 @@ SLERP_CHUNK = 1024 * 1024
 #: run the ops that have core programs (:mod:`.mergekit_program`) there; False runs the numpy steps
 #: they replace (the reference the tests compare the core with)
 IN_CORE = True
-#: bytes of DELLA keep masks (a bit per element and model) one tensor may hold between its passes:
-#: an 8b embedding's two models fit; more models or larger tensors draw their masks twice
-DELLA_MASK_BUDGET = 144 << 20
+#: bytes of keep masks (a bit per element and mask) one tensor may hold from one pass to a later
+#: one, instead of computing them again (DELLA's per model, sce's): an 8b embedding's two DELLA
+#: models fit; more models or larger tensors compute their masks twice
+KEPT_MASK_BUDGET = 144 << 20
 #: mergekit's consensus methods by the number a recipe holds
 CONSENSUS = {0: None, 1: "sum", 2: "count"}
 
@@ -187,7 +188,7 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     slots = {i: k for k, i in enumerate(i for i in range(count) if f"eps.{i + 1}" in params)}  # model -> its mask
     mask_bytes = -(-specs[0].numel // 8)
     kept_masks = [np.zeros(mask_bytes, dtype=np.uint8) for _ in slots] \
-        if params.get("rescale") and len(slots) * mask_bytes <= DELLA_MASK_BUDGET else []
+        if params.get("rescale") and len(slots) * mask_bytes <= KEPT_MASK_BUDGET else []
 
     def masked(p: Program, ds: list[int], reuse: bool | None = None) -> list[int | None]:
         """Each delta times its mask (None: no mask). ``reuse``: DELLA's masks kept in
@@ -503,18 +504,31 @@ def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
         band = program.rank_bands([(0, k)], lambda p: [variance(p)], lambda: Program(c, dtypes), specs, inputs,
                                   ctx.threads, high=high)[0]
 
-    def masked(p: Program) -> tuple[int, list[int]]:
+    # the band's mask (a variance and a rank per element) is kept from the squares' pass for the
+    # output's, within the budget
+    kept = [np.zeros(-(-numel // 8), dtype=np.uint8)] if band is not None and -(-numel // 8) <= KEPT_MASK_BUDGET else []
+
+    def masked(p: Program, keep: bool | None = None) -> tuple[int, list[int]]:
+        """The task vectors times the band's mask; ``keep``: the mask computed and kept (True),
+        computed (False), or read from the kept one where there is one (None)."""
         base, tvs = task_vectors(p)
         if topk >= 1:
             return base, tvs
-        mask = p.rank(p.round(p.var_pop(tvs)), band) if band is not None else p.const(0.0)
+        if kept and keep is None:
+            mask = p.mask_in(0)
+        elif band is not None:
+            mask = p.rank(p.round(p.var_pop(tvs)), band)
+            if keep:
+                p.mask_out(mask, 0)
+        else:
+            mask = p.const(0.0)
         return base, [p.mul(tv, mask) for tv in tvs]
 
     sums_of = [Program(c, dtypes) for _ in range(count)]
-    for i, p in enumerate(sums_of):
-        tv = masked(p)[1][i]
+    for i, p in enumerate(sums_of):  # side by side: one keeps the mask, the others compute their own
+        tv = masked(p, keep=i == 0 and bool(kept))[1][i]
         p.sum(p.round(p.mul(tv, tv)))
-    squares = _whole_sums(sums_of, specs, inputs, ctx.threads)
+    squares = _whole_sums(sums_of, specs, inputs, ctx.threads, masks=kept)
     weights = _sce_weights([round_to(round_to(np.float32(x), c) / np.float32(numel), c) for x in squares], c)
     p = Program(c, dtypes)
     base, tvs = masked(p)
@@ -524,7 +538,7 @@ def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
     merged = p.sum_rounded([p.round(p.mul(tv, e)) for tv, e in zip(tvs, erased)])
     divisor = p.round(p.maxk(p.sum_rounded(erased), np.float32(1e-6)))
     p.store(p.round(p.add(base, p.round(p.div(merged, divisor)))))
-    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance, masks=kept)
 
 
 def _population_variance(xs: list[np.ndarray]) -> np.ndarray:
@@ -870,14 +884,14 @@ def _slerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
 
 
 def _whole_sums(programs: Program | Sequence[Program], specs: Sequence[TensorSpec], inputs: Sequence[InputRange],
-                threads: int) -> np.ndarray:
+                threads: int, masks: Sequence[np.ndarray] = ()) -> np.ndarray:
     """The sum slots of each program over the whole tensor, in order (zeros for an empty tensor).
     Each program's sums take one worker (one segment: torch's order), so independent sums given
     as programs of their own run side by side, on up to ``threads`` workers (0: every core)."""
     programs = [programs] if isinstance(programs, Program) else list(programs)
 
     def sums_of(p: Program) -> np.ndarray:
-        sums, _, _ = program.run(p, specs, inputs, 1, segment=max(1, specs[0].numel))
+        sums, _, _ = program.run(p, specs, inputs, 1, segment=max(1, specs[0].numel), masks=masks)
         return sums[0] if len(sums) else np.zeros(p.sums, dtype=np.float32)
 
     workers = min(len(programs), threads if threads > 0 else os.cpu_count() or 1)
