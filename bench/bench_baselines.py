@@ -88,7 +88,7 @@ def main() -> None:
             for label, extra in variants:
                 commands[f"{m}[{label}]"] = (lambda c, extra: lambda o: [*c(o), *extra])(commands[m], extra)
         methods = [v for m in methods for v in ([m] if m == "copy" else [f"{m}[{label}]" for label, _ in variants])]
-    subprocess.run(["bash", "-c", " ".join(f'cat "{p}"/*.safetensors' for p in (base, *experts)) + " > /dev/null"])
+    subprocess.run(["bash", "-c", "cat " + " ".join(f'"{p}"/*.safetensors' for p in (base, *experts)) + " > /dev/null"])
     nbytes = shard_bytes(task)
     results: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
     for round_ in range(args.runs):
