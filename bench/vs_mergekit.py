@@ -100,11 +100,15 @@ def tensors(d):
 
 ours, ref = tensors(sys.argv[1]), tensors(sys.argv[2])
 counts = {"identical": 0, "within 1 ulp": 0, "different": 0}
+elements = differing = 0
 for name, want in ref.items():
     got = ours[name]
     bits = torch.int16 if want.element_size() == 2 else torch.int32
-    gap = (got.view(bits).long() - want.view(bits).long()).abs().max() if got.numel() else 0
+    gaps = (got.view(bits).long() - want.view(bits).long()).abs()
+    gap = gaps.max() if got.numel() else 0
     counts["identical" if gap == 0 else "within 1 ulp" if gap == 1 else "different"] += 1
+    elements, differing = elements + got.numel(), differing + int((gaps != 0).sum())
+counts["elements differing"] = f"{differing} of {elements} ({100 * differing / max(elements, 1):.3g}%)"
 print(json.dumps(counts))
 """
 
