@@ -173,8 +173,7 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
         return Program(c, dtypes)
 
     def deltas(p: Program) -> tuple[int, list[int]]:
-        base = p.read(0)
-        return base, [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+        return _vectors(p, range(count))
 
     ranges = [(int(params[f"lo.{i}"]), int(params[f"hi.{i}"])) if f"lo.{i}" in params else None
               for i in range(1, count + 1)]
@@ -483,8 +482,7 @@ def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
     numel = specs[0].numel
 
     def task_vectors(p: Program) -> tuple[int, list[int]]:
-        base = p.read(0)
-        return base, [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+        return _vectors(p, range(count))
 
     def variance(p: Program) -> int:
         return p.round(p.var_pop(task_vectors(p)[1]))
@@ -509,27 +507,27 @@ def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
     # output's, within the budget
     kept = [np.zeros(-(-numel // 8), dtype=np.uint8)] if band is not None and -(-numel // 8) <= KEPT_MASK_BUDGET else []
 
-    def masked(p: Program, keep: bool | None = None) -> tuple[int, list[int]]:
-        """The task vectors times the band's mask; ``keep``: the mask computed and kept (True),
-        computed (False), or read from the kept one where there is one (None)."""
+    def masked(p: Program, keep: bool = False) -> tuple[int, list[int]]:
+        """The task vectors times the band's mask: computed (and with ``keep`` kept), or read
+        back from the kept one."""
         base, tvs = task_vectors(p)
         if topk >= 1:
             return base, tvs
-        if kept and keep is None:
+        if kept and not keep:
             mask = p.mask_in(0)
         elif band is not None:
             mask = p.rank(p.round(p.var_pop(tvs)), band)
-            if keep:
+            if kept:
                 p.mask_out(mask, 0)
         else:
             mask = p.const(0.0)
         return base, [p.mul(tv, mask) for tv in tvs]
 
-    sums_of = [Program(c, dtypes) for _ in range(count)]
-    for i, p in enumerate(sums_of):  # side by side: one keeps the mask, the others compute their own
-        tv = masked(p, keep=i == 0 and bool(kept))[1][i]
+    # one program for every model's squares: the mask they share is computed once
+    p = Program(c, dtypes)
+    for tv in masked(p, keep=True)[1]:
         p.sum(p.round(p.mul(tv, tv)))
-    squares = _whole_sums(sums_of, specs, inputs, ctx.threads, masks=kept)
+    squares = _whole_sums(p, specs, inputs, ctx.threads, masks=kept)
     weights = _sce_weights([round_to(round_to(np.float32(x), c) / np.float32(numel), c) for x in squares], c)
     p = Program(c, dtypes)
     base, tvs = masked(p)
@@ -709,16 +707,11 @@ def _multislerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: Tenso
     order) and the output on all threads, each pass rebuilding the steps before it."""
     c = recipe.compute_dtype
     dtypes = [s_.dtype for s_ in specs]
-    has_base, first, eps, weights = _multislerp_terms(recipe)
+    has_base, _, eps, weights = _multislerp_terms(recipe)
     count = len(weights)
 
-    def vectors(p: Program, models: Sequence[int] = range(count)) -> tuple[int | None, list[int]]:
-        base = p.read(0) if has_base else None
-        vs = [p.read(first + i) for i in models]
-        return base, vs if base is None else [p.round(p.sub(v, base)) for v in vs]
-
     def units(p: Program, lengths: list[np.float32]) -> tuple[int | None, list[int], int]:
-        base, vs = vectors(p)
+        base, vs = _vectors(p, range(count), has_base)
         us = [p.round(p.divk(v, float(round_to(length + eps, c)))) for v, length in zip(vs, lengths)]
         return base, us, p.sum_rounded([p.round(p.mulk(u, w)) for u, w in zip(us, weights)])
 
@@ -731,16 +724,17 @@ def _multislerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: Tenso
 
     norms = [Program(c, dtypes) for _ in range(count)]
     for i, p in enumerate(norms):
-        p.norm(vectors(p, [i])[1][0])
+        p.norm(_vectors(p, [i], has_base)[1][0])
     lengths = [np.float32(round_to(x, c)) for x in _whole_sums(norms, specs, inputs, ctx.threads)]
     p = Program(c, dtypes)
     p.norm(units(p, lengths)[2])
     center = _multislerp_center(_whole_sums(p, specs, inputs, ctx.threads)[0], eps, recipe)
-    dots = [Program(c, dtypes) for _ in range(count)]
-    for i, p in enumerate(dots):
-        _, us, mean = units(p, lengths)
-        p.sum(p.round(p.mul(us[i], p.round(p.divk(mean, center)))))
-    along = [np.float32(round_to(x, c)) for x in _whole_sums(dots, specs, inputs, ctx.threads)]
+    p = Program(c, dtypes)  # one program: every dot product needs the whole mean
+    _, us, mean = units(p, lengths)
+    mean = p.round(p.divk(mean, center))
+    for u in us:
+        p.sum(p.round(p.mul(u, mean)))
+    along = [np.float32(round_to(x, c)) for x in _whole_sums(p, specs, inputs, ctx.threads)]
     p = Program(c, dtypes)
     p.norm(tangent(p, lengths, center, along)[2])
     cos, sinc, scale = _multislerp_rotation(_whole_sums(p, specs, inputs, ctx.threads)[0], lengths, weights, eps, c)
@@ -823,8 +817,7 @@ def _ram_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
 
     def task_vectors(p: Program) -> tuple[int, list[int], list[int], int, int, int]:
         """base, task vectors, their change indicators, counts == 1, counts > 1, max(counts, 1)."""
-        base = p.read(0)
-        tvs = [p.round(p.sub(p.read(i), base)) for i in range(1, count + 1)]
+        base, tvs = _vectors(p, range(count))
         changed = [p.maxk(p.sign(p.addk(p.abs(tv), -threshold)), 0.0) for tv in tvs]
         counts = changed[0]
         for ch in changed[1:]:
@@ -884,6 +877,14 @@ def _slerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance)
 
 
+def _vectors(p: Program, models: Sequence[int], has_base: bool = True) -> tuple[Any, list[int]]:
+    """The base (input 0) when there is one, and each of ``models`` (0: the first input after
+    it) in the compute dtype, as its difference from the base when there is one."""
+    base = p.read(0) if has_base else None
+    vs = [p.read(int(has_base) + i) for i in models]
+    return base, vs if base is None else [p.round(p.sub(v, base)) for v in vs]
+
+
 def _whole_sums(programs: Program | Sequence[Program], specs: Sequence[TensorSpec], inputs: Sequence[InputRange],
                 threads: int, masks: Sequence[np.ndarray] = ()) -> np.ndarray:
     """The sum slots of each program over the whole tensor, in order (zeros for an empty tensor).
@@ -912,8 +913,7 @@ def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: Tens
     pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
 
     def offsets(p: Program, models: Sequence[int]) -> list[int]:
-        base = p.read(0)
-        return [p.round(p.sub(p.read(i + 1), base)) for i in models]
+        return _vectors(p, models)[1]
 
     norms, dots = [Program(c, dtypes) for _ in range(count)], [Program(c, dtypes) for _ in pairs]
     for i, p in enumerate(norms):
@@ -963,12 +963,9 @@ def _nuslerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRe
     c = recipe.compute_dtype
     dtypes = [s_.dtype for s_ in specs]
     has_base = bool(recipe.param("base"))
-    first = 1 if has_base else 0
 
     def vectors(p: Program, models: Sequence[int] = (0, 1)) -> tuple[int | None, list[int]]:
-        base = p.read(0) if has_base else None
-        v = [p.read(first + i) for i in models]
-        return base, v if base is None else [p.round(p.sub(x, base)) for x in v]
+        return _vectors(p, models, has_base)
 
     norms_of = [Program(c, dtypes), Program(c, dtypes)]
     for i, p in enumerate(norms_of):
