@@ -205,6 +205,8 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------ analysis
     M("magnitude-weights-not-inverted", "analysis", "layerswap_fast/analysis/stats.py",
       "inv = {n: 1.0 / a for n, a in average_mavs.items()}", "inv = dict(average_mavs)", "tests/test_analysis.py"),
+    M("heatmap-scale-left-at-the-placeholders", "analysis", "layerswap_fast/analysis/heatmap.py",
+      "        self.norm.vmax = vmax\n", "", "tests/test_analysis.py"),
     # ------------------------------------------------------------ C++ kernels and I/O
     M("pwrite-retry-resends-from-the-start", "core I/O", "csrc/io.cpp",
       "r = ::pwrite(fd, p + done, req,", "r = ::pwrite(fd, p, req,", "tests/test_core.py"),

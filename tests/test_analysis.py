@@ -32,7 +32,7 @@ from layerswap_fast.analysis import (
 from layerswap_fast.cli.analyze import analyze as analyze_cmd
 from layerswap_fast.cli.analyze import merge_command
 from layerswap_fast.errors import ConfigError, MismatchError, OutputError
-from layerswap_fast.analysis.heatmap import layer_tick_step, render_heatmap
+from layerswap_fast.analysis.heatmap import HeatmapFigure, layer_tick_step, prepare_in_background, render_heatmap
 from layerswap_fast.plan.layers import FIGURE_KINDS, classify
 
 REL = 1e-5
@@ -282,6 +282,42 @@ def test_heatmap_80_layers(tmp_path):
     assert mix.kind_matrix("m")[0, FIGURE_KINDS.index("gate")] == pytest.approx(1.5)
     assert render_heatmap(mix, tmp_path / "mix.png").panels == 1
 
+
+
+def test_heatmap_laid_out_before_its_data_shows_the_data(tmp_path):
+    """``analyze`` lays the figure out and draws it (placeholder zeros, scale 0..1) while its pass
+    runs, and sets the data afterwards: every cell of the PNG has the colormap's colour at
+    value / vmax on the one shared scale."""
+    import matplotlib
+    import matplotlib.image
+    stats = _synthetic_stats(6)
+    figure = prepare_in_background(list(stats.experts), 6)()
+    assert isinstance(figure, HeatmapFigure) and figure.fits(stats)
+    info = figure.save(stats, tmp_path / "h.png")
+    img = matplotlib.image.imread(tmp_path / "h.png")
+    cmap = matplotlib.colormaps["viridis"]
+    values = {n: stats.kind_matrix(n) for n in stats.experts}
+    assert info.vmax == max(float(m.max()) for m in values.values())
+    for ax, name in zip(figure.axes, stats.experts):
+        for layer in (0, 3, 5):
+            for k in range(len(FIGURE_KINDS)):
+                x, y = ax.transData.transform((k + 0.25, layer))  # clear of the attention | MLP line
+                pixel = img[int(round(img.shape[0] - y)), int(round(x)), :3]
+                assert np.allclose(pixel, cmap(values[name][layer, k] / info.vmax)[:3], atol=2 / 255), (name, layer, k)
+
+
+def test_a_prepared_heatmap_of_other_experts_is_not_used(tmp_path):
+    """write_stats draws afresh when the figure made beforehand has other panels or layers, and a
+    figure that could not be built (no experts) is None."""
+    stats = _synthetic_stats(4)
+    render_heatmap(stats, tmp_path / "want.png")
+    for other in (HeatmapFigure(["task"], 4), HeatmapFigure(list(stats.experts), 5)):
+        assert not other.fits(stats)
+        out = tmp_path / f"{len(other.names)}-{other.num_layers}"
+        out.mkdir()
+        analysis.write_stats(stats, out, other)
+        assert (out / "heatmap.png").read_bytes() == (tmp_path / "want.png").read_bytes()
+    assert prepare_in_background([], 4)() is None
 
 # ------------------------------------------------------------------------------------------------
 # hand-made checkpoints

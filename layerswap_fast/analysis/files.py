@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -29,6 +29,9 @@ from ..formats.writeback import hash_file
 from ..plan.layers import MAX_LAYERS
 from ..safe_read import Bool, Float, Int, List, Map, Nullable, Str, read_json, show_path, show_value
 from .stats import DeltaStats, ExpertStats, InputRef, TensorStat, check_expert_name
+
+if TYPE_CHECKING:
+    from .heatmap import HeatmapFigure
 
 PathLike = str | os.PathLike[str]
 
@@ -127,13 +130,18 @@ def _csv_text(stats: DeltaStats) -> str:
     return buf.getvalue()
 
 
-def write_stats(stats: DeltaStats, directory: PathLike) -> None:
-    """Write ``mav.csv``, ``heatmap.png`` and (last) ``summary.json`` into ``directory``."""
+def write_stats(stats: DeltaStats, directory: PathLike, figure: HeatmapFigure | None = None) -> None:
+    """Write ``mav.csv``, ``heatmap.png`` and (last) ``summary.json`` into ``directory``;
+    ``figure``: the heatmap's, made beforehand (used when it has the experts and layers of
+    ``stats``)."""
     from .heatmap import render_heatmap  # matplotlib: only when a directory is written
 
     d = Path(directory)
     (d / MAV_CSV).write_text(_csv_text(stats), encoding="utf-8")
-    render_heatmap(stats, d / HEATMAP_PNG)
+    if figure is not None and figure.fits(stats):
+        figure.save(stats, d / HEATMAP_PNG)
+    else:
+        render_heatmap(stats, d / HEATMAP_PNG)
     summary = summary_json(stats)
     summary["files"] = {name: hash_file(d / name, "sha256") for name in (MAV_CSV, HEATMAP_PNG)}
     summary["csv_lines"] = sum(len(e.tensors) for e in stats.experts.values())

@@ -4,17 +4,20 @@ One panel per expert, side by side: y = layer (layer 0 at the bottom), x = the p
 q, k, v, o (attention) and gate, up, down (MLP), colour = the mean row MAV of ``expert - base`` in
 that cell (several tensors of one kind in a layer, e.g. Mixtral's experts, are averaged), on one
 colour scale shared by all panels. Drawn with matplotlib's object API on the Agg canvas: no
-display is needed and the process-wide pyplot backend is left alone.
+display is needed and the process-wide pyplot backend is left alone. The figure is laid out and
+drawn before the data is known (:class:`HeatmapFigure`), so that ``analyze`` can do that while
+its pass runs.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -57,64 +60,124 @@ def render_heatmap(stats: DeltaStats, path: str | os.PathLike[str], *,
                    experts: Sequence[str] | None = None, kinds: Sequence[str] = FIGURE_KINDS,
                    dpi: int = 100, title: str | None = None) -> HeatmapInfo:
     """Draw the Figure-2 heatmap of ``stats`` (all experts, or ``experts`` in that order) to a PNG."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
     names = list(stats.experts) if experts is None else list(experts)
-    if not names:
-        raise ValueError("render_heatmap: no experts to draw")
-    L = stats.num_layers
-    matrices = [stats.kind_matrix(n, kinds) for n in names]
-    finite = np.concatenate([m[np.isfinite(m)] for m in matrices]) if L else np.zeros(0)
-    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1e-12
-
-    rows = max(L, 1)
-    n = len(names)
-    panel_w = 0.30 * len(kinds) + 0.25
-    width = 1.2 + n * panel_w + 1.2
-    height = max(4.0, 1.9 + 0.165 * rows)
-    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(1, n + 1, width_ratios=[1.0] * n + [0.07])
-    axes = [fig.add_subplot(grid[0, 0])]
-    axes += [fig.add_subplot(grid[0, j], sharey=axes[0]) for j in range(1, n)]
-    cax = fig.add_subplot(grid[0, n])
-    cmap = colormaps[CMAP].with_extremes(bad="#d9d9d9")
-    norm = Normalize(vmin=0.0, vmax=vmax)
-    step = layer_tick_step(rows)
-    label_size = 8 if rows <= 40 else 7
-    split = list(kinds).index("gate") if "o" in kinds and "gate" in kinds else None  # attention | MLP
-    image = None
-    for j, (ax, name, matrix) in enumerate(zip(axes, names, matrices)):
-        image = ax.imshow(np.ma.masked_invalid(matrix) if L else np.zeros((1, len(kinds))),
-                          origin="lower", aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
-                          extent=(-0.5, len(kinds) - 0.5, -0.5, rows - 0.5))
-        ax.set_xticks(range(len(kinds)), list(kinds), fontsize=label_size)
-        ax.set_yticks(range(0, rows, step))
-        ax.tick_params(axis="y", labelsize=label_size, labelleft=j == 0)
-        ax.tick_params(length=2)
-        if split is not None:
-            ax.axvline(split - 0.5, color="white", linewidth=1.2)
-            groups = ax.secondary_xaxis("bottom")
-            groups.set_xticks([(split - 1) / 2, (split + len(kinds) - 1) / 2], ["attention", "MLP"],
-                              fontsize=label_size, color="0.35")
-            groups.tick_params(length=0, pad=14)
-            groups.spines["bottom"].set_visible(False)
-        avg = stats.experts[name].average_mav
-        ax.set_title(f"{name}\navg MAV {avg:.3g}", fontsize=9)
-    axes[0].set_ylabel("layer")
-    assert image is not None
-    cbar = fig.colorbar(image, cax=cax)
-    cbar.set_label(COLORBAR_LABEL)
-    cbar.formatter.set_powerlimits((-2, 3))
-    cbar.ax.tick_params(labelsize=label_size)
-    fig.suptitle(title or "Fine-tuning deltas per layer and parameter (row MAV vs the base)", fontsize=10)
-    out = Path(path)
-    fig.savefig(out, dpi=dpi)
-    w, h = fig.canvas.get_width_height()
-    return HeatmapInfo(out, len(names), len(fig.axes), int(w), int(h), vmax, step)
+    return HeatmapFigure(names, stats.num_layers, kinds, dpi, title).save(stats, path)
 
 
-__all__ = ["render_heatmap", "layer_tick_step", "HeatmapInfo", "COLORBAR_LABEL"]
+class HeatmapFigure:
+    """:func:`render_heatmap`'s figure before its data: the panels of ``names`` over ``num_layers``
+    layers with their ticks and labels, and the colorbar, drawn once so that setting the data and
+    drawing again is all that is left. ``analyze`` builds it while its pass runs
+    (:func:`prepare_in_background`)."""
+
+    def __init__(self, names: Sequence[str], num_layers: int, kinds: Sequence[str] = FIGURE_KINDS,
+                 dpi: int = 100, title: str | None = None) -> None:
+        from matplotlib import colormaps
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import Normalize
+        from matplotlib.figure import Figure
+
+        if not names:
+            raise ValueError("render_heatmap: no experts to draw")
+        self.names, self.num_layers, self.kinds, self.dpi = list(names), num_layers, list(kinds), dpi
+        rows, n = max(num_layers, 1), len(self.names)
+        self.fig = Figure(figsize=_figure_size(n, rows, len(kinds)), dpi=dpi)
+        FigureCanvasAgg(self.fig)
+        panels, cax = _layout(self.fig, n, len(kinds))
+        self.norm = Normalize(vmin=0.0, vmax=1.0)
+        cmap = colormaps[CMAP].with_extremes(bad="#d9d9d9")
+        self.step = layer_tick_step(rows)
+        label_size = 8 if rows <= 40 else 7
+        split = self.kinds.index("gate") if "o" in kinds and "gate" in kinds else None  # attention | MLP
+        self.axes, self.images = panels, []
+        for j, ax in enumerate(panels):
+            self.images.append(ax.imshow(np.zeros((rows, len(kinds))), origin="lower", aspect="auto",
+                                         interpolation="nearest", cmap=cmap, norm=self.norm,
+                                         extent=(-0.5, len(kinds) - 0.5, -0.5, rows - 0.5)))
+            ax.set_xticks(range(len(kinds)), self.kinds, fontsize=label_size)
+            ax.set_yticks(range(0, rows, self.step))
+            ax.tick_params(axis="y", labelsize=label_size, labelleft=j == 0)
+            ax.tick_params(length=2)
+            if split is not None:
+                ax.axvline(split - 0.5, color="white", linewidth=1.2)
+                groups = ax.secondary_xaxis("bottom")
+                groups.set_xticks([(split - 1) / 2, (split + len(kinds) - 1) / 2], ["attention", "MLP"],
+                                  fontsize=label_size, color="0.35")
+                groups.tick_params(length=0, pad=14)
+                groups.spines["bottom"].set_visible(False)
+        panels[0].set_ylabel("layer")
+        cbar = self.fig.colorbar(self.images[-1], cax=cax)
+        cbar.set_label(COLORBAR_LABEL)
+        cbar.formatter.set_powerlimits((-2, 3))
+        cbar.ax.tick_params(labelsize=label_size)
+        self.fig.suptitle(title or "Fine-tuning deltas per layer and parameter (row MAV vs the base)", fontsize=10,
+                          y=1 - 0.1 / self.fig.get_size_inches()[1], va="top")
+        self.fig.canvas.draw()  # ticks, fonts and text layouts made now, reused by save's drawing
+
+    def fits(self, stats: DeltaStats) -> bool:
+        """Whether this figure has the panels and layers of ``stats``."""
+        return self.names == list(stats.experts) and self.num_layers == stats.num_layers
+
+    def save(self, stats: DeltaStats, path: str | os.PathLike[str]) -> HeatmapInfo:
+        """Draw ``stats`` (which has this figure's experts and layers) into it and save it as a PNG."""
+        L = stats.num_layers
+        matrices = [stats.kind_matrix(n, self.kinds) for n in self.names]
+        finite = np.concatenate([m[np.isfinite(m)] for m in matrices]) if L else np.zeros(0)
+        vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1e-12
+        for ax, image, name, matrix in zip(self.axes, self.images, self.names, matrices):
+            if L:
+                image.set_data(np.ma.masked_invalid(matrix))
+            ax.set_title(f"{name}\navg MAV {stats.experts[name].average_mav:.3g}", fontsize=9)
+        self.norm.vmax = vmax
+        out = Path(path)
+        self.fig.savefig(out, dpi=self.dpi)
+        w, h = self.fig.canvas.get_width_height()
+        return HeatmapInfo(out, len(self.names), len(self.fig.axes), int(w), int(h), vmax, self.step)
+
+
+def prepare_in_background(names: Sequence[str], num_layers: int) -> Callable[[], HeatmapFigure | None]:
+    """Build a :class:`HeatmapFigure` on a daemon thread; the function returned waits for it
+    (None when building failed: drawing from scratch then reports why)."""
+    built: list[HeatmapFigure] = []
+
+    def build() -> None:
+        try:
+            built.append(HeatmapFigure(names, num_layers))
+        except Exception:  # noqa: BLE001 - see the docstring
+            pass
+
+    thread = threading.Thread(target=build, name="lsf-heatmap", daemon=True)
+    thread.start()
+
+    def result() -> HeatmapFigure | None:
+        thread.join()
+        return built[0] if built else None
+    return result
+
+
+# Fixed margins in inches (a layout engine costs more than the drawing): the layer labels on the
+# left, the titles above, the kind and group labels below, the colorbar's ticks and label right.
+_LEFT, _GAP, _TOP, _BOTTOM, _BAR_GAP, _RIGHT = 0.62, 0.12, 0.78, 0.5, 0.15, 0.95
+
+
+def _figure_size(panels: int, rows: int, kinds: int) -> tuple[float, float]:
+    panel_w = 0.30 * kinds + 0.25
+    return 1.2 + panels * panel_w + 1.2, max(4.0, 1.9 + 0.165 * rows)
+
+
+def _layout(fig: Any, n: int, kinds: int) -> tuple[list[Any], Any]:
+    """The panels, side by side and sharing y, and the colorbar's axes right of them."""
+    width, height = fig.get_size_inches()
+    bar = 0.07 * (0.30 * kinds + 0.25)
+    panel = (width - _LEFT - _RIGHT - (n - 1) * _GAP - _BAR_GAP - bar) / n
+    y0, h = _BOTTOM / height, (height - _TOP - _BOTTOM) / height
+    axes: list[Any] = []
+    for j in range(n):
+        x = _LEFT + j * (panel + _GAP)
+        axes.append(fig.add_axes((x / width, y0, panel / width, h), sharey=axes[0] if axes else None))
+    cax = fig.add_axes(((_LEFT + n * panel + (n - 1) * _GAP + _BAR_GAP) / width, y0, bar / width, h))
+    return axes, cax
+
+
+__all__ = ["render_heatmap", "HeatmapFigure", "prepare_in_background", "layer_tick_step", "HeatmapInfo",
+           "COLORBAR_LABEL"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ from ..formats.output import check_output, guarded_paths, output_location, publi
 from ..plan.layers import classify, count_layers
 from . import lowrank
 from .files import ROWS_DIR, NpySink, RowFiles, write_stats
+from .heatmap import HeatmapFigure, prepare_in_background
 from .stats import DeltaStats, ExpertStats, InputRef, TensorStat, check_expert_name
 
 log = logging.getLogger("layerswap_fast")
@@ -187,14 +187,14 @@ def analyze(
         out_path = output_location(out_dir) if out_dir is not None else None
         if out_path is not None:
             check_output(out_path, guarded_paths(opened, []), force, 0)
-            # the heatmap needs matplotlib (~1 s to import): import it while the pass runs
-            threading.Thread(target=_preload_matplotlib, name="lsf-preload", daemon=True).start()
+            # matplotlib is slow to import and to lay a figure out: both happen while the pass runs
+            figure = prepare_in_background(list(ckpts), num_layers)
         owned = backend is None
         engine = make_backend(device, threads) if backend is None else backend
         try:
             if out_path is None:
                 return _in_memory(base_ckpt, ckpts, num_layers, engine, rows, progress)
-            return _to_directory(base_ckpt, ckpts, num_layers, engine, rows, progress, out_path, force)
+            return _to_directory(base_ckpt, ckpts, num_layers, engine, rows, progress, out_path, force, figure)
         finally:
             if owned:
                 engine.close()
@@ -213,25 +213,18 @@ def _in_memory(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: 
 
 
 def _to_directory(base: Checkpoint, experts: Mapping[str, Checkpoint], num_layers: int, engine: Backend,
-                  rows: bool, progress: Progress | None, out_path: Path, force: bool) -> DeltaStats:
+                  rows: bool, progress: Progress | None, out_path: Path, force: bool,
+                  figure: Callable[[], HeatmapFigure | None]) -> DeltaStats:
     with staging_directory(out_path) as tmp:
         sink = NpySink(tmp / ROWS_DIR, list(experts)) if rows else None
         stats = _run(base, experts, num_layers, engine, sink, progress)
         stats.rows_saved = rows
-        write_stats(stats, tmp)
+        write_stats(stats, tmp, figure())
         publish(tmp, out_path, force)
     stats.out_dir = out_path
     if rows:
         stats._rows = RowFiles(out_path / ROWS_DIR)
     return stats
-
-
-def _preload_matplotlib() -> None:
-    try:
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
-    except Exception:  # noqa: BLE001 - the real import in render_heatmap reports any problem
-        pass
 
 
 @dataclass
