@@ -10,6 +10,7 @@ released. The references are computed here with numpy/torch from the bytes writt
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from layerswap_fast import _core as core
+from layerswap_fast.engine import mergekit_program
 from support import make_adapter, make_llama_trio, one_line, row_mav_ref
 
 CoreError = core.CoreError
@@ -83,12 +85,19 @@ def run_kernel(kind: str, f: core.InputFile, offsets: list[int], out: core.Shard
         a = rng.standard_normal((4, N // 64)).astype(np.float32)
         core.blend_lowrank_file([(f, o) for o in offsets], ["F32"] * 3, [0.5, 0.25, 0.25], [(b, a)], [0.1], out, 0,
                                 "F32", 64, N // 64, chunk_elems=CHUNK, threads=threads)
+    elif kind == "mk_program":  # a mergekit method's steps: the deltas' histogram, then base + their sum
+        p = mergekit_program.Program(None, ["F32"] * 3)
+        base, a, b = (p.read(i) for i in range(3))
+        p.hist_high(p.sub(a, base))
+        p.store(p.add(base, p.add(p.sub(a, base), p.sub(b, base))))
+        core.mk_program([(f, o) for o in offsets], ["F32"] * 3, N, p.code, p.consts, p.ints, [], out, 0, "F32",
+                        chunk_elems=CHUNK, segment_elems=CHUNK, threads=threads)
     else:
         raise AssertionError(kind)
     return None
 
 
-KERNELS = ["blend", "row_mav", "row_mav_pieces", "ties", "ties_exact", "lowrank"]
+KERNELS = ["blend", "row_mav", "row_mav_pieces", "ties", "ties_exact", "lowrank", "mk_program"]
 
 
 # ---- the read path -----------------------------------------------------------------------------
@@ -165,7 +174,7 @@ def test_cut_inside_the_last_page_is_caught_after_the_kernel(three, tmp_path: Pa
     path, arrays, offsets = three
     with core.InputFile(str(path), io="mmap") as f, core.ShardWriter(str(tmp_path / "o"), 4 * N) as w:
         os.truncate(path, os.path.getsize(path) - 8)
-        for kind in ("blend", "row_mav", "ties", "lowrank"):
+        for kind in ("blend", "row_mav", "ties", "lowrank", "mk_program"):
             with pytest.raises(CoreError, match=f"^{truncated_message(path)}"):
                 run_kernel(kind, f, offsets, w, 2)
         w.abort()
@@ -324,6 +333,24 @@ def test_cli_input_truncated_mid_kernel(models: dict[str, Path], tmp_path: Path,
     assert lines[0].endswith("bytes when opened, 0 now)")  # met by a kernel reading the mapping
     assert os.path.getsize(shard) == 0
     assert sorted(x.name for x in tmp_path.iterdir()) == ["victim"]  # nothing written, nothing left
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_cli_mergekit_yaml_input_truncated_mid_kernel(models: dict[str, Path], tmp_path: Path, threads: str) -> None:
+    victim = copy_model(models["language"], tmp_path / "victim")
+    (shard,) = victim.glob("*.safetensors")
+    config = tmp_path / "ties.yml"
+    config.write_text(json.dumps({
+        "models": [{"model": str(models["task"]), "parameters": {"weight": 0.5, "density": 0.5}},
+                   {"model": str(victim), "parameters": {"weight": 0.5, "density": 0.3}}],
+        "base_model": str(models["base"]), "merge_method": "ties", "dtype": "bfloat16"}))
+    p = cli_with_hook(["mergekit-yaml", config, tmp_path / "out", "--io", "mmap", "--threads", threads], shard,
+                      after=3)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert truncated_message(shard) in lines[0] and lines[0].endswith("bytes when opened, 0 now)"), lines[0]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["ties.yml", "victim"]
 
 
 def test_cli_input_replaced_mid_kernel(models: dict[str, Path], tmp_path: Path) -> None:

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .. import api
+from .commands import click_option, stack
 from .progress import progress_bar
+
+#: the write options of our other commands that mergekit-yaml takes too (mergekit has none of them)
+OUR_OPTIONS = ("threads", "link", "sync", "checksum", "io")
 
 
 @click.command("mergekit-yaml")
@@ -26,14 +31,15 @@ from .progress import progress_bar
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--dry-run", is_flag=True, help="Plan and check, write nothing.")
 @click.option("-v", "--verbose", is_flag=True, help="Say more.")
+@stack(*(click_option(o) for o in api.WRITE_OPTIONS if o.name in OUR_OPTIONS))
 def mergekit_yaml(config: Path, out: Path, copy_tokenizer: bool, out_shard_size: str, random_seed: int | None,
                   cuda: bool, allow_crimes: bool, lazy_unpickle: bool, force: bool, dry_run: bool,
-                  verbose: bool) -> None:
+                  verbose: bool, **ours: Any) -> None:
     """Run a mergekit YAML CONFIG into OUT, with mergekit 0.1.5's numbers, streamed."""
     if verbose:
         logging.getLogger("layerswap_fast").setLevel(logging.DEBUG)
     with progress_bar() as progress:
         result = api.run_mergekit_config(config, out, copy_tokenizer=copy_tokenizer, random_seed=random_seed,
-                                         shard_size=api.parse_kmb(out_shard_size),
-                                         force=force, dry_run=dry_run, progress=progress)
+                                         shard_size=api.parse_kmb(out_shard_size), force=force, dry_run=dry_run,
+                                         progress=progress, **ours)
     click.echo(result.summary(out))
