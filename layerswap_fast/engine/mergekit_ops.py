@@ -165,74 +165,97 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
     (:func:`.mergekit_program.rank_bands`), the L1 sums when rescaling, then one writing pass.
     DELLA's programs run over whole rows, in the numpy path's chunks (the L1 sums' order)."""
     c = recipe.compute_dtype
-    params = dict(recipe.params)
-    count = len(recipe.terms) - 1
-    dtypes = [s.dtype for s in specs]
-
-    def make() -> Program:
-        return Program(c, dtypes)
-
-    def deltas(p: Program) -> tuple[int, list[int]]:
-        return _vectors(p, range(count))
-
-    ranges = [(int(params[f"lo.{i}"]), int(params[f"hi.{i}"])) if f"lo.{i}" in params else None
-              for i in range(1, count + 1)]
-    bands = program.rank_bands(ranges, lambda p: deltas(p)[1], make, specs, inputs, ctx.threads)
-    seed = int(params.get("seed", 0))
-    cols = recipe.shape[-1] if len(recipe.shape) > 1 else max(1, specs[0].numel)  # DELLA's rows
-    della = any(f"eps.{i}" in params for i in range(1, count + 1))
-    chunk = program.row_chunk(cols) if della else program.CHUNK  # the numpy path's chunks
-
-    # DELLA ranks every row to draw its masks: with rescale the L1 pass keeps them (a bit per
-    # element) for the writing pass instead of ranking again, within a memory budget
-    slots = {i: k for k, i in enumerate(i for i in range(count) if f"eps.{i + 1}" in params)}  # model -> its mask
-    mask_bytes = -(-specs[0].numel // 8)
-    kept_masks = [np.zeros(mask_bytes, dtype=np.uint8) for _ in slots] \
-        if params.get("rescale") and len(slots) * mask_bytes <= KEPT_MASK_BUDGET else []
-
-    def masked(p: Program, ds: list[int], reuse: bool | None = None) -> list[int | None]:
-        """Each delta times its mask (None: no mask). ``reuse``: DELLA's masks kept in
-        ``kept_masks`` (False: computed and kept; True: read back)."""
-        out: list[int | None] = []
-        for i, d in enumerate(ds):
-            r, prob, eps = ranges[i], params.get(f"p.{i + 1}"), params.get(f"eps.{i + 1}")
-            key = stream_key(seed, recipe.name, i + 1)
-            if prob is not None and eps is not None and reuse:
-                out.append(p.mul(d, p.mask_in(slots[i])))
-            elif prob is not None and eps is not None:
-                keep = p.della_lt(d, key, prob, eps, cols)
-                if reuse is False:
-                    p.mask_out(keep, slots[i])
-                out.append(p.mul(d, keep))
-            elif prob is not None:
-                out.append(p.mul(d, p.uniform_lt(key, prob)))
-            elif r is not None:
-                out.append(p.mul(d, p.rank(d, bands[i]) if bands[i] is not None else p.const(0.0)))
-            else:
-                out.append(None)
-        return out
-
-    scales: list[np.float32 | None] = [None] * count
-    if params.get("rescale"):
-        p = make()
-        _, ds = deltas(p)
-        for d, kept in zip(ds, masked(p, ds, reuse=False if kept_masks else None)):
-            p.sum64(p.abs(d))
-            p.sum64(p.abs(d if kept is None else kept))
-        sums, _, _ = program.run(p, specs, inputs, ctx.threads, segment=chunk, masks=kept_masks)
-        totals = np.zeros(2 * count)
-        for row in sums:  # the segments' float64 sums, added in order
-            totals += row
-        scales = [l1_scale(totals[2 * i], totals[2 * i + 1], c) for i in range(count)]
-    weights = [scalar_in(recipe.terms[i].weight, c) for i in range(1, count + 1)]
-    p = make()
-    base, ds = deltas(p)
+    sparse = _CoreSparsity(ctx, recipe, specs, inputs)
+    scales = sparse.l1_scales() if sparse.params.get("rescale") else [None] * sparse.count
+    weights = [scalar_in(recipe.terms[i].weight, c) for i in range(1, sparse.count + 1)]
+    p = sparse.make()
+    base, ds = sparse.deltas(p)
     weighted = []
-    for i, (d, kept) in enumerate(zip(ds, masked(p, ds, reuse=True if kept_masks else None))):
+    for i, (d, kept) in enumerate(zip(ds, sparse.masked(p, ds, reuse=True if sparse.kept_masks else None))):
         d = d if kept is None else kept
         if scales[i] is not None:
             d = p.round(p.mulk(d, scales[i]))
         weighted.append(p.round(p.mulk(d, weights[i])))
+    p.store(p.round(p.add(base, _mixed(p, weighted, weights, sparse.params, c))))
+    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance, chunk=sparse.chunk,
+                  masks=sparse.kept_masks)
+
+
+class _CoreSparsity:
+    """What :func:`_delta_in_core` multiplies each model's delta by, as program steps: its rank
+    band (TIES, breadcrumbs), its uniform draws (DARE) or DELLA's, or nothing; and the L1 sums that
+    rescale them. DELLA ranks every row to draw its masks: with rescale the L1 pass keeps them (a
+    bit per element) for the writing pass instead of ranking again, within
+    :data:`KEPT_MASK_BUDGET`."""
+
+    def __init__(self, ctx: OpContext, recipe: TensorRecipe, specs: Sequence[TensorSpec],
+                 inputs: Sequence[InputRange]) -> None:
+        self.ctx, self.recipe, self.specs, self.inputs = ctx, recipe, specs, inputs
+        self.params = params = dict(recipe.params)
+        self.count = count = len(recipe.terms) - 1
+        self.ranges = [(int(params[f"lo.{i}"]), int(params[f"hi.{i}"])) if f"lo.{i}" in params else None
+                       for i in range(1, count + 1)]
+        self.bands = program.rank_bands(self.ranges, lambda p: self.deltas(p)[1], self.make, specs, inputs,
+                                        ctx.threads)
+        self.seed = int(params.get("seed", 0))
+        self.cols = recipe.shape[-1] if len(recipe.shape) > 1 else max(1, specs[0].numel)  # DELLA's rows
+        della = any(f"eps.{i}" in params for i in range(1, count + 1))
+        self.chunk = program.row_chunk(self.cols) if della else program.CHUNK  # the numpy path's chunks
+        self.slots = {i: k for k, i in enumerate(i for i in range(count) if f"eps.{i + 1}" in params)}  # its mask
+        mask_bytes = -(-specs[0].numel // 8)
+        self.kept_masks = [np.zeros(mask_bytes, dtype=np.uint8) for _ in self.slots] \
+            if params.get("rescale") and len(self.slots) * mask_bytes <= KEPT_MASK_BUDGET else []
+
+    def make(self) -> Program:
+        return Program(self.recipe.compute_dtype, [s.dtype for s in self.specs])
+
+    def deltas(self, p: Program) -> tuple[int, list[int]]:
+        return _vectors(p, range(self.count))
+
+    def masked(self, p: Program, ds: list[int], reuse: bool | None = None) -> list[int | None]:
+        """Each delta times its mask (None: no mask). ``reuse``: DELLA's masks kept in
+        ``kept_masks`` (False: computed and kept; True: read back)."""
+        out: list[int | None] = []
+        for i, d in enumerate(ds):
+            r, band = self.ranges[i], self.bands[i]
+            prob, eps = self.params.get(f"p.{i + 1}"), self.params.get(f"eps.{i + 1}")
+            key = stream_key(self.seed, self.recipe.name, i + 1)
+            if prob is not None and eps is not None and reuse:
+                out.append(p.mul(d, p.mask_in(self.slots[i])))
+            elif prob is not None and eps is not None:
+                keep = p.della_lt(d, key, prob, eps, self.cols)
+                if reuse is False:
+                    p.mask_out(keep, self.slots[i])
+                out.append(p.mul(d, keep))
+            elif prob is not None:
+                out.append(p.mul(d, p.uniform_lt(key, prob)))
+            elif r is not None:
+                out.append(p.mul(d, p.rank(d, band) if band is not None else p.const(0.0)))
+            else:
+                out.append(None)
+        return out
+
+    def l1_scales(self) -> list[np.float32 | None]:
+        """Each sparsified delta's rescale factor: its L1 norm before over after, in one pass
+        (which keeps DELLA's masks when they fit the budget)."""
+        p = self.make()
+        _, ds = self.deltas(p)
+        for d, kept in zip(ds, self.masked(p, ds, reuse=False if self.kept_masks else None)):
+            p.sum64(p.abs(d))
+            p.sum64(p.abs(d if kept is None else kept))
+        sums, _, _ = program.run(p, self.specs, self.inputs, self.ctx.threads, segment=self.chunk,
+                                 masks=self.kept_masks)
+        totals = np.zeros(2 * self.count)
+        for row in sums:  # the segments' float64 sums, added in order
+            totals += row
+        c = self.recipe.compute_dtype
+        return [l1_scale(totals[2 * i], totals[2 * i + 1], c) for i in range(self.count)]
+
+
+def _mixed(p: Program, weighted: list[int], weights: list[np.float32], params: Mapping[str, Any],
+           c: str | None) -> int:
+    """The weighted deltas added, by sign consensus when one is set (TIES), normalized and scaled
+    by lambda when asked: :func:`_mix`'s steps."""
     consensus = CONSENSUS[int(params.get("consensus", 0))]
     # the divisor's steps are made only when normalizing: a program computes every step it holds
     if consensus is None:
@@ -249,8 +272,7 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
         mixed = p.round(p.div(mixed, divisor()))
     if params.get("lambda", 1.0) != 1.0:
         mixed = p.round(p.mulk(mixed, np.float32(params["lambda"])))
-    p.store(p.round(p.add(base, mixed)))
-    program.write(p, specs, inputs, ctx.threads, writer, dst, recipe.dtype, ctx.advance, chunk=chunk, masks=kept_masks)
+    return mixed
 
 
 class _Sparsifier:
