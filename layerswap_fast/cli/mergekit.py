@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from .. import api
-from .commands import click_option, stack
+from .flags import click_option, stack
 from .progress import progress_bar
 
 #: the write options of our other commands that mergekit-yaml takes too (mergekit has none of them)
