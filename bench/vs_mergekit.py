@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(CONFIGS)}")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     ap.add_argument("--trio", type=Path, default=None, help="an existing trio directory (default: made in workdir)")
+    ap.add_argument("--shard-size", default="5GB",
+                    help="shard size of the trio (one made with another is made again): bench_merge.py's trios "
+                         "use --shard-size too")
     ap.add_argument("--ours-only", action="store_true",
                     help="skip mergekit (an 8b slice: its RAM and time); time and peak RSS of ours and the copy")
     ap.add_argument("--rounds", type=int, default=1,
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir = args.workdir.resolve()  # the configs' paths must hold inside it, where the children run
     args.trio = args.trio.resolve() if args.trio else None
     trio = trio_in_child(args.trio or args.workdir / trio_dirname(args.shape, args.layers), args.shape,
-                         layers=args.layers)
+                         shard_size=args.shard_size, layers=args.layers)
     cli = find_cli()
     if cli is None:
         sys.exit("layerswap-fast is not installed")
