@@ -54,24 +54,6 @@ LSF_INLINE void pass_first_store(unsigned char* __restrict out, const unsigned c
 
 // ---- row-MAV passes ----------------------------------------------------------------------------
 
-// Row MAVs read their inputs in segments of a page or so each, input after input, so the hardware
-// prefetcher, which stops at every 4 KiB page, restarts on every segment: each cache line of an
-// input asks for the one this far ahead itself (written out in each loop: through a lambda the
-// loops measured slower). Prefetches never fault, past a mapping's end either.
-constexpr size_t kAhead = 4096;  // bytes
-
-template <DType D>
-LSF_INLINE void pass_to_f32_ahead(float* __restrict dst, const unsigned char* __restrict p, size_t m) {
-  constexpr size_t esz = D == DType::F32 ? 4 : 2;
-  constexpr size_t per_line = 64 / esz;
-  size_t j = 0;
-  for (; j + per_line <= m; j += per_line) {
-    __builtin_prefetch(p + j * esz + kAhead);
-    for (size_t i = 0; i < per_line; ++i) dst[j + i] = Elem<D>::load(p, j + i);
-  }
-  for (; j < m; ++j) dst[j] = Elem<D>::load(p, j);
-}
-
 template <DType D>
 LSF_INLINE void pass_absdiff(float* __restrict d, const unsigned char* __restrict p,
                              const float* __restrict b, size_t m) {

@@ -524,7 +524,7 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
     switch (ins.op) {
       case kMkLoad: {
         const unsigned char* p = in[ins.a];
-        LSF_DTYPE_DISPATCH(c.in_dt[ins.a], DT, pass_to_f32<DT>(d, p, m));
+        LSF_DTYPE_DISPATCH(c.in_dt[ins.a], DT, pass_to_f32_ahead<DT>(d, p, m));
         break;
       }
       case kMkRound:
