@@ -85,10 +85,12 @@ LSF_INLINE void pass_to_f32(float* __restrict dst, const unsigned char* __restri
 // out in each loop: through a lambda they measured slower). Prefetches never fault, past a
 // mapping's end either.
 constexpr size_t kAhead = 4096;  // bytes
+template <DType D>
+constexpr size_t kElemBytes = D == DType::F32 ? 4 : 2;
 
 template <DType D>
 LSF_INLINE void pass_to_f32_ahead(float* __restrict dst, const unsigned char* __restrict p, size_t m) {
-  constexpr size_t esz = D == DType::F32 ? 4 : 2;
+  constexpr size_t esz = kElemBytes<D>;
   constexpr size_t per_line = 64 / esz;
   size_t j = 0;
   for (; j + per_line <= m; j += per_line) {

@@ -57,7 +57,7 @@ LSF_INLINE void pass_first_store(unsigned char* __restrict out, const unsigned c
 template <DType D>
 LSF_INLINE void pass_absdiff(float* __restrict d, const unsigned char* __restrict p,
                              const float* __restrict b, size_t m) {
-  constexpr size_t esz = D == DType::F32 ? 4 : 2;
+  constexpr size_t esz = kElemBytes<D>;
   constexpr size_t per_line = 64 / esz;
   size_t j = 0;
   for (; j + per_line <= m; j += per_line) {
