@@ -199,12 +199,9 @@ class _CoreSparsity:
                                         ctx.threads)
         self.seed = int(params.get("seed", 0))
         self.cols = recipe.shape[-1] if len(recipe.shape) > 1 else max(1, specs[0].numel)  # DELLA's rows
-        della = any(f"eps.{i}" in params for i in range(1, count + 1))
-        self.chunk = program.row_chunk(self.cols) if della else program.CHUNK  # the numpy path's chunks
         self.slots = {i: k for k, i in enumerate(i for i in range(count) if f"eps.{i + 1}" in params)}  # its mask
-        mask_bytes = -(-specs[0].numel // 8)
-        self.kept_masks = [np.zeros(mask_bytes, dtype=np.uint8) for _ in self.slots] \
-            if params.get("rescale") and len(self.slots) * mask_bytes <= KEPT_MASK_BUDGET else []
+        self.chunk = program.row_chunk(self.cols) if self.slots else program.CHUNK  # the numpy path's chunks
+        self.kept_masks = _kept_masks(len(self.slots), specs[0].numel) if params.get("rescale") else []
 
     def make(self) -> Program:
         return Program(self.recipe.compute_dtype, [s.dtype for s in self.specs])
@@ -250,6 +247,14 @@ class _CoreSparsity:
             totals += row
         c = self.recipe.compute_dtype
         return [l1_scale(totals[2 * i], totals[2 * i + 1], c) for i in range(self.count)]
+
+
+def _kept_masks(count: int, numel: int) -> list[np.ndarray]:
+    """``count`` zeroed masks of a bit per element for a later pass to read back
+    (:meth:`.Program.mask_out`), or none when they would pass :data:`KEPT_MASK_BUDGET` (the masks
+    are then computed again)."""
+    size = -(-numel // 8)
+    return [np.zeros(size, dtype=np.uint8) for _ in range(count)] if count * size <= KEPT_MASK_BUDGET else []
 
 
 def _mixed(p: Program, weighted: list[int], weights: list[np.float32], params: Mapping[str, Any],
@@ -527,7 +532,7 @@ def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
 
     # the band's mask (a variance and a rank per element) is kept from the squares' pass for the
     # output's, within the budget
-    kept = [np.zeros(-(-numel // 8), dtype=np.uint8)] if band is not None and -(-numel // 8) <= KEPT_MASK_BUDGET else []
+    kept = _kept_masks(1, numel) if band is not None else []
 
     def masked(p: Program, keep: bool = False) -> tuple[int, list[int]]:
         """The task vectors times the band's mask: computed (and with ``keep`` kept), or read
@@ -933,15 +938,11 @@ def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: Tens
     dtypes = [s_.dtype for s_ in specs]
     count = len(recipe.terms) - 1
     pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
-
-    def offsets(p: Program, models: Sequence[int]) -> list[int]:
-        return _vectors(p, models)[1]
-
     norms, dots = [Program(c, dtypes) for _ in range(count)], [Program(c, dtypes) for _ in pairs]
     for i, p in enumerate(norms):
-        p.norm(offsets(p, [i])[0])
+        p.norm(_vectors(p, [i])[1][0])
     for (i, j), p in zip(pairs, dots):
-        p.sum(p.round(p.mul(*offsets(p, [i, j]))))
+        p.sum(p.round(p.mul(*_vectors(p, [i, j])[1])))
     sums = _whole_sums(norms + dots, specs, inputs, ctx.threads)
     t = _model_stock_t(list(sums[:count]), list(sums[count:]), c)
     p = Program(c, dtypes)
