@@ -319,6 +319,37 @@ def test_a_prepared_heatmap_of_other_experts_is_not_used(tmp_path):
         assert (out / "heatmap.png").read_bytes() == (tmp_path / "want.png").read_bytes()
     assert prepare_in_background([], 4)() is None
 
+def test_the_heatmap_is_built_yielding_the_gil_and_the_interval_is_restored(monkeypatch):
+    """While the figure is built beside the pass the GIL changes hands every 0.1 ms at most (the
+    pass waits for it after every tensor); with two builds at once the interval comes back only
+    when the last ends, and the user's own interval is what comes back."""
+    import sys
+    import threading
+
+    from layerswap_fast.analysis import heatmap
+
+    seen: list[float] = []
+    release = threading.Event()
+
+    class Recording:
+        def __init__(self, names, num_layers):
+            seen.append(sys.getswitchinterval())
+            release.wait(10)
+
+    monkeypatch.setattr(heatmap, "HeatmapFigure", Recording)
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.003)
+        first = prepare_in_background(["a"], 2)
+        second = prepare_in_background(["b"], 2)
+        release.set()
+        assert isinstance(first(), Recording) and isinstance(second(), Recording)
+        assert len(seen) == 2 and all(s <= 1e-4 for s in seen)
+        assert sys.getswitchinterval() == pytest.approx(0.003)
+    finally:
+        sys.setswitchinterval(before)
+
+
 # ------------------------------------------------------------------------------------------------
 # hand-made checkpoints
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,7 +144,8 @@ def prepare_in_background(names: Sequence[str], num_layers: int) -> Callable[[],
 
     def build() -> None:
         try:
-            built.append(HeatmapFigure(names, num_layers))
+            with _yielding_gil():
+                built.append(HeatmapFigure(names, num_layers))
         except Exception:  # noqa: BLE001 - see the docstring
             pass
 
@@ -153,6 +156,33 @@ def prepare_in_background(names: Sequence[str], num_layers: int) -> Callable[[],
         thread.join()
         return built[0] if built else None
     return result
+
+
+_GIL_SWITCH_S = 1e-4
+_yielders = 0
+_saved_interval = 0.0
+_yielders_lock = threading.Lock()
+
+
+@contextmanager
+def _yielding_gil() -> Iterator[None]:
+    """Run the block with a short GIL switch interval (restored when the last such block ends).
+    Importing matplotlib and drawing hold the GIL almost throughout; the pass beside them needs it
+    for a moment after every tensor, and at the default interval it waits up to 5 ms each time
+    with the core's workers idle."""
+    global _yielders, _saved_interval
+    with _yielders_lock:
+        if _yielders == 0:
+            _saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_saved_interval, _GIL_SWITCH_S))
+        _yielders += 1
+    try:
+        yield
+    finally:
+        with _yielders_lock:
+            _yielders -= 1
+            if _yielders == 0:
+                sys.setswitchinterval(_saved_interval)
 
 
 # Fixed margins in inches (a layout engine costs more than the drawing): the layer labels on the
