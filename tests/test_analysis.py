@@ -306,6 +306,26 @@ def test_heatmap_laid_out_before_its_data_shows_the_data(tmp_path):
                 assert np.allclose(pixel, cmap(values[name][layer, k] / info.vmax)[:3], atol=2 / 255), (name, layer, k)
 
 
+@pytest.mark.parametrize("num_layers,experts,kinds", [
+    (6, ("language", "task"), FIGURE_KINDS), (80, ("language",), FIGURE_KINDS),
+    (3, ("language", "task", "task2"), ("q", "up"))])
+def test_a_prepared_heatmap_saves_what_a_full_drawing_of_it_gives(tmp_path, num_layers, experts, kinds):
+    """save draws only what the data changes over the figure drawn beforehand; the PNG is the one
+    matplotlib writes drawing the whole figure afresh (savefig), byte for byte, also saved twice
+    with other data (scale, titles and colorbar ticks change)."""
+    first = _synthetic_stats(num_layers, experts)
+    second = DeltaStats({n: ExpertStats(n, [TensorStat(t.tensor, t.layer, t.kind, t.rows, 7e-5 * (i + 1) * t.mean_row_mav
+                                                        / first.experts[n].average_mav, 0.0)
+                                            for t in e.tensors])
+                         for i, (n, e) in enumerate(first.experts.items())}, num_layers)
+    figure = HeatmapFigure(list(experts), num_layers, kinds)
+    for k, stats in enumerate((first, second)):
+        figure.save(stats, tmp_path / f"prepared-{k}.png")
+        figure.fig.savefig(tmp_path / f"full-{k}.png", dpi=figure.dpi)
+        assert (tmp_path / f"prepared-{k}.png").read_bytes() == (tmp_path / f"full-{k}.png").read_bytes()
+    assert (tmp_path / "prepared-0.png").read_bytes() != (tmp_path / "prepared-1.png").read_bytes()
+
+
 def test_a_prepared_heatmap_of_other_experts_is_not_used(tmp_path):
     """write_stats draws afresh when the figure made beforehand has other panels or layers, and a
     figure that could not be built (no experts) is None."""

@@ -69,7 +69,8 @@ def render_heatmap(stats: DeltaStats, path: str | os.PathLike[str], *,
 class HeatmapFigure:
     """:func:`render_heatmap`'s figure before its data: the panels of ``names`` over ``num_layers``
     layers with their ticks and labels, and the colorbar, drawn once so that setting the data and
-    drawing again is all that is left. ``analyze`` builds it while its pass runs
+    drawing what it changes over that is all that is left (the PNG is the one a full drawing
+    gives). ``analyze`` builds it while its pass runs
     (:func:`prepare_in_background`)."""
 
     def __init__(self, names: Sequence[str], num_layers: int, kinds: Sequence[str] = FIGURE_KINDS,
@@ -114,7 +115,25 @@ class HeatmapFigure:
         cbar.ax.tick_params(labelsize=label_size)
         self.fig.suptitle(title or "Fine-tuning deltas per layer and parameter (row MAV vs the base)", fontsize=10,
                           y=1 - 0.1 / self.fig.get_size_inches()[1], va="top")
-        self.fig.canvas.draw()  # ticks, fonts and text layouts made now, reused by save's drawing
+        self._cbar = cbar
+        self._draw_background()
+
+    def _draw_background(self) -> None:
+        """Draw all that the data does not change; what it changes (the images and what lies on
+        them, the titles, the colorbar) is marked animated, left out here and drawn by save."""
+        self._on_top: list[Any] = []
+        for ax, image in zip(self.axes, self.images):
+            self._on_top += _in_drawing_order([image, *ax.lines, *ax.spines.values(), ax.title])
+        for artist in self._on_top + self._colorbar_parts():
+            artist.set_animated(True)
+        self.fig.canvas.draw()
+        self._background = self.fig.canvas.copy_from_bbox(self.fig.bbox)
+
+    def _colorbar_parts(self) -> list[Any]:
+        """What a new scale redraws in the colorbar: its solids (made anew at every change), the
+        dividers, the outline and the long axis's ticks, labels and offset."""
+        cbar = self._cbar
+        return _in_drawing_order([cbar.solids, cbar.dividers, *cbar.ax.spines.values(), cbar.ax.yaxis])
 
     def fits(self, stats: DeltaStats) -> bool:
         """Whether this figure has the panels and layers of ``stats``."""
@@ -122,6 +141,8 @@ class HeatmapFigure:
 
     def save(self, stats: DeltaStats, path: str | os.PathLike[str]) -> HeatmapInfo:
         """Draw ``stats`` (which has this figure's experts and layers) into it and save it as a PNG."""
+        from matplotlib.image import imsave
+
         L = stats.num_layers
         matrices = [stats.kind_matrix(n, self.kinds) for n in self.names]
         finite = np.concatenate([m[np.isfinite(m)] for m in matrices]) if L else np.zeros(0)
@@ -132,9 +153,19 @@ class HeatmapFigure:
             ax.set_title(f"{name}\navg MAV {stats.experts[name].average_mav:.3g}", fontsize=9)
         self.norm.vmax = vmax
         out = Path(path)
-        self.fig.savefig(out, dpi=self.dpi)
+        canvas = self.fig.canvas
+        canvas.restore_region(self._background)
+        renderer = canvas.get_renderer()
+        for artist in self._on_top + self._colorbar_parts():
+            artist.draw(renderer)
+        imsave(out, canvas.buffer_rgba(), format="png", origin="upper", dpi=self.dpi)
         w, h = self.fig.canvas.get_width_height()
         return HeatmapInfo(out, len(self.names), len(self.fig.axes), int(w), int(h), vmax, self.step)
+
+
+def _in_drawing_order(artists: list[Any]) -> list[Any]:
+    """The artists of one axes in the order its full drawing has (by zorder, stable)."""
+    return sorted(artists, key=lambda a: a.get_zorder())
 
 
 def prepare_in_background(names: Sequence[str], num_layers: int) -> Callable[[], HeatmapFigure | None]:
