@@ -207,6 +207,11 @@ MUTANTS: list[Mutant] = [
       "inv = {n: 1.0 / a for n, a in average_mavs.items()}", "inv = dict(average_mavs)", "tests/test_analysis.py"),
     M("heatmap-scale-left-at-the-placeholders", "analysis", "layerswap_fast/analysis/heatmap.py",
       "        self.norm.vmax = vmax\n", "", "tests/test_analysis.py"),
+    M("heatmap-colorbar-left-in-the-background", "analysis", "layerswap_fast/analysis/heatmap.py",
+      "        for artist in self._on_top + self._colorbar_parts():\n            artist.draw(renderer)",
+      "        for artist in self._on_top:\n            artist.draw(renderer)", "tests/test_analysis.py"),
+    M("heatmap-built-at-the-default-gil-interval", "analysis", "layerswap_fast/analysis/heatmap.py",
+      "sys.setswitchinterval(min(_saved_interval, _GIL_SWITCH_S))", "pass", "tests/test_analysis.py"),
     # ------------------------------------------------------------ C++ kernels and I/O
     M("pwrite-retry-resends-from-the-start", "core I/O", "csrc/io.cpp",
       "r = ::pwrite(fd, p + done, req,", "r = ::pwrite(fd, p, req,", "tests/test_core.py"),
