@@ -64,17 +64,27 @@ struct TorchSum {
   float acc[4][kRow];
   float rest[kRow];
   float* buf = nullptr;  // step rows of the block being filled
+  // Set when this sum is one part of a sum over n elements (whole_tensor_sums): the sums that
+  // torch adds into its last level, in order, kRow floats each, go here instead.
+  std::vector<float>* last_level = nullptr;
 
-  void init(uint64_t count, float* storage) {
+  // The sum of n elements, fed from element `start` on (a multiple of group(), or 0).
+  void init(uint64_t count, float* storage, uint64_t start = 0, std::vector<float>* tops = nullptr) {
     n = count;
-    seen = done_rows = buffered = nrest = 0;
+    seen = start;
+    done_rows = start / kRow;
+    buffered = nrest = 0;
     rows = n / kRow;
     const uint64_t bits = rows > 1 ? 64 - static_cast<uint64_t>(__builtin_clzll(rows - 1)) : 0;
     power = std::max<uint64_t>(4, bits / 4);
     step = uint64_t{1} << power;
     buf = storage;
+    last_level = tops;
     std::memset(acc, 0, sizeof acc);
   }
+  // Elements that torch sums on their own before adding them to its last level: parts of a sum
+  // that start at multiples of it can be summed apart and their last levels added in order.
+  uint64_t group() const { return (uint64_t{1} << (3 * power)) * kRow; }
   void block() {
     float s[kRow];
     for (size_t l = 0; l < kRow; ++l) s[l] = buf[l];
@@ -83,6 +93,11 @@ struct TorchSum {
     for (size_t l = 0; l < kRow; ++l) acc[0][l] = acc[0][l] + s[l];
     done_rows += step;
     for (uint64_t j = 1; j < 4; ++j) {
+      if (j == 3 && last_level) {
+        last_level->insert(last_level->end(), acc[2], acc[2] + kRow);
+        std::memset(acc[2], 0, sizeof acc[2]);
+        break;
+      }
       for (size_t l = 0; l < kRow; ++l) {
         acc[j][l] = acc[j][l] + acc[j - 1][l];
         acc[j - 1][l] = 0.f;
@@ -659,6 +674,36 @@ bool flush_task_hist(uint32_t* task, int64_t* total, std::vector<uint64_t>* keep
   return fits;
 }
 
+// whole_sums needs a program whose sums are all Sum, over segments of whole groups of the sum
+// of numel elements (TorchSum::group).
+void check_whole_sums(const Shape& shape, uint64_t numel, uint64_t seg) {
+  for (char kind : shape.slot_kind)
+    if (kind != 1) fail("mk_program: whole_sums needs a program whose sum slots are all Sum");
+  TorchSum probe;
+  probe.init(numel, nullptr);
+  if (seg % probe.group() && seg < numel)
+    fail("mk_program: whole_sums needs segments of whole groups of " + std::to_string(probe.group()) +
+         " elements, not " + std::to_string(seg));
+}
+
+// Row 0 of res.sums = each Sum slot over the whole tensor, in torch's order: the last task's state
+// with its last level made of every task's additions to it, in task order; later rows 0.
+void join_whole_sums(MkResult* res, const Shape& shape, const std::vector<std::vector<float>>& last_levels,
+                     std::vector<TorchSum>& tail, std::vector<std::vector<float>>& tail_rows) {
+  for (size_t s = 0; s < shape.sums; ++s) {
+    TorchSum& sum = tail[s];
+    sum.buf = tail_rows[s].data();
+    float top[kRow] = {};
+    for (uint64_t t = 0; t < res->tasks; ++t) {
+      const std::vector<float>& v = last_levels[t * shape.sums + s];
+      for (size_t i = 0; i < v.size(); i += kRow)
+        for (size_t l = 0; l < kRow; ++l) top[l] = top[l] + v[i + l];
+    }
+    std::memcpy(sum.acc[3], top, sizeof top);
+    res->sums[s] = sum.total();
+  }
+}
+
 // Elements per block: kB, or whole rows when the program ranks within rows (DellaLt), which
 // then needs chunks, segments and the tensor to be whole rows.
 uint64_t block_elems(const std::vector<MkInstr>& code, const std::vector<uint64_t>& ints, uint64_t numel,
@@ -686,7 +731,8 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
                         const std::vector<double>& consts, const std::vector<uint64_t>& ints,
                         const std::vector<MkRank>& ranks, ShardWriter* out, uint64_t out_offset,
                         DType out_dt, uint64_t chunk, uint64_t segment, uint64_t index_base,
-                        int64_t threads, bool keep_tasks, const std::vector<MkMask>& masks) {
+                        int64_t threads, bool keep_tasks, const std::vector<MkMask>& masks,
+                        bool whole_sums) {
   if (in.size() != in_dt.size()) fail("mk_program: inputs and input_dtypes differ in length");
   if (chunk == 0) fail("mk_program: chunk_elems must be >= 1");
   const Shape shape = check_code(code, in.size(), consts.size(), ints.size(), ranks.size(), masks.size());
@@ -725,11 +771,16 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
   }
   res.eqcounts.assign(res.tasks * shape.counts, 0);
   const StreamFiles files("mk_program", nullptr, DType::F32, in, in_dt, out, out_offset, out_dt);
+  if (whole_sums) check_whole_sums(shape, numel, seg);
   if (numel == 0) return res;
+  // whole_sums: per task and Sum slot, what it adds to torch's last level; the last task's state
+  std::vector<std::vector<float>> last_levels(whole_sums ? res.tasks * shape.sums : 0);
+  std::vector<TorchSum> tail(whole_sums ? shape.sums : 0);
+  std::vector<std::vector<float>> tail_rows(tail.size());
 
-  uint64_t step_max = 16;  // the largest TorchSum block over any task
+  uint64_t step_max = 16;  // the largest TorchSum block over any task (whole_sums: of the tensor's)
   {
-    const uint64_t rows = seg / kRow;
+    const uint64_t rows = (whole_sums ? numel : seg) / kRow;
     const uint64_t bits = rows > 1 ? 64 - static_cast<uint64_t>(__builtin_clzll(rows - 1)) : 0;
     step_max = uint64_t{1} << std::max<uint64_t>(4, bits / 4);
   }
@@ -758,6 +809,8 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
       const uint64_t tm = std::min(seg, numel - t0);
       for (size_t s = 0; s < shape.sums; ++s) {
         if (shape.slot_kind[s] == 2) norms[s].init(tm);
+        else if (shape.slot_kind[s] == 1 && whole_sums)
+          sums[s].init(numel, sumbuf.get() + s * step_max * kRow, t0, &last_levels[t * shape.sums + s]);
         else if (shape.slot_kind[s] == 1) sums[s].init(tm, sumbuf.get() + s * step_max * kRow);
         sums64[s] = LaneSum{};
       }
@@ -780,10 +833,18 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
         });
         if (out) r.store(e0, m);
       }
-      for (size_t s = 0; s < shape.sums; ++s)
+      for (size_t s = 0; s < shape.sums; ++s) {
+        if (whole_sums) {
+          if (t + 1 == res.tasks) {
+            tail[s] = sums[s];
+            tail_rows[s].assign(sums[s].buf, sums[s].buf + sums[s].buffered);
+          }
+          continue;
+        }
         res.sums[t * shape.sums + s] = shape.slot_kind[s] == 2   ? norms[s].total()
                                        : shape.slot_kind[s] == 1 ? sums[s].total()
                                                                  : sums64[s].total();
+      }
       for (size_t h = 0; h < shape.hists; ++h)
         if (!flush_task_hist(task_hists.data() + h * kHistWords, hists.data() + h * 65536,
                              keep_tasks ? &res.task_hists[h * res.tasks + t] : nullptr))
@@ -796,6 +857,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     }
   });
   files.check_mapped_inputs(numel);
+  if (whole_sums) join_whole_sums(&res, shape, last_levels, tail, tail_rows);
   for (size_t h = 0; h < res.task_overflow.size(); ++h)  // a slot is kept whole or not at all
     if (res.task_overflow[h])
       for (uint64_t t = 0; t < res.tasks; ++t) res.task_hists[h * res.tasks + t] = {};

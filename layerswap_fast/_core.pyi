@@ -300,6 +300,7 @@ def mk_program(
     threads: int = 0,
     task_hists: bool = False,
     masks: Sequence[Any] = (),
+    whole_sums: bool = False,
 ) -> tuple[Any, ...]:
     """Run a program of float32 steps (``code``: ``(op, d, a, b, c)`` tuples, the opcodes and their
     meanings in ``csrc/mergekit_program.cpp`` and ``layerswap_fast.engine.mergekit_program``) over
@@ -317,7 +318,11 @@ def mk_program(
     ``(offsets, entries)``, segment t's non-zero bins in ``entries[offsets[t]:offsets[t + 1]]`` as
     uint64 ``bin << 32 | count`` in bin order, or None where a segment had more than 4096
     distinct bins (segments must then be below 2^32 elements). A program that ranks within rows
-    (DELLA's op) needs ``numel``, ``chunk_elems`` and ``segment_elems`` in whole rows. Bad programs, sizes and bounds: CoreError; the GIL is
+    (DELLA's op) needs ``numel``, ``chunk_elems`` and ``segment_elems`` in whole rows.
+    ``whole_sums``: every sum slot (all must be Sum) is one sum over the whole tensor in torch's
+    order, worked on by every worker over segments that are whole groups of that sum (a multiple
+    of ``torch_rounding.TorchSum(numel).group``, or the whole tensor), in row 0 of the sums (later
+    rows 0). Bad programs, sizes and bounds: CoreError; the GIL is
     released while it runs."""
 
 def ties_file_stats() -> dict[str, int]:

@@ -213,6 +213,10 @@ MUTANTS: list[Mutant] = [
     M("heatmap-built-at-the-default-gil-interval", "analysis", "layerswap_fast/analysis/heatmap.py",
       "sys.setswitchinterval(min(_saved_interval, _GIL_SWITCH_S))", "pass", "tests/test_analysis.py"),
     # ------------------------------------------------------------ C++ kernels and I/O
+    M("whole-sums-drop-the-last-segments-groups", "core kernels", "csrc/mergekit_program.cpp",
+      "    for (uint64_t t = 0; t < res->tasks; ++t) {\n      const std::vector<float>& v = last_levels",
+      "    for (uint64_t t = 0; t + 1 < res->tasks; ++t) {\n      const std::vector<float>& v = last_levels",
+      "tests/test_mergekit_program.py"),
     M("pwrite-retry-resends-from-the-start", "core I/O", "csrc/io.cpp",
       "r = ::pwrite(fd, p + done, req,", "r = ::pwrite(fd, p, req,", "tests/test_core.py"),
     M("pread-retry-rereads-into-the-start", "core I/O", "csrc/io.cpp",

@@ -178,18 +178,24 @@ def test_segment_histograms_are_each_segments_bins_up_to_4096(tmp_path: Path, di
         assert np.array_equal(got >> np.uint64(32), bins) and np.array_equal(got & np.uint64(0xFFFFFFFF), counts), t
 
 
+def _summed(tmp_path: Path, n: int) -> tuple[np.ndarray, Any, mergekit_program.Program, int]:
+    """n float32 values over many binades, their file, and a program that reads and sums them
+    (and the register read)."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * rng.uniform(0.1, 100, n)).astype(np.float32)
+    p = mergekit_program.Program(None, ["F32"])
+    v = p.read(0)
+    p.sum(v)
+    return x, _slices(tmp_path, x), p, v
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 31, 33, 1000, 4099, 70001])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sums_and_norms_in_torch_order(tmp_path: Path, n: int, threads: int) -> None:
     """Sum and norm slots equal torch's own ``sum`` and ``vector_norm`` on one thread, and the
     Python replay (torch_rounding) for every segment."""
     from layerswap_fast.engine.torch_rounding import torch_norm, torch_sum
-    rng = np.random.default_rng(n)
-    x = (rng.standard_normal(n) * rng.uniform(0.1, 100, n)).astype(np.float32)
-    f = _slices(tmp_path, x)
-    p = mergekit_program.Program(None, ["F32"])
-    v = p.read(0)
-    p.sum(v)
+    x, f, p, v = _summed(tmp_path, n)
     p.norm(v)
     for segment in (n, max(1, n // 3)):
         sums, _, _ = _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
@@ -203,6 +209,44 @@ def test_sums_and_norms_in_torch_order(tmp_path: Path, n: int, threads: int) -> 
     t = torch.from_numpy(x)
     assert sums[0, 0] == t.sum().item()
     assert sums[0, 1] == torch.linalg.vector_norm(t).item()
+
+
+@pytest.mark.parametrize("n, threads", [(1, 1), (70001, 2), (3 * 131072, 1), (3 * 131072 + 5, 2), (2_000_037, 1),
+                                        (2_000_037, 2), (2 ** 24 + 2 ** 20 + 7, 2)])
+def test_whole_sums_over_segments_are_torchs_one_sum(tmp_path: Path, n: int, threads: int) -> None:
+    """With whole_sums, a sum over the tensor worked on in segments of whole groups (131072
+    elements up to 2^24: torch's 4-level cascade of 16-row blocks of 32 lanes; 2^20 beyond, with
+    blocks of 32 rows that a segment alone would not have) by every thread is torch's own
+    single-threaded ``sum`` bit for bit, and the one-segment sum; the last segment holds a partial
+    group, partial block rows and the scalar tail. Norms cannot be split, and segments must be
+    whole groups."""
+    from layerswap_fast.engine.torch_rounding import TorchSum
+    x, f, p, v = _summed(tmp_path, n)
+    p.sum(p.mul(v, v))
+    group = TorchSum(n).group
+    assert group == (131072 if n < 2 ** 24 else 1 << 20)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = [torch.from_numpy(x).sum().item(), torch.from_numpy(x * x).sum().item()]
+    finally:
+        torch.set_num_threads(torch_threads)
+    one, _, _ = _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
+                                 chunk_elems=65536, segment_elems=n, threads=threads)
+    assert list(one[0]) == want
+    for segment in (group, 2 * group, 8 * group):
+        sums, _, _ = _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
+                                      chunk_elems=65536 + 3, segment_elems=segment, threads=threads, whole_sums=True)
+        assert list(sums[0]) == want, segment
+        assert not sums[1:].any()
+    if n > group:
+        with pytest.raises(_core.CoreError, match=f"whole groups of {group} elements, not {group // 2}"):
+            _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
+                             segment_elems=group // 2, threads=threads, whole_sums=True)
+    p.norm(v)
+    with pytest.raises(_core.CoreError, match="sum slots are all Sum"):
+        _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
+                         segment_elems=group, threads=threads, whole_sums=True)
 
 
 @pytest.mark.parametrize("chunk, segment", [(997, 5000), (512, 4096), (3, 50), (1, 7), (8, 8)])

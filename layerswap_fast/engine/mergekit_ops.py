@@ -915,19 +915,29 @@ def _vectors(p: Program, models: Sequence[int], has_base: bool = True) -> tuple[
 def _whole_sums(programs: Program | Sequence[Program], specs: Sequence[TensorSpec], inputs: Sequence[InputRange],
                 threads: int, masks: Sequence[np.ndarray] = ()) -> np.ndarray:
     """The sum slots of each program over the whole tensor, in order (zeros for an empty tensor).
-    Each program's sums take one worker (one segment: torch's order), so independent sums given
-    as programs of their own run side by side, on up to ``threads`` workers (0: every core)."""
+    A program of plain sums is worked on by every thread (torch's order splits into groups that
+    sum apart); one with norms or float64 sums takes one worker (one segment: their order spans
+    the tensor), so such programs given apart run side by side, on up to ``threads`` workers
+    (0: every core)."""
     programs = [programs] if isinstance(programs, Program) else list(programs)
+    numel = specs[0].numel
 
-    def sums_of(p: Program) -> np.ndarray:
-        sums, _, _ = program.run(p, specs, inputs, 1, segment=max(1, specs[0].numel), masks=masks)
+    def sums_of(p: Program, whole: bool, workers: int) -> np.ndarray:
+        segment = None if whole else max(1, numel)
+        sums, _, _ = program.run(p, specs, inputs, workers, segment=segment, masks=masks, whole_sums=whole)
         return sums[0] if len(sums) else np.zeros(p.sums, dtype=np.float32)
 
-    workers = min(len(programs), threads if threads > 0 else os.cpu_count() or 1)
+    whole = [all(ins[0] == program.SUM for ins in p.code if ins[0] in program.REDUCTIONS)
+             and not any(ins[0] == program.DELLA_LT for ins in p.code) for p in programs]
+    out: dict[int, np.ndarray] = {i: sums_of(p, True, threads) for i, p in enumerate(programs) if whole[i]}
+    alone = [i for i in range(len(programs)) if not whole[i]]
+    workers = min(len(alone), threads if threads > 0 else os.cpu_count() or 1)
     if workers <= 1:
-        return np.concatenate([sums_of(p) for p in programs])
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return np.concatenate(list(pool.map(sums_of, programs)))
+        out.update({i: sums_of(programs[i], False, 1) for i in alone})
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            out.update(zip(alone, pool.map(lambda i: sums_of(programs[i], False, 1), alone)))
+    return np.concatenate([out[i] for i in range(len(programs))])
 
 
 def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe,

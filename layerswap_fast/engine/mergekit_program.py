@@ -20,11 +20,14 @@ from .. import _core
 from ..dtypes import DTYPE_SIZES
 from ..formats.checkpoint import TensorSpec
 from .backends import InputRange
+from .torch_rounding import TorchSum
 
 (LOAD, ROUND, ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB, FMA64, ABS, SIGN, MAXK, CLIPK, MAJORITY, EQ,
  UNIFORM_LT, STORE, NORM, SUM, CONST, ZERO_TO_ONE, HIST_HIGH, HIST_LOW, EQ_COUNT, RANK, SUM64, VAR_POP,
  DELLA_LT, MASK_OUT, MASK_IN) = range(33)
 ROUNDING = {None: 0, "F32": 0, "BF16": 1, "F16": 2}
+#: the steps that reduce over the tensor into a sum slot
+REDUCTIONS = frozenset({NORM, SUM, SUM64})
 #: the steps whose optional last operand rounds their result
 _FUSES_ROUNDING = {ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB}
 #: elements per read of each input (per worker)
@@ -216,12 +219,16 @@ def row_chunk(cols: int) -> int:
 
 def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
         segment: int | None = None, index_base: int = 0, task_hists: bool = False,
-        masks: Sequence[np.ndarray] = ()) -> tuple[Any, ...]:
+        masks: Sequence[np.ndarray] = (), whole_sums: bool = False) -> tuple[Any, ...]:
     """A program without output over the whole tensor: (sums per segment, histograms, counts per
     segment), and with ``task_hists`` each segment's histograms too (``_core.mk_program``'s);
     segments of :data:`CHUNK` elements unless given (a program with rank bands: whole chunks; one
-    that ranks within rows: :func:`row_chunk`'s)."""
+    that ranks within rows: :func:`row_chunk`'s). ``whole_sums`` (a program whose reductions are
+    all :meth:`Program.sum`): each sum over the whole tensor in torch's order, in row 0, worked on
+    by every thread (segments of whole groups of that sum, unless given)."""
     numel = specs[0].numel
+    if whole_sums and segment is None:
+        segment = max(CHUNK, TorchSum(numel).group)  # both powers of two: whole chunks and groups
     segment = segment or CHUNK
     by_rows = any(ins[0] == DELLA_LT for ins in program.code)
     chunk = segment if by_rows else min(CHUNK, segment)  # a row-ranking program reads whole rows
@@ -235,7 +242,7 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
     return _core.mk_program(list(inputs), [s.dtype for s in specs], numel, program.code, program.consts,
                             program.ints, ranks, None, 0, "F32", chunk_elems=chunk,
                             segment_elems=segment, index_base=index_base, threads=threads, task_hists=task_hists,
-                            masks=list(masks))
+                            masks=list(masks), whole_sums=whole_sums)
 
 
 def write(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,

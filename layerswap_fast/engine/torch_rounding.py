@@ -107,6 +107,12 @@ class TorchSum:
         self.done_rows = 0
         self.rest: list[np.ndarray] = []
 
+    @property
+    def group(self) -> int:
+        """Elements that torch sums on their own before adding them to its last level: parts of
+        the sum that start at multiples of it can be summed apart (``mk_program``'s whole_sums)."""
+        return (1 << (3 * self.power)) * LANES * 4
+
     def add(self, x: np.ndarray) -> TorchSum:
         x = np.asarray(x, dtype=F32)
         split = max(0, min(len(x), self.rows * LANES * 4 - self.seen))
