@@ -383,7 +383,12 @@ LSF_INLINE void var_pop(float* d, const float* a, size_t stride, int32_t nx, siz
     }
   }
   const double n = static_cast<double>(nx);
-  for (size_t j = 0; j < m; ++j) d[j] = static_cast<float>(m2[j] / n);
+  if ((nx & (nx - 1)) == 0) {
+    const double inv = 1.0 / n;
+    for (size_t j = 0; j < m; ++j) d[j] = static_cast<float>(m2[j] * inv);
+  } else {
+    for (size_t j = 0; j < m; ++j) d[j] = static_cast<float>(m2[j] / n);
+  }
 }
 
 // The ascending rank of each key within keys[0, m) (ties in index order) into rank: a stable
@@ -522,11 +527,16 @@ void mask_out(const MkMask& mask, const float* a, size_t m, uint64_t e0) {
   }
 }
 
+// Whole bytes at a time where the block is aligned to them (eight bits, no index arithmetic each).
 void mask_in(const MkMask& mask, float* d, size_t m, uint64_t e0) {
-  for (size_t j = 0; j < m; ++j) {
-    const uint64_t e = e0 + j;
-    d[j] = static_cast<float>((mask.bits[e / 8] >> (e % 8)) & 1);
+  const auto bit = [&](size_t j) { return static_cast<float>((mask.bits[(e0 + j) / 8] >> ((e0 + j) % 8)) & 1); };
+  size_t j = 0;
+  for (; j < m && (e0 + j) % 8; ++j) d[j] = bit(j);
+  for (; j + 8 <= m; j += 8) {
+    const unsigned byte = mask.bits[(e0 + j) / 8];
+    for (unsigned i = 0; i < 8; ++i) d[j + i] = static_cast<float>((byte >> i) & 1);
   }
+  for (; j < m; ++j) d[j] = bit(j);
 }
 
 LSF_CLONES

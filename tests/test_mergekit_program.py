@@ -211,6 +211,27 @@ def test_sums_and_norms_in_torch_order(tmp_path: Path, n: int, threads: int) -> 
     assert sums[0, 1] == torch.linalg.vector_norm(t).item()
 
 
+@pytest.mark.parametrize("models", [1, 2, 3, 4])
+def test_population_variance_is_torchs(tmp_path: Path, models: int) -> None:
+    """VarPop across models equals ``torch.var(dim=0, unbiased=False)`` of their float32 values
+    (Welford in float64) bit for bit, whether the count divides exactly (a power of two) or not."""
+    n = 4099
+    rng = np.random.default_rng(models)
+    xs = [(rng.standard_normal(n) * rng.uniform(0.01, 100, n)).astype(np.float32) for _ in range(models)]
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"".join(x.tobytes() for x in xs))
+    f = _core.InputFile(str(path))
+    p = mergekit_program.Program(None, ["F32"] * models)
+    p.store(p.var_pop([p.read(i) for i in range(models)]))
+    out = tmp_path / "out.bin"
+    writer = _core.ShardWriter(str(out), n * 4)
+    _core.mk_program([(f, i * n * 4) for i in range(models)], ["F32"] * models, n, p.code, p.consts, p.ints,
+                     p.ranks, writer, 0, "F32", chunk_elems=1000, segment_elems=1000, threads=2)
+    writer.close()
+    want = torch.var(torch.from_numpy(np.stack(xs)), dim=0, unbiased=False).numpy()
+    assert np.array_equal(np.frombuffer(out.read_bytes(), dtype=np.float32), want)
+
+
 @pytest.mark.parametrize("n, threads", [(1, 1), (70001, 2), (3 * 131072, 1), (3 * 131072 + 5, 2), (2_000_037, 1),
                                         (2_000_037, 2), (2 ** 24 + 2 ** 20 + 7, 2)])
 def test_whole_sums_over_segments_are_torchs_one_sum(tmp_path: Path, n: int, threads: int) -> None:
