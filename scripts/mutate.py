@@ -213,9 +213,9 @@ MUTANTS: list[Mutant] = [
     M("heatmap-built-at-the-default-gil-interval", "analysis", "layerswap_fast/analysis/heatmap.py",
       "sys.setswitchinterval(min(_saved_interval, _GIL_SWITCH_S))", "pass", "tests/test_analysis.py"),
     # ------------------------------------------------------------ C++ kernels and I/O
-    M("var-pop-multiplies-by-an-inexact-reciprocal", "core kernels", "csrc/mergekit_program.cpp",
+    M("var-pop-unbiased-when-the-count-is-a-power-of-two", "core kernels", "csrc/mergekit_program.cpp",
       "  if ((nx & (nx - 1)) == 0) {\n    const double inv = 1.0 / n;",
-      "  if (nx > 0) {\n    const double inv = 1.0 / n;", "tests/test_mergekit_program.py"),
+      "  if ((nx & (nx - 1)) == 0) {\n    const double inv = 1.0 / (n - 1);", "tests/test_mergekit_program.py"),
     M("whole-sums-drop-the-last-segments-groups", "core kernels", "csrc/mergekit_program.cpp",
       "    for (uint64_t t = 0; t < res->tasks; ++t) {\n      const std::vector<float>& v = last_levels",
       "    for (uint64_t t = 0; t + 1 < res->tasks; ++t) {\n      const std::vector<float>& v = last_levels",

@@ -53,6 +53,35 @@ def run(config: dict[str, Any], out: Path, threads: int) -> dict[str, torch.Tens
     return load_tensors(out)
 
 
+@pytest.fixture(scope="module")
+def wide_trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A three-layer trio whose MLP matrices (384 x 768) and q and o (384 x 384) hold more than one
+    group of torch's sum."""
+    from support import make_llama_trio
+    return make_llama_trio(tmp_path_factory.mktemp("wide"), num_layers=3, hidden=384, roles=("base", "a", "b", "c"),
+                           shard="1GB")
+
+
+@pytest.mark.parametrize("method", ["sce", "model_stock", "nuslerp", "slerp"])
+def test_whole_tensor_sums_over_segments_write_the_numpy_steps_bytes(wide_trio: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     method: str) -> None:
+    """The methods whose sums span a tensor (sce's mean squares with its variance band and kept
+    mask, model_stock's and the slerps' dot products), on tensors of several groups of torch's
+    sum, so that every thread sums whole groups of them, write the numpy steps' bytes; with chunks
+    of 4096 elements the band's tie counts start each segment 32 chunks in."""
+    config = configs(wide_trio, "bfloat16")[method]
+    monkeypatch.setattr(mergekit_ops, "IN_CORE", False)
+    want = run(config, tmp_path / "numpy", 1)
+    monkeypatch.setattr(mergekit_ops, "IN_CORE", True)
+    monkeypatch.setattr(mergekit_program, "CHUNK", 4096)
+    tensors_over_a_group = [n for n, t in want.items() if t.numel() > 131072]
+    assert len(tensors_over_a_group) == 15  # q, o and the three MLP matrices of each layer
+    for threads in (1, 2):
+        got = run(config, tmp_path / f"core{threads}", threads)
+        assert [n for n in want if raw_bytes(got[n]) != raw_bytes(want[n])] == [], threads
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("method", ["linear", "linear_slices", "task_arithmetic", "ties", "breadcrumbs_ties",
                                     "breadcrumbs", "dare_ties", "dare_linear", "della", "della_linear", "della_zero", "slerp", "nuslerp", "nuslerp_without_base",

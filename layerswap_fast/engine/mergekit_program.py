@@ -10,6 +10,7 @@ breadcrumbs' magnitude bands from those with the same thresholds and tie order a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,7 +229,7 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
     by every thread (segments of whole groups of that sum, unless given)."""
     numel = specs[0].numel
     if whole_sums and segment is None:
-        segment = max(CHUNK, TorchSum(numel).group)  # both powers of two: whole chunks and groups
+        segment = math.lcm(CHUNK, TorchSum(numel).group)  # whole chunks (rank bands) and whole groups
     segment = segment or CHUNK
     by_rows = any(ins[0] == DELLA_LT for ins in program.code)
     chunk = segment if by_rows else min(CHUNK, segment)  # a row-ranking program reads whole rows
