@@ -64,12 +64,12 @@ struct TorchSum {
   float acc[4][kRow];
   float rest[kRow];
   float* buf = nullptr;  // step rows of the block being filled
-  // Set when this sum is one part of a sum over n elements (whole_tensor_sums): the sums that
-  // torch adds into its last level, in order, kRow floats each, go here instead.
+  // Set when this sum is one part of a sum over n elements (mk_program_run's whole_sums): the
+  // sums that torch adds into its last level, in order, kRow floats each, go here instead.
   std::vector<float>* last_level = nullptr;
 
   // The sum of n elements, fed from element `start` on (a multiple of group(), or 0).
-  void init(uint64_t count, float* storage, uint64_t start = 0, std::vector<float>* tops = nullptr) {
+  void init(uint64_t count, float* storage, uint64_t start = 0, std::vector<float>* last_level_out = nullptr) {
     n = count;
     seen = start;
     done_rows = start / kRow;
@@ -79,7 +79,7 @@ struct TorchSum {
     power = std::max<uint64_t>(4, bits / 4);
     step = uint64_t{1} << power;
     buf = storage;
-    last_level = tops;
+    last_level = last_level_out;
     std::memset(acc, 0, sizeof acc);
   }
   // Elements that torch sums on their own before adding them to its last level: parts of a sum
