@@ -927,17 +927,13 @@ def _whole_sums(programs: Program | Sequence[Program], specs: Sequence[TensorSpe
         sums, _, _ = program.run(p, specs, inputs, workers, segment=segment, masks=masks, whole_sums=whole)
         return sums[0] if len(sums) else np.zeros(p.sums, dtype=np.float32)
 
-    whole = [all(ins[0] == program.SUM for ins in p.code if ins[0] in program.REDUCTIONS)
-             and not any(ins[0] == program.DELLA_LT for ins in p.code) for p in programs]
-    out: dict[int, np.ndarray] = {i: sums_of(p, True, threads) for i, p in enumerate(programs) if whole[i]}
-    alone = [i for i in range(len(programs)) if not whole[i]]
+    out = [sums_of(p, True, threads) if p.sums_split else None for p in programs]
+    alone = [i for i, p in enumerate(programs) if not p.sums_split]
     workers = min(len(alone), threads if threads > 0 else os.cpu_count() or 1)
-    if workers <= 1:
-        out.update({i: sums_of(programs[i], False, 1) for i in alone})
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            out.update(zip(alone, pool.map(lambda i: sums_of(programs[i], False, 1), alone)))
-    return np.concatenate([out[i] for i in range(len(programs))])
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, sums in zip(alone, pool.map(lambda i: sums_of(programs[i], False, 1), alone)):
+            out[i] = sums
+    return np.concatenate(out)
 
 
 def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe,

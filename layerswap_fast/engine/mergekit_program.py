@@ -64,6 +64,17 @@ class Program:
         self.ints.append(int(value))
         return len(self.ints) - 1
 
+    @property
+    def ranks_rows(self) -> bool:
+        """Whether a step ranks within rows (DELLA's): the program then runs over whole rows."""
+        return any(ins[0] == DELLA_LT for ins in self.code)
+
+    @property
+    def sums_split(self) -> bool:
+        """Whether every reduction is a :meth:`sum` (and no step ranks rows): :func:`run` can then
+        work on each over the whole tensor with every thread (its ``whole_sums``)."""
+        return not self.ranks_rows and all(ins[0] == SUM for ins in self.code if ins[0] in REDUCTIONS)
+
     def op(self, code: int, *args: int) -> int:
         d = self._new()
         self.code.append((code, d, *args))
@@ -231,8 +242,7 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
     if whole_sums and segment is None:
         segment = math.lcm(CHUNK, TorchSum(numel).group)  # whole chunks (rank bands) and whole groups
     segment = segment or CHUNK
-    by_rows = any(ins[0] == DELLA_LT for ins in program.code)
-    chunk = segment if by_rows else min(CHUNK, segment)  # a row-ranking program reads whole rows
+    chunk = segment if program.ranks_rows else min(CHUNK, segment)  # a row-ranking program reads whole rows
     ranks = program.ranks
     if segment != CHUNK and ranks:  # each segment's tie counts start where its first chunk's do
         if segment % CHUNK and segment < numel:
