@@ -663,26 +663,48 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
   }
 }
 
-// A task's histogram (its two halves added) into its worker's total, cleared; with `keep`, its
-// non-zero bins as (bin << 32 | count). False when they were more than kTaskBins (keep is then
-// left empty).
-constexpr uint64_t kTaskBins = 4096;
+// A task's histogram (its two halves added) as its non-zero bins (bin << 32 | count), cleared.
+constexpr uint64_t kTaskBins = 4096;  // the most bins a task's kept histogram holds
 
-bool flush_task_hist(uint32_t* task, int64_t* total, std::vector<uint64_t>* keep) {
-  bool fits = true;
+void flush_task_hist(uint32_t* task, std::vector<uint64_t>* bins) {
+  bins->clear();
   for (uint32_t b = 0; b < 65536; ++b) {
     const uint32_t n = task[b] + task[65536 + b];
     if (!n) continue;
-    total[b] += n;
-    if (keep && fits) {
-      fits = keep->size() < kTaskBins;
-      if (fits) keep->push_back((static_cast<uint64_t>(b) << 32) | n);
-      else keep->clear();
-    }
+    bins->push_back((static_cast<uint64_t>(b) << 32) | n);
     task[b] = task[65536 + b] = 0;
   }
-  return fits;
 }
+
+// Histogram counters kept from one call to the next: the pages of a fresh megabyte fault in one
+// by one, which took longer than a small tensor's whole pass. A worker gives its counters back
+// all zero (flush_task_hist clears what it reads) when it finishes, and not at all when it fails.
+class HistPool {
+ public:
+  std::vector<uint32_t> take(size_t n) {
+    std::lock_guard<std::mutex> g(m_);
+    for (size_t i = 0; i < free_.size(); ++i)
+      if (free_[i].size() == n) {
+        std::vector<uint32_t> v = std::move(free_[i]);
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+        return v;
+      }
+    return std::vector<uint32_t>(n, 0);
+  }
+  void give(std::vector<uint32_t>&& v) {
+    std::lock_guard<std::mutex> g(m_);
+    uint64_t held = 0;
+    for (const auto& f : free_) held += f.size();
+    if (!v.empty() && (held + v.size()) * sizeof(uint32_t) <= kMaxHeld) free_.push_back(std::move(v));
+  }
+
+ private:
+  static constexpr uint64_t kMaxHeld = 8 << 20;
+  std::mutex m_;
+  std::vector<std::vector<uint32_t>> free_;
+};
+
+HistPool g_hist_pool;
 
 // whole_sums needs a program whose sums are all Sum, over segments of whole groups of the sum
 // of numel elements (TorchSum::group).
@@ -805,9 +827,8 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     std::vector<TorchNorm> norms(shape.sums);
     std::vector<LaneSum> sums64(shape.sums);
     Array<float> sumbuf = alloc_array<float>(std::max<uint64_t>(shape.sums, 1) * step_max * kRow, "mk_program sums");
-    std::vector<int64_t> hists(shape.hists * 65536, 0);
-    std::vector<uint32_t> task_hists(shape.hists * kHistWords, 0);
-    std::vector<char> overflow(shape.hists, 0);
+    std::vector<uint32_t> task_hists = g_hist_pool.take(shape.hists * kHistWords);
+    std::vector<uint64_t> bins;
     std::vector<uint64_t> running(running_at.back() + 1, 0);
     Ctx cx{&code, consts.data(), ints.data(), ranks.data(), in.size(), in_dt.data(), out_dt,
            regs.get(), blk, sort_scratch.get(), sums.data(), norms.data(), sums64.data(), task_hists.data(),
@@ -855,16 +876,17 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
                                        : shape.slot_kind[s] == 1 ? sums[s].total()
                                                                  : sums64[s].total();
       }
-      for (size_t h = 0; h < shape.hists; ++h)
-        if (!flush_task_hist(task_hists.data() + h * kHistWords, hists.data() + h * 65536,
-                             keep_tasks ? &res.task_hists[h * res.tasks + t] : nullptr))
-          overflow[h] = 1;
+      for (size_t h = 0; h < shape.hists; ++h) {
+        flush_task_hist(task_hists.data() + h * kHistWords, &bins);
+        const bool fits = bins.size() <= kTaskBins;
+        if (keep_tasks && fits) res.task_hists[h * res.tasks + t] = bins;
+        std::lock_guard<std::mutex> g(merge_m);
+        int64_t* total = res.hists.data() + h * 65536;
+        for (uint64_t e : bins) total[e >> 32] += static_cast<int64_t>(e & 0xFFFFFFFFu);
+        if (keep_tasks && !fits) res.task_overflow[h] = 1;
+      }
     }
-    if (!hists.empty()) {
-      std::lock_guard<std::mutex> g(merge_m);
-      for (size_t i = 0; i < hists.size(); ++i) res.hists[i] += hists[i];
-      for (size_t h = 0; h < res.task_overflow.size(); ++h) res.task_overflow[h] |= overflow[h];
-    }
+    g_hist_pool.give(std::move(task_hists));
   });
   files.check_mapped_inputs(numel);
   if (whole_sums) join_whole_sums(&res, shape, last_levels, tail, tail_rows);

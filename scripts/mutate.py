@@ -267,7 +267,8 @@ MUTANTS: list[Mutant] = [
       "    if (take == 8) *at = byte;", "    if (take > 0) *at = byte;",
       "tests/test_mergekit_program.py::test_a_kept_mask_reads_back_what_was_drawn_over_rows_that_split_its_bytes"),
     M("mk-task-histogram-keeps-one-bin-too-many", "core kernels", "csrc/mergekit_program.cpp",
-      "fits = keep->size() < kTaskBins;", "fits = keep->size() < 2 * kTaskBins;", "tests/test_mergekit_program.py"),
+      "const bool fits = bins.size() <= kTaskBins;", "const bool fits = bins.size() <= kTaskBins + 1;",
+      "tests/test_mergekit_program.py"),
 ]
 
 

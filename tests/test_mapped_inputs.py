@@ -168,6 +168,30 @@ def test_truncated_while_a_kernel_reads_it(three, tmp_path: Path, kind: str, thr
         w.abort()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_histogram_cut_short_leaves_no_counts_for_the_next_call(three, threads: int) -> None:
+    """The core keeps its histogram counters from one call to the next; a call that fails part way
+    through a segment must not hand on the counts it had not yet added up."""
+    path, arrays, offsets = three
+    p = mergekit_program.Program(None, ["F32"] * 2)
+    p.hist_high(p.sub(p.read(1), p.read(0)))
+    bits = np.abs(arrays[1] - arrays[0]).view(np.uint32) >> 16
+    want = np.bincount(bits, minlength=65536)
+
+    def hist(f: core.InputFile) -> np.ndarray:
+        return core.mk_program([(f, o) for o in offsets[:2]], ["F32"] * 2, N, p.code, p.consts, p.ints, [],
+                               None, 0, "F32", chunk_elems=CHUNK, segment_elems=N // 2, threads=threads)[1][0]
+
+    with core.InputFile(str(path), io="mmap") as f:
+        core._set_fault_hook(5, str(path), offsets[1])
+        with pytest.raises(CoreError):
+            hist(f)
+    f32_file(path, arrays)
+    with core.InputFile(str(path), io="mmap") as f:
+        np.testing.assert_array_equal(hist(f), want)
+        np.testing.assert_array_equal(hist(f), want)
+
+
 def test_cut_inside_the_last_page_is_caught_after_the_kernel(three, tmp_path: Path) -> None:
     """Bytes past a cut inside the page that held the old end read as zeros, with no fault: the
     kernel checks the file's size once it has read everything."""

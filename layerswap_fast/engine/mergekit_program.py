@@ -368,8 +368,10 @@ def _count_untallied(tallies: dict[tuple[int, int], np.ndarray | None], distinct
 
 def locate_rank(hist: np.ndarray, rank: int) -> tuple[int, int, int]:
     """The bin holding descending rank ``rank``, how many counts lie in higher bins, and the rank
-    within the bin."""
-    from_top = np.cumsum(hist[::-1])
+    within the bin (bin -1 past the last count). Over the non-zero bins only: a cumulative sum of
+    all 65536 would be a fresh half megabyte per call."""
+    bins = np.flatnonzero(hist)[::-1]
+    from_top = np.cumsum(hist[bins])
     index = int(np.searchsorted(from_top, rank, side="right"))
     above = int(from_top[index - 1]) if index else 0
-    return len(hist) - 1 - index, above, rank - above
+    return (int(bins[index]) if index < len(bins) else -1), above, rank - above
