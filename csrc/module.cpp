@@ -298,7 +298,7 @@ std::vector<uint64_t> to_u64s(py::handle seq, const char* name) {
 // entries: uint64 bin << 32 | count, task by task).
 py::list task_hists_py(const lsf::MkResult& res) {
   py::list slots;
-  const size_t nh = res.hists.size() / 65536;
+  const size_t nh = res.task_overflow.size();  // a flag per histogram slot
   for (size_t h = 0; h < nh; ++h) {
     if (res.task_overflow[h]) {
       slots.append(py::none());
@@ -397,8 +397,11 @@ py::tuple mk_program_py(py::handle inputs, py::handle input_dtypes, py::handle n
   const py::ssize_t nc = tasks ? static_cast<py::ssize_t>(res.eqcounts.size()) / tasks : 0;
   py::array_t<double> sums(std::vector<py::ssize_t>{tasks, ns});
   if (!res.sums.empty()) std::copy(res.sums.begin(), res.sums.end(), sums.mutable_data());
-  py::array_t<int64_t> hists(std::vector<py::ssize_t>{static_cast<py::ssize_t>(res.hists.size() / 65536), 65536});
-  if (!res.hists.empty()) std::copy(res.hists.begin(), res.hists.end(), hists.mutable_data());
+  // handed over, not copied: a copy is another fresh half megabyte per slot, faulted in page by page
+  auto* counts_of = new std::vector<int64_t>(std::move(res.hists));
+  py::capsule owner(counts_of, [](void* v) { delete static_cast<std::vector<int64_t>*>(v); });
+  py::array_t<int64_t> hists(std::vector<py::ssize_t>{static_cast<py::ssize_t>(counts_of->size() / 65536), 65536},
+                             counts_of->data(), owner);
   py::array_t<int64_t> counts(std::vector<py::ssize_t>{tasks, nc});
   if (!res.eqcounts.empty()) std::copy(res.eqcounts.begin(), res.eqcounts.end(), counts.mutable_data());
   if (!task_hists) return py::make_tuple(sums, hists, counts);
