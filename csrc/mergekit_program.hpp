@@ -67,4 +67,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
                         int64_t threads, bool keep_tasks = false,
                         const std::vector<MkMask>& masks = {}, bool whole_sums = false);
 
+// Testing hook: false makes MaskOut and MaskIn take their portable form, not AVX-512.
+void set_mask_simd_enabled(bool enabled);
+
 }  // namespace lsf

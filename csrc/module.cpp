@@ -921,4 +921,8 @@ PYBIND11_MODULE(_core, m) {
       "_set_ties_simd_enabled", [](bool enabled) { lsf::set_ties_simd_enabled(enabled); },
       py::arg("enabled"),
       "Testing hook: False makes the TIES BF16 merge loop take its portable form, not AVX-512.");
+  m.def(
+      "_set_mask_simd_enabled", [](bool enabled) { lsf::set_mask_simd_enabled(enabled); },
+      py::arg("enabled"),
+      "Testing hook: False makes mk_program's MaskOut and MaskIn take their portable form, not AVX-512.");
 }

@@ -344,6 +344,11 @@ def _set_ties_simd_enabled(enabled: bool) -> None:
     """Testing hook (process-wide): ``False`` makes the TIES merge loop for BF16 take its portable
     form instead of the AVX-512 one (used only where the CPU has it); both give the same bytes."""
 
+def _set_mask_simd_enabled(enabled: bool) -> None:
+    """Testing hook (process-wide): ``False`` makes :func:`mk_program`'s MaskOut and MaskIn take
+    their portable form instead of the AVX-512 one (used only where the CPU has it); both give the
+    same bits."""
+
 def _set_lowrank_simd_enabled(enabled: bool) -> None:
     """Testing hook (process-wide): ``False`` makes :func:`blend_lowrank_file` form its products
     the portable way instead of with AVX2/FMA (used only where the CPU has them); both give the

@@ -404,14 +404,14 @@ def test_bad_arguments_are_core_errors(tmp_path: Path, change: dict[str, Any]) -
 
 
 @pytest.mark.parametrize("budget", [None, 0])
-@pytest.mark.parametrize("method, masks", [("della", 2), ("sce", 1)])
+@pytest.mark.parametrize("method, masks", [("della", 2), ("dare_linear", 2), ("sce", 1)])
 def test_masks_kept_between_passes_or_computed_again_give_the_same_bytes(trios: dict[str, dict[str, Path]],
                                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                          budget: int | None, method: str,
                                                                          masks: int) -> None:
     """DELLA with rescale ranks each row once and keeps its keep masks (a bit per element and
-    model) for the writing pass, sce its variance band's mask from the squares' pass; over the
-    budget they compute them again. Either way the bytes are the numpy steps', on 1 and 2
+    model) for the writing pass, DARE keeps its draws, sce its variance band's mask from the
+    squares' pass; over the budget they compute them again. Either way the bytes are the numpy steps', on 1 and 2
     threads, with pieces that start mid-byte of the masks."""
     config = configs(trios["bf16"], "bfloat16")[method]
     monkeypatch.setattr(mergekit_ops, "CHUNK", 1000)
@@ -432,22 +432,34 @@ def test_masks_kept_between_passes_or_computed_again_give_the_same_bytes(trios: 
     assert set(kept) == ({masks} if budget is None else {0}), kept
 
 
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("blocks", [5, 78])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_kept_mask_reads_back_what_was_drawn_over_rows_that_split_its_bytes(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch,
-                                                                             threads: int) -> None:
+                                                                             threads: int, blocks: int,
+                                                                             simd: bool) -> None:
     """MaskOut then MaskIn give back DELLA's draws bit for bit where rows of 13 elements, the
     blocks and chunks made of them, and the written pieces start inside a byte of the mask (bytes
-    that two workers fill)."""
+    that two workers fill); with chunks of 78 rows (blocks of 39), 64 bits at a time between those
+    bytes, on AVX-512 and in the portable form."""
+    monkeypatch.setattr(mergekit_program, "PIECE_BYTES", 4 * 13 * blocks * 7 // 5)
+    _core._set_mask_simd_enabled(simd)
+    try:
+        _mask_round_trip(tmp_path, threads, blocks)
+    finally:
+        _core._set_mask_simd_enabled(True)
+
+
+def _mask_round_trip(tmp_path: Path, threads: int, blocks: int) -> None:
     from types import SimpleNamespace
-    monkeypatch.setattr(mergekit_program, "PIECE_BYTES", 4 * 13 * 7)
-    cols, rows = 13, 301
+    cols, rows = 13, 301 if blocks < 10 else 2003
     x = np.random.default_rng(3).normal(size=rows * cols).astype(np.float32)
     path = tmp_path / "x.bin"
     path.write_bytes(x.tobytes())
     specs = [SimpleNamespace(numel=len(x), dtype="F32")]
     inputs = [(_core.InputFile(str(path)), 0)]
-    chunk = cols * 5  # blocks, chunks and segments of 65 elements
+    chunk = cols * blocks  # chunks and segments of 65 or 1014 elements
 
     def written(build: Any, masks: list[np.ndarray]) -> np.ndarray:
         p = mergekit_program.Program(None, ["F32"])

@@ -41,7 +41,7 @@ SLERP_CHUNK = 1024 * 1024
 #: they replace (the reference the tests compare the core with)
 IN_CORE = True
 #: bytes of keep masks (a bit per element and mask) one tensor may hold from one pass to a later
-#: one, instead of computing them again (DELLA's per model, sce's): a 1b embedding's two DELLA
+#: one, instead of computing them again (DARE's and DELLA's per model, sce's): a 1b embedding's two
 #: models fit; larger tensors (an 8b embedding: 66 MB a model) compute their masks twice, so
 #: that peak RSS stays well inside 300 MB
 KEPT_MASK_BUDGET = 96 << 20
@@ -184,9 +184,9 @@ def _delta_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorReci
 class _CoreSparsity:
     """What :func:`_delta_in_core` multiplies each model's delta by, as program steps: its rank
     band (TIES, breadcrumbs), its uniform draws (DARE) or DELLA's, or nothing; and the L1 sums that
-    rescale them. DELLA ranks every row to draw its masks: with rescale the L1 pass keeps them (a
-    bit per element) for the writing pass instead of ranking again, within
-    :data:`KEPT_MASK_BUDGET`."""
+    rescale them. With rescale the L1 pass keeps the random masks (a bit per element) for the
+    writing pass instead of drawing them again (DARE's counter hash, DELLA's ranks of every row),
+    within :data:`KEPT_MASK_BUDGET`."""
 
     def __init__(self, ctx: OpContext, recipe: TensorRecipe, specs: Sequence[TensorSpec],
                  inputs: Sequence[InputRange]) -> None:
@@ -199,8 +199,9 @@ class _CoreSparsity:
                                         ctx.threads)
         self.seed = int(params.get("seed", 0))
         self.cols = recipe.shape[-1] if len(recipe.shape) > 1 else max(1, specs[0].numel)  # DELLA's rows
-        self.slots = {i: k for k, i in enumerate(i for i in range(count) if f"eps.{i + 1}" in params)}  # its mask
-        self.chunk = program.row_chunk(self.cols) if self.slots else program.CHUNK  # the numpy path's chunks
+        self.slots = {i: k for k, i in enumerate(i for i in range(count) if f"p.{i + 1}" in params)}  # its mask
+        della = any(f"eps.{i + 1}" in params for i in range(count))
+        self.chunk = program.row_chunk(self.cols) if della else program.CHUNK  # the numpy path's chunks
         self.kept_masks = _kept_masks(len(self.slots), specs[0].numel) if params.get("rescale") else []
 
     def make(self) -> Program:
@@ -210,22 +211,20 @@ class _CoreSparsity:
         return _vectors(p, range(self.count))
 
     def masked(self, p: Program, ds: list[int], reuse: bool | None = None) -> list[int | None]:
-        """Each delta times its mask (None: no mask). ``reuse``: DELLA's masks kept in
+        """Each delta times its mask (None: no mask). ``reuse``: the random masks kept in
         ``kept_masks`` (False: computed and kept; True: read back)."""
         out: list[int | None] = []
         for i, d in enumerate(ds):
             r, band = self.ranges[i], self.bands[i]
             prob, eps = self.params.get(f"p.{i + 1}"), self.params.get(f"eps.{i + 1}")
             key = stream_key(self.seed, self.recipe.name, i + 1)
-            if prob is not None and eps is not None and reuse:
+            if prob is not None and reuse:
                 out.append(p.mul(d, p.mask_in(self.slots[i])))
-            elif prob is not None and eps is not None:
-                keep = p.della_lt(d, key, prob, eps, self.cols)
+            elif prob is not None:
+                keep = p.della_lt(d, key, prob, eps, self.cols) if eps is not None else p.uniform_lt(key, prob)
                 if reuse is False:
                     p.mask_out(keep, self.slots[i])
                 out.append(p.mul(d, keep))
-            elif prob is not None:
-                out.append(p.mul(d, p.uniform_lt(key, prob)))
             elif r is not None:
                 out.append(p.mul(d, p.rank(d, band) if band is not None else p.const(0.0)))
             else:
@@ -234,7 +233,7 @@ class _CoreSparsity:
 
     def l1_scales(self) -> list[np.float32 | None]:
         """Each sparsified delta's rescale factor: its L1 norm before over after, in one pass
-        (which keeps DELLA's masks when they fit the budget)."""
+        (which keeps the random masks when they fit the budget)."""
         p = self.make()
         _, ds = self.deltas(p)
         for d, kept in zip(ds, self.masked(p, ds, reuse=False if self.kept_masks else None)):
