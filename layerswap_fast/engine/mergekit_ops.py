@@ -938,18 +938,27 @@ def _whole_sums(programs: Program | Sequence[Program], specs: Sequence[TensorSpe
 def _model_stock_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe,
                          specs: Sequence[TensorSpec], inputs: Sequence[InputRange], dst: int) -> None:
     """:func:`mk_model_stock` as core programs: the norms and dot products of the offsets over
-    the whole tensor (one segment, torch's order), then the output on all threads."""
+    the whole tensor (one segment, torch's order), then the output on all threads. A norm takes one
+    worker, so each offset's program sums a share of the dot products beside its norm (torch's
+    order on one worker is the same sum): one pass over the inputs instead of two."""
     c = recipe.compute_dtype
     dtypes = [s_.dtype for s_ in specs]
     count = len(recipe.terms) - 1
     pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
-    norms, dots = [Program(c, dtypes) for _ in range(count)], [Program(c, dtypes) for _ in pairs]
-    for i, p in enumerate(norms):
-        p.norm(_vectors(p, [i])[1][0])
-    for (i, j), p in zip(pairs, dots):
-        p.sum(p.round(p.mul(*_vectors(p, [i, j])[1])))
-    sums = _whole_sums(norms + dots, specs, inputs, ctx.threads)
-    t = _model_stock_t(list(sums[:count]), list(sums[count:]), c)
+    programs = [Program(c, dtypes) for _ in range(count)]
+    shares = [pairs[i::count] for i in range(count)]  # the dot products each program sums
+    slots: dict[Any, int] = {}  # ("norm", i) or a pair: its place in the programs' sums, in order
+    for i, (p, share) in enumerate(zip(programs, shares)):
+        models = sorted({i, *(m for pair in share for m in pair)})
+        _, ds = _vectors(p, models)
+        d = dict(zip(models, ds))
+        slots["norm", i] = len(slots)
+        p.norm(d[i])
+        for a, b in share:
+            slots[a, b] = len(slots)
+            p.sum(p.round(p.mul(d[a], d[b])))
+    sums = _whole_sums(programs, specs, inputs, ctx.threads)
+    t = _model_stock_t([sums[slots["norm", i]] for i in range(count)], [sums[slots[pair]] for pair in pairs], c)
     p = Program(c, dtypes)
     base = p.read(0)
     total = p.read(1)
