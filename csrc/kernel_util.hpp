@@ -30,7 +30,21 @@
 #define LSF_CLONES
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// Hand-written AVX-512 forms (TIES' BF16 merge, the mergekit programs' masks) are compiled for
+// these features and taken only where cpu_has_avx512() says the CPU has them.
+#define LSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#endif
+
 namespace lsf {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+inline bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+#endif
 
 // ---- element access ----------------------------------------------------------------------------
 

@@ -519,15 +519,10 @@ LSF_INLINE void rank_band(const Ctx& c, const MkInstr& ins, float* __restrict d,
 std::atomic<bool> g_mask_simd{true};
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define LSF_AVX512BW __attribute__((target("avx512f,avx512bw")))
-
-bool mask_simd() {
-  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  return cpu && g_mask_simd.load(std::memory_order_relaxed);
-}
+bool mask_simd() { return cpu_has_avx512() && g_mask_simd.load(std::memory_order_relaxed); }
 
 // Bit i of the result: a[i] != 0 (NaN too), for 64 elements.
-LSF_AVX512BW uint64_t nonzero_bits64(const float* a) {
+LSF_AVX512 uint64_t nonzero_bits64(const float* a) {
   uint64_t w = 0;
   for (int q = 0; q < 4; ++q)
     w |= static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(a + 16 * q), _mm512_setzero_ps(), _CMP_NEQ_UQ))
@@ -536,7 +531,7 @@ LSF_AVX512BW uint64_t nonzero_bits64(const float* a) {
 }
 
 // d[i] = bit i of w, as 1 or 0, for 64 elements.
-LSF_AVX512BW void bits64_to_floats(uint64_t w, float* d) {
+LSF_AVX512 void bits64_to_floats(uint64_t w, float* d) {
   for (int q = 0; q < 4; ++q)
     _mm512_storeu_ps(d + 16 * q, _mm512_maskz_mov_ps(static_cast<__mmask16>(w >> (16 * q)), _mm512_set1_ps(1.f)));
 }

@@ -186,13 +186,8 @@ std::atomic<bool> g_simd_enabled{true};
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define LSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-bool simd_bf16() {
-  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return cpu && g_simd_enabled.load(std::memory_order_relaxed);
-}
+bool simd_bf16() { return cpu_has_avx512() && g_simd_enabled.load(std::memory_order_relaxed); }
 
 LSF_AVX512 inline __m512 bf16x16_load(const unsigned char* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
