@@ -350,7 +350,7 @@ struct Ctx {
   // per worker
   float* regs;    // regs x stride
   size_t stride;  // elements per block
-  uint32_t* sort_scratch;  // 8 x stride: DellaLt's keys, ranks, (key, index) pairs twice, draws
+  uint32_t* sort_scratch;  // 6 x stride: DellaLt's keys, ranks, (key, index) pairs twice
   TorchSum* sums;
   TorchNorm* norms;
   LaneSum* sums64;
@@ -359,6 +359,7 @@ struct Ctx {
   uint64_t* running;  // per rank: its values' running tie counts
   const size_t* running_at;
   const MkMask* masks;
+  const std::vector<std::vector<double>>* della_probs;  // per instruction: a DellaLt's della_probs
 };
 
 // r[d] = the population variance across the nx registers from a (stride apart) over m <= kB
@@ -439,30 +440,71 @@ inline void stable_ranks(const uint32_t* keys, uint32_t m, uint32_t* rank, uint6
   for (uint32_t j = 0; j < m; ++j) rank[static_cast<uint32_t>(src[j])] = j;
 }
 
-// DellaLt over m elements (whole rows of cols) starting at element e0 (see the top): the draws
-// first, then the comparison, both without branches (a draw below its probability is a coin
-// toss, which no branch predicts).
-LSF_CLONES
-void della_lt(float* d, const float* a, size_t m, uint64_t key, uint64_t cols, double density,
-              double eps, uint64_t e0, uint32_t* scratch) {
-  uint32_t* keys = scratch;
-  uint32_t* rank = scratch + cols;
-  uint64_t* pairs = reinterpret_cast<uint64_t*>(scratch + 2 * cols);  // 2 x cols
-  double* draw = reinterpret_cast<double*>(scratch + 6 * cols);         // cols
+// The same ranks as stable_ranks by counting, when the row's keys fall in few bins: keys share
+// their low zero bits (a bfloat16 magnitude's sixteen, a float16's thirteen) and a row's non-zero
+// magnitudes span a few exponents, so one bin per key value in that span (and one for zero) makes
+// a histogram whose running starts are the ranks. keys is overwritten with the bins; hist holds
+// cap counters. False, with keys and rank untouched, when the span needs more.
+inline bool counting_ranks(uint32_t* keys, uint32_t m, uint32_t* rank, uint32_t* hist, uint32_t cap) {
+  uint32_t all_or = 0, top = 0, low_nz_less = ~0u;  // the least non-zero key - 1 (zero wraps)
+  for (uint32_t j = 0; j < m; ++j) {
+    all_or |= keys[j];
+    top = std::max(top, keys[j]);
+    low_nz_less = std::min(low_nz_less, keys[j] - 1u);
+  }
+  if (all_or == 0) {  // all zero: ranks in index order
+    for (uint32_t j = 0; j < m; ++j) rank[j] = j;
+    return true;
+  }
+  const int shift = __builtin_ctz(all_or);
+  const uint32_t lo = (low_nz_less + 1u) >> shift;
+  const uint64_t bins = static_cast<uint64_t>((top >> shift) - lo) + 2;  // bin 0: zero
+  if (bins > cap) return false;
+  for (uint32_t j = 0; j < m; ++j) keys[j] = keys[j] == 0 ? 0u : (keys[j] >> shift) - lo + 1;
+  std::fill(hist, hist + bins, 0u);
+  for (uint32_t j = 0; j < m; ++j) ++hist[keys[j]];
+  uint32_t sum = 0;
+  for (uint64_t b = 0; b < bins; ++b) {
+    const uint32_t n = hist[b];
+    hist[b] = sum;
+    sum += n;
+  }
+  for (uint32_t j = 0; j < m; ++j) rank[j] = hist[keys[j]]++;
+  return true;
+}
+
+// DellaLt's keep probability of each rank in a row of cols (see the top), computed once per
+// instruction: the division per element would cost more than the rest of the comparison.
+std::vector<double> della_probs(uint64_t cols, double density, double eps) {
+  std::vector<double> prob(cols);
   const double low = density - eps;
   const double span = cols > 1 ? static_cast<double>(cols - 1) : 1.0;
   const double scale = cols > 1 ? 1.0 : 0.0;  // one column: rank 0, norm 0
+  for (uint64_t r = 0; r < cols; ++r) {
+    const double norm = static_cast<double>(r) * scale / span;
+    prob[r] = low + norm * 2.0 * eps;
+  }
+  return prob;
+}
+
+// DellaLt over m elements (whole rows of cols) starting at element e0 with prob = della_probs':
+// the ranks, then draw and comparison in one loop without branches (a draw below its
+// probability is a coin toss, which no branch predicts).
+LSF_CLONES
+void della_lt(float* d, const float* a, size_t m, uint64_t key, uint64_t cols, const double* prob,
+              uint64_t e0, uint32_t* scratch) {
+  uint32_t* keys = scratch;
+  uint32_t* rank = scratch + cols;
+  uint64_t* pairs = reinterpret_cast<uint64_t*>(scratch + 2 * cols);  // 2 x cols
   for (size_t r0 = 0; r0 < m; r0 += cols) {
     for (size_t j = 0; j < cols; ++j) keys[j] = mag_bits(a[r0 + j]);
-    stable_ranks(keys, static_cast<uint32_t>(cols), rank, pairs);
+    if (!counting_ranks(keys, static_cast<uint32_t>(cols), rank, reinterpret_cast<uint32_t*>(pairs),
+                        static_cast<uint32_t>(4 * cols)))
+      stable_ranks(keys, static_cast<uint32_t>(cols), rank, pairs);
     for (size_t j = 0; j < cols; ++j) {
       const uint64_t z = mix64(key + (e0 + r0 + j + 1) * UINT64_C(0x9E3779B97F4A7C15));
-      draw[j] = static_cast<double>(static_cast<int64_t>(z >> 11)) * 0x1p-53;
-    }
-    for (size_t j = 0; j < cols; ++j) {
-      const double norm = static_cast<double>(rank[j]) * scale / span;
-      const double prob = low + norm * 2.0 * eps;
-      d[r0 + j] = static_cast<float>(draw[j] < prob);
+      const double draw = static_cast<double>(static_cast<int64_t>(z >> 11)) * 0x1p-53;
+      d[r0 + j] = static_cast<float>(draw < prob[rank[j]]);
     }
   }
 }
@@ -671,7 +713,8 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
           var_pop(d + s0, a + s0, c.stride, ins.b, std::min(kB, m - s0));
         break;
       case kMkDellaLt:
-        della_lt(d, a, m, c.n[ins.b], c.n[ins.b + 1], c.k[ins.c], c.k[ins.c + 1], e0, c.sort_scratch);
+        della_lt(d, a, m, c.n[ins.b], c.n[ins.b + 1], (*c.della_probs)[&ins - c.code->data()].data(), e0,
+                 c.sort_scratch);
         break;
       case kMkSum64: c.sums64[ins.b].add(a, m); break;
       case kMkHistHigh: {
@@ -864,13 +907,16 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     const uint64_t bits = rows > 1 ? 64 - static_cast<uint64_t>(__builtin_clzll(rows - 1)) : 0;
     step_max = uint64_t{1} << std::max<uint64_t>(4, bits / 4);
   }
+  std::vector<std::vector<double>> probs(code.size());
+  for (size_t i = 0; i < code.size(); ++i)
+    if (code[i].op == kMkDellaLt) probs[i] = della_probs(ints[code[i].b + 1], consts[code[i].c], consts[code[i].c + 1]);
   const size_t nthreads = resolve_threads(threads, res.tasks);
   std::mutex merge_m;
   run_pool(nthreads, res.tasks, [&](TaskQueue& q) {
     ChunkReader r(files, c, out != nullptr);
     Array<float> regs = alloc_array<float>(static_cast<uint64_t>(std::max(shape.regs, 1)) * blk, "mk_program registers");
     const bool by_rows = std::any_of(code.begin(), code.end(), [](const MkInstr& i) { return i.op == kMkDellaLt; });
-    Array<uint32_t> sort_scratch = alloc_array<uint32_t>(by_rows ? 8 * blk : 1, "mk_program row ranks");
+    Array<uint32_t> sort_scratch = alloc_array<uint32_t>(by_rows ? 6 * blk : 1, "mk_program row ranks");
     std::vector<TorchSum> sums(shape.sums);
     std::vector<TorchNorm> norms(shape.sums);
     std::vector<LaneSum> sums64(shape.sums);
@@ -880,7 +926,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     std::vector<uint64_t> running(running_at.back() + 1, 0);
     Ctx cx{&code, consts.data(), ints.data(), ranks.data(), in.size(), in_dt.data(), out_dt,
            regs.get(), blk, sort_scratch.get(), sums.data(), norms.data(), sums64.data(), task_hists.data(),
-           nullptr, running.data(), running_at.data(), masks.data()};
+           nullptr, running.data(), running_at.data(), masks.data(), &probs};
     std::vector<const unsigned char*> ptrs(in.size());
     uint64_t t;
     while (q.pop(&t)) {

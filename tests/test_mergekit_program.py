@@ -344,18 +344,24 @@ def test_uniform_masks_are_the_counter_streams(tmp_path: Path, p: float, threads
 
 
 @pytest.mark.parametrize("cols, step", [(1, 0.25), (3, 0.25), (64, 0.25), (700, 0.25), (2048, 0.25),
-                                        (700, 0.1), (2048, 0.1), (65537, 0.25)])
+                                        (700, 0.1), (2048, 0.1), (65537, 0.25), (700, 0.0), (2048, 0.0)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_della_masks_are_the_numpy_rows(tmp_path: Path, cols: int, step: float, threads: int) -> None:
     """kMkDellaLt keeps exactly where the numpy path's draw falls below its per-row probabilities
     (ranks by ascending |x|, the lower index first among equal magnitudes: few distinct values
     here, so most are tied), over chunks of several rows, across segments and an index base.
-    Multiples of 0.25 share their low 16 bits, as bfloat16 magnitudes do (the sort skips those
-    bytes); multiples of 0.1 differ in every byte; one row is longer than 16 bits of index."""
+    Multiples of 0.25 share their low 16 bits, as bfloat16 magnitudes do (few bins to count);
+    multiples of 0.1 differ in every byte (too many bins: sorted); step 0 stands for magnitudes
+    a few float32 ulps above 1, which differ only in their lowest bits; one row is longer than 16
+    bits of index."""
     from layerswap_fast.engine.counter_random import stream_key, uniform
     rows = max(3, 6000 // cols)
     rng = np.random.default_rng(cols)
-    x = (rng.integers(-8, 9, rows * cols) * np.float32(step)).astype(np.float32)
+    n = rng.integers(-8, 9, rows * cols)
+    if step:
+        x = (n * np.float32(step)).astype(np.float32)
+    else:
+        x = np.where(n == 0, 0, np.sign(n) * (1 + np.abs(n) * 2.0**-23)).astype(np.float32)
     f = _slices(tmp_path, x)
     key, density, eps = stream_key(3, "model.layers.1.mlp.down_proj.weight", 2), 0.5, 0.2
     sparsifier = object.__new__(mergekit_ops._Sparsifier)
