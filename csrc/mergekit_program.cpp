@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -56,6 +57,8 @@ namespace lsf {
 namespace {
 
 constexpr size_t kB = 512;  // elements per block (registers stay in L1)
+// whole_sums with Norm slots: the most operands a worker keeps of one segment, over all slots
+constexpr uint64_t kWholeNormElems = uint64_t{1} << 22;
 constexpr int kMaxRegs = 64;
 constexpr size_t kMaxCode = 4096;
 constexpr size_t kLanes = 8;
@@ -360,6 +363,10 @@ struct Ctx {
   const size_t* running_at;
   const MkMask* masks;
   const std::vector<std::vector<double>>* della_probs;  // per instruction: a DellaLt's della_probs
+  // whole_sums with Norm slots: each Norm slot's operands of this task go to norm_out[slot] from
+  // element norm_at of the task on (the slots' torch order is added up in task order after)
+  float* const* norm_out;
+  uint64_t norm_at;
 };
 
 // r[d] = the population variance across the nx registers from a (stride apart) over m <= kB
@@ -706,7 +713,10 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
       case kMkStore:
         LSF_DTYPE_DISPATCH(c.out_dt, DT, for (size_t j = 0; j < m; ++j) Elem<DT>::store(out, j, a[j]));
         break;
-      case kMkNorm: c.norms[ins.b].add(a, m); break;
+      case kMkNorm:
+        if (c.norm_out) std::memcpy(c.norm_out[ins.b] + c.norm_at, a, m * sizeof(float));
+        else c.norms[ins.b].add(a, m);
+        break;
       case kMkSum: c.sums[ins.b].add(a, m); break;
       case kMkVarPop:
         for (size_t s0 = 0; s0 < m; s0 += kB)
@@ -798,20 +808,59 @@ HistPool g_hist_pool;
 // whole_sums needs a program whose sums are all Sum, over segments of whole groups of the sum
 // of numel elements (TorchSum::group).
 void check_whole_sums(const Shape& shape, uint64_t numel, uint64_t seg) {
-  for (char kind : shape.slot_kind)
-    if (kind != 1) fail("mk_program: whole_sums needs a program whose sum slots are all Sum");
+  uint64_t norms = 0;
+  for (char kind : shape.slot_kind) {
+    if (kind != 1 && kind != 2) fail("mk_program: whole_sums needs a program whose sum slots are all Sum or Norm");
+    norms += kind == 2;
+  }
+  if (norms && std::min(seg, numel) > kWholeNormElems / norms)
+    fail("mk_program: whole_sums keeps a segment of each Norm's operands: at most " +
+         std::to_string(kWholeNormElems) + " elements over its " + std::to_string(norms) + " Norm slots, not " +
+         std::to_string(seg) + " each");
   TorchSum probe;
   probe.init(numel, nullptr);
-  if (seg % probe.group() && seg < numel)
+  if (norms < shape.sums && seg % probe.group() && seg < numel)
     fail("mk_program: whole_sums needs segments of whole groups of " + std::to_string(probe.group()) +
          " elements, not " + std::to_string(seg));
 }
 
+// Tasks that add to one state in task order, whichever worker finishes first: each waits for its
+// turn. A worker that fails gives up the turns, so that none waits for a task never finished.
+class TaskTurns {
+ public:
+  // Whether task t's turn came (false: a worker failed).
+  bool wait(uint64_t t) {
+    std::unique_lock<std::mutex> g(m_);
+    cv_.wait(g, [&] { return failed_ || next_ == t; });
+    return !failed_;
+  }
+  void done() {
+    { std::lock_guard<std::mutex> g(m_); ++next_; }
+    cv_.notify_all();
+  }
+  void fail() {
+    { std::lock_guard<std::mutex> g(m_); failed_ = true; }
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  uint64_t next_ = 0;
+  bool failed_ = false;
+};
+
 // Row 0 of res.sums = each Sum slot over the whole tensor, in torch's order: the last task's state
-// with its last level made of every task's additions to it, in task order; later rows 0.
+// with its last level made of every task's additions to it, in task order; later rows 0. A Norm
+// slot's is whole_norms' total.
 void join_whole_sums(MkResult* res, const Shape& shape, const std::vector<std::vector<float>>& last_levels,
-                     std::vector<TorchSum>& tail, std::vector<std::vector<float>>& tail_rows) {
+                     std::vector<TorchSum>& tail, std::vector<std::vector<float>>& tail_rows,
+                     const std::vector<TorchNorm>& whole_norms) {
   for (size_t s = 0; s < shape.sums; ++s) {
+    if (shape.slot_kind[s] == 2) {
+      res->sums[s] = whole_norms[s].total();
+      continue;
+    }
     TorchSum& sum = tail[s];
     sum.buf = tail_rows[s].data();
     float top[kRow] = {};
@@ -900,6 +949,12 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
   std::vector<std::vector<float>> last_levels(whole_sums ? res.tasks * shape.sums : 0);
   std::vector<TorchSum> tail(whole_sums ? shape.sums : 0);
   std::vector<std::vector<float>> tail_rows(tail.size());
+  // whole_sums: each Norm slot over the whole tensor, its segments added in task order
+  std::vector<TorchNorm> whole_norms(whole_sums ? shape.sums : 0);
+  for (TorchNorm& n : whole_norms) n.init(numel);
+  const size_t whole_norm_slots =
+      whole_sums ? static_cast<size_t>(std::count(shape.slot_kind.begin(), shape.slot_kind.end(), 2)) : 0;
+  TaskTurns turns;
 
   uint64_t step_max = 16;  // the largest TorchSum block over any task (whole_sums: of the tensor's)
   {
@@ -912,7 +967,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     if (code[i].op == kMkDellaLt) probs[i] = della_probs(ints[code[i].b + 1], consts[code[i].c], consts[code[i].c + 1]);
   const size_t nthreads = resolve_threads(threads, res.tasks);
   std::mutex merge_m;
-  run_pool(nthreads, res.tasks, [&](TaskQueue& q) {
+  auto work = [&](TaskQueue& q) {
     ChunkReader r(files, c, out != nullptr);
     Array<float> regs = alloc_array<float>(static_cast<uint64_t>(std::max(shape.regs, 1)) * blk, "mk_program registers");
     const bool by_rows = std::any_of(code.begin(), code.end(), [](const MkInstr& i) { return i.op == kMkDellaLt; });
@@ -924,9 +979,14 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     std::vector<uint32_t> task_hists = g_hist_pool.take(shape.hists * kHistWords);
     std::vector<uint64_t> bins;
     std::vector<uint64_t> running(running_at.back() + 1, 0);
+    Array<float> norm_buf = alloc_array<float>(std::max<uint64_t>(whole_norm_slots * seg, 1), "mk_program norms");
+    std::vector<float*> norm_out(shape.sums, nullptr);
+    for (size_t s = 0, i = 0; s < shape.sums && whole_norm_slots; ++s)
+      if (shape.slot_kind[s] == 2) norm_out[s] = norm_buf.get() + (i++) * seg;
     Ctx cx{&code, consts.data(), ints.data(), ranks.data(), in.size(), in_dt.data(), out_dt,
            regs.get(), blk, sort_scratch.get(), sums.data(), norms.data(), sums64.data(), task_hists.data(),
-           nullptr, running.data(), running_at.data(), masks.data(), &probs};
+           nullptr, running.data(), running_at.data(), masks.data(), &probs,
+           whole_norm_slots ? norm_out.data() : nullptr, 0};
     std::vector<const unsigned char*> ptrs(in.size());
     uint64_t t;
     while (q.pop(&t)) {
@@ -953,10 +1013,17 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
           for (uint64_t b0 = 0; b0 < m; b0 += blk) {
             const size_t bm = static_cast<size_t>(std::min<uint64_t>(blk, m - b0));
             for (size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = src[i] + b0 * dtype_size(in_dt[i]);
+            cx.norm_at = e0 - t0 + b0;
             run_block(cx, ptrs.data(), o ? o + b0 * osz : nullptr, bm, index_base + e0 + b0);
           }
         });
         if (out) r.store(e0, m);
+      }
+      if (whole_norm_slots) {
+        if (!turns.wait(t)) return;
+        for (size_t s = 0; s < shape.sums; ++s)
+          if (norm_out[s]) whole_norms[s].add(norm_out[s], tm);
+        turns.done();
       }
       for (size_t s = 0; s < shape.sums; ++s) {
         if (whole_sums) {
@@ -981,9 +1048,17 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
       }
     }
     g_hist_pool.give(std::move(task_hists));
+  };
+  run_pool(nthreads, res.tasks, [&](TaskQueue& q) {
+    try {
+      work(q);
+    } catch (...) {
+      turns.fail();
+      throw;
+    }
   });
   files.check_mapped_inputs(numel);
-  if (whole_sums) join_whole_sums(&res, shape, last_levels, tail, tail_rows);
+  if (whole_sums) join_whole_sums(&res, shape, last_levels, tail, tail_rows, whole_norms);
   for (size_t h = 0; h < res.task_overflow.size(); ++h)  // a slot is kept whole or not at all
     if (res.task_overflow[h])
       for (uint64_t t = 0; t < res.tasks; ++t) res.task_hists[h * res.tasks + t] = {};

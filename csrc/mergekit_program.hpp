@@ -56,9 +56,10 @@ struct MkResult {
 // extent of every torch-ordered sum or norm and read by one worker in chunks of `chunk` elements,
 // writing kMkStore's register to out (when not null) at out_offset. index_base is added to the
 // element indices drawn by kMkUniformLt. keep_tasks: each task's histograms too (task_hists), so
-// that a caller can count one magnitude per task after the fact. whole_sums: the Sum slots (the
-// program's only sums) are each one sum over the whole tensor in torch's order, computed by all
-// workers over segments of whole groups (TorchSum::group) and returned in row 0 of sums.
+// that a caller can count one magnitude per task after the fact. whole_sums: the Sum and Norm slots
+// (the program's only sums) are each one over the whole tensor in torch's order, computed by all
+// workers over segments (of whole groups, TorchSum::group, where there is a Sum; a Norm's
+// segments added in order) and returned in row 0 of sums.
 MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DType>& in_dt,
                         uint64_t numel, const std::vector<MkInstr>& code,
                         const std::vector<double>& consts, const std::vector<uint64_t>& ints,

@@ -319,10 +319,12 @@ def mk_program(
     uint64 ``bin << 32 | count`` in bin order, or None where a segment had more than 4096
     distinct bins (segments must then be below 2^32 elements). A program that ranks within rows
     (DELLA's op) needs ``numel``, ``chunk_elems`` and ``segment_elems`` in whole rows.
-    ``whole_sums``: every sum slot (all must be Sum) is one sum over the whole tensor in torch's
-    order, worked on by every worker over segments that are whole groups of that sum (a multiple
-    of ``torch_rounding.TorchSum(numel).group``, or the whole tensor), in row 0 of the sums (later
-    rows 0). Bad programs, sizes and bounds: CoreError; the GIL is
+    ``whole_sums``: every sum slot (all must be Sum or Norm) is one sum or norm over the whole
+    tensor in torch's order, worked on by every worker over segments, in row 0 of the sums (later
+    rows 0). With a Sum, segments are whole groups of that sum (a multiple of
+    ``torch_rounding.TorchSum(numel).group``, or the whole tensor); each Norm's operands of a
+    segment are kept until the segments before it are added (at most 2^22 elements per worker
+    over all Norm slots). Bad programs, sizes and bounds: CoreError; the GIL is
     released while it runs."""
 
 def ties_file_stats() -> dict[str, int]:

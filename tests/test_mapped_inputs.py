@@ -192,6 +192,36 @@ def test_a_histogram_cut_short_leaves_no_counts_for_the_next_call(three, threads
         np.testing.assert_array_equal(hist(f), want)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_norm_over_segments_cut_short_is_an_error(three, threads: int) -> None:
+    """A norm over the whole tensor adds its segments in order, each worker waiting for the one
+    before. Cut short by a truncated input, the call fails with the truncation (no worker is left
+    waiting), and the next one, on the whole file, is torch's norm."""
+    path, arrays, offsets = three
+    p = mergekit_program.Program(None, ["F32"] * 2)
+    p.norm(p.sub(p.read(1), p.read(0)))
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = torch.linalg.vector_norm(torch.from_numpy(arrays[1] - arrays[0])).item()
+    finally:
+        torch.set_num_threads(torch_threads)
+
+    def norm(f: core.InputFile) -> float:
+        return core.mk_program([(f, o) for o in offsets[:2]], ["F32"] * 2, N, p.code, p.consts, p.ints, [],
+                               None, 0, "F32", chunk_elems=CHUNK, segment_elems=N // 8, threads=threads,
+                               whole_sums=True)[0][0, 0]
+
+    with core.InputFile(str(path), io="mmap") as f:
+        core._set_fault_hook(5, str(path), offsets[1])
+        with pytest.raises(CoreError) as ei:
+            norm(f)
+    assert one_line(ei.value).startswith(truncated_message(path))
+    f32_file(path, arrays)
+    with core.InputFile(str(path), io="mmap") as f:
+        assert norm(f) == want
+
+
 def test_cut_inside_the_last_page_is_caught_after_the_kernel(three, tmp_path: Path) -> None:
     """Bytes past a cut inside the page that held the old end read as zeros, with no fault: the
     kernel checks the file's size once it has read everything."""

@@ -294,9 +294,40 @@ def test_whole_sums_over_segments_are_torchs_one_sum(tmp_path: Path, n: int, thr
             _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
                              segment_elems=group // 2, threads=threads, whole_sums=True)
     p.norm(v)
-    with pytest.raises(_core.CoreError, match="sum slots are all Sum"):
+    p.sum64(v)
+    with pytest.raises(_core.CoreError, match="sum slots are all Sum or Norm"):
         _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
                          segment_elems=group, threads=threads, whole_sums=True)
+
+
+@pytest.mark.parametrize("n, threads", [(1, 2), (70001, 2), (3 * 131072 + 5, 2), (2_000_037, 1), (2_000_037, 2)])
+def test_whole_norms_over_segments_are_torchs_one_norm(tmp_path: Path, n: int, threads: int) -> None:
+    """With whole_sums, Norm slots beside a Sum are worked on in segments by every thread, each
+    segment's operands added in segment order whichever worker finishes first: torch's own
+    single-threaded ``vector_norm`` bit for bit, and the sum still torch's. A segment whose
+    operands would exceed what a worker keeps is refused, naming the limit."""
+    from layerswap_fast.engine.torch_rounding import TorchSum
+    x, f, p, v = _summed(tmp_path, n)
+    p.norm(v)
+    p.norm(p.mul(v, p.const(0.5)))
+    group = TorchSum(n).group
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = torch.from_numpy(x)
+        want = [t.sum().item(), torch.linalg.vector_norm(t).item(), torch.linalg.vector_norm(t * 0.5).item()]
+    finally:
+        torch.set_num_threads(torch_threads)
+    for segment in (group, 3 * group):
+        sums, _, _ = _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
+                                      chunk_elems=65536 + 3, segment_elems=segment, threads=threads, whole_sums=True)
+        assert list(sums[0]) == want, segment
+        assert not sums[1:].any()
+    if n > 1_500_000:
+        p.norm(v)
+        with pytest.raises(_core.CoreError, match=r"at most 4194304 elements over its 3 Norm slots, not 1572864 each"):
+            _core.mk_program([f], ["F32"], n, p.code, p.consts, p.ints, p.ranks, None, 0, "F32",
+                             segment_elems=12 * 131072, threads=threads, whole_sums=True)
 
 
 @pytest.mark.parametrize("chunk, segment", [(997, 5000), (512, 4096), (3, 50), (1, 7), (8, 8)])

@@ -729,8 +729,10 @@ def _multislerp_rotation(tangent_norm: np.float32, lengths: list[np.float32], we
 
 def _multislerp_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe,
                         specs: Sequence[TensorSpec], inputs: Sequence[InputRange], dst: int) -> None:
-    """:func:`mk_multislerp` as core programs: four whole-tensor reductions (one segment, torch's
-    order) and the output on all threads, each pass rebuilding the steps before it."""
+    """:func:`mk_multislerp` as core programs: four whole-tensor reductions in torch's order (the
+    models' norms side by side, one worker each; the mean's norm, the dot products and the
+    tangent's norm on every thread) and the output on all threads, each pass rebuilding the steps
+    before it."""
     c = recipe.compute_dtype
     dtypes = [s_.dtype for s_ in specs]
     has_base, _, eps, weights = _multislerp_terms(recipe)
@@ -915,9 +917,11 @@ def _whole_sums(programs: Program | Sequence[Program], specs: Sequence[TensorSpe
                 threads: int, masks: Sequence[np.ndarray] = ()) -> np.ndarray:
     """The sum slots of each program over the whole tensor, in order (zeros for an empty tensor).
     A program of plain sums is worked on by every thread (torch's order splits into groups that
-    sum apart); one with norms or float64 sums takes one worker (one segment: their order spans
-    the tensor), so such programs given apart run side by side, on up to ``threads`` workers
-    (0: every core)."""
+    sum apart), and so is a program with norms given alone (a norm's segments are added in order,
+    so a worker waits for the one before); programs with norms given together, or with float64
+    sums, take one worker each (one segment: their order spans the tensor) and run side by side,
+    on up to ``threads`` workers (0: every core): side by side, each streams its inputs without
+    waiting."""
     programs = [programs] if isinstance(programs, Program) else list(programs)
     numel = specs[0].numel
 
@@ -926,8 +930,9 @@ def _whole_sums(programs: Program | Sequence[Program], specs: Sequence[TensorSpe
         sums, _, _ = program.run(p, specs, inputs, workers, segment=segment, masks=masks, whole_sums=whole)
         return sums[0] if len(sums) else np.zeros(p.sums, dtype=np.float32)
 
-    out = [sums_of(p, True, threads) if p.sums_split else None for p in programs]
-    alone = [i for i, p in enumerate(programs) if not p.sums_split]
+    split = [p.sums_split(numel) and (len(programs) == 1 or not p.norms) for p in programs]
+    out = [sums_of(p, True, threads) if whole else None for p, whole in zip(programs, split)]
+    alone = [i for i, p in enumerate(programs) if out[i] is None]
     workers = min(len(alone), threads if threads > 0 else os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for i, sums in zip(alone, pool.map(lambda i: sums_of(programs[i], False, 1), alone)):

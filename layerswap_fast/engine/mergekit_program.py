@@ -35,6 +35,11 @@ _FUSES_ROUNDING = {ADD, SUB, MUL, DIV, ADDK, MULK, DIVK, KDIV, KSUB}
 CHUNK = 1 << 20
 #: output bytes per core call, after each of which the writer is told how far the file is
 PIECE_BYTES = 32 << 20
+#: elements per segment of a program of norms over the whole tensor: each worker keeps a
+#: segment's operands of each norm until the segments before it are added
+NORM_SEGMENT = 1 << 18
+#: the most operands the core lets a worker keep of one segment, over all norm slots
+WHOLE_NORM_ELEMS = 1 << 22
 
 
 @dataclass
@@ -70,10 +75,18 @@ class Program:
         return any(ins[0] == DELLA_LT for ins in self.code)
 
     @property
-    def sums_split(self) -> bool:
-        """Whether every reduction is a :meth:`sum` (and no step ranks rows): :func:`run` can then
-        work on each over the whole tensor with every thread (its ``whole_sums``)."""
-        return not self.ranks_rows and all(ins[0] == SUM for ins in self.code if ins[0] in REDUCTIONS)
+    def norms(self) -> int:
+        """How many :meth:`norm` steps the program has."""
+        return sum(ins[0] == NORM for ins in self.code)
+
+    def sums_split(self, numel: int) -> bool:
+        """Whether every reduction is a :meth:`sum` or a :meth:`norm` (and no step ranks rows), the
+        norms' operands of a segment (:func:`whole_segment`) few enough to keep: :func:`run` can
+        then work on each over the whole tensor with every thread (its ``whole_sums``)."""
+        reductions = [ins[0] for ins in self.code if ins[0] in REDUCTIONS]
+        if self.ranks_rows or not all(r in (SUM, NORM) for r in reductions):
+            return False
+        return self.norms * min(numel, whole_segment(self, numel)) <= WHOLE_NORM_ELEMS
 
     def op(self, code: int, *args: int) -> int:
         d = self._new()
@@ -236,11 +249,11 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
     segment), and with ``task_hists`` each segment's histograms too (``_core.mk_program``'s);
     segments of :data:`CHUNK` elements unless given (a program with rank bands: whole chunks; one
     that ranks within rows: :func:`row_chunk`'s). ``whole_sums`` (a program whose reductions are
-    all :meth:`Program.sum`): each sum over the whole tensor in torch's order, in row 0, worked on
-    by every thread (segments of whole groups of that sum, unless given)."""
+    all :meth:`Program.sum` or :meth:`Program.norm`): each over the whole tensor in torch's order,
+    in row 0, worked on by every thread (segments: :func:`whole_segment`'s unless given)."""
     numel = specs[0].numel
     if whole_sums and segment is None:
-        segment = math.lcm(CHUNK, TorchSum(numel).group)  # whole chunks (rank bands) and whole groups
+        segment = whole_segment(program, numel)
     segment = segment or CHUNK
     chunk = segment if program.ranks_rows else min(CHUNK, segment)  # a row-ranking program reads whole rows
     ranks = program.ranks
@@ -254,6 +267,14 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
                             program.ints, ranks, None, 0, "F32", chunk_elems=chunk,
                             segment_elems=segment, index_base=index_base, threads=threads, task_hists=task_hists,
                             masks=list(masks), whole_sums=whole_sums)
+
+
+def whole_segment(program: Program, numel: int) -> int:
+    """The segments of ``program`` over the whole tensor (:func:`run`'s ``whole_sums``): whole
+    chunks (rank bands) and whole groups of torch's sum where it sums, else :data:`NORM_SEGMENT`."""
+    if any(ins[0] == SUM for ins in program.code):
+        return math.lcm(CHUNK, TorchSum(numel).group)
+    return NORM_SEGMENT
 
 
 def write(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRange], threads: int,
