@@ -521,10 +521,13 @@ def _sce_in_core(ctx: OpContext, writer: _core.ShardWriter, recipe: TensorRecipe
             p = Program(c, dtypes)
             v = variance(p)
             p.hist_high(v)
-            p.eq_count(v, 0)
+            # rounded to 16 bits, only zero has its high 16 bits zero: bin 0 counts the zeros
+            zeros_in_bin_0 = c in ("BF16", "F16")
+            if not zeros_in_bin_0:
+                p.eq_count(v, 0)
             _, hists, counts, tables = program.run(p, specs, inputs, ctx.threads, task_hists=True)
             high = (hists, tables)
-            nonzero = numel - int(counts[:, 0].sum())
+            nonzero = numel - int(hists[0, 0] if zeros_in_bin_0 else counts[:, 0].sum())
         k = int(np.float32(np.float32(nonzero) * np.float32(topk)))
         band = program.rank_bands([(0, k)], lambda p: [variance(p)], lambda: Program(c, dtypes), specs, inputs,
                                   ctx.threads, high=high)[0]

@@ -211,6 +211,8 @@ class Program:
 
     def var_pop(self, xs: Sequence[int]) -> int:
         """The population variance across ``xs``, elementwise (Welford's updates in float64)."""
+        if xs and list(xs) == list(range(xs[0], xs[0] + len(xs))):
+            return self.op(VAR_POP, xs[0], len(xs))
         first = self.regs
         for x in xs:
             self.op(ROUND, x, 0)  # a copy: the op takes consecutive registers
