@@ -57,8 +57,6 @@ namespace lsf {
 namespace {
 
 constexpr size_t kB = 512;  // elements per block (registers stay in L1)
-// whole_sums with Norm slots: the most operands a worker keeps of one segment, over all slots
-constexpr uint64_t kWholeNormElems = uint64_t{1} << 22;
 constexpr int kMaxRegs = 64;
 constexpr size_t kMaxCode = 4096;
 constexpr size_t kLanes = 8;
@@ -805,8 +803,9 @@ class HistPool {
 
 HistPool g_hist_pool;
 
-// whole_sums needs a program whose sums are all Sum, over segments of whole groups of the sum
-// of numel elements (TorchSum::group).
+// whole_sums needs a program whose sums are all Sum or Norm: with a Sum, over segments of whole
+// groups of the sum of numel elements (TorchSum::group); with Norms, segments whose operands fit
+// kWholeNormElems.
 void check_whole_sums(const Shape& shape, uint64_t numel, uint64_t seg) {
   uint64_t norms = 0;
   for (char kind : shape.slot_kind) {

@@ -68,6 +68,9 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
                         int64_t threads, bool keep_tasks = false,
                         const std::vector<MkMask>& masks = {}, bool whole_sums = false);
 
+// whole_sums with Norm slots: the most operands a worker keeps of one segment, over all slots.
+inline constexpr uint64_t kWholeNormElems = uint64_t{1} << 22;
+
 // Testing hook: false makes MaskOut and MaskIn take their portable form, not AVX-512.
 void set_mask_simd_enabled(bool enabled);
 

@@ -19,6 +19,9 @@ import numpy as np
 import numpy.typing as npt
 
 MAX_HEADER_BYTES: int
+#: :func:`mk_program` with ``whole_sums``: the most operands a worker keeps of one segment, over
+#: all Norm slots
+WHOLE_NORM_ELEMS: int
 """Largest accepted safetensors header (100 MB, as the reference implementation)."""
 
 #: the package version, from pyproject.toml at build time

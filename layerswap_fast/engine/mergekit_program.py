@@ -38,8 +38,6 @@ PIECE_BYTES = 32 << 20
 #: elements per segment of a program of norms over the whole tensor: each worker keeps a
 #: segment's operands of each norm until the segments before it are added
 NORM_SEGMENT = 1 << 18
-#: the most operands the core lets a worker keep of one segment, over all norm slots
-WHOLE_NORM_ELEMS = 1 << 22
 
 
 @dataclass
@@ -86,7 +84,7 @@ class Program:
         reductions = [ins[0] for ins in self.code if ins[0] in REDUCTIONS]
         if self.ranks_rows or not all(r in (SUM, NORM) for r in reductions):
             return False
-        return self.norms * min(numel, whole_segment(self, numel)) <= WHOLE_NORM_ELEMS
+        return self.norms * min(numel, whole_segment(self, numel)) <= _core.WHOLE_NORM_ELEMS
 
     def op(self, code: int, *args: int) -> int:
         d = self._new()
