@@ -120,13 +120,14 @@ void advise(uintptr_t a, uintptr_t b, const unsigned char* begin, const unsigned
 }  // namespace
 
 ChunkReader::ChunkReader(const StreamFiles& f, uint64_t chunk, bool with_out,
-                         const std::vector<char>* use)
+                         const std::vector<char>* use, bool keep)
     : f_(f),
       read_(f.size(), 1),
       bufs_(f.size()),
       ptrs_(f.size(), nullptr),
       lo_(f.size(), 0),
-      hi_(f.size(), 0) {
+      hi_(f.size(), 0),
+      keep_(keep) {
   const char* what = f.buffers_name().c_str();
   for (size_t i = 0; i < f.size(); ++i) {
     if (use && !(*use)[i]) read_[i] = 0;
@@ -141,6 +142,7 @@ ChunkReader::ChunkReader(const StreamFiles& f, uint64_t chunk, bool with_out,
 // chunks, the next tensor) may share its edge blocks, and dropping those under them only costs
 // them a minor fault.
 ChunkReader::~ChunkReader() {
+  if (keep_) return;
   for (size_t i = 0; i < lo_.size(); ++i)
     if (hi_[i] > lo_[i])
       advise(lo_[i], up(hi_[i], kBlock), f_.map_begin(i), f_.map_end(i), MADV_DONTNEED);
@@ -153,6 +155,7 @@ void ChunkReader::load(uint64_t e0, uint64_t m) {
     if (const unsigned char* base = f_.mapped(i)) {
       const uint64_t sz = dtype_size(f_.dtype(i));
       ptrs_[i] = base + e0 * sz;
+      if (keep_) continue;
       const uintptr_t a = reinterpret_cast<uintptr_t>(ptrs_[i]), b = a + m * sz;
       // Drop the blocks behind this chunk once they reach kDropSpan (and everything mapped before
       // when the reader starts over, as a second pass over the tensor does).

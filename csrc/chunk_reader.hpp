@@ -27,6 +27,11 @@ inline uint64_t cached_chunk_elems(uint64_t elem_bytes) {
   return cap;
 }
 
+// The most input bytes of one tensor that passes over it keep mapped for the next pass
+// (ChunkReader's keep): about what readers that drop behind them hold mapped over a few inputs
+// and threads, so that keeping them adds little to the peak RSS.
+inline constexpr uint64_t kKeepMappedBytes = uint64_t{128} << 20;
+
 // CoreErr unless numel elements of dt at s fit inside s's file.
 void check_slice(const FileSlice& s, uint64_t numel, DType dt, const std::string& role);
 
@@ -92,11 +97,12 @@ class StreamFiles {
 // The pages of mapped chunks are dropped from our page tables (they stay in the page cache, clean
 // and unmapped, as after a pread) in 2 MiB blocks behind the reader once they reach 16 MiB, and
 // at the end, so that a long run over mapped inputs grows the RSS by at most about that per input
-// and thread.
+// and thread. A reader made with keep drops nothing: for a pass over a tensor that a later
+// reader of the same tensor follows, which then finds the pages mapped and drops them itself.
 class ChunkReader {
  public:
   ChunkReader(const StreamFiles& f, uint64_t chunk, bool with_out,
-              const std::vector<char>* use = nullptr);
+              const std::vector<char>* use = nullptr, bool keep = false);
   ~ChunkReader();
   ChunkReader(const ChunkReader&) = delete;
   ChunkReader& operator=(const ChunkReader&) = delete;
@@ -120,6 +126,7 @@ class ChunkReader {
   // the end of what it read.
   std::vector<uintptr_t> lo_, hi_;
   Array<unsigned char> obuf_;
+  bool keep_;  // drop nothing
 };
 
 }  // namespace lsf

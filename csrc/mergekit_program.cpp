@@ -903,7 +903,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
                         const std::vector<MkRank>& ranks, ShardWriter* out, uint64_t out_offset,
                         DType out_dt, uint64_t chunk, uint64_t segment, uint64_t index_base,
                         int64_t threads, bool keep_tasks, const std::vector<MkMask>& masks,
-                        bool whole_sums) {
+                        bool whole_sums, bool keep_mapped) {
   if (in.size() != in_dt.size()) fail("mk_program: inputs and input_dtypes differ in length");
   if (chunk == 0) fail("mk_program: chunk_elems must be >= 1");
   const Shape shape = check_code(code, in.size(), consts.size(), ints.size(), ranks.size(), masks.size());
@@ -914,6 +914,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
            " bytes, too few for elements up to " + std::to_string(index_base) + " + " + std::to_string(numel));
   }
   if (shape.stores && !out) fail("mk_program: the program stores but there is no output");
+  if (keep_mapped && out) fail("mk_program: keep_mapped is for passes that a writing pass follows, not for one that writes");
   if (!shape.stores && out) fail("mk_program: there is an output but the program never stores");
   check_slices(in, in_dt, numel, "mk_program: inputs");
   if (out) check_out_slice(*out, out_offset, numel, out_dt, "mk_program");
@@ -965,9 +966,13 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
   for (size_t i = 0; i < code.size(); ++i)
     if (code[i].op == kMkDellaLt) probs[i] = della_probs(ints[code[i].b + 1], consts[code[i].c], consts[code[i].c + 1]);
   const size_t nthreads = resolve_threads(threads, res.tasks);
+  uint64_t in_bytes = 0;  // each fits its file (check_slices); their sum may not fit 64 bits
+  bool keep = keep_mapped;
+  for (DType dt : in_dt) keep = keep && add_ok(in_bytes, numel * dtype_size(dt), &in_bytes);
+  keep = keep && in_bytes <= kKeepMappedBytes;
   std::mutex merge_m;
   auto work = [&](TaskQueue& q) {
-    ChunkReader r(files, c, out != nullptr);
+    ChunkReader r(files, c, out != nullptr, nullptr, keep);
     Array<float> regs = alloc_array<float>(static_cast<uint64_t>(std::max(shape.regs, 1)) * blk, "mk_program registers");
     const bool by_rows = std::any_of(code.begin(), code.end(), [](const MkInstr& i) { return i.op == kMkDellaLt; });
     Array<uint32_t> sort_scratch = alloc_array<uint32_t>(by_rows ? 6 * blk : 1, "mk_program row ranks");

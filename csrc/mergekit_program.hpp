@@ -59,14 +59,17 @@ struct MkResult {
 // that a caller can count one magnitude per task after the fact. whole_sums: the Sum and Norm slots
 // (the program's only sums) are each one over the whole tensor in torch's order, computed by all
 // workers over segments (of whole groups, TorchSum::group, where there is a Sum; a Norm's
-// segments added in order) and returned in row 0 of sums.
+// segments added in order) and returned in row 0 of sums. keep_mapped (a program without output):
+// the mapped inputs' pages stay mapped for the next pass over the tensor, which drops them (a
+// pass that writes), when the inputs hold at most kKeepMappedBytes of the tensor.
 MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DType>& in_dt,
                         uint64_t numel, const std::vector<MkInstr>& code,
                         const std::vector<double>& consts, const std::vector<uint64_t>& ints,
                         const std::vector<MkRank>& ranks, ShardWriter* out, uint64_t out_offset,
                         DType out_dt, uint64_t chunk, uint64_t segment, uint64_t index_base,
                         int64_t threads, bool keep_tasks = false,
-                        const std::vector<MkMask>& masks = {}, bool whole_sums = false);
+                        const std::vector<MkMask>& masks = {}, bool whole_sums = false,
+                        bool keep_mapped = false);
 
 // whole_sums with Norm slots: the most operands a worker keeps of one segment, over all slots.
 inline constexpr uint64_t kWholeNormElems = uint64_t{1} << 22;

@@ -322,7 +322,8 @@ py::tuple mk_program_py(py::handle inputs, py::handle input_dtypes, py::handle n
                         py::handle code, py::handle consts, py::handle ints, py::handle ranks,
                         py::handle out, py::handle out_offset, py::handle out_dtype,
                         py::handle chunk_elems, py::handle segment_elems, py::handle index_base,
-                        py::handle threads, bool task_hists, py::handle masks, bool whole_sums) {
+                        py::handle threads, bool task_hists, py::handle masks, bool whole_sums,
+                        bool keep_mapped) {
   Slices in = to_slices(inputs, "inputs");
   auto dts = to_kernel_dtypes(input_dtypes, "input_dtypes", in.slices.size(), "inputs");
   const uint64_t ne = to_u64(numel, "numel");
@@ -390,7 +391,7 @@ py::tuple mk_program_py(py::handle inputs, py::handle input_dtypes, py::handle n
     py::gil_scoped_release nogil;
     res = lsf::mk_program_run(in.slices, dts, ne, prog, k, n, rk, w.get(), ooff, odt,
                               static_cast<uint64_t>(chunk), static_cast<uint64_t>(segment), base,
-                              nthreads, task_hists, mk_masks, whole_sums);
+                              nthreads, task_hists, mk_masks, whole_sums, keep_mapped);
   }
   const py::ssize_t tasks = static_cast<py::ssize_t>(res.tasks);
   const py::ssize_t ns = tasks ? static_cast<py::ssize_t>(res.sums.size()) / tasks : 0;
@@ -881,7 +882,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("out"), py::arg("out_offset"), py::arg("out_dtype"),
         py::arg("chunk_elems") = 1 << 20, py::arg("segment_elems") = 1 << 20,
         py::arg("index_base") = 0, py::arg("threads") = 0, py::arg("task_hists") = false,
-        py::arg("masks") = py::list(), py::arg("whole_sums") = false);
+        py::arg("masks") = py::list(), py::arg("whole_sums") = false, py::arg("keep_mapped") = false);
   m.def("ties_file_stats", []() {
     const lsf::TiesFileStats s = lsf::ties_file_stats();
     py::dict d;

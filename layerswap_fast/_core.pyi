@@ -304,6 +304,7 @@ def mk_program(
     task_hists: bool = False,
     masks: Sequence[Any] = (),
     whole_sums: bool = False,
+    keep_mapped: bool = False,
 ) -> tuple[Any, ...]:
     """Run a program of float32 steps (``code``: ``(op, d, a, b, c)`` tuples, the opcodes and their
     meanings in ``csrc/mergekit_program.cpp`` and ``layerswap_fast.engine.mergekit_program``) over
@@ -314,6 +315,9 @@ def mk_program(
     stored register to ``out`` at ``out_offset`` in ``out_dtype`` when ``out`` is given (the
     program must store exactly when it is). ``masks``: writable zeroed buffers of a bit per element
     (element e at bit e % 8 of byte e / 8, counted from index 0), set by MaskOut and read by MaskIn.
+    ``keep_mapped`` (a program without ``out``): the mapped inputs' pages stay mapped for the next
+    pass over the tensor, whose readers find them so and drop them (a writing pass does), when
+    the inputs hold at most 128 MiB of the tensor.
     Returns (sums as float64, segments x sum slots: the
     float32 results of torch-ordered sums and norms, exactly; int64
     histograms, slots x 65536; int64 counts, segments x count slots), the same for every thread

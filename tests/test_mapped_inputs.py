@@ -222,6 +222,58 @@ def test_a_norm_over_segments_cut_short_is_an_error(three, threads: int) -> None
         assert norm(f) == want
 
 
+def mapped_kib(path: Path) -> int:
+    """KiB of ``path`` resident in this process's mappings of it (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                inside = line.rstrip().endswith(" " + str(path))
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_pass_keeps_its_pages_mapped_for_the_pass_that_writes(tmp_path: Path, threads: int) -> None:
+    """A pass without output asked to keep its inputs mapped leaves them mapped, and the pass
+    that writes the tensor drops them; a pass not asked drops its own. A tensor over the core's
+    bound (128 MiB of input) is dropped as it goes either way. Keeping changes no result. The
+    tensor spans more than a reader drops behind it at once (16 MiB)."""
+    n = 6 << 20
+    x = np.random.default_rng(7).standard_normal(n).astype(np.float32)
+    path = tmp_path / "in.bin"
+    offset = f32_file(path, [x])[0]
+    summed = mergekit_program.Program(None, ["F32"])
+    summed.sum(summed.read(0))
+    copied = mergekit_program.Program(None, ["F32"])
+    copied.store(copied.read(0))
+    with core.InputFile(str(path), io="mmap") as f:
+        def sums(keep: bool) -> np.ndarray:
+            return core.mk_program([(f, offset)], ["F32"], n, summed.code, [], [], [], None, 0, "F32",
+                                   chunk_elems=CHUNK, segment_elems=n // 4, threads=threads, keep_mapped=keep)[0]
+
+        want = sums(False)
+        assert mapped_kib(path) < 1024 and np.array_equal(sums(True), want)
+        assert mapped_kib(path) >= 4 * n // 1024
+        with core.ShardWriter(str(tmp_path / "out"), 4 * n) as w:
+            core.mk_program([(f, offset)], ["F32"], n, copied.code, [], [], [], w, 0, "F32", chunk_elems=CHUNK,
+                            segment_elems=CHUNK, threads=threads)
+            with pytest.raises(CoreError, match="keep_mapped is for passes that a writing pass follows"):
+                core.mk_program([(f, offset)], ["F32"], n, copied.code, [], [], [], w, 0, "F32", keep_mapped=True)
+        assert mapped_kib(path) < 1024
+    assert (tmp_path / "out").read_bytes() == x.tobytes()
+    big = 128 * (1 << 20) // 4 + CHUNK
+    with open(path, "r+b") as fh:
+        fh.truncate(offset + 4 * big)  # zeros past the first tensor
+    with core.InputFile(str(path), io="mmap") as f:
+        got = core.mk_program([(f, offset)], ["F32"], big, summed.code, [], [], [], None, 0, "F32",
+                              chunk_elems=1 << 16, segment_elems=n // 4, threads=threads, keep_mapped=True)[0]
+        assert mapped_kib(path) < 64 * 1024 * threads
+    assert np.array_equal(got[:4], want) and not got[4:].any()
+
+
 def test_cut_inside_the_last_page_is_caught_after_the_kernel(three, tmp_path: Path) -> None:
     """Bytes past a cut inside the page that held the old end read as zeros, with no fault: the
     kernel checks the file's size once it has read everything."""

@@ -250,7 +250,9 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
     segments of :data:`CHUNK` elements unless given (a program with rank bands: whole chunks; one
     that ranks within rows: :func:`row_chunk`'s). ``whole_sums`` (a program whose reductions are
     all :meth:`Program.sum` or :meth:`Program.norm`): each over the whole tensor in torch's order,
-    in row 0, worked on by every thread (segments: :func:`whole_segment`'s unless given)."""
+    in row 0, worked on by every thread (segments: :func:`whole_segment`'s unless given). A run
+    is a pass that the op's :func:`write` over the same tensor follows: the inputs' mapped pages
+    stay mapped for it (within the core's bound) and the write drops them."""
     numel = specs[0].numel
     if whole_sums and segment is None:
         segment = whole_segment(program, numel)
@@ -266,7 +268,7 @@ def run(program: Program, specs: Sequence[TensorSpec], inputs: Sequence[InputRan
     return _core.mk_program(list(inputs), [s.dtype for s in specs], numel, program.code, program.consts,
                             program.ints, ranks, None, 0, "F32", chunk_elems=chunk,
                             segment_elems=segment, index_base=index_base, threads=threads, task_hists=task_hists,
-                            masks=list(masks), whole_sums=whole_sums)
+                            masks=list(masks), whole_sums=whole_sums, keep_mapped=True)
 
 
 def whole_segment(program: Program, numel: int) -> int:
