@@ -368,12 +368,30 @@ struct Ctx {
 };
 
 // r[d] = the population variance across the nx registers from a (stride apart) over m <= kB
-// elements: model by model (vectorised); a division by a power of two is the exact
-// multiplication by its reciprocal, so only counts like 3 divide.
+// elements: torch's Welford updates in float64 from zero, model by model (vectorised); a division
+// by a power of two is the exact multiplication by its reciprocal, so only counts like 3 divide.
+// The first update is written out (no zeroed arrays to read back), and two models, the common
+// case, go in one loop with nothing kept in memory; each step is the same operation either way.
 LSF_INLINE void var_pop(float* d, const float* a, size_t stride, int32_t nx, size_t m) {
+  if (nx == 2) {
+    const float* x1 = a + stride;
+    for (size_t j = 0; j < m; ++j) {
+      const double v0 = static_cast<double>(a[j]), v1 = static_cast<double>(x1[j]);
+      const double mean0 = 0.0 + v0;
+      const double m20 = 0.0 + v0 * (v0 - mean0);
+      const double delta = v1 - mean0;
+      const double mean1 = mean0 + delta * 0.5;
+      d[j] = static_cast<float>((m20 + delta * (v1 - mean1)) * 0.5);
+    }
+    return;
+  }
   double mean[kB], m2[kB];
-  for (size_t j = 0; j < m; ++j) mean[j] = m2[j] = 0.0;
-  for (int32_t k = 0; k < nx; ++k) {
+  for (size_t j = 0; j < m; ++j) {
+    const double v = static_cast<double>(a[j]);
+    mean[j] = 0.0 + v;
+    m2[j] = 0.0 + v * (v - mean[j]);
+  }
+  for (int32_t k = 1; k < nx; ++k) {
     const float* x = a + static_cast<size_t>(k) * stride;
     const double count = static_cast<double>(k + 1);
     if (((k + 1) & k) == 0) {

@@ -243,10 +243,14 @@ def test_sums_and_norms_in_torch_order(tmp_path: Path, n: int, threads: int) -> 
 @pytest.mark.parametrize("models", [1, 2, 3, 4])
 def test_population_variance_is_torchs(tmp_path: Path, models: int) -> None:
     """VarPop across models equals ``torch.var(dim=0, unbiased=False)`` of their float32 values
-    (Welford in float64) bit for bit, whether the count divides exactly (a power of two) or not."""
+    (Welford in float64) bit for bit, whether the count divides exactly (a power of two) or not,
+    signed zeros, infinities, NaN and the float32 extremes included."""
     n = 4099
     rng = np.random.default_rng(models)
     xs = [(rng.standard_normal(n) * rng.uniform(0.01, 100, n)).astype(np.float32) for _ in range(models)]
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-45], dtype=np.float32)
+    for i, x in enumerate(xs):
+        x[:64] = np.roll(np.repeat(special, 8), 3 * i)  # the models' specials meet in different pairs
     path = tmp_path / "x.bin"
     path.write_bytes(b"".join(x.tobytes() for x in xs))
     f = _core.InputFile(str(path))
@@ -258,7 +262,9 @@ def test_population_variance_is_torchs(tmp_path: Path, models: int) -> None:
                      p.ranks, writer, 0, "F32", chunk_elems=1000, segment_elems=1000, threads=2)
     writer.close()
     want = torch.var(torch.from_numpy(np.stack(xs)), dim=0, unbiased=False).numpy()
-    assert np.array_equal(np.frombuffer(out.read_bytes(), dtype=np.float32), want)
+    got = np.frombuffer(out.read_bytes(), dtype=np.float32)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.array_equal(got[~np.isnan(got)].view(np.uint32), want[~np.isnan(want)].view(np.uint32))
 
 
 @pytest.mark.parametrize("n, threads", [(1, 1), (70001, 2), (3 * 131072, 1), (3 * 131072 + 5, 2), (2_000_037, 1),
