@@ -702,6 +702,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.attr("MAX_HEADER_BYTES") = py::int_(lsf::kMaxHeaderBytes);
   m.attr("WHOLE_NORM_ELEMS") = py::int_(lsf::kWholeNormElems);
+  m.attr("KEEP_MAPPED_BYTES") = py::int_(lsf::kKeepMappedBytes);
 
   // ---- InputFile ----
   py::class_<lsf::InputFile, std::shared_ptr<lsf::InputFile>>(m, "InputFile")

@@ -19,10 +19,13 @@ import numpy as np
 import numpy.typing as npt
 
 MAX_HEADER_BYTES: int
+"""Largest accepted safetensors header (100 MB, as the reference implementation)."""
 #: :func:`mk_program` with ``whole_sums``: the most operands a worker keeps of one segment, over
 #: all Norm slots
 WHOLE_NORM_ELEMS: int
-"""Largest accepted safetensors header (100 MB, as the reference implementation)."""
+#: :func:`mk_program` with ``keep_mapped``: the most bytes of the tensor its inputs may hold for
+#: their pages to stay mapped
+KEEP_MAPPED_BYTES: int
 
 #: the package version, from pyproject.toml at build time
 __version__: str
@@ -317,7 +320,7 @@ def mk_program(
     (element e at bit e % 8 of byte e / 8, counted from index 0), set by MaskOut and read by MaskIn.
     ``keep_mapped`` (a program without ``out``): the mapped inputs' pages stay mapped for the next
     pass over the tensor, whose readers find them so and drop them (a writing pass does), when
-    the inputs hold at most 128 MiB of the tensor.
+    the inputs hold at most :data:`KEEP_MAPPED_BYTES` of the tensor.
     Returns (sums as float64, segments x sum slots: the
     float32 results of torch-ordered sums and norms, exactly; int64
     histograms, slots x 65536; int64 counts, segments x count slots), the same for every thread

@@ -239,7 +239,7 @@ def mapped_kib(path: Path) -> int:
 def test_a_pass_keeps_its_pages_mapped_for_the_pass_that_writes(tmp_path: Path, threads: int) -> None:
     """A pass without output asked to keep its inputs mapped leaves them mapped, and the pass
     that writes the tensor drops them; a pass not asked drops its own. A tensor over the core's
-    bound (128 MiB of input) is dropped as it goes either way. Keeping changes no result. The
+    bound (``KEEP_MAPPED_BYTES`` of input) is dropped as it goes either way. Keeping changes no result. The
     tensor spans more than a reader drops behind it at once (16 MiB)."""
     n = 6 << 20
     x = np.random.default_rng(7).standard_normal(n).astype(np.float32)
@@ -264,7 +264,7 @@ def test_a_pass_keeps_its_pages_mapped_for_the_pass_that_writes(tmp_path: Path, 
                 core.mk_program([(f, offset)], ["F32"], n, copied.code, [], [], [], w, 0, "F32", keep_mapped=True)
         assert mapped_kib(path) < 1024
     assert (tmp_path / "out").read_bytes() == x.tobytes()
-    big = 128 * (1 << 20) // 4 + CHUNK
+    big = core.KEEP_MAPPED_BYTES // 4 + CHUNK
     with open(path, "r+b") as fh:
         fh.truncate(offset + 4 * big)  # zeros past the first tensor
     with core.InputFile(str(path), io="mmap") as f:
