@@ -269,6 +269,7 @@ struct Shape {
   int regs = 0;
   size_t sums = 0, hists = 0, counts = 0;
   std::vector<char> slot_kind;  // per sum slot: 1 sum, 2 norm, 3 float64 sum
+  size_t norm_slots = 0;
   bool stores = false;
 };
 
@@ -327,6 +328,7 @@ Shape check_code(const std::vector<MkInstr>& code, size_t n_in, size_t n_k, size
   }
   s.slot_kind.assign(s.sums, 0);
   for (size_t i = 0; i < slot_kind.size(); ++i) s.slot_kind[i] = static_cast<char>(slot_kind[i]);
+  s.norm_slots = static_cast<size_t>(std::count(slot_kind.begin(), slot_kind.end(), 2));
   return s;
 }
 
@@ -825,11 +827,9 @@ HistPool g_hist_pool;
 // groups of the sum of numel elements (TorchSum::group); with Norms, segments whose operands fit
 // kWholeNormElems.
 void check_whole_sums(const Shape& shape, uint64_t numel, uint64_t seg) {
-  uint64_t norms = 0;
-  for (char kind : shape.slot_kind) {
+  for (char kind : shape.slot_kind)
     if (kind != 1 && kind != 2) fail("mk_program: whole_sums needs a program whose sum slots are all Sum or Norm");
-    norms += kind == 2;
-  }
+  const uint64_t norms = shape.norm_slots;
   if (norms && std::min(seg, numel) > kWholeNormElems / norms)
     fail("mk_program: whole_sums keeps a segment of each Norm's operands: at most " +
          std::to_string(kWholeNormElems) + " elements over its " + std::to_string(norms) + " Norm slots, not " +
@@ -969,9 +969,9 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
   std::vector<std::vector<float>> tail_rows(tail.size());
   // whole_sums: each Norm slot over the whole tensor, its segments added in task order
   std::vector<TorchNorm> whole_norms(whole_sums ? shape.sums : 0);
-  for (TorchNorm& n : whole_norms) n.init(numel);
-  const size_t whole_norm_slots =
-      whole_sums ? static_cast<size_t>(std::count(shape.slot_kind.begin(), shape.slot_kind.end(), 2)) : 0;
+  for (size_t s = 0; s < whole_norms.size(); ++s)
+    if (shape.slot_kind[s] == 2) whole_norms[s].init(numel);
+  const size_t whole_norm_slots = whole_sums ? shape.norm_slots : 0;
   TaskTurns turns;
 
   uint64_t step_max = 16;  // the largest TorchSum block over any task (whole_sums: of the tensor's)
@@ -1015,8 +1015,9 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
       const uint64_t t0 = t * seg;
       const uint64_t tm = std::min(seg, numel - t0);
       for (size_t s = 0; s < shape.sums; ++s) {
-        if (shape.slot_kind[s] == 2) norms[s].init(tm);
-        else if (shape.slot_kind[s] == 1 && whole_sums)
+        if (shape.slot_kind[s] == 2) {
+          if (!norm_out[s]) norms[s].init(tm);  // else kept whole, in whole_norms
+        } else if (shape.slot_kind[s] == 1 && whole_sums)
           sums[s].init(numel, sumbuf.get() + s * step_max * kRow, t0, &last_levels[t * shape.sums + s]);
         else if (shape.slot_kind[s] == 1) sums[s].init(tm, sumbuf.get() + s * step_max * kRow);
         sums64[s] = LaneSum{};
@@ -1049,7 +1050,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
       }
       for (size_t s = 0; s < shape.sums; ++s) {
         if (whole_sums) {
-          if (t + 1 == res.tasks) {
+          if (shape.slot_kind[s] == 1 && t + 1 == res.tasks) {
             tail[s] = sums[s];
             tail_rows[s].assign(sums[s].buf, sums[s].buf + sums[s].buffered);
           }
