@@ -652,13 +652,17 @@ void mask_in(const MkMask& mask, float* d, size_t m, uint64_t e0) {
   for (; j < m; ++j) d[j] = bit(j);
 }
 
+// Steps [first, last) over m elements of a block, from element off of its registers (e0 is the
+// first one's index, in and out point at it).
 LSF_CLONES
-void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out, size_t m,
-               uint64_t e0) {
-  for (const MkInstr& ins : *c.code) {
-    float* d = c.regs + static_cast<size_t>(ins.d < 0 ? 0 : ins.d) * c.stride;
-    const float* a = c.regs + static_cast<size_t>(ins.a < 0 ? 0 : ins.a) * c.stride;
-    const float* b = c.regs + static_cast<size_t>(ins.b < 0 ? 0 : ins.b) * c.stride;
+void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out, size_t m, uint64_t e0,
+               const MkInstr* first, const MkInstr* last, size_t off) {
+  float* const regs = c.regs + off;
+  for (const MkInstr* step = first; step != last; ++step) {
+    const MkInstr& ins = *step;
+    float* d = regs + static_cast<size_t>(ins.d < 0 ? 0 : ins.d) * c.stride;
+    const float* a = regs + static_cast<size_t>(ins.a < 0 ? 0 : ins.a) * c.stride;
+    const float* b = regs + static_cast<size_t>(ins.b < 0 ? 0 : ins.b) * c.stride;
     switch (ins.op) {
       case kMkLoad: {
         const unsigned char* p = in[ins.a];
@@ -685,7 +689,7 @@ void run_block(const Ctx& c, const unsigned char* const* in, unsigned char* out,
       case kMkKDiv: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return v / a[j]; }); break; }
       case kMkKSub: { const float v = static_cast<float>(c.k[ins.b]); emit(d, m, ins.c, [&](size_t j) { return v - a[j]; }); break; }
       case kMkFma64: {
-        const float* x = c.regs + static_cast<size_t>(ins.b) * c.stride;
+        const float* x = regs + static_cast<size_t>(ins.b) * c.stride;
         const double w = c.k[ins.c];
         for (size_t j = 0; j < m; ++j)
           d[j] = static_cast<float>(static_cast<double>(x[j]) * w + static_cast<double>(a[j]));
@@ -911,6 +915,22 @@ uint64_t block_elems(const std::vector<MkInstr>& code, const std::vector<uint64_
   return chunk % blk == 0 ? blk : cols;
 }
 
+// A program's steps in phases [i0, i1) run block by block: each DellaLt alone, over the block's
+// whole rows, and the steps between in pieces of kB elements, each piece through all of them in
+// turn, so that the registers they pass on stay in the L1 cache while rows are long.
+std::vector<std::pair<size_t, size_t>> program_phases(const std::vector<MkInstr>& code) {
+  std::vector<std::pair<size_t, size_t>> phases;
+  size_t i0 = 0;
+  for (size_t i = 0; i < code.size(); ++i) {
+    if (code[i].op != kMkDellaLt) continue;
+    if (i > i0) phases.emplace_back(i0, i);
+    phases.emplace_back(i, i + 1);
+    i0 = i + 1;
+  }
+  if (code.size() > i0) phases.emplace_back(i0, code.size());
+  return phases;
+}
+
 }  // namespace
 
 void set_mask_simd_enabled(bool enabled) { g_mask_simd.store(enabled); }
@@ -980,6 +1000,7 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
     const uint64_t bits = rows > 1 ? 64 - static_cast<uint64_t>(__builtin_clzll(rows - 1)) : 0;
     step_max = uint64_t{1} << std::max<uint64_t>(4, bits / 4);
   }
+  const std::vector<std::pair<size_t, size_t>> phases = program_phases(code);
   std::vector<std::vector<double>> probs(code.size());
   for (size_t i = 0; i < code.size(); ++i)
     if (code[i].op == kMkDellaLt) probs[i] = della_probs(ints[code[i].b + 1], consts[code[i].c], consts[code[i].c + 1]);
@@ -1035,9 +1056,17 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
         recoverable([&] {
           for (uint64_t b0 = 0; b0 < m; b0 += blk) {
             const size_t bm = static_cast<size_t>(std::min<uint64_t>(blk, m - b0));
-            for (size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = src[i] + b0 * dtype_size(in_dt[i]);
-            cx.norm_at = e0 - t0 + b0;
-            run_block(cx, ptrs.data(), o ? o + b0 * osz : nullptr, bm, index_base + e0 + b0);
+            for (const auto& [i0, i1] : phases) {
+              const size_t piece = code[i0].op == kMkDellaLt ? bm : kB;
+              for (size_t off = 0; off < bm; off += piece) {
+                const size_t n = std::min(piece, bm - off);
+                const uint64_t at = b0 + off;
+                for (size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = src[i] + at * dtype_size(in_dt[i]);
+                cx.norm_at = e0 - t0 + at;
+                run_block(cx, ptrs.data(), o ? o + at * osz : nullptr, n, index_base + e0 + at, &code[i0],
+                          &code[i1], off);
+              }
+            }
           }
         });
         if (out) r.store(e0, m);
