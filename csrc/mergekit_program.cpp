@@ -1031,6 +1031,8 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
            nullptr, running.data(), running_at.data(), masks.data(), &probs,
            whole_norm_slots ? norm_out.data() : nullptr, 0};
     std::vector<const unsigned char*> ptrs(in.size());
+    std::vector<size_t> in_size(in.size());
+    for (size_t i = 0; i < in.size(); ++i) in_size[i] = dtype_size(in_dt[i]);
     uint64_t t;
     while (q.pop(&t)) {
       const uint64_t t0 = t * seg;
@@ -1061,10 +1063,10 @@ MkResult mk_program_run(const std::vector<FileSlice>& in, const std::vector<DTyp
               for (size_t off = 0; off < bm; off += piece) {
                 const size_t n = std::min(piece, bm - off);
                 const uint64_t at = b0 + off;
-                for (size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = src[i] + at * dtype_size(in_dt[i]);
+                for (size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = src[i] + at * in_size[i];
                 cx.norm_at = e0 - t0 + at;
-                run_block(cx, ptrs.data(), o ? o + at * osz : nullptr, n, index_base + e0 + at, &code[i0],
-                          &code[i1], off);
+                run_block(cx, ptrs.data(), o ? o + at * osz : nullptr, n, index_base + e0 + at, code.data() + i0,
+                          code.data() + i1, off);
               }
             }
           }
